@@ -1,0 +1,63 @@
+// llmcache CPU kernels on raw pointers: no torch, no Python, so CMake can build and ctest them
+// alone (csrc/test_cpu_kernels.cpp). csrc/torch_cpu.cpp wraps them as the CPU implementations
+// of the llmcache:: torch.library ops; llmcache/ops/reference.py is their specification.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace llmcache {
+namespace cpu {
+
+// ---- CPU features, detected at run time (cpu_features.cpp) ----
+struct CpuFeatures {
+  bool popcnt = false;
+  bool avx2 = false;
+  bool avx512f = false;
+  bool avx512bw = false;
+  bool avx512_vpopcntdq = false;
+};
+CpuFeatures cpu_features();
+
+// The popcount path hamming_topk uses: "avx512_vpopcntdq", "avx2" or "scalar".
+// LLMCACHE_CPU_ISA=avx2|scalar caps it (for testing every path on one machine).
+std::string cpu_kernel_name();
+
+// Elements the kernels read: fp32, IEEE fp16 or bfloat16 as raw bits.
+enum class Dtype { F32, F16, BF16 };
+
+// ---- simhash.cpp ----
+// codes[b, j/64] bit j%64 = (sum_i x[b,i] * planes[i,j] >= 0), accumulated in fp32.
+// x: [B, d] of `dtype`; planes: fp32 [d, nbits]; codes: int64 [B, nbits/64].
+void simhash(const void* x, Dtype dtype, int64_t B, int64_t d, const float* planes,
+             int64_t nbits, int64_t* codes);
+
+// SimHash of the masked mean over T: embeds [B, T, d] of `dtype`, mask uint8 [B, T] (0 = pad).
+void simhash_pooled(const void* embeds, Dtype dtype, const uint8_t* mask, int64_t B, int64_t T,
+                    int64_t d, const float* planes, int64_t nbits, int64_t* codes);
+
+// ---- hamming_topk.cpp ----
+// For each query b the k eligible bank rows nearest in Hamming distance, ascending, ties to the
+// smaller index. Eligible: (valid == nullptr || valid[n]) && (query_tag == nullptr ||
+// bank_tag[n] == query_tag[b]). Missing answers: idx = -1, dist = 64 * W + 1.
+// queries int64 [B, W]; bank int64 [N, W]; dist int32 [B, k]; idx int64 [B, k].
+void hamming_topk(const int64_t* queries, int64_t B, const int64_t* bank, int64_t N, int64_t W,
+                  int64_t k, const uint8_t* valid, const int64_t* query_tag,
+                  const int64_t* bank_tag, int32_t* dist, int64_t* idx);
+
+// 64-bit popcounts per second that this process can issue on all its threads with the kernel
+// path above, measured by a register-resident loop: the floor hamming_topk is judged against.
+double popcount_peak_rate(double seconds);
+
+// ---- gather_with_mask.cpp ----
+// out[r] = slot[r] >= 0 ? values[slot[r]] : computed[row[r]], rows of `row_bytes` bytes laid out
+// as [seq, inner]: values [N, Tv, inner], computed [M, T, inner], out [B, T, inner] (inner in
+// bytes). A hit copies min(T, Tv) positions aligned at the start (or the end with align_end) and
+// zero-fills the rest. Every slot read gets last_used = tick, hit_count += 1.
+void gather_with_mask(const uint8_t* values, int64_t N, int64_t Tv, const int64_t* slot,
+                      const uint8_t* computed, int64_t T, const int64_t* row, int64_t B,
+                      int64_t inner_bytes, int64_t* last_used, int64_t* hit_count, int64_t tick,
+                      bool align_end, uint8_t* out);
+
+}  // namespace cpu
+}  // namespace llmcache

@@ -1,0 +1,51 @@
+// The Python module llmcache._C: importing it loads the op kernels (TORCH_LIBRARY_IMPL blocks in
+// torch_cpu.cpp and kernels/*.cu) and exposes what build_info() reports.
+#include <torch/extension.h>
+
+#include "cpu/kernels.h"
+
+#ifndef LLMCACHE_CUDA_ARCHS
+#define LLMCACHE_CUDA_ARCHS ""
+#endif
+#ifndef LLMCACHE_TORCH_VERSION
+#define LLMCACHE_TORCH_VERSION "unknown"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "llmcache compiled kernels (CPU C++ and, when built with it, CUDA)";
+  m.def("has_cuda", []() {
+#ifdef LLMCACHE_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_archs", []() {
+    std::vector<std::string> archs;
+    std::string s = LLMCACHE_CUDA_ARCHS, cur;
+    for (char c : s) {
+      if (c == ';') {
+        if (!cur.empty()) archs.push_back(cur);
+        cur.clear();
+      } else {
+        cur += c;
+      }
+    }
+    if (!cur.empty()) archs.push_back(cur);
+    return archs;
+  });
+  m.def("built_with_torch", []() { return std::string(LLMCACHE_TORCH_VERSION); });
+  m.def("cpu_features", []() {
+    auto f = llmcache::cpu::cpu_features();
+    pybind11::dict d;
+    d["popcnt"] = f.popcnt;
+    d["avx2"] = f.avx2;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512_vpopcntdq"] = f.avx512_vpopcntdq;
+    return d;
+  });
+  m.def("cpu_kernel", &llmcache::cpu::cpu_kernel_name);
+  m.def("popcount_peak_rate", &llmcache::cpu::popcount_peak_rate, pybind11::arg("seconds") = 0.2,
+        "64-bit popcounts per second on all OpenMP threads with the CPU lookup's popcount path");
+}

@@ -1,0 +1,160 @@
+// ctest binary for the CPU kernels, without torch or Python: every popcount path against a
+// naive loop on random codes (run under LLMCACHE_CPU_ISA=avx2|scalar by ctest too), SimHash
+// against a double-precision projection, and the gather's copies and counters.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+using namespace llmcache::cpu;
+
+static int failures = 0;
+#define EXPECT(cond, ...)                              \
+  do {                                                 \
+    if (!(cond)) {                                     \
+      ++failures;                                      \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                        \
+      std::printf("\n");                               \
+    }                                                  \
+  } while (0)
+
+// Naive top-k with the contract's tie rule, for one query.
+static void naive_topk(const int64_t* q, const int64_t* bank, int64_t N, int64_t W, int64_t k,
+                       const uint8_t* valid, const int64_t* qtag, const int64_t* btag,
+                       std::vector<int32_t>& dist, std::vector<int64_t>& idx) {
+  std::vector<std::pair<int32_t, int64_t>> all;
+  for (int64_t n = 0; n < N; ++n) {
+    if (valid && !valid[n]) continue;
+    if (qtag && btag[n] != *qtag) continue;
+    int32_t d = 0;
+    for (int64_t w = 0; w < W; ++w) d += __builtin_popcountll(static_cast<uint64_t>(q[w] ^ bank[n * W + w]));
+    all.emplace_back(d, n);
+  }
+  std::sort(all.begin(), all.end());
+  dist.assign(k, static_cast<int32_t>(64 * W + 1));
+  idx.assign(k, -1);
+  for (int64_t j = 0; j < k && j < static_cast<int64_t>(all.size()); ++j) {
+    dist[j] = all[j].first;
+    idx[j] = all[j].second;
+  }
+}
+
+static void test_hamming(std::mt19937_64& rng, int64_t B, int64_t N, int64_t W, int64_t k, bool with_valid,
+                         bool with_tags, bool low_entropy) {
+  std::vector<int64_t> q(B * W), bank(N * W), qtag(B), btag(N);
+  std::vector<uint8_t> valid(N);
+  // Low-entropy codes (few bits set) make many ties, which exercise the tie rule.
+  for (auto& v : q) v = low_entropy ? static_cast<int64_t>(rng() & rng() & rng() & rng()) : static_cast<int64_t>(rng());
+  for (auto& v : bank) v = low_entropy ? static_cast<int64_t>(rng() & rng() & rng() & rng()) : static_cast<int64_t>(rng());
+  for (auto& v : valid) v = (rng() % 4) != 0;
+  for (auto& v : qtag) v = static_cast<int64_t>(rng() % 3);
+  for (auto& v : btag) v = static_cast<int64_t>(rng() % 3);
+  std::vector<int32_t> dist(B * k);
+  std::vector<int64_t> idx(B * k);
+  hamming_topk(q.data(), B, bank.data(), N, W, k, with_valid ? valid.data() : nullptr,
+               with_tags ? qtag.data() : nullptr, with_tags ? btag.data() : nullptr, dist.data(), idx.data());
+  std::vector<int32_t> ed;
+  std::vector<int64_t> ei;
+  for (int64_t b = 0; b < B; ++b) {
+    naive_topk(q.data() + b * W, bank.data(), N, W, k, with_valid ? valid.data() : nullptr,
+               with_tags ? &qtag[b] : nullptr, btag.data(), ed, ei);
+    for (int64_t j = 0; j < k; ++j) {
+      EXPECT(dist[b * k + j] == ed[j] && idx[b * k + j] == ei[j],
+             "hamming B%lld-N%lld-W%lld-k%lld valid=%d tags=%d: query %lld rank %lld got (%d, %lld) want (%d, %lld)",
+             (long long)B, (long long)N, (long long)W, (long long)k, with_valid, with_tags, (long long)b,
+             (long long)j, dist[b * k + j], (long long)idx[b * k + j], ed[j], (long long)ei[j]);
+    }
+  }
+}
+
+static void test_simhash(std::mt19937_64& rng, int64_t B, int64_t T, int64_t d, int64_t nbits) {
+  std::normal_distribution<float> normal;
+  std::vector<float> x(B * T * d), planes(d * nbits);
+  std::vector<uint8_t> mask(B * T);
+  for (auto& v : x) v = normal(rng);
+  for (auto& v : planes) v = normal(rng);
+  for (auto& v : mask) v = (rng() % 3) != 0;
+  const int64_t W = nbits / 64;
+  std::vector<int64_t> codes(B * W);
+  simhash_pooled(x.data(), Dtype::F32, mask.data(), B, T, d, planes.data(), nbits, codes.data());
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<double> mean(d, 0.0);
+    int64_t count = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (!mask[b * T + t]) continue;
+      ++count;
+      for (int64_t i = 0; i < d; ++i) mean[i] += x[(b * T + t) * d + i];
+    }
+    for (auto& m : mean) m /= count ? count : 1;
+    for (int64_t j = 0; j < nbits; ++j) {
+      double proj = 0.0, scale = 0.0;
+      for (int64_t i = 0; i < d; ++i) {
+        proj += mean[i] * planes[i * nbits + j];
+        scale += std::fabs(mean[i] * planes[i * nbits + j]);
+      }
+      // Rule: bits whose projection is within fp32 rounding of zero may go either way.
+      if (std::fabs(proj) <= 1e-5 * scale) continue;
+      const bool bit = (static_cast<uint64_t>(codes[b * W + j / 64]) >> (j % 64)) & 1;
+      EXPECT(bit == (proj >= 0), "simhash_pooled B%lld-T%lld-d%lld-bits%lld: row %lld bit %lld", (long long)B,
+             (long long)T, (long long)d, (long long)nbits, (long long)b, (long long)j);
+    }
+  }
+}
+
+static void test_gather(std::mt19937_64& rng, bool align_end) {
+  const int64_t N = 5, Tv = 3, T = 4, inner = 8, B = 6;
+  std::vector<uint8_t> values(N * Tv * inner), computed(B * T * inner), out(B * T * inner);
+  for (auto& v : values) v = static_cast<uint8_t>(rng() | 1);
+  for (auto& v : computed) v = static_cast<uint8_t>(rng() | 1);
+  std::vector<int64_t> slot = {2, -1, 2, 4, -1, 0}, row = {0, 3, 0, 0, 1, 0};
+  std::vector<int64_t> last_used(N, 0), hit_count(N, 0);
+  gather_with_mask(values.data(), N, Tv, slot.data(), computed.data(), T, row.data(), B, inner,
+                   last_used.data(), hit_count.data(), 7, align_end, out.data());
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < inner; ++i) {
+        uint8_t want;
+        if (slot[r] < 0) {
+          want = computed[(row[r] * T + t) * inner + i];
+        } else {
+          const int64_t src_t = align_end ? t - (T - Tv) : t;
+          want = (src_t >= 0 && src_t < Tv) ? values[(slot[r] * Tv + src_t) * inner + i] : 0;
+        }
+        EXPECT(out[(r * T + t) * inner + i] == want, "gather align_end=%d row %lld pos %lld", align_end,
+               (long long)r, (long long)t);
+      }
+  EXPECT(hit_count[2] == 2 && hit_count[4] == 1 && hit_count[0] == 1 && hit_count[1] == 0, "gather hit counts");
+  EXPECT(last_used[2] == 7 && last_used[1] == 0, "gather last_used");
+}
+
+int main() {
+  std::mt19937_64 rng(std::random_device{}());
+  std::printf("cpu kernel path: %s\n", cpu_kernel_name().c_str());
+  const int64_t sizes[][4] = {{1, 1, 1, 1},    {3, 0, 2, 1},    {1, 4097, 3, 1},  {5, 1000, 4, 5},
+                              {7, 3001, 16, 3}, {4, 50, 2, 80},  {9, 20000, 4, 1}, {2, 777, 9, 16}};
+  for (const auto& s : sizes)
+    for (int v = 0; v < 2; ++v)
+      for (int t = 0; t < 2; ++t)
+        for (int low = 0; low < 2; ++low) test_hamming(rng, s[0], s[1], s[2], s[3], v, t, low);
+  // All slots invalid: every answer missing.
+  {
+    std::vector<int64_t> q(4, 1), bank(40, 1);
+    std::vector<uint8_t> valid(10, 0);
+    std::vector<int32_t> dist(4);
+    std::vector<int64_t> idx(4);
+    hamming_topk(q.data(), 2, bank.data(), 10, 2, 2, valid.data(), nullptr, nullptr, dist.data(), idx.data());
+    for (int j = 0; j < 4; ++j) EXPECT(idx[j] == -1 && dist[j] == 129, "all-invalid answer %d", j);
+  }
+  test_simhash(rng, 3, 7, 33, 64);
+  test_simhash(rng, 1, 1, 384, 256);
+  test_simhash(rng, 4, 16, 100, 1024);
+  test_gather(rng, false);
+  test_gather(rng, true);
+  std::printf("%s: %d failures\n", failures ? "FAILED" : "OK", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,125 @@
+// CPU implementations of the llmcache:: ops (schemas: llmcache/ops/*.py), wrapping the raw
+// kernels of csrc/cpu/. Argument checks with readable messages live in the Python entry points;
+// the TORCH_CHECKs here guard direct torch.ops calls.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "cpu/kernels.h"
+
+namespace llmcache {
+namespace {
+
+cpu::Dtype to_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return cpu::Dtype::F32;
+    case at::kHalf:
+      return cpu::Dtype::F16;
+    case at::kBFloat16:
+      return cpu::Dtype::BF16;
+    default:
+      TORCH_CHECK(false, "llmcache: expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+at::Tensor simhash_cpu(const at::Tensor& x, const at::Tensor& planes) {
+  TORCH_CHECK(x.dim() == 2 && planes.dim() == 2 && x.size(1) == planes.size(0),
+              "simhash: x [B, d] and planes [d, nbits] expected");
+  TORCH_CHECK(planes.size(1) % 64 == 0, "simhash: nbits must be a multiple of 64");
+  auto xc = x.contiguous();
+  auto pc = planes.to(at::kFloat).contiguous();
+  auto codes = at::empty({x.size(0), planes.size(1) / 64}, x.options().dtype(at::kLong));
+  cpu::simhash(xc.data_ptr(), to_dtype(xc), xc.size(0), xc.size(1), pc.data_ptr<float>(),
+               pc.size(1), codes.data_ptr<int64_t>());
+  return codes;
+}
+
+at::Tensor simhash_pooled_cpu(const at::Tensor& embeds, const at::Tensor& mask, const at::Tensor& planes) {
+  TORCH_CHECK(embeds.dim() == 3 && mask.dim() == 2 && planes.dim() == 2 &&
+                  embeds.size(2) == planes.size(0) && mask.size(0) == embeds.size(0) &&
+                  mask.size(1) == embeds.size(1),
+              "simhash_pooled: embeds [B, T, d], mask [B, T], planes [d, nbits] expected");
+  TORCH_CHECK(planes.size(1) % 64 == 0, "simhash_pooled: nbits must be a multiple of 64");
+  auto ec = embeds.contiguous();
+  auto mc = mask.ne(0).to(at::kByte).contiguous();
+  auto pc = planes.to(at::kFloat).contiguous();
+  auto codes = at::empty({embeds.size(0), planes.size(1) / 64}, embeds.options().dtype(at::kLong));
+  cpu::simhash_pooled(ec.data_ptr(), to_dtype(ec), mc.data_ptr<uint8_t>(), ec.size(0), ec.size(1),
+                      ec.size(2), pc.data_ptr<float>(), pc.size(1), codes.data_ptr<int64_t>());
+  return codes;
+}
+
+std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& bank,
+                                                    int64_t k, const std::optional<at::Tensor>& valid,
+                                                    const std::optional<at::Tensor>& query_tag,
+                                                    const std::optional<at::Tensor>& bank_tag) {
+  TORCH_CHECK(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
+              "hamming_topk: queries [B, W] and bank [N, W] expected");
+  TORCH_CHECK(queries.scalar_type() == at::kLong && bank.scalar_type() == at::kLong,
+              "hamming_topk: codes must be int64");
+  TORCH_CHECK(k >= 1, "hamming_topk: k must be >= 1");
+  TORCH_CHECK(query_tag.has_value() == bank_tag.has_value(), "hamming_topk: pass both tags or neither");
+  auto q = queries.contiguous();
+  auto b = bank.contiguous();
+  const int64_t B = q.size(0), N = b.size(0), W = q.size(1);
+  at::Tensor v, qt, bt;
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->numel() == N, "hamming_topk: valid must have N entries");
+    v = valid->to(at::kByte).contiguous();
+  }
+  if (query_tag.has_value()) {
+    TORCH_CHECK(query_tag->numel() == B && bank_tag->numel() == N, "hamming_topk: tags must be [B] and [N]");
+    qt = query_tag->contiguous();
+    bt = bank_tag->contiguous();
+  }
+  auto dist = at::empty({B, k}, q.options().dtype(at::kInt));
+  auto idx = at::empty({B, k}, q.options().dtype(at::kLong));
+  cpu::hamming_topk(q.data_ptr<int64_t>(), B, b.data_ptr<int64_t>(), N, W, k,
+                    v.defined() ? v.data_ptr<uint8_t>() : nullptr,
+                    qt.defined() ? qt.data_ptr<int64_t>() : nullptr,
+                    bt.defined() ? bt.data_ptr<int64_t>() : nullptr, dist.data_ptr<int32_t>(),
+                    idx.data_ptr<int64_t>());
+  return {dist, idx};
+}
+
+at::Tensor gather_with_mask_cpu(const at::Tensor& values, const at::Tensor& slot, const at::Tensor& computed,
+                                const at::Tensor& row, at::Tensor& last_used, at::Tensor& hit_count,
+                                int64_t tick, bool align_end) {
+  TORCH_CHECK(values.dim() >= 2 && computed.dim() == values.dim(), "gather_with_mask: values [N, Tv, *F], computed [M, T, *F]");
+  TORCH_CHECK(values.scalar_type() == computed.scalar_type(), "gather_with_mask: values and computed dtypes differ");
+  TORCH_CHECK(values.is_contiguous() && computed.is_contiguous() && slot.is_contiguous() && row.is_contiguous() &&
+                  last_used.is_contiguous() && hit_count.is_contiguous(),
+              "gather_with_mask: contiguous tensors expected");
+  const int64_t B = slot.numel();
+  std::vector<int64_t> out_shape = computed.sizes().vec();
+  out_shape[0] = B;
+  auto out = at::empty(out_shape, computed.options());
+  // Bytes of one sequence position: the product of the trailing *F dims.
+  int64_t inner_bytes = values.element_size();
+  for (int64_t i = 2; i < values.dim(); ++i) inner_bytes *= values.size(i);
+  const int64_t N = values.size(0), M = computed.size(0);
+  const int64_t* s = slot.data_ptr<int64_t>();
+  const int64_t* r = row.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK(s[i] < N, "gather_with_mask: slot[", i, "] = ", s[i], " is out of range for a bank of ", N);
+    TORCH_CHECK(s[i] >= 0 || (r[i] >= 0 && r[i] < M), "gather_with_mask: row[", i, "] = ", r[i],
+                " is out of range for ", M, " computed rows");
+  }
+  cpu::gather_with_mask(static_cast<const uint8_t*>(values.data_ptr()), values.size(0), values.size(1),
+                        slot.data_ptr<int64_t>(), static_cast<const uint8_t*>(computed.data_ptr()),
+                        computed.size(1), row.data_ptr<int64_t>(), B, inner_bytes,
+                        last_used.data_ptr<int64_t>(), hit_count.data_ptr<int64_t>(), tick, align_end,
+                        static_cast<uint8_t*>(out.data_ptr()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmcache, CPU, m) {
+  m.impl("simhash", &simhash_cpu);
+  m.impl("simhash_pooled", &simhash_pooled_cpu);
+  m.impl("hamming_topk", &hamming_topk_cpu);
+  m.impl("gather_with_mask", &gather_with_mask_cpu);
+}
+
+}  // namespace llmcache

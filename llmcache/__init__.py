@@ -1,0 +1,33 @@
+"""llmcache: layer-wise activation reuse for transformer inference (arXiv 2512.16843).
+
+    model = llmcache.accelerate(model)          # patch a transformers model in place
+    print(llmcache.stats(model))                # hits per layer, bytes, time in lookups
+    llmcache.disable(model)                     # restore it exactly
+
+Importing never needs a GPU or the compiled extension: ops fall back to Triton or PyTorch,
+and `build_info()` says what is in use.
+"""
+
+from . import ops
+from ._build_info import __version__, build_info
+from .api import CacheStats, accelerate, cached, disable, is_accelerated, reset, stats
+from .cache import LayerStats, namespace
+from .config import CacheConfig
+from .ring_buffer import RingBuffer
+
+__all__ = [
+    "CacheConfig",
+    "CacheStats",
+    "LayerStats",
+    "RingBuffer",
+    "__version__",
+    "accelerate",
+    "build_info",
+    "cached",
+    "disable",
+    "is_accelerated",
+    "namespace",
+    "ops",
+    "reset",
+    "stats",
+]

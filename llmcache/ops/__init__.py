@@ -1,0 +1,23 @@
+"""llmcache.ops: the kernels behind the cache, one public function per op.
+
+Every op runs on CPU (C++), CUDA (.cu), Triton, or the pure-PyTorch `reference`; see
+`_library` for how one is chosen and forced.
+"""
+
+from . import reference
+from ._library import BACKENDS, available_backends
+from .gather_with_mask import gather_with_mask
+from .hamming_topk import hamming_radius, hamming_topk
+from .simhash import random_planes, simhash, simhash_pooled
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "gather_with_mask",
+    "hamming_radius",
+    "hamming_topk",
+    "random_planes",
+    "reference",
+    "simhash",
+    "simhash_pooled",
+]

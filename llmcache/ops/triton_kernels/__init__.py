@@ -1,0 +1,1 @@
+"""Triton kernels for llmcache ops (portable popcount: they also run under TRITON_INTERPRET=1)."""

@@ -1,0 +1,170 @@
+"""The C++ CPU kernels (and the dispatcher's default CPU path) against the reference.
+
+Integers (codes of a lookup, distances, indices, gathered bytes, counters) must match exactly.
+SimHash bits may differ only where the projection is within float rounding of zero: the test
+ignores bit j of row b when |x_b . p_j| <= tol * sum_i |x_bi * p_ij| (tol 1e-5 for fp32 sums of
+fp32 products; the fp16/bf16 inputs are converted exactly to fp32, so the same rule holds).
+"""
+
+import pytest
+import torch
+from conftest import random_codes
+
+import llmcache
+from llmcache import ops
+from llmcache.ops import reference
+
+needs_ext = pytest.mark.skipif(not llmcache.build_info()["extension"], reason="llmcache._C not built")
+CPU_BACKENDS = ["reference"] + (["cpp"] if llmcache.build_info()["extension"] else [])
+
+
+def unstable_bits(x: torch.Tensor, planes: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """[B, nbits] bool: projections too close to zero for their sign to be defined."""
+    x64, p64 = x.double(), planes.double()
+    return (x64 @ p64).abs() <= tol * (x64.abs() @ p64.abs())
+
+
+def bits_of(codes: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(64)
+    return ((codes.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+
+
+def assert_codes_match(got, x, planes):
+    want = (x.double() @ planes.double()) >= 0
+    ok = (bits_of(got) == want) | unstable_bits(x, planes)
+    assert ok.all(), f"{(~ok).sum().item()} stable bits differ"
+
+
+SIMHASH_CASES = [(1, 1, 64), (3, 33, 64), (17, 384, 256), (64, 576, 1024), (5, 100, 192)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,d,nbits", SIMHASH_CASES, ids=[f"B{b}-d{d}-bits{n}" for b, d, n in SIMHASH_CASES])
+def test_simhash(backend, dtype, B, d, nbits, gen):
+    x = torch.randn(B, d, generator=gen).to(dtype)
+    planes = torch.randn(d, nbits, generator=gen)
+    assert_codes_match(ops.simhash(x, planes, backend=backend), x.float(), planes)
+
+
+POOLED_CASES = [(1, 1, 8, 64), (4, 7, 33, 64), (8, 50, 384, 256), (3, 129, 64, 1024)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "B,T,d,nbits", POOLED_CASES, ids=[f"B{b}-T{t}-d{d}-bits{n}" for b, t, d, n in POOLED_CASES]
+)
+def test_simhash_pooled(backend, dtype, B, T, d, nbits, gen):
+    embeds = torch.randn(B, T, d, generator=gen).to(dtype)
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    mask[0] = False  # an empty row hashes the zero vector: every bit set
+    planes = torch.randn(d, nbits, generator=gen)
+    codes = ops.simhash_pooled(embeds, mask.long(), planes, backend=backend)
+    assert_codes_match(codes, reference.masked_mean(embeds, mask), planes)
+    assert codes[0].eq(-1).all()
+
+
+TOPK_CASES = [
+    (1, 1, 1, 1),
+    (3, 0, 2, 1),
+    (1, 4097, 3, 1),
+    (5, 1000, 4, 5),
+    (7, 3001, 16, 3),
+    (4, 50, 2, 80),
+    (65, 20000, 4, 1),
+    (2, 777, 9, 16),
+    (6, 300, 5, 2),
+]
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("filtering", ["none", "valid", "tags"])
+@pytest.mark.parametrize("B,N,W,k", TOPK_CASES, ids=[f"B{b}-N{n}-W{w}-k{k}" for b, n, w, k in TOPK_CASES])
+@needs_ext
+def test_hamming_topk_cpp(B, N, W, k, filtering, sparse, gen):
+    q, bank = random_codes(B, W, gen, sparse), random_codes(N, W, gen, sparse)
+    valid = (torch.rand(N, generator=gen) > 0.25) if filtering != "none" else None
+    tags = {}
+    if filtering == "tags":
+        tags = {
+            "query_tag": torch.randint(0, 3, (B,), generator=gen), "bank_tag": torch.randint(0, 3, (N,), generator=gen)
+        }
+    got = ops.hamming_topk(q, bank, k, valid, backend="cpp", **tags)
+    want = reference.hamming_topk(q, bank, k, valid, **tags)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].dtype == torch.int32 and got[1].dtype == torch.int64
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_hamming_topk_every_isa_path(isa, gen, monkeypatch):
+    monkeypatch.setenv("LLMCACHE_CPU_ISA", isa)
+    q, bank = random_codes(9, 4, gen, sparse=True), random_codes(5000, 4, gen, sparse=True)
+    got = ops.hamming_topk(q, bank, 3, backend="cpp")
+    want = reference.hamming_topk(q, bank, 3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_ext
+def test_hamming_topk_all_invalid(gen):
+    q, bank = random_codes(3, 2, gen), random_codes(100, 2, gen)
+    dist, idx = ops.hamming_topk(q, bank, 4, torch.zeros(100, dtype=torch.bool), backend="cpp")
+    assert idx.eq(-1).all() and dist.eq(129).all()
+
+
+GATHER_CASES = [((4,), 3, 5, 2), ((8,), 1, 1, 1), ((2, 3), 6, 4, 7), ((16,), 0, 9, 5)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("align_end", [False, True], ids=["start", "end"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "feat,T,Tv,B", GATHER_CASES, ids=[f"F{'x'.join(map(str, f))}-T{t}-Tv{tv}-B{b}" for f, t, tv, b in GATHER_CASES]
+)
+def test_gather_with_mask(backend, align_end, dtype, feat, T, Tv, B, gen):
+    N = 6
+    values = torch.randn((N, Tv) + feat, generator=gen).to(dtype)
+    slot = torch.randint(-1, N, (B,), generator=gen)
+    slot[0] = 2
+    if B > 1:
+        slot[1] = 2  # two rows read one slot: its hit count goes up by two
+    misses = int((slot < 0).sum())
+    computed = torch.randn((misses, T) + feat, generator=gen).to(dtype)
+    row = torch.where(slot < 0, (slot < 0).cumsum(0) - 1, 0)
+    counters = [torch.randint(0, 5, (N,), generator=gen) for _ in range(2)]
+    want_counters = [c.clone() for c in counters]
+    want = reference.gather_with_mask(values, slot, computed, row, *want_counters, 11, align_end)
+    got = ops.gather_with_mask(values, slot, computed, row, *counters, 11, align_end, backend=backend)
+    assert torch.equal(got, want)
+    assert torch.equal(counters[0], want_counters[0]) and torch.equal(counters[1], want_counters[1])
+    assert counters[1][2] >= 2 if B > 1 else True
+
+
+def test_opcheck_every_op(gen):
+    x = torch.randn(5, 32, generator=gen)
+    planes = torch.randn(32, 128, generator=gen)
+    torch.library.opcheck(torch.ops.llmcache.simhash, (x, planes))
+    embeds, mask = torch.randn(3, 7, 32, generator=gen), torch.ones(3, 7, dtype=torch.long)
+    torch.library.opcheck(torch.ops.llmcache.simhash_pooled, (embeds, mask, planes))
+    q, bank = random_codes(4, 2, gen), random_codes(50, 2, gen)
+    torch.library.opcheck(torch.ops.llmcache.hamming_topk, (q, bank, 3, torch.rand(50) > 0.5, None, None))
+    values = torch.randn(6, 4, 8, generator=gen)
+    slot, row = torch.tensor([1, -1, 3]), torch.tensor([0, 0, 0])
+    computed = torch.randn(1, 4, 8, generator=gen)
+    last, hits = torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long)
+    torch.library.opcheck(torch.ops.llmcache.gather_with_mask, (values, slot, computed, row, last, hits, 3, False))
+
+
+def test_ops_trace_under_torch_compile(gen):
+    planes = torch.randn(16, 64, generator=gen)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def fingerprint_and_lookup(embeds, mask, bank):
+        codes = torch.ops.llmcache.simhash_pooled(embeds, mask, planes)
+        return torch.ops.llmcache.hamming_topk(codes, bank, 1, None, None, None)
+
+    embeds, mask = torch.randn(2, 5, 16, generator=gen), torch.ones(2, 5, dtype=torch.long)
+    bank = ops.simhash_pooled(embeds, mask, planes)
+    dist, idx = fingerprint_and_lookup(embeds, mask, bank)
+    assert idx.flatten().tolist() == [0, 1] and dist.eq(0).all()
