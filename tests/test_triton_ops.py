@@ -1,0 +1,254 @@
+"""The Triton kernels against `llmcache.ops.reference` on fresh random inputs with awkward shapes.
+
+Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 is set before triton is
+imported), and on CUDA tensors too when a GPU is present. Each test draws a new seed and prints
+it in the failure message. Integers compare bit for bit. SimHash bits compare exactly except where
+the projection is within float rounding of zero (rule in `_assert_codes_match`).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
+    pytest.skip("compiled Triton needs a GPU; run with TRITON_INTERPRET=1", allow_module_level=True)
+
+from llmcache import ops
+from llmcache.ops import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+MASK_DTYPES = [torch.bool, torch.int32, torch.int64, torch.uint8]
+# Both sides sum the same fp32 values (fp16/bf16 -> fp32 is exact) in different orders. Summing d
+# products in fp32 errs by at most ~d * 2^-24 * sum_i |x_i p_i| <= d * 6e-8 * ||x|| * ||p|| (Cauchy-
+# Schwarz), 2.3e-5 at d = 384; the pooled mean adds a relative error of the same order. A bit may
+# therefore differ only where |x . p| < 1e-4 * ||x|| * ||p||, whatever the input dtype.
+SIMHASH_REL_TOL = 1e-4
+
+
+def _generator() -> tuple[torch.Generator, int]:
+    seed = random.randrange(2**31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def _random_codes(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randint(-(2**63), 2**63 - 1, shape, dtype=torch.int64, generator=gen)
+
+
+# ---------------------------------------------------------------------------------------- simhash
+
+
+def _assert_codes_match(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, planes: torch.Tensor, seed: int):
+    """Equal bits, except where |x . plane_j| < SIMHASH_REL_TOL * ||x|| * ||plane_j|| (x, planes in fp64)."""
+    x64 = x.double().cpu()
+    planes64 = planes.double().cpu()
+    proj = x64 @ planes64
+    margin = SIMHASH_REL_TOL * x64.norm(dim=1, keepdim=True) * planes64.norm(dim=0, keepdim=True)
+    exact = (proj.abs() >= margin).reshape(x.shape[0], -1, 64)
+    bits = torch.tensor(reference._BIT_VALUES, dtype=torch.int64)
+    differ = ((got.cpu() ^ want.cpu()).unsqueeze(-1) & bits) != 0
+    assert not (differ & exact).any(), f"seed {seed}: {int((differ & exact).sum())} bits differ away from zero"
+    # The rule must leave almost every bit checked, or the test would be vacuous.
+    assert exact.float().mean() > 0.99, f"seed {seed}"
+
+
+SIMHASH_SHAPES = [(1, 1, 64), (3, 17, 128), (37, 100, 192), (5, 384, 1024)]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", SIMHASH_SHAPES, ids=lambda s: f"B{s[0]}-d{s[1]}-bits{s[2]}")
+def test_simhash(shape, dtype):
+    batch, dim, nbits = shape
+    gen, seed = _generator()
+    x = torch.randn(batch, dim, generator=gen).to(dtype).to(DEVICE)
+    planes = torch.randn(dim, nbits, generator=gen).to(DEVICE)
+    got = ops.simhash(x, planes, backend="triton")
+    want = ops.simhash(x, planes, backend="reference")
+    assert got.dtype == torch.int64 and got.shape == (batch, nbits // 64)
+    _assert_codes_match(got, want, x.float(), planes, seed)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_simhash_exact_zero_projections(dtype):
+    """Small integers make every projection exact, many exactly 0: the >= 0 rule must match bit for bit."""
+    gen, seed = _generator()
+    x = torch.randint(-2, 3, (19, 24), generator=gen).to(dtype).to(DEVICE)
+    x[0] = 0
+    planes = torch.randint(-1, 2, (24, 256), generator=gen).float().to(DEVICE)
+    got = ops.simhash(x, planes, backend="triton")
+    assert torch.equal(got, ops.simhash(x, planes, backend="reference")), f"seed {seed}"
+    assert torch.equal(got[0], torch.full_like(got[0], -1)), "the zero vector hashes to all ones"
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 5, 64), (2, 0, 7, 64), (6, 19, 100, 192), (3, 40, 33, 128)],
+    ids=lambda s: "B{}-T{}-d{}-bits{}".format(*s),
+)
+def test_simhash_pooled(shape, dtype, mask_dtype):
+    batch, seq, dim, nbits = shape
+    gen, seed = _generator()
+    embeds = torch.randn(batch, seq, dim, generator=gen).to(dtype).to(DEVICE)
+    keep = torch.rand(batch, seq, generator=gen) < 0.6
+    keep[-1] = False  # a row with no token: the zero vector, every bit set
+    if mask_dtype == torch.bool:
+        mask = keep
+    else:  # any non-zero value counts as a token
+        fill = 1 if mask_dtype == torch.uint8 else -3
+        mask = torch.where(keep, torch.randint(1, 4, keep.shape, generator=gen) * fill, 0).to(mask_dtype)
+    mask = mask.to(DEVICE)
+    planes = torch.randn(dim, nbits, generator=gen).to(DEVICE)
+    got = ops.simhash_pooled(embeds, mask, planes, backend="triton")
+    want = ops.simhash_pooled(embeds, mask, planes, backend="reference")
+    mean = reference.masked_mean(embeds.double(), mask)
+    _assert_codes_match(got, want, mean, planes, seed)
+    assert torch.equal(got[-1], torch.full_like(got[-1], -1)), f"seed {seed}"
+
+
+# ----------------------------------------------------------------------------------- hamming_topk
+
+# (B, N, W, k, valid, tags): valid is None, "random" or "none" (every slot invalid).
+HAMMING_CASES = [
+    (1, 4097, 3, 1, None, False),
+    (1, 1, 1, 1, None, False),
+    (5, 1000, 1, 4, "random", False),
+    (17, 777, 16, 8, None, True),
+    (6, 2500, 8, 2, "random", True),
+    (3, 0, 4, 3, None, False),
+    (2, 0, 1, 1, "random", True),
+    (4, 10, 2, 20, "random", False),
+    (2, 300, 5, 5, "none", False),
+    (3, 50, 2, 100, "random", True),
+    (9, 200, 16, 70, "random", False),
+    (16, 1500, 4, 64, None, False),
+    (33, 4999, 12, 1, "random", True),
+    (20, 3001, 2, 16, None, True),
+    (2, 129, 6, 65, None, False),
+]
+
+
+def _hamming_id(case) -> str:
+    batch, slots, words, k, valid, tags = case
+    return f"B{batch}-N{slots}-W{words}-k{k}" + (f"-valid_{valid}" if valid else "") + ("-tags" if tags else "")
+
+
+def _hamming_inputs(gen, batch, slots, words, valid_kind, tags):
+    queries = _random_codes(gen, batch, words)
+    bank = _random_codes(gen, slots, words)
+    if slots:
+        # Near neighbours (a few flipped bits) and exact duplicates, so small distances and ties abound.
+        near = torch.randint(0, slots, (min(slots, 4 * batch),), generator=gen)
+        flips = _random_codes(gen, near.shape[0], words) & _random_codes(gen, near.shape[0], words)
+        bank[near] = queries[torch.arange(near.shape[0]) % batch] ^ (flips & _random_codes(gen, near.shape[0], words))
+        dups = torch.randint(0, slots, (slots // 4,), generator=gen)
+        bank[dups] = bank[dups.flip(0)]
+    valid = None
+    if valid_kind == "random":
+        valid = torch.rand(slots, generator=gen) < 0.7
+    elif valid_kind == "none":
+        valid = torch.zeros(slots, dtype=torch.bool)
+    query_tag = torch.randint(0, 3, (batch,), generator=gen) if tags else None
+    bank_tag = torch.randint(0, 3, (slots,), generator=gen) if tags else None
+    move = [t if t is None else t.to(DEVICE) for t in (queries, bank, valid, query_tag, bank_tag)]
+    return move
+
+
+def _assert_topk_equal(queries, bank, k, valid, query_tag, bank_tag, seed):
+    dist, idx = ops.hamming_topk(queries, bank, k, valid, query_tag=query_tag, bank_tag=bank_tag, backend="triton")
+    want_dist, want_idx = reference.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
+    assert dist.dtype == torch.int32 and idx.dtype == torch.int64
+    assert dist.shape == idx.shape == (queries.shape[0], k)
+    assert torch.equal(dist, want_dist), f"seed {seed}: distances differ"
+    assert torch.equal(idx, want_idx), f"seed {seed}: indices differ"
+    return dist, idx
+
+
+@pytest.mark.parametrize("case", HAMMING_CASES, ids=_hamming_id)
+def test_hamming_topk(case):
+    batch, slots, words, k, valid_kind, tags = case
+    gen, seed = _generator()
+    queries, bank, valid, query_tag, bank_tag = _hamming_inputs(gen, batch, slots, words, valid_kind, tags)
+    dist, idx = _assert_topk_equal(queries, bank, k, valid, query_tag, bank_tag, seed)
+    if valid_kind == "none" or slots == 0:
+        assert (idx == -1).all() and (dist == 64 * words + 1).all()
+
+
+@pytest.mark.parametrize("words", [1, 7, 16])
+def test_hamming_topk_extreme_distances(words):
+    """Distances 0 and 64 * W (every bit differs) at the edges of the packed keys."""
+    gen, seed = _generator()
+    queries = torch.zeros(2, words, dtype=torch.int64)
+    queries[1] = -1
+    bank = _random_codes(gen, 130, words)
+    bank[[3, 129]] = 0
+    bank[[5, 64]] = -1
+    valid = torch.zeros(130, dtype=torch.bool)
+    valid[[3, 5, 64]] = True
+    queries, bank, valid = queries.to(DEVICE), bank.to(DEVICE), valid.to(DEVICE)
+    dist, idx = _assert_topk_equal(queries, bank, 3, None, None, None, seed)
+    assert dist[:, :2].tolist() == [[0, 0], [0, 0]] and idx[:, :2].tolist() == [[3, 129], [5, 64]]
+    far = 64 * words
+    for k in (3, 130):  # registers path and all-keys path
+        dist, idx = _assert_topk_equal(queries, bank, k, valid, None, None, seed)
+        assert dist[0, :3].tolist() == [0, far, far] and idx[0, :3].tolist() == [3, 5, 64]
+        assert dist[1, :3].tolist() == [0, 0, far] and idx[1, :3].tolist() == [5, 64, 3]
+        assert (idx[:, 3:] == -1).all() and (dist[:, 3:] == far + 1).all()
+
+
+# ------------------------------------------------------------------------------- gather_with_mask
+
+# (N, Tv, T, F, B, M): bank rows, stored length, batch length, trailing shape, batch rows, misses.
+GATHER_CASES = [
+    (5, 7, 9, (3, 4), 6, 2),
+    (4, 12, 5, (2,), 5, 0),
+    (1, 3, 3, (), 1, 0),
+    (0, 3, 4, (3,), 3, 3),
+    (3, 2, 3, (0,), 4, 1),
+    (6, 50, 41, (33,), 7, 3),
+    (3, 1, 1100, (1,), 4, 2),
+]
+
+
+def _gather_id(case) -> str:
+    slots, stored, seq, feat, batch, misses = case
+    return f"N{slots}-Tv{stored}-T{seq}-F{'x'.join(map(str, feat)) or 'none'}-B{batch}-M{misses}"
+
+
+@pytest.mark.parametrize("align_end", [False, True], ids=["align_start", "align_end"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("case", GATHER_CASES, ids=_gather_id)
+def test_gather_with_mask(case, dtype, align_end):
+    slots, stored, seq, feat, batch, misses = case
+    gen, seed = _generator()
+    values = torch.randn(slots, stored, *feat, generator=gen).to(dtype)
+    computed = torch.randn(misses, seq, *feat, generator=gen).to(dtype)
+    hit = torch.rand(batch, generator=gen) < 0.6
+    if misses == 0:
+        hit[:] = True
+    if slots == 0:
+        hit[:] = False
+    # Few slots for many rows: duplicates are the norm, and hit_count must count each reader.
+    slot = torch.where(hit, torch.randint(0, max(slots, 1), (batch,), generator=gen), -1)
+    row = torch.where(hit, -1, torch.randint(0, max(misses, 1), (batch,), generator=gen))
+    last_used = torch.randint(0, 100, (slots,), generator=gen)
+    hit_count = torch.randint(0, 100, (slots,), generator=gen)
+    tick = 2**40 + random.randrange(100)
+    args = [t.to(DEVICE) for t in (values, slot, computed, row)]
+    got_last, got_count = last_used.clone().to(DEVICE), hit_count.clone().to(DEVICE)
+    got = ops.gather_with_mask(*args, got_last, got_count, tick, align_end, backend="triton")
+    want = reference.gather_with_mask(values, slot, computed, row, last_used, hit_count, tick, align_end)
+    bits = {2: torch.int16, 4: torch.int32}[want.element_size()]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.cpu().view(bits), want.view(bits)), f"seed {seed}: outputs differ"
+    assert torch.equal(got_last.cpu(), last_used), f"seed {seed}: last_used differs"
+    assert torch.equal(got_count.cpu(), hit_count), f"seed {seed}: hit_count differs"
