@@ -1,0 +1,472 @@
+"""The layer cache spliced into a model: per-forward context, and the per-block cached forward.
+
+Per forward pass (a pre-hook on the base model) every row gets:
+  * a tag: token count, namespace and padding side packed in one int64; an entry only ever
+    answers rows with the same tag (same shape, same tenant);
+  * an exact key: a 64-bit hash of its token ids in order;
+  * a SimHash fingerprint of the mean of its input token embeddings (the paper's), computed by
+    a hook on the input embedding, when the semantic tier is on.
+Per cached block: look the rows up (exact tier, then semantic tier), run the block on the rows
+that missed only (a sub-batch), merge bank rows and computed rows with `gather_with_mask`, and
+insert the computed rows. For decoder blocks the bank stores each row's K and V beside its
+hidden state, and writes the merged K/V into the model's DynamicCache, so `generate()` keeps
+decoding from correct KV entries; decode steps (past length > 0) bypass the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import CacheConfig
+from .ring_buffer import RingBuffer
+
+_SIDE_BITS = 1
+_TOKEN_BITS = 21  # token counts below 2M
+_POSITION_BITS = 20  # position of a row's first token below 1M
+_namespace_stack = threading.local()
+
+
+def current_namespace() -> str:
+    stack = getattr(_namespace_stack, "names", None)
+    return stack[-1] if stack else ""
+
+
+@contextlib.contextmanager
+def namespace(name: str):
+    """Rows computed inside only match entries inserted under the same `name` (tenant isolation).
+
+    Namespaces nest (the innermost wins) and are per thread. The default namespace is "".
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"namespace name must be a str, got {type(name).__name__}")
+    stack = getattr(_namespace_stack, "names", None)
+    if stack is None:
+        stack = _namespace_stack.names = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts through masks)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def token_keys(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: a hash of each row's real (token id, position id) pairs (padding ignored).
+
+    Positions count because a left-padded row without explicit position_ids sits at shifted
+    positions, which changes its states in models with absolute or rotary positions.
+    """
+    real = mask != 0
+    mixed = _mix64(ids.long() * 0x9E3779B97F4A7C15 + positions.long() * 0x632BE59BD9B4E019 + 0x2545F4914F6CDD1D)
+    return _mix64((mixed * real).sum(1))
+
+
+@dataclass
+class ForwardContext:
+    """What one forward pass of the base model knows about its rows."""
+
+    mask: torch.Tensor  # [B, T] 1 = token
+    tags: torch.Tensor  # int64 [B]; negative = never cached
+    keys: torch.Tensor  # int64 [B]
+    cacheable: torch.Tensor  # bool [B]
+    align_end: bool  # left padding
+    codes: torch.Tensor | None = None  # int64 [B, W] input-embedding fingerprints
+    kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+
+@dataclass
+class LayerStats:
+    """Counters of one cached layer (host integers and seconds)."""
+
+    layer: int
+    lookups: int = 0
+    hits: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    insertions: int = 0
+    evictions: int = 0
+    verified: int = 0
+    divergence_evictions: int = 0
+    mean_divergence: float = 0.0
+    semantic_enabled: bool = True
+    fingerprint_s: float = 0.0
+    lookup_s: float = 0.0
+    verify_s: float = 0.0
+    bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+class _CapturingKV:
+    """Stands in for the model's KV cache while a block runs on a sub-batch: records K and V."""
+
+    def __init__(self, real):
+        self.real = real
+        self.keys = self.values = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _slice_rows(value, rows: torch.Tensor, batch: int):
+    """Rows of every batch-major tensor (ndim >= 2, size(0) == batch) in an argument tree."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_slice_rows(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [_slice_rows(v, rows, batch) for v in value]
+    return value
+
+
+@dataclass
+class ModelCache:
+    """Everything `accelerate` attaches to one model (as `model._llmcache`)."""
+
+    config: CacheConfig
+    adapter: object
+    base: nn.Module
+    layer_ids: list[int]
+    planes: torch.Tensor
+    layers: dict = field(default_factory=dict)  # block index -> CachedLayer
+    hooks: list = field(default_factory=list)
+    namespaces: dict = field(default_factory=lambda: {"": 0})
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    local: threading.local = field(default_factory=threading.local)
+    fingerprint_s: float = 0.0
+    forwards: int = 0
+
+    @property
+    def context(self) -> ForwardContext | None:
+        return getattr(self.local, "context", None)
+
+    def namespace_id(self, name: str) -> int:
+        with self.lock:
+            return self.namespaces.setdefault(name, len(self.namespaces))
+
+    def semantic_on(self) -> bool:
+        return self.config.threshold is not None
+
+    # ---- per forward -------------------------------------------------------------------
+    def begin(self, input_ids, attention_mask, kv_cache, position_ids=None) -> None:
+        """Build the context of one base-model forward, or leave it None (cache bypassed)."""
+        self.local.context = None
+        if input_ids is None or self.base.training or input_ids.dim() != 2:
+            return
+        if kv_cache is not None and (
+            not hasattr(kv_cache, "get_seq_length") or kv_cache.get_seq_length() > 0 or not _is_dynamic(kv_cache)
+        ):
+            return  # a decode step (or a cache type whose update we cannot stand in for)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if mask.dim() != 2 or mask.shape != input_ids.shape:
+            return
+        batch, seq = input_ids.shape
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != seq:
+            position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+        positions = position_ids.expand(batch, seq)
+        ntokens = (mask != 0).sum(1)
+        left_padded = bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any())
+        cfg = self.config
+        cacheable = (ntokens > 0) & (ntokens <= cfg.max_tokens)
+        first = torch.where(mask != 0, torch.arange(seq, device=mask.device), seq).amin(1).clamp_max(seq - 1)
+        first_position = positions.gather(1, first.unsqueeze(1)).squeeze(1)
+        cacheable &= (first_position >= 0) & (first_position < (1 << _POSITION_BITS))
+        ns = self.namespace_id(current_namespace())
+        side = 1 if left_padded else 0
+        # One int64 tag: namespace | position of the first token | token count | padding side.
+        tags = (
+            (ns << (_POSITION_BITS + _TOKEN_BITS + _SIDE_BITS))
+            | (first_position.clamp(0, (1 << _POSITION_BITS) - 1) << (_TOKEN_BITS + _SIDE_BITS))
+            | (ntokens << _SIDE_BITS)
+            | side
+        ).long()
+        never = -1 - torch.arange(mask.shape[0], device=mask.device)
+        tags = torch.where(cacheable, tags, never)
+        self.local.context = ForwardContext(
+            mask=mask, tags=tags, keys=token_keys(input_ids, mask, positions), cacheable=cacheable,
+            align_end=left_padded, kv_cache=kv_cache,
+        )
+
+    def fingerprint(self, embeds: torch.Tensor) -> None:
+        ctx = self.context
+        if ctx is None or not self.semantic_on() or self.config.fingerprint != "embeddings":
+            return
+        start = time.perf_counter()
+        ctx.codes = ops.simhash_pooled(embeds, ctx.mask, self.planes, backend=self.config.backend)
+        self.fingerprint_s += time.perf_counter() - start
+
+    def end(self) -> None:
+        if self.context is not None:
+            self.forwards += 1
+            with self.lock:
+                for layer in self.layers.values():
+                    if layer.bank is not None:
+                        layer.bank.advance()
+        self.local.context = None
+
+
+def _is_dynamic(kv_cache) -> bool:
+    return type(kv_cache).__name__ in ("DynamicCache",)
+
+
+class CachedLayer:
+    """The cached forward of one block; `module.forward` points at `self.forward` while active."""
+
+    def __init__(self, owner: ModelCache, index: int, position: int, module: nn.Module):
+        self.owner = owner
+        self.index = index
+        self.module = module
+        self.original_forward = module.forward
+        cfg = owner.config
+        self.threshold = cfg.layer_threshold(position)
+        self.radius = ops.hamming_radius(self.threshold, cfg.num_bits) if self.threshold is not None else -1
+        self.bank: RingBuffer | None = None
+        self.stats = LayerStats(layer=index)
+        self._signature = inspect.signature(self.original_forward)
+        names = [n for n in ("cache", "past_key_values", "layer_past") if n in self._signature.parameters]
+        if owner.adapter.decoder and not names:
+            raise ValueError(f"{type(module).__name__}.forward takes no KV cache argument: cannot cache a decoder block")
+        self._cache_param = names[0] if names else None
+        self._kv_layout = None  # (kv heads, head dim, dtype) of this block's K/V, once seen
+        self._divergence_samples = 0
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _allocate(self, entry_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        cfg = self.owner.config
+        words = cfg.num_bits // 64
+        capacity = cfg.capacity
+        if cfg.max_bytes is not None:
+            share = cfg.max_bytes // len(self.owner.layer_ids)
+            capacity = share // RingBuffer.entry_bytes(entry_shape, dtype, words)
+            if capacity < 1:
+                raise ValueError(
+                    f"CacheConfig.max_bytes = {cfg.max_bytes} leaves {share} bytes per layer, less than one entry "
+                    f"({RingBuffer.entry_bytes(entry_shape, dtype, words)} bytes): raise it or lower max_tokens"
+                )
+        self.bank = RingBuffer(
+            capacity, words, entry_shape, dtype, device, cfg.eviction, cfg.staleness_half_life, cfg.backend
+        )
+        self.stats.bytes = self.bank.nbytes
+
+    def _codes(self, ctx: ForwardContext, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self.owner.config.fingerprint == "embeddings":
+            return ctx.codes
+        start = time.perf_counter()
+        codes = ops.simhash_pooled(hidden, ctx.mask, self.owner.planes, backend=self.owner.config.backend)
+        self.stats.fingerprint_s += time.perf_counter() - start
+        return codes
+
+    def _run(self, hidden, args, kwargs, rows, batch, ctx):
+        """Run the original block on `rows` (None: all); returns (hidden_out, entry [M, T, F], capture)."""
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+            args = _slice_rows(args, rows, batch)
+            kwargs = {k: _slice_rows(v, rows, batch) for k, v in kwargs.items()}
+        capture = None
+        if self.owner.adapter.decoder:
+            # Whether the block takes its KV cache by position or by name, hand it the stand-in.
+            capture = _CapturingKV(ctx.kv_cache)
+            bound = self._signature.bind(hidden, *args, **kwargs)
+            bound.arguments[self._cache_param] = capture
+            hidden, args, kwargs = bound.args[0], bound.args[1:], bound.kwargs
+        output = self.original_forward(hidden, *args, **kwargs)
+        out = output[0] if isinstance(output, tuple) else output
+        return output, out, capture
+
+    @staticmethod
+    def _entry(out: torch.Tensor, capture) -> torch.Tensor:
+        """[M, T, F]: the hidden state, and for decoders K and V flattened per position."""
+        if capture is None or capture.keys is None:
+            return out
+        m, t = out.shape[:2]
+        k = capture.keys.transpose(1, 2).reshape(m, t, -1).to(out.dtype)
+        v = capture.values.transpose(1, 2).reshape(m, t, -1).to(out.dtype)
+        return torch.cat([out, k, v], dim=-1)
+
+    def _write_kv(self, ctx: ForwardContext, entry: torch.Tensor, capture, hidden_size: int) -> None:
+        """Give the model's KV cache the merged K and V of every row (decoder prefill)."""
+        if capture is not None and capture.keys is not None:
+            self._kv_layout = (capture.keys.shape[1], capture.keys.shape[3], capture.keys.dtype)
+        if ctx.kv_cache is None or self._kv_layout is None:
+            return
+        heads, head_dim, dtype = self._kv_layout
+        b, t = entry.shape[:2]
+        kv = entry[..., hidden_size:]
+        keys = kv[..., : heads * head_dim].reshape(b, t, heads, head_dim).transpose(1, 2)
+        values = kv[..., heads * head_dim :].reshape(b, t, heads, head_dim).transpose(1, 2)
+        ctx.kv_cache.update(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), self.index)
+
+    @staticmethod
+    def _pack(output, hidden: torch.Tensor):
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    # ---- the cached forward ------------------------------------------------------------
+    def forward(self, hidden_states, *args, **kwargs):
+        owner = self.owner
+        ctx = owner.context
+        if (
+            ctx is None
+            or self.module.training
+            or hidden_states.dim() != 3
+            or hidden_states.shape[0] != ctx.batch
+            or hidden_states.shape[1] != ctx.mask.shape[1]
+        ):
+            return self.original_forward(hidden_states, *args, **kwargs)
+        cfg = owner.config
+        batch = ctx.batch
+        hidden_size = hidden_states.shape[-1]
+        semantic = self.threshold is not None and self.stats.semantic_enabled
+        codes = self._codes(ctx, hidden_states) if semantic else None
+        self.stats.lookups += int(ctx.cacheable.sum())
+        slot, served_semantic, verify = self._lookup(ctx, codes)
+        compute = slot < 0
+        if verify is not None:
+            compute = compute | verify
+        fresh = compute if verify is None else compute & ~verify  # computed rows that are new to the bank
+        n_compute = int(compute.sum())
+        if n_compute == batch:
+            # Every row computes: the block runs exactly as uncached.
+            output, out, capture = self._run(hidden_states, args, kwargs, None, batch, ctx)
+            merged = self._entry(out, capture)
+        else:
+            rows = compute.nonzero().flatten()
+            output, capture = None, None
+            if n_compute:
+                output, out, capture = self._run(hidden_states, args, kwargs, rows, batch, ctx)
+                computed = self._entry(out, capture).to(self.bank.values.dtype)
+            else:
+                computed = self.bank.values.new_empty((0, hidden_states.shape[1]) + tuple(self.bank.values.shape[2:]))
+            served = ~compute
+            self._count_hits(served, served_semantic, batch - n_compute)
+            row_of = (compute.long().cumsum(0) - 1).clamp_min(0)
+            with owner.lock:
+                merged = self.bank.gather(torch.where(compute, -1, slot), computed, row_of, ctx.align_end)
+            if cfg.mode == "residual":
+                merged = merged.clone()
+                merged[..., :hidden_size] += hidden_states * served.view(-1, 1, 1).to(merged.dtype)
+        self._write_kv(ctx, merged, capture, hidden_size)
+        if verify is not None and bool(verify.any()):
+            self._measure(slot, verify, merged, hidden_states, ctx)
+        if n_compute:
+            self._insert(ctx, hidden_states, merged, hidden_size, codes, fresh)
+        if n_compute == batch:
+            return output
+        hidden = merged[..., :hidden_size].to(hidden_states.dtype)
+        return hidden if output is None else self._pack(output, hidden)
+
+    def _lookup(self, ctx: ForwardContext, codes):
+        """(slot [B] or -1, semantic-hit mask or None, verify mask or None) for this layer's bank."""
+        batch = ctx.batch
+        device = ctx.tags.device
+        slot = torch.full((batch,), -1, dtype=torch.int64, device=device)
+        if self.bank is None:
+            return slot, None, None
+        cfg = self.owner.config
+        start = time.perf_counter()
+        served_semantic = verify = None
+        with self.owner.lock:
+            if cfg.exact:
+                slot = self.bank.lookup_exact(ctx.keys, ctx.tags)
+            if codes is not None:
+                near, _ = self.bank.lookup(codes, ctx.tags, self.radius)
+                served_semantic = (slot < 0) & (near >= 0)
+                slot = torch.where(slot >= 0, slot, near)
+                if cfg.verify_rate > 0:
+                    verify = served_semantic & (torch.rand(batch, device=device) < cfg.verify_rate)
+        self.stats.lookup_s += time.perf_counter() - start
+        return slot, served_semantic, verify
+
+    def _count_hits(self, served, served_semantic, n_served: int) -> None:
+        self.stats.hits += n_served
+        n_semantic = int((served_semantic & served).sum()) if served_semantic is not None else 0
+        self.stats.semantic_hits += n_semantic
+        self.stats.exact_hits += n_served - n_semantic
+
+    def _insert(self, ctx, hidden_in, entry, hidden_size, codes, rows_mask) -> None:
+        """Store the freshly computed rows that may be cached (residual mode: their layer update)."""
+        cfg = self.owner.config
+        rows = (ctx.cacheable & rows_mask).nonzero().flatten()
+        if rows.numel() == 0:
+            return
+        states = entry.index_select(0, rows)
+        if cfg.mode == "residual":
+            states = states.clone()
+            states[..., :hidden_size] -= hidden_in.index_select(0, rows).to(states.dtype)
+        if codes is None:
+            codes = torch.zeros(ctx.batch, cfg.num_bits // 64, dtype=torch.int64, device=states.device)
+        with self.owner.lock:
+            if self.bank is None:
+                self._allocate((cfg.max_tokens,) + tuple(states.shape[2:]), states.dtype, states.device)
+            before = self.bank.valid.clone()
+            slots = self.bank.insert(
+                codes.index_select(0, rows), ctx.keys.index_select(0, rows), ctx.tags.index_select(0, rows),
+                states.to(self.bank.values.dtype), ctx.align_end,
+            )
+            self.stats.insertions += slots.numel()
+            self.stats.evictions += int(before[slots].sum())
+
+    def _measure(self, slot, verify, truth_entry, hidden_in, ctx) -> None:
+        """Divergence monitoring: 1 - cosine between what a sampled semantic hit would have served
+        and the row's true hidden state (real tokens only); evict entries past the bound, and stop
+        semantic reuse in a layer whose running mean passes it."""
+        start = time.perf_counter()
+        cfg = self.owner.config
+        rows = verify.nonzero().flatten()
+        slots = slot.index_select(0, rows)
+        hidden_size = hidden_in.shape[-1]
+        truth = truth_entry.index_select(0, rows)[..., :hidden_size].float()
+        seq = truth.shape[1]
+        last_used, hit_count = self.bank.last_used.clone(), self.bank.hit_count.clone()
+        with self.owner.lock:
+            served = ops.gather_with_mask(
+                self.bank.values, slots, truth_entry[:0].to(self.bank.values.dtype), torch.zeros_like(slots),
+                last_used, hit_count, 0, ctx.align_end, backend=cfg.backend,
+            )[..., :hidden_size].float()
+        if cfg.mode == "residual":
+            served = served + hidden_in.index_select(0, rows).float()
+        mask = ctx.mask.index_select(0, rows).unsqueeze(-1).float()
+        deviation = 1.0 - torch.nn.functional.cosine_similarity(
+            (served * mask).reshape(rows.numel(), seq * hidden_size),
+            (truth * mask).reshape(rows.numel(), seq * hidden_size),
+            dim=1,
+        )
+        bad = deviation > cfg.max_divergence
+        with self.owner.lock:
+            self.bank.divergence[slots] = torch.maximum(self.bank.divergence[slots], deviation)
+            if bool(bad.any()):
+                self.bank.evict(slots[bad])
+                self.stats.divergence_evictions += int(bad.sum())
+        n = rows.numel()
+        total = self.stats.mean_divergence * self._divergence_samples + float(deviation.sum())
+        self._divergence_samples += n
+        self.stats.verified += n
+        self.stats.mean_divergence = total / self._divergence_samples
+        if self._divergence_samples >= 8 and self.stats.mean_divergence > cfg.max_divergence:
+            self.stats.semantic_enabled = False
+        self.stats.verify_s += time.perf_counter() - start

@@ -1,0 +1,186 @@
+"""`RingBuffer`: the fixed-capacity, device-resident bank of one cached layer.
+
+All tensors are allocated once, on the model's device, and overwritten in place: a full bank
+evicts, it never grows. Per slot it keeps the SimHash code, the exact-tier key, the match tag
+(token count, namespace, padding side), the stored states and the eviction metadata.
+Lookups run `hamming_topk`; reads run the fused `gather_with_mask`, which also stamps
+last_used and counts hits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+
+_NEVER = torch.iinfo(torch.int64).min
+
+
+class RingBuffer:
+    """A bank of `capacity` entries of shape `entry_shape` = [max_tokens, *F].
+
+    Args:
+        capacity: slots N.
+        words: SimHash words W per code.
+        entry_shape: shape of one stored entry, sequence axis first ([Tcap, F]).
+        dtype, device: of the stored states (the model's).
+        eviction: "lru", "staleness" or "divergence" (see CacheConfig).
+        half_life: staleness half-life in ticks.
+        backend: kernel backend for the ops, None for automatic.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        words: int,
+        entry_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        eviction: str = "lru",
+        half_life: float = 256.0,
+        backend: str | None = None,
+    ) -> None:
+        self.capacity = capacity
+        self.eviction = eviction
+        self.half_life = half_life
+        self.backend = backend
+        self.tick = 0
+        new = {"device": device}
+        self.codes = torch.zeros(capacity, words, dtype=torch.int64, **new)
+        self.keys = torch.zeros(capacity, 1, dtype=torch.int64, **new)
+        self.tags = torch.zeros(capacity, dtype=torch.int64, **new)
+        self.valid = torch.zeros(capacity, dtype=torch.bool, **new)
+        self.last_used = torch.zeros(capacity, dtype=torch.int64, **new)
+        self.hit_count = torch.zeros(capacity, dtype=torch.int64, **new)
+        self.rate = torch.zeros(capacity, dtype=torch.float32, **new)
+        self.rate_tick = torch.zeros(capacity, dtype=torch.int64, **new)
+        self.divergence = torch.zeros(capacity, dtype=torch.float32, **new)
+        # Zeros, not empty: positions beyond a row's tokens are served as padding and must be finite.
+        self.values = torch.zeros((capacity,) + tuple(entry_shape), dtype=dtype, **new)
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self):
+        return (self.codes, self.keys, self.tags, self.valid, self.last_used, self.hit_count, self.rate,
+                self.rate_tick, self.divergence, self.values)
+
+    @staticmethod
+    def entry_bytes(entry_shape: tuple[int, ...], dtype: torch.dtype, words: int) -> int:
+        """Bytes one slot costs, metadata included (for sizing a bank from a byte budget)."""
+        per_value = math.prod(entry_shape) * torch.empty((), dtype=dtype).element_size()
+        return per_value + 8 * words + 8 * 5 + 4 * 2 + 1
+
+    def advance(self) -> None:
+        """One forward pass went by (the clock of LRU and staleness)."""
+        self.tick += 1
+
+    def reset(self) -> None:
+        """Forget every entry (the memory stays allocated)."""
+        self.valid.zero_()
+        self.hit_count.zero_()
+        self.rate.zero_()
+        self.divergence.zero_()
+
+    def evict(self, slots: torch.Tensor) -> None:
+        self.valid[slots] = False
+
+    @property
+    def occupied(self) -> int:
+        return int(self.valid.sum())
+
+    # ---- lookup ------------------------------------------------------------------------
+    def lookup(self, codes: torch.Tensor, tags: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest same-tag entry per row within `radius`: (slot int64 [B] or -1, dist int32 [B])."""
+        dist, idx = ops.hamming_topk(
+            codes, self.codes, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend
+        )
+        dist, idx = dist[:, 0], idx[:, 0]
+        return torch.where(dist <= radius, idx, -1), dist
+
+    def lookup_exact(self, keys: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        """Slot holding the same exact key and tag per row, or -1: int64 [B]."""
+        dist, idx = ops.hamming_topk(
+            keys.unsqueeze(1), self.keys, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend
+        )
+        return torch.where(dist[:, 0] == 0, idx[:, 0], -1)
+
+    # ---- read --------------------------------------------------------------------------
+    def gather(self, slot: torch.Tensor, computed: torch.Tensor, row: torch.Tensor, align_end: bool) -> torch.Tensor:
+        """out[r] = entry slot[r] (a hit) or computed[row[r]] (a miss): [B, T, *F]."""
+        out = ops.gather_with_mask(
+            self.values, slot, computed, row, self.last_used, self.hit_count, self.tick, align_end,
+            backend=self.backend,
+        )
+        if self.eviction == "staleness":
+            hit_slots = slot[slot >= 0]
+            self.rate[hit_slots] = self._decayed_rate(hit_slots)
+            self.rate_tick[hit_slots] = self.tick
+            self.rate.index_add_(0, hit_slots, torch.ones_like(hit_slots, dtype=torch.float32))
+        return out
+
+    def _decayed_rate(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        rate = self.rate if slots is None else self.rate[slots]
+        since = self.rate_tick if slots is None else self.rate_tick[slots]
+        return rate * torch.exp2(-(self.tick - since).float() / self.half_life)
+
+    def entry(self, slot: torch.Tensor) -> torch.Tensor:
+        return self.values[slot]
+
+    # ---- write -------------------------------------------------------------------------
+    def _victims(self, count: int) -> torch.Tensor:
+        """`count` slots to overwrite: free ones first, then by the eviction policy."""
+        if self.eviction == "staleness":
+            score = self._decayed_rate()
+        elif self.eviction == "divergence":
+            # Most divergent first; entries never measured (0) fall back to LRU order.
+            score = self.last_used.double() - self.divergence.double() * 1e15
+        else:
+            score = self.last_used.double()
+        score = torch.where(self.valid, score.double(), -math.inf)
+        return score.topk(count, largest=False).indices
+
+    def insert(
+        self,
+        codes: torch.Tensor,
+        keys: torch.Tensor,
+        tags: torch.Tensor,
+        states: torch.Tensor,
+        align_end: bool,
+    ) -> torch.Tensor:
+        """Store M new entries; returns the slots used (int64 [<= M]).
+
+        Args:
+            codes: int64 [M, W]; keys, tags: int64 [M]; states: [M, T, *F] in the bank's dtype.
+            align_end: the rows are left-padded, so their tokens end at position T - 1.
+        Rows holding NaN or Inf are not stored, and only the first of rows with equal keys is.
+        """
+        finite = torch.isfinite(states.flatten(1)).all(1)
+        first = torch.full_like(keys, keys.shape[0])
+        _, inverse = torch.unique(keys, return_inverse=True)
+        first = first.scatter_reduce(0, inverse, torch.arange(keys.shape[0], device=keys.device), "amin")
+        keep = finite & (first[inverse] == torch.arange(keys.shape[0], device=keys.device))
+        rows = keep.nonzero().flatten()[: self.capacity]
+        if rows.numel() == 0:
+            return rows
+        slots = self._victims(rows.numel())
+        seq, stored = states.shape[1], self.values.shape[1]
+        span = min(seq, stored)
+        if align_end:
+            self.values[:, stored - span :].index_copy_(0, slots, states[rows, seq - span :])
+        else:
+            self.values[:, :span].index_copy_(0, slots, states[rows, :span])
+        self.codes.index_copy_(0, slots, codes[rows])
+        self.keys.index_copy_(0, slots, keys[rows].unsqueeze(1))
+        self.tags.index_copy_(0, slots, tags[rows])
+        self.valid[slots] = True
+        self.last_used[slots] = self.tick
+        self.hit_count[slots] = 0
+        self.rate[slots] = 0.0
+        self.rate_tick[slots] = self.tick
+        self.divergence[slots] = 0.0
+        return slots
