@@ -1,0 +1,202 @@
+"""End-to-end: a query stream in batches through a model with the cache off and on, same process.
+
+    python -m bench.accelerate [--model minilm|smollm2|bert-base|gpt2] [--rows 512] [--batch 32]
+                               [--repeats 3] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+                               [--data DIR] [--out DIR]
+
+Streams (llmcache.streams, seeded): "repeat" — 70 % of rows repeat an earlier row of the stream
+exactly; "unique" — no repeats at all. Sentences are STS-B test sentences (first column), so the
+token counts are those of real text. Each stream runs `--repeats` times per mode; "on" starts
+each repeat from an empty cache, so its hit rates are the stream's own. Times are medians.
+
+Reported per stream: the measured hit rate per cached layer, the ideal speedup those hit rates
+allow (Amdahl: only the skipped block time goes, with each block's time measured by hooks in an
+uncached pass), the speedup reached, and the fraction of the ideal. Default cache config
+(exact tier; semantic tier off). Random weights for bert-base and gpt2 (the speed does not
+depend on them); MiniLM and SmolLM2 are the real offline models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llmcache
+from llmcache import streams
+
+
+def load(name: str, device: str, dtype: torch.dtype):
+    """(model, tokenizer) in eval mode on `device` in `dtype`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from models import minilm, smollm2  # the loaders the tests use
+
+    if name == "minilm":
+        model, tok = minilm()
+    elif name == "smollm2":
+        model, tok = smollm2()
+    else:
+        from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+        _, tok = minilm()  # any real tokenizer gives realistic token counts
+        torch.manual_seed(0)
+        model = BertModel(BertConfig()) if name == "bert-base" else GPT2LMHeadModel(GPT2Config())
+        model.eval()
+        if name == "gpt2":
+            tok = _left(tok)
+    return model.to(device=device, dtype=dtype), tok
+
+
+def _left(tok):
+    tok.padding_side = "left"
+    return tok
+
+
+def batches(tok, stream: list[str], size: int, device: str) -> list[dict]:
+    out = []
+    for i in range(0, len(stream), size):
+        enc = tok(stream[i : i + size], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        if tok.padding_side == "left":
+            enc["position_ids"] = (enc["attention_mask"].cumsum(1) - 1).clamp_min(0)
+        out.append(enc)
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_stream(model, encoded: list[dict], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for enc in encoded:
+        model(**enc)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def block_times(model, encoded: list[dict], device: str) -> list[float]:
+    """Seconds spent in each block over the stream, uncached (hooks around each block)."""
+    _, _, blocks = llmcache.adapters.resolve(model)
+    spent = [0.0] * len(blocks)
+    starts = {}
+
+    def pre(i):
+        def hook(module, args):
+            sync(device)
+            starts[i] = time.perf_counter()
+
+        return hook
+
+    def post(i):
+        def hook(module, args, output):
+            sync(device)
+            spent[i] += time.perf_counter() - starts[i]
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(pre(i)) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+    run_stream(model, encoded, device)
+    for h in handles:
+        h.remove()
+    return spent
+
+
+def measure(model, encoded, device: str, repeats: int, config: llmcache.CacheConfig) -> dict:
+    run_stream(model, encoded, device)  # warm-up: every batch shape once
+    off, on = [], []
+    stats = None
+    for _ in range(repeats):
+        off.append(run_stream(model, encoded, device))
+        llmcache.accelerate(model, config)
+        on.append(run_stream(model, encoded, device))
+        stats = llmcache.stats(model)
+        llmcache.disable(model)
+    layers = block_times(model, encoded, device)
+    total_off = statistics.median(off)
+    hit_rates = [s.hit_rate for s in stats.layers]
+    skipped = sum(h * layers[s.layer] for h, s in zip(hit_rates, stats.layers))
+    # Block times are measured with a sync around each block: scale them to the unsynced total.
+    scale = min(1.0, total_off / max(sum(layers), 1e-9))
+    ideal = total_off / max(total_off - skipped * scale, 1e-9)
+    reached = total_off / statistics.median(on)
+    return {
+        "off_s": total_off,
+        "on_s": statistics.median(on),
+        "off_all": off,
+        "on_all": on,
+        "hit_rate": stats.hit_rate,
+        "layer_hit_rates": hit_rates,
+        "block_s": layers,
+        "ideal_speedup": ideal,
+        "speedup": reached,
+        "fraction_of_ideal": (reached - 1) / (ideal - 1) if ideal > 1.0001 else None,
+        "bytes": stats.bytes,
+        "lookup_s": stats.lookup_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm", choices=["minilm", "smollm2", "bert-base", "gpt2"])
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeat-rate", type=float, default=0.7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--data", default=None, help="data directory (default $LLMCACHE_DATA or ../shared/data)")
+    p.add_argument("--out", default="bench/out")
+    args = p.parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    sentences = [s1 for _, s1, _ in streams.load_sts("test", args.data)]
+    sentences += [s2 for _, _, s2 in streams.load_sts("test", args.data)]
+    model, tok = load(args.model, args.device, dtype)
+    config = llmcache.CacheConfig()
+    results = {}
+    with torch.inference_mode():
+        for name, stream in (
+            ("repeat", streams.repeat_stream(sentences, args.rows, args.repeat_rate, seed=1)),
+            ("unique", streams.unique_stream(sentences, args.rows, seed=1)),
+        ):
+            encoded = batches(tok, stream, args.batch, args.device)
+            results[name] = measure(model, encoded, args.device, args.repeats, config)
+            r = results[name]
+            frac = "-" if r["fraction_of_ideal"] is None else f"{100 * r['fraction_of_ideal']:.0f}%"
+            print(
+                f"{args.model:9} {name:7} off {1e3 * r['off_s'] / args.rows:7.2f} ms/row  on "
+                f"{1e3 * r['on_s'] / args.rows:7.2f} ms/row  hit {100 * r['hit_rate']:5.1f}%  speedup "
+                f"{r['speedup']:5.2f}x  ideal {r['ideal_speedup']:5.2f}x  "
+                f"of ideal {frac}",
+                flush=True,
+            )
+            print("          layer hit rates: " + " ".join(f"{100 * h:.0f}%" for h in r["layer_hit_rates"]))
+    header = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "args": vars(args),
+        "build_info": llmcache.build_info(),
+        "config": repr(config),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"accelerate-{args.model}-{args.device}-{args.dtype}.json"
+    path.write_text(json.dumps({"header": header, "results": results}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
