@@ -26,11 +26,8 @@ from torch import nn
 
 from . import ops
 from .config import CacheConfig
-from .ring_buffer import RingBuffer
+from .ring_buffer import RingBuffer, make_tag, tag_fits
 
-_SIDE_BITS = 1
-_TOKEN_BITS = 21  # token counts below 2M
-_POSITION_BITS = 20  # position of a row's first token below 1M
 _namespace_stack = threading.local()
 
 
@@ -196,16 +193,9 @@ class ModelCache:
         cacheable = (ntokens > 0) & (ntokens <= cfg.max_tokens)
         first = torch.where(mask != 0, torch.arange(seq, device=mask.device), seq).amin(1).clamp_max(seq - 1)
         first_position = positions.gather(1, first.unsqueeze(1)).squeeze(1)
-        cacheable &= (first_position >= 0) & (first_position < (1 << _POSITION_BITS))
+        cacheable &= tag_fits(first_position, ntokens)
         ns = self.namespace_id(current_namespace())
-        side = 1 if left_padded else 0
-        # One int64 tag: namespace | position of the first token | token count | padding side.
-        tags = (
-            (ns << (_POSITION_BITS + _TOKEN_BITS + _SIDE_BITS))
-            | (first_position.clamp(0, (1 << _POSITION_BITS) - 1) << (_TOKEN_BITS + _SIDE_BITS))
-            | (ntokens << _SIDE_BITS)
-            | side
-        ).long()
+        tags = make_tag(ns, first_position.clamp_min(0), ntokens, left_padded)
         never = -1 - torch.arange(mask.shape[0], device=mask.device)
         tags = torch.where(cacheable, tags, never)
         self.local.context = ForwardContext(

@@ -15,7 +15,25 @@ import torch
 
 from . import ops
 
-_NEVER = torch.iinfo(torch.int64).min
+# An entry's tag packs what a row must share with it to match: namespace id | position of the
+# first token | token count | padding side (1 = left). Rows that may not be cached get a
+# negative tag, which no entry has.
+SIDE_BITS, TOKEN_BITS, POSITION_BITS = 1, 21, 20
+
+
+def make_tag(namespace: int, first_position: torch.Tensor, ntokens: torch.Tensor, left_padded: bool) -> torch.Tensor:
+    """int64 tags from a namespace id and per-row first positions and token counts."""
+    return (
+        (namespace << (POSITION_BITS + TOKEN_BITS + SIDE_BITS))
+        | (first_position.long() << (TOKEN_BITS + SIDE_BITS))
+        | (ntokens.long() << SIDE_BITS)
+        | int(left_padded)
+    )
+
+
+def tag_fits(first_position: torch.Tensor, ntokens: torch.Tensor) -> torch.Tensor:
+    """bool: the row's position and token count fit in a tag."""
+    return (first_position >= 0) & (first_position < (1 << POSITION_BITS)) & (ntokens < (1 << TOKEN_BITS))
 
 
 class RingBuffer:
@@ -85,6 +103,16 @@ class RingBuffer:
         self.hit_count.zero_()
         self.rate.zero_()
         self.divergence.zero_()
+
+    @property
+    def namespace_ids(self) -> torch.Tensor:
+        """int64 [N]: the namespace id of each slot's entry."""
+        return self.tags >> (POSITION_BITS + TOKEN_BITS + SIDE_BITS)
+
+    @property
+    def token_counts(self) -> torch.Tensor:
+        """int64 [N]: the token count of each slot's entry."""
+        return (self.tags >> SIDE_BITS) & ((1 << TOKEN_BITS) - 1)
 
     def evict(self, slots: torch.Tensor) -> None:
         self.valid[slots] = False
