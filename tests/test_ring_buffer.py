@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from conftest import random_codes
 
 from llmcache import RingBuffer
 from llmcache.ring_buffer import make_tag
-
-from conftest import random_codes
 
 
 def bank(capacity=4, eviction="lru", words=2, seq=3, feat=5):
