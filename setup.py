@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from glob import glob
 
 from setuptools import setup
@@ -26,13 +27,18 @@ def find_cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
-    try:
-        dry = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
+    # A dry run of a compile prints the driver's own location ("#$ TOP=<root>/bin/..").
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cu")
+        with open(source, "w") as f:
+            f.write("int main() { return 0; }\n")
+        try:
+            dry = subprocess.run([nvcc, "--dryrun", "-c", source], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
     match = re.search(r"^#\$ TOP=(\S+)", dry.stdout + dry.stderr, re.M)
     if match:
-        return os.path.realpath(os.path.join(match.group(1), ".."))
+        return os.path.realpath(match.group(1))
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 

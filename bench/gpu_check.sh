@@ -30,8 +30,8 @@ echo "tests: $(tail -n 1 "$out/tests.log")" | tee -a "$out/env.txt"
 timeout 150 $PY -m bench.kernels --device cuda --out "$out" > "$out/kernels.log" 2>&1
 echo "kernels rc=$?" | tee -a "$out/env.txt"
 for model in bert-base gpt2; do
-  timeout 60 $PY -m bench.accelerate --model $model --device cuda --dtype bf16 --rows 1024 --batch 64 \
-    --data "${LLMCACHE_DATA:-../shared/data}" --out "$out" >> "$out/accelerate.log" 2>&1
+  timeout 60 $PY -m bench.e2e --model $model --device cuda --dtype bf16 --rows 1024 --batch 64 \
+    --data "${LLMCACHE_DATA:-../shared/data}" --out "$out" >> "$out/e2e.log" 2>&1
 done
 echo "accelerate rc=$?" | tee -a "$out/env.txt"
 
@@ -42,6 +42,6 @@ echo "accelerate rc=$?" | tee -a "$out/env.txt"
   echo
   grep -v -E "^\s*$" "$out/kernels.log" | grep -v -i "warn" || true
   echo
-  grep -E "ms/row|layer hit" "$out/accelerate.log" || true
+  grep -E "ms/row|layer hit" "$out/e2e.log" || true
 } > "$out/results.md"
 echo "wrote $out/results.md"

@@ -85,6 +85,7 @@ class ForwardContext:
     align_end: bool  # left padding
     codes: torch.Tensor | None = None  # int64 [B, W] input-embedding fingerprints
     kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
+    n_cacheable: int = 0
 
     @property
     def batch(self) -> int:
@@ -200,7 +201,7 @@ class ModelCache:
         tags = torch.where(cacheable, tags, never)
         self.local.context = ForwardContext(
             mask=mask, tags=tags, keys=token_keys(input_ids, mask, positions), cacheable=cacheable,
-            align_end=left_padded, kv_cache=kv_cache,
+            align_end=left_padded, kv_cache=kv_cache, n_cacheable=int(cacheable.sum()),
         )
 
     def fingerprint(self, embeds: torch.Tensor) -> None:
@@ -333,7 +334,7 @@ class CachedLayer:
         hidden_size = hidden_states.shape[-1]
         semantic = self.threshold is not None and self.stats.semantic_enabled
         codes = self._codes(ctx, hidden_states) if semantic else None
-        self.stats.lookups += int(ctx.cacheable.sum())
+        self.stats.lookups += ctx.n_cacheable
         slot, served_semantic, verify = self._lookup(ctx, codes)
         compute = slot < 0
         if verify is not None:
@@ -404,22 +405,20 @@ class CachedLayer:
         rows = (ctx.cacheable & rows_mask).nonzero().flatten()
         if rows.numel() == 0:
             return
-        states = entry.index_select(0, rows)
         if cfg.mode == "residual":
-            states = states.clone()
-            states[..., :hidden_size] -= hidden_in.index_select(0, rows).to(states.dtype)
+            entry = entry.clone()
+            entry[..., :hidden_size] -= hidden_in.to(entry.dtype)
         if codes is None:
-            codes = torch.zeros(ctx.batch, cfg.num_bits // 64, dtype=torch.int64, device=states.device)
+            codes = torch.zeros(ctx.batch, cfg.num_bits // 64, dtype=torch.int64, device=entry.device)
         with self.owner.lock:
             if self.bank is None:
-                self._allocate((cfg.max_tokens,) + tuple(states.shape[2:]), states.dtype, states.device)
-            before = self.bank.valid.clone()
+                self._allocate((cfg.max_tokens,) + tuple(entry.shape[2:]), entry.dtype, entry.device)
+            evicted = self.bank.evictions
             slots = self.bank.insert(
-                codes.index_select(0, rows), ctx.keys.index_select(0, rows), ctx.tags.index_select(0, rows),
-                states.to(self.bank.values.dtype), ctx.align_end,
+                codes, ctx.keys, ctx.tags, entry.to(self.bank.values.dtype), ctx.align_end, rows
             )
             self.stats.insertions += slots.numel()
-            self.stats.evictions += int(before[slots].sum())
+            self.stats.evictions += self.bank.evictions - evicted
 
     def _measure(self, slot, verify, truth_entry, hidden_in, ctx) -> None:
         """Divergence monitoring: 1 - cosine between what a sampled semantic hit would have served

@@ -65,6 +65,7 @@ class RingBuffer:
         self.half_life = half_life
         self.backend = backend
         self.tick = 0
+        self.evictions = 0  # valid entries overwritten by inserts
         new = {"device": device}
         self.codes = torch.zeros(capacity, words, dtype=torch.int64, **new)
         self.keys = torch.zeros(capacity, 1, dtype=torch.int64, **new)
@@ -75,8 +76,10 @@ class RingBuffer:
         self.rate = torch.zeros(capacity, dtype=torch.float32, **new)
         self.rate_tick = torch.zeros(capacity, dtype=torch.int64, **new)
         self.divergence = torch.zeros(capacity, dtype=torch.float32, **new)
-        # Zeros, not empty: positions beyond a row's tokens are served as padding and must be finite.
-        self.values = torch.zeros((capacity,) + tuple(entry_shape), dtype=dtype, **new)
+        # Left unfilled (a zero fill of a large bank costs more than many forwards); `insert`
+        # writes every position of an entry, padding positions as zeros, so what a slot serves
+        # is always finite.
+        self.values = torch.empty((capacity,) + tuple(entry_shape), dtype=dtype, **new)
 
     # ---- bookkeeping -------------------------------------------------------------------
     @property
@@ -179,32 +182,44 @@ class RingBuffer:
         tags: torch.Tensor,
         states: torch.Tensor,
         align_end: bool,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Store M new entries; returns the slots used (int64 [<= M]).
+        """Store rows of a batch as new entries; returns the slots used (int64 [<= M]).
 
         Args:
-            codes: int64 [M, W]; keys, tags: int64 [M]; states: [M, T, *F] in the bank's dtype.
+            codes: int64 [B, W]; keys, tags: int64 [B]; states: [B, T, *F] in the bank's dtype.
             align_end: the rows are left-padded, so their tokens end at position T - 1.
-        Rows holding NaN or Inf are not stored, and only the first of rows with equal keys is.
+            rows: int64 [M], the rows to store (default: all B).
+        Rows holding NaN or Inf are not stored (a non-finite row sum finds them in one pass), and
+        of rows with equal keys only the first is.
         """
-        finite = torch.isfinite(states.flatten(1)).all(1)
-        first = torch.full_like(keys, keys.shape[0])
-        _, inverse = torch.unique(keys, return_inverse=True)
-        first = first.scatter_reduce(0, inverse, torch.arange(keys.shape[0], device=keys.device), "amin")
-        keep = finite & (first[inverse] == torch.arange(keys.shape[0], device=keys.device))
-        rows = keep.nonzero().flatten()[: self.capacity]
+        batch = states.shape[0]
+        if rows is None:
+            rows = torch.arange(batch, device=states.device)
+        finite = torch.isfinite(states.sum(dim=tuple(range(1, states.dim())), dtype=torch.float32))
+        row_keys = keys.index_select(0, rows)
+        order = torch.arange(rows.numel(), device=rows.device)
+        _, inverse = torch.unique(row_keys, return_inverse=True)
+        first = torch.full_like(row_keys, rows.numel()).scatter_reduce(0, inverse, order, "amin")
+        keep = finite.index_select(0, rows) & (first.index_select(0, inverse) == order)
+        rows = rows[keep][: self.capacity]
         if rows.numel() == 0:
             return rows
         slots = self._victims(rows.numel())
         seq, stored = states.shape[1], self.values.shape[1]
         span = min(seq, stored)
+        self.evictions += int(self.valid[slots].sum())
+        source = states if rows.numel() == batch else states.index_select(0, rows)
+        # Write the row's positions and zero the rest of the entry, in place.
         if align_end:
-            self.values[:, stored - span :].index_copy_(0, slots, states[rows, seq - span :])
+            self.values[:, stored - span :].index_copy_(0, slots, source[:, seq - span :])
+            self.values[:, : stored - span].index_fill_(0, slots, 0)
         else:
-            self.values[:, :span].index_copy_(0, slots, states[rows, :span])
-        self.codes.index_copy_(0, slots, codes[rows])
-        self.keys.index_copy_(0, slots, keys[rows].unsqueeze(1))
-        self.tags.index_copy_(0, slots, tags[rows])
+            self.values[:, :span].index_copy_(0, slots, source[:, :span])
+            self.values[:, span:].index_fill_(0, slots, 0)
+        self.codes.index_copy_(0, slots, codes.index_select(0, rows))
+        self.keys.index_copy_(0, slots, keys.index_select(0, rows).unsqueeze(1))
+        self.tags.index_copy_(0, slots, tags.index_select(0, rows))
         self.valid[slots] = True
         self.last_used[slots] = self.tick
         self.hit_count[slots] = 0

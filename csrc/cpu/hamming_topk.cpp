@@ -48,7 +48,7 @@ Isa pick_isa() {
 }
 
 constexpr int64_t kTileBytes = 16 * 1024;
-constexpr int64_t kGroup = 4;  // queries scored per pass over a tile
+constexpr int64_t kGroup = 8;  // queries scored per pass over a tile
 
 // One thread's running answers: k (dist, idx) pairs per query, ascending.
 struct TopK {
@@ -86,9 +86,15 @@ struct Tile {
     first = start;
     rows = count;
     padded = (count + 7) / 8 * 8;
-    words.assign(W * cap, 0);
-    valid.assign(cap, 0);
-    if (tag_in) tag.assign(cap, 0);
+    // Sized once per thread (resize keeps the buffer); only the pad rows need clearing.
+    words.resize(W * cap);
+    valid.resize(cap);
+    if (tag_in) tag.resize(cap);
+    for (int64_t r = count; r < padded; ++r) {
+      for (int64_t w = 0; w < W; ++w) words[w * padded + r] = 0;
+      valid[r] = 0;
+      if (tag_in) tag[r] = 0;
+    }
     for (int64_t r = 0; r < count; ++r) {
       const int64_t* src = bank + (start + r) * W;
       for (int64_t w = 0; w < W; ++w) words[w * padded + r] = src[w];
@@ -315,18 +321,23 @@ void hamming_topk(const int64_t* queries, int64_t B, const int64_t* bank, int64_
   std::vector<TopK> partial;
   partial.reserve(threads);
   for (int i = 0; i < threads; ++i) partial.emplace_back(B, k, missing);
-#pragma omp parallel num_threads(threads)
-  {
-    int tid = 0;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-#endif
+  auto scan_range = [&](int tid) {
     const int64_t begin = N * tid / threads, end = N * (tid + 1) / threads;
     Tile tile;
     for (int64_t start = begin; start < end; start += tile_rows) {
       const int64_t count = std::min(tile_rows, end - start);
       tile.load(bank, W, start, count, (count + 7) / 8 * 8, valid, bank_tag);
       scan(isa, q, tile, partial[tid]);
+    }
+  };
+  if (threads == 1) {
+    scan_range(0);  // small banks: no parallel region to enter
+  } else {
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+      scan_range(omp_get_thread_num());
+#endif
     }
   }
   // Merge: every thread's list is sorted by (dist, idx) and ranges are ordered, so a stable

@@ -4,6 +4,8 @@
 // unmasked token rows into an fp32 accumulator, divides by the count, then projects. Rows are
 // independent, so OpenMP splits the batch; the projection loops over planes innermost so the
 // compiler vectorises it along the contiguous nbits axis of `planes` (row-major [d, nbits]).
+// The two hot loops are cloned for AVX-512, AVX2+FMA and baseline x86-64 (GCC target_clones:
+// the loader picks one per CPU), so a portable build still runs wide vectors.
 #include <cstring>
 #include <vector>
 
@@ -48,8 +50,14 @@ inline float f16_to_float(uint16_t h) {
   return f;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LLMCACHE_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define LLMCACHE_CLONES
+#endif
+
 // acc[i] += row[i] as fp32, for `d` elements of `dtype` at `row`.
-inline void accumulate(const void* row, Dtype dtype, int64_t d, float* acc) {
+LLMCACHE_CLONES void accumulate(const void* row, Dtype dtype, int64_t d, float* acc) {
   if (dtype == Dtype::F32) {
     const float* p = static_cast<const float*>(row);
     for (int64_t i = 0; i < d; ++i) acc[i] += p[i];
@@ -62,10 +70,20 @@ inline void accumulate(const void* row, Dtype dtype, int64_t d, float* acc) {
   }
 }
 
+// acc[i] += sum over the listed fp32 rows, four rows per sweep of acc (fewer acc loads/stores).
+LLMCACHE_CLONES void accumulate_f32_rows(const float* const* rows, int64_t count, int64_t d, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const float *p0 = rows[r], *p1 = rows[r + 1], *p2 = rows[r + 2], *p3 = rows[r + 3];
+    for (int64_t i = 0; i < d; ++i) acc[i] += (p0[i] + p1[i]) + (p2[i] + p3[i]);
+  }
+  for (; r < count; ++r) accumulate(rows[r], Dtype::F32, d, acc);
+}
+
 inline int64_t element_size(Dtype dtype) { return dtype == Dtype::F32 ? 4 : 2; }
 
 // codes = sign bits of v . planes; proj is scratch of nbits floats.
-void project_and_pack(const float* v, int64_t d, const float* planes, int64_t nbits, float* proj,
+LLMCACHE_CLONES void project_and_pack(const float* v, int64_t d, const float* planes, int64_t nbits, float* proj,
                       int64_t* codes) {
   std::memset(proj, 0, sizeof(float) * nbits);
   for (int64_t i = 0; i < d; ++i) {
@@ -107,15 +125,20 @@ void simhash_pooled(const void* embeds, Dtype dtype, const uint8_t* mask, int64_
 #pragma omp parallel
   {
     std::vector<float> v(d), proj(nbits);
+    std::vector<const float*> tokens(T);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       std::fill(v.begin(), v.end(), 0.0f);
       int64_t count = 0;
       for (int64_t t = 0; t < T; ++t) {
         if (!mask[b * T + t]) continue;
-        accumulate(base + (b * T + t) * token_bytes, dtype, d, v.data());
+        if (dtype == Dtype::F32)
+          tokens[count] = reinterpret_cast<const float*>(base + (b * T + t) * token_bytes);
+        else
+          accumulate(base + (b * T + t) * token_bytes, dtype, d, v.data());
         ++count;
       }
+      if (dtype == Dtype::F32) accumulate_f32_rows(tokens.data(), count, d, v.data());
       const float denom = count > 0 ? static_cast<float>(count) : 1.0f;
       for (int64_t i = 0; i < d; ++i) v[i] /= denom;
       project_and_pack(v.data(), d, planes, nbits, proj.data(), codes + b * words);
