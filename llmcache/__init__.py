@@ -10,7 +10,7 @@ and `build_info()` says what is in use.
 
 from . import ops
 from ._build_info import __version__, build_info
-from .api import CacheStats, accelerate, cached, disable, is_accelerated, reset, stats
+from .api import CacheStats, accelerate, bypass, cached, disable, is_accelerated, reset, stats
 from .cache import LayerStats, namespace
 from .config import CacheConfig
 from .ring_buffer import RingBuffer
@@ -22,6 +22,7 @@ __all__ = [
     "RingBuffer",
     "__version__",
     "accelerate",
+    "bypass",
     "build_info",
     "cached",
     "disable",

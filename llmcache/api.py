@@ -120,6 +120,17 @@ def cached(model: nn.Module, config: CacheConfig | None = None, **overrides):
         disable(model)
 
 
+@contextlib.contextmanager
+def bypass(model: nn.Module):
+    """Run `model` uncached inside the block, keeping the banks and their contents for after."""
+    owner = _owner(model)
+    previous, owner.bypassed = owner.bypassed, True
+    try:
+        yield model
+    finally:
+        owner.bypassed = previous
+
+
 @dataclass
 class CacheStats:
     """Totals over the cached layers plus `layers`, one LayerStats per cached layer.

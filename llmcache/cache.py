@@ -159,6 +159,7 @@ class ModelCache:
     local: threading.local = field(default_factory=threading.local)
     fingerprint_s: float = 0.0
     forwards: int = 0
+    bypassed: bool = False  # llmcache.bypass: run uncached, banks kept
 
     @property
     def context(self) -> ForwardContext | None:
@@ -175,7 +176,7 @@ class ModelCache:
     def begin(self, input_ids, attention_mask, kv_cache, position_ids=None) -> None:
         """Build the context of one base-model forward, or leave it None (cache bypassed)."""
         self.local.context = None
-        if input_ids is None or self.base.training or input_ids.dim() != 2:
+        if self.bypassed or input_ids is None or self.base.training or input_ids.dim() != 2:
             return
         if kv_cache is not None and (
             not hasattr(kv_cache, "get_seq_length") or kv_cache.get_seq_length() > 0 or not _is_dynamic(kv_cache)

@@ -279,3 +279,16 @@ def test_left_padding_without_position_ids_never_reuses_across_offsets(family, g
         got = output(model, row)
     assert llmcache.stats(model).hits == 0
     assert torch.equal(got, want)
+
+
+def test_bypass_runs_uncached_and_keeps_the_banks(gen):
+    model = tiny_model("bert")
+    inputs = batch("bert", [6, 6], gen)
+    with torch.inference_mode():
+        llmcache.accelerate(model)
+        output(model, inputs)
+        with llmcache.bypass(model):
+            output(model, inputs)
+        assert llmcache.stats(model).hits == 0
+        output(model, inputs)
+    assert llmcache.stats(model).hits == 2 * 3
