@@ -281,6 +281,30 @@ double popcount_loop_scalar(int64_t iters) {
   return 4.0 * iters + 0.0 * static_cast<double>(a[0] + a[1] + a[2] + a[3]);
 }
 
+// Few queries: a tile's transpose would cost more than it saves, so stream the bank row-major
+// (each row's W words are contiguous) with the scalar popcount instruction.
+#ifdef LLMCACHE_X86
+#pragma GCC push_options
+#pragma GCC target("popcnt")
+#endif
+void scan_rows(const Query& q, const int64_t* bank, int64_t begin, int64_t end, const uint8_t* valid,
+               const int64_t* bank_tag, TopK& top) {
+  for (int64_t n = begin; n < end; ++n) {
+    if (valid && !valid[n]) continue;
+    const int64_t* row = bank + n * q.W;
+    for (int64_t b = 0; b < q.B; ++b) {
+      if (q.tags && bank_tag[n] != q.tags[b]) continue;
+      const int64_t* qc = q.codes + b * q.W;
+      int32_t d = 0;
+      for (int64_t w = 0; w < q.W; ++w) d += __builtin_popcountll(static_cast<uint64_t>(qc[w] ^ row[w]));
+      if (d < top.worst(b)) top.insert(b, d, n);
+    }
+  }
+}
+#ifdef LLMCACHE_X86
+#pragma GCC pop_options
+#endif
+
 void scan(Isa isa, const Query& q, const Tile& t, TopK& top) {
 #ifdef LLMCACHE_X86
   if (isa == Isa::Avx512) return scan_avx512(q, t, top);
@@ -321,8 +345,10 @@ void hamming_topk(const int64_t* queries, int64_t B, const int64_t* bank, int64_
   std::vector<TopK> partial;
   partial.reserve(threads);
   for (int i = 0; i < threads; ++i) partial.emplace_back(B, k, missing);
+  const bool row_major = B < kGroup && isa != Isa::Scalar && cpu_features().popcnt;
   auto scan_range = [&](int tid) {
     const int64_t begin = N * tid / threads, end = N * (tid + 1) / threads;
+    if (row_major) return scan_rows(q, bank, begin, end, valid, bank_tag, partial[tid]);
     Tile tile;
     for (int64_t start = begin; start < end; start += tile_rows) {
       const int64_t count = std::min(tile_rows, end - start);
