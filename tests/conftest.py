@@ -7,6 +7,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton runs only under its interpreter, and the switch must be set before
+# anything imports triton (transformers does, at model import), or triton.language's own
+# helpers stay compiled-only. torch itself does not import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

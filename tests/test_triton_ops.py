@@ -1,7 +1,8 @@
 """The Triton kernels against `llmcache.ops.reference` on fresh random inputs with awkward shapes.
 
-Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 is set before triton is
-imported), and on CUDA tensors too when a GPU is present. Each test draws a new seed and prints
+Runs on CPU tensors under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1 before
+triton is imported when there is no GPU), and compiled on CUDA tensors when a GPU is present.
+Each test draws a new seed and prints
 it in the failure message. Integers compare bit for bit. SimHash bits compare exactly except where
 the projection is within float rounding of zero (rule in `_assert_codes_match`).
 """
@@ -9,16 +10,13 @@ the projection is within float rounding of zero (rule in `_assert_codes_match`).
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import random
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
-if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("compiled Triton needs a GPU; run with TRITON_INTERPRET=1", allow_module_level=True)
 
 from llmcache import ops
