@@ -13,6 +13,7 @@ from ._build_info import __version__, build_info
 from .api import CacheStats, accelerate, bypass, cached, disable, is_accelerated, reset, stats
 from .cache import LayerStats, namespace
 from .config import CacheConfig
+from .persist import load, save
 from .ring_buffer import RingBuffer
 
 __all__ = [
@@ -27,8 +28,10 @@ __all__ = [
     "cached",
     "disable",
     "is_accelerated",
+    "load",
     "namespace",
     "ops",
     "reset",
+    "save",
     "stats",
 ]
