@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import batch, output, tiny_model
 
 import llmcache
-from models import batch, output, tiny_model
 
 
 def filled(family="bert", seed=0, gen=None, **config):
@@ -22,9 +22,8 @@ def filled(family="bert", seed=0, gen=None, **config):
 def test_round_trip_serves_the_saved_entries(tmp_path, gen):
     model, inputs = filled(gen=gen)
     path = tmp_path / "banks.safetensors"
-    with llmcache.namespace("a"):
-        with torch.inference_mode():
-            output(model, inputs)
+    with llmcache.namespace("a"), torch.inference_mode():
+        output(model, inputs)
     llmcache.save(model, path)
     fresh = tiny_model("bert")
     with torch.inference_mode():
@@ -41,7 +40,7 @@ def test_round_trip_serves_the_saved_entries(tmp_path, gen):
 
 @pytest.mark.parametrize("change", ["weights", "config", "architecture"])
 def test_load_refuses_another_model_and_keeps_the_live_cache(change, tmp_path, gen):
-    model, inputs = filled(gen=gen)
+    model, _inputs = filled(gen=gen)
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     if change == "weights":
