@@ -320,12 +320,18 @@ class CachedLayer:
 
     # ---- the cached forward ------------------------------------------------------------
     def forward(self, hidden_states, *args, **kwargs):
+        ctx = self.owner.context
+        if ctx is None or self.module.training:
+            return self.original_forward(hidden_states, *args, **kwargs)
+        # One lock from lookup to insert: a slot looked up must not be overwritten by another
+        # thread's insert before it is read. Threads interleave block by block.
+        with self.owner.lock:
+            return self._cached_forward(ctx, hidden_states, args, kwargs)
+
+    def _cached_forward(self, ctx, hidden_states, args, kwargs):
         owner = self.owner
-        ctx = owner.context
         if (
-            ctx is None
-            or self.module.training
-            or hidden_states.dim() != 3
+            hidden_states.dim() != 3
             or hidden_states.shape[0] != ctx.batch
             or hidden_states.shape[1] != ctx.mask.shape[1]
         ):
@@ -357,8 +363,7 @@ class CachedLayer:
             served = ~compute
             self._count_hits(served, served_semantic, batch - n_compute)
             row_of = (compute.long().cumsum(0) - 1).clamp_min(0)
-            with owner.lock:
-                merged = self.bank.gather(torch.where(compute, -1, slot), computed, row_of, ctx.align_end)
+            merged = self.bank.gather(torch.where(compute, -1, slot), computed, row_of, ctx.align_end)
             if cfg.mode == "residual":
                 merged = merged.clone()
                 merged[..., :hidden_size] += hidden_states * served.view(-1, 1, 1).to(merged.dtype)

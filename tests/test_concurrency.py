@@ -1,0 +1,47 @@
+"""Several threads on one accelerated model: the same outputs as one thread, consistent banks."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+import llmcache
+from models import batch, output, tiny_model
+
+
+def test_threads_get_single_thread_outputs(gen):
+    model = tiny_model("bert")
+    work = [[batch("bert", [7, 5, 7, 3], gen) for _ in range(3)] for _ in range(4)]
+    with torch.inference_mode():
+        want = [[output(model, b) for b in thread] for thread in work]
+    llmcache.accelerate(model, capacity=20)  # < 48 distinct rows: inserts evict while others read
+    got = [[None] * 3 for _ in work]
+    errors = []
+
+    def run(t):
+        try:
+            with torch.inference_mode(), llmcache.namespace(f"tenant-{t % 2}"):
+                for _ in range(4):
+                    for i, b in enumerate(work[t]):
+                        got[t][i] = output(model, b)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(len(work))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for t, thread in enumerate(work):
+        for i, b in enumerate(thread):
+            m = b["attention_mask"].bool()
+            assert torch.equal(got[t][i][m], want[t][i][m])
+    st = llmcache.stats(model)
+    assert st.hits > 0 and st.evictions > 0
+    for layer in llmcache.api._owner(model).layers.values():
+        bank = layer.bank
+        keys = (bank.keys[bank.valid, 0] * 31 + bank.tags[bank.valid]).tolist()
+        assert len(keys) == len(set(keys))  # no entry stored twice
+        assert bank.occupied <= bank.capacity

@@ -1,0 +1,39 @@
+"""Bounded memory: 100,000 requests through a small byte budget never exceed it, and the
+process does not grow beyond the budget plus a constant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmcache
+from models import VOCAB, tiny_model
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+def test_100k_requests_stay_within_the_budget(gen):
+    model = tiny_model("bert")
+    budget = 2 * 1024 * 1024
+    requests, per_batch = 100_000, 1000
+    llmcache.accelerate(model, max_bytes=budget, max_tokens=16)
+    pool = torch.randint(5, VOCAB, (3000, 8), generator=gen)  # repeats make hits, the rest evicts
+    peak_bank = 0
+    with torch.inference_mode():
+        for step in range(requests // per_batch):
+            ids = pool[torch.randint(0, pool.shape[0], (per_batch,), generator=gen)]
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            held = llmcache.stats(model).bytes
+            peak_bank = max(peak_bank, held)
+            assert held <= budget
+            if step == 10:
+                baseline = rss_bytes()
+    st = llmcache.stats(model)
+    assert st.lookups == requests * 3
+    assert st.hits > 0 and st.evictions > 0
+    assert peak_bank <= budget
+    assert rss_bytes() - baseline <= budget + 64 * 1024 * 1024
