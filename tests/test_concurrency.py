@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 
 import torch
+from models import batch, output, tiny_model
 
 import llmcache
-from models import batch, output, tiny_model
 
 
 def test_threads_get_single_thread_outputs(gen):

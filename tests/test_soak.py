@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import VOCAB, tiny_model
 
 import llmcache
-from models import VOCAB, tiny_model
 
 
 def rss_bytes() -> int:
