@@ -63,6 +63,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             layers[str(index)] = {"tick": bank.tick, "capacity": bank.capacity}
             for name in _BANK_FIELDS:
                 tensors[f"layer{index}.{name}"] = getattr(bank, name).detach().contiguous().cpu()
+            # Slots never written hold uninitialised memory: never let it reach the file.
+            free = ~bank.valid.cpu()
+            tensors[f"layer{index}.values"] = tensors[f"layer{index}.values"].clone()
+            tensors[f"layer{index}.values"][free] = 0
         header = {
             "format": FORMAT,
             "version": str(VERSION),
