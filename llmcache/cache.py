@@ -343,7 +343,8 @@ class CachedLayer:
         codes = self._codes(ctx, hidden_states) if semantic else None
         self.stats.lookups += ctx.n_cacheable
         slot, served_semantic, verify = self._lookup(ctx, codes)
-        compute = slot < 0
+        # A row whose input carries NaN/Inf is computed (and, being non-finite, never stored).
+        compute = (slot < 0) | ~torch.isfinite(hidden_states.sum(dim=(1, 2), dtype=torch.float32))
         if verify is not None:
             compute = compute | verify
         fresh = compute if verify is None else compute & ~verify  # computed rows that are new to the bank

@@ -292,3 +292,36 @@ def test_bypass_runs_uncached_and_keeps_the_banks(gen):
         assert llmcache.stats(model).hits == 0
         output(model, inputs)
     assert llmcache.stats(model).hits == 2 * 3
+
+
+def test_rows_carrying_nan_are_computed_and_never_stored(gen):
+    model = tiny_model("bert")
+    inputs = batch("bert", [5, 5], gen)
+    with torch.inference_mode():
+        llmcache.accelerate(model)
+        output(model, inputs)  # every layer holds both rows
+        owner = llmcache.api._owner(model)
+        first = owner.layers[0]
+        first.bank.evict(first.bank.lookup_exact(owner_keys(model, inputs)[:1], first.bank.tags[:1]))
+        clean = first.original_forward
+
+        def nan_for_row0(hidden, *args, **kwargs):
+            return clean(hidden, *args, **kwargs).index_fill(0, torch.tensor([0]), float("nan"))
+
+        first.original_forward = nan_for_row0
+        before = [layer.bank.occupied for layer in owner.layers.values()]
+        out = output(model, inputs)
+        st = llmcache.stats(model)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+    # Layer 0 recomputed row 0 (NaN now) and did not store it; layers 1 and 2 held row 0 but
+    # computed it from its NaN input instead of serving it.
+    assert [layer.bank.occupied for layer in owner.layers.values()] == before
+    assert [s.hits for s in st.layers] == [1, 1, 1]  # only row 1, at every layer
+
+
+def owner_keys(model, inputs):
+    owner = llmcache.api._owner(model)
+    owner.begin(inputs["input_ids"], inputs["attention_mask"], None)
+    keys = owner.context.keys
+    owner.local.context = None
+    return keys
