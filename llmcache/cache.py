@@ -255,7 +255,7 @@ class CachedLayer:
         capacity = cfg.capacity
         if cfg.max_bytes is not None:
             share = cfg.max_bytes // len(self.owner.layer_ids)
-            capacity = share // RingBuffer.entry_bytes(entry_shape, dtype, words)
+            capacity = min(capacity, share // RingBuffer.entry_bytes(entry_shape, dtype, words))
             if capacity < 1:
                 raise ValueError(
                     f"CacheConfig.max_bytes = {cfg.max_bytes} leaves {share} bytes per layer, less than one entry "

@@ -23,9 +23,10 @@ class CacheConfig:
             Semantic hits change outputs; measure them (`llmcache demo`) before turning them on.
         num_bits: SimHash code length, a positive multiple of 64 up to 1024.
         layers: which blocks cache: None for all, a list of indices, or a range.
-        capacity: entries per cached layer. Ignored when max_bytes is set.
-        max_bytes: budget in bytes over all banks; each layer gets an equal share, allocated once
-            at its first insert and never grown.
+        capacity: at most this many entries per cached layer.
+        max_bytes: budget in bytes over all banks (default 1 GiB); each layer gets an equal
+            share, and holds min(capacity, share / entry size) entries, allocated once at its
+            first insert and never grown. None: capacity alone decides.
         max_tokens: longest row (in real tokens) that is cached; longer rows always compute.
             Banks store max_tokens positions per entry.
         eviction: which entry a full bank overwrites: "lru" (least recently used), "staleness"
@@ -50,7 +51,7 @@ class CacheConfig:
     num_bits: int = 256
     layers: Sequence[int] | range | None = None
     capacity: int = 1024
-    max_bytes: int | None = None
+    max_bytes: int | None = 1 << 30
     max_tokens: int = 64
     eviction: str = "lru"
     mode: str = "state"

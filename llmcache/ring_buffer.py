@@ -66,6 +66,12 @@ class RingBuffer:
         self.backend = backend
         self.tick = 0
         self.evictions = 0  # valid entries overwritten by inserts
+        # Ordinary tensors even when created under inference mode: inference tensors could only
+        # be updated inside inference mode, and a bank is also used under no_grad or reset outside.
+        with torch.inference_mode(False), torch.no_grad():
+            self._allocate(capacity, words, entry_shape, dtype, device)
+
+    def _allocate(self, capacity, words, entry_shape, dtype, device) -> None:
         new = {"device": device}
         self.codes = torch.zeros(capacity, words, dtype=torch.int64, **new)
         self.keys = torch.zeros(capacity, 1, dtype=torch.int64, **new)

@@ -325,3 +325,15 @@ def owner_keys(model, inputs):
     keys = owner.context.keys
     owner.local.context = None
     return keys
+
+
+def test_reset_outside_inference_mode_after_filling_inside_it(gen):
+    model = tiny_model("bert")
+    inputs = batch("bert", [5, 5], gen)
+    llmcache.accelerate(model)
+    with torch.inference_mode():
+        output(model, inputs)
+    llmcache.reset(model)  # banks made under inference mode: reset must still work outside it
+    with torch.no_grad():
+        output(model, inputs)
+    assert llmcache.stats(model).hits == 0 and llmcache.stats(model).insertions == 6

@@ -1,0 +1,52 @@
+"""Smoke test of the paper's sweep: `bench.experiments sweep --quick` runs and writes sane rows.
+
+The quick sizes make the numbers meaningless; only their shape and two invariants are checked:
+the exact-only configuration is lossless, and hit rates are rates.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import llmcache.streams
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `bench` is a top-level folder of the repository, not part of the package
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("scipy")
+pytest.importorskip("matplotlib")
+
+
+@pytest.mark.slow
+def test_quick_sweep_has_every_config_and_exact_only_is_lossless(tmp_path):
+    data = llmcache.streams.data_dir()
+    if not (data / "stsbenchmark").exists() or not (data / "wikitext-2-raw").exists():
+        pytest.skip(f"evaluation data not found under {data} (set LLMCACHE_DATA)")
+    experiments = pytest.importorskip("bench.experiments")
+
+    assert experiments.main(["sweep", "--quick", "--out", tmp_path]) == 0  # skips if a model package is missing
+    report = json.loads((tmp_path / "experiments-sweep.json").read_text())
+    assert {"date", "machine", "versions", "build_info"} <= report["header"].keys()
+    assert (tmp_path / "experiments-sweep.md").exists() and (tmp_path / "experiments-sweep.png").exists()
+
+    expected = {(tau, mode) for tau in experiments.SWEEP_TAUS for mode in experiments.SWEEP_MODES}
+    for task in report["tasks"]:
+        runs = task["runs"]
+        assert {(r["tau"], r["mode"]) for r in runs if r["tau"] is not None} == expected, task["task"]
+        assert len(runs) == len(expected) + 1
+        exact = [r for r in runs if r["tau"] is None]
+        assert len(exact) == 1, task["task"]
+        assert exact[0]["semantic_rate"] == 0.0
+        # Lossless: a Spearman correlation identical to the uncached one; a perplexity equal up to the
+        # last bits that a float32 sub-batch (the rows that miss) may change on another BLAS.
+        tolerance = 1e-9 if task["drop_unit"] == "points" else 1e-6 * task["uncached"]
+        assert abs(exact[0]["metric"] - task["uncached"]) <= tolerance, (task["task"], exact[0]["metric"])
+        assert abs(exact[0]["drop"]) <= 1e-4, (task["task"], exact[0]["drop"])
+        for r in runs:
+            for name in ("hit_rate", "exact_rate", "semantic_rate"):
+                assert 0.0 <= r[name] <= 1.0, (task["task"], r["label"], r["mode"], name, r[name])
+            assert all(0.0 <= h <= 1.0 for h in r["layer_hit_rates"])
+            assert r["speedup"] > 0
