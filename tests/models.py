@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llmcache.models import load_minilm, load_smollm2
 from transformers import (
     BertConfig,
     BertModel,
@@ -17,6 +16,8 @@ from transformers import (
     RobertaConfig,
     RobertaModel,
 )
+
+from llmcache.models import load_minilm, load_smollm2
 
 VOCAB = 400
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama"]
