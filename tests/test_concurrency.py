@@ -38,7 +38,9 @@ def test_threads_get_single_thread_outputs(gen):
     for t, thread in enumerate(work):
         for i, b in enumerate(thread):
             m = b["attention_mask"].bool()
-            assert torch.equal(got[t][i][m], want[t][i][m])
+            # Concurrent calls may take other GEMM paths (OpenMP threads are shared), so the last
+            # bits can differ even uncached; a wrongly served entry would differ in every digit.
+            torch.testing.assert_close(got[t][i][m], want[t][i][m], rtol=1e-5, atol=1e-5)
     st = llmcache.stats(model)
     assert st.hits > 0 and st.evictions > 0
     for layer in llmcache.api._owner(model).layers.values():
