@@ -599,7 +599,7 @@ def plot_frontier(tasks: list[dict], path: Path) -> None:
     for ax, task in zip(np.atleast_1d(axes), tasks):
         for mode in SWEEP_MODES:
             runs = [r for r in task["runs"] if r["tau"] is not None and r["mode"] == mode]
-            ax.plot([r["speedup"] for r in runs], [r["drop"] for r in runs], marker=markers[mode], linestyle=":",
+            ax.plot([r["speedup"] for r in runs], [r["drop"] for r in runs], marker=markers[mode], linestyle="none",
                     label=f"mode {mode}")
             for r in runs:
                 ax.annotate(f"{r['tau']:.2f}", (r["speedup"], r["drop"]), fontsize=7, xytext=(3, 3),
@@ -607,12 +607,15 @@ def plot_frontier(tasks: list[dict], path: Path) -> None:
         exact = [r for r in task["runs"] if r["tau"] is None]
         ax.plot([r["speedup"] for r in exact], [r["drop"] for r in exact], "k*", markersize=11, label="exact only")
         ax.axhline(0, color="grey", linewidth=0.6)
+        if max(abs(r["drop"]) for r in task["runs"]) > 100:
+            ax.set_yscale("symlog", linthresh=1.0)  # a perplexity rise can span 0 to 10^4 %
+            ax.set_ylim(bottom=-0.5)
         ax.set_xlabel("speedup (uncached / cached time)")
         ax.set_ylabel(f"{task['metric_name']} drop ({task['drop_unit']})" if task["drop_unit"] == "points"
                       else f"{task['metric_name']} rise ({task['drop_unit']})")
         ax.set_title(f"{task['task']} ({task['model']})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle("llmcache: speed vs accuracy, tau annotated")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
