@@ -36,22 +36,23 @@ from llmcache import streams
 
 def load(name: str, device: str, dtype: torch.dtype):
     """(model, tokenizer) in eval mode on `device` in `dtype`."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from models import minilm, smollm2  # the loaders the tests use
+    from llmcache.models import load_minilm, load_smollm2
 
     if name == "minilm":
-        model, tok = minilm()
+        model, tok = load_minilm()
     elif name == "smollm2":
-        model, tok = smollm2()
-    else:
+        model, tok = load_smollm2()
+    elif name in ("bert-base", "gpt2"):
         from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-        _, tok = minilm()  # any real tokenizer gives realistic token counts
+        _, tok = load_minilm()  # any real tokenizer gives realistic token counts
         torch.manual_seed(0)
         model = BertModel(BertConfig()) if name == "bert-base" else GPT2LMHeadModel(GPT2Config())
         model.eval()
         if name == "gpt2":
             tok = _left(tok)
+    else:
+        raise ValueError(f"unknown model {name!r}: choose minilm, smollm2, bert-base or gpt2")
     return model.to(device=device, dtype=dtype), tok
 
 

@@ -165,9 +165,6 @@ class RingBuffer:
         since = self.rate_tick if slots is None else self.rate_tick[slots]
         return rate * torch.exp2(-(self.tick - since).float() / self.half_life)
 
-    def entry(self, slot: torch.Tensor) -> torch.Tensor:
-        return self.values[slot]
-
     # ---- write -------------------------------------------------------------------------
     def _victims(self, count: int) -> torch.Tensor:
         """`count` slots to overwrite: free ones first, then by the eviction policy."""
