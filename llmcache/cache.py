@@ -26,7 +26,7 @@ from torch import nn
 
 from . import ops
 from .config import CacheConfig
-from .ring_buffer import RingBuffer, make_tag, tag_fits
+from .ring_buffer import RingBuffer, first_of_key, make_tag, tag_fits
 
 _namespace_stack = threading.local()
 
@@ -82,14 +82,22 @@ class ForwardContext:
     tags: torch.Tensor  # int64 [B]; negative = never cached
     keys: torch.Tensor  # int64 [B]
     cacheable: torch.Tensor  # bool [B]
+    store: torch.Tensor  # bool [B]: cacheable, and the first row of the batch with its key
     align_end: bool  # left padding
     codes: torch.Tensor | None = None  # int64 [B, W] input-embedding fingerprints
     kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
     n_cacheable: int = 0
+    _zero_codes: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
         return self.mask.shape[0]
+
+    def zero_codes(self, words: int) -> torch.Tensor:
+        """int64 [B, words] of zeros: the codes stored when the semantic tier is off."""
+        if self._zero_codes is None or self._zero_codes.shape[1] != words:
+            self._zero_codes = torch.zeros(self.batch, words, dtype=torch.int64, device=self.mask.device)
+        return self._zero_codes
 
 
 @dataclass
@@ -200,8 +208,10 @@ class ModelCache:
         tags = make_tag(ns, first_position.clamp_min(0), ntokens, left_padded)
         never = -1 - torch.arange(mask.shape[0], device=mask.device)
         tags = torch.where(cacheable, tags, never)
+        keys = token_keys(input_ids, mask, positions)
+        # Rows repeating an earlier row of the same batch are stored once (decided once per forward).
         self.local.context = ForwardContext(
-            mask=mask, tags=tags, keys=token_keys(input_ids, mask, positions), cacheable=cacheable,
+            mask=mask, tags=tags, keys=keys, cacheable=cacheable, store=cacheable & first_of_key(keys),
             align_end=left_padded, kv_cache=kv_cache, n_cacheable=int(cacheable.sum()),
         )
 
@@ -409,20 +419,20 @@ class CachedLayer:
     def _insert(self, ctx, hidden_in, entry, hidden_size, codes, rows_mask) -> None:
         """Store the freshly computed rows that may be cached (residual mode: their layer update)."""
         cfg = self.owner.config
-        rows = (ctx.cacheable & rows_mask).nonzero().flatten()
+        rows = (ctx.store & rows_mask).nonzero().flatten()
         if rows.numel() == 0:
             return
         if cfg.mode == "residual":
             entry = entry.clone()
             entry[..., :hidden_size] -= hidden_in.to(entry.dtype)
         if codes is None:
-            codes = torch.zeros(ctx.batch, cfg.num_bits // 64, dtype=torch.int64, device=entry.device)
+            codes = ctx.zero_codes(cfg.num_bits // 64)
         with self.owner.lock:
             if self.bank is None:
                 self._allocate((cfg.max_tokens,) + tuple(entry.shape[2:]), entry.dtype, entry.device)
             evicted = self.bank.evictions
             slots = self.bank.insert(
-                codes, ctx.keys, ctx.tags, entry.to(self.bank.values.dtype), ctx.align_end, rows
+                codes, ctx.keys, ctx.tags, entry.to(self.bank.values.dtype), ctx.align_end, rows, dedupe=False
             )
             self.stats.insertions += slots.numel()
             self.stats.evictions += self.bank.evictions - evicted

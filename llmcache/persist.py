@@ -147,4 +147,5 @@ def _rebuild(saved: dict, meta: dict, owner, ring_buffer_cls):
     if not torch.isfinite(bank.values[bank.valid]).all():
         raise ValueError("the file holds non-finite cached states")
     bank.tick = int(meta["tick"])
+    bank.filled = capacity  # which slots were ever used is not saved: victims by policy from now on
     return bank

@@ -14,6 +14,7 @@ import math
 import torch
 
 from . import ops
+from .ops._library import resolve_backend
 
 # An entry's tag packs what a row must share with it to match: namespace id | position of the
 # first token | token count | padding side (1 = left). Rows that may not be cached get a
@@ -66,6 +67,11 @@ class RingBuffer:
         self.backend = backend
         self.tick = 0
         self.evictions = 0  # valid entries overwritten by inserts
+        self.filled = 0  # slots [filled, capacity) have never held an entry since the last reset
+        # With no backend forced (argument or LLMCACHE_BACKEND), the bank calls the registered
+        # ops directly: its arguments are valid by construction, so the public wrappers' checks
+        # (a few dozen Python calls per lookup) are skipped on this hot path.
+        self._direct = resolve_backend(backend, device) == "auto"
         # Ordinary tensors even when created under inference mode: inference tensors could only
         # be updated inside inference mode, and a bank is also used under no_grad or reset outside.
         with torch.inference_mode(False), torch.no_grad():
@@ -108,6 +114,7 @@ class RingBuffer:
 
     def reset(self) -> None:
         """Forget every entry (the memory stays allocated)."""
+        self.filled = 0
         self.valid.zero_()
         self.hit_count.zero_()
         self.rate.zero_()
@@ -133,26 +140,28 @@ class RingBuffer:
     # ---- lookup ------------------------------------------------------------------------
     def lookup(self, codes: torch.Tensor, tags: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest same-tag entry per row within `radius`: (slot int64 [B] or -1, dist int32 [B])."""
-        dist, idx = ops.hamming_topk(
-            codes, self.codes, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend
-        )
+        dist, idx = self._topk(codes, self.codes, tags)
         dist, idx = dist[:, 0], idx[:, 0]
         return torch.where(dist <= radius, idx, -1), dist
 
     def lookup_exact(self, keys: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
         """Slot holding the same exact key and tag per row, or -1: int64 [B]."""
-        dist, idx = ops.hamming_topk(
-            keys.unsqueeze(1), self.keys, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend
-        )
+        dist, idx = self._topk(keys.unsqueeze(1), self.keys, tags)
         return torch.where(dist[:, 0] == 0, idx[:, 0], -1)
+
+    def _topk(self, queries: torch.Tensor, bank: torch.Tensor, tags: torch.Tensor):
+        if self._direct:
+            return torch.ops.llmcache.hamming_topk(queries, bank, 1, self.valid, tags, self.tags)
+        return ops.hamming_topk(queries, bank, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend)
 
     # ---- read --------------------------------------------------------------------------
     def gather(self, slot: torch.Tensor, computed: torch.Tensor, row: torch.Tensor, align_end: bool) -> torch.Tensor:
         """out[r] = entry slot[r] (a hit) or computed[row[r]] (a miss): [B, T, *F]."""
-        out = ops.gather_with_mask(
-            self.values, slot, computed, row, self.last_used, self.hit_count, self.tick, align_end,
-            backend=self.backend,
-        )
+        args = (self.values, slot, computed, row, self.last_used, self.hit_count, self.tick, align_end)
+        if self._direct:
+            out = torch.ops.llmcache.gather_with_mask(*args)
+        else:
+            out = ops.gather_with_mask(*args, backend=self.backend)
         if self.eviction == "staleness":
             hit_slots = slot[slot >= 0]
             self.rate[hit_slots] = self._decayed_rate(hit_slots)
@@ -167,7 +176,10 @@ class RingBuffer:
 
     # ---- write -------------------------------------------------------------------------
     def _victims(self, count: int) -> torch.Tensor:
-        """`count` slots to overwrite: free ones first, then by the eviction policy."""
+        """`count` slots to overwrite: never-used ones first, then free ones, then by the eviction policy."""
+        if self.filled + count <= self.capacity:
+            start, self.filled = self.filled, self.filled + count
+            return torch.arange(start, self.filled, device=self.valid.device)
         if self.eviction == "staleness":
             score = self._decayed_rate()
         elif self.eviction == "divergence":
@@ -186,6 +198,7 @@ class RingBuffer:
         states: torch.Tensor,
         align_end: bool,
         rows: torch.Tensor | None = None,
+        dedupe: bool = True,
     ) -> torch.Tensor:
         """Store rows of a batch as new entries; returns the slots used (int64 [<= M]).
 
@@ -193,26 +206,28 @@ class RingBuffer:
             codes: int64 [B, W]; keys, tags: int64 [B]; states: [B, T, *F] in the bank's dtype.
             align_end: the rows are left-padded, so their tokens end at position T - 1.
             rows: int64 [M], the rows to store (default: all B).
-        Rows holding NaN or Inf are not stored (a non-finite row sum finds them in one pass), and
-        of rows with equal keys only the first is.
+            dedupe: of rows with equal keys store only the first (False: the caller guarantees
+                the keys of `rows` are distinct).
+        Rows holding NaN or Inf are not stored (a non-finite row sum finds them in one pass).
         """
         batch = states.shape[0]
         if rows is None:
             rows = torch.arange(batch, device=states.device)
-        finite = torch.isfinite(states.sum(dim=tuple(range(1, states.dim())), dtype=torch.float32))
-        row_keys = keys.index_select(0, rows)
-        order = torch.arange(rows.numel(), device=rows.device)
-        _, inverse = torch.unique(row_keys, return_inverse=True)
-        first = torch.full_like(row_keys, rows.numel()).scatter_reduce(0, inverse, order, "amin")
-        keep = finite.index_select(0, rows) & (first.index_select(0, inverse) == order)
-        rows = rows[keep][: self.capacity]
+        if dedupe:
+            rows = rows.index_select(0, first_of_key(keys.index_select(0, rows)).nonzero().flatten())
+        rows = rows[: self.capacity]
+        source = states if rows.numel() == batch else states.index_select(0, rows)
+        finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
+        if not bool(finite.all()):
+            rows, source = rows[finite], source[finite]
         if rows.numel() == 0:
             return rows
+        full = self.filled + rows.numel() > self.capacity
         slots = self._victims(rows.numel())
         seq, stored = states.shape[1], self.values.shape[1]
         span = min(seq, stored)
-        self.evictions += int(self.valid[slots].sum())
-        source = states if rows.numel() == batch else states.index_select(0, rows)
+        if full:
+            self.evictions += int(self.valid[slots].sum())
         # Write the row's positions and zero the rest of the entry, in place.
         if align_end:
             self.values[:, stored - span :].index_copy_(0, slots, source[:, seq - span :])
@@ -223,10 +238,18 @@ class RingBuffer:
         self.codes.index_copy_(0, slots, codes.index_select(0, rows))
         self.keys.index_copy_(0, slots, keys.index_select(0, rows).unsqueeze(1))
         self.tags.index_copy_(0, slots, tags.index_select(0, rows))
-        self.valid[slots] = True
-        self.last_used[slots] = self.tick
-        self.hit_count[slots] = 0
-        self.rate[slots] = 0.0
-        self.rate_tick[slots] = self.tick
-        self.divergence[slots] = 0.0
+        self.valid.index_fill_(0, slots, True)
+        self.last_used.index_fill_(0, slots, self.tick)
+        self.hit_count.index_fill_(0, slots, 0)
+        self.rate.index_fill_(0, slots, 0.0)
+        self.rate_tick.index_fill_(0, slots, self.tick)
+        self.divergence.index_fill_(0, slots, 0.0)
         return slots
+
+
+def first_of_key(keys: torch.Tensor) -> torch.Tensor:
+    """bool [M]: True at the first occurrence of each value of `keys` (int64 [M])."""
+    order = torch.arange(keys.numel(), device=keys.device)
+    _, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full_like(keys, keys.numel()).scatter_reduce(0, inverse, order, "amin")
+    return first.index_select(0, inverse) == order

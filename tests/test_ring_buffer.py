@@ -107,3 +107,21 @@ def test_reset_forgets_everything(gen):
     rb.reset()
     assert rb.occupied == 0
     assert rb.lookup_exact(torch.tensor([1]), torch.zeros(1, dtype=torch.long)).tolist() == [-1]
+
+
+def test_an_insert_spanning_unused_and_used_slots_counts_evictions(gen):
+    # 3 never-used slots, then an insert of 3 more into a bank of 4: one unused slot cannot hold
+    # them all, so the policy picks (the free slot first, then the oldest entries).
+    rb = bank()
+    first, _, _ = put(rb, [1, 2, 3], gen)
+    assert first.tolist() == [0, 1, 2] and rb.evictions == 0
+    rb.advance()
+    rb.evict(first[1:2])  # a free slot below the never-used ones
+    rb.advance()
+    new, _, _ = put(rb, [4, 5, 6], gen)
+    # slot 1 (free), slot 3 (never used), and one of the two oldest entries (0 and 2 tie).
+    assert {1, 3} <= set(new.tolist()) and len(set(new.tolist()) & {0, 2}) == 1
+    assert rb.evictions == 1 and rb.occupied == 4
+    rb.reset()
+    again, _, _ = put(rb, [7], gen)
+    assert again.tolist() == [0] and rb.occupied == 1
