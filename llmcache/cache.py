@@ -26,7 +26,7 @@ from torch import nn
 
 from . import ops
 from .config import CacheConfig
-from .ring_buffer import RingBuffer, first_of_key, make_tag, tag_fits
+from .ring_buffer import RingBuffer, first_index, make_tag, tag_fits
 
 _namespace_stack = threading.local()
 
@@ -83,6 +83,10 @@ class ForwardContext:
     keys: torch.Tensor  # int64 [B]
     cacheable: torch.Tensor  # bool [B]
     store: torch.Tensor  # bool [B]: cacheable, and the first row of the batch with its key
+    rows: torch.Tensor  # int64 [B]: 0..B-1
+    source: torch.Tensor  # int64 [B]: a cacheable row repeating an earlier row's key: that row; else itself
+    own: torch.Tensor  # bool [B]: source == rows
+    n_repeats: int  # rows with source != themselves
     align_end: bool  # left padding
     codes: torch.Tensor | None = None  # int64 [B, W] input-embedding fingerprints
     kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
@@ -209,10 +213,16 @@ class ModelCache:
         never = -1 - torch.arange(mask.shape[0], device=mask.device)
         tags = torch.where(cacheable, tags, never)
         keys = token_keys(input_ids, mask, positions)
-        # Rows repeating an earlier row of the same batch are stored once (decided once per forward).
+        # A cacheable row repeating an earlier row of the same batch (same ids at the same positions)
+        # is never computed or stored itself: every layer serves it its first occurrence's states.
+        rows = torch.arange(batch, device=mask.device)
+        source = torch.where(cacheable, first_index(keys), rows)
+        own = source == rows
+        store = cacheable & own
         self.local.context = ForwardContext(
-            mask=mask, tags=tags, keys=keys, cacheable=cacheable, store=cacheable & first_of_key(keys),
-            align_end=left_padded, kv_cache=kv_cache, n_cacheable=int(cacheable.sum()),
+            mask=mask, tags=tags, keys=keys, cacheable=cacheable, store=store, rows=rows, source=source, own=own,
+            n_repeats=int(cacheable.sum()) - int(store.sum()), align_end=left_padded, kv_cache=kv_cache,
+            n_cacheable=int(cacheable.sum()),
         )
 
     def fingerprint(self, embeds: torch.Tensor) -> None:
@@ -353,8 +363,12 @@ class CachedLayer:
         codes = self._codes(ctx, hidden_states) if semantic else None
         self.stats.lookups += ctx.n_cacheable
         slot, served_semantic, verify = self._lookup(ctx, codes)
-        # A row whose input carries NaN/Inf is computed (and, being non-finite, never stored).
-        compute = (slot < 0) | ~torch.isfinite(hidden_states.sum(dim=(1, 2), dtype=torch.float32))
+        # A row whose input carries NaN/Inf is computed (and, being non-finite, never stored); a
+        # repeat of an earlier row of the batch that missed takes that row's computed states.
+        miss = slot < 0
+        if ctx.n_repeats:
+            miss = miss & ctx.own
+        compute = miss | ~torch.isfinite(hidden_states.sum(dim=(1, 2), dtype=torch.float32))
         if verify is not None:
             compute = compute | verify
         fresh = compute if verify is None else compute & ~verify  # computed rows that are new to the bank
@@ -368,12 +382,18 @@ class CachedLayer:
             output, capture = None, None
             if n_compute:
                 output, out, capture = self._run(hidden_states, args, kwargs, rows, batch, ctx)
-                computed = self._entry(out, capture).to(self.bank.values.dtype)
+                computed = self._entry(out, capture)
+                if self.bank is None:  # an empty cache whose batch repeats a row: the first insert comes next
+                    with owner.lock:
+                        self._allocate((cfg.max_tokens,) + tuple(computed.shape[2:]), computed.dtype, computed.device)
+                computed = computed.to(self.bank.values.dtype)
             else:
                 computed = self.bank.values.new_empty((0, hidden_states.shape[1]) + tuple(self.bank.values.shape[2:]))
             served = ~compute
             self._count_hits(served, served_semantic, batch - n_compute)
             row_of = (compute.long().cumsum(0) - 1).clamp_min(0)
+            if ctx.n_repeats:
+                row_of = row_of.index_select(0, torch.where(compute, ctx.rows, ctx.source))
             merged = self.bank.gather(torch.where(compute, -1, slot), computed, row_of, ctx.align_end)
             if cfg.mode == "residual":
                 merged = merged.clone()

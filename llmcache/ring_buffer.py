@@ -247,9 +247,14 @@ class RingBuffer:
         return slots
 
 
-def first_of_key(keys: torch.Tensor) -> torch.Tensor:
-    """bool [M]: True at the first occurrence of each value of `keys` (int64 [M])."""
+def first_index(keys: torch.Tensor) -> torch.Tensor:
+    """int64 [M]: for each element of `keys` (int64 [M]), the index of the first element equal to it."""
     order = torch.arange(keys.numel(), device=keys.device)
     _, inverse = torch.unique(keys, return_inverse=True)
     first = torch.full_like(keys, keys.numel()).scatter_reduce(0, inverse, order, "amin")
-    return first.index_select(0, inverse) == order
+    return first.index_select(0, inverse)
+
+
+def first_of_key(keys: torch.Tensor) -> torch.Tensor:
+    """bool [M]: True at the first occurrence of each value of `keys` (int64 [M])."""
+    return first_index(keys) == torch.arange(keys.numel(), device=keys.device)

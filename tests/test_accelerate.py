@@ -89,6 +89,26 @@ def test_only_miss_rows_compute(family, gen):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_repeats_inside_one_batch_compute_once(family, gen):
+    model = tiny_model(family)
+    distinct = batch(family, [7, 7, 7], gen)
+    order = [0, 1, 0, 2, 0, 1]  # rows 2, 4 repeat row 0; row 5 repeats row 1
+    inputs = {k: v[order] for k, v in distinct.items()}
+    with torch.inference_mode():
+        want = output(model, inputs)
+        llmcache.accelerate(model)
+        calls = []
+        for layer in llmcache.api._owner(model).layers.values():
+            forward = layer.original_forward
+            layer.original_forward = lambda hidden, *a, _f=forward, **k: calls.append(hidden.shape[0]) or _f(hidden, *a, **k)
+        got = output(model, inputs)
+        st = llmcache.stats(model)
+    assert calls == [3, 3, 3]  # the three distinct rows, at every layer
+    assert torch.equal(got, want)
+    assert st.hits == st.exact_hits == 3 * 3 and st.insertions == 3 * 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_equals_rows_one_by_one(family, gen):
     model = tiny_model(family)
     lengths = [8, 3, 6, 8, 5]
