@@ -1,6 +1,6 @@
 """The paper's experiments: latency, hit rate by layer depth, and the threshold sweep.
 
-    python -m bench.experiments [latency|hitrate|sweep|all] [--data DIR] [--out DIR] [--quick]
+    python -m bench.experiments [latency|hitrate|sweep|heldout|all] [--data DIR] [--out DIR] [--quick]
                                 [--device cpu|cuda] [--threads N]
 
 Each experiment writes DIR/experiments-<name>.json (a header: date, machine, versions,
@@ -53,6 +53,12 @@ max_divergence 0.02); the torch seed is fixed before each cached pass so the sam
 verifications repeat. "rows changed" is the share of stream rows whose output moved (STS:
 1 - cos > 1e-4; perplexity: mean NLL per token moved by > 1e-3). The frontier PNG plots speedup
 against accuracy drop, one marker per (tau, mode) and a star for exact only.
+
+heldout — the defaults on text that is in neither tuning set (the prose sentences of standard-library
+docstrings, `heldout_sentences`), MiniLM: a stream with no repeats (the default must change no row)
+and one with 70 % exact repeats; the default (exact tier only) beside tau in HELDOUT_TAUS (state
+mode): hit rates and per-row fidelity (cosine of the mean-pooled embedding to the uncached one: mean,
+minimum, share of rows below 0.99).
 """
 
 from __future__ import annotations
@@ -89,6 +95,13 @@ HITRATE_TAU = 0.9
 SWEEP_TAUS = (0.75, 0.80, 0.85, 0.90, 0.95)
 SWEEP_MODES = ("state", "residual")
 PPL_WINDOWS, PPL_TOKENS = 48, 64
+HELDOUT_ROWS = 512
+HELDOUT_TAUS = (0.99, 0.95, 0.90)
+# Held-out text: docstrings of these standard-library modules (CPython 3.11), in neither STS-B nor WikiText.
+HELDOUT_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "fractions",
+                   "functools", "http.client", "inspect", "itertools", "json", "logging", "pathlib", "random",
+                   "shutil", "socket", "statistics", "subprocess", "tarfile", "textwrap", "threading", "typing",
+                   "unittest", "urllib.request", "zipfile")
 QUICK = {
     "latency_rows": {"minilm": 64, "bert-base": 64, "distilbert": 64, "gpt2": 64, "smollm2": 64},
     "hitrate_rows": {"minilm": 128, "smollm2": 64},
@@ -96,6 +109,7 @@ QUICK = {
     "ppl_windows": 8,
     "ppl_tokens": 16,
     "ppl_batch": 4,  # several batches, so that repeats can hit
+    "heldout_rows": 96,
 }
 
 
@@ -622,9 +636,84 @@ def plot_frontier(tasks: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- held-out text
+
+
+def heldout_sentences() -> list[str]:
+    """Prose sentences from the docstrings of HELDOUT_MODULES and their public members: 6 to 40
+    words, starting with a capital letter, mostly letters, no code (>>>, =, ::, backticks), distinct."""
+    import importlib
+    import inspect
+    import warnings
+
+    out = []
+    for name in HELDOUT_MODULES:
+        module = importlib.import_module(name)
+        docs = [inspect.getdoc(module)]
+        with warnings.catch_warnings():  # typing.io and typing.re warn when touched
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for attr in sorted(vars(module)):
+                member = getattr(module, attr)
+                if not attr.startswith("_") and getattr(member, "__module__", None) == module.__name__:
+                    docs.append(inspect.getdoc(member))
+        for doc in filter(None, docs):
+            for paragraph in doc.split("\n\n"):
+                text = " ".join(paragraph.split())
+                for sentence in re.split(r"(?<=[.!?]) (?=[A-Z])", text):
+                    letters = sum(c.isalpha() or c.isspace() for c in sentence)
+                    if (6 <= len(sentence.split()) <= 40 and sentence[0].isupper() and letters >= 0.9 * len(sentence)
+                            and not any(mark in sentence for mark in (">>>", "=", "::", "`"))):
+                        out.append(sentence)
+    return list(dict.fromkeys(out))
+
+
+def heldout(args, device: str) -> dict:
+    """The defaults on text in neither tuning set: how many rows come back changed."""
+    rows = QUICK["heldout_rows"] if args.quick else HELDOUT_ROWS
+    sentences = heldout_sentences()
+    model, tok = load_model("minilm", device)
+    configs = [("default (exact only)", None)] + [(f"tau {t:.2f}", t) for t in HELDOUT_TAUS]
+    table, results = [], []
+    for stream_name, stream in (
+        ("no repeats", streams.unique_stream(sentences, rows, seed=11)),
+        ("70% repeats", streams.repeat_stream(streams.unique_stream(sentences, rows, seed=12), rows, REPEAT_RATE, seed=13)),
+    ):
+        encoded = e2e.batches(tok, stream, BATCH, device)
+        with torch.inference_mode():
+            for enc in encoded[:4]:  # warm-up
+                model(**enc)
+            off_s, reference = timed_pass(model, encoded, device, mean_pooled)
+            for label, tau in configs:
+                torch.manual_seed(0)
+                llmcache.accelerate(model, threshold=tau, capacity=rows, max_bytes=None)
+                try:
+                    on_s, outputs = timed_pass(model, encoded, device, mean_pooled)
+                    stats = llmcache.stats(model)
+                finally:
+                    llmcache.disable(model)
+                fidelity = torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=1)
+                below = float((fidelity < 0.99).double().mean())
+                results.append({"stream": stream_name, "config": label, "tau": tau, "rows": len(stream),
+                                "hit_rate": stats.hit_rate, "semantic_rate": stats.semantic_hits / max(stats.lookups, 1),
+                                "fidelity_mean": float(fidelity.mean()), "fidelity_min": float(fidelity.min()),
+                                "below_099": below, "off_s": off_s, "on_s": on_s})
+                table.append({"stream": stream_name, "config": label, "hit %": f"{100 * stats.hit_rate:.1f}",
+                              "semantic %": f"{100 * results[-1]['semantic_rate']:.1f}",
+                              "fidelity mean": f"{fidelity.mean():.5f}", "fidelity min": f"{fidelity.min():.5f}",
+                              "rows < 0.99": f"{100 * below:.2f}%", "speedup": f"{off_s / on_s:.2f}x"})
+                print(f"  {stream_name:11} {label:20} hit {100 * stats.hit_rate:5.1f}%  min fidelity "
+                      f"{fidelity.min():.4f}  below 0.99 {100 * below:.2f}%", flush=True)
+    notes = [(f"MiniLM, {len(sentences)} distinct held-out sentences (docstrings of {len(HELDOUT_MODULES)} standard-"
+              f"library modules of Python {platform.python_version()}), streams of {rows} rows in batches of {BATCH}; "
+              "fidelity: cosine of each row's mean-pooled embedding cached vs uncached; banks hold the whole stream"),
+             "speedup: one timed pass each (indicative on a shared CPU)"]
+    write_report(Path(args.out), "heldout", header(args, device), {"runs": results}, table, notes)
+    return {"runs": results}
+
+
 # ---------------------------------------------------------------- main
 
-EXPERIMENTS = {"latency": latency, "hitrate": hitrate, "sweep": sweep}
+EXPERIMENTS = {"latency": latency, "hitrate": hitrate, "sweep": sweep, "heldout": heldout}
 
 
 def main(argv: list | None = None) -> int:

@@ -52,3 +52,19 @@ def test_quick_sweep_has_every_config_and_exact_only_is_lossless(tmp_path):
                 assert 0.0 <= r[name] <= 1.0, (task["task"], r["label"], r["mode"], name, r[name])
             assert all(0.0 <= h <= 1.0 for h in r["layer_hit_rates"])
             assert r["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_quick_heldout_default_changes_no_row(tmp_path):
+    experiments = pytest.importorskip("bench.experiments")
+    assert len(experiments.heldout_sentences()) >= experiments.HELDOUT_ROWS  # enough distinct held-out text
+    assert experiments.main(["heldout", "--quick", "--threads", "1", "--out", tmp_path]) == 0
+    runs = json.loads((tmp_path / "experiments-heldout.json").read_text())["runs"]
+    assert {r["stream"] for r in runs} == {"no repeats", "70% repeats"}
+    for r in runs:
+        assert 0.0 <= r["hit_rate"] <= 1.0 and 0.0 <= r["below_099"] <= 1.0
+        if r["tau"] is None:  # the default: exact tier only, lossless on any text
+            assert r["below_099"] == 0.0 and r["fidelity_min"] > 0.99999, r
+            assert r["semantic_rate"] == 0.0
+    no_repeats = [r for r in runs if r["stream"] == "no repeats" and r["tau"] is None]
+    assert no_repeats[0]["hit_rate"] == 0.0
