@@ -38,10 +38,10 @@ threshold, a row whose SimHashed mean input embedding is within tau of a cached 
 the same token count) is served that row's states, which changes its output: the fidelity
 columns say by how much, on this stream.
 
-Reading the numbers: the exact hit rate stays below the share of repeats, because a repeat in
-the same batch as its first occurrence is computed (a forward looks all its rows up before it
-inserts any), and with a threshold a row served from another row's entry is not inserted, so its
-own later repeats become semantic hits too. Each run is one timed pass: on a shared CPU the
+Reading the numbers: a repeat counts as an exact hit whether its first occurrence came in an
+earlier batch (served from the bank) or earlier in the same batch (served that row's freshly
+computed states); with a threshold a row served from another row's entry is not inserted, so its
+own later repeats become semantic hits too, and the exact rate falls below the share of repeats. Each run is one timed pass: on a shared CPU the
 times are noisy (--threads 1 steadies them), the hit rates and fidelity are not.
 """
 
