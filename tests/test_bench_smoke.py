@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `bench` is a top-level folder of the repository, not part of the package
@@ -37,3 +38,23 @@ def test_quick_run_writes_rows_for_every_op_and_matches_faiss(tmp_path):
     header = report["header"]
     assert {"date", "machine", "versions", "build_info"} <= header.keys()
     assert report["targets"], "the targets section is missing"
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_e2e_measure_accounts_for_the_cached_time(family, gen):
+    from models import batch, tiny_model
+
+    import llmcache
+    from bench import e2e
+
+    model = tiny_model(family)
+    distinct = [batch(family, [6, 6, 4, 5], gen) for _ in range(2)]
+    encoded = [distinct[0], distinct[1], distinct[0], distinct[1]]  # half the batches repeat
+    with torch.inference_mode():
+        r = e2e.measure(model, encoded, "cpu", repeats=2, config=llmcache.CacheConfig())
+    assert not llmcache.is_accelerated(model)  # measure() leaves the model as it found it
+    assert r["hit_rate"] == pytest.approx(0.5) and r["layer_hit_rates"] == [pytest.approx(0.5)] * 3
+    b = r["breakdown"]
+    assert b["compute_s"] > 0 and b["bookkeeping_s"] >= 0 and b["other_s"] >= 0
+    assert b["compute_s"] + b["bookkeeping_s"] + b["other_s"] == pytest.approx(b["total_s"])
+    assert r["ideal_speedup"] > 1 and r["speedup"] > 0 and r["no_bookkeeping_speedup"] > 0
