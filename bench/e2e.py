@@ -6,7 +6,8 @@
 
 Streams (llmcache.streams, seeded): "repeat" — 70 % of rows repeat an earlier row of the stream
 exactly; "unique" — no repeats at all. Sentences are STS-B test sentences (first column), so the
-token counts are those of real text. Each stream runs `--repeats` times per mode; "on" starts
+token counts are those of real text (without the data directory: the packaged demo corpus, whose
+~575 distinct queries allow a unique stream of that many rows at most). Each stream runs `--repeats` times per mode; "on" starts
 each repeat from an empty cache, so its hit rates are the stream's own. Times are medians.
 
 Reported per stream: the measured hit rate per cached layer, the ideal speedup those hit rates
@@ -35,6 +36,20 @@ import torch
 
 import llmcache
 from llmcache import streams
+
+
+def stream_sentences(data: str | None) -> list[str]:
+    """STS-B test sentences (both columns) from the data directory; where it is absent (a GPU
+    machine the data did not travel to), the packaged demo corpus, said on stderr."""
+    sts = streams.data_dir(data) / "stsbenchmark" / "sts-test.csv"
+    if sts.exists():
+        rows = streams.load_sts("test", data)
+        return [s1 for _, s1, _ in rows] + [s2 for _, _, s2 in rows]
+    from llmcache.demo import load_corpus
+
+    corpus = load_corpus()
+    print(f"{sts} not found: streams from llmcache's demo corpus instead", file=sys.stderr)
+    return list(corpus.base.values()) + [p for ps in corpus.paraphrases.values() for p in ps] + corpus.other
 
 
 def load(name: str, device: str, dtype: torch.dtype):
@@ -213,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/out")
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    sentences = [s1 for _, s1, _ in streams.load_sts("test", args.data)]
-    sentences += [s2 for _, _, s2 in streams.load_sts("test", args.data)]
+    sentences = stream_sentences(args.data)
     model, tok = load(args.model, args.device, dtype)
     config = llmcache.CacheConfig()
     results = {}
