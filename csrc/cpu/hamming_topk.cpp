@@ -1,9 +1,9 @@
 // Hamming top-k over a bank of SimHash codes on the CPU.
 //
-// d(q, b) = sum_w popcount(q[w] XOR b[w]). The bank is split into one contiguous range per
-// OpenMP thread; each thread walks its range in tiles of ~16 KiB, transposes a tile to
-// word-major order (tile[w][r]) so that one vector load holds word w of 8 (AVX-512) or 4 (AVX2)
-// consecutive rows, and scores every query against the tile while it sits in L1 (several queries
+// d(q, b) = sum_w popcount(q[w] XOR b[w]). OpenMP threads claim contiguous chunks of the bank
+// (up to 32 tiles) in increasing order; each thread walks a chunk in tiles of ~16 KiB,
+// transposes a tile to word-major order (tile[w][r]) so that one vector load holds word w of 8
+// (AVX-512) or 4 (AVX2) consecutive rows, and scores every query against the tile while it sits in L1 (several queries
 // per pass reuse each load). A lane enters the query's running top-k only when its distance is
 // strictly below the current k-th; rows are visited in increasing index, so "strictly below" is
 // exactly the tie rule "smaller index first". The per-thread lists are merged by (distance,
@@ -63,6 +63,7 @@ Isa pick_isa() {
 
 constexpr int64_t kTileBytes = 16 * 1024;
 constexpr int64_t kGroup = 8;  // queries scored per pass over a tile
+constexpr int64_t kChunkTiles = 32;  // tiles per chunk that a thread claims
 
 // One thread's running answers: k (dist, idx) pairs per query, ascending.
 struct TopK {
@@ -462,39 +463,47 @@ void hamming_topk(const int64_t* queries, int64_t B, const int64_t* bank, int64_
   const int64_t tile_rows = std::max<int64_t>(8, kTileBytes / (8 * W) / 8 * 8);
   int threads = 1;
 #ifdef _OPENMP
-  // One range per thread, but no range shorter than a tile: small banks stay on one thread.
+  // No thread gets less than a tile: small banks stay on one thread.
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), N / tile_rows)));
 #endif
   std::vector<TopK> partial;
   partial.reserve(threads);
   for (int i = 0; i < threads; ++i) partial.emplace_back(B, k, missing);
-  const bool row_major = B < kGroup && isa != Isa::Scalar && cpu_features().popcnt;
-  auto scan_range = [&](int tid) {
-    const int64_t begin = N * tid / threads, end = N * (tid + 1) / threads;
-    if (row_major) return scan_rows(q, bank, begin, end, valid, bank_tag, partial[tid]);
+  // Few queries: AVX2 streams the rows (scan_rows); the AVX-512 transpose is cheap enough to keep.
+  const bool row_major = B < kGroup && isa == Isa::Avx2 && cpu_features().popcnt;
+  auto scan_range = [&](int64_t begin, int64_t end, TopK& top) {
+    if (row_major) return scan_rows(q, bank, begin, end, valid, bank_tag, top);
 #ifdef LLMCACHE_X86
-    if (isa == Isa::Avx512 && W <= 16)
-      return range_avx512(q, bank, begin, end, tile_rows, valid, bank_tag, partial[tid]);
+    if (isa == Isa::Avx512 && W <= 16) return range_avx512(q, bank, begin, end, tile_rows, valid, bank_tag, top);
 #endif
     Tile tile;
     for (int64_t start = begin; start < end; start += tile_rows) {
       const int64_t count = std::min(tile_rows, end - start);
       tile.load(bank, W, start, count, (count + 7) / 8 * 8, valid, bank_tag);
-      scan(isa, q, tile, partial[tid]);
+      scan(isa, q, tile, top);
     }
   };
   if (threads == 1) {
-    scan_range(0);  // small banks: no parallel region to enter
+    scan_range(0, N, partial[0]);  // small banks: no parallel region to enter
   } else {
+    // Threads claim chunks of kChunkTiles tiles in increasing order (dynamic schedule), so a
+    // thread slowed by another process on the machine does not hold up the call; each thread
+    // still visits its rows in increasing index, which the tie rule needs.
+    // At least ~4 chunks per thread so mid-sized banks still spread over all threads.
+    const int64_t chunk_rows =
+        tile_rows * std::max<int64_t>(1, std::min<int64_t>(kChunkTiles, N / (4 * threads * tile_rows)));
+    const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-      scan_range(omp_get_thread_num());
+      TopK& top = partial[omp_get_thread_num()];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < chunks; ++c) scan_range(c * chunk_rows, std::min(N, (c + 1) * chunk_rows), top);
 #endif
     }
   }
-  // Merge: every thread's list is sorted by (dist, idx) and ranges are ordered, so a stable
-  // merge by distance in thread order keeps the smaller index first on ties.
+  // Merge: sorting the (dist, idx) pairs of every thread's list keeps the smaller index first on
+  // ties; each list holds its thread's k best with ties already broken toward smaller indices.
   std::vector<std::pair<int32_t, int64_t>> cand;
   for (int64_t b = 0; b < B; ++b) {
     cand.clear();
