@@ -13,7 +13,8 @@
 //   * the tile is transposed with vpermt2q (W = 4; scalar stores otherwise) and the next tile's
 //     rows are prefetched while this one is scored, so the bank streams in behind the popcounts;
 //   * G queries per pass (G = 4 at W = 4) are sized so that the G * W broadcast query words, G
-//     accumulators and G running minima stay in the 32 zmm registers (no spills);
+//     accumulators and G running minima fit the 32 zmm registers (GCC 12 keeps 15 of the 16
+//     query vectors in registers and reads one as a folded memory operand; G = 8 needed 56);
 //   * a filter pass keeps, per query, a lane-wise running minimum of the eligible distances (one
 //     masked vpminuq per 8 rows, eligibility = valid bitmask & tag compare, no branch), so the
 //     loop is xor + popcount + add per word and one min per 8 rows. Only a query whose minimum
