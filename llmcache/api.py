@@ -72,7 +72,7 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         owner.begin(get("input_ids"), get("attention_mask"), kv_cache, get("position_ids"))
 
     def after(module, args, kwargs, output):
-        owner.end()
+        owner.end(failed=output is None)  # always_call: also runs (with None) when forward raised
 
     def on_embedding(module, args, output):
         owner.fingerprint(output)

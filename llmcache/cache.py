@@ -16,6 +16,7 @@ decoding from correct KV entries; decode steps (past length > 0) bypass the cach
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import threading
 import time
@@ -75,6 +76,19 @@ def token_keys(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -
 
 
 @dataclass
+class Plan:
+    """Lockstep: one forward's lookup and insert, made by its first cached layer on an index that
+    the other cached layers' banks share. The others reuse `slot` instead of looking up, and write
+    their states for `rows` into `slots` instead of inserting."""
+
+    index: RingBuffer  # the shared index
+    slot: torch.Tensor  # int64 [B]: the hit slot per row, -1 for a miss
+    rows: torch.Tensor  # int64 [M]: rows inserted by the first layer
+    slots: torch.Tensor  # int64 [M]: their slots
+    evictions: int  # valid entries that insert overwrote
+
+
+@dataclass
 class ForwardContext:
     """What one forward pass of the base model knows about its rows."""
 
@@ -91,6 +105,9 @@ class ForwardContext:
     codes: torch.Tensor | None = None  # int64 [B, W] input-embedding fingerprints
     kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
     n_cacheable: int = 0
+    plan: Plan | None = None  # lockstep: what the first cached layer decided, for the others
+    locked: bool = False  # this forward holds the model's lock from begin to end (lockstep)
+    broken: bool = False  # a cached layer ran uncached: later layers must not insert (lockstep)
     _zero_codes: torch.Tensor | None = None
 
     @property
@@ -172,10 +189,19 @@ class ModelCache:
     fingerprint_s: float = 0.0
     forwards: int = 0
     bypassed: bool = False  # llmcache.bypass: run uncached, banks kept
+    shared_index: RingBuffer | None = None  # lockstep: the index every cached layer's bank shares
 
     @property
     def context(self) -> ForwardContext | None:
-        return getattr(self.local, "context", None)
+        stack = getattr(self.local, "contexts", None)
+        return stack[-1] if stack else None
+
+    def _push(self, ctx: ForwardContext | None) -> None:
+        """Contexts stack per thread, so a forward nested in another (its own begin/end) leaves
+        the outer one's context, and lock, as they were."""
+        if getattr(self.local, "contexts", None) is None:
+            self.local.contexts = []
+        self.local.contexts.append(ctx)
 
     def namespace_id(self, name: str) -> int:
         with self.lock:
@@ -184,10 +210,18 @@ class ModelCache:
     def semantic_on(self) -> bool:
         return self.config.threshold is not None
 
+    @property
+    def lockstep(self) -> bool:
+        """With the exact tier alone every cached layer hits and inserts the same rows, so the
+        layers share one index: the first cached layer of a forward looks up and inserts, the
+        others reuse its decision and only write their own states. Such a forward holds the
+        model's lock from begin to end (the others' reuse must not see another thread's insert)."""
+        return self.config.threshold is None
+
     # ---- per forward -------------------------------------------------------------------
     def begin(self, input_ids, attention_mask, kv_cache, position_ids=None) -> None:
-        """Build the context of one base-model forward, or leave it None (cache bypassed)."""
-        self.local.context = None
+        """Push the context of one base-model forward (None: this forward runs uncached)."""
+        self._push(None)
         if self.bypassed or input_ids is None or self.base.training or input_ids.dim() != 2:
             return
         if kv_cache is not None and (
@@ -219,11 +253,15 @@ class ModelCache:
         source = torch.where(cacheable, first_index(keys), rows)
         own = source == rows
         store = cacheable & own
-        self.local.context = ForwardContext(
+        ctx = ForwardContext(
             mask=mask, tags=tags, keys=keys, cacheable=cacheable, store=store, rows=rows, source=source, own=own,
             n_repeats=int(cacheable.sum()) - int(store.sum()), align_end=left_padded, kv_cache=kv_cache,
             n_cacheable=int(cacheable.sum()),
         )
+        if self.lockstep:
+            self.lock.acquire()  # released by end(), which the base model's hook always calls
+            ctx.locked = True
+        self.local.contexts[-1] = ctx
 
     def fingerprint(self, embeds: torch.Tensor) -> None:
         ctx = self.context
@@ -233,14 +271,31 @@ class ModelCache:
         ctx.codes = ops.simhash_pooled(embeds, ctx.mask, self.planes, backend=self.config.backend)
         self.fingerprint_s += time.perf_counter() - start
 
-    def end(self) -> None:
-        if self.context is not None:
-            self.forwards += 1
+    def end(self, failed: bool = False) -> None:
+        """After a base-model forward (also when it raised: `failed`)."""
+        stack = getattr(self.local, "contexts", None)
+        ctx = stack.pop() if stack else None
+        if ctx is None:
+            return
+        try:
             with self.lock:
-                for layer in self.layers.values():
-                    if layer.bank is not None:
-                        layer.bank.advance()
-        self.local.context = None
+                if failed:
+                    self.abandon(ctx)
+                self.forwards += 1
+                indexes = {id(layer.bank.index): layer.bank.index for layer in self.layers.values() if layer.bank}
+                for index in indexes.values():
+                    index.advance()
+        finally:
+            if ctx.locked:
+                self.lock.release()
+
+    def abandon(self, ctx: ForwardContext) -> None:
+        """Lockstep: some layer will not write its states for the entries this forward inserted
+        (it ran uncached, or the forward raised): forget them, in every layer, and insert no more."""
+        ctx.broken = True
+        if ctx.plan is not None and ctx.plan.slots.numel():
+            ctx.plan.index.evict(ctx.plan.slots)
+            ctx.plan = dataclasses.replace(ctx.plan, rows=ctx.plan.rows[:0], slots=ctx.plan.slots[:0])
 
 
 def _is_dynamic(kv_cache) -> bool:
@@ -267,23 +322,34 @@ class CachedLayer:
         self._cache_param = names[0] if names else None
         self._kv_layout = None  # (kv heads, head dim, dtype) of this block's K/V, once seen
         self._divergence_samples = 0
+        self.first = position == 0  # lockstep: the layer that looks up and inserts for all
 
     # ---- helpers -----------------------------------------------------------------------
-    def _allocate(self, entry_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        cfg = self.owner.config
+    def _allocate(self, entry: torch.Tensor, plan: Plan | None = None) -> None:
+        """This layer's bank, sized for entries like `entry` ([M, T, *F]: max_tokens x F per slot).
+        Lockstep: it shares the model's index when one of the same size exists."""
+        owner = self.owner
+        cfg = owner.config
+        entry_shape, dtype, device = (cfg.max_tokens,) + tuple(entry.shape[2:]), entry.dtype, entry.device
         words = cfg.num_bits // 64
         capacity = cfg.capacity
         if cfg.max_bytes is not None:
-            share = cfg.max_bytes // len(self.owner.layer_ids)
+            share = cfg.max_bytes // len(owner.layer_ids)
             capacity = min(capacity, share // RingBuffer.entry_bytes(entry_shape, dtype, words))
             if capacity < 1:
                 raise ValueError(
                     f"CacheConfig.max_bytes = {cfg.max_bytes} leaves {share} bytes per layer, less than one entry "
                     f"({RingBuffer.entry_bytes(entry_shape, dtype, words)} bytes): raise it or lower max_tokens"
                 )
+        index = plan.index if plan is not None else owner.shared_index if self.first else None
+        if not owner.lockstep or index is None or (index.capacity, tuple(index.values.shape[1:]), index.values.dtype,
+                                                   index.values.device) != (capacity, entry_shape, dtype, device):
+            index = None
         self.bank = RingBuffer(
-            capacity, words, entry_shape, dtype, device, cfg.eviction, cfg.staleness_half_life, cfg.backend
+            capacity, words, entry_shape, dtype, device, cfg.eviction, cfg.staleness_half_life, cfg.backend, index
         )
+        if owner.lockstep and owner.shared_index is None and self.first:
+            owner.shared_index = self.bank
         self.stats.bytes = self.bank.nbytes
 
     def _codes(self, ctx: ForwardContext, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -355,14 +421,20 @@ class CachedLayer:
             or hidden_states.shape[0] != ctx.batch
             or hidden_states.shape[1] != ctx.mask.shape[1]
         ):
+            if ctx.locked:
+                owner.abandon(ctx)  # this layer writes nothing for the entries inserted so far
             return self.original_forward(hidden_states, *args, **kwargs)
         cfg = owner.config
         batch = ctx.batch
         hidden_size = hidden_states.shape[-1]
-        semantic = self.threshold is not None and self.stats.semantic_enabled
-        codes = self._codes(ctx, hidden_states) if semantic else None
+        plan = self._plan_to_follow(ctx)
         self.stats.lookups += ctx.n_cacheable
-        slot, served_semantic, verify = self._lookup(ctx, codes)
+        if plan is not None:
+            codes, slot, served_semantic, verify = None, plan.slot, None, None
+        else:
+            semantic = self.threshold is not None and self.stats.semantic_enabled
+            codes = self._codes(ctx, hidden_states) if semantic else None
+            slot, served_semantic, verify = self._lookup(ctx, codes)
         # A row whose input carries NaN/Inf is computed (and, being non-finite, never stored); a
         # repeat of an earlier row of the batch that missed takes that row's computed states.
         miss = slot < 0
@@ -385,7 +457,7 @@ class CachedLayer:
                 computed = self._entry(out, capture)
                 if self.bank is None:  # an empty cache whose batch repeats a row: the first insert comes next
                     with owner.lock:
-                        self._allocate((cfg.max_tokens,) + tuple(computed.shape[2:]), computed.dtype, computed.device)
+                        self._allocate(computed, plan)
                 computed = computed.to(self.bank.values.dtype)
             else:
                 computed = self.bank.values.new_empty((0, hidden_states.shape[1]) + tuple(self.bank.values.shape[2:]))
@@ -401,12 +473,50 @@ class CachedLayer:
         self._write_kv(ctx, merged, capture, hidden_size)
         if verify is not None and bool(verify.any()):
             self._measure(slot, verify, merged, hidden_states, ctx)
-        if n_compute:
-            self._insert(ctx, hidden_states, merged, hidden_size, codes, fresh)
+        if plan is not None and n_compute and self.bank is None:
+            with owner.lock:
+                self._allocate(merged, plan)
+        if plan is not None and self.bank.index is plan.index:
+            if plan.rows.numel():
+                self._write_planned(ctx, plan, hidden_states, merged, hidden_size)
+        elif n_compute and not ctx.broken and (not ctx.locked or self.first or ctx.plan is not None):
+            # (Lockstep without a plan: only the first layer may insert into the shared index.)
+            self._insert(ctx, hidden_states, merged, hidden_size, codes, fresh, slot)
+        elif ctx.locked and self.first and ctx.plan is None and self.bank is not None and not ctx.broken:
+            ctx.plan = Plan(self.bank.index, slot, slot[:0], slot[:0], 0)  # nothing to insert: hits only
         if n_compute == batch:
             return output
         hidden = merged[..., :hidden_size].to(hidden_states.dtype)
         return hidden if output is None else self._pack(output, hidden)
+
+    def _plan_to_follow(self, ctx: ForwardContext) -> Plan | None:
+        """Lockstep: the plan of this forward's first cached layer, when this layer's bank shares
+        its index (or has no bank yet and the plan serves no hit from it)."""
+        plan = ctx.plan
+        if plan is None or ctx.broken:
+            return None
+        if self.bank is not None:
+            return plan if self.bank.index is plan.index else None
+        if bool((plan.slot >= 0).any()):
+            # Entries this layer never stored (it cannot happen in lockstep: kept for safety).
+            self.owner.abandon(ctx)
+            return None
+        return plan
+
+    def _write_planned(self, ctx, plan: Plan, hidden_in, entry, hidden_size) -> None:
+        """Lockstep follower: this layer's states for the rows the first layer inserted."""
+        if self.owner.config.mode == "residual":
+            entry = entry.clone()
+            entry[..., :hidden_size] -= hidden_in.to(entry.dtype)
+        source = entry if plan.rows.numel() == entry.shape[0] else entry.index_select(0, plan.rows)
+        source = source.to(self.bank.values.dtype)
+        finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
+        if not bool(finite.all()):
+            # A state that cannot be stored at this layer: its entry goes, in every layer.
+            plan.index.evict(plan.slots[~finite])
+        self.bank.write_values(plan.slots, source, ctx.align_end)
+        self.stats.insertions += int(finite.sum())
+        self.stats.evictions += plan.evictions
 
     def _lookup(self, ctx: ForwardContext, codes):
         """(slot [B] or -1, semantic-hit mask or None, verify mask or None) for this layer's bank."""
@@ -436,11 +546,14 @@ class CachedLayer:
         self.stats.semantic_hits += n_semantic
         self.stats.exact_hits += n_served - n_semantic
 
-    def _insert(self, ctx, hidden_in, entry, hidden_size, codes, rows_mask) -> None:
-        """Store the freshly computed rows that may be cached (residual mode: their layer update)."""
+    def _insert(self, ctx, hidden_in, entry, hidden_size, codes, rows_mask, slot) -> None:
+        """Store the freshly computed rows that may be cached (residual mode: their layer update).
+        Lockstep: the first cached layer of the forward records what it did as the plan."""
         cfg = self.owner.config
         rows = (ctx.store & rows_mask).nonzero().flatten()
         if rows.numel() == 0:
+            if ctx.locked and self.first and ctx.plan is None and self.bank is not None:
+                ctx.plan = Plan(self.bank.index, slot, rows, rows, 0)
             return
         if cfg.mode == "residual":
             entry = entry.clone()
@@ -449,13 +562,16 @@ class CachedLayer:
             codes = ctx.zero_codes(cfg.num_bits // 64)
         with self.owner.lock:
             if self.bank is None:
-                self._allocate((cfg.max_tokens,) + tuple(entry.shape[2:]), entry.dtype, entry.device)
+                self._allocate(entry)
             evicted = self.bank.evictions
-            slots = self.bank.insert(
-                codes, ctx.keys, ctx.tags, entry.to(self.bank.values.dtype), ctx.align_end, rows, dedupe=False
+            rows, slots = self.bank.insert(
+                codes, ctx.keys, ctx.tags, entry.to(self.bank.values.dtype), ctx.align_end, rows, dedupe=False,
+                return_rows=True,
             )
             self.stats.insertions += slots.numel()
             self.stats.evictions += self.bank.evictions - evicted
+            if ctx.locked and self.first and ctx.plan is None:
+                ctx.plan = Plan(self.bank.index, slot, rows, slots, self.bank.evictions - evicted)
 
     def _measure(self, slot, verify, truth_entry, hidden_in, ctx) -> None:
         """Divergence monitoring: 1 - cosine between what a sampled semantic hit would have served

@@ -62,7 +62,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
                 continue
             layers[str(index)] = {"tick": bank.tick, "capacity": bank.capacity}
             for name in _BANK_FIELDS:
-                tensors[f"layer{index}.{name}"] = getattr(bank, name).detach().contiguous().cpu()
+                # Each layer gets its own copy of an index it shares (safetensors stores no aliases;
+                # `load` links equal copies again).
+                tensor = getattr(bank, name).detach().contiguous().cpu()
+                tensors[f"layer{index}.{name}"] = tensor if name == "values" else tensor.clone()
             # Slots never written hold uninitialised memory: never let it reach the file.
             free = ~bank.valid.cpu()
             tensors[f"layer{index}.values"] = tensors[f"layer{index}.values"].clone()
@@ -108,12 +111,33 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
                 banks[index] = _rebuild(saved, meta, owner, RingBuffer)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
         raise ValueError(f"cannot load llmcache banks from {os.fspath(path)!r}: {err}") from err
+    banks = _relink(owner, banks, RingBuffer)
     # Everything checked and built: swap in one step under the lock.
     with owner.lock:
         for index, layer in owner.layers.items():
             layer.bank = banks.get(index)
             layer.stats.bytes = layer.bank.nbytes if layer.bank is not None else 0
+        owner.shared_index = banks.get(owner.layer_ids[0]) if owner.lockstep else None
         owner.namespaces = json.loads(header["namespaces"])
+
+
+def _relink(owner, banks: dict, ring_buffer_cls) -> dict:
+    """Lockstep configs: banks saved with one shared index share it again after loading (each
+    layer's copy of the index is in the file; copies that differ stay separate banks)."""
+    root = banks.get(owner.layer_ids[0])
+    if not owner.lockstep or root is None:
+        return banks
+    linked = dict(banks)
+    for index, bank in banks.items():
+        same = (bank is not root and bank.capacity == root.capacity and bank.eviction == root.eviction
+                and all(torch.equal(getattr(bank, n), getattr(root, n)) for n in ring_buffer_cls._INDEX_FIELDS))
+        if same:
+            shared = ring_buffer_cls(bank.capacity, bank.codes.shape[1], tuple(bank.values.shape[1:]),
+                                     bank.values.dtype, bank.values.device, bank.eviction, bank.half_life,
+                                     bank.backend, root)
+            shared.values.copy_(bank.values)
+            linked[index] = shared
+    return linked
 
 
 def _check_header(header: dict, model: nn.Module, owner) -> None:

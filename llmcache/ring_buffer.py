@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import ops
@@ -48,6 +49,11 @@ class RingBuffer:
         eviction: "lru", "staleness" or "divergence" (see CacheConfig).
         half_life: staleness half-life in ticks.
         backend: kernel backend for the ops, None for automatic.
+        index: another bank whose index this one shares (same capacity, words and eviction):
+            the slot numbers, keys, tags, validity, eviction metadata and clock are one set of
+            tensors for both, and only the stored states are this bank's own. Layers whose
+            banks move in lockstep (the exact tier alone: every layer inserts the same rows)
+            share one index, so a forward looks up and inserts once, not once per layer.
     """
 
     def __init__(
@@ -60,14 +66,24 @@ class RingBuffer:
         eviction: str = "lru",
         half_life: float = 256.0,
         backend: str | None = None,
+        index: RingBuffer | None = None,
     ) -> None:
         self.capacity = capacity
         self.eviction = eviction
         self.half_life = half_life
         self.backend = backend
-        self.tick = 0
-        self.evictions = 0  # valid entries overwritten by inserts
-        self.filled = 0  # slots [filled, capacity) have never held an entry since the last reset
+        # The bank whose index (codes, keys, tags, validity, eviction metadata, clock) this one
+        # uses: itself, or another layer's bank when the layers move in lockstep (see `index`).
+        self.index = self if index is None else index.index
+        if index is None:
+            self._tick = 0
+            self._evictions = 0  # valid entries overwritten by inserts
+            self._filled = 0  # slots [filled, capacity) have never held an entry since the last reset
+        elif (index.capacity, index.codes.shape[1], index.eviction) != (capacity, words, eviction):
+            raise ValueError(
+                f"a bank can only share the index of a bank of the same capacity, words and eviction policy: "
+                f"{(capacity, words, eviction)} vs {(index.capacity, index.codes.shape[1], index.eviction)}"
+            )
         # With no backend forced (argument or LLMCACHE_BACKEND), the bank calls the registered
         # ops directly: its arguments are valid by construction, so the public wrappers' checks
         # (a few dozen Python calls per lookup) are skipped on this hot path.
@@ -77,8 +93,22 @@ class RingBuffer:
         with torch.inference_mode(False), torch.no_grad():
             self._allocate(capacity, words, entry_shape, dtype, device)
 
+    _INDEX_FIELDS = ("codes", "keys", "tags", "valid", "last_used", "hit_count", "rate", "rate_tick", "divergence")
+
     def _allocate(self, capacity, words, entry_shape, dtype, device) -> None:
         new = {"device": device}
+        # Left unfilled (a zero fill of a large bank costs more than many forwards); `insert`
+        # writes every position of an entry, padding positions as zeros, so what a slot serves
+        # is always finite.
+        self.values = torch.empty((capacity,) + tuple(entry_shape), dtype=dtype, **new)
+        # Positions [dirty_lo, dirty_hi) of a slot may be non-zero (all of them, at first): a write
+        # zeroes only what it does not overwrite inside that range, not the whole rest of the entry.
+        # Host-side (numpy): it steers which slices a write fills, so it is read on the host anyway.
+        self.dirty = np.tile(np.array([0, entry_shape[0]], dtype=np.int64), (capacity, 1))
+        if self.index is not self:
+            for name in self._INDEX_FIELDS:
+                setattr(self, name, getattr(self.index, name))
+            return
         self.codes = torch.zeros(capacity, words, dtype=torch.int64, **new)
         self.keys = torch.zeros(capacity, 1, dtype=torch.int64, **new)
         self.tags = torch.zeros(capacity, dtype=torch.int64, **new)
@@ -88,15 +118,18 @@ class RingBuffer:
         self.rate = torch.zeros(capacity, dtype=torch.float32, **new)
         self.rate_tick = torch.zeros(capacity, dtype=torch.int64, **new)
         self.divergence = torch.zeros(capacity, dtype=torch.float32, **new)
-        # Left unfilled (a zero fill of a large bank costs more than many forwards); `insert`
-        # writes every position of an entry, padding positions as zeros, so what a slot serves
-        # is always finite.
-        self.values = torch.empty((capacity,) + tuple(entry_shape), dtype=dtype, **new)
+
+    # The clock and counters live on the index: banks sharing one index share them.
+    tick = property(lambda self: self.index._tick, lambda self, v: setattr(self.index, "_tick", v))
+    evictions = property(lambda self: self.index._evictions, lambda self, v: setattr(self.index, "_evictions", v))
+    filled = property(lambda self: self.index._filled, lambda self, v: setattr(self.index, "_filled", v))
 
     # ---- bookkeeping -------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes this bank holds (a bank sharing another's index counts its values only)."""
+        tensors = self._tensors() if self.index is self else (self.values,)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _tensors(self):
         return (self.codes, self.keys, self.tags, self.valid, self.last_used, self.hit_count, self.rate,
@@ -199,8 +232,10 @@ class RingBuffer:
         align_end: bool,
         rows: torch.Tensor | None = None,
         dedupe: bool = True,
-    ) -> torch.Tensor:
-        """Store rows of a batch as new entries; returns the slots used (int64 [<= M]).
+        return_rows: bool = False,
+    ):
+        """Store rows of a batch as new entries; returns the slots used (int64 [<= M]), or with
+        `return_rows` (rows stored, their slots).
 
         Args:
             codes: int64 [B, W]; keys, tags: int64 [B]; states: [B, T, *F] in the bank's dtype.
@@ -208,6 +243,7 @@ class RingBuffer:
             rows: int64 [M], the rows to store (default: all B).
             dedupe: of rows with equal keys store only the first (False: the caller guarantees
                 the keys of `rows` are distinct).
+            return_rows: also return which rows were stored (int64 [<= M]).
         Rows holding NaN or Inf are not stored (a non-finite row sum finds them in one pass).
         """
         batch = states.shape[0]
@@ -221,20 +257,12 @@ class RingBuffer:
         if not bool(finite.all()):
             rows, source = rows[finite], source[finite]
         if rows.numel() == 0:
-            return rows
+            return (rows, rows) if return_rows else rows
         full = self.filled + rows.numel() > self.capacity
         slots = self._victims(rows.numel())
-        seq, stored = states.shape[1], self.values.shape[1]
-        span = min(seq, stored)
         if full:
             self.evictions += int(self.valid[slots].sum())
-        # Write the row's positions and zero the rest of the entry, in place.
-        if align_end:
-            self.values[:, stored - span :].index_copy_(0, slots, source[:, seq - span :])
-            self.values[:, : stored - span].index_fill_(0, slots, 0)
-        else:
-            self.values[:, :span].index_copy_(0, slots, source[:, :span])
-            self.values[:, span:].index_fill_(0, slots, 0)
+        self.write_values(slots, source, align_end)
         self.codes.index_copy_(0, slots, codes.index_select(0, rows))
         self.keys.index_copy_(0, slots, keys.index_select(0, rows).unsqueeze(1))
         self.tags.index_copy_(0, slots, tags.index_select(0, rows))
@@ -244,7 +272,25 @@ class RingBuffer:
         self.rate.index_fill_(0, slots, 0.0)
         self.rate_tick.index_fill_(0, slots, self.tick)
         self.divergence.index_fill_(0, slots, 0.0)
-        return slots
+        return (rows, slots) if return_rows else slots
+
+    def write_values(self, slots: torch.Tensor, source: torch.Tensor, align_end: bool) -> None:
+        """Overwrite the stored states of `slots` (int64 [M]) with `source` ([M, T, *F], the bank's
+        dtype): the row's positions, and zeros over the rest of the entry. Metadata untouched (a
+        bank sharing an index writes its layer's states for slots the index's owner inserted)."""
+        if slots.numel() == 0:
+            return
+        seq, stored = source.shape[1], self.values.shape[1]
+        span = min(seq, stored)
+        start, stop = (stored - span, stored) if align_end else (0, span)
+        self.values[:, start:stop].index_copy_(0, slots, source[:, seq - span :] if align_end else source[:, :span])
+        host = slots.cpu().numpy()
+        lo, hi = int(self.dirty[host, 0].min()), int(self.dirty[host, 1].max())
+        if lo < start:
+            self.values[:, lo:start].index_fill_(0, slots, 0)
+        if hi > stop:
+            self.values[:, stop:hi].index_fill_(0, slots, 0)
+        self.dirty[host] = (start, stop)
 
 
 def first_index(keys: torch.Tensor) -> torch.Tensor:

@@ -342,9 +342,10 @@ def test_rows_carrying_nan_are_computed_and_never_stored(gen):
 def owner_keys(model, inputs):
     owner = llmcache.api._owner(model)
     owner.begin(inputs["input_ids"], inputs["attention_mask"], None)
-    keys = owner.context.keys
-    owner.local.context = None
-    return keys
+    ctx = owner.local.contexts.pop()
+    if ctx.locked:
+        owner.lock.release()
+    return ctx.keys
 
 
 def test_reset_outside_inference_mode_after_filling_inside_it(gen):
@@ -357,3 +358,53 @@ def test_reset_outside_inference_mode_after_filling_inside_it(gen):
     with torch.no_grad():
         output(model, inputs)
     assert llmcache.stats(model).hits == 0 and llmcache.stats(model).insertions == 6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_tier_layers_share_one_index_and_a_failed_forward_leaves_no_half_entry(family, gen):
+    import threading
+
+    model = tiny_model(family)
+    inputs = batch(family, [6, 6, 4], gen)
+    more = batch(family, [5, 5], gen)
+    with torch.inference_mode():
+        want = output(model, more)
+        llmcache.accelerate(model)
+        output(model, inputs)
+        owner = llmcache.api._owner(model)
+        banks = [layer.bank for layer in owner.layers.values()]
+        assert all(b.index is banks[0] for b in banks)  # one index, per-layer states
+        assert sum(b.nbytes for b in banks[1:]) == sum(b.values.numel() * b.values.element_size() for b in banks[1:])
+        occupied = banks[0].occupied
+        # The last block raises: the first layer has inserted `more`'s rows, the last never wrote them.
+        last = owner.layers[owner.layer_ids[-1]]
+        forward = last.original_forward
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        last.original_forward = boom
+        with pytest.raises(RuntimeError, match="boom"):
+            output(model, more)
+        last.original_forward = forward
+        assert banks[0].occupied == occupied  # those entries were taken back, in every layer
+        # The forward's lock was released: another thread can run the model.
+        done = []
+        worker = threading.Thread(target=lambda: done.append(owner.lock.acquire(timeout=5) and owner.lock.release()))
+        worker.start()
+        worker.join()
+        assert done == [None]
+        got = output(model, more)  # computed again, not served half-written entries
+        assert llmcache.stats(model).hits == 0
+        again = output(model, more)  # now stored at every layer
+    assert torch.equal(got, want) and torch.equal(again[real(more)], want[real(more)])
+    assert llmcache.stats(model).hits == 2 * 3
+
+
+def test_semantic_tier_keeps_one_index_per_layer(gen):
+    model = tiny_model("bert")
+    with torch.inference_mode():
+        llmcache.accelerate(model, threshold=0.99)
+        output(model, batch("bert", [6, 6], gen))
+    banks = [layer.bank for layer in llmcache.api._owner(model).layers.values()]
+    assert all(b.index is b for b in banks)

@@ -30,6 +30,8 @@ def test_round_trip_serves_the_saved_entries(tmp_path, gen):
         want = output(fresh, inputs)
         llmcache.accelerate(fresh)
         llmcache.load(fresh, path)
+        banks = [layer.bank for layer in llmcache.api._owner(fresh).layers.values()]
+        assert all(b.index is banks[0] for b in banks)  # the layers share one index again
         got = output(fresh, inputs)
         with llmcache.namespace("a"):
             output(fresh, inputs)

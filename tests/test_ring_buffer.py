@@ -125,3 +125,17 @@ def test_an_insert_spanning_unused_and_used_slots_counts_evictions(gen):
     rb.reset()
     again, _, _ = put(rb, [7], gen)
     assert again.tolist() == [0] and rb.occupied == 1
+
+
+def test_overwriting_a_slot_zeroes_whatever_the_new_entry_does_not_cover(gen):
+    rb = bank(capacity=1, seq=4)
+    slot = torch.tensor([0])
+    for seq, align_end in [(4, False), (2, False), (1, True), (3, False), (2, True), (4, True), (1, False)]:
+        states = torch.randn(1, seq, 5, generator=gen) + 10  # never zero
+        rb.write_values(slot, states, align_end)
+        want = torch.zeros(4, 5)
+        if align_end:
+            want[4 - seq :] = states[0]
+        else:
+            want[:seq] = states[0]
+        assert torch.equal(rb.values[0], want), (seq, align_end)
