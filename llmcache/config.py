@@ -33,7 +33,10 @@ class CacheConfig:
             (lowest decayed match rate, half-life `staleness_half_life` ticks) or "divergence"
             (highest measured reuse deviation first, then LRU).
         mode: "state" serves the cached h_l (the paper); "residual" adds the cached update
-            h_l - h_{l-1} to the row's own input. Identical for exact hits.
+            h_l - h_{l-1} to the row's own input. Exact hits are bit-identical in "state" mode
+            only ("residual" reproduces them up to rounding), which is why "state" is the
+            default; with a threshold, "residual" lost fewer STS-B Spearman points at every tau
+            of the sweep (bench/results/experiments/experiments-sweep.md) and no more perplexity.
         exact: the exact tier: rows whose token ids (and length and namespace) equal a cached
             row's reuse it, bit-identical to recomputing in the same padded shape.
         fingerprint: "embeddings" (mean of the input token embeddings, as in the paper, computed
