@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +87,13 @@ class Plan:
     rows: torch.Tensor  # int64 [M]: rows inserted by the first layer
     slots: torch.Tensor  # int64 [M]: their slots
     evictions: int  # valid entries that insert overwrote
+    _host_slots: np.ndarray | None = None
+
+    def host_slots(self) -> np.ndarray:
+        """`slots` on the host, copied once per forward for all the layers that write them."""
+        if self._host_slots is None:
+            self._host_slots = self.slots.cpu().numpy()
+        return self._host_slots
 
 
 @dataclass
@@ -253,10 +261,11 @@ class ModelCache:
         source = torch.where(cacheable, first_index(keys), rows)
         own = source == rows
         store = cacheable & own
+        n_cacheable = int(cacheable.sum())
         ctx = ForwardContext(
             mask=mask, tags=tags, keys=keys, cacheable=cacheable, store=store, rows=rows, source=source, own=own,
-            n_repeats=int(cacheable.sum()) - int(store.sum()), align_end=left_padded, kv_cache=kv_cache,
-            n_cacheable=int(cacheable.sum()),
+            n_repeats=n_cacheable - int(store.sum()), align_end=left_padded, kv_cache=kv_cache,
+            n_cacheable=n_cacheable,
         )
         if self.lockstep:
             self.lock.acquire()  # released by end(), which the base model's hook always calls
@@ -295,7 +304,7 @@ class ModelCache:
         ctx.broken = True
         if ctx.plan is not None and ctx.plan.slots.numel():
             ctx.plan.index.evict(ctx.plan.slots)
-            ctx.plan = dataclasses.replace(ctx.plan, rows=ctx.plan.rows[:0], slots=ctx.plan.slots[:0])
+            ctx.plan = dataclasses.replace(ctx.plan, rows=ctx.plan.rows[:0], slots=ctx.plan.slots[:0], _host_slots=None)
 
 
 def _is_dynamic(kv_cache) -> bool:
@@ -514,7 +523,7 @@ class CachedLayer:
         if not bool(finite.all()):
             # A state that cannot be stored at this layer: its entry goes, in every layer.
             plan.index.evict(plan.slots[~finite])
-        self.bank.write_values(plan.slots, source, ctx.align_end)
+        self.bank.write_values(plan.slots, source, ctx.align_end, plan.host_slots())
         self.stats.insertions += int(finite.sum())
         self.stats.evictions += plan.evictions
 

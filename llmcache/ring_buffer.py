@@ -274,17 +274,20 @@ class RingBuffer:
         self.divergence.index_fill_(0, slots, 0.0)
         return (rows, slots) if return_rows else slots
 
-    def write_values(self, slots: torch.Tensor, source: torch.Tensor, align_end: bool) -> None:
+    def write_values(
+        self, slots: torch.Tensor, source: torch.Tensor, align_end: bool, host_slots: np.ndarray | None = None
+    ) -> None:
         """Overwrite the stored states of `slots` (int64 [M]) with `source` ([M, T, *F], the bank's
         dtype): the row's positions, and zeros over the rest of the entry. Metadata untouched (a
-        bank sharing an index writes its layer's states for slots the index's owner inserted)."""
+        bank sharing an index writes its layer's states for slots the index's owner inserted).
+        `host_slots`: the same slots as a numpy array, when the caller already has them on the host."""
         if slots.numel() == 0:
             return
         seq, stored = source.shape[1], self.values.shape[1]
         span = min(seq, stored)
         start, stop = (stored - span, stored) if align_end else (0, span)
         self.values[:, start:stop].index_copy_(0, slots, source[:, seq - span :] if align_end else source[:, :span])
-        host = slots.cpu().numpy()
+        host = slots.cpu().numpy() if host_slots is None else host_slots
         lo, hi = int(self.dirty[host, 0].min()), int(self.dirty[host, 1].max())
         if lo < start:
             self.values[:, lo:start].index_fill_(0, slots, 0)
