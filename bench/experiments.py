@@ -283,6 +283,20 @@ def timed_pass(model, encoded: list[dict], device: str, readout: Callable) -> tu
     return spent, torch.cat(outs)
 
 
+def cached_pass(model, encoded: list[dict], device: str, readout: Callable, config: llmcache.CacheConfig,
+                runner=None) -> tuple[float, torch.Tensor, llmcache.CacheStats]:
+    """One timed pass with `model` accelerated by `config` from fresh banks (torch seed 0, so sampled
+    verifications repeat), then disabled: (seconds, readouts, stats). `runner`: the module to call
+    (default the model itself; e.g. its base model to read hidden states)."""
+    torch.manual_seed(0)
+    llmcache.accelerate(model, config)
+    try:
+        seconds, outputs = timed_pass(runner or model, encoded, device, readout)
+        return seconds, outputs, llmcache.stats(model)
+    finally:
+        llmcache.disable(model)
+
+
 # ---------------------------------------------------------------- latency
 
 
@@ -358,13 +372,7 @@ def hitrate(args, device: str) -> dict:
             _, base, _ = llmcache.adapters.resolve(model)  # hidden states, not logits: hit rates are the same
             with torch.inference_mode():
                 _, uncached = timed_pass(base, encoded, device, mean_pooled)
-                torch.manual_seed(0)
-                llmcache.accelerate(model, config)
-                try:
-                    seconds, cached = timed_pass(base, encoded, device, mean_pooled)
-                    stats = llmcache.stats(model)
-                finally:
-                    llmcache.disable(model)
+                seconds, cached, stats = cached_pass(model, encoded, device, mean_pooled, config, runner=base)
             deviation = 1 - torch.nn.functional.cosine_similarity(cached.double(), uncached.double(), dim=1)
             by_kind = {}
             for kind in ("new", "repeat", "near"):
@@ -464,13 +472,7 @@ def sweep_task(model, encoded: list[dict], device: str, readout: Callable, capac
         runs = []
         for label, tau, mode in sweep_configs():
             config = llmcache.CacheConfig(threshold=tau, mode=mode, capacity=capacity, max_bytes=None)
-            torch.manual_seed(0)
-            llmcache.accelerate(model, config)
-            try:
-                seconds, outputs = timed_pass(model, encoded, device, readout)
-                stats = llmcache.stats(model)
-            finally:
-                llmcache.disable(model)
+            seconds, outputs, stats = cached_pass(model, encoded, device, readout, config)
             runs.append({"label": label, "tau": tau, "mode": mode, "on_s": seconds, "outputs": outputs,
                          "hit_rate": stats.hit_rate, "exact_rate": stats.exact_hits / max(stats.lookups, 1),
                          "semantic_rate": stats.semantic_hits / max(stats.lookups, 1), "verified": stats.verified,
@@ -684,13 +686,8 @@ def heldout(args, device: str) -> dict:
                 model(**enc)
             off_s, reference = timed_pass(model, encoded, device, mean_pooled)
             for label, tau in configs:
-                torch.manual_seed(0)
-                llmcache.accelerate(model, threshold=tau, capacity=rows, max_bytes=None)
-                try:
-                    on_s, outputs = timed_pass(model, encoded, device, mean_pooled)
-                    stats = llmcache.stats(model)
-                finally:
-                    llmcache.disable(model)
+                config = llmcache.CacheConfig(threshold=tau, capacity=rows, max_bytes=None)
+                on_s, outputs, stats = cached_pass(model, encoded, device, mean_pooled, config)
                 fidelity = torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=1)
                 below = float((fidelity < 0.99).double().mean())
                 results.append({"stream": stream_name, "config": label, "tau": tau, "rows": len(stream),
