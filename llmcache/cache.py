@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,20 @@ class Plan:
 
 
 @dataclass
+class Route:
+    """Which rows of a batch a cached layer runs, and how its output is merged. In lockstep the
+    first cached layer's route serves every other cached layer of the forward: they hit on the
+    same slots, so they compute the same rows (see `CachedLayer._cached_forward`)."""
+
+    compute: torch.Tensor  # bool [B]: rows the block runs on
+    n_compute: int
+    rows: torch.Tensor  # int64 [M]: those rows, ascending
+    slot: torch.Tensor | None = None  # int64 [B]: the bank slot a served row reads, -1 where computed
+    row_of: torch.Tensor | None = None  # int64 [B]: a computed row's place among `rows` (a repeat: its source's)
+    sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its `rows`): each sliced once
+
+
+@dataclass
 class ForwardContext:
     """What one forward pass of the base model knows about its rows."""
 
@@ -114,6 +129,7 @@ class ForwardContext:
     kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
     n_cacheable: int = 0
     plan: Plan | None = None  # lockstep: what the first cached layer decided, for the others
+    route: Route | None = None  # lockstep: the first cached layer's routing, for the others
     locked: bool = False  # this forward holds the model's lock from begin to end (lockstep)
     broken: bool = False  # a cached layer ran uncached: later layers must not insert (lockstep)
     _zero_codes: torch.Tensor | None = None
@@ -169,14 +185,20 @@ class _CapturingKV:
         return getattr(self.real, name)
 
 
-def _slice_rows(value, rows: torch.Tensor, batch: int):
-    """Rows of every batch-major tensor (ndim >= 2, size(0) == batch) in an argument tree."""
+def _slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
+    """Rows of every batch-major tensor (ndim >= 2, size(0) == batch) in an argument tree. `memo`
+    keeps each slice for `rows`: the layers of one forward pass the same masks to every block."""
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, rows) if value.dim() >= 2 and value.shape[0] == batch else value
+        if value.dim() < 2 or value.shape[0] != batch:
+            return value
+        seen = memo.get(id(value))
+        if seen is None or seen[0] is not value:
+            seen = memo[id(value)] = (value, value.index_select(0, rows))
+        return seen[1]
     if isinstance(value, tuple):
-        return tuple(_slice_rows(v, rows, batch) for v in value)
+        return tuple(_slice_rows(v, rows, batch, memo) for v in value)
     if isinstance(value, list):
-        return [_slice_rows(v, rows, batch) for v in value]
+        return [_slice_rows(v, rows, batch, memo) for v in value]
     return value
 
 
@@ -369,12 +391,13 @@ class CachedLayer:
         self.stats.fingerprint_s += time.perf_counter() - start
         return codes
 
-    def _run(self, hidden, args, kwargs, rows, batch, ctx):
-        """Run the original block on `rows` (None: all); returns (hidden_out, entry [M, T, F], capture)."""
-        if rows is not None:
+    def _run(self, hidden, args, kwargs, route: Route | None, batch, ctx):
+        """Run the original block on `route.rows` (None: all); returns (output, hidden_out [M, T, H], capture)."""
+        if route is not None:
+            rows = route.rows
             hidden = hidden.index_select(0, rows)
-            args = _slice_rows(args, rows, batch)
-            kwargs = {k: _slice_rows(v, rows, batch) for k, v in kwargs.items()}
+            args = _slice_rows(args, rows, batch, route.sliced)
+            kwargs = {k: _slice_rows(v, rows, batch, route.sliced) for k, v in kwargs.items()}
         capture = None
         if self.owner.adapter.decoder:
             # Whether the block takes its KV cache by position or by name, hand it the stand-in.
@@ -438,31 +461,31 @@ class CachedLayer:
         hidden_size = hidden_states.shape[-1]
         plan = self._plan_to_follow(ctx)
         self.stats.lookups += ctx.n_cacheable
-        if plan is not None:
-            codes, slot, served_semantic, verify = None, plan.slot, None, None
+        codes = served_semantic = verify = None
+        if plan is not None and ctx.route is not None:
+            # Lockstep: this layer hits on the first layer's slots, so it runs the same rows. (Its
+            # input needs no NaN check of its own: a served row's input is what the bank served,
+            # finite by construction, and a computed row is computed anyway.)
+            slot, route = plan.slot, ctx.route
         else:
-            semantic = self.threshold is not None and self.stats.semantic_enabled
-            codes = self._codes(ctx, hidden_states) if semantic else None
-            slot, served_semantic, verify = self._lookup(ctx, codes)
-        # A row whose input carries NaN/Inf is computed (and, being non-finite, never stored); a
-        # repeat of an earlier row of the batch that missed takes that row's computed states.
-        miss = slot < 0
-        if ctx.n_repeats:
-            miss = miss & ctx.own
-        compute = miss | ~torch.isfinite(hidden_states.sum(dim=(1, 2), dtype=torch.float32))
-        if verify is not None:
-            compute = compute | verify
-        fresh = compute if verify is None else compute & ~verify  # computed rows that are new to the bank
-        n_compute = int(compute.sum())
+            if plan is not None:
+                slot = plan.slot
+            else:
+                semantic = self.threshold is not None and self.stats.semantic_enabled
+                codes = self._codes(ctx, hidden_states) if semantic else None
+                slot, served_semantic, verify = self._lookup(ctx, codes)
+            route = self._route(ctx, slot, hidden_states, verify)
+            if ctx.locked and self.first:
+                ctx.route = route
+        n_compute = route.n_compute
         if n_compute == batch:
             # Every row computes: the block runs exactly as uncached.
             output, out, capture = self._run(hidden_states, args, kwargs, None, batch, ctx)
-            merged = self._entry(out, capture)
+            merged = computed = self._entry(out, capture)
         else:
-            rows = compute.nonzero().flatten()
             output, capture = None, None
             if n_compute:
-                output, out, capture = self._run(hidden_states, args, kwargs, rows, batch, ctx)
+                output, out, capture = self._run(hidden_states, args, kwargs, route, batch, ctx)
                 computed = self._entry(out, capture)
                 if self.bank is None:  # an empty cache whose batch repeats a row: the first insert comes next
                     with owner.lock:
@@ -470,15 +493,12 @@ class CachedLayer:
                 computed = computed.to(self.bank.values.dtype)
             else:
                 computed = self.bank.values.new_empty((0, hidden_states.shape[1]) + tuple(self.bank.values.shape[2:]))
-            served = ~compute
-            self._count_hits(served, served_semantic, batch - n_compute)
-            row_of = (compute.long().cumsum(0) - 1).clamp_min(0)
-            if ctx.n_repeats:
-                row_of = row_of.index_select(0, torch.where(compute, ctx.rows, ctx.source))
-            merged = self.bank.gather(torch.where(compute, -1, slot), computed, row_of, ctx.align_end)
+            self._count_hits(route.compute, served_semantic, batch - n_compute)
+            # A follower's reads need no LRU stamp: the first layer stamped these slots this forward.
+            merged = self.bank.gather(route.slot, computed, route.row_of, ctx.align_end, stamp=plan is None)
             if cfg.mode == "residual":
                 merged = merged.clone()
-                merged[..., :hidden_size] += hidden_states * served.view(-1, 1, 1).to(merged.dtype)
+                merged[..., :hidden_size] += hidden_states * (~route.compute).view(-1, 1, 1).to(merged.dtype)
         self._write_kv(ctx, merged, capture, hidden_size)
         if verify is not None and bool(verify.any()):
             self._measure(slot, verify, merged, hidden_states, ctx)
@@ -487,9 +507,10 @@ class CachedLayer:
                 self._allocate(merged, plan)
         if plan is not None and self.bank.index is plan.index:
             if plan.rows.numel():
-                self._write_planned(ctx, plan, hidden_states, merged, hidden_size)
+                self._write_planned(ctx, plan, route, hidden_states, merged, computed, hidden_size)
         elif n_compute and not ctx.broken and (not ctx.locked or self.first or ctx.plan is not None):
             # (Lockstep without a plan: only the first layer may insert into the shared index.)
+            fresh = route.compute if verify is None else route.compute & ~verify  # new to the bank
             self._insert(ctx, hidden_states, merged, hidden_size, codes, fresh, slot)
         elif ctx.locked and self.first and ctx.plan is None and self.bank is not None and not ctx.broken:
             ctx.plan = Plan(self.bank.index, slot, slot[:0], slot[:0], 0)  # nothing to insert: hits only
@@ -497,6 +518,30 @@ class CachedLayer:
             return output
         hidden = merged[..., :hidden_size].to(hidden_states.dtype)
         return hidden if output is None else self._pack(output, hidden)
+
+    @staticmethod
+    def _route(ctx: ForwardContext, slot: torch.Tensor, hidden_states: torch.Tensor, verify) -> Route:
+        """The rows to run: misses, rows whose input carries NaN/Inf (computed and, being non-finite,
+        never stored) and sampled hits to verify; a repeat of an earlier row of the batch that
+        missed takes that row's computed states instead."""
+        compute = slot < 0
+        if ctx.n_repeats:
+            compute = compute & ctx.own
+        if verify is not None:
+            compute = compute | verify
+        # One host read for the count and a finiteness check of the whole input: only a
+        # non-finite total needs the per-row check.
+        counted, total = torch.stack([compute.sum(dtype=torch.float32), hidden_states.sum(dtype=torch.float32)]).tolist()
+        n_compute = int(counted)
+        if not math.isfinite(total):
+            compute = compute | ~torch.isfinite(hidden_states.sum(dim=(1, 2), dtype=torch.float32))
+            n_compute = int(compute.sum())
+        if n_compute == ctx.batch:
+            return Route(compute, n_compute, ctx.rows)
+        row_of = (compute.long().cumsum(0) - 1).clamp_min(0)
+        if ctx.n_repeats:
+            row_of = row_of.index_select(0, torch.where(compute, ctx.rows, ctx.source))
+        return Route(compute, n_compute, compute.nonzero().flatten(), torch.where(compute, -1, slot), row_of)
 
     def _plan_to_follow(self, ctx: ForwardContext) -> Plan | None:
         """Lockstep: the plan of this forward's first cached layer, when this layer's bank shares
@@ -512,19 +557,25 @@ class CachedLayer:
             return None
         return plan
 
-    def _write_planned(self, ctx, plan: Plan, hidden_in, entry, hidden_size) -> None:
-        """Lockstep follower: this layer's states for the rows the first layer inserted."""
+    def _write_planned(self, ctx, plan: Plan, route: Route, hidden_in, merged, computed, hidden_size) -> None:
+        """Lockstep follower: this layer's states for the rows the first layer inserted (all the
+        rows it computed, unless some were not storable: then picked from `merged`)."""
+        rows = plan.rows
+        source = computed if rows.numel() == route.n_compute else merged.index_select(0, rows)
         if self.owner.config.mode == "residual":
-            entry = entry.clone()
-            entry[..., :hidden_size] -= hidden_in.to(entry.dtype)
-        source = entry if plan.rows.numel() == entry.shape[0] else entry.index_select(0, plan.rows)
+            source = source.clone()
+            source[..., :hidden_size] -= (hidden_in if rows.numel() == ctx.batch else hidden_in.index_select(0, rows)).to(
+                source.dtype
+            )
         source = source.to(self.bank.values.dtype)
-        finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
-        if not bool(finite.all()):
+        n_finite = rows.numel()
+        if not math.isfinite(float(source.sum(dtype=torch.float32))):
             # A state that cannot be stored at this layer: its entry goes, in every layer.
+            finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
+            n_finite = int(finite.sum())
             plan.index.evict(plan.slots[~finite])
         self.bank.write_values(plan.slots, source, ctx.align_end, plan.host_slots())
-        self.stats.insertions += int(finite.sum())
+        self.stats.insertions += n_finite
         self.stats.evictions += plan.evictions
 
     def _lookup(self, ctx: ForwardContext, codes):
@@ -549,9 +600,9 @@ class CachedLayer:
         self.stats.lookup_s += time.perf_counter() - start
         return slot, served_semantic, verify
 
-    def _count_hits(self, served, served_semantic, n_served: int) -> None:
+    def _count_hits(self, compute, served_semantic, n_served: int) -> None:
         self.stats.hits += n_served
-        n_semantic = int((served_semantic & served).sum()) if served_semantic is not None else 0
+        n_semantic = int((served_semantic & ~compute).sum()) if served_semantic is not None else 0
         self.stats.semantic_hits += n_semantic
         self.stats.exact_hits += n_served - n_semantic
 

@@ -188,19 +188,35 @@ class RingBuffer:
         return ops.hamming_topk(queries, bank, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend)
 
     # ---- read --------------------------------------------------------------------------
-    def gather(self, slot: torch.Tensor, computed: torch.Tensor, row: torch.Tensor, align_end: bool) -> torch.Tensor:
-        """out[r] = entry slot[r] (a hit) or computed[row[r]] (a miss): [B, T, *F]."""
-        args = (self.values, slot, computed, row, self.last_used, self.hit_count, self.tick, align_end)
+    def gather(
+        self, slot: torch.Tensor, computed: torch.Tensor, row: torch.Tensor, align_end: bool, stamp: bool = True
+    ) -> torch.Tensor:
+        """out[r] = entry slot[r] (a hit) or computed[row[r]] (a miss): [B, T, *F]. With `stamp`
+        the slots read count as used now (LRU stamp, hit count, staleness rate); without, they are
+        read only (a bank sharing an index whose owner already stamped them this forward)."""
+        if stamp:
+            last_used, hit_count = self.last_used, self.hit_count
+        else:
+            last_used, hit_count = self.index._scratch()
+        args = (self.values, slot, computed, row, last_used, hit_count, self.tick, align_end)
         if self._direct:
             out = torch.ops.llmcache.gather_with_mask(*args)
         else:
             out = ops.gather_with_mask(*args, backend=self.backend)
-        if self.eviction == "staleness":
+        if stamp and self.eviction == "staleness":
             hit_slots = slot[slot >= 0]
             self.rate[hit_slots] = self._decayed_rate(hit_slots)
             self.rate_tick[hit_slots] = self.tick
             self.rate.index_add_(0, hit_slots, torch.ones_like(hit_slots, dtype=torch.float32))
         return out
+
+    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two int64 [N] tensors that a read-only gather stamps instead of the real metadata."""
+        meta = getattr(self, "_scratch_meta", None)
+        if meta is None or meta[0].shape != self.last_used.shape or meta[0].device != self.last_used.device:
+            with torch.inference_mode(False), torch.no_grad():
+                self._scratch_meta = (torch.empty_like(self.last_used), torch.zeros_like(self.hit_count))
+        return self._scratch_meta
 
     def _decayed_rate(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         rate = self.rate if slots is None else self.rate[slots]
@@ -253,8 +269,8 @@ class RingBuffer:
             rows = rows.index_select(0, first_of_key(keys.index_select(0, rows)).nonzero().flatten())
         rows = rows[: self.capacity]
         source = states if rows.numel() == batch else states.index_select(0, rows)
-        finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
-        if not bool(finite.all()):
+        if not math.isfinite(float(source.sum(dtype=torch.float32))):  # (one reduction when all are finite)
+            finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
             rows, source = rows[finite], source[finite]
         if rows.numel() == 0:
             return (rows, rows) if return_rows else rows
@@ -286,7 +302,9 @@ class RingBuffer:
         seq, stored = source.shape[1], self.values.shape[1]
         span = min(seq, stored)
         start, stop = (stored - span, stored) if align_end else (0, span)
-        self.values[:, start:stop].index_copy_(0, slots, source[:, seq - span :] if align_end else source[:, :span])
+        if span != seq:
+            source = source[:, seq - span :] if align_end else source[:, :span]
+        (self.values if span == stored else self.values[:, start:stop]).index_copy_(0, slots, source)
         host = slots.cpu().numpy() if host_slots is None else host_slots
         lo, hi = int(self.dirty[host, 0].min()), int(self.dirty[host, 1].max())
         if lo < start:

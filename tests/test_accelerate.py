@@ -401,6 +401,19 @@ def test_exact_tier_layers_share_one_index_and_a_failed_forward_leaves_no_half_e
     assert llmcache.stats(model).hits == 2 * 3
 
 
+def test_lockstep_counts_a_served_entry_once_per_forward(gen):
+    model = tiny_model("bert")
+    inputs = batch("bert", [6, 6], gen)
+    with torch.inference_mode():
+        llmcache.accelerate(model)
+        for _ in range(3):
+            output(model, inputs)
+    index = llmcache.api._owner(model).shared_index
+    # Two forwards read each entry, at three layers: the first layer stamps, the others only read.
+    assert index.hit_count[index.valid].tolist() == [2, 2]
+    assert index.last_used[index.valid].tolist() == [2, 2]
+
+
 def test_semantic_tier_keeps_one_index_per_layer(gen):
     model = tiny_model("bert")
     with torch.inference_mode():
