@@ -351,6 +351,15 @@ class CachedLayer:
         if owner.adapter.decoder and not names:
             raise ValueError(f"{type(module).__name__}.forward takes no KV cache argument: cannot cache a decoder block")
         self._cache_param = names[0] if names else None
+        # Where the block takes its KV cache positionally: its index in `args` (after the hidden
+        # states), or None when it is keyword-only.
+        self._cache_index = None
+        if self._cache_param is not None:
+            params = list(self._signature.parameters.values())
+            param = self._signature.parameters[self._cache_param]
+            positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            if param.kind in positional and all(p.kind in positional for p in params[: params.index(param)]):
+                self._cache_index = params.index(param) - 1
         self._kv_layout = None  # (kv heads, head dim, dtype) of this block's K/V, once seen
         self._divergence_samples = 0
         self.first = position == 0  # lockstep: the layer that looks up and inserts for all
@@ -402,9 +411,11 @@ class CachedLayer:
         if self.owner.adapter.decoder:
             # Whether the block takes its KV cache by position or by name, hand it the stand-in.
             capture = _CapturingKV(ctx.kv_cache)
-            bound = self._signature.bind(hidden, *args, **kwargs)
-            bound.arguments[self._cache_param] = capture
-            hidden, args, kwargs = bound.args[0], bound.args[1:], bound.kwargs
+            index = self._cache_index
+            if index is not None and index < len(args):
+                args = args[:index] + (capture,) + args[index + 1 :]
+            else:
+                kwargs = {**kwargs, self._cache_param: capture}
         output = self.original_forward(hidden, *args, **kwargs)
         out = output[0] if isinstance(output, tuple) else output
         return output, out, capture
