@@ -1,14 +1,16 @@
 """End-to-end: a query stream in batches through a model with the cache off and on, same process.
 
     python -m bench.e2e [--model minilm|smollm2|bert-base|gpt2] [--rows 512] [--batch 32]
-                               [--repeats 3] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+                               [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
                                [--data DIR] [--out DIR]
 
 Streams (llmcache.streams, seeded): "repeat" — 70 % of rows repeat an earlier row of the stream
 exactly; "unique" — no repeats at all. Sentences are STS-B test sentences (first column), so the
 token counts are those of real text (without the data directory: the packaged demo corpus, whose
-~575 distinct queries allow a unique stream of that many rows at most). Each stream runs `--repeats` times per mode; "on" starts
-each repeat from an empty cache, so its hit rates are the stream's own. Times are medians.
+~575 distinct queries allow a unique stream of that many rows at most). Each stream runs
+`--repeats` passes, each from an empty cache (so its hit rates are the stream's own), in which
+every batch runs uncached and cached back to back; the speedup is the median over passes of
+off / on, and times are medians.
 
 Reported per stream: the measured hit rate per cached layer, the ideal speedup those hit rates
 allow (Amdahl: only the skipped block time goes, with each block's share of the time measured by
@@ -167,19 +169,37 @@ def cached_breakdown(model, encoded, device: str) -> dict:
             "other_s": total - spent["cached"]}
 
 
+def paired_pass(model, encoded: list[dict], device: str, flip: bool) -> tuple[float, float]:
+    """One pass over the stream from empty banks in which every batch runs uncached (bypass) and
+    cached back to back, in alternating order: (uncached seconds, cached seconds). Pairing per
+    batch keeps both sides under the same machine load (on a shared machine a whole uncached
+    pass moves by 20 % between passes a minute apart)."""
+    llmcache.reset(model)
+    spent = {False: 0.0, True: 0.0}
+    for j, enc in enumerate(encoded):
+        for cached in (True, False) if (j + flip) % 2 else (False, True):
+            sync(device)
+            start = time.perf_counter()
+            if cached:
+                model(**enc)
+            else:
+                with llmcache.bypass(model):
+                    model(**enc)
+            sync(device)
+            spent[cached] += time.perf_counter() - start
+    return spent[False], spent[True]
+
+
 def measure(model, encoded, device: str, repeats: int, config: llmcache.CacheConfig) -> dict:
-    """Off and on, interleaved, medians. The banks are allocated once ("cold": the first run after
-    accelerate, which also pays the first touch of the bank memory) and emptied with reset()
-    before every measured run, as in a long-running server."""
+    """Off and on paired per batch (see paired_pass); the speedup is the median over passes of
+    each pass's off / on. The banks are allocated once ("cold": the first run after accelerate,
+    which also pays the first touch of the bank memory) and emptied with reset() before every
+    measured pass, as in a long-running server."""
     run_stream(model, encoded, device)  # warm-up: every batch shape once
     llmcache.accelerate(model, config)
     cold = run_stream(model, encoded, device)
-    off, on = [], []
-    for _ in range(repeats):
-        with llmcache.bypass(model):
-            off.append(run_stream(model, encoded, device))
-        llmcache.reset(model)
-        on.append(run_stream(model, encoded, device))
+    pairs = [paired_pass(model, encoded, device, flip=bool(i % 2)) for i in range(repeats)]
+    off, on = [p[0] for p in pairs], [p[1] for p in pairs]
     stats = llmcache.stats(model)
     # Medians per part over as many split runs as timed pairs: one run's compute time swings
     # by 10-15 % on a shared machine, and the no-bookkeeping bound below divides by it.
@@ -194,7 +214,7 @@ def measure(model, encoded, device: str, repeats: int, config: llmcache.CacheCon
     hooked_total = layers.pop()
     skippable = sum(h * layers[s.layer] / hooked_total for h, s in zip(hit_rates, stats.layers))
     ideal = 1.0 / max(1.0 - skippable, 1e-9)
-    reached = total_off / statistics.median(on)
+    reached = statistics.median(o / n for o, n in pairs)
     # What a cache with no bookkeeping at all would reach: the uncached time outside the blocks
     # plus the measured time of running the blocks on the miss rows only (small sub-batches run
     # below the full batch's per-row efficiency, which Amdahl's ideal does not see).
