@@ -58,3 +58,7 @@ def test_e2e_measure_accounts_for_the_cached_time(family, gen):
     assert b["compute_s"] > 0 and b["bookkeeping_s"] >= 0 and b["other_s"] >= 0
     assert b["compute_s"] + b["bookkeeping_s"] + b["other_s"] == pytest.approx(b["total_s"])
     assert r["ideal_speedup"] > 1 and r["speedup"] > 0 and r["no_bookkeeping_speedup"] > 0
+    assert len(r["off_all"]) == len(r["on_all"]) == 2  # one paired pass per repeat
+    sc = r["block_scaling"]
+    assert sc["rows"] == [1, 2, 4] and all(t > 0 for t in sc["ms"]) and 0 <= sc["fixed_share"] <= 1
+    assert 1 <= r["ideal_with_fixed_block_cost"] <= r["ideal_speedup"]
