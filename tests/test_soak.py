@@ -30,7 +30,10 @@ def test_100k_requests_stay_within_the_budget(gen):
             held = llmcache.stats(model).bytes
             peak_bank = max(peak_bank, held)
             assert held <= budget
-            if step == 10:
+            if step == 30:
+                # After the allocator has seen the batch's range of sub-batch sizes: glibc's heap
+                # grows by up to ~50 MB of fragmentation over the first few dozen batches, then
+                # stays flat (measured); a per-forward leak would keep growing after this.
                 baseline = rss_bytes()
     st = llmcache.stats(model)
     assert st.lookups == requests * 3
