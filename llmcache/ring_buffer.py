@@ -4,7 +4,8 @@ All tensors are allocated once, on the model's device, and overwritten in place:
 evicts, it never grows. Per slot it keeps the SimHash code, the exact-tier key, the match tag
 (token count, namespace, padding side), the stored states and the eviction metadata.
 Lookups run `hamming_topk`; reads run the fused `gather_with_mask`, which also stamps
-last_used and counts hits.
+last_used and counts hits (a bank sharing another's index reads without stamping: the index's
+owner stamped those slots already in the same forward).
 """
 
 from __future__ import annotations
