@@ -147,7 +147,7 @@ def block_scaling(model, enc: dict, device: str, calls: int = 15) -> dict:
     of one batch (r = 1, B/4, B/2, B; medians of `calls` calls), and a least-squares line
     time = fixed + per_row * r. Amdahl's ideal assumes a block on M of B rows costs M/B of the
     full call; the fixed part (the block's Python, op dispatch, thread start-up) stays."""
-    _, _, blocks = llmcache.adapters.resolve(model)
+    adapter, _, blocks = llmcache.adapters.resolve(model)
     seen = {}
 
     def capture(module, args, kwargs):
@@ -156,7 +156,7 @@ def block_scaling(model, enc: dict, device: str, calls: int = 15) -> dict:
 
     handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        model(**enc, **({"use_cache": False} if llmcache.adapters.resolve(model)[0].decoder else {}))
+        model(**enc, **({"use_cache": False} if adapter.decoder else {}))
     except _Captured:
         pass
     finally:

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import ops
 from .config import CacheConfig
-from .ring_buffer import RingBuffer, first_index, make_tag, tag_fits
+from .ring_buffer import RingBuffer, finite_rows, first_index, make_tag, tag_fits
 
 _namespace_stack = threading.local()
 
@@ -473,18 +473,16 @@ class CachedLayer:
         plan = self._plan_to_follow(ctx)
         self.stats.lookups += ctx.n_cacheable
         codes = served_semantic = verify = None
-        if plan is not None and ctx.route is not None:
-            # Lockstep: this layer hits on the first layer's slots, so it runs the same rows. (Its
-            # input needs no NaN check of its own: a served row's input is what the bank served,
-            # finite by construction, and a computed row is computed anyway.)
+        if plan is not None:
+            # Lockstep: this layer hits on the first layer's slots, so it runs the same rows (the
+            # first layer set ctx.route before its plan). Its input needs no NaN check of its own:
+            # a served row's input is what the bank served, finite by construction, and a computed
+            # row is computed anyway.
             slot, route = plan.slot, ctx.route
         else:
-            if plan is not None:
-                slot = plan.slot
-            else:
-                semantic = self.threshold is not None and self.stats.semantic_enabled
-                codes = self._codes(ctx, hidden_states) if semantic else None
-                slot, served_semantic, verify = self._lookup(ctx, codes)
+            semantic = self.threshold is not None and self.stats.semantic_enabled
+            codes = self._codes(ctx, hidden_states) if semantic else None
+            slot, served_semantic, verify = self._lookup(ctx, codes)
             route = self._route(ctx, slot, hidden_states, verify)
             if ctx.locked and self.first:
                 ctx.route = route
@@ -580,9 +578,9 @@ class CachedLayer:
             )
         source = source.to(self.bank.values.dtype)
         n_finite = rows.numel()
-        if not math.isfinite(float(source.sum(dtype=torch.float32))):
+        finite = finite_rows(source)
+        if finite is not None:
             # A state that cannot be stored at this layer: its entry goes, in every layer.
-            finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
             n_finite = int(finite.sum())
             plan.index.evict(plan.slots[~finite])
         self.bank.write_values(plan.slots, source, ctx.align_end, plan.host_slots())

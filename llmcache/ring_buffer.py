@@ -270,8 +270,8 @@ class RingBuffer:
             rows = rows.index_select(0, first_of_key(keys.index_select(0, rows)).nonzero().flatten())
         rows = rows[: self.capacity]
         source = states if rows.numel() == batch else states.index_select(0, rows)
-        if not math.isfinite(float(source.sum(dtype=torch.float32))):  # (one reduction when all are finite)
-            finite = torch.isfinite(source.sum(dim=tuple(range(1, source.dim())), dtype=torch.float32))
+        finite = finite_rows(source)
+        if finite is not None:
             rows, source = rows[finite], source[finite]
         if rows.numel() == 0:
             return (rows, rows) if return_rows else rows
@@ -313,6 +313,15 @@ class RingBuffer:
         if hi > stop:
             self.values[:, stop:hi].index_fill_(0, slots, 0)
         self.dirty[host] = (start, stop)
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """None when every value of `x` ([M, ...]) is finite, else bool [M]: which rows are. One
+    whole-tensor reduction and host read in the common case; per-row sums only when its total
+    is not finite (a NaN/Inf anywhere, or an overflow the per-row check then tells apart)."""
+    if math.isfinite(float(x.sum(dtype=torch.float32))):
+        return None
+    return torch.isfinite(x.sum(dim=tuple(range(1, x.dim())), dtype=torch.float32))
 
 
 def first_index(keys: torch.Tensor) -> torch.Tensor:
