@@ -10,15 +10,18 @@ and `build_info()` says what is in use.
 
 from . import ops
 from ._build_info import __version__, build_info
-from .api import CacheStats, accelerate, bypass, cached, disable, is_accelerated, reset, stats
-from .cache import LayerStats, namespace
+from .api import CacheStats, Held, HeldEntry, accelerate, bypass, cached, disable, held, is_accelerated, reset, stats
 from .config import CacheConfig
 from .persist import load, save
 from .ring_buffer import RingBuffer
+from .rows import namespace
+from .semantic import LayerStats
 
 __all__ = [
     "CacheConfig",
     "CacheStats",
+    "Held",
+    "HeldEntry",
     "LayerStats",
     "RingBuffer",
     "__version__",
@@ -27,6 +30,7 @@ __all__ = [
     "bypass",
     "cached",
     "disable",
+    "held",
     "is_accelerated",
     "load",
     "namespace",

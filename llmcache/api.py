@@ -1,23 +1,24 @@
-"""Public API: accelerate / disable / reset / stats / cached.
+"""Public API: accelerate / disable / reset / stats / cached / bypass.
 
-`accelerate(model)` acts on a built `transformers` model in place: it points each cached block's
-`forward` at a CachedLayer (an instance attribute: weights, state_dict and module tree are
-untouched), adds a pre/post hook on the base model (the per-forward context) and a hook on the
-input embedding (the fingerprint). `disable` removes exactly those, restoring the original
-forwards. The cache is for inference: in training mode every block runs as uncached.
+`accelerate(model)` acts on a built `transformers` model in place: it points the base model's
+`forward` and each cached block's `forward` at the cache (instance attributes: weights,
+state_dict and module tree are untouched) and, for the semantic tier, adds a hook on the input
+embedding (the fingerprint). `disable` removes exactly those, restoring the original forwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
-from . import adapters, ops
-from .cache import CachedLayer, LayerStats, ModelCache
+from . import adapters, ops, rows
+from .cache import ModelCache
 from .config import CacheConfig
+from .exact import ExactTier
+from .semantic import CachedLayer, LayerStats
 
 _ATTR = "_llmcache"
 
@@ -50,64 +51,81 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     """
     if getattr(model, _ATTR, None) is not None:
         raise ValueError("this model is already accelerated: call llmcache.disable(model) first")
+    if config is not None and not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a llmcache.CacheConfig, got {type(config).__name__}")
     config = (config or CacheConfig()).replace(**overrides) if overrides else (config or CacheConfig())
     adapter, base, blocks = adapters.resolve(model)
     layer_ids = config.validate(len(blocks))
     embedding = base.get_input_embeddings()
     device = embedding.weight.device
+    _check_budget(config, base, adapter, layer_ids)
     planes = ops.random_planes(embedding.weight.shape[1], config.num_bits, seed=config.seed, device=device)
-    owner = ModelCache(config=config, adapter=adapter, base=base, layer_ids=layer_ids, planes=planes)
-    for position, index in enumerate(layer_ids):
-        module = blocks[index]
-        layer = CachedLayer(owner, index, position, module)
-        owner.layers[index] = layer
-        module.forward = layer.forward
-    signature = inspect.signature(base.forward)
-
-    def before(module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        extra = bound.get("kwargs", {})
-        get = lambda name: bound.get(name, extra.get(name))
-        kv_cache = get("cache") if get("cache") is not None else get("past_key_values")
-        owner.begin(get("input_ids"), get("attention_mask"), kv_cache, get("position_ids"))
-
-    def after(module, args, kwargs, output):
-        owner.end(failed=output is None)  # always_call: also runs (with None) when forward raised
-
-    def on_embedding(module, args, output):
-        owner.fingerprint(output)
-
-    owner.hooks = [
-        base.register_forward_pre_hook(before, with_kwargs=True),
-        base.register_forward_hook(after, with_kwargs=True, always_call=True),
-        embedding.register_forward_hook(on_embedding),
-    ]
+    owner = ModelCache(config=config, adapter=adapter, model=model, base=base, layer_ids=layer_ids, planes=planes)
+    if config.threshold is None:
+        span = list(range(min(layer_ids), max(layer_ids) + 1))
+        owner.exact = ExactTier(owner, blocks, span, adapter.decoder)
+        for position, index in enumerate(span):
+            blocks[index].forward = functools.partial(owner.exact.block_forward, position)
+    else:
+        for position, index in enumerate(layer_ids):
+            layer = CachedLayer(owner, index, position, blocks[index])
+            owner.layers[index] = layer
+            blocks[index].forward = layer.forward
+        owner.hooks.append(embedding.register_forward_hook(lambda module, args, output: owner.fingerprint(output)))
+    base.forward = owner.call
     setattr(model, _ATTR, owner)
     return model
 
 
+def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list[int]) -> None:
+    """Refuse a max_bytes that cannot hold one page of one entry, saying how much that takes."""
+    if config.max_bytes is None or config.threshold is not None:
+        return
+    cfg = base.config
+    hidden = base.get_input_embeddings().weight.shape[1]
+    features = hidden
+    if adapter.decoder:
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        features += (max(layer_ids) - min(layer_ids) + 1) * 2 * kv_heads * head_dim
+    size = base.get_input_embeddings().weight.element_size()
+    need = config.page_tokens * features * size
+    if config.max_bytes < need:
+        raise ValueError(
+            f"CacheConfig.max_bytes = {config.max_bytes} cannot hold one page of one entry of this model: a page "
+            f"of {config.page_tokens} tokens x {features} features x {size} bytes takes {need} bytes; raise max_bytes "
+            "to at least that (an entry of n tokens takes ceil(n / page_tokens) pages)"
+        )
+
+
 def disable(model: nn.Module) -> nn.Module:
-    """Undo `accelerate` exactly: original block forwards back, hooks removed, banks freed."""
+    """Undo `accelerate` exactly: original block and base forwards back, hooks removed, banks freed."""
     owner = _owner(model)
-    for layer in owner.layers.values():
-        if layer.module.__dict__.get("forward") == layer.forward:
-            del layer.module.forward
+    modules = list(owner.exact.modules) if owner.exact is not None else []
+    modules += [layer.module for layer in owner.layers.values()]
+    for module in modules + [owner.base]:
+        module.__dict__.pop("forward", None)
     for hook in owner.hooks:
         hook.remove()
+    if owner.exact is not None:
+        owner.exact.clear()
     delattr(model, _ATTR)
     return model
 
 
 def reset(model: nn.Module) -> None:
-    """Empty every bank (memory stays allocated) and zero the counters."""
+    """Empty every bank and zero every counter."""
     owner = _owner(model)
     with owner.lock:
+        if owner.exact is not None:
+            owner.exact.clear()
         for layer in owner.layers.values():
             if layer.bank is not None:
                 layer.bank.reset()
             layer.stats = LayerStats(layer=layer.index, bytes=layer.stats.bytes)
             layer._divergence_samples = 0
-        owner.fingerprint_s = 0.0
+        owner.counters = type(owner.counters)()
 
 
 @contextlib.contextmanager
@@ -133,48 +151,68 @@ def bypass(model: nn.Module):
 
 @dataclass
 class CacheStats:
-    """Totals over the cached layers plus `layers`, one LayerStats per cached layer.
+    """A snapshot of an accelerated model's cache.
 
-    lookups: rows looked up (cacheable rows x cached layers); hits: rows served from a bank
-    (exact_hits + semantic_hits); hit_rate = hits / lookups; bytes: held by all banks now;
-    fingerprint_s / lookup_s / verify_s: seconds spent fingerprinting, looking up and measuring
-    divergence (host wall time: on CUDA it counts launches, not kernel time).
+    forwards, rows: base-model calls and their batch rows seen by the cache, cached or not.
+    hits: rows served from a bank (exact tier: a served row skips every cached block; semantic
+    tier: summed over layers, one per row and layer served), exact_hits + semantic_hits.
+    lookups: rows looked up (semantic tier: summed over layers). hit_rate: hits over all rows
+    (semantic tier: over rows x cached layers). not_cached: rows that ran uncached, by reason
+    (training, grad, output_attentions, inputs_embeds, too_long, decode_step, ...).
+    entries: entries held; bytes: bytes of the states they hold; bytes_reserved: bytes the banks
+    have allocated. invalidations: times the weights changed and every entry was dropped.
+    fingerprint_s / lookup_s / verify_s: host wall time (on CUDA it counts launches, not kernels).
+    layers: one LayerStats per cached layer.
     """
 
+    tier: str  # "exact" or "semantic"
+    forwards: int
+    rows: int
     lookups: int
     hits: int
     exact_hits: int
     semantic_hits: int
     insertions: int
     evictions: int
-    verified: int
+    invalidations: int
+    entries: int
     bytes: int
+    bytes_reserved: int
+    verified: int
     fingerprint_s: float
     lookup_s: float
     verify_s: float
-    forwards: int
-    layers: list
+    not_cached: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)
 
     @property
     def hit_rate(self) -> float:
-        return self.hits / self.lookups if self.lookups else 0.0
+        per_row = 1 if self.tier == "exact" else len(self.layers)
+        return self.hits / (self.rows * per_row) if self.rows and self.layers else 0.0
+
+    def __repr__(self) -> str:
+        return (f"CacheStats(forwards={self.forwards}, rows={self.rows}, hits={self.hits}, "
+                f"hit_rate={self.hit_rate:.3f}, entries={self.entries}, bytes={self.bytes}, "
+                f"bytes_reserved={self.bytes_reserved}, not_cached={self.not_cached})")
 
     def __str__(self) -> str:
         head = f"{'layer':>5} {'lookups':>8} {'hits':>7} {'hit%':>6} {'exact':>7} {'sem':>6} {'ins':>7} {'evict':>6} " \
-               f"{'verif':>5} {'diverg':>7} {'lookup ms':>9} {'MiB':>8}"
+               f"{'verif':>5} {'diverg':>7}"
         lines = [head]
         for s in self.layers:
+            diverg = f"{s.mean_divergence:>7.4f}" if s.verified else f"{'-':>7}"
             lines.append(
                 f"{s.layer:>5} {s.lookups:>8} {s.hits:>7} {100 * s.hit_rate:>5.1f}% {s.exact_hits:>7} "
-                f"{s.semantic_hits:>6} {s.insertions:>7} {s.evictions:>6} {s.verified:>5} "
-                f"{s.mean_divergence:>7.4f} {1e3 * s.lookup_s:>9.1f} {s.bytes / 2**20:>8.1f}"
+                f"{s.semantic_hits:>6} {s.insertions:>7} {s.evictions:>6} {s.verified:>5} {diverg}"
             )
         lines.append(
-            f"{'all':>5} {self.lookups:>8} {self.hits:>7} {100 * self.hit_rate:>5.1f}% {self.exact_hits:>7} "
-            f"{self.semantic_hits:>6} {self.insertions:>7} {self.evictions:>6} {self.verified:>5} {'':>7} "
-            f"{1e3 * self.lookup_s:>9.1f} {self.bytes / 2**20:>8.1f}"
+            f"forwards {self.forwards}, rows {self.rows}, hits {self.hits} ({100 * self.hit_rate:.1f} %), "
+            f"entries {self.entries}, held {self.bytes / 2**20:.2f} MiB of {self.bytes_reserved / 2**20:.2f} MiB "
+            f"reserved, inserted {self.insertions}, evicted {self.evictions}, invalidations {self.invalidations}"
         )
-        lines.append(f"forwards: {self.forwards}, fingerprint: {1e3 * self.fingerprint_s:.1f} ms")
+        if self.not_cached:
+            lines.append("not cached (rows): " + ", ".join(f"{k} {v}" for k, v in sorted(self.not_cached.items())))
+        lines.append(f"lookup {1e3 * self.lookup_s:.1f} ms, fingerprint {1e3 * self.fingerprint_s:.1f} ms")
         return "\n".join(lines)
 
 
@@ -182,30 +220,85 @@ def stats(model: nn.Module) -> CacheStats:
     """A snapshot of the cache's counters (see CacheStats)."""
     owner = _owner(model)
     with owner.lock:
-        layers = [LayerStats(**{f.name: getattr(layer.stats, f.name) for f in fields(LayerStats)})
-                  for layer in owner.layers.values()]
-    for layer, snapshot in zip(owner.layers.values(), layers):
-        snapshot.bytes = layer.bank.nbytes if layer.bank is not None else 0
-    total = lambda name: sum(getattr(s, name) for s in layers)
-    return CacheStats(
-        lookups=total("lookups"),
-        hits=total("hits"),
-        exact_hits=total("exact_hits"),
-        semantic_hits=total("semantic_hits"),
-        insertions=total("insertions"),
-        evictions=total("evictions"),
-        verified=total("verified"),
-        bytes=total("bytes"),
-        fingerprint_s=owner.fingerprint_s + total("fingerprint_s"),
-        lookup_s=total("lookup_s"),
-        verify_s=total("verify_s"),
-        forwards=owner.forwards,
-        layers=layers,
-    )
+        c = owner.counters
+        if owner.exact is not None:
+            tier = owner.exact
+            layers = [LayerStats(layer=i, lookups=c.looked_up, hits=c.served, exact_hits=c.served,
+                                 insertions=c.inserted, evictions=c.evicted) for i in tier.span]
+            entries, held, reserved = tier.index.entries, tier.held_bytes, tier.reserved_bytes
+        else:
+            layers = [LayerStats(**{f.name: getattr(layer.stats, f.name) for f in fields(LayerStats)})
+                      for layer in owner.layers.values()]
+            for layer, snapshot in zip(owner.layers.values(), layers):
+                snapshot.bytes = layer.bank.nbytes if layer.bank is not None else 0
+            entries = sum(layer.bank.occupied for layer in owner.layers.values() if layer.bank is not None)
+            held = reserved = sum(s.bytes for s in layers)
+        total = lambda name: sum(getattr(s, name) for s in layers)
+        exact = owner.exact is not None
+        return CacheStats(
+            tier="exact" if exact else "semantic",
+            forwards=c.forwards,
+            rows=c.rows,
+            lookups=c.looked_up if exact else total("lookups"),
+            hits=c.served if exact else total("hits"),
+            exact_hits=c.served if exact else total("exact_hits"),
+            semantic_hits=0 if exact else total("semantic_hits"),
+            insertions=c.inserted if exact else total("insertions"),
+            evictions=c.evicted if exact else total("evictions"),
+            invalidations=c.invalidations,
+            entries=entries,
+            bytes=held,
+            bytes_reserved=reserved,
+            verified=total("verified"),
+            fingerprint_s=c.fingerprint_s + total("fingerprint_s"),
+            lookup_s=c.lookup_s + total("lookup_s"),
+            verify_s=total("verify_s"),
+            not_cached=dict(c.not_cached),
+            layers=layers,
+        )
+
+
+@dataclass(frozen=True)
+class HeldEntry:
+    """One exact-tier entry: the row it answers and what it takes."""
+
+    ids: tuple[int, ...]  # the real token ids of the row
+    positions: tuple[int, ...]
+    token_types: tuple[int, ...]
+    namespace: str
+    pages: int
+    bytes: int
+    hits: int  # rows it served
+
+
+@dataclass(frozen=True)
+class Held:
+    """What an accelerated model's cache holds: exact-tier entries, and semantic entries per layer."""
+
+    entries: list  # HeldEntry, exact tier
+    layers: dict  # block index -> entries held by that layer's bank (semantic tier)
+
+
+def held(model: nn.Module) -> Held:
+    """What the cache holds now (an inspection surface for tests and for users)."""
+    owner = _owner(model)
+    with owner.lock:
+        entries = []
+        tier = owner.exact
+        if tier is not None and tier.arena is not None:
+            for e in tier.index.live():
+                key = rows.parse_key(tier.index.keys[e])
+                pages = len(tier.index.pages[e])
+                entries.append(HeldEntry(tuple(key["ids"].tolist()), tuple(key["positions"].tolist()),
+                                         tuple(key["types"].tolist()), key["namespace"], pages,
+                                         pages * tier.arena.page_bytes, int(tier.index.hits[e])))
+        layers = {i: (layer.bank.occupied if layer.bank is not None else 0) for i, layer in owner.layers.items()}
+    return Held(entries, layers)
 
 
 def is_accelerated(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-__all__ = ["CacheStats", "accelerate", "cached", "disable", "is_accelerated", "reset", "stats"]
+__all__ = ["CacheStats", "Held", "HeldEntry", "accelerate", "cached", "disable", "held", "is_accelerated", "reset",
+           "stats"]

@@ -23,12 +23,16 @@ class CacheConfig:
             Semantic hits change outputs; measure them (`llmcache demo`) before turning them on.
         num_bits: SimHash code length, a positive multiple of 64 up to 1024.
         layers: which blocks cache: None for all, a list of indices, or a range.
-        capacity: at most this many entries per cached layer.
-        max_bytes: budget in bytes over all banks (default 1 GiB); each layer gets an equal
-            share, and holds min(capacity, share / entry size) entries, allocated once at its
-            first insert and never grown. None: capacity alone decides.
-        max_tokens: longest row (in real tokens) that is cached; longer rows always compute.
-            Banks store max_tokens positions per entry.
+        capacity: at most this many entries (None, the default: the byte budget alone decides;
+            the semantic tier's per-layer banks then hold up to 1024 entries each).
+        max_bytes: budget in bytes over all banks (default 1 GiB). The exact tier's arena grows
+            in chunks as entries arrive and never past it; an entry of n tokens takes
+            ceil(n / page_tokens) pages. `accelerate` refuses a budget that cannot hold one page.
+            The semantic tier splits it equally between its layers' banks. None: no byte limit.
+        page_tokens: tokens per page of the exact tier's arena (small pages waste little on
+            short rows: a 7-token row in 8-token pages uses 8 positions).
+        max_tokens: longest row (in real tokens) that the semantic tier caches; its banks store
+            max_tokens positions per entry. The exact tier has no length limit but the budget.
         eviction: which entry a full bank overwrites: "lru" (least recently used), "staleness"
             (lowest decayed match rate, half-life `staleness_half_life` ticks) or "divergence"
             (highest measured reuse deviation first, then LRU).
@@ -53,8 +57,9 @@ class CacheConfig:
     threshold: float | Sequence[float] | None = None
     num_bits: int = 256
     layers: Sequence[int] | range | None = None
-    capacity: int = 1024
+    capacity: int | None = None
     max_bytes: int | None = 1 << 30
+    page_tokens: int = 8
     max_tokens: int = 64
     eviction: str = "lru"
     mode: str = "state"
@@ -66,51 +71,74 @@ class CacheConfig:
     seed: int = 0
     backend: str | None = None
 
+    def __post_init__(self) -> None:
+        self.validate(None)
+
     def replace(self, **overrides) -> CacheConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self) }
         if unknown:
             raise TypeError(f"unknown CacheConfig field(s): {sorted(unknown)}")
         return dataclasses.replace(self, **overrides)
 
-    def validate(self, num_layers: int) -> list[int]:
-        """Check every field; return the cached layer indices. Raises ValueError naming the field."""
-        layers = list(range(num_layers)) if self.layers is None else list(self.layers)
-        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
-        _require(not bad and layers, "layers", self.layers, f"indices in 0..{num_layers - 1}, non-empty")
+    def validate(self, num_layers: int | None) -> list[int]:
+        """Check every field (types included); return the cached layer indices (none when
+        num_layers is None: the check at construction). Raises ValueError naming the field."""
+        layers = []
+        if self.layers is not None:
+            _require(isinstance(self.layers, (Sequence, range)) and not isinstance(self.layers, str), "layers",
+                     self.layers, "None, a list of block indices or a range")
+            layers = list(self.layers)
+            bad = [i for i in layers if not _is_int(i) or i < 0 or (num_layers is not None and i >= num_layers)]
+            upper = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
+            _require(not bad and layers, "layers", self.layers, f"block indices in {upper}, non-empty")
+        if num_layers is not None and self.layers is None:
+            layers = list(range(num_layers))
         if self.threshold is not None:
-            values = [self.threshold] if isinstance(self.threshold, (int, float)) else list(self.threshold)
+            values = [self.threshold] if _is_number(self.threshold) else (
+                list(self.threshold) if isinstance(self.threshold, Sequence) else [self.threshold])
             _require(
-                all(isinstance(t, (int, float)) and 0.0 < t <= 1.0 for t in values),
+                all(_is_number(t) and 0.0 < t <= 1.0 for t in values),
                 "threshold",
                 self.threshold,
                 "None or cosine values in (0, 1]",
             )
             _require(
-                len(values) in (1, len(layers)),
+                num_layers is None or len(values) in (1, len(layers)),
                 "threshold",
                 self.threshold,
                 f"one value or one per cached layer ({len(layers)})",
             )
         _require(
-            isinstance(self.num_bits, int) and 0 < self.num_bits <= 1024 and self.num_bits % 64 == 0,
+            _is_int(self.num_bits) and 0 < self.num_bits <= 1024 and self.num_bits % 64 == 0,
             "num_bits",
             self.num_bits,
             "a positive multiple of 64 up to 1024",
         )
-        _require(isinstance(self.capacity, int) and self.capacity > 0, "capacity", self.capacity, "an int > 0")
+        _require(self.capacity is None or (_is_int(self.capacity) and self.capacity > 0), "capacity",
+                 self.capacity, "None or an int > 0")
+        _require(_is_int(self.page_tokens) and self.page_tokens > 0, "page_tokens", self.page_tokens, "an int > 0")
         _require(
-            self.max_bytes is None or (isinstance(self.max_bytes, int) and self.max_bytes > 0),
+            self.max_bytes is None or (_is_int(self.max_bytes) and self.max_bytes > 0),
             "max_bytes",
             self.max_bytes,
             "None or an int > 0",
         )
-        _require(isinstance(self.max_tokens, int) and self.max_tokens > 0, "max_tokens", self.max_tokens, "an int > 0")
+        _require(_is_int(self.max_tokens) and self.max_tokens > 0, "max_tokens", self.max_tokens, "an int > 0")
         _require(self.eviction in EVICTIONS, "eviction", self.eviction, f"one of {EVICTIONS}")
         _require(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
         _require(self.fingerprint in FINGERPRINTS, "fingerprint", self.fingerprint, f"one of {FINGERPRINTS}")
-        _require(0.0 <= self.verify_rate <= 1.0, "verify_rate", self.verify_rate, "a fraction in [0, 1]")
-        _require(self.max_divergence > 0.0, "max_divergence", self.max_divergence, "a float > 0")
-        _require(self.staleness_half_life > 0.0, "staleness_half_life", self.staleness_half_life, "a float > 0")
+        _require(isinstance(self.exact, bool), "exact", self.exact, "True or False")
+        _require(_is_number(self.verify_rate) and 0.0 <= self.verify_rate <= 1.0, "verify_rate", self.verify_rate,
+                 "a number in [0, 1]")
+        _require(_is_number(self.max_divergence) and self.max_divergence > 0.0, "max_divergence",
+                 self.max_divergence, "a number > 0")
+        _require(_is_number(self.staleness_half_life) and self.staleness_half_life > 0.0, "staleness_half_life",
+                 self.staleness_half_life, "a number > 0")
+        _require(_is_int(self.seed), "seed", self.seed, "an int")
+        from .ops._library import BACKENDS
+
+        _require(self.backend is None or self.backend in BACKENDS, "backend", self.backend,
+                 f"None (automatic) or one of {BACKENDS}")
         return layers
 
     def layer_threshold(self, position: int) -> float | None:
@@ -121,6 +149,14 @@ class CacheConfig:
             return float(self.threshold)
         values = list(self.threshold)
         return float(values[position] if len(values) > 1 else values[0])
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _require(ok: bool, name: str, value, allowed: str) -> None:

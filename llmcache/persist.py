@@ -1,10 +1,14 @@
-"""`save` / `load`: the banks of an accelerated model to and from a safetensors file.
+"""`save` / `load`: what an accelerated model's cache holds, to and from a safetensors file.
 
 Never pickle: safetensors holds only tensors and a string-to-string header, so loading a file
 runs no code. The header names the format version, the model's architecture and a fingerprint
-of its weights, the cache config, and the namespace table; `load` refuses a file written for a
-different model, weights or config, or one that is corrupt or truncated, and builds the new
-banks beside the live ones, so a refused load leaves the live cache exactly as it was.
+of its weights, the cache config and the namespace table; `load` refuses a file written for
+another model, weights, config or format, or one that is corrupt or truncated, and builds the
+new cache beside the live one, so a refused load leaves the live cache exactly as it was.
+
+Exact tier: the live entries only, compacted (`save` writes what is held, not what is reserved):
+their keys (bytes), token counts, hit and reference counts, and their tokens' states
+[sum of n, F]. Semantic tier: every layer's RingBuffer fields.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
 FORMAT = "llmcache-banks"
-VERSION = 1
+VERSION = 2
 _BANK_FIELDS = ("codes", "keys", "tags", "valid", "last_used", "hit_count", "rate", "rate_tick", "divergence",
                 "values")
 
@@ -47,29 +52,26 @@ def _architecture(model: nn.Module) -> str:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write every bank of an accelerated `model` to `path` (safetensors; written atomically)."""
+    """Write what the cache of an accelerated `model` holds to `path` (safetensors; written atomically)."""
     from safetensors.torch import save_file
 
     from .api import _owner
 
     owner = _owner(model)
     tensors = {}
-    layers = {}
+    meta: dict = {}
     with owner.lock:
+        if owner.exact is not None:
+            tensors, meta = _exact_tensors(owner.exact)
         for index, layer in owner.layers.items():
             bank = layer.bank
             if bank is None:
                 continue
-            layers[str(index)] = {"tick": bank.tick, "capacity": bank.capacity}
+            meta[str(index)] = {"tick": bank.tick, "capacity": bank.capacity}
             for name in _BANK_FIELDS:
-                # Each layer gets its own copy of an index it shares (safetensors stores no aliases;
-                # `load` links equal copies again).
-                tensor = getattr(bank, name).detach().contiguous().cpu()
-                tensors[f"layer{index}.{name}"] = tensor if name == "values" else tensor.clone()
+                tensors[f"layer{index}.{name}"] = getattr(bank, name).detach().contiguous().cpu().clone()
             # Slots never written hold uninitialised memory: never let it reach the file.
-            free = ~bank.valid.cpu()
-            tensors[f"layer{index}.values"] = tensors[f"layer{index}.values"].clone()
-            tensors[f"layer{index}.values"][free] = 0
+            tensors[f"layer{index}.values"][~bank.valid.cpu()] = 0
         header = {
             "format": FORMAT,
             "version": str(VERSION),
@@ -77,67 +79,71 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "weights": weights_fingerprint(model),
             "config": json.dumps(_config_record(owner.config), sort_keys=True),
             "namespaces": json.dumps(owner.namespaces, sort_keys=True),
-            "layers": json.dumps(layers, sort_keys=True),
+            "meta": json.dumps(meta, sort_keys=True),
         }
     tmp = f"{os.fspath(path)}.tmp"
     save_file(tensors, tmp, metadata=header)
     os.replace(tmp, path)
 
 
+def _exact_tensors(tier) -> tuple[dict, dict]:
+    index, arena = tier.index, tier.arena
+    live = index.live()
+    meta = {"exact": {"kv_layout": {str(p): [h, d, str(t), i] for p, (h, d, t, i) in tier.kv_layout.items()}}}
+    if arena is None or not live:
+        return {}, meta
+    keys = [index.keys[e] for e in live]
+    rows = torch.from_numpy(np.concatenate([index.token_rows(e) for e in live])).to(arena.device)
+    tensors = {
+        "exact.states": arena.read(rows).cpu().contiguous(),
+        "exact.keys": torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).copy()),
+        "exact.key_lengths": torch.tensor([len(k) for k in keys], dtype=torch.int64),
+    }
+    for name in index.FIELDS:
+        tensors[f"exact.{name}"] = torch.from_numpy(getattr(index, name)[live].copy())
+    return tensors, meta
+
+
 def load(model: nn.Module, path: str | os.PathLike) -> None:
-    """Replace the banks of an accelerated `model` with those saved in `path`.
+    """Replace the cache of an accelerated `model` with what `path` holds.
 
     Raises ValueError (and leaves the live cache untouched) when the file is not an llmcache
-    bank file of this format version, was written for another architecture, other weights or
+    file of this format version, was written for another architecture, other weights or
     another config, or is corrupt or truncated.
     """
     from safetensors import SafetensorError, safe_open
 
     from .api import _owner
-    from .ring_buffer import RingBuffer
 
     owner = _owner(model)
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             _check_header(header, model, owner)
-            layers = json.loads(header["layers"])
-            banks = {}
-            for key, meta in layers.items():
+            meta = json.loads(header["meta"])
+            names = set(f.keys())
+            saved = {name: f.get_tensor(name) for name in names}
+        if owner.exact is not None:
+            built = _rebuild_exact(owner, saved, meta.get("exact", {}))
+        else:
+            built = {}
+            for key, layer_meta in meta.items():
                 index = int(key)
                 if index not in owner.layers:
                     raise ValueError(f"the file holds layer {index}, which this config does not cache")
-                saved = {name: f.get_tensor(f"layer{index}.{name}") for name in _BANK_FIELDS}
-                banks[index] = _rebuild(saved, meta, owner, RingBuffer)
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
+                fields = {name: saved[f"layer{index}.{name}"] for name in _BANK_FIELDS}
+                built[index] = _rebuild_bank(fields, layer_meta, owner)
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError, RuntimeError, TypeError) as err:
         raise ValueError(f"cannot load llmcache banks from {os.fspath(path)!r}: {err}") from err
-    banks = _relink(owner, banks, RingBuffer)
     # Everything checked and built: swap in one step under the lock.
     with owner.lock:
+        if owner.exact is not None:
+            owner.exact.index, owner.exact.arena, owner.exact.kv_layout = built
+            owner.exact.pending.clear()
         for index, layer in owner.layers.items():
-            layer.bank = banks.get(index)
+            layer.bank = built.get(index)
             layer.stats.bytes = layer.bank.nbytes if layer.bank is not None else 0
-        owner.shared_index = banks.get(owner.layer_ids[0]) if owner.lockstep else None
         owner.namespaces = json.loads(header["namespaces"])
-
-
-def _relink(owner, banks: dict, ring_buffer_cls) -> dict:
-    """Lockstep configs: banks saved with one shared index share it again after loading (each
-    layer's copy of the index is in the file; copies that differ stay separate banks)."""
-    root = banks.get(owner.layer_ids[0])
-    if not owner.lockstep or root is None:
-        return banks
-    linked = dict(banks)
-    for index, bank in banks.items():
-        same = (bank is not root and bank.capacity == root.capacity and bank.eviction == root.eviction
-                and all(torch.equal(getattr(bank, n), getattr(root, n)) for n in ring_buffer_cls._INDEX_FIELDS))
-        if same:
-            shared = ring_buffer_cls(bank.capacity, bank.codes.shape[1], tuple(bank.values.shape[1:]),
-                                     bank.values.dtype, bank.values.device, bank.eviction, bank.half_life,
-                                     bank.backend, root)
-            shared.values.copy_(bank.values)
-            linked[index] = shared
-    return linked
 
 
 def _check_header(header: dict, model: nn.Module, owner) -> None:
@@ -154,14 +160,62 @@ def _check_header(header: dict, model: nn.Module, owner) -> None:
         raise ValueError(f"the file was written with another cache config: {header.get('config')} vs {config}")
 
 
-def _rebuild(saved: dict, meta: dict, owner, ring_buffer_cls):
+def _rebuild_exact(owner, saved: dict, meta: dict):
+    """A new (index, arena, kv_layout) holding the saved entries, checked."""
+    from .bank import ExactIndex, PagedArena
+
+    cfg = owner.config
+    tier = owner.exact
+    kv_layout = {int(p): (int(h), int(d), getattr(torch, t.split(".")[-1]), int(i))
+                 for p, (h, d, t, i) in meta.get("kv_layout", {}).items()}
+    index = ExactIndex(cfg.page_tokens, 0, cfg.capacity, cfg.eviction)
+    if "exact.states" not in saved:
+        return index, None, kv_layout
+    states, lengths = saved["exact.states"], saved["exact.key_lengths"]
+    counts = saved["exact.ntokens"]
+    if states.dim() != 2 or counts.shape != lengths.shape or int(counts.sum()) != states.shape[0]:
+        raise ValueError("the entry tensors disagree on the number of tokens")
+    if int(lengths.sum()) != saved["exact.keys"].numel() or bool((counts <= 0).any()):
+        raise ValueError("the entry keys or token counts are corrupt")
+    if not bool(torch.isfinite(states).all()):
+        raise ValueError("the file holds non-finite cached states")
+    dtype = owner.base.get_input_embeddings().weight.dtype
+    if states.dtype != dtype:
+        raise ValueError(f"the file holds {states.dtype} states, this model computes in {dtype}")
+    device = owner.planes.device
+    arena = PagedArena(cfg.page_tokens, states.shape[1], states.dtype, device, max_pages=0)
+    max_pages = cfg.max_bytes // arena.page_bytes if cfg.max_bytes is not None else 1 << 40
+    arena.max_pages = index.max_pages = max_pages
+    blob = saved["exact.keys"].numpy().tobytes()
+    offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
+    dst, src, start = [], [], 0
+    for i, n in enumerate(counts.tolist()):
+        entry = index.insert(blob[offsets[i] : offsets[i + 1]], n, set(range(i)))
+        if entry < 0:
+            raise ValueError("the file holds more (or longer) entries than this config's budget fits")
+        for name in ExactIndex.FIELDS:
+            if name != "ntokens":
+                getattr(index, name)[entry] = int(saved[f"exact.{name}"][i])
+        dst.append(index.token_rows(entry))
+        src.append(np.arange(start, start + n))
+        start += n
+    arena.grow(index.num_pages)
+    arena.write(torch.from_numpy(np.concatenate(dst)).to(device), states[torch.from_numpy(np.concatenate(src))].to(device))
+    tier_features = tier.arena.features if tier.arena is not None else arena.features
+    if tier_features != arena.features:
+        raise ValueError(f"the file's entries hold {arena.features} features per token, this model's {tier_features}")
+    return index, arena, kv_layout
+
+
+def _rebuild_bank(saved: dict, meta: dict, owner):
+    from .ring_buffer import RingBuffer
+
     values = saved["values"]
     capacity, words = saved["codes"].shape
     if capacity != int(meta["capacity"]) or any(saved[n].shape[0] != capacity for n in _BANK_FIELDS):
         raise ValueError("the bank tensors disagree on the capacity")
-    device = owner.planes.device
-    bank = ring_buffer_cls(capacity, words, tuple(values.shape[1:]), values.dtype, device, owner.config.eviction,
-                           owner.config.staleness_half_life, owner.config.backend)
+    bank = RingBuffer(capacity, words, tuple(values.shape[1:]), values.dtype, owner.planes.device,
+                      owner.config.eviction, owner.config.staleness_half_life, owner.config.backend)
     for name in _BANK_FIELDS:
         target = getattr(bank, name)
         if target.shape != saved[name].shape or target.dtype != saved[name].dtype:

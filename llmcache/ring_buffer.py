@@ -4,8 +4,8 @@ All tensors are allocated once, on the model's device, and overwritten in place:
 evicts, it never grows. Per slot it keeps the SimHash code, the exact-tier key, the match tag
 (token count, namespace, padding side), the stored states and the eviction metadata.
 Lookups run `hamming_topk`; reads run the fused `gather_with_mask`, which also stamps
-last_used and counts hits (a bank sharing another's index reads without stamping: the index's
-owner stamped those slots already in the same forward).
+last_used and counts hits. It is the semantic tier's bank (`llmcache.semantic`); the exact tier
+keeps its entries in pages (`llmcache.bank`).
 """
 
 from __future__ import annotations
@@ -17,26 +17,7 @@ import torch
 
 from . import ops
 from .ops._library import resolve_backend
-
-# An entry's tag packs what a row must share with it to match: namespace id | position of the
-# first token | token count | padding side (1 = left). Rows that may not be cached get a
-# negative tag, which no entry has.
-SIDE_BITS, TOKEN_BITS, POSITION_BITS = 1, 21, 20
-
-
-def make_tag(namespace: int, first_position: torch.Tensor, ntokens: torch.Tensor, left_padded: bool) -> torch.Tensor:
-    """int64 tags from a namespace id and per-row first positions and token counts."""
-    return (
-        (namespace << (POSITION_BITS + TOKEN_BITS + SIDE_BITS))
-        | (first_position.long() << (TOKEN_BITS + SIDE_BITS))
-        | (ntokens.long() << SIDE_BITS)
-        | int(left_padded)
-    )
-
-
-def tag_fits(first_position: torch.Tensor, ntokens: torch.Tensor) -> torch.Tensor:
-    """bool: the row's position and token count fit in a tag."""
-    return (first_position >= 0) & (first_position < (1 << POSITION_BITS)) & (ntokens < (1 << TOKEN_BITS))
+from .rows import POSITION_BITS, SIDE_BITS, TOKEN_BITS, first_of_key
 
 
 class RingBuffer:
@@ -50,11 +31,6 @@ class RingBuffer:
         eviction: "lru", "staleness" or "divergence" (see CacheConfig).
         half_life: staleness half-life in ticks.
         backend: kernel backend for the ops, None for automatic.
-        index: another bank whose index this one shares (same capacity, words and eviction):
-            the slot numbers, keys, tags, validity, eviction metadata and clock are one set of
-            tensors for both, and only the stored states are this bank's own. Layers whose
-            banks move in lockstep (the exact tier alone: every layer inserts the same rows)
-            share one index, so a forward looks up and inserts once, not once per layer.
     """
 
     def __init__(
@@ -67,24 +43,14 @@ class RingBuffer:
         eviction: str = "lru",
         half_life: float = 256.0,
         backend: str | None = None,
-        index: RingBuffer | None = None,
     ) -> None:
         self.capacity = capacity
         self.eviction = eviction
         self.half_life = half_life
         self.backend = backend
-        # The bank whose index (codes, keys, tags, validity, eviction metadata, clock) this one
-        # uses: itself, or another layer's bank when the layers move in lockstep (see `index`).
-        self.index = self if index is None else index.index
-        if index is None:
-            self._tick = 0
-            self._evictions = 0  # valid entries overwritten by inserts
-            self._filled = 0  # slots [filled, capacity) have never held an entry since the last reset
-        elif (index.capacity, index.codes.shape[1], index.eviction) != (capacity, words, eviction):
-            raise ValueError(
-                f"a bank can only share the index of a bank of the same capacity, words and eviction policy: "
-                f"{(capacity, words, eviction)} vs {(index.capacity, index.codes.shape[1], index.eviction)}"
-            )
+        self.tick = 0
+        self.evictions = 0  # valid entries overwritten by inserts
+        self.filled = 0  # slots [filled, capacity) have never held an entry since the last reset
         # With no backend forced (argument or LLMCACHE_BACKEND), the bank calls the registered
         # ops directly: its arguments are valid by construction, so the public wrappers' checks
         # (a few dozen Python calls per lookup) are skipped on this hot path.
@@ -93,8 +59,6 @@ class RingBuffer:
         # be updated inside inference mode, and a bank is also used under no_grad or reset outside.
         with torch.inference_mode(False), torch.no_grad():
             self._allocate(capacity, words, entry_shape, dtype, device)
-
-    _INDEX_FIELDS = ("codes", "keys", "tags", "valid", "last_used", "hit_count", "rate", "rate_tick", "divergence")
 
     def _allocate(self, capacity, words, entry_shape, dtype, device) -> None:
         new = {"device": device}
@@ -106,10 +70,6 @@ class RingBuffer:
         # zeroes only what it does not overwrite inside that range, not the whole rest of the entry.
         # Host-side (numpy): it steers which slices a write fills, so it is read on the host anyway.
         self.dirty = np.tile(np.array([0, entry_shape[0]], dtype=np.int64), (capacity, 1))
-        if self.index is not self:
-            for name in self._INDEX_FIELDS:
-                setattr(self, name, getattr(self.index, name))
-            return
         self.codes = torch.zeros(capacity, words, dtype=torch.int64, **new)
         self.keys = torch.zeros(capacity, 1, dtype=torch.int64, **new)
         self.tags = torch.zeros(capacity, dtype=torch.int64, **new)
@@ -120,17 +80,11 @@ class RingBuffer:
         self.rate_tick = torch.zeros(capacity, dtype=torch.int64, **new)
         self.divergence = torch.zeros(capacity, dtype=torch.float32, **new)
 
-    # The clock and counters live on the index: banks sharing one index share them.
-    tick = property(lambda self: self.index._tick, lambda self, v: setattr(self.index, "_tick", v))
-    evictions = property(lambda self: self.index._evictions, lambda self, v: setattr(self.index, "_evictions", v))
-    filled = property(lambda self: self.index._filled, lambda self, v: setattr(self.index, "_filled", v))
-
     # ---- bookkeeping -------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes this bank holds (a bank sharing another's index counts its values only)."""
-        tensors = self._tensors() if self.index is self else (self.values,)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes this bank holds."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self):
         return (self.codes, self.keys, self.tags, self.valid, self.last_used, self.hit_count, self.rate,
@@ -189,35 +143,20 @@ class RingBuffer:
         return ops.hamming_topk(queries, bank, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend)
 
     # ---- read --------------------------------------------------------------------------
-    def gather(
-        self, slot: torch.Tensor, computed: torch.Tensor, row: torch.Tensor, align_end: bool, stamp: bool = True
-    ) -> torch.Tensor:
-        """out[r] = entry slot[r] (a hit) or computed[row[r]] (a miss): [B, T, *F]. With `stamp`
-        the slots read count as used now (LRU stamp, hit count, staleness rate); without, they are
-        read only (a bank sharing an index whose owner already stamped them this forward)."""
-        if stamp:
-            last_used, hit_count = self.last_used, self.hit_count
-        else:
-            last_used, hit_count = self.index._scratch()
-        args = (self.values, slot, computed, row, last_used, hit_count, self.tick, align_end)
+    def gather(self, slot: torch.Tensor, computed: torch.Tensor, row: torch.Tensor, align_end: bool) -> torch.Tensor:
+        """out[r] = entry slot[r] (a hit) or computed[row[r]] (a miss): [B, T, *F]. The slots read
+        count as used now (LRU stamp, hit count, staleness rate)."""
+        args = (self.values, slot, computed, row, self.last_used, self.hit_count, self.tick, align_end)
         if self._direct:
             out = torch.ops.llmcache.gather_with_mask(*args)
         else:
             out = ops.gather_with_mask(*args, backend=self.backend)
-        if stamp and self.eviction == "staleness":
+        if self.eviction == "staleness":
             hit_slots = slot[slot >= 0]
             self.rate[hit_slots] = self._decayed_rate(hit_slots)
             self.rate_tick[hit_slots] = self.tick
             self.rate.index_add_(0, hit_slots, torch.ones_like(hit_slots, dtype=torch.float32))
         return out
-
-    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two int64 [N] tensors that a read-only gather stamps instead of the real metadata."""
-        meta = getattr(self, "_scratch_meta", None)
-        if meta is None or meta[0].shape != self.last_used.shape or meta[0].device != self.last_used.device:
-            with torch.inference_mode(False), torch.no_grad():
-                self._scratch_meta = (torch.empty_like(self.last_used), torch.zeros_like(self.hit_count))
-        return self._scratch_meta
 
     def _decayed_rate(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         rate = self.rate if slots is None else self.rate[slots]
@@ -295,8 +234,7 @@ class RingBuffer:
         self, slots: torch.Tensor, source: torch.Tensor, align_end: bool, host_slots: np.ndarray | None = None
     ) -> None:
         """Overwrite the stored states of `slots` (int64 [M]) with `source` ([M, T, *F], the bank's
-        dtype): the row's positions, and zeros over the rest of the entry. Metadata untouched (a
-        bank sharing an index writes its layer's states for slots the index's owner inserted).
+        dtype): the row's positions, and zeros over the rest of the entry. Metadata untouched.
         `host_slots`: the same slots as a numpy array, when the caller already has them on the host."""
         if slots.numel() == 0:
             return
@@ -322,16 +260,3 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor | None:
     if math.isfinite(float(x.sum(dtype=torch.float32))):
         return None
     return torch.isfinite(x.sum(dim=tuple(range(1, x.dim())), dtype=torch.float32))
-
-
-def first_index(keys: torch.Tensor) -> torch.Tensor:
-    """int64 [M]: for each element of `keys` (int64 [M]), the index of the first element equal to it."""
-    order = torch.arange(keys.numel(), device=keys.device)
-    _, inverse = torch.unique(keys, return_inverse=True)
-    first = torch.full_like(keys, keys.numel()).scatter_reduce(0, inverse, order, "amin")
-    return first.index_select(0, inverse)
-
-
-def first_of_key(keys: torch.Tensor) -> torch.Tensor:
-    """bool [M]: True at the first occurrence of each value of `keys` (int64 [M])."""
-    return first_index(keys) == torch.arange(keys.numel(), device=keys.device)

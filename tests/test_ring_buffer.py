@@ -6,7 +6,7 @@ import torch
 from conftest import random_codes
 
 from llmcache import RingBuffer
-from llmcache.ring_buffer import make_tag
+from llmcache.rows import make_tag
 
 
 def bank(capacity=4, eviction="lru", words=2, seq=3, feat=5):
@@ -46,20 +46,6 @@ def test_lru_evicts_the_least_recently_used(gen):
     new, _, _ = put(rb, [5, 6], gen)
     assert sorted(new.tolist()) == sorted([slots[1].item(), slots[3].item()])
     assert rb.hit_count[slots[0]] == 1
-
-
-def test_a_read_only_gather_serves_the_same_rows_and_stamps_nothing(gen):
-    rb = bank(eviction="staleness")
-    slots, _, states = put(rb, [1, 2], gen)
-    rb.advance()
-    before = [t.clone() for t in (rb.last_used, rb.hit_count, rb.rate, rb.rate_tick)]
-    computed = torch.randn(1, 3, 5, generator=gen)
-    slot, row = torch.tensor([slots[1].item(), -1, slots[0].item()]), torch.tensor([0, 0, 0])
-    read = rb.gather(slot, computed, row, False, stamp=False)
-    assert [torch.equal(a, b) for a, b in zip(before, (rb.last_used, rb.hit_count, rb.rate, rb.rate_tick))] == [True] * 4
-    assert torch.equal(read, torch.stack([states[1], computed[0], states[0]]))
-    assert torch.equal(rb.gather(slot, computed, row, False), read)  # the stamping read serves the same
-    assert rb.hit_count[slots].tolist() == [1, 1] and rb.last_used[slots].tolist() == [rb.tick] * 2
 
 
 def test_staleness_evicts_the_lowest_decayed_match_rate(gen):

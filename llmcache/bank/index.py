@@ -1,0 +1,152 @@
+"""`ExactIndex`: the host-side index of the exact tier: which entry holds which key, in which pages.
+
+Keys are the full bytes of what decides a row's output (`llmcache.rows.exact_key`), not a hash of
+them, so two different rows can never share an entry. Per entry the index keeps its token count,
+its pages (a block table) and its CLOCK reference count; free pages are a stack. Everything is
+host memory and plain Python/numpy, so a lookup costs no device work and no synchronisation; the
+arena beside it (`PagedArena`) holds the states.
+
+Per-entry fields are declared once in `FIELDS` so that `state()` and `restore()` (used by
+`llmcache.save`/`load`) iterate them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import eviction
+
+
+class ExactIndex:
+    """Entries of the exact tier.
+
+    Args:
+        page_tokens: tokens per page.
+        max_pages: pages the budget allows in all.
+        max_entries: at most this many entries (None: the pages alone bound them).
+        policy: eviction policy name (see `eviction`).
+    """
+
+    FIELDS = ("ntokens", "ref", "hits")
+
+    def __init__(self, page_tokens: int, max_pages: int, max_entries: int | None, policy: str = "lru"):
+        self.page_tokens = page_tokens
+        self.max_pages = max_pages
+        self.max_entries = max_entries
+        self.policy = policy
+        self.clear()
+
+    def clear(self) -> None:
+        self.table: dict[bytes, int] = {}
+        self.keys: list[bytes | None] = []
+        self.pages: list[np.ndarray | None] = []
+        self.ntokens = np.zeros(0, dtype=np.int64)
+        self.ref = np.zeros(0, dtype=np.int64)
+        self.hits = np.zeros(0, dtype=np.int64)
+        self.valid = np.zeros(0, dtype=bool)
+        self.free_entries: list[int] = []
+        self.free_pages: list[int] = []
+        self.num_pages = 0  # pages the arena has now
+        self.hand = 0
+        self.evictions = 0
+
+    # ---- reading -------------------------------------------------------------------------
+    @property
+    def entries(self) -> int:
+        return len(self.table)
+
+    @property
+    def held_pages(self) -> int:
+        return self.num_pages - len(self.free_pages)
+
+    def lookup(self, key: bytes) -> int:
+        """The entry holding `key` (its reference count bumped), or -1."""
+        entry = self.table.get(key, -1)
+        if entry >= 0:
+            self.ref[entry] = eviction.on_hit(self.policy, int(self.ref[entry]))
+            self.hits[entry] += 1
+        return entry
+
+    def token_rows(self, entry: int) -> np.ndarray:
+        """int64 [n]: the flat arena rows (page * page_tokens + offset) of the entry's n tokens."""
+        n = int(self.ntokens[entry])
+        pages = self.pages[entry]
+        offsets = np.arange(n, dtype=np.int64)
+        return pages[offsets // self.page_tokens] * self.page_tokens + offsets % self.page_tokens
+
+    def pages_for(self, ntokens: int) -> int:
+        return -(-ntokens // self.page_tokens)
+
+    # ---- writing -------------------------------------------------------------------------
+    def insert(self, key: bytes, ntokens: int, pinned: set[int]) -> int:
+        """A new entry for `key` of `ntokens` tokens, evicting by CLOCK as needed; -1 if it cannot
+        fit without evicting an entry in `pinned` (those inserted by the same forward). The
+        caller grows the arena to `num_pages` before writing."""
+        if key in self.table:
+            return -1
+        need = self.pages_for(ntokens)
+        if need > self.max_pages:
+            return -1
+        if self.max_entries is not None and self.entries >= self.max_entries and not self._evict_one(pinned):
+            return -1
+        while len(self.free_pages) < need:
+            if self.num_pages < self.max_pages:
+                grown = min(self.max_pages, max(2 * self.num_pages, self.num_pages + need - len(self.free_pages), 16))
+                self.free_pages.extend(range(grown - 1, self.num_pages - 1, -1))
+                self.num_pages = grown
+            elif not self._evict_one(pinned):
+                return -1
+        entry = self._new_entry()
+        self.keys[entry] = key
+        self.pages[entry] = np.array([self.free_pages.pop() for _ in range(need)], dtype=np.int64)
+        self.ntokens[entry] = ntokens
+        self.ref[entry] = 0
+        self.hits[entry] = 0
+        self.valid[entry] = True
+        self.table[key] = entry
+        return entry
+
+    def evict(self, entry: int) -> None:
+        """Forget an entry and free its pages."""
+        if not self.valid[entry]:
+            return
+        del self.table[self.keys[entry]]
+        self.free_pages.extend(self.pages[entry].tolist())
+        self.keys[entry] = self.pages[entry] = None
+        self.valid[entry] = False
+        self.free_entries.append(entry)
+
+    def _new_entry(self) -> int:
+        if self.free_entries:
+            return self.free_entries.pop()
+        entry = len(self.keys)
+        self.keys.append(None)
+        self.pages.append(None)
+        grow = lambda a: np.concatenate([a, np.zeros(max(16, len(a)), dtype=a.dtype)]) if entry >= len(a) else a
+        self.ntokens, self.ref, self.hits, self.valid = map(grow, (self.ntokens, self.ref, self.hits, self.valid))
+        return entry
+
+    def _evict_one(self, pinned: set[int]) -> bool:
+        """Move the hand to the first unpinned entry whose count is zero (sparing and lowering the
+        others) and evict it. False when every entry is pinned or there is none."""
+        total = len(self.keys)
+        if total == 0 or self.entries == 0:
+            return False
+        # Each full turn lowers every spared count by one, so GCLOCK_MAX + 1 turns always find a victim.
+        for _ in range((eviction.GCLOCK_MAX + 1) * total + 1):
+            entry = self.hand
+            self.hand = (self.hand + 1) % total
+            if not self.valid[entry] or entry in pinned:
+                continue
+            if self.ref[entry] > 0:
+                self.ref[entry] = eviction.on_sweep(int(self.ref[entry]))
+                continue
+            self.evict(entry)
+            self.evictions += 1
+            return True
+        return False
+
+    # ---- persistence ---------------------------------------------------------------------
+    def live(self) -> list[int]:
+        """Live entry ids, in id order."""
+        return [e for e in range(len(self.keys)) if self.valid[e]]

@@ -1,0 +1,88 @@
+"""Whether a forward may use the cache at all, and why not: the one place that decides it.
+
+A forward runs uncached, counted under its reason in `stats(model).not_cached`, when the cache
+could not serve it exactly: training mode, autograd recording (grad enabled and a parameter
+that requires grad: served rows would carry no gradient), an input it does not key on or cannot
+serve (inputs_embeds, head_mask, a 4-D mask, encoder states, any unknown tensor argument),
+outputs it cannot give for served rows (attentions, per-layer hidden states), or a KV cache it
+cannot stand in for (a decode step, a cache that is not an empty DynamicCache).
+
+`WeightsWatch` tells when the weights changed since the last forward: torch bumps a tensor's
+version counter on every in-place change (optimizer steps, load_state_dict, `p.mul_` under
+no_grad), and a replaced parameter or a `.to(...)` changes the tensor or its storage. Entries
+computed with other weights are then dropped. Edits through `.data` bypass version counters:
+call `llmcache.reset(model)` after them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Arguments of a base model's forward that the cache understands: keyed on, or harmless.
+KEYED = {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
+HARMLESS = {"use_cache", "return_dict", "cache_position", "kwargs", "self", "past_key_values", "cache",
+            "output_attentions", "output_hidden_states"}
+
+
+def call_reason(model: nn.Module, arguments: dict) -> str | None:
+    """Why this call of the base model cannot be cached, or None. `arguments`: its bound arguments."""
+    if model.training:
+        return "training"
+    if arguments.get("input_ids") is None:
+        return "inputs_embeds" if arguments.get("inputs_embeds") is not None else "no_input_ids"
+    config = getattr(model, "config", None)
+    for flag in ("output_attentions", "output_hidden_states"):
+        value = arguments.get(flag)
+        if value is None:
+            value = getattr(config, flag, False)
+        if value:
+            return flag
+    kv = arguments.get("cache", arguments.get("past_key_values"))
+    if kv is not None:
+        if type(kv).__name__ != "DynamicCache" or not hasattr(kv, "get_seq_length"):
+            return "kv_cache_type"
+        if kv.get_seq_length() > 0:
+            return "decode_step"
+    ids = arguments["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return "input_ids_shape"
+    for name in ("attention_mask", "position_ids", "token_type_ids"):
+        value = arguments.get(name)
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2
+                                  or value.shape[1] != ids.shape[1] or value.shape[0] not in (1, ids.shape[0])):
+            return f"{name}_shape"
+    for name, value in arguments.items():
+        if name in KEYED or name in HARMLESS or value is None or value is False:
+            continue
+        return name  # inputs_embeds with input_ids, head_mask, encoder_hidden_states, anything unknown
+    return None
+
+
+class WeightsWatch:
+    """Version of the weights of `module` as of the last `check()`, and whether autograd records."""
+
+    def __init__(self, module: nn.Module):
+        self.modules = list(module.modules())
+        self.signature: tuple | None = None
+        self.epoch = 0
+
+    def check(self) -> tuple[int, bool]:
+        """(epoch, grad): the epoch moves whenever a parameter or buffer changed or was replaced;
+        grad is True when this forward would be recorded by autograd."""
+        signature = []
+        needs_grad = False
+        for module in self.modules:
+            for tensor in module._parameters.values():
+                if tensor is not None:
+                    signature += (id(tensor), tensor._version, tensor.data_ptr())
+                    needs_grad = needs_grad or tensor.requires_grad
+            for tensor in module._buffers.values():
+                if tensor is not None:
+                    signature += (id(tensor), tensor._version, tensor.data_ptr())
+        signature = tuple(signature)
+        if signature != self.signature:
+            if self.signature is not None:
+                self.epoch += 1
+            self.signature = signature
+        return self.epoch, needs_grad and torch.is_grad_enabled()

@@ -1,0 +1,135 @@
+"""What identifies a row: namespaces, the exact tier's keys, and the semantic tier's tags and hashes.
+
+Exact key (`exact_key`): the bytes of everything that decides a row's output, read on the host
+once per forward: a header (layout version, namespace, the model's dtype) and
+the row's real token ids, their position ids and token type ids, in order. Padding (mask == 0)
+is not part of it; the positions are, so a row moved by padding to other positions (absolute or
+rotary embeddings) is another row. The bytes themselves are the key, not a hash: no two rows
+that differ can collide.
+
+Semantic tier (per-layer banks, `llmcache.ring_buffer`): a 64-bit hash of the same fields
+(`token_keys`) and an int64 tag packing namespace, first position, token count and padding side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+import torch
+
+LAYOUT_VERSION = 2  # of exact keys and of what an entry stores; part of every key
+
+_namespace_stack = threading.local()
+
+
+def current_namespace() -> str:
+    stack = getattr(_namespace_stack, "names", None)
+    return stack[-1] if stack else ""
+
+
+@contextlib.contextmanager
+def namespace(name: str):
+    """Rows computed inside only match entries inserted under the same `name` (tenant isolation).
+
+    Namespaces nest (the innermost wins) and are per thread. The default namespace is "".
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"namespace name must be a str, got {type(name).__name__}")
+    stack = getattr(_namespace_stack, "names", None)
+    if stack is None:
+        stack = _namespace_stack.names = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+# ---- exact tier ---------------------------------------------------------------------------
+def key_header(namespace_name: str, dtype: torch.dtype) -> bytes:
+    """The part of every exact key shared by a forward's rows. The weights are not in it: when
+    they change, every entry is dropped (`gate.WeightsWatch`), so keys stay valid across processes."""
+    ns = namespace_name.encode()
+    return b"".join([LAYOUT_VERSION.to_bytes(2, "little"), len(ns).to_bytes(4, "little"), ns,
+                     str(dtype).encode().ljust(16, b" ")])
+
+
+def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a host mask [B, T]: (start, count, contiguous) of its real tokens."""
+    real = mask != 0
+    count = real.sum(1)
+    seq = mask.shape[1]
+    start = np.where(count > 0, real.argmax(1), 0)
+    end = np.where(count > 0, seq - real[:, ::-1].argmax(1), 0)
+    return start, count, (end - start) == count
+
+
+def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.ndarray) -> bytes:
+    """The key of one row from its real tokens' ids, positions and token types (int64 [n] each)."""
+    return b"".join([header, len(ids).to_bytes(4, "little"), ids.tobytes(), positions.tobytes(), types.tobytes()])
+
+
+# ---- semantic tier ------------------------------------------------------------------------
+# A tag packs what a row must share with an entry to match: namespace id | position of the first
+# token | token count | padding side (1 = left). Rows that may not be cached get a negative tag.
+SIDE_BITS, TOKEN_BITS, POSITION_BITS = 1, 21, 20
+
+
+def make_tag(namespace_id: int, first_position: torch.Tensor, ntokens: torch.Tensor, left_padded: bool) -> torch.Tensor:
+    """int64 tags from a namespace id and per-row first positions and token counts."""
+    return (
+        (namespace_id << (POSITION_BITS + TOKEN_BITS + SIDE_BITS))
+        | (first_position.long() << (TOKEN_BITS + SIDE_BITS))
+        | (ntokens.long() << SIDE_BITS)
+        | int(left_padded)
+    )
+
+
+def tag_fits(first_position: torch.Tensor, ntokens: torch.Tensor) -> torch.Tensor:
+    """bool: the row's position and token count fit in a tag."""
+    return (first_position >= 0) & (first_position < (1 << POSITION_BITS)) & (ntokens < (1 << TOKEN_BITS))
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts through masks)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def token_keys(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: a hash of each row's real (token id, position id, token type) triples."""
+    real = mask != 0
+    mixed = _mix64(ids.long() * 0x9E3779B97F4A7C15 + positions.long() * 0x632BE59BD9B4E019
+                   + types.long() * 0x1B873593 + 0x2545F4914F6CDD1D)
+    return _mix64((mixed * real).sum(1))
+
+
+def first_index(keys: torch.Tensor) -> torch.Tensor:
+    """int64 [M]: for each element of `keys` (int64 [M]), the index of the first element equal to it."""
+    order = torch.arange(keys.numel(), device=keys.device)
+    _, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full_like(keys, keys.numel()).scatter_reduce(0, inverse, order, "amin")
+    return first.index_select(0, inverse)
+
+
+def first_of_key(keys: torch.Tensor) -> torch.Tensor:
+    """bool [M]: True at the first occurrence of each value of `keys` (int64 [M])."""
+    return first_index(keys) == torch.arange(keys.numel(), device=keys.device)
+
+
+def parse_key(key: bytes) -> dict:
+    """The fields of an exact key: namespace, dtype, ids, positions, types (int64 arrays)."""
+    ns_len = int.from_bytes(key[2:6], "little")
+    namespace_name = key[6 : 6 + ns_len].decode()
+    at = 6 + ns_len
+    dtype = key[at : at + 16].decode().strip()
+    at += 16
+    n = int.from_bytes(key[at : at + 4], "little")
+    at += 4
+    fields = np.frombuffer(key[at : at + 24 * n], dtype=np.int64).reshape(3, n)
+    return {"namespace": namespace_name, "dtype": dtype, "ids": fields[0], "positions": fields[1], "types": fields[2]}

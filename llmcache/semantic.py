@@ -1,0 +1,393 @@
+"""The semantic tier: per-block banks looked up by SimHash fingerprint (the paper's design).
+
+Used when `CacheConfig.threshold` is set. Per forward pass every row gets a tag (token count,
+namespace, first position and padding side packed in one int64: an entry only answers rows with
+the same tag), a 64-bit hash of its tokens (`rows.token_keys`), and a SimHash fingerprint of the
+mean of its input token embeddings (a hook on the input embedding). Per cached block: look the
+rows up (exact hash, then Hamming radius), run the block on the rows that missed only, merge bank
+rows and computed rows with `gather_with_mask`, and insert the computed rows. Decoder blocks
+store each row's K and V beside its hidden state and write the merged K/V into the model's
+DynamicCache. Semantic hits change outputs; its redesign around a stated error bound is open.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .exact import ExactTier, KVStandIn
+from .ring_buffer import RingBuffer
+from .rows import first_index, make_tag, tag_fits, token_keys
+
+
+@dataclass
+class Route:
+    """Which rows of a batch a cached layer runs, and how its output is merged."""
+
+    compute: torch.Tensor  # bool [B]: rows the block runs on
+    n_compute: int
+    rows: torch.Tensor  # int64 [M]: those rows, ascending
+    slot: torch.Tensor | None = None  # int64 [B]: the bank slot a served row reads, -1 where computed
+    row_of: torch.Tensor | None = None  # int64 [B]: a computed row's place among `rows` (a repeat: its source's)
+    sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its `rows`): each sliced once
+
+
+@dataclass
+class ForwardContext:
+    """What one forward pass of the base model knows about its rows."""
+
+    mask: torch.Tensor  # [B, T] 1 = token
+    tags: torch.Tensor  # int64 [B]; negative = never cached
+    keys: torch.Tensor  # int64 [B]
+    cacheable: torch.Tensor  # bool [B]
+    store: torch.Tensor  # bool [B]: cacheable, and the first row of the batch with its key
+    rows: torch.Tensor  # int64 [B]: 0..B-1
+    source: torch.Tensor  # int64 [B]: a cacheable row repeating an earlier row's key: that row; else itself
+    own: torch.Tensor  # bool [B]: source == rows
+    n_repeats: int  # rows with source != themselves
+    align_end: bool  # left padding
+    codes: torch.Tensor | None = None  # int64 [B, W] input-embedding fingerprints
+    kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
+    n_cacheable: int = 0
+    _zero_codes: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    def zero_codes(self, words: int) -> torch.Tensor:
+        """int64 [B, words] of zeros: the codes stored when the semantic tier is off."""
+        if self._zero_codes is None or self._zero_codes.shape[1] != words:
+            self._zero_codes = torch.zeros(self.batch, words, dtype=torch.int64, device=self.mask.device)
+        return self._zero_codes
+
+
+@dataclass
+class LayerStats:
+    """Counters of one cached layer (host integers and seconds)."""
+
+    layer: int
+    lookups: int = 0
+    hits: int = 0
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    insertions: int = 0
+    evictions: int = 0
+    verified: int = 0
+    divergence_evictions: int = 0
+    mean_divergence: float = 0.0
+    semantic_enabled: bool = True
+    fingerprint_s: float = 0.0
+    lookup_s: float = 0.0
+    verify_s: float = 0.0
+    bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+def _slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
+    """Rows of every batch-major tensor (ndim >= 2, size(0) == batch) in an argument tree. `memo`
+    keeps each slice for `rows`: the layers of one forward pass the same masks to every block."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] != batch:
+            return value
+        seen = memo.get(id(value))
+        if seen is None or seen[0] is not value:
+            seen = memo[id(value)] = (value, value.index_select(0, rows))
+        return seen[1]
+    if isinstance(value, tuple):
+        return tuple(_slice_rows(v, rows, batch, memo) for v in value)
+    if isinstance(value, list):
+        return [_slice_rows(v, rows, batch, memo) for v in value]
+    return value
+
+
+def semantic_context(owner, ids, mask, positions, types, kv_cache) -> ForwardContext:
+    """The per-forward context of the semantic tier (ids, mask, positions, types: [B, T] on the device)."""
+    batch, seq = ids.shape
+    ntokens = (mask != 0).sum(1)
+    left_padded = bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any())
+    cfg = owner.config
+    cacheable = (ntokens > 0) & (ntokens <= cfg.max_tokens)
+    first = torch.where(mask != 0, torch.arange(seq, device=mask.device), seq).amin(1).clamp_max(seq - 1)
+    first_position = positions.gather(1, first.unsqueeze(1)).squeeze(1)
+    cacheable &= tag_fits(first_position, ntokens)
+    tags = make_tag(owner.namespace_id(), first_position.clamp_min(0), ntokens, left_padded)
+    tags = torch.where(cacheable, tags, -1 - torch.arange(batch, device=mask.device))
+    keys = token_keys(ids, mask, positions, types) ^ (owner.weights_epoch * 0x5851F42D4C957F2D)
+    # A cacheable row repeating an earlier row of the same batch is computed once: every layer
+    # serves it its first occurrence's states.
+    rows = torch.arange(batch, device=mask.device)
+    source = torch.where(cacheable, first_index(keys), rows)
+    own = source == rows
+    store = cacheable & own
+    n_cacheable = int(cacheable.sum())
+    return ForwardContext(
+        mask=mask, tags=tags, keys=keys, cacheable=cacheable, store=store, rows=rows, source=source, own=own,
+        n_repeats=n_cacheable - int(store.sum()), align_end=left_padded, kv_cache=kv_cache, n_cacheable=n_cacheable,
+    )
+
+
+class CachedLayer:
+    """The semantic tier's cached forward of one block; `module.forward` points at `self.forward`."""
+
+    def __init__(self, owner, index: int, position: int, module: nn.Module):
+        self.owner = owner
+        self.index = index
+        self.module = module
+        self.original_forward = module.forward
+        cfg = owner.config
+        self.threshold = cfg.layer_threshold(position)
+        self.radius = ops.hamming_radius(self.threshold, cfg.num_bits)
+        self.bank: RingBuffer | None = None
+        self.stats = LayerStats(layer=index)
+        self._cache_param = ExactTier._cache_param(self.original_forward)
+        if owner.adapter.decoder and self._cache_param[0] is None:
+            raise ValueError(f"{type(module).__name__}.forward takes no KV cache argument: cannot cache a decoder block")
+        self._kv_layout = None  # (kv heads, head dim, dtype) of this block's K/V, once seen
+        self._divergence_samples = 0
+
+    def _allocate(self, entry: torch.Tensor) -> None:
+        """This layer's bank, sized for entries like `entry` ([M, T, *F]: max_tokens x F per slot)."""
+        owner = self.owner
+        cfg = owner.config
+        entry_shape, dtype, device = (cfg.max_tokens,) + tuple(entry.shape[2:]), entry.dtype, entry.device
+        words = cfg.num_bits // 64
+        capacity = cfg.capacity or 1024
+        if cfg.max_bytes is not None:
+            share = cfg.max_bytes // len(owner.layer_ids)
+            capacity = min(capacity, share // RingBuffer.entry_bytes(entry_shape, dtype, words))
+            if capacity < 1:
+                raise ValueError(
+                    f"CacheConfig.max_bytes = {cfg.max_bytes} leaves {share} bytes per layer, less than one entry "
+                    f"({RingBuffer.entry_bytes(entry_shape, dtype, words)} bytes): raise it or lower max_tokens"
+                )
+        self.bank = RingBuffer(capacity, words, entry_shape, dtype, device, cfg.eviction, cfg.staleness_half_life,
+                               cfg.backend)
+        self.stats.bytes = self.bank.nbytes
+
+    def _codes(self, ctx: ForwardContext, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self.owner.config.fingerprint == "embeddings":
+            return ctx.codes
+        start = time.perf_counter()
+        codes = ops.simhash_pooled(hidden, ctx.mask, self.owner.planes, backend=self.owner.config.backend)
+        self.stats.fingerprint_s += time.perf_counter() - start
+        return codes
+
+
+    def _run(self, hidden, args, kwargs, route: Route | None, batch, ctx):
+        """Run the original block on `route.rows` (None: all); returns (output, hidden_out [M, T, H], capture)."""
+        if route is not None:
+            rows = route.rows
+            hidden = hidden.index_select(0, rows)
+            args = _slice_rows(args, rows, batch, route.sliced)
+            kwargs = {k: _slice_rows(v, rows, batch, route.sliced) for k, v in kwargs.items()}
+        capture = None
+        if self.owner.adapter.decoder:
+            capture = KVStandIn(ctx.kv_cache)
+            name, index = self._cache_param
+            if index is not None and index < len(args):
+                args = args[:index] + (capture,) + args[index + 1 :]
+            else:
+                kwargs = {**kwargs, name: capture}
+        output = self.original_forward(hidden, *args, **kwargs)
+        out = output[0] if isinstance(output, tuple) else output
+        return output, out, capture
+
+    @staticmethod
+    def _entry(out: torch.Tensor, capture) -> torch.Tensor:
+        """[M, T, F]: the hidden state, and for decoders K and V flattened per position."""
+        if capture is None or capture.keys is None:
+            return out
+        m, t = out.shape[:2]
+        k = capture.keys.transpose(1, 2).reshape(m, t, -1).to(out.dtype)
+        v = capture.values.transpose(1, 2).reshape(m, t, -1).to(out.dtype)
+        return torch.cat([out, k, v], dim=-1)
+
+    def _write_kv(self, ctx: ForwardContext, entry: torch.Tensor, capture, hidden_size: int) -> None:
+        """Give the model's KV cache the merged K and V of every row (decoder prefill)."""
+        if capture is not None and capture.keys is not None:
+            self._kv_layout = (capture.keys.shape[1], capture.keys.shape[3], capture.keys.dtype)
+        if ctx.kv_cache is None or self._kv_layout is None:
+            return
+        heads, head_dim, dtype = self._kv_layout
+        b, t = entry.shape[:2]
+        kv = entry[..., hidden_size:]
+        keys = kv[..., : heads * head_dim].reshape(b, t, heads, head_dim).transpose(1, 2)
+        values = kv[..., heads * head_dim :].reshape(b, t, heads, head_dim).transpose(1, 2)
+        ctx.kv_cache.update(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), self.index)
+
+    @staticmethod
+    def _pack(output, hidden: torch.Tensor):
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+    # ---- the cached forward ------------------------------------------------------------
+    def forward(self, hidden_states, *args, **kwargs):
+        forward = self.owner.current()
+        ctx = forward.semantic if forward is not None else None
+        if ctx is None:
+            return self.original_forward(hidden_states, *args, **kwargs)
+        # One lock from lookup to insert: a slot looked up must not be overwritten by another
+        # thread's insert before it is read. Threads interleave block by block.
+        with self.owner.lock:
+            return self._cached_forward(ctx, hidden_states, args, kwargs)
+
+    def _cached_forward(self, ctx, hidden_states, args, kwargs):
+        if hidden_states.dim() != 3 or hidden_states.shape[:2] != ctx.mask.shape:
+            return self.original_forward(hidden_states, *args, **kwargs)
+        cfg = self.owner.config
+        batch = ctx.batch
+        hidden_size = hidden_states.shape[-1]
+        self.stats.lookups += ctx.n_cacheable
+        codes = self._codes(ctx, hidden_states) if self.stats.semantic_enabled else None
+        slot, served_semantic, verify = self._lookup(ctx, codes)
+        route = self._route(ctx, slot, hidden_states, verify)
+        n_compute = route.n_compute
+        if n_compute == batch:
+            output, out, capture = self._run(hidden_states, args, kwargs, None, batch, ctx)
+            merged = self._entry(out, capture)
+        else:
+            output, capture = None, None
+            if n_compute:
+                output, out, capture = self._run(hidden_states, args, kwargs, route, batch, ctx)
+                computed = self._entry(out, capture)
+                if self.bank is None:  # an empty cache whose batch repeats a row: the first insert comes next
+                    self._allocate(computed)
+                computed = computed.to(self.bank.values.dtype)
+            else:
+                computed = self.bank.values.new_empty((0, hidden_states.shape[1]) + tuple(self.bank.values.shape[2:]))
+            self._count_hits(route.compute, served_semantic, batch - n_compute)
+            merged = self.bank.gather(route.slot, computed, route.row_of, ctx.align_end)
+            if cfg.mode == "residual":
+                merged = merged.clone()
+                merged[..., :hidden_size] += hidden_states * (~route.compute).view(-1, 1, 1).to(merged.dtype)
+        self._write_kv(ctx, merged, capture, hidden_size)
+        if verify is not None and bool(verify.any()):
+            self._measure(slot, verify, merged, hidden_states, ctx)
+        if n_compute:
+            fresh = route.compute if verify is None else route.compute & ~verify  # new to the bank
+            self._insert(ctx, hidden_states, merged, hidden_size, codes, fresh)
+        if n_compute == batch:
+            return output
+        hidden = merged[..., :hidden_size].to(hidden_states.dtype)
+        return hidden if output is None else self._pack(output, hidden)
+
+    @staticmethod
+    def _route(ctx: ForwardContext, slot: torch.Tensor, hidden_states: torch.Tensor, verify) -> Route:
+        """The rows to run: misses, rows whose input carries NaN/Inf (computed and, being non-finite,
+        never stored) and sampled hits to verify; a repeat of an earlier row of the batch that
+        missed takes that row's computed states instead."""
+        compute = slot < 0
+        if ctx.n_repeats:
+            compute = compute & ctx.own
+        if verify is not None:
+            compute = compute | verify
+        # One host read for the count and a finiteness check of the whole input: only a
+        # non-finite total needs the per-row check.
+        counted, total = torch.stack([compute.sum(dtype=torch.float32), hidden_states.sum(dtype=torch.float32)]).tolist()
+        n_compute = int(counted)
+        if not math.isfinite(total):
+            compute = compute | ~torch.isfinite(hidden_states.sum(dim=(1, 2), dtype=torch.float32))
+            n_compute = int(compute.sum())
+        if n_compute == ctx.batch:
+            return Route(compute, n_compute, ctx.rows)
+        row_of = (compute.long().cumsum(0) - 1).clamp_min(0)
+        if ctx.n_repeats:
+            row_of = row_of.index_select(0, torch.where(compute, ctx.rows, ctx.source))
+        return Route(compute, n_compute, compute.nonzero().flatten(), torch.where(compute, -1, slot), row_of)
+
+    def _lookup(self, ctx: ForwardContext, codes):
+        """(slot [B] or -1, semantic-hit mask or None, verify mask or None) for this layer's bank."""
+        batch = ctx.batch
+        device = ctx.tags.device
+        slot = torch.full((batch,), -1, dtype=torch.int64, device=device)
+        if self.bank is None:
+            return slot, None, None
+        cfg = self.owner.config
+        start = time.perf_counter()
+        served_semantic = verify = None
+        with self.owner.lock:
+            if cfg.exact:
+                slot = self.bank.lookup_exact(ctx.keys, ctx.tags)
+            if codes is not None:
+                near, _ = self.bank.lookup(codes, ctx.tags, self.radius)
+                served_semantic = (slot < 0) & (near >= 0)
+                slot = torch.where(slot >= 0, slot, near)
+                if cfg.verify_rate > 0:
+                    verify = served_semantic & (torch.rand(batch, device=device) < cfg.verify_rate)
+        self.stats.lookup_s += time.perf_counter() - start
+        return slot, served_semantic, verify
+
+    def _count_hits(self, compute, served_semantic, n_served: int) -> None:
+        self.stats.hits += n_served
+        n_semantic = int((served_semantic & ~compute).sum()) if served_semantic is not None else 0
+        self.stats.semantic_hits += n_semantic
+        self.stats.exact_hits += n_served - n_semantic
+
+
+    def _insert(self, ctx, hidden_in, entry, hidden_size, codes, rows_mask) -> None:
+        """Store the freshly computed rows that may be cached (residual mode: their layer update)."""
+        cfg = self.owner.config
+        rows = (ctx.store & rows_mask).nonzero().flatten()
+        if rows.numel() == 0:
+            return
+        if cfg.mode == "residual":
+            entry = entry.clone()
+            entry[..., :hidden_size] -= hidden_in.to(entry.dtype)
+        if codes is None:
+            codes = ctx.zero_codes(cfg.num_bits // 64)
+        if self.bank is None:
+            self._allocate(entry)
+        evicted = self.bank.evictions
+        slots = self.bank.insert(codes, ctx.keys, ctx.tags, entry.to(self.bank.values.dtype), ctx.align_end, rows,
+                                 dedupe=False)
+        self.stats.insertions += slots.numel()
+        self.stats.evictions += self.bank.evictions - evicted
+
+    def _measure(self, slot, verify, truth_entry, hidden_in, ctx) -> None:
+        """Divergence monitoring: 1 - cosine between what a sampled semantic hit would have served
+        and the row's true hidden state (real tokens only); evict entries past the bound, and stop
+        semantic reuse in a layer whose running mean passes it."""
+        start = time.perf_counter()
+        cfg = self.owner.config
+        rows = verify.nonzero().flatten()
+        slots = slot.index_select(0, rows)
+        hidden_size = hidden_in.shape[-1]
+        truth = truth_entry.index_select(0, rows)[..., :hidden_size].float()
+        seq = truth.shape[1]
+        last_used, hit_count = self.bank.last_used.clone(), self.bank.hit_count.clone()
+        with self.owner.lock:
+            served = ops.gather_with_mask(
+                self.bank.values, slots, truth_entry[:0].to(self.bank.values.dtype), torch.zeros_like(slots),
+                last_used, hit_count, 0, ctx.align_end, backend=cfg.backend,
+            )[..., :hidden_size].float()
+        if cfg.mode == "residual":
+            served = served + hidden_in.index_select(0, rows).float()
+        mask = ctx.mask.index_select(0, rows).unsqueeze(-1).float()
+        deviation = 1.0 - torch.nn.functional.cosine_similarity(
+            (served * mask).reshape(rows.numel(), seq * hidden_size),
+            (truth * mask).reshape(rows.numel(), seq * hidden_size),
+            dim=1,
+        )
+        bad = deviation > cfg.max_divergence
+        with self.owner.lock:
+            self.bank.divergence[slots] = torch.maximum(self.bank.divergence[slots], deviation)
+            if bool(bad.any()):
+                self.bank.evict(slots[bad])
+                self.stats.divergence_evictions += int(bad.sum())
+        n = rows.numel()
+        total = self.stats.mean_divergence * self._divergence_samples + float(deviation.sum())
+        self._divergence_samples += n
+        self.stats.verified += n
+        self.stats.mean_divergence = total / self._divergence_samples
+        if self._divergence_samples >= 8 and self.stats.mean_divergence > cfg.max_divergence:
+            self.stats.semantic_enabled = False
+        self.stats.verify_s += time.perf_counter() - start
