@@ -39,9 +39,20 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         config: a CacheConfig (default: CacheConfig()); `overrides` replace its fields,
             e.g. accelerate(model, threshold=0.95, layers=range(0, 4)).
     Returns:
-        The same model. Calls made with `input_ids` (and optionally `attention_mask`) in eval mode
-        go through the cache; anything else (training, inputs_embeds only, decode steps of
-        generate) runs uncached.
+        The same model. With the exact tier (the default) a row whose real tokens, positions,
+        token types, namespace and the model's dtype and weights equal a cached row's is served
+        that row's stored output of the last cached block and skips every cached block; the
+        other rows compute. Anything the cache cannot serve exactly runs uncached, counted by
+        reason in `stats(model).not_cached`: training mode, autograd recording (grad enabled and
+        a parameter that requires grad: use `torch.inference_mode()` or `torch.no_grad()`),
+        `inputs_embeds`, `output_attentions`, `output_hidden_states`, `head_mask`, a 4-D mask,
+        other unknown tensor arguments, and decode steps of `generate`.
+
+    Padding: a served row holds the uncached values at every real position (mask == 1) and
+    zeros at its padding positions, where the uncached model leaves values that no masked
+    computation reads. Pool with the attention mask (as sentence-transformers does:
+    `(h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)`); an unmasked `h.mean(1)` over a
+    padded batch differs.
 
     Example:
         >>> model = llmcache.accelerate(AutoModel.from_pretrained(path).eval())

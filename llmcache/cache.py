@@ -137,11 +137,18 @@ class ModelCache:
             forward.semantic = semantic_context(self, ids, mask, positions, types, kv_cache)
             return forward
         start = time.perf_counter()
-        host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()]).cpu().numpy()
+        with self.lock:
+            pending, flags = self.exact.take_pending()
+        batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()]).flatten()
+        if flags is not None:
+            batch_host = torch.cat([batch_host, flags.to(batch_host.device, torch.int64)])
+        host = batch_host.cpu().numpy()  # the forward's one host synchronisation
+        size = 4 * ids.numel()
         header = rows.key_header(rows.current_namespace(), self.base.get_input_embeddings().weight.dtype)
         with self.lock:
             counts: dict = {}
-            forward.plan = self.exact.route(header, host, ids.device, counts)
+            forward.plan = self.exact.route(header, host[:size].reshape(4, *ids.shape), ids.device, counts,
+                                            (pending, host[size:]))
             for reason, n in counts.items():
                 self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
             self.counters.looked_up += batch

@@ -120,10 +120,26 @@ class ExactTier:
             self.arena.clear()
 
     # ---- routing ---------------------------------------------------------------------
-    def route(self, header: bytes, host: np.ndarray, device: torch.device, counts: dict) -> Plan | None:
+    def take_pending(self) -> tuple[list, torch.Tensor | None]:
+        """The entries inserted since the last routing whose finiteness is not known on the host
+        yet, and their flags (bool [E] on the device); the caller brings the flags to the host in
+        the same copy as the batch and hands them to `route`."""
+        if not self.pending:
+            return [], None
+        entries = [e for batch, _ in self.pending for e in batch]
+        flags = torch.cat([f.to(self.arena.device) for _, f in self.pending])
+        self.pending.clear()
+        return entries, flags
+
+    def route(self, header: bytes, host: np.ndarray, device: torch.device, counts: dict,
+              pending: tuple[list, np.ndarray] = ([], None)) -> Plan | None:
         """The plan of a forward whose ids/mask/positions/types are `host` int64 [4, B, T].
-        Call under the owner's lock. None: nothing to route (every row computes, none stores)."""
-        self._resolve_pending()
+        `pending`: entries from `take_pending` and their flags on the host. Call under the
+        owner's lock. None: nothing to route (every row computes, none stores)."""
+        for entry, ok in zip(*pending):
+            if not ok and self.index.valid[entry]:
+                self.index.evict(entry)
+                counts["non_finite"] = counts.get("non_finite", 0) + 1
         ids, mask, positions, types = host
         batch, seq = ids.shape
         start, count, contiguous = rows.real_spans(mask)
@@ -137,7 +153,7 @@ class ExactTier:
                 compute.append(r)
                 continue
             s = int(start[r])
-            key = rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n])
+            key = rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], ids[r, :s])
             entry = self.index.lookup(key)
             if entry >= 0:
                 served_rows.append(r)
@@ -168,15 +184,6 @@ class ExactTier:
             plan.repeat_rows = to_dev(repeat_rows)
             plan.repeat_src = to_dev([position[r] for r in repeat_src])  # among the computed rows
         return plan
-
-    def _resolve_pending(self) -> None:
-        """Drop entries whose stored states turned out non-finite (checked without a sync at insert)."""
-        for entries, finite in self.pending:
-            for entry, ok in zip(entries, finite.tolist()):
-                if not ok:
-                    self.index.evict(entry)
-                    self.owner.count_not_cached("non_finite", 1)
-        self.pending.clear()
 
     # ---- the splice ------------------------------------------------------------------
     def block_forward(self, position: int, hidden_states, *args, **kwargs):
@@ -309,10 +316,7 @@ class ExactTier:
             self.arena.write(torch.from_numpy(np.concatenate(dst)).to(device), taken)
             lengths = torch.tensor([len(s) for s in src], device=device)
             per_row = torch.segment_reduce(taken.float().sum(1), "sum", lengths=lengths)
-            finite = torch.isfinite(per_row)
-            if device.type == "cuda":
-                finite = finite.to("cpu", non_blocking=True)  # read at the next forward's routing
-            self.pending.append((entries, finite))
+            self.pending.append((entries, torch.isfinite(per_row)))  # read with the next forward's batch
             self.owner.count_insert(len(entries), self.index.evictions - evicted)
 
     def _make_arena(self, features: int, dtype: torch.dtype, device: torch.device) -> None:

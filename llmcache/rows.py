@@ -2,9 +2,9 @@
 
 Exact key (`exact_key`): the bytes of everything that decides a row's output, read on the host
 once per forward: a header (layout version, namespace, the model's dtype) and
-the row's real token ids, their position ids and token type ids, in order. Padding (mask == 0)
-is not part of it; the positions are, so a row moved by padding to other positions (absolute or
-rotary embeddings) is another row. The bytes themselves are the key, not a hash: no two rows
+the row's real token ids, their position ids and token type ids, in order, and the ids of any left
+padding. Trailing padding (mask == 0) is not part of it; the positions are, so a row moved by
+padding to other positions (absolute or rotary embeddings) is another row. The bytes themselves are the key, not a hash: no two rows
 that differ can collide.
 
 Semantic tier (per-layer banks, `llmcache.ring_buffer`): a 64-bit hash of the same fields
@@ -66,9 +66,12 @@ def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return start, count, (end - start) == count
 
 
-def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.ndarray) -> bytes:
-    """The key of one row from its real tokens' ids, positions and token types (int64 [n] each)."""
-    return b"".join([header, len(ids).to_bytes(4, "little"), ids.tobytes(), positions.tobytes(), types.tobytes()])
+def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.ndarray, before: np.ndarray) -> bytes:
+    """The key of one row from its real tokens' ids, positions and token types (int64 [n] each),
+    and the ids before its first real token (left padding: RoBERTa-style embeddings derive
+    positions from every id of the row, padding included)."""
+    return b"".join([header, len(ids).to_bytes(4, "little"), ids.tobytes(), positions.tobytes(), types.tobytes(),
+                     before.tobytes()])
 
 
 # ---- semantic tier ------------------------------------------------------------------------
