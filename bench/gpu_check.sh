@@ -11,8 +11,9 @@
 # reasons at the end of results.md, when the build fails, llmcache._C lacks CUDA kernels for this card or
 # dispatch would not pick them, any GPU test fails or is skipped, a step fails or outruns its budget.
 # Step budgets add to 540 s (the lent machine runs one command for at most 600 s); no step may outlast
-# what is left of the 540 (the dry run doubles both: a shared CPU starts Python slowly). Environment: PYTHON (python3), GPU_CHECK_DATA (bench/.data), GPU_CHECK_TESTS
-# (the GPU test files), GPU_CHECK_STRICT_SKIPS=1 (a dry run fails on skips too), MAX_JOBS (16).
+# what is left of the 540 (the dry run doubles both: a shared CPU starts Python slowly).
+# Environment: PYTHON (python3), GPU_CHECK_DATA (bench/.data), GPU_CHECK_TESTS (the GPU test files),
+# GPU_CHECK_STRICT_SKIPS=1 (a dry run fails on skips too), MAX_JOBS (16).
 set -uo pipefail
 mode=gpu steps=all out=
 while (($#)); do
@@ -65,7 +66,7 @@ fi
 
 extract() {  # what of a step's stdout goes into results.md
   case $1 in
-    build) tail -n 3 "$tmp/$1.out" ;;
+    build) tail -n 12 "$tmp/$1.out" ;;  # a compiler error ends up here, ninja prints to stdout
     tests) grep '^junit ' "$tmp/$1.out" ;;
     *) grep -v -i -E '^\s*$|warn' "$tmp/$1.out" ;;
   esac
@@ -118,14 +119,15 @@ finish() {
 trap 'reasons+=("interrupted by a signal"); exit 1' TERM INT
 trap finish EXIT
 
-: >"$out/check.log"
+# A rerun into the same OUTDIR (--steps after a step ran out of time) appends: nothing earlier is lost.
+[[ -s $out/results.md ]] && printf '\n' >>"$out/results.md"
 {
   echo "# llmcache GPU check — $(date -u +%Y-%m-%dT%H:%MZ) — $card"
   echo
   echo "mode: $mode; steps: $steps; data: $data"
   echo "budgets: $(for n in "${order[@]}"; do printf '%s %s s, ' "$n" "${budget[$n]}"; done)total: $total s" \
     "(limits x$scale)"
-} >"$out/results.md"
+} >>"$out/results.md"
 
 if [[ $mode == gpu && -z $cc ]]; then
   reasons+=("torch sees no CUDA device here: run with --dry-run on a machine without a GPU")
