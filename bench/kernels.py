@@ -7,7 +7,12 @@ Ops and baselines, all in one run on one device:
                         IndexBinaryFlat (GpuIndexBinaryFlat on CUDA when faiss has GPU support) and
                         Hamming through a +-1 matrix product in torch (fp32 on CPU, bf16 on GPU).
                         Every llmcache answer is checked against faiss's distances (faiss breaks ties
-                        its own way: distances only). The reference backend only runs where N*B <= 2^22.
+                        its own way: distances only; without faiss, against the C++ kernel on the host
+                        copy). The reference backend only runs where N*B <= 2^22.
+    hamming route       for B >= 64, the tensor-core formulations beside the popcount kernel that dispatch
+                        picks now: codes as int8 +-1 through torch._int_mm (and bf16 +-1 through torch.mm
+                        on CUDA), x.y = nbits - 2 d_H, the top-k taken on x.y right after. The "routes"
+                        list of the JSON says per size which is faster, so a GPU run decides the dispatch.
     simhash_pooled      B 1, 64, 256; T=128, d=384, nbits=256; fp32 (and bf16 on CUDA). Baseline: the
                         PyTorch reference (masked mean, matmul, sign, pack).
     gather_with_mask    B=256, T=128, d=384, half the rows hit; fp32 (and bf16 on CUDA). Baselines:
@@ -17,6 +22,8 @@ Ops and baselines, all in one run on one device:
 Timing: CUDA uses triton.testing.do_bench's median; CPU one warm-up call, then the median of R calls
 (fewer when a call is slow, so the default CPU run stays well under 4 minutes). Floors, the least time
 the hardware allows:
+    tensor cores   2*B*N*nbits integer (or bf16) operations / the card's dense int8 (bf16) peak
+                   (datasheet table below; GPU only), in the routes list.
     hamming_topk   max(B*N*W 64-bit popcounts / popcount rate, N*W*8 bank bytes / bandwidth). CPU
                    rate: llmcache._C.popcount_peak_rate (all OpenMP threads, the lookup's popcount
                    path). GPU rate: SMs x 16 POPC/clk/SM (CUDA guide throughput table, cc 5.x-9.x) x
@@ -28,7 +35,8 @@ slow a measurement down); GPU rates come from the datasheet table below. The tab
 floors are known; progress goes to stderr.
 
 Writes the rows and a header (machine, versions, llmcache.build_info()) to DIR/kernels-<device>.json
-and .csv (default bench/out/), then checks the performance targets (PASS/SHORT, never asserts).
+and .csv (default bench/out/), then checks the performance targets (PASS/SHORT, never asserts). The
+JSON is also written after each op (header "partial": true), so a run stopped early keeps its rows.
 The exit status is 1 when an llmcache result disagreed with faiss or with the reference gather.
 """
 
@@ -73,6 +81,15 @@ GPU_BANDWIDTH = (
     (("A100", "80GB"), 2.039e12),
     (("A100",), 1.555e12),
 )
+# Dense tensor-core peaks (operations/s, no sparsity) by device-name fragments, first match wins (datasheets).
+GPU_TENSOR_PEAK = (
+    (("H100", "PCIe"), {"int8": 1.513e15, "bf16": 7.56e14}),
+    (("H100",), {"int8": 1.979e15, "bf16": 9.89e14}),
+    (("H200",), {"int8": 1.979e15, "bf16": 9.89e14}),
+    (("A100",), {"int8": 6.24e14, "bf16": 3.12e14}),
+)
+TENSOR_CORE_MIN_BATCH = 64  # below this the matrix product's tiles are mostly padding
+TENSOR_CORE_ROUTES = {"int8-mm": "int8", "bf16-mm": "bf16"}
 
 
 @dataclass
@@ -179,6 +196,7 @@ def gpu_spec() -> dict:
         "/ 2 POPC per 64-bit word",
         "bandwidth": bandwidth,
         "bandwidth_source": bw_src,
+        "tensor_peak": tensor_peaks(name),
     }
 
 
@@ -255,6 +273,57 @@ def matmul_topk(queries_pm: torch.Tensor, bank_pm: torch.Tensor, k: int) -> tupl
     return value, torch.cat(idxs, 1).gather(1, pick)
 
 
+def dot_topk(queries_pm: torch.Tensor, bank_pm: torch.Tensor, k: int,
+             chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hamming top-k on the tensor cores: for +-1 codes x.y = nbits - 2 d_H, so the k largest dot
+    products are the k nearest codes, and only those k are turned into distances.
+
+    int8 codes go through torch._int_mm (int32 dot products, exact); bf16 through torch.mm, exact
+    for nbits <= 256 (fp32 accumulation of +-1, and every even integer up to 256 is a bf16). The bank
+    is scanned in chunks so the [B, chunk] product stays under `chunk_elems` elements.
+    """
+    batch, nbits = queries_pm.shape
+    mm = torch._int_mm if queries_pm.dtype == torch.int8 else torch.mm
+    chunk = max(1024, chunk_elems // batch)
+    dots, idxs = [], []
+    for start in range(0, bank_pm.shape[0], chunk):
+        dot = mm(queries_pm, bank_pm[start : start + chunk].T)
+        value, index = dot.max(dim=1, keepdim=True) if k == 1 else dot.topk(k, dim=1)
+        dots.append(value)
+        idxs.append(index + start)
+    value, pick = torch.cat(dots, 1).topk(k, dim=1)
+    return (nbits - value.to(torch.int32)) // 2, torch.cat(idxs, 1).gather(1, pick)
+
+
+def tensor_peaks(name: str) -> dict:
+    """The dense int8 and bf16 tensor-core peaks of a GPU by name ({} when unknown)."""
+    for fragments, peaks in GPU_TENSOR_PEAK:
+        if all(f in name for f in fragments):
+            return dict(peaks, source=f"datasheet ({' '.join(fragments)}), dense")
+    return {}
+
+
+def routes(rows: list[Row], default: str, machine: dict) -> list[dict]:
+    """Per hamming_topk size with B >= 64: the popcount kernel dispatch picks now beside the tensor-core
+    formulations that agreed with the oracle, their floors, and which was faster."""
+    out = []
+    for pop in rows:
+        if pop.op != "hamming_topk" or pop.backend != default or not pop.ms or pop.params["B"] < TENSOR_CORE_MIN_BATCH:
+            continue
+        ms = {default: pop.ms}
+        floors = {default: pop.floor_ms}
+        for row in rows:
+            if row.backend in TENSOR_CORE_ROUTES and row.params == pop.params and row.ms and row.check != "MISMATCH":
+                ms[row.backend] = row.ms
+                peak = machine.get("tensor_peak", {}).get(TENSOR_CORE_ROUTES[row.backend])
+                ops_needed = 2 * pop.params["B"] * pop.params["N"] * pop.params["nbits"]
+                floors[row.backend] = 1e3 * ops_needed / peak if peak else None
+        winner = min(ms, key=ms.get)
+        out.append({"N": pop.params["N"], "nbits": pop.params["nbits"], "B": pop.params["B"], "ms": ms,
+                    "floor_ms": floors, "winner": winner, "tensor_core_wins": winner != default})
+    return out
+
+
 def apply_floors(rows: list[Row], machine: dict) -> None:
     """floor_ms = max(popcounts / popcount rate, bytes / bandwidth), and which of the two binds."""
     rate, bandwidth = machine["popcount64_per_s"], machine["bandwidth"]
@@ -291,6 +360,7 @@ class Bank:
     codes_cpu: torch.Tensor
     codes: torch.Tensor
     plus_minus: torch.Tensor
+    plus_minus_int8: torch.Tensor
     index: object = None  # faiss.IndexBinaryFlat, also the correctness oracle
     gpu_index: object = None  # faiss.GpuIndexBinaryFlat when faiss has GPU support
     gpu_resources: object = None  # kept alive as long as gpu_index
@@ -340,7 +410,8 @@ class Bench:
     def make_bank(self, log_n: int, nbits: int) -> Bank:
         codes_cpu = random_codes(1 << log_n, nbits // 64, self.gen)
         codes = codes_cpu.to(self.device)
-        bank = Bank(log_n, nbits, codes_cpu, codes, unpack_plus_minus(codes, self.plus_minus_dtype()))
+        bank = Bank(log_n, nbits, codes_cpu, codes, unpack_plus_minus(codes, self.plus_minus_dtype()),
+                    unpack_plus_minus(codes, torch.int8))
         if faiss is not None:
             bank.index = faiss.IndexBinaryFlat(nbits)
             bank.index.add(as_faiss_bytes(codes_cpu))
@@ -367,16 +438,18 @@ class Bench:
                        popcounts=batch * bank_rows * words if here else 0,
                        bytes_moved=bank_rows * words * 8 if here else 0)
 
-        rows, oracle = [], None
+        rows, oracle, oracle_name = [], None, "faiss"
 
         def against_faiss(r: Row, out) -> None:
             if oracle is None:
-                r.check = "no faiss"
+                r.check = "no oracle"
                 return
             dist = torch.as_tensor(out[0])[:, 0].cpu()
             dist = (dist.float().round() if dist.is_floating_point() else dist).long()
-            r.faiss_match = bool(torch.equal(dist, oracle))
-            r.check = "=faiss" if r.faiss_match else "MISMATCH"
+            match = bool(torch.equal(dist, oracle))
+            if oracle_name == "faiss":
+                r.faiss_match = match
+            r.check = f"={oracle_name}" if match else "MISMATCH"
 
         if bank.index is not None:
             q_bytes = as_faiss_bytes(q_cpu)
@@ -390,6 +463,9 @@ class Bench:
             else:
                 rows.append(self.timed(row("faiss-gpu", "baseline"), lambda: bank.gpu_index.search(q_bytes, 1),
                                        against_faiss, host=True))
+        elif ops._library.extension() is not None:  # no faiss (the GPU image has none): C++ on the host copy
+            oracle_name = "cpp"
+            oracle = ops.hamming_topk(q_cpu, bank.codes_cpu, 1, backend="cpp")[0][:, 0].long()
         for backend in self.backends:
             if backend == "reference" and bank_rows * batch > REFERENCE_LOOKUPS:
                 continue
@@ -397,6 +473,26 @@ class Bench:
                                    lambda b=backend: ops.hamming_topk(q, bank.codes, 1, backend=b), against_faiss))
         rows.append(self.timed(row("torch-mm", "baseline"), lambda: matmul_topk(q_pm, bank.plus_minus, 1),
                                against_faiss))
+        if batch >= TENSOR_CORE_MIN_BATCH:
+            rows += self.tensor_core_rows(bank, q, row, against_faiss)
+        return rows
+
+    def tensor_core_rows(self, bank: Bank, q: torch.Tensor, row: Callable, check: Callable) -> list[Row]:
+        """The tensor-core route (dot_topk) in int8, and in bf16 on CUDA (CPU bf16 products are slow and
+        torch-mm already stands for the float route there). A formulation the library build rejects is
+        reported in the row's check, not raised: the other rows of a lent GPU's only run still count."""
+        contenders = [("int8-mm", torch.int8, bank.plus_minus_int8)]
+        if self.on_gpu and bank.nbits <= 256:
+            contenders.append(("bf16-mm", torch.bfloat16, bank.plus_minus))
+        chunk = 1 << (26 if self.on_gpu else 24)  # fewer launches on the GPU, whose memory has room
+        rows = []
+        for name, dtype, bank_pm in contenders:
+            q_pm, r = unpack_plus_minus(q, dtype), row(name, "baseline")
+            try:
+                rows.append(self.timed(r, lambda q_pm=q_pm, b=bank_pm: dot_topk(q_pm, b, 1, chunk), check))
+            except RuntimeError as err:
+                r.check = "error: " + str(err).splitlines()[0][:80]
+                rows.append(r)
         return rows
 
     # ---- simhash_pooled
@@ -520,11 +616,13 @@ def row_record(row: Row) -> dict:
     return record
 
 
-def write_outputs(out_dir: Path, device: str, header: dict, rows: list[Row], targets: list[dict]) -> Path:
+def write_outputs(out_dir: Path, device: str, header: dict, rows: list[Row], targets: list[dict],
+                  route_rows: list[dict]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [row_record(r) for r in rows]
     path = out_dir / f"kernels-{device}.json"
-    path.write_text(json.dumps({"header": header, "rows": records, "targets": targets}, indent=1, default=str))
+    report = {"header": header, "rows": records, "targets": targets, "routes": route_rows}
+    path.write_text(json.dumps(report, indent=1, default=str))
     fields = ["op", "device", "backend", "role", "default", "shape", "reps", "ms", "floor_ms", "floor_by",
               "pct_of_floor", "popcount_floor_ms", "popcounts", "bytes_moved", "check", "faiss_match", "speedup",
               "params"]
@@ -590,6 +688,11 @@ def check_targets(rows: list[Row], device: torch.device, default: str) -> list[d
         detail = f"{mine.ms:.4f} ms vs copy {copy.ms:.4f} ms" if frac else "not measured"
         out.append(target(f"{default} gather_with_mask {dtype} >= 70% of copy bandwidth", frac, 0.7, "frac", detail))
     return out
+
+
+def format_route(r: dict) -> str:
+    times = ", ".join(f"{name} {number(ms)} ms (floor {number(r['floor_ms'][name])})" for name, ms in r["ms"].items())
+    return f"  N=2^{r['N'].bit_length() - 1} bits={r['nbits']} B={r['B']}: {times} -> {r['winner']}"
 
 
 def format_target(t: dict) -> str:
@@ -699,10 +802,13 @@ def main(argv: list[str] | None = None) -> int:
     default = default_backend(device)
     print(f"llmcache kernel benchmark  {date}  device={device.type}{'  (quick)' if args.quick else ''}", flush=True)
 
-    bench = Bench(device, sizes, Timer(device, args.repeats, sizes.row_budget_s))
-    bench.hamming_topk()
-    bench.simhash_pooled()
-    bench.gather_with_mask()
+    # On CUDA only faiss-cpu rows are host-timed: 1 s each keeps the GPU check inside its step budget.
+    bench = Bench(device, sizes, Timer(device, args.repeats, sizes.row_budget_s if device.type == "cpu" else 1.0))
+    for op in (bench.hamming_topk, bench.simhash_pooled, bench.gather_with_mask):
+        op()
+        apply_floors(bench.rows, machine)  # CPU floors are provisional until the end-of-run rates
+        partial = header_record(device, args, machine, date) | {"partial": True}
+        write_outputs(args.out, device.type, partial, bench.rows, [], routes(bench.rows, default, machine))
     if device.type == "cpu":
         measure_cpu_rates(machine, args.quick)
     apply_floors(bench.rows, machine)
@@ -729,12 +835,16 @@ def main(argv: list[str] | None = None) -> int:
     for row in bench.rows:
         print(format_row(row))
 
+    route_rows = routes(bench.rows, default, machine)
+    print(f"\nhamming_topk route, popcount ({default}) or tensor cores, B >= {TENSOR_CORE_MIN_BATCH} (floor ms):")
+    for r in route_rows:
+        print(format_route(r))
     targets = check_targets(bench.rows, device, default)
     print(f"\ntargets ({device.type}):")
     for t in targets:
         print(format_target(t))
     header["elapsed_s"] = round(time.perf_counter() - started, 1)
-    path = write_outputs(args.out, device.type, header, bench.rows, targets)
+    path = write_outputs(args.out, device.type, header, bench.rows, targets, route_rows)
     bad = [f"{r.op} {r.backend} {r.shape}" for r in bench.rows if r.faiss_match is False or r.check == "MISMATCH"]
     print(f"\nwrote {path} and {path.with_suffix('.csv')} in {header['elapsed_s']} s")
     if bad:
