@@ -245,9 +245,11 @@ def fixed_cost_fit(rows: list[int], ms: list[float]) -> dict:
 
 def cached_breakdown(model, encoded, device: str) -> dict:
     """A cached run from empty banks, timing where its time goes: inside the blocks' own
-    forwards (the miss sub-batches), inside the cache's per-block code around them (lookup,
-    slicing, gather, insert), and the rest (embeddings, masks, pooling: as uncached)."""
-    owner = model._llmcache
+    forwards (the miss sub-batches), inside the cache's code around them (routing, slicing,
+    merge, insert), and the rest (embeddings, masks, pooling: as uncached)."""
+    from llmcache.api import _owner
+
+    owner = _owner(model)
     spent = {"compute": 0.0, "cached": 0.0}
 
     def timed(fn, key):
@@ -261,19 +263,30 @@ def cached_breakdown(model, encoded, device: str) -> dict:
 
         return call
 
-    saved = {}
+    # (object, attribute, original value) of every forward wrapped for timing, restored after.
+    wrapped = []
+    if owner.exact is not None:
+        tier = owner.exact
+        wrapped.append((tier, "originals", list(tier.originals)))
+        tier.originals = [timed(f, "compute") for f in tier.originals]
+        for module in tier.modules:
+            wrapped.append((module, "forward", module.forward))
+            module.forward = timed(module.forward, "cached")
     for layer in owner.layers.values():
-        saved[layer] = (layer.original_forward, layer.module.forward)
+        wrapped.append((layer, "original_forward", layer.original_forward))
+        wrapped.append((layer.module, "forward", layer.module.forward))
         layer.original_forward = timed(layer.original_forward, "compute")
         layer.module.forward = timed(layer.module.forward, "cached")
     llmcache.reset(model)
     try:
         total = run_stream(model, encoded, device)
     finally:
-        for layer, (original, patched) in saved.items():
-            layer.original_forward, layer.module.forward = original, patched
-    return {"total_s": total, "compute_s": spent["compute"], "bookkeeping_s": spent["cached"] - spent["compute"],
-            "other_s": total - spent["cached"]}
+        for obj, name, value in reversed(wrapped):
+            setattr(obj, name, value)
+    routing = llmcache.stats(model).lookup_s if owner.exact is not None else 0.0  # outside the blocks
+    return {"total_s": total, "compute_s": spent["compute"],
+            "bookkeeping_s": spent["cached"] - spent["compute"] + routing,
+            "other_s": total - spent["cached"] - routing}
 
 
 def paired_pass(model, encoded: list[dict], device: str, flip: bool) -> tuple[float, float]:
