@@ -29,6 +29,7 @@ from torch import nn
 
 from . import ops
 from .config import CacheConfig
+from .ops.simhash import simhash_pooled_unchecked
 from .ring_buffer import RingBuffer, finite_rows, first_index, make_tag, tag_fits
 
 _namespace_stack = threading.local()
@@ -299,7 +300,8 @@ class ModelCache:
         if ctx is None or not self.semantic_on() or self.config.fingerprint != "embeddings":
             return
         start = time.perf_counter()
-        ctx.codes = ops.simhash_pooled(embeds, ctx.mask, self.planes, backend=self.config.backend)
+        # Unchecked: embeds, mask and planes are the cache's own, valid by construction.
+        ctx.codes = simhash_pooled_unchecked(embeds, ctx.mask, self.planes, backend=self.config.backend)
         self.fingerprint_s += time.perf_counter() - start
 
     def end(self, failed: bool = False) -> None:
@@ -396,7 +398,7 @@ class CachedLayer:
         if self.owner.config.fingerprint == "embeddings":
             return ctx.codes
         start = time.perf_counter()
-        codes = ops.simhash_pooled(hidden, ctx.mask, self.owner.planes, backend=self.owner.config.backend)
+        codes = simhash_pooled_unchecked(hidden, ctx.mask, self.owner.planes, backend=self.owner.config.backend)
         self.stats.fingerprint_s += time.perf_counter() - start
         return codes
 

@@ -15,8 +15,9 @@ import math
 import numpy as np
 import torch
 
-from . import ops
 from .ops._library import resolve_backend
+from .ops.gather_with_mask import gather_with_mask_unchecked
+from .ops.hamming_topk import hamming_topk_unchecked
 
 # An entry's tag packs what a row must share with it to match: namespace id | position of the
 # first token | token count | padding side (1 = left). Rows that may not be cached get a
@@ -85,9 +86,9 @@ class RingBuffer:
                 f"a bank can only share the index of a bank of the same capacity, words and eviction policy: "
                 f"{(capacity, words, eviction)} vs {(index.capacity, index.codes.shape[1], index.eviction)}"
             )
-        # With no backend forced (argument or LLMCACHE_BACKEND), the bank calls the registered
-        # ops directly: its arguments are valid by construction, so the public wrappers' checks
-        # (a few dozen Python calls per lookup) are skipped on this hot path.
+        # The bank's arguments are valid by construction, so the public wrappers' checks (a few
+        # dozen Python calls per lookup) are skipped on this hot path: the unchecked entries
+        # with a forced backend, and with none (argument or LLMCACHE_BACKEND) the registered ops.
         self._direct = resolve_backend(backend, device) == "auto"
         # Ordinary tensors even when created under inference mode: inference tensors could only
         # be updated inside inference mode, and a bank is also used under no_grad or reset outside.
@@ -186,7 +187,7 @@ class RingBuffer:
     def _topk(self, queries: torch.Tensor, bank: torch.Tensor, tags: torch.Tensor):
         if self._direct:
             return torch.ops.llmcache.hamming_topk(queries, bank, 1, self.valid, tags, self.tags)
-        return ops.hamming_topk(queries, bank, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend)
+        return hamming_topk_unchecked(queries, bank, 1, self.valid, tags, self.tags, backend=self.backend)
 
     # ---- read --------------------------------------------------------------------------
     def gather(
@@ -203,7 +204,7 @@ class RingBuffer:
         if self._direct:
             out = torch.ops.llmcache.gather_with_mask(*args)
         else:
-            out = ops.gather_with_mask(*args, backend=self.backend)
+            out = gather_with_mask_unchecked(*args, backend=self.backend)
         if stamp and self.eviction == "staleness":
             hit_slots = slot[slot >= 0]
             self.rate[hit_slots] = self._decayed_rate(hit_slots)
