@@ -74,17 +74,18 @@ at::Tensor simhash_pooled_cuda(const at::Tensor& embeds, const at::Tensor& mask,
   const c10::cuda::CUDAGuard guard(embeds.device());
   auto ec = embeds.contiguous();
   // The kernel reads bool and integer masks as they are (no conversion kernel on the hot path);
-  // any other dtype becomes uint8 first.
-  auto mc = at::isIntegralType(mask.scalar_type(), /*includeBool=*/true) ? mask.contiguous()
-                                                                         : mask.ne(0).to(at::kByte).contiguous();
+  // any other dtype becomes a bool mask first.
+  const bool integral = at::isIntegralType(mask.scalar_type(), /*includeBool=*/true);
+  auto mc = integral ? mask.contiguous() : mask.ne(0).contiguous();
   auto pc = planes.to(at::kFloat).contiguous();
   const int64_t B = ec.size(0), T = ec.size(1), d = ec.size(2);
   const int dtype = to_dtype(ec.scalar_type());
   const int64_t nbits = pc.size(1);
   auto codes = at::empty({B, nbits / 64}, embeds.options().dtype(at::kLong));
   auto scratch = workspace(gpu::simhash_pooled_workspace_bytes(dtype, B, T, d, nbits), ec);
-  C10_CUDA_CHECK(gpu::simhash_pooled_cuda(data_or_null(ec), dtype, data_or_null(mc), static_cast<int>(mc.element_size()),
-                                          B, T, d, pc.data_ptr<float>(), nbits, codes.data_ptr<int64_t>(),
+  const int mask_bytes = static_cast<int>(mc.element_size());
+  C10_CUDA_CHECK(gpu::simhash_pooled_cuda(data_or_null(ec), dtype, data_or_null(mc), mask_bytes, B, T, d,
+                                          pc.data_ptr<float>(), nbits, codes.data_ptr<int64_t>(),
                                           data_or_null(scratch), current_stream()));
   return codes;
 }

@@ -143,7 +143,7 @@ def test_simhash_pooled_misaligned_embeds(dtype, offset_bytes, gen):
 @pytest.mark.parametrize("mask_dtype", [torch.int16, torch.float32, torch.float16], ids=str)
 def test_simhash_pooled_op_takes_any_mask_dtype(mask_dtype, gen):
     # Direct torch.ops callers may pass masks the public function refuses: int16 is read as it
-    # is, floats are converted first; every nonzero marks a token.
+    # is, floats become a bool mask first; every nonzero marks a token.
     embeds = torch.randn(3, 11, 48, generator=gen).cuda()
     mask = torch.rand(3, 11, generator=gen) > 0.4
     planes = torch.randn(48, 128, generator=gen).cuda()
