@@ -4,7 +4,8 @@ Switches (environment variables):
   LLMCACHE_SKIP_EXT=1     pure-Python install: ops fall back to Triton / PyTorch.
   LLMCACHE_FORCE_CUDA=1   compile the CUDA kernels even where no CUDA torch or toolkit is detected
                           (=0: never compile them).
-  LLMCACHE_CUDA_ARCHS     CUDA targets, default "8.0;9.0" (A100, H100/H200).
+  LLMCACHE_CUDA_ARCHS     CUDA targets, default "8.0;9.0+PTX" (A100, H100/H200 machine code, and
+                          sm_90 PTX that the driver compiles for any newer card).
   MAX_JOBS                parallel compile jobs (torch's ninja build honours it).
   CUDA_HOME               toolkit root; found from `nvcc` on PATH when unset (wrappers included).
 The CPU kernels never use -march: AVX-512 / AVX2 paths are chosen at run time.
@@ -54,7 +55,7 @@ def extensions():
 
     force = os.environ.get("LLMCACHE_FORCE_CUDA")
     with_cuda = force == "1" or (force != "0" and torch.version.cuda is not None and cuda_home is not None)
-    archs = os.environ.get("LLMCACHE_CUDA_ARCHS", "8.0;9.0")
+    archs = os.environ.get("LLMCACHE_CUDA_ARCHS", "8.0;9.0+PTX")
     sources = ["csrc/module.cpp", "csrc/torch_cpu.cpp"] + sorted(glob("csrc/cpu/*.cpp"))
     macros = [
         ("LLMCACHE_TORCH_VERSION", f'"{torch.__version__}"'),

@@ -17,8 +17,8 @@
 namespace llmcache {
 namespace {
 
-int to_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+int to_dtype(at::ScalarType type) {
+  switch (type) {
     case at::kFloat:
       return gpu::kFloat32;
     case at::kHalf:
@@ -26,7 +26,7 @@ int to_dtype(const at::Tensor& t) {
     case at::kBFloat16:
       return gpu::kBFloat16;
     default:
-      TORCH_CHECK(false, "llmcache: expected float32, float16 or bfloat16, got ", t.scalar_type());
+      TORCH_CHECK(false, "llmcache: expected float32, float16 or bfloat16, got ", type);
   }
 }
 
@@ -56,7 +56,7 @@ at::Tensor simhash_cuda(const at::Tensor& x, const at::Tensor& planes) {
   const int64_t B = xc.size(0), d = xc.size(1), nbits = pc.size(1);
   auto codes = at::empty({B, nbits / 64}, x.options().dtype(at::kLong));
   auto scratch = workspace(gpu::simhash_workspace_bytes(B, d, nbits), xc);
-  C10_CUDA_CHECK(gpu::simhash_cuda(data_or_null(xc), to_dtype(xc), B, d, pc.data_ptr<float>(), nbits,
+  C10_CUDA_CHECK(gpu::simhash_cuda(data_or_null(xc), to_dtype(xc.scalar_type()), B, d, pc.data_ptr<float>(), nbits,
                                    codes.data_ptr<int64_t>(), data_or_null(scratch), current_stream()));
   return codes;
 }
@@ -73,14 +73,18 @@ at::Tensor simhash_pooled_cuda(const at::Tensor& embeds, const at::Tensor& mask,
               "simhash_pooled: nbits must be a positive multiple of 64");
   const c10::cuda::CUDAGuard guard(embeds.device());
   auto ec = embeds.contiguous();
-  auto mc = mask.ne(0).to(at::kByte).contiguous();
+  // The kernel reads bool and integer masks as they are (no conversion kernel on the hot path);
+  // any other dtype becomes a bool mask first.
+  const bool integral = at::isIntegralType(mask.scalar_type(), /*includeBool=*/true);
+  auto mc = integral ? mask.contiguous() : mask.ne(0).contiguous();
   auto pc = planes.to(at::kFloat).contiguous();
   const int64_t B = ec.size(0), T = ec.size(1), d = ec.size(2);
-  const int dtype = to_dtype(ec);
+  const int dtype = to_dtype(ec.scalar_type());
   const int64_t nbits = pc.size(1);
   auto codes = at::empty({B, nbits / 64}, embeds.options().dtype(at::kLong));
   auto scratch = workspace(gpu::simhash_pooled_workspace_bytes(dtype, B, T, d, nbits), ec);
-  C10_CUDA_CHECK(gpu::simhash_pooled_cuda(data_or_null(ec), dtype, mc.data_ptr<uint8_t>(), B, T, d,
+  const int mask_bytes = static_cast<int>(mc.element_size());
+  C10_CUDA_CHECK(gpu::simhash_pooled_cuda(data_or_null(ec), dtype, data_or_null(mc), mask_bytes, B, T, d,
                                           pc.data_ptr<float>(), nbits, codes.data_ptr<int64_t>(),
                                           data_or_null(scratch), current_stream()));
   return codes;
@@ -174,7 +178,28 @@ at::Tensor gather_with_mask_cuda(const at::Tensor& values, const at::Tensor& slo
   return out;
 }
 
+template <size_t n>
+std::vector<int64_t> as_list(const std::array<int64_t, n>& a) {
+  return {a.begin(), a.end()};
+}
+
 }  // namespace
+
+// The launchers' plans for tests without a GPU (see kernels/cuda_kernels.h); host arithmetic only.
+TORCH_LIBRARY(llmcache_plan, m) {
+  m.def("hamming_topk(int B, int N, int k) -> int[]",
+        [](int64_t B, int64_t N, int64_t k) { return as_list(gpu::hamming_topk_plan(B, N, k)); });
+  m.def("simhash(int B, int d, int nbits) -> int[]",
+        [](int64_t B, int64_t d, int64_t nbits) { return as_list(gpu::simhash_plan(B, d, nbits)); });
+  m.def("simhash_pooled(ScalarType dtype, int B, int T, int d) -> int[]",
+        [](at::ScalarType dtype, int64_t B, int64_t T, int64_t d) {
+          return as_list(gpu::simhash_pooled_plan(to_dtype(dtype), B, T, d));
+        });
+  m.def("gather_with_mask(int T, int B, int inner_bytes, int address_bits) -> int[]",
+        [](int64_t T, int64_t B, int64_t inner_bytes, int64_t address_bits) {
+          return as_list(gpu::gather_with_mask_plan(T, B, inner_bytes, address_bits));
+        });
+}
 
 TORCH_LIBRARY_IMPL(llmcache, CUDA, m) {
   m.impl("simhash", &simhash_cuda);

@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
@@ -28,12 +29,14 @@ size_t simhash_workspace_bytes(int64_t B, int64_t d, int64_t nbits);
 cudaError_t simhash_cuda(const void* x, int dtype, int64_t B, int64_t d, const float* planes,
                          int64_t nbits, int64_t* codes, void* workspace, cudaStream_t stream);
 
-// SimHash of the masked mean over T: embeds [B, T, d] of `dtype`, mask uint8 [B, T] (0 = pad).
-// A row with no token hashes the zero vector (every bit set).
+// SimHash of the masked mean over T: embeds [B, T, d] of `dtype`, mask [B, T] of integers of
+// mask_bytes = 1, 2, 4 or 8 bytes (bool is 1; 0 = pad). A row with no token hashes the zero
+// vector (every bit set). Two kernel launches.
 size_t simhash_pooled_workspace_bytes(int dtype, int64_t B, int64_t T, int64_t d, int64_t nbits);
-cudaError_t simhash_pooled_cuda(const void* embeds, int dtype, const uint8_t* mask, int64_t B,
-                                int64_t T, int64_t d, const float* planes, int64_t nbits,
-                                int64_t* codes, void* workspace, cudaStream_t stream);
+cudaError_t simhash_pooled_cuda(const void* embeds, int dtype, const void* mask, int mask_bytes,
+                                int64_t B, int64_t T, int64_t d, const float* planes,
+                                int64_t nbits, int64_t* codes, void* workspace,
+                                cudaStream_t stream);
 
 // ---- hamming_topk.cu ----
 // For each query b the k eligible bank rows nearest in Hamming distance, ascending, ties to the
@@ -62,6 +65,21 @@ cudaError_t gather_with_mask_cuda(const void* values, int64_t N, int64_t Tv, con
                                   int64_t B, int64_t inner_bytes, int64_t* last_used,
                                   int64_t* hit_count, int64_t tick, bool align_end, void* out,
                                   cudaStream_t stream);
+
+// ---- launch plans ----
+// The grid, split and workspace arithmetic of each launcher, the very functions the launchers
+// use, exposed so that tests check it without a GPU (csrc/torch_cuda.cpp: llmcache_plan:: ops).
+// {queries_per_block, query_blocks (grid x), splits (grid y), rows_per_split, workspace bytes}
+std::array<int64_t, 5> hamming_topk_plan(int64_t B, int64_t N, int64_t k);
+// Projection: {row_blocks (grid x), words (grid y), d splits (grid z), d_per_split, bytes of
+// the split sums, tickets (uint32 after the sums)}
+std::array<int64_t, 6> simhash_plan(int64_t B, int64_t d, int64_t nbits);
+// Pooled pass 1: {col_tiles, T splits (grid y), tokens_per_split, bytes of its partial sums};
+// the projection's workspace follows those bytes.
+std::array<int64_t, 4> simhash_pooled_plan(int dtype, int64_t B, int64_t T, int64_t d);
+// {copy unit bytes, chunks_per_row, blocks (grid x)}; address_bits: the base pointers OR-ed.
+std::array<int64_t, 3> gather_with_mask_plan(int64_t T, int64_t B, int64_t inner_bytes,
+                                             int64_t address_bits);
 
 }  // namespace gpu
 }  // namespace llmcache

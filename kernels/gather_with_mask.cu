@@ -74,25 +74,55 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The widest copy unit (16, 8, 4, 2 or 1 bytes) that divides inner_bytes and the address bits
+// of every base pointer (`addresses`: the three pointers OR-ed together).
+int64_t unit_bytes(int64_t inner_bytes, uintptr_t addresses) {
+  int64_t unit = 16;
+  while (unit > 1 && (inner_bytes % unit != 0 || addresses % unit != 0)) unit /= 2;
+  return unit;
+}
+
+struct Plan {
+  int64_t unit = 1;
+  int64_t chunks_per_row = 1;
+  int64_t blocks = 0;
+};
+
+Plan make_plan(int64_t T, int64_t B, int64_t inner_bytes, uintptr_t addresses) {
+  Plan p;
+  p.unit = unit_bytes(inner_bytes, addresses);
+  // At least one chunk per row, even an empty one: its block still counts the hit.
+  const int64_t row_units = T * (inner_bytes / p.unit);
+  p.chunks_per_row = row_units > 0 ? ceil_div(row_units, kChunkUnits) : 1;
+  const int64_t total = B * p.chunks_per_row;
+  p.blocks = total < kMaxBlocks ? total : kMaxBlocks;  // the kernel strides over the rest
+  return p;
+}
+
 template <typename U>
 cudaError_t launch(const void* values, int64_t N, int64_t Tv, const int64_t* slot,
                    const void* computed, int64_t M, int64_t T, const int64_t* row, int64_t B,
                    int64_t inner_bytes, int64_t* last_used, int64_t* hit_count, int64_t tick,
-                   bool align_end, void* out, cudaStream_t stream) {
-  const int64_t inner_units = inner_bytes / static_cast<int64_t>(sizeof(U));
-  // At least one chunk per row, even an empty one: its block still counts the hit.
-  const int64_t row_units = T * inner_units;
-  const int64_t chunks_per_row = row_units > 0 ? ceil_div(row_units, kChunkUnits) : 1;
-  const int64_t total = B * chunks_per_row;
-  const unsigned blocks = static_cast<unsigned>(total < kMaxBlocks ? total : kMaxBlocks);
-  gather_with_mask_kernel<U><<<blocks, kThreads, 0, stream>>>(
+                   bool align_end, void* out, const Plan& p, cudaStream_t stream) {
+  gather_with_mask_kernel<U><<<static_cast<unsigned>(p.blocks), kThreads, 0, stream>>>(
       static_cast<const U*>(values), N, Tv, slot, static_cast<const U*>(computed), M, T, row, B,
-      inner_units, chunks_per_row, last_used, reinterpret_cast<unsigned long long*>(hit_count),
-      tick, align_end, static_cast<U*>(out));
+      inner_bytes / static_cast<int64_t>(sizeof(U)), p.chunks_per_row, last_used,
+      reinterpret_cast<unsigned long long*>(hit_count), tick, align_end, static_cast<U*>(out));
   return cudaGetLastError();
 }
 
+uintptr_t address_bits(const void* values, const void* computed, const void* out) {
+  return reinterpret_cast<uintptr_t>(values) | reinterpret_cast<uintptr_t>(computed) |
+         reinterpret_cast<uintptr_t>(out);
+}
+
 }  // namespace
+
+std::array<int64_t, 3> gather_with_mask_plan(int64_t T, int64_t B, int64_t inner_bytes,
+                                             int64_t address_bits) {
+  const Plan p = make_plan(T, B, inner_bytes, static_cast<uintptr_t>(address_bits));
+  return {p.unit, p.chunks_per_row, p.blocks};
+}
 
 cudaError_t gather_with_mask_cuda(const void* values, int64_t N, int64_t Tv, const int64_t* slot,
                                   const void* computed, int64_t M, int64_t T, const int64_t* row,
@@ -101,26 +131,19 @@ cudaError_t gather_with_mask_cuda(const void* values, int64_t N, int64_t Tv, con
                                   cudaStream_t stream) {
   if (N < 0 || Tv < 0 || M < 0 || T < 0 || B < 0 || inner_bytes < 0) return cudaErrorInvalidValue;
   if (B == 0) return cudaSuccess;
-  // The widest unit that divides inner_bytes and keeps every base pointer aligned.
-  const auto fits = [&](int64_t unit) {
-    return inner_bytes % unit == 0 && reinterpret_cast<uintptr_t>(values) % unit == 0 &&
-           reinterpret_cast<uintptr_t>(computed) % unit == 0 &&
-           reinterpret_cast<uintptr_t>(out) % unit == 0;
-  };
-  if (fits(16))
-    return launch<uint4>(values, N, Tv, slot, computed, M, T, row, B, inner_bytes, last_used,
-                         hit_count, tick, align_end, out, stream);
-  if (fits(8))
-    return launch<uint2>(values, N, Tv, slot, computed, M, T, row, B, inner_bytes, last_used,
-                         hit_count, tick, align_end, out, stream);
-  if (fits(4))
-    return launch<uint32_t>(values, N, Tv, slot, computed, M, T, row, B, inner_bytes, last_used,
-                            hit_count, tick, align_end, out, stream);
-  if (fits(2))
-    return launch<uint16_t>(values, N, Tv, slot, computed, M, T, row, B, inner_bytes, last_used,
-                            hit_count, tick, align_end, out, stream);
-  return launch<uint8_t>(values, N, Tv, slot, computed, M, T, row, B, inner_bytes, last_used,
-                         hit_count, tick, align_end, out, stream);
+  const Plan p = make_plan(T, B, inner_bytes, address_bits(values, computed, out));
+  switch (p.unit) {
+#define LLMCACHE_UNIT_CASE(bytes, U)                                                             \
+  case bytes:                                                                                     \
+    return launch<U>(values, N, Tv, slot, computed, M, T, row, B, inner_bytes, last_used,        \
+                     hit_count, tick, align_end, out, p, stream);
+    LLMCACHE_UNIT_CASE(16, uint4) LLMCACHE_UNIT_CASE(8, uint2) LLMCACHE_UNIT_CASE(4, uint32_t)
+    LLMCACHE_UNIT_CASE(2, uint16_t)
+#undef LLMCACHE_UNIT_CASE
+    default:
+      return launch<uint8_t>(values, N, Tv, slot, computed, M, T, row, B, inner_bytes, last_used,
+                             hit_count, tick, align_end, out, p, stream);
+  }
 }
 
 }  // namespace gpu

@@ -96,7 +96,7 @@ POOLED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64], ids=str)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("B,T,d,nbits", POOLED_CASES, ids=[f"B{b}-T{t}-d{d}-bits{n}" for b, t, d, n in POOLED_CASES])
 def test_simhash_pooled(mask_dtype, dtype, B, T, d, nbits, gen):
@@ -105,33 +105,83 @@ def test_simhash_pooled(mask_dtype, dtype, B, T, d, nbits, gen):
     mask[0] = False  # an empty row hashes the zero vector: every bit set
     planes = torch.randn(d, nbits, generator=gen)
     mask_in = mask.to(mask_dtype)
-    if mask_dtype == torch.int64:
+    if mask_dtype in (torch.int32, torch.int64):
         mask_in = mask_in * 3  # any nonzero value marks a token
     ec, mc, pc = embeds.cuda(), mask_in.cuda(), planes.cuda()
     got = ops.simhash_pooled(ec, mc, pc, backend="cuda")
     want = ops.simhash_pooled(ec, mc, pc, backend="reference")
     assert got.shape == (B, nbits // 64) and got.dtype == torch.int64
-    weight = mask.double().unsqueeze(-1)
-    count = weight.sum(1).clamp_min(1.0)
-    mean64 = (embeds.double() * weight).sum(1) / count
-    abs_mean64 = (embeds.double().abs() * weight).sum(1) / count
-    assert_bits_match(got, want, mean64, abs_mean64, planes)
+    assert_bits_match(got, want, *_pooled_truth(embeds, mask), planes)
     empty = ~mask.any(1)
     assert empty[0] and got.cpu()[empty].eq(-1).all(), "a row without tokens must hash to all ones"
 
 
-def test_simhash_pooled_unaligned_embeds(gen):
-    # A view starting one token in: the 16-byte vector loads must fall back to scalar ones.
-    base = torch.randn(2 * 9 + 1, 40, generator=gen).to(torch.float16)
-    embeds = base[1:].reshape(2, 9, 40)
-    mask = torch.rand(2, 9, generator=gen) > 0.2
-    planes = torch.randn(40, 64, generator=gen)
-    got = ops.simhash_pooled(embeds.cuda(), mask.cuda(), planes.cuda(), backend="cuda")
-    want = ops.simhash_pooled(embeds.cuda(), mask.cuda(), planes.cuda(), backend="reference")
+def _pooled_truth(embeds, mask):
+    """The exact masked mean (float64) and the masked mean of |e|, which bounds its rounding."""
     weight = mask.double().unsqueeze(-1)
     count = weight.sum(1).clamp_min(1.0)
-    mean64 = (embeds.double() * weight).sum(1) / count
-    assert_bits_match(got, want, mean64, (embeds.double().abs() * weight).sum(1) / count, planes)
+    return (embeds.double() * weight).sum(1) / count, (embeds.double().abs() * weight).sum(1) / count
+
+
+@pytest.mark.parametrize("offset_bytes", [4, 8])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_simhash_pooled_misaligned_embeds(dtype, offset_bytes, gen):
+    # d = 40 is a multiple of every vector width, so only the base address (4 or 8 bytes past a
+    # 16-byte boundary) sends pass 1 to its scalar loads.
+    B, T, d = 2, 9, 40
+    skip = offset_bytes // torch.empty((), dtype=dtype).element_size()
+    flat = torch.randn(B * T * d + skip, generator=gen).to(dtype).cuda()
+    embeds = flat[skip:].view(B, T, d)
+    assert embeds.data_ptr() % 16 == offset_bytes, "the view must start off a 16-byte boundary"
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    planes = torch.randn(d, 64, generator=gen)
+    got = ops.simhash_pooled(embeds, mask.cuda(), planes.cuda(), backend="cuda")
+    want = ops.simhash_pooled(embeds, mask.cuda(), planes.cuda(), backend="reference")
+    assert_bits_match(got, want, *_pooled_truth(embeds.cpu(), mask), planes)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int16, torch.float32, torch.float16], ids=str)
+def test_simhash_pooled_op_takes_any_mask_dtype(mask_dtype, gen):
+    # Direct torch.ops callers may pass masks the public function refuses: int16 is read as it
+    # is, floats become a bool mask first; every nonzero marks a token.
+    embeds = torch.randn(3, 11, 48, generator=gen).cuda()
+    mask = torch.rand(3, 11, generator=gen) > 0.4
+    planes = torch.randn(48, 128, generator=gen).cuda()
+    want = torch.ops.llmcache.simhash_pooled(embeds, mask.cuda(), planes)
+    got = torch.ops.llmcache.simhash_pooled(embeds, (mask.to(mask_dtype) * -2).cuda(), planes)
+    assert torch.equal(got, want)
+
+
+def test_simhash_pooled_runs_two_kernels(gen):
+    # The masked sum and the projection (with the d-split reduction fused into it): no mask
+    # conversion, no finalize kernel. B = 256, d = 768, 256 bits splits d across blocks.
+    embeds = torch.randn(256, 16, 768, generator=gen).to(torch.bfloat16).cuda()
+    mask = torch.ones(256, 16, dtype=torch.long).cuda()
+    planes = torch.randn(768, 256, generator=gen).cuda()
+    torch.ops.llmcache.simhash_pooled(embeds, mask, planes)  # warm-up: allocator, module load
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        codes = torch.ops.llmcache.simhash_pooled(embeds, mask, planes)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2, kernels
+    assert sum("masked_sum_kernel" in k for k in kernels) == 1 and sum("simhash_project_kernel" in k for k in kernels) == 1
+    assert torch.equal(codes, ops.simhash_pooled(embeds, mask, planes, backend="cuda"))
+
+
+@pytest.mark.parametrize("B,T,d,nbits", [(70000, 3, 8, 64), (40, 2, 3000, 192)], ids=["B70000", "d-split"])
+def test_simhash_pooled_large_grids(B, T, d, nbits, gen):
+    # Grid x past 65,535 blocks; and few rows, many columns: the projection splits d and its
+    # last block per (rows, word) packs the bits.
+    embeds = torch.randn(B, T, d, generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    planes = torch.randn(d, nbits, generator=gen)
+    got = ops.simhash_pooled(embeds.cuda(), mask.cuda(), planes.cuda(), backend="cuda")
+    want = ops.simhash_pooled(embeds.cuda(), mask.cuda(), planes.cuda(), backend="reference")
+    assert_bits_match(got, want, *_pooled_truth(embeds, mask), planes)
+    x = torch.randn(B, d, generator=gen)
+    got = ops.simhash(x.cuda(), planes.cuda(), backend="cuda")
+    assert_bits_match(got, ops.simhash(x.cuda(), planes.cuda(), backend="reference"), x.double(), x.double().abs(), planes)
 
 
 TOPK_CASES = [
@@ -150,6 +200,9 @@ TOPK_CASES = [
     (300, 5000, 12, 100),
     (1, 255, 15, 129),
     (8, 2049, 13, 31),
+    (1, 2**20, 4, 1),  # the cache's lookup on a large bank: 512 splits merged in pass 2
+    (2, 300000, 4, 256),  # pass 2 over 2 x 147 lists of 256 keys
+    (70000, 300, 2, 1),  # more queries than 65,535
 ]
 
 
@@ -214,10 +267,13 @@ GATHER_CASES = [
     ((), 5, 3, 4),  # values [N, Tv]: one element per position
     ((64,), 9, 9, 3),
     ((1024,), 300, 200, 3),  # rows of many copy chunks
+    ((1,), 1, 1, 3),  # F = 1, T = 1, Tv = 1: single-token rows
+    ((1,), 1, 4, 3),  # T = 1 < Tv
+    ((3,), 4, 1, 5),  # Tv = 1 < T
 ]
 
 
-@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "offset"])
+@pytest.mark.parametrize("offset", ["aligned", "element", "8B"])
 @pytest.mark.parametrize("align_end", [False, True], ids=["start", "end"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize(
@@ -227,9 +283,11 @@ GATHER_CASES = [
 )
 def test_gather_with_mask(offset, align_end, dtype, feat, T, Tv, B, gen):
     N = 6
-    # With offset, values and computed start one element into their storage (pointer alignment 2 or 4).
-    values = torch.randn((N * Tv * max(1, _numel(feat)) + 1,), generator=gen).to(dtype).cuda()
-    values = (values[1:] if offset else values[:-1]).view((N, Tv) + feat)
+    # values and computed start 0 bytes, one element (2 or 4 bytes) or 8 bytes into their
+    # storage: the copy unit falls back from 16 bytes to 2, 4 or 8.
+    skip = {"aligned": 0, "element": 1, "8B": 8 // torch.empty((), dtype=dtype).element_size()}[offset]
+    values = torch.randn((N * Tv * max(1, _numel(feat)) + skip,), generator=gen).to(dtype).cuda()
+    values = values[skip:].view((N, Tv) + feat)
     slot = torch.randint(-1, N, (B,), generator=gen)
     slot[0] = 2
     if B > 1:
@@ -237,8 +295,8 @@ def test_gather_with_mask(offset, align_end, dtype, feat, T, Tv, B, gen):
     if B > 2:
         slot[2] = -1
     misses = int((slot < 0).sum())
-    flat = torch.randn((misses * T * max(1, _numel(feat)) + 1,), generator=gen).to(dtype).cuda()
-    computed = (flat[1:] if offset else flat[:-1]).view((misses, T) + feat)
+    flat = torch.randn((misses * T * max(1, _numel(feat)) + skip,), generator=gen).to(dtype).cuda()
+    computed = flat[skip:].view((misses, T) + feat)
     row = torch.where(slot < 0, (slot < 0).cumsum(0) - 1, 0)
     slot, row = slot.cuda(), row.cuda()
     counters = [torch.randint(0, 5, (N,), generator=gen).cuda() for _ in range(2)]
@@ -271,6 +329,56 @@ def test_gather_with_mask_every_row_hits_one_slot(gen):
     assert torch.equal(got, want)
     assert torch.equal(last, want_last) and torch.equal(hits, want_hits)
     assert int(hits.sum()) == 4 * 7 + 1000
+
+
+def test_gather_with_mask_out_of_range_rows_are_zero(gen):
+    # A slot >= N or a miss row outside [0, M) cannot be reported without a host sync (direct
+    # torch.ops callers only; the public function documents the ranges): the row is zero and no
+    # counter moves.
+    values = torch.randn(4, 3, 8, generator=gen).cuda()
+    computed = torch.randn(2, 3, 8, generator=gen).cuda()
+    slot = torch.tensor([1, 4, 99, -1, -1, -1]).cuda()
+    row = torch.tensor([0, 0, 0, 1, 2, -5]).cuda()
+    last, hits = torch.zeros(4, dtype=torch.long).cuda(), torch.zeros(4, dtype=torch.long).cuda()
+    out = torch.ops.llmcache.gather_with_mask(values, slot, computed, row, last, hits, 7, False)
+    assert torch.equal(out[0], values[1]) and torch.equal(out[3], computed[1])
+    assert out[[1, 2, 4, 5]].eq(0).all(), "out-of-range rows must be zero-filled"
+    assert last.tolist() == [0, 7, 0, 0] and hits.tolist() == [0, 1, 0, 0]
+
+
+def test_gather_with_mask_more_rows_than_blocks(gen):
+    # 2^20 + 3 rows of one 16-byte position: more rows than the grid's 2^20 blocks (grid stride).
+    B, N = 2**20 + 3, 8
+    values = torch.randn(N, 1, 4, generator=gen).cuda()
+    slot = torch.randint(-1, N, (B,), generator=gen).cuda()
+    computed = torch.randn(B, 1, 4, generator=gen).cuda()
+    row = torch.arange(B).cuda()
+    counters = [torch.zeros(N, dtype=torch.long).cuda() for _ in range(2)]
+    want_counters = [c.clone() for c in counters]
+    want = reference.gather_with_mask(values, slot, computed, row, *want_counters, 3)
+    got = ops.gather_with_mask(values, slot, computed, row, *counters, 3, backend="cuda")
+    assert torch.equal(got, want)
+    assert torch.equal(counters[0], want_counters[0]) and torch.equal(counters[1], want_counters[1])
+
+
+def test_unchecked_entries_match_the_public_functions(gen):
+    from llmcache.ops.gather_with_mask import gather_with_mask_unchecked
+    from llmcache.ops.hamming_topk import hamming_topk_unchecked
+    from llmcache.ops.simhash import simhash_pooled_unchecked
+
+    args = _sample_args(gen)
+    embeds, mask, planes = args["simhash_pooled"]
+    want = ops.simhash_pooled(embeds, mask, planes, backend="cuda")
+    assert torch.equal(simhash_pooled_unchecked(embeds, mask, planes, backend="cuda"), want)
+    q, bank, k, valid, _, _ = args["hamming_topk"]
+    tags = torch.zeros(q.shape[0], dtype=torch.long).cuda(), torch.zeros(bank.shape[0], dtype=torch.long).cuda()
+    got = hamming_topk_unchecked(q, bank, k, valid, *tags, backend="cuda")
+    want = ops.hamming_topk(q, bank, k, valid, query_tag=tags[0], bank_tag=tags[1], backend="cuda")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    values, slot, computed, row, last, hits, tick, align_end = args["gather_with_mask"]
+    got = gather_with_mask_unchecked(values, slot, computed, row, last, hits, tick, align_end, backend="cuda")
+    want = ops.gather_with_mask(values, slot, computed, row, last.clone(), hits.clone(), tick, align_end, backend="cuda")
+    assert torch.equal(got, want)
 
 
 def _sample_args(gen):

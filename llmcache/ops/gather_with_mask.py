@@ -77,7 +77,25 @@ def gather_with_mask(
     for name, t in (("last_used", last_used), ("hit_count", hit_count)):
         check_tensor(name, t, dtypes=(torch.int64,), ndim=1, device=device)
         check(t.shape[0] == values.shape[0], f"{name} must have shape [N={values.shape[0]}], got {tuple(t.shape)}")
-    name = resolve_backend(backend, device)
+    return gather_with_mask_unchecked(values, slot, computed, row, last_used, hit_count, tick, align_end, backend=backend)
+
+
+def gather_with_mask_unchecked(
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    computed: torch.Tensor,
+    row: torch.Tensor,
+    last_used: torch.Tensor,
+    hit_count: torch.Tensor,
+    tick: int,
+    align_end: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """`gather_with_mask` without its argument checks, for internal callers whose arguments are
+    valid by construction (the ring buffer's reads): at cache batch sizes the six tensor checks
+    cost about as much as the copy. Same arguments and result; invalid ones are undefined."""
+    name = resolve_backend(backend, values.device)
     args = (values, slot, computed, row, last_used, hit_count, int(tick), bool(align_end))
     if name == "reference":
         return reference.gather_with_mask(*args)

@@ -87,7 +87,22 @@ def hamming_topk(
         check_tensor("bank_tag", bank_tag, dtypes=(torch.int64,), ndim=1, device=device)
         check(query_tag.shape[0] == queries.shape[0], f"query_tag must have shape [B={queries.shape[0]}]")
         check(bank_tag.shape[0] == bank.shape[0], f"bank_tag must have shape [N={bank.shape[0]}]")
-    name = resolve_backend(backend, device)
+    return hamming_topk_unchecked(queries, bank, k, valid, query_tag, bank_tag, backend=backend)
+
+
+def hamming_topk_unchecked(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    valid: torch.Tensor | None,
+    query_tag: torch.Tensor | None,
+    bank_tag: torch.Tensor | None,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hamming_topk` without its argument checks, for internal callers whose arguments are valid
+    by construction (the ring buffer's lookups). Same arguments and result; invalid ones are undefined."""
+    name = resolve_backend(backend, queries.device)
     if name == "reference":
         return _reference(queries, bank, k, valid, query_tag, bank_tag)
     if name == "triton":

@@ -104,6 +104,15 @@ def simhash_pooled(
         f"mask must have shape [B, T] = {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}",
     )
     _check_planes(planes, embeds.shape[2], embeds.device)
+    return simhash_pooled_unchecked(embeds, mask, planes, backend=backend)
+
+
+def simhash_pooled_unchecked(
+    embeds: torch.Tensor, mask: torch.Tensor, planes: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """`simhash_pooled` without its argument checks, for internal callers whose arguments are
+    valid by construction (the cache fingerprints every forward, where the checks cost about as
+    much as the two kernels). Same arguments and result; invalid ones are undefined."""
     name = resolve_backend(backend, embeds.device)
     if name == "reference":
         return reference.simhash_pooled(embeds, mask, planes)
