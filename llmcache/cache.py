@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import gate, ops, rows
+from . import gate, rows
 from .config import CacheConfig
+from .ops.simhash import simhash_pooled_unchecked
 
 
 @dataclass
@@ -173,5 +174,6 @@ class ModelCache:
         if ctx is None or self.config.fingerprint != "embeddings" or embeds.shape[:2] != ctx.mask.shape:
             return
         start = time.perf_counter()
-        ctx.codes = ops.simhash_pooled(embeds, ctx.mask, self.planes, backend=self.config.backend)
+        # Unchecked: embeds, mask and planes are the cache's own, valid by construction.
+        ctx.codes = simhash_pooled_unchecked(embeds, ctx.mask, self.planes, backend=self.config.backend)
         self.counters.fingerprint_s += time.perf_counter() - start

@@ -15,8 +15,9 @@ import math
 import numpy as np
 import torch
 
-from . import ops
 from .ops._library import resolve_backend
+from .ops.gather_with_mask import gather_with_mask_unchecked
+from .ops.hamming_topk import hamming_topk_unchecked
 from .rows import POSITION_BITS, SIDE_BITS, TOKEN_BITS, first_of_key
 
 
@@ -51,9 +52,9 @@ class RingBuffer:
         self.tick = 0
         self.evictions = 0  # valid entries overwritten by inserts
         self.filled = 0  # slots [filled, capacity) have never held an entry since the last reset
-        # With no backend forced (argument or LLMCACHE_BACKEND), the bank calls the registered
-        # ops directly: its arguments are valid by construction, so the public wrappers' checks
-        # (a few dozen Python calls per lookup) are skipped on this hot path.
+        # The bank's arguments are valid by construction, so the public wrappers' checks (a few
+        # dozen Python calls per lookup) are skipped on this hot path: the unchecked entries
+        # with a forced backend, and with none (argument or LLMCACHE_BACKEND) the registered ops.
         self._direct = resolve_backend(backend, device) == "auto"
         # Ordinary tensors even when created under inference mode: inference tensors could only
         # be updated inside inference mode, and a bank is also used under no_grad or reset outside.
@@ -140,7 +141,7 @@ class RingBuffer:
     def _topk(self, queries: torch.Tensor, bank: torch.Tensor, tags: torch.Tensor):
         if self._direct:
             return torch.ops.llmcache.hamming_topk(queries, bank, 1, self.valid, tags, self.tags)
-        return ops.hamming_topk(queries, bank, 1, self.valid, query_tag=tags, bank_tag=self.tags, backend=self.backend)
+        return hamming_topk_unchecked(queries, bank, 1, self.valid, tags, self.tags, backend=self.backend)
 
     # ---- read --------------------------------------------------------------------------
     def gather(self, slot: torch.Tensor, computed: torch.Tensor, row: torch.Tensor, align_end: bool) -> torch.Tensor:
@@ -150,7 +151,7 @@ class RingBuffer:
         if self._direct:
             out = torch.ops.llmcache.gather_with_mask(*args)
         else:
-            out = ops.gather_with_mask(*args, backend=self.backend)
+            out = gather_with_mask_unchecked(*args, backend=self.backend)
         if self.eviction == "staleness":
             hit_slots = slot[slot >= 0]
             self.rate[hit_slots] = self._decayed_rate(hit_slots)

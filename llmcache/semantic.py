@@ -21,6 +21,7 @@ from torch import nn
 
 from . import ops
 from .exact import ExactTier, KVStandIn
+from .ops.simhash import simhash_pooled_unchecked
 from .ring_buffer import RingBuffer
 from .rows import first_index, make_tag, tag_fits, token_keys
 
@@ -177,7 +178,7 @@ class CachedLayer:
         if self.owner.config.fingerprint == "embeddings":
             return ctx.codes
         start = time.perf_counter()
-        codes = ops.simhash_pooled(hidden, ctx.mask, self.owner.planes, backend=self.owner.config.backend)
+        codes = simhash_pooled_unchecked(hidden, ctx.mask, self.owner.planes, backend=self.owner.config.backend)
         self.stats.fingerprint_s += time.perf_counter() - start
         return codes
 
