@@ -1,40 +1,56 @@
-"""One small adapter per model family: where the blocks are, and whether they keep a KV cache.
+"""Where a model's blocks are and whether they are decoder blocks: found from its structure.
 
-Adding a family is one entry in ADAPTERS: the `model_type` of its config, the attribute path of
-its base model (the module taking input_ids and attention_mask) inside a task model, the path of
-its block list inside the base model, and whether its blocks are decoder blocks (they write a
-KV cache, which the bank then stores beside the hidden state). No model code is copied: the
-cache wraps each block's own forward.
+`resolve(model)` unwraps what holds a `transformers` model (a sentence-transformers
+`SentenceTransformer` or `CrossEncoder`: their first `PreTrainedModel`), takes its base model
+(`model.base_model`; the encoder of an encoder-decoder such as T5), and finds the block list: the
+`nn.ModuleList` of same-class modules inside the base model with as many blocks as the config has
+layers (the largest such list otherwise). Blocks are decoder blocks when one of their attention
+modules is causal (`is_causal`) and they take a KV cache: the exact tier then stores each block's
+K/V beside the hidden state, so `generate()` gets exact KV entries.
+
+What the structure cannot tell is said with `register_adapter(model_type, blocks=..., base=...,
+decoder=...)`, which wins over the search. No model code is copied: the cache wraps each block's
+own forward.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
+
+_CACHE_PARAMS = ("cache", "past_key_values", "layer_past")
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 @dataclass(frozen=True)
 class Adapter:
     model_type: str
-    base_prefixes: tuple[str, ...]  # attribute of the base model inside task models
+    base: str | None  # dotted path of the base model inside the model (None: model.base_model)
     blocks: str  # dotted path of the nn.ModuleList of blocks inside the base model
-    decoder: bool  # blocks call cache.update(k, v, layer_idx): the bank stores K and V too
+    decoder: bool  # blocks call cache.update(k, v, layer_idx): entries store their K and V too
 
 
-ADAPTERS = {
-    a.model_type: a
-    for a in (
-        Adapter("bert", ("bert",), "encoder.layer", decoder=False),
-        Adapter("roberta", ("roberta",), "encoder.layer", decoder=False),
-        Adapter("distilbert", ("distilbert",), "transformer.layer", decoder=False),
-        Adapter("gpt2", ("transformer",), "h", decoder=True),
-        Adapter("llama", ("model",), "layers", decoder=True),
-    )
-}
+_REGISTERED: dict[str, Adapter] = {}
 
 
-def _get(module: nn.Module, path: str):
+def register_adapter(model_type: str, *, blocks: str, decoder: bool, base: str | None = None) -> None:
+    """Say where the blocks of `model_type` models are, for a family whose structure misleads the search.
+
+    Args:
+        model_type: the `config.model_type` it applies to.
+        blocks: dotted path of the `nn.ModuleList` of blocks inside the base model, e.g. "encoder.layer".
+        decoder: the blocks write a KV cache (`cache.update(k, v, layer_idx)`).
+        base: dotted path of the base model (the module taking `input_ids`) inside task models;
+            None: `model.base_model`.
+    """
+    if not isinstance(model_type, str) or not isinstance(blocks, str) or not blocks:
+        raise TypeError("register_adapter(model_type: str, blocks='path.to.ModuleList', decoder=bool, base=None)")
+    _REGISTERED[model_type] = Adapter(model_type, base, blocks, bool(decoder))
+
+
+def _get(module, path: str):
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:
@@ -42,18 +58,62 @@ def _get(module: nn.Module, path: str):
     return module
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The `transformers` model inside `model` (itself, or the first one a wrapper holds)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} holds no transformers PreTrainedModel: llmcache accelerates transformers "
+        "models (and sentence-transformers models, which hold one)"
+    )
+
+
+def _base_of(model: nn.Module) -> nn.Module:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return model.get_encoder()  # T5: the encoder's blocks cache; the decoder runs as it is
+    return getattr(model, "base_model", model)
+
+
+def _block_list(base: nn.Module, config) -> nn.ModuleList | None:
+    """The ModuleList of same-class blocks the base model iterates."""
+    candidates = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                  and len({type(b) for b in m}) == 1]
+    layers = next((getattr(config, n) for n in _LAYER_COUNTS if isinstance(getattr(config, n, None), int)), None)
+    exact = [m for m in candidates if len(m) == layers]
+    pool = exact or candidates
+    return max(pool, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def _is_decoder(block: nn.Module) -> bool:
+    takes_cache = any(n in inspect.signature(block.forward).parameters for n in _CACHE_PARAMS)
+    return takes_cache and any(getattr(m, "is_causal", False) is True for m in block.modules())
+
+
 def resolve(model: nn.Module) -> tuple[Adapter, nn.Module, nn.ModuleList]:
-    """(adapter, base model, block list) of a transformers model, or a ValueError saying how to add it."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    adapter = ADAPTERS.get(model_type)
-    if adapter is None:
-        raise ValueError(
-            f"llmcache does not support model_type {model_type!r} ({type(model).__name__}); supported: "
-            f"{', '.join(sorted(ADAPTERS))}. To add a family, add an Adapter to llmcache/adapters.py naming "
-            "its base-model attribute, its block list and whether its blocks are decoder blocks."
-        )
-    for base in [model] + [_get(model, p) for p in adapter.base_prefixes]:
-        blocks = _get(base, adapter.blocks) if base is not None else None
-        if isinstance(blocks, nn.ModuleList):
-            return adapter, base, blocks
-    raise ValueError(f"{type(model).__name__}: no block list at '{adapter.blocks}' for model_type {model_type!r}")
+    """(adapter, base model, block list) of a model, or a ValueError saying which part was not found."""
+    inner = transformers_model(model)
+    config = inner.config
+    model_type = getattr(config, "model_type", None)
+    registered = _REGISTERED.get(model_type)
+    if registered is not None:
+        base = _get(inner, registered.base) if registered.base else _base_of(inner)
+        blocks = _get(base, registered.blocks) if base is not None else None
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"register_adapter({model_type!r}): no nn.ModuleList at '{registered.blocks}' inside "
+                             f"{type(base).__name__}; fix the path")
+        return registered, base, blocks
+    base = _base_of(inner)
+    if not hasattr(base, "get_input_embeddings") or base.get_input_embeddings() is None:
+        raise ValueError(f"{type(inner).__name__}: its base model {type(base).__name__} has no input embeddings; "
+                         "name it with llmcache.register_adapter(model_type, base='...', blocks='...', decoder=...)")
+    blocks = _block_list(base, config)
+    if blocks is None:
+        raise ValueError(f"{type(inner).__name__} (model_type {model_type!r}): found no nn.ModuleList of blocks in "
+                         f"{type(base).__name__}; name it with llmcache.register_adapter({model_type!r}, "
+                         "blocks='path.to.ModuleList', decoder=...)")
+    path = next(name for name, m in base.named_modules() if m is blocks)
+    return Adapter(model_type, None, path, _is_decoder(blocks[0])), base, blocks

@@ -69,12 +69,12 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     layer_ids = config.validate(len(blocks))
     embedding = base.get_input_embeddings()
     device = embedding.weight.device
-    _check_budget(config, base, adapter, layer_ids)
+    features = _check_budget(config, base, adapter, layer_ids)
     planes = ops.random_planes(embedding.weight.shape[1], config.num_bits, seed=config.seed, device=device)
     owner = ModelCache(config=config, adapter=adapter, model=model, base=base, layer_ids=layer_ids, planes=planes)
     if config.threshold is None:
         span = list(range(min(layer_ids), max(layer_ids) + 1))
-        owner.exact = ExactTier(owner, blocks, span, adapter.decoder)
+        owner.exact = ExactTier(owner, blocks, span, adapter.decoder, features, embedding.weight.dtype, device)
         for position, index in enumerate(span):
             blocks[index].forward = functools.partial(owner.exact.block_forward, position)
     else:
@@ -88,10 +88,9 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     return model
 
 
-def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list[int]) -> None:
-    """Refuse a max_bytes that cannot hold one page of one entry, saying how much that takes."""
-    if config.max_bytes is None or config.threshold is not None:
-        return
+def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list[int]) -> int:
+    """Features one stored token takes in the exact tier; refuses a max_bytes that cannot hold
+    one page of one entry, saying how much that takes."""
     cfg = base.config
     hidden = base.get_input_embeddings().weight.shape[1]
     features = hidden
@@ -102,12 +101,13 @@ def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list
         features += (max(layer_ids) - min(layer_ids) + 1) * 2 * kv_heads * head_dim
     size = base.get_input_embeddings().weight.element_size()
     need = config.page_tokens * features * size
-    if config.max_bytes < need:
+    if config.threshold is None and config.max_bytes is not None and config.max_bytes < need:
         raise ValueError(
             f"CacheConfig.max_bytes = {config.max_bytes} cannot hold one page of one entry of this model: a page "
             f"of {config.page_tokens} tokens x {features} features x {size} bytes takes {need} bytes; raise max_bytes "
             "to at least that (an entry of n tokens takes ceil(n / page_tokens) pages)"
         )
+    return features
 
 
 def disable(model: nn.Module) -> nn.Module:

@@ -70,6 +70,7 @@ class ModelCache:
 
     def __post_init__(self):
         self.watch = gate.WeightsWatch(self.base)
+        self.positions_from_ids = hasattr(getattr(self.base, "embeddings", None), "padding_idx")
         self.original_forward = self.base.forward
         self.signature = inspect.signature(self.original_forward)
 
@@ -77,10 +78,6 @@ class ModelCache:
     def count_not_cached(self, reason: str, n: int) -> None:
         with self.lock:
             self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
-
-    def count_insert(self, n: int, evicted: int) -> None:
-        self.counters.inserted += n
-        self.counters.evicted += evicted
 
     def namespace_id(self) -> int:
         with self.lock:
@@ -102,6 +99,8 @@ class ModelCache:
             return self.original_forward(*args, **kwargs)
         finally:
             stack.pop()
+            if forward is not None and forward.plan is not None and forward.plan.entries:
+                self.exact.abort(forward.plan)  # it raised (or never reached the last cached block)
 
     def _begin(self, args, kwargs) -> Forward | None:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
@@ -138,20 +137,23 @@ class ModelCache:
             forward.semantic = semantic_context(self, ids, mask, positions, types, kv_cache)
             return forward
         start = time.perf_counter()
+        header = rows.key_header(rows.current_namespace(), self.base.get_input_embeddings().weight.dtype)
+        # RoBERTa-style embeddings number positions from the ids themselves, padding included.
+        ids_before = arguments.get("position_ids") is None and self.positions_from_ids
         with self.lock:
             pending, flags = self.exact.take_pending()
-        batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()]).flatten()
-        if flags is not None:
-            batch_host = torch.cat([batch_host, flags.to(batch_host.device, torch.int64)])
-        host = batch_host.cpu().numpy()  # the forward's one host synchronisation
-        size = 4 * ids.numel()
-        header = rows.key_header(rows.current_namespace(), self.base.get_input_embeddings().weight.dtype)
-        with self.lock:
+            batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()]).flatten()
+            if flags is not None:
+                batch_host = torch.cat([batch_host, flags.to(batch_host.device)])
+            host = batch_host.cpu().numpy()  # the forward's one host synchronisation
+            size = 4 * ids.numel()
             counts: dict = {}
+            evicted = self.exact.index.evictions
             forward.plan = self.exact.route(header, host[:size].reshape(4, *ids.shape), ids.device, counts,
-                                            (pending, host[size:]))
+                                            (pending, host[size:]), ids_before)
             for reason, n in counts.items():
                 self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
+            self.counters.evicted += self.exact.index.evictions - evicted
             self.counters.looked_up += batch
             self.counters.served += forward.plan.served if forward.plan is not None else 0
             self.counters.lookup_s += time.perf_counter() - start

@@ -55,18 +55,22 @@ class KVStandIn:
 
 @dataclass
 class Plan:
-    """How one forward is routed by the exact tier (host arrays, and their device copies)."""
+    """How one forward is routed by the exact tier. Made on the host once per forward; its index
+    tensors reach the device in one non-blocking upload (`_upload`)."""
 
     batch: int
     seq: int
-    compute: torch.Tensor | None  # int64 [M] rows that run the span; None: all rows, unsliced
-    m: int
+    m: int  # rows that run the span
     served: int  # rows served from the bank
-    served_dst: torch.Tensor | None  # int64 [S]: flat output rows (row * T + t) of served tokens
-    served_states: torch.Tensor | None  # [S, F] their stored states
-    repeat_rows: torch.Tensor | None  # int64 [R] rows that copy an earlier computing row
-    repeat_src: torch.Tensor | None  # int64 [R] that row
-    store: list  # (position among computing rows, key, start, ntokens) of rows to insert
+    entries: list  # reserved entries this forward writes, with `store`
+    store: list  # (position among computing rows, start, ntokens) of the rows written into `entries`
+    compute: torch.Tensor | None = None  # int64 [M] rows that run the span; None: all rows, unsliced
+    served_dst: torch.Tensor | None = None  # int64 [S]: flat output rows (row * T + t) of served tokens
+    served_states: torch.Tensor | None = None  # [S, F] their stored states, read at routing
+    repeat_rows: torch.Tensor | None = None  # int64 [R] rows that copy an earlier computing row
+    repeat_src: torch.Tensor | None = None  # int64 [R] that row, among the computing rows
+    store_src: torch.Tensor | None = None  # int64 [W] flat rows (among computing rows) of tokens to write
+    store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     kv: list = field(default_factory=list)  # decoders: per span block, [M, T, 2 * kv_dim] computed K|V
 
@@ -75,7 +79,7 @@ class Plan:
         if self.compute is None:
             return value
         if isinstance(value, torch.Tensor):
-            if value.dim() < 2 or value.shape[0] != self.batch or self.batch == 1:
+            if value.dim() < 2 or value.shape[0] != self.batch:
                 return value
             seen = self.sliced.get(id(value))
             if seen is None or seen[0] is not value:
@@ -88,72 +92,98 @@ class Plan:
         return value
 
 
-class ExactTier:
-    """Index, arena and splice of the exact tier for the blocks `span` of one model."""
+def _upload(parts: dict, device: torch.device) -> dict:
+    """int64 host arrays -> device tensors in one copy (pinned and non-blocking on CUDA, so it
+    does not wait for the device: the cache's routing adds no synchronisation of its own)."""
+    names = [n for n, a in parts.items() if a is not None]
+    if not names:
+        return {}
+    flat = torch.from_numpy(np.concatenate([np.asarray(parts[n], dtype=np.int64).ravel() for n in names]))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    out, at = {}, 0
+    for n in names:
+        size = np.asarray(parts[n]).size
+        out[n] = flat[at : at + size]
+        at += size
+    return out
 
-    def __init__(self, owner, blocks: list[nn.Module], span: list[int], decoder: bool):
+
+class ExactTier:
+    """Index, arena and splice of the exact tier for the blocks `span` of one model.
+
+    `features` and `dtype`: what one stored token takes (the hidden size, plus for decoders
+    2 x kv_dim per span block), known from the config before anything is stored.
+    """
+
+    def __init__(self, owner, blocks: list[nn.Module], span: list[int], decoder: bool, features: int,
+                 dtype: torch.dtype, device: torch.device):
         cfg = owner.config
         self.owner = owner
         self.span = span
         self.modules = [blocks[i] for i in span]
         self.decoder = decoder
-        self.index = ExactIndex(cfg.page_tokens, 0, cfg.capacity, cfg.eviction)
-        self.arena: PagedArena | None = None  # made at the first insert, when F is known
-        self.pending: list = []  # (entries, finite flags) of inserts not yet known to be finite
+        self.arena = PagedArena(cfg.page_tokens, features, dtype, device, max_pages=0)
+        max_pages = cfg.max_bytes // self.arena.page_bytes if cfg.max_bytes is not None else 1 << 40
+        self.arena.max_pages = max_pages
+        self.index = ExactIndex(cfg.page_tokens, max_pages, cfg.capacity, cfg.eviction)
+        self.pending: list = []  # (entries, per-token finite flags on the device) not yet checked
         self.kv_layout: dict = {}  # decoders: span position -> (kv heads, head dim, dtype, layer_idx)
         self.originals = [m.forward for m in self.modules]
         self.cache_param = [self._cache_param(f) for f in self.originals]
+        self.formats: dict = {}  # span position -> number of outputs of the block (1: a tensor)
 
     # ---- memory ----------------------------------------------------------------------
     @property
     def held_bytes(self) -> int:
-        return self.index.held_pages * self.arena.page_bytes if self.arena is not None else 0
+        return self.index.held_pages * self.arena.page_bytes
 
     @property
     def reserved_bytes(self) -> int:
-        return self.arena.reserved_bytes if self.arena is not None else 0
+        return self.arena.reserved_bytes
 
     def clear(self) -> None:
         self.index.clear()
         self.pending.clear()
-        if self.arena is not None:
-            self.arena.clear()
+        self.arena.clear()
 
     # ---- routing ---------------------------------------------------------------------
     def take_pending(self) -> tuple[list, torch.Tensor | None]:
-        """The entries inserted since the last routing whose finiteness is not known on the host
-        yet, and their flags (bool [E] on the device); the caller brings the flags to the host in
-        the same copy as the batch and hands them to `route`."""
+        """Entries written since the last routing whose finiteness the host does not know yet,
+        with their per-token flags (int64 [W] on the device); the caller brings the flags to the
+        host in the same copy as the batch and hands both to `route`."""
         if not self.pending:
             return [], None
-        entries = [e for batch, _ in self.pending for e in batch]
-        flags = torch.cat([f.to(self.arena.device) for _, f in self.pending])
+        entries = [batch for batch, _ in self.pending]
+        flags = torch.cat([f for _, f in self.pending])
         self.pending.clear()
         return entries, flags
 
     def route(self, header: bytes, host: np.ndarray, device: torch.device, counts: dict,
-              pending: tuple[list, np.ndarray] = ([], None)) -> Plan | None:
+              pending: tuple[list, np.ndarray] = ([], None), ids_before: bool = False) -> Plan | None:
         """The plan of a forward whose ids/mask/positions/types are `host` int64 [4, B, T].
-        `pending`: entries from `take_pending` and their flags on the host. Call under the
-        owner's lock. None: nothing to route (every row computes, none stores)."""
-        for entry, ok in zip(*pending):
-            if not ok and self.index.valid[entry]:
-                self.index.evict(entry)
-                counts["non_finite"] = counts.get("non_finite", 0) + 1
+        `pending`: from `take_pending`, its flags on the host. `ids_before`: the ids left of a
+        row's first real token decide its positions (they join its key). Call under the owner's lock.
+        None: nothing to route (every row computes, none stores)."""
+        self._check_pending(*pending, counts)
         ids, mask, positions, types = host
         batch, seq = ids.shape
         start, count, contiguous = rows.real_spans(mask)
-        served_rows, served_entries, compute, repeat_rows, repeat_src, store = [], [], [], [], [], []
+        served_rows, served_entries, compute, repeat_rows, repeat_src = [], [], [], [], []
+        entries, store = [], []
         first_row: dict[bytes, int] = {}
-        limit = self.index.max_pages * self.index.page_tokens if self.arena is not None else None
         for r in range(batch):
             n = int(count[r])
             if n == 0 or not contiguous[r]:
-                counts["no_tokens" if n == 0 else "mask_gaps"] = counts.get("no_tokens" if n == 0 else "mask_gaps", 0) + 1
+                reason = "no_tokens" if n == 0 else "mask_gaps"
+                counts[reason] = counts.get(reason, 0) + 1
                 compute.append(r)
                 continue
             s = int(start[r])
-            key = rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], ids[r, :s])
+            before = ids[r, :s] if ids_before else ids[r, :0]
+            key = rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], before)
             entry = self.index.lookup(key)
             if entry >= 0:
                 served_rows.append(r)
@@ -163,27 +193,56 @@ class ExactTier:
                 repeat_src.append(first_row[key])
             else:
                 first_row[key] = r
-                if limit is not None and n > limit:
+                entry = self.index.reserve(key, n)
+                if entry >= 0:
+                    entries.append(entry)
+                    store.append((len(compute), s, n))
+                elif key not in self.index.table:
                     counts["too_long"] = counts.get("too_long", 0) + 1
-                else:
-                    store.append((len(compute), key, s, n))
                 compute.append(r)
-        plan = Plan(batch, seq, None, batch, len(served_rows), None, None, None, None, [])
-        plan.store = store
-        if not served_rows and not repeat_rows:
-            return plan if store else None
-        to_dev = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
-        plan.compute, plan.m = to_dev(compute), len(compute)
+        if not served_rows and not repeat_rows and not entries:
+            return None
+        plan = Plan(batch, seq, len(compute), len(served_rows), entries, store)
+        sliced = bool(served_rows or repeat_rows)
+        parts = {"compute": compute if sliced else None}
         if served_rows:
             src = [self.index.token_rows(e) for e in served_entries]
-            dst = [r * seq + int(start[r]) + np.arange(len(t), dtype=np.int64) for r, t in zip(served_rows, src)]
-            plan.served_dst = to_dev(np.concatenate(dst))
-            plan.served_states = self.arena.read(to_dev(np.concatenate(src)))
+            parts["served_src"] = np.concatenate(src)
+            parts["served_dst"] = np.concatenate(
+                [r * seq + int(start[r]) + np.arange(len(t), dtype=np.int64) for r, t in zip(served_rows, src)])
         if repeat_rows:
             position = {r: i for i, r in enumerate(compute)}
-            plan.repeat_rows = to_dev(repeat_rows)
-            plan.repeat_src = to_dev([position[r] for r in repeat_src])  # among the computed rows
+            parts["repeat_rows"] = repeat_rows
+            parts["repeat_src"] = [position[r] for r in repeat_src]
+        if entries:
+            parts["store_src"] = np.concatenate([row * seq + s + np.arange(n, dtype=np.int64) for row, s, n in store])
+            parts["store_dst"] = np.concatenate([self.index.token_rows(e) for e in entries])
+        on_device = _upload(parts, device)
+        plan.compute = on_device.get("compute")
+        plan.served_dst = on_device.get("served_dst")
+        plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
+        plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
+        if served_rows:
+            plan.served_states = self.arena.read(on_device["served_src"])
         return plan
+
+    def _check_pending(self, batches: list, flags: np.ndarray | None, counts: dict) -> None:
+        """Drop entries whose written tokens were not all finite."""
+        at = 0
+        for batch in batches:
+            for entry, key, n in batch:
+                # (An entry evicted and reused since is another row's now: leave it.)
+                if entry >= 0 and not flags[at : at + n].all() and self.index.keys[entry] is key:
+                    self.index.evict(entry)
+                    counts["non_finite"] = counts.get("non_finite", 0) + 1
+                at += n
+
+    def abort(self, plan: Plan) -> None:
+        """The forward failed before its last block: give back what it reserved."""
+        with self.owner.lock:
+            for entry in plan.entries:
+                self.index.release(entry)
+            plan.entries = []
 
     # ---- the splice ------------------------------------------------------------------
     def block_forward(self, position: int, hidden_states, *args, **kwargs):
@@ -196,18 +255,24 @@ class ExactTier:
         if first and plan.compute is not None:
             hidden_states = hidden_states.index_select(0, plan.compute)
         stand_in = None
-        if plan.m:
-            args = plan.slice(args)
-            kwargs = {k: plan.slice(v) for k, v in kwargs.items()}
+        args = plan.slice(args)
+        kwargs = {k: plan.slice(v) for k, v in kwargs.items()}
+        if plan.m or position not in self.formats:
+            # (With no row to compute, a block whose output form is not known yet runs on the
+            # empty batch once, to learn it.)
             if self.decoder:
                 stand_in = KVStandIn(forward.kv_cache)
                 args, kwargs = self._hand(position, stand_in, args, kwargs)
             output = original(hidden_states, *args, **kwargs)
+            self.formats[position] = len(output) if isinstance(output, tuple) else 1
         else:
-            output = hidden_states
+            arity = self.formats[position]
+            # What a block passes on besides its hidden state (T5's position bias) only feeds
+            # the next blocks, which compute nothing either.
+            output = hidden_states if arity == 1 else (hidden_states,) + (None,) * (arity - 1)
         out = output[0] if isinstance(output, tuple) else output
         if self.decoder:
-            self._kv(position, plan, forward.kv_cache, stand_in, out)
+            self._kv(position, plan, forward.kv_cache, stand_in if plan.m else None, out)
         if not last:
             return output
         merged = self._merge(plan, out)
@@ -283,44 +348,27 @@ class ExactTier:
         return merged
 
     def _insert(self, plan: Plan, out: torch.Tensor) -> None:
-        """Store the real tokens of the computing rows that may be stored."""
-        if not plan.store or (self.decoder and len(plan.kv) != len(self.span)):
+        """Write the reserved entries' tokens (the computing rows' real tokens) and publish them."""
+        if not plan.entries:
+            return
+        if self.decoder and (len(plan.kv) != len(self.span) or any(kv is None for kv in plan.kv)):
+            self.abort(plan)
             return
         states = out if not self.decoder else torch.cat([out] + plan.kv, dim=-1)
-        seq, features = plan.seq, states.shape[-1]
+        features = states.shape[-1]
+        if features != self.arena.features or states.dtype != self.arena.dtype:
+            self.owner.count_not_cached("layout_changed", len(plan.entries))
+            self.abort(plan)
+            return
+        taken = states.reshape(-1, features).index_select(0, plan.store_src)
         with self.owner.lock:
-            if self.arena is None:
-                self._make_arena(features, states.dtype, states.device)
-            if features != self.arena.features or states.dtype != self.arena.dtype:
-                self.owner.count_not_cached("layout_changed", len(plan.store))
-                return
-            pinned: set[int] = set()
-            src, dst, entries = [], [], []
-            evicted = self.index.evictions
-            for row, key, start, n in plan.store:
-                entry = self.index.insert(key, n, pinned)
-                if entry < 0:
-                    if key not in self.index.table:
-                        self.owner.count_not_cached("too_long", 1)
-                    continue
-                pinned.add(entry)
-                entries.append(entry)
-                src.append(row * seq + start + np.arange(n, dtype=np.int64))
-                dst.append(self.index.token_rows(entry))
-            if not entries:
-                return
-            device = states.device
-            src_t = torch.from_numpy(np.concatenate(src)).to(device)
             self.arena.grow(self.index.num_pages)
-            taken = states.reshape(-1, features).index_select(0, src_t)
-            self.arena.write(torch.from_numpy(np.concatenate(dst)).to(device), taken)
-            lengths = torch.tensor([len(s) for s in src], device=device)
-            per_row = torch.segment_reduce(taken.float().sum(1), "sum", lengths=lengths)
-            self.pending.append((entries, torch.isfinite(per_row)))  # read with the next forward's batch
-            self.owner.count_insert(len(entries), self.index.evictions - evicted)
-
-    def _make_arena(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
-        cfg = self.owner.config
-        self.arena = PagedArena(cfg.page_tokens, features, dtype, device, max_pages=0)
-        max_pages = cfg.max_bytes // self.arena.page_bytes if cfg.max_bytes is not None else 1 << 40
-        self.arena.max_pages = self.index.max_pages = max_pages
+            self.arena.write(plan.store_dst, taken)
+            committed = []
+            for entry, (_, _, n) in zip(plan.entries, plan.store):
+                key = self.index.keys[entry]
+                # (False: another thread stored the same row meanwhile; its copy stays.)
+                committed.append((entry if self.index.commit(entry) else -1, key, n))
+            self.pending.append((committed, torch.isfinite(taken.float().sum(1)).long()))
+            self.owner.counters.inserted += sum(e >= 0 for e, _, _ in committed)
+            plan.entries = []

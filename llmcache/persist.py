@@ -90,7 +90,7 @@ def _exact_tensors(tier) -> tuple[dict, dict]:
     index, arena = tier.index, tier.arena
     live = index.live()
     meta = {"exact": {"kv_layout": {str(p): [h, d, str(t), i] for p, (h, d, t, i) in tier.kv_layout.items()}}}
-    if arena is None or not live:
+    if not live:
         return {}, meta
     keys = [index.keys[e] for e in live]
     rows = torch.from_numpy(np.concatenate([index.token_rows(e) for e in live])).to(arena.device)
@@ -168,9 +168,11 @@ def _rebuild_exact(owner, saved: dict, meta: dict):
     tier = owner.exact
     kv_layout = {int(p): (int(h), int(d), getattr(torch, t.split(".")[-1]), int(i))
                  for p, (h, d, t, i) in meta.get("kv_layout", {}).items()}
-    index = ExactIndex(cfg.page_tokens, 0, cfg.capacity, cfg.eviction)
+    arena = PagedArena(cfg.page_tokens, tier.arena.features, tier.arena.dtype, tier.arena.device,
+                       tier.arena.max_pages)
+    index = ExactIndex(cfg.page_tokens, arena.max_pages, cfg.capacity, cfg.eviction)
     if "exact.states" not in saved:
-        return index, None, kv_layout
+        return index, arena, kv_layout
     states, lengths = saved["exact.states"], saved["exact.key_lengths"]
     counts = saved["exact.ntokens"]
     if states.dim() != 2 or counts.shape != lengths.shape or int(counts.sum()) != states.shape[0]:
@@ -179,19 +181,15 @@ def _rebuild_exact(owner, saved: dict, meta: dict):
         raise ValueError("the entry keys or token counts are corrupt")
     if not bool(torch.isfinite(states).all()):
         raise ValueError("the file holds non-finite cached states")
-    dtype = owner.base.get_input_embeddings().weight.dtype
-    if states.dtype != dtype:
-        raise ValueError(f"the file holds {states.dtype} states, this model computes in {dtype}")
-    device = owner.planes.device
-    arena = PagedArena(cfg.page_tokens, states.shape[1], states.dtype, device, max_pages=0)
-    max_pages = cfg.max_bytes // arena.page_bytes if cfg.max_bytes is not None else 1 << 40
-    arena.max_pages = index.max_pages = max_pages
+    if states.dtype != arena.dtype or states.shape[1] != arena.features:
+        raise ValueError(f"the file holds {states.dtype} states of {states.shape[1]} features per token; this "
+                         f"model's entries hold {arena.dtype}, {arena.features}")
     blob = saved["exact.keys"].numpy().tobytes()
     offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
     dst, src, start = [], [], 0
     for i, n in enumerate(counts.tolist()):
-        entry = index.insert(blob[offsets[i] : offsets[i + 1]], n, set(range(i)))
-        if entry < 0:
+        entry = index.insert(blob[offsets[i] : offsets[i + 1]], n)
+        if entry < 0 or index.evictions:
             raise ValueError("the file holds more (or longer) entries than this config's budget fits")
         for name in ExactIndex.FIELDS:
             if name != "ntokens":
@@ -200,10 +198,8 @@ def _rebuild_exact(owner, saved: dict, meta: dict):
         src.append(np.arange(start, start + n))
         start += n
     arena.grow(index.num_pages)
-    arena.write(torch.from_numpy(np.concatenate(dst)).to(device), states[torch.from_numpy(np.concatenate(src))].to(device))
-    tier_features = tier.arena.features if tier.arena is not None else arena.features
-    if tier_features != arena.features:
-        raise ValueError(f"the file's entries hold {arena.features} features per token, this model's {tier_features}")
+    rows = torch.from_numpy(np.concatenate(dst)).to(arena.device)
+    arena.write(rows, states[torch.from_numpy(np.concatenate(src))].to(arena.device))
     return index, arena, kv_layout
 
 

@@ -45,6 +45,7 @@ class ExactIndex:
         self.hits = np.zeros(0, dtype=np.int64)
         self.valid = np.zeros(0, dtype=bool)
         self.free_entries: list[int] = []
+        self.reserved: set[int] = set()  # entries whose states are being written
         self.free_pages: list[int] = []
         self.num_pages = 0  # pages the arena has now
         self.hand = 0
@@ -57,6 +58,7 @@ class ExactIndex:
 
     @property
     def held_pages(self) -> int:
+        """Pages of visible and reserved entries."""
         return self.num_pages - len(self.free_pages)
 
     def lookup(self, key: bytes) -> int:
@@ -78,23 +80,25 @@ class ExactIndex:
         return -(-ntokens // self.page_tokens)
 
     # ---- writing -------------------------------------------------------------------------
-    def insert(self, key: bytes, ntokens: int, pinned: set[int]) -> int:
-        """A new entry for `key` of `ntokens` tokens, evicting by CLOCK as needed; -1 if it cannot
-        fit without evicting an entry in `pinned` (those inserted by the same forward). The
-        caller grows the arena to `num_pages` before writing."""
+    def reserve(self, key: bytes, ntokens: int) -> int:
+        """Pages for a new entry for `key` of `ntokens` tokens, evicting by CLOCK as needed; -1 if
+        it cannot fit without evicting another reserved entry. A reserved entry is invisible to
+        lookups and never evicted until `commit` (its states are written in between) or
+        `release`. The caller grows the arena to `num_pages` before writing."""
         if key in self.table:
             return -1
         need = self.pages_for(ntokens)
         if need > self.max_pages:
             return -1
-        if self.max_entries is not None and self.entries >= self.max_entries and not self._evict_one(pinned):
+        full = self.max_entries is not None and self.entries + len(self.reserved) >= self.max_entries
+        if full and not self._evict_one():
             return -1
         while len(self.free_pages) < need:
             if self.num_pages < self.max_pages:
                 grown = min(self.max_pages, max(2 * self.num_pages, self.num_pages + need - len(self.free_pages), 16))
                 self.free_pages.extend(range(grown - 1, self.num_pages - 1, -1))
                 self.num_pages = grown
-            elif not self._evict_one(pinned):
+            elif not self._evict_one():
                 return -1
         entry = self._new_entry()
         self.keys[entry] = key
@@ -102,18 +106,45 @@ class ExactIndex:
         self.ntokens[entry] = ntokens
         self.ref[entry] = 0
         self.hits[entry] = 0
+        self.reserved.add(entry)
+        return entry
+
+    def commit(self, entry: int) -> bool:
+        """Make a reserved entry visible (its states are written). False (and the entry released)
+        when another entry took its key meanwhile."""
+        self.reserved.discard(entry)
+        key = self.keys[entry]
+        if key in self.table:
+            self._free(entry)
+            return False
         self.valid[entry] = True
         self.table[key] = entry
+        return True
+
+    def release(self, entry: int) -> None:
+        """Give back a reserved entry that will not be written (its forward failed)."""
+        if entry in self.reserved:
+            self.reserved.discard(entry)
+            self._free(entry)
+
+    def insert(self, key: bytes, ntokens: int) -> int:
+        """Reserve and commit at once (states written by the caller right after); -1 if it cannot fit."""
+        entry = self.reserve(key, ntokens)
+        if entry >= 0:
+            self.commit(entry)
         return entry
 
     def evict(self, entry: int) -> None:
-        """Forget an entry and free its pages."""
+        """Forget a visible entry and free its pages."""
         if not self.valid[entry]:
             return
         del self.table[self.keys[entry]]
+        self.valid[entry] = False
+        self._free(entry)
+
+    def _free(self, entry: int) -> None:
         self.free_pages.extend(self.pages[entry].tolist())
         self.keys[entry] = self.pages[entry] = None
-        self.valid[entry] = False
         self.free_entries.append(entry)
 
     def _new_entry(self) -> int:
@@ -126,9 +157,9 @@ class ExactIndex:
         self.ntokens, self.ref, self.hits, self.valid = map(grow, (self.ntokens, self.ref, self.hits, self.valid))
         return entry
 
-    def _evict_one(self, pinned: set[int]) -> bool:
-        """Move the hand to the first unpinned entry whose count is zero (sparing and lowering the
-        others) and evict it. False when every entry is pinned or there is none."""
+    def _evict_one(self) -> bool:
+        """Move the hand to the first visible entry whose count is zero (sparing and lowering the
+        others) and evict it. False when there is none (reserved entries are never evicted)."""
         total = len(self.keys)
         if total == 0 or self.entries == 0:
             return False
@@ -136,7 +167,7 @@ class ExactIndex:
         for _ in range((eviction.GCLOCK_MAX + 1) * total + 1):
             entry = self.hand
             self.hand = (self.hand + 1) % total
-            if not self.valid[entry] or entry in pinned:
+            if not self.valid[entry]:
                 continue
             if self.ref[entry] > 0:
                 self.ref[entry] = eviction.on_sweep(int(self.ref[entry]))
