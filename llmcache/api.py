@@ -68,13 +68,13 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     adapter, base, blocks = adapters.resolve(model)
     layer_ids = config.validate(len(blocks))
     embedding = base.get_input_embeddings()
-    device = embedding.weight.device
+    weight = next(base.parameters())
     features = _check_budget(config, base, adapter, layer_ids)
-    planes = ops.random_planes(embedding.weight.shape[1], config.num_bits, seed=config.seed, device=device)
+    planes = ops.random_planes(_hidden_size(base), config.num_bits, seed=config.seed, device=weight.device)
     owner = ModelCache(config=config, adapter=adapter, model=model, base=base, layer_ids=layer_ids, planes=planes)
     if config.threshold is None:
         span = list(range(min(layer_ids), max(layer_ids) + 1))
-        owner.exact = ExactTier(owner, blocks, span, adapter.decoder, features, embedding.weight.dtype, device)
+        owner.exact = ExactTier(owner, blocks, span, adapter.decoder, features, weight.dtype, weight.device)
         for position, index in enumerate(span):
             blocks[index].forward = functools.partial(owner.exact.block_forward, position)
     else:
@@ -88,18 +88,27 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     return model
 
 
+def _hidden_size(base: nn.Module) -> int:
+    """The width of the hidden states the blocks pass on."""
+    cfg = base.config
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    return base.get_input_embeddings().weight.shape[1]
+
+
 def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list[int]) -> int:
     """Features one stored token takes in the exact tier; refuses a max_bytes that cannot hold
     one page of one entry, saying how much that takes."""
     cfg = base.config
-    hidden = base.get_input_embeddings().weight.shape[1]
+    hidden = _hidden_size(base)
     features = hidden
     if adapter.decoder:
         heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
         features += (max(layer_ids) - min(layer_ids) + 1) * 2 * kv_heads * head_dim
-    size = base.get_input_embeddings().weight.element_size()
+    size = next(base.parameters()).element_size()
     need = config.page_tokens * features * size
     if config.threshold is None and config.max_bytes is not None and config.max_bytes < need:
         raise ValueError(

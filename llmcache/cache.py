@@ -30,6 +30,7 @@ class Forward:
 
     kv_cache: object | None
     plan: object | None = None  # exact.Plan
+    pixels: tuple | None = None  # (key header, int64 [B, 2] hashes): a pixel model, routed at its first block
     semantic: object | None = None  # semantic.ForwardContext
 
 
@@ -71,6 +72,7 @@ class ModelCache:
     def __post_init__(self):
         self.watch = gate.WeightsWatch(self.base)
         self.positions_from_ids = hasattr(getattr(self.base, "embeddings", None), "padding_idx")
+        self.dtype = next(self.base.parameters()).dtype
         self.original_forward = self.base.forward
         self.signature = inspect.signature(self.original_forward)
 
@@ -106,7 +108,9 @@ class ModelCache:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         arguments = {**bound.pop("kwargs", {}), **bound}
         ids = arguments.get("input_ids")
-        batch = ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
+        pixels = arguments.get("pixel_values") if ids is None else None
+        keyed = ids if ids is not None else pixels
+        batch = keyed.shape[0] if isinstance(keyed, torch.Tensor) and keyed.dim() >= 2 else 1
         reason = gate.call_reason(self.base, arguments)
         with self.lock:
             self.counters.forwards += 1
@@ -119,9 +123,18 @@ class ModelCache:
             self._invalidate(epoch)
         if reason is None and grad:
             reason = "grad"
+        if reason is None and pixels is not None and self.exact is None:
+            reason = "semantic_pixels"
         if reason is not None:
             self.count_not_cached(reason, batch)
             return None
+        kv_cache = arguments.get("cache", arguments.get("past_key_values"))
+        forward = Forward(kv_cache)
+        header = rows.key_header(rows.current_namespace(), self.dtype)
+        if pixels is not None:
+            # Routed at the first cached block, once the patch embedding tells the sequence length.
+            forward.pixels = (header, rows.pixel_hashes(pixels))
+            return forward
         mask = arguments.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.expand_as(ids)
         seq = ids.shape[1]
@@ -129,35 +142,46 @@ class ModelCache:
         positions = torch.arange(seq, device=ids.device).expand_as(ids) if positions is None else positions.expand_as(ids)
         types = arguments.get("token_type_ids")
         types = torch.zeros_like(ids) if types is None else types.expand_as(ids)
-        kv_cache = arguments.get("cache", arguments.get("past_key_values"))
-        forward = Forward(kv_cache)
         if self.exact is None:
             from .semantic import semantic_context
 
             forward.semantic = semantic_context(self, ids, mask, positions, types, kv_cache)
             return forward
-        start = time.perf_counter()
-        header = rows.key_header(rows.current_namespace(), self.base.get_input_embeddings().weight.dtype)
         # RoBERTa-style embeddings number positions from the ids themselves, padding included.
         ids_before = arguments.get("position_ids") is None and self.positions_from_ids
+        batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
+        self._route(forward, batch_host, seq,
+                    lambda host, counts: self.exact.token_row_keys(header, host, ids_before, counts))
+        return forward
+
+    def route_pixels(self, forward: Forward, seq: int) -> None:
+        """Route a pixel model's forward now that its hidden states have `seq` positions."""
+        header, hashes = forward.pixels
+        forward.pixels = None
+        self._route(forward, hashes, seq,
+                    lambda host, counts: [(rows.pixel_key(header, row, seq), 0, seq) for row in host])
+
+    def _route(self, forward: Forward, batch_host: torch.Tensor, seq: int, row_keys) -> None:
+        """Bring `batch_host` (with the pending finiteness flags) to the host in one copy, key the
+        rows (`row_keys(host array, counts)`) and route them."""
+        start = time.perf_counter()
         with self.lock:
             pending, flags = self.exact.take_pending()
-            batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()]).flatten()
+            payload = batch_host.flatten()
             if flags is not None:
-                batch_host = torch.cat([batch_host, flags.to(batch_host.device)])
-            host = batch_host.cpu().numpy()  # the forward's one host synchronisation
-            size = 4 * ids.numel()
+                payload = torch.cat([payload, flags.to(payload.device)])
+            host = payload.cpu().numpy()  # the forward's one host synchronisation
+            size = batch_host.numel()
             counts: dict = {}
+            keys = row_keys(host[:size].reshape(batch_host.shape), counts)
             evicted = self.exact.index.evictions
-            forward.plan = self.exact.route(header, host[:size].reshape(4, *ids.shape), ids.device, counts,
-                                            (pending, host[size:]), ids_before)
+            forward.plan = self.exact.route(keys, seq, batch_host.device, counts, (pending, host[size:]))
             for reason, n in counts.items():
                 self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
             self.counters.evicted += self.exact.index.evictions - evicted
-            self.counters.looked_up += batch
+            self.counters.looked_up += len(keys)
             self.counters.served += forward.plan.served if forward.plan is not None else 0
             self.counters.lookup_s += time.perf_counter() - start
-        return forward
 
     def _invalidate(self, epoch: int) -> None:
         """The weights changed: nothing computed before may be served."""

@@ -161,29 +161,41 @@ class ExactTier:
         self.pending.clear()
         return entries, flags
 
-    def route(self, header: bytes, host: np.ndarray, device: torch.device, counts: dict,
-              pending: tuple[list, np.ndarray] = ([], None), ids_before: bool = False) -> Plan | None:
-        """The plan of a forward whose ids/mask/positions/types are `host` int64 [4, B, T].
-        `pending`: from `take_pending`, its flags on the host. `ids_before`: the ids left of a
-        row's first real token decide its positions (they join its key). Call under the owner's lock.
-        None: nothing to route (every row computes, none stores)."""
-        self._check_pending(*pending, counts)
+    @staticmethod
+    def token_row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict) -> list:
+        """(key or None, start, ntokens) per row of a batch whose ids/mask/positions/types are
+        `host` int64 [4, B, T]; None for a row that cannot be keyed (no real token, gaps).
+        `ids_before`: the ids left of a row's first real token decide its positions."""
         ids, mask, positions, types = host
-        batch, seq = ids.shape
         start, count, contiguous = rows.real_spans(mask)
-        served_rows, served_entries, compute, repeat_rows, repeat_src = [], [], [], [], []
-        entries, store = [], []
-        first_row: dict[bytes, int] = {}
-        for r in range(batch):
-            n = int(count[r])
+        out = []
+        for r in range(ids.shape[0]):
+            n, s = int(count[r]), int(start[r])
             if n == 0 or not contiguous[r]:
                 reason = "no_tokens" if n == 0 else "mask_gaps"
                 counts[reason] = counts.get(reason, 0) + 1
+                out.append((None, s, n))
+                continue
+            before = ids[r, :s] if ids_before else ids[r, :0]
+            out.append((rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n],
+                                       before), s, n))
+        return out
+
+    def route(self, row_keys: list, seq: int, device: torch.device, counts: dict,
+              pending: tuple[list, np.ndarray] = ([], None)) -> Plan | None:
+        """The plan of a forward: `row_keys` (key or None, start, ntokens) per row, `seq` the
+        hidden states' length T. `pending`: from `take_pending`, its flags on the host. Call under
+        the owner's lock. None: nothing to route (every row computes, none stores)."""
+        self._check_pending(*pending, counts)
+        batch = len(row_keys)
+        start = [s for _, s, _ in row_keys]
+        served_rows, served_entries, compute, repeat_rows, repeat_src = [], [], [], [], []
+        entries, store = [], []
+        first_row: dict[bytes, int] = {}
+        for r, (key, s, n) in enumerate(row_keys):
+            if key is None:
                 compute.append(r)
                 continue
-            s = int(start[r])
-            before = ids[r, :s] if ids_before else ids[r, :0]
-            key = rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], before)
             entry = self.index.lookup(key)
             if entry >= 0:
                 served_rows.append(r)
@@ -248,6 +260,8 @@ class ExactTier:
     def block_forward(self, position: int, hidden_states, *args, **kwargs):
         original = self.originals[position]
         forward = self.owner.current()
+        if forward is not None and forward.pixels is not None and position == 0:
+            self.owner.route_pixels(forward, hidden_states.shape[1])
         plan = forward.plan if forward is not None else None
         if plan is None:
             return original(hidden_states, *args, **kwargs)

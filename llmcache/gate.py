@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 # Arguments of a base model's forward that the cache understands: keyed on, or harmless.
-KEYED = {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
+KEYED = {"input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values"}
 HARMLESS = {"use_cache", "return_dict", "cache_position", "kwargs", "self", "past_key_values", "cache",
             "output_attentions", "output_hidden_states"}
 
@@ -29,8 +29,6 @@ def call_reason(model: nn.Module, arguments: dict) -> str | None:
     """Why this call of the base model cannot be cached, or None. `arguments`: its bound arguments."""
     if model.training:
         return "training"
-    if arguments.get("input_ids") is None:
-        return "inputs_embeds" if arguments.get("inputs_embeds") is not None else "no_input_ids"
     config = getattr(model, "config", None)
     for flag in ("output_attentions", "output_hidden_states"):
         value = arguments.get(flag)
@@ -38,6 +36,11 @@ def call_reason(model: nn.Module, arguments: dict) -> str | None:
             value = getattr(config, flag, False)
         if value:
             return flag
+    if arguments.get("input_ids") is None:
+        pixels = arguments.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and pixels.dim() >= 2 and pixels.is_floating_point():
+            return _other_arguments(arguments)
+        return "inputs_embeds" if arguments.get("inputs_embeds") is not None else "no_input_ids"
     kv = arguments.get("cache", arguments.get("past_key_values"))
     if kv is not None:
         if type(kv).__name__ != "DynamicCache" or not hasattr(kv, "get_seq_length"):
@@ -52,6 +55,10 @@ def call_reason(model: nn.Module, arguments: dict) -> str | None:
         if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2
                                   or value.shape[1] != ids.shape[1] or value.shape[0] not in (1, ids.shape[0])):
             return f"{name}_shape"
+    return _other_arguments(arguments)
+
+
+def _other_arguments(arguments: dict) -> str | None:
     for name, value in arguments.items():
         if name in KEYED or name in HARMLESS or value is None or value is False:
             continue

@@ -74,6 +74,31 @@ def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.n
                      before.tobytes()])
 
 
+_PIXEL_SEED = 0x6A09E667F3BCC909
+
+
+def pixel_hashes(pixels: torch.Tensor) -> torch.Tensor:
+    """int64 [B, 2]: two 64-bit hashes of each image's bytes (pixel_values [B, ...]), on its device.
+
+    Each 32-bit word w_i (the float's bits) is mixed with its index by splitmix64's bijective
+    finaliser and summed under two independent random odd weights, modulo 2^64. Two different
+    images share both hashes with probability about 2^-128 for inputs not chosen against the
+    fixed seed: the cache treats equal hashes (and shape and dtype) as the same image.
+    """
+    batch = pixels.shape[0]
+    words = pixels.contiguous().view(batch, -1)
+    words = words.view(torch.int32) if words.element_size() == 4 else words.view(torch.int16)
+    index = torch.arange(words.shape[1], device=pixels.device, dtype=torch.int64)
+    mixed = _mix64(words.long() + (index << 32) + _PIXEL_SEED)
+    weights = _mix64(torch.stack([index * 2 + 1, index * 2 + 2]) * 0x9E3779B97F4A7C15) | 1
+    return torch.stack([(mixed * weights[0]).sum(1), (mixed * weights[1]).sum(1)], dim=1)
+
+
+def pixel_key(header: bytes, hashes: np.ndarray, seq: int) -> bytes:
+    """The exact key of one image from its `pixel_hashes` row and its hidden sequence length."""
+    return b"".join([header, b"pixels", seq.to_bytes(4, "little"), hashes.astype(np.int64).tobytes()])
+
+
 # ---- semantic tier ------------------------------------------------------------------------
 # A tag packs what a row must share with an entry to match: namespace id | position of the first
 # token | token count | padding side (1 = left). Rows that may not be cached get a negative tag.
