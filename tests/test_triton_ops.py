@@ -22,6 +22,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 from llmcache import ops
 from llmcache.ops import reference
 from llmcache.ops.triton_kernels import gather_with_mask as triton_gather
+from llmcache.ops.triton_kernels import hamming_topk as triton_hamming
 from llmcache.ops.triton_kernels._grid import MAX_GRID
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -142,6 +143,9 @@ HAMMING_CASES = [
     (33, 4999, 12, 1, "random", True),
     (20, 3001, 2, 16, None, True),
     (2, 129, 6, 65, None, False),
+    (1, 2, 1, 2, None, False),
+    (16, 1100, 16, 16, "random", True),
+    (40, 300, 4, 64, "random", False),
 ]
 
 
@@ -211,6 +215,47 @@ def test_hamming_topk_extreme_distances(words):
         assert dist[0, :3].tolist() == [0, far, far] and idx[0, :3].tolist() == [3, 5, 64]
         assert dist[1, :3].tolist() == [0, 0, far] and idx[1, :3].tolist() == [5, 64, 3]
         assert (idx[:, 3:] == -1).all() and (dist[:, 3:] == far + 1).all()
+
+
+@pytest.mark.parametrize("k", [1, 9, 70], ids=lambda k: f"k{k}")
+def test_hamming_topk_misaligned_inputs(k):
+    """queries and bank whose base pointers are not 16-byte aligned (views one int64 in)."""
+    gen, seed = _generator()
+    queries, bank, valid, query_tag, bank_tag = _hamming_inputs(gen, 5, 700, 3, "random", True)
+    _assert_topk_equal(_misaligned(queries), _misaligned(bank), k, valid, query_tag, bank_tag, seed)
+
+
+@pytest.mark.parametrize("batch,k", [(19, 1), (19, 9), (40, 70)], ids=lambda v: str(v))
+def test_hamming_topk_small_grid_limit(batch, k):
+    """A 2 x 2 grid limit: the keys kernel loops over query blocks and bank tiles, top-k splits fewer."""
+    gen, seed = _generator()
+    queries, bank, valid, query_tag, bank_tag = _hamming_inputs(gen, batch, 5000, 2, "random", True)
+    launch = triton_hamming.launch_config(batch, 5000, k, 132, max_grid=(2, 2))
+    assert launch.grid[0] <= 2 and launch.grid[1] <= 2
+    if launch.all_keys:  # loops: more work per axis than programs
+        assert launch.q_blocks > launch.grid[0] and launch.slot_blocks > launch.grid[1]
+    dist, idx = triton_hamming.hamming_topk_triton(queries, bank, k, valid, query_tag, bank_tag, max_grid=(2, 2))
+    want_dist, want_idx = reference.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
+    assert torch.equal(dist, want_dist) and torch.equal(idx, want_idx), f"seed {seed}"
+
+
+@pytest.mark.parametrize("k", [1, 64, 65], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("slots", [8_400_000, 2**31 + 5], ids=lambda n: f"N{n}")
+def test_hamming_topk_grid_fits_past_65535(slots, k):
+    """Banks past 65,535 tiles: no grid axis beyond its limit, and the programs still cover every tile."""
+    for batch in (1, 16, 10_000):
+        launch = triton_hamming.launch_config(batch, slots, k, 132)
+        assert all(size <= limit for size, limit in zip(launch.grid, MAX_GRID)), launch
+        if launch.all_keys:
+            assert launch.slot_blocks * launch.block_n >= slots
+        else:
+            assert launch.slot_blocks * launch.slots_per_split >= slots
+            assert launch.slots_per_split % launch.block_n == 0
+
+
+def test_hamming_topk_refuses_an_impossible_grid():
+    with pytest.raises(ValueError, match="grid axis 0"):
+        triton_hamming.launch_config(100, 10, 1, 132, max_grid=(2, 2))
 
 
 # ------------------------------------------------------------------------------- gather_with_mask
