@@ -21,6 +21,9 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from llmcache import ops
 from llmcache.ops import reference
+from llmcache.ops.triton_kernels import gather_with_mask as triton_gather
+from llmcache.ops.triton_kernels import hamming_topk as triton_hamming
+from llmcache.ops.triton_kernels._grid import MAX_GRID
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -39,6 +42,14 @@ def _generator() -> tuple[torch.Generator, int]:
 
 def _random_codes(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randint(-(2**63), 2**63 - 1, shape, dtype=torch.int64, generator=gen)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data_ptr is one element past a 16-byte boundary (Triton's other variant)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    out = flat.view(t.shape).copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
 
 
 # ---------------------------------------------------------------------------------------- simhash
@@ -132,6 +143,9 @@ HAMMING_CASES = [
     (33, 4999, 12, 1, "random", True),
     (20, 3001, 2, 16, None, True),
     (2, 129, 6, 65, None, False),
+    (1, 2, 1, 2, None, False),
+    (16, 1100, 16, 16, "random", True),
+    (40, 300, 4, 64, "random", False),
 ]
 
 
@@ -203,6 +217,47 @@ def test_hamming_topk_extreme_distances(words):
         assert (idx[:, 3:] == -1).all() and (dist[:, 3:] == far + 1).all()
 
 
+@pytest.mark.parametrize("k", [1, 9, 70], ids=lambda k: f"k{k}")
+def test_hamming_topk_misaligned_inputs(k):
+    """queries and bank whose base pointers are not 16-byte aligned (views one int64 in)."""
+    gen, seed = _generator()
+    queries, bank, valid, query_tag, bank_tag = _hamming_inputs(gen, 5, 700, 3, "random", True)
+    _assert_topk_equal(_misaligned(queries), _misaligned(bank), k, valid, query_tag, bank_tag, seed)
+
+
+@pytest.mark.parametrize("batch,k", [(19, 1), (19, 9), (40, 70)], ids=lambda v: str(v))
+def test_hamming_topk_small_grid_limit(batch, k):
+    """A 2 x 2 grid limit: the keys kernel loops over query blocks and bank tiles, top-k splits fewer."""
+    gen, seed = _generator()
+    queries, bank, valid, query_tag, bank_tag = _hamming_inputs(gen, batch, 5000, 2, "random", True)
+    launch = triton_hamming.launch_config(batch, 5000, k, 132, max_grid=(2, 2))
+    assert launch.grid[0] <= 2 and launch.grid[1] <= 2
+    if launch.all_keys:  # loops: more work per axis than programs
+        assert launch.q_blocks > launch.grid[0] and launch.slot_blocks > launch.grid[1]
+    dist, idx = triton_hamming.hamming_topk_triton(queries, bank, k, valid, query_tag, bank_tag, max_grid=(2, 2))
+    want_dist, want_idx = reference.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
+    assert torch.equal(dist, want_dist) and torch.equal(idx, want_idx), f"seed {seed}"
+
+
+@pytest.mark.parametrize("k", [1, 64, 65], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("slots", [8_400_000, 2**31 + 5], ids=lambda n: f"N{n}")
+def test_hamming_topk_grid_fits_past_65535(slots, k):
+    """Banks past 65,535 tiles: no grid axis beyond its limit, and the programs still cover every tile."""
+    for batch in (1, 16, 10_000):
+        launch = triton_hamming.launch_config(batch, slots, k, 132)
+        assert all(size <= limit for size, limit in zip(launch.grid, MAX_GRID)), launch
+        if launch.all_keys:
+            assert launch.slot_blocks * launch.block_n >= slots
+        else:
+            assert launch.slot_blocks * launch.slots_per_split >= slots
+            assert launch.slots_per_split % launch.block_n == 0
+
+
+def test_hamming_topk_refuses_an_impossible_grid():
+    with pytest.raises(ValueError, match="grid axis 0"):
+        triton_hamming.launch_config(100, 10, 1, 132, max_grid=(2, 2))
+
+
 # ------------------------------------------------------------------------------- gather_with_mask
 
 # (N, Tv, T, F, B, M): bank rows, stored length, batch length, trailing shape, batch rows, misses.
@@ -214,6 +269,10 @@ GATHER_CASES = [
     (3, 2, 3, (0,), 4, 1),
     (6, 50, 41, (33,), 7, 3),
     (3, 1, 1100, (1,), 4, 2),
+    (4, 1, 1, (1,), 5, 2),
+    (3, 6, 1, (7,), 4, 1),
+    (2, 1, 5, (), 3, 1),
+    (4, 16, 32, (64,), 16, 16),
 ]
 
 
@@ -226,8 +285,19 @@ def _gather_id(case) -> str:
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("case", GATHER_CASES, ids=_gather_id)
 def test_gather_with_mask(case, dtype, align_end):
-    slots, stored, seq, feat, batch, misses = case
     gen, seed = _generator()
+    values, slot, computed, row, last_used, hit_count = _gather_inputs(gen, case, dtype)
+    tick = 2**40 + random.randrange(100)
+    args = [t.to(DEVICE) for t in (values, slot, computed, row)]
+    got_last, got_count = last_used.clone().to(DEVICE), hit_count.clone().to(DEVICE)
+    got = ops.gather_with_mask(*args, got_last, got_count, tick, align_end, backend="triton")
+    want = reference.gather_with_mask(values, slot, computed, row, last_used, hit_count, tick, align_end)
+    _assert_gather_equal(got, got_last, got_count, want, last_used, hit_count, seed)
+
+
+def _gather_inputs(gen, case, dtype):
+    """values, slot, computed, row, last_used, hit_count for a GATHER_CASES entry (on the CPU)."""
+    slots, stored, seq, feat, batch, misses = case
     values = torch.randn(slots, stored, *feat, generator=gen).to(dtype)
     computed = torch.randn(misses, seq, *feat, generator=gen).to(dtype)
     hit = torch.rand(batch, generator=gen) < 0.6
@@ -235,18 +305,76 @@ def test_gather_with_mask(case, dtype, align_end):
         hit[:] = True
     if slots == 0:
         hit[:] = False
-    # Few slots for many rows: duplicates are the norm, and hit_count must count each reader.
     slot = torch.where(hit, torch.randint(0, max(slots, 1), (batch,), generator=gen), -1)
     row = torch.where(hit, -1, torch.randint(0, max(misses, 1), (batch,), generator=gen))
     last_used = torch.randint(0, 100, (slots,), generator=gen)
     hit_count = torch.randint(0, 100, (slots,), generator=gen)
-    tick = 2**40 + random.randrange(100)
-    args = [t.to(DEVICE) for t in (values, slot, computed, row)]
-    got_last, got_count = last_used.clone().to(DEVICE), hit_count.clone().to(DEVICE)
-    got = ops.gather_with_mask(*args, got_last, got_count, tick, align_end, backend="triton")
-    want = reference.gather_with_mask(values, slot, computed, row, last_used, hit_count, tick, align_end)
+    return values, slot, computed, row, last_used, hit_count
+
+
+def _assert_gather_equal(got, got_last, got_count, want, last_used, hit_count, seed):
     bits = {2: torch.int16, 4: torch.int32}[want.element_size()]
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(got.cpu().view(bits), want.view(bits)), f"seed {seed}: outputs differ"
     assert torch.equal(got_last.cpu(), last_used), f"seed {seed}: last_used differs"
     assert torch.equal(got_count.cpu(), hit_count), f"seed {seed}: hit_count differs"
+
+
+@pytest.mark.parametrize("align_end", [False, True], ids=["align_start", "align_end"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_gather_with_mask_misaligned_inputs(dtype, align_end):
+    """values and computed whose base pointers are one element past a 16-byte boundary."""
+    gen, seed = _generator()
+    values, slot, computed, row, last_used, hit_count = _gather_inputs(gen, (5, 16, 24, (64,), 9, 4), dtype)
+    got_last, got_count = last_used.clone().to(DEVICE), hit_count.clone().to(DEVICE)
+    args = (_misaligned(values.to(DEVICE)), slot.to(DEVICE), _misaligned(computed.to(DEVICE)), row.to(DEVICE))
+    got = ops.gather_with_mask(*args, got_last, got_count, 11, align_end, backend="triton")
+    want = reference.gather_with_mask(values, slot, computed, row, last_used, hit_count, 11, align_end)
+    _assert_gather_equal(got, got_last, got_count, want, last_used, hit_count, seed)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_gather_with_mask_out_of_range_rows_read_zeros(dtype):
+    """A slot >= N or a miss row outside [0, M) gives a zero row and moves no counter, as the CUDA kernel.
+
+    The reference and the CPU kernel raise instead; a GPU kernel cannot without a host sync.
+    """
+    gen, seed = _generator()
+    values = torch.randn(3, 4, 5, generator=gen).to(dtype)
+    computed = torch.randn(2, 4, 5, generator=gen).to(dtype)
+    slot = torch.tensor([1, 3, 7, -1, -1, -1, 1])
+    row = torch.tensor([-1, -1, -1, 0, 2, -5, -1])
+    last_used, hit_count = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    got_last, got_count = last_used.clone().to(DEVICE), hit_count.clone().to(DEVICE)
+    args = [t.to(DEVICE) for t in (values, slot, computed, row)]
+    got = ops.gather_with_mask(*args, got_last, got_count, 9, False, backend="triton").cpu()
+    in_range = torch.tensor([0, 3, 6])
+    want = reference.gather_with_mask(values, slot[in_range], computed, row[in_range], last_used, hit_count, 9)
+    assert torch.equal(got[in_range].float(), want.float()), f"seed {seed}"
+    assert (got[[1, 2, 4, 5]] == 0).all() and not torch.signbit(got[[1, 2, 4, 5]].float()).any()
+    assert got_last.tolist() == [0, 9, 0] and got_count.tolist() == [0, 2, 0]
+
+
+@pytest.mark.parametrize("align_end", [False, True], ids=["align_start", "align_end"])
+def test_gather_with_mask_small_grid_limit(align_end):
+    """Two programs for 4 rows x 3 chunks: each program walks several (row, chunk) items."""
+    gen, seed = _generator()
+    case = (4, 900, 1000, (3,), 4, 2)  # 3000 float32 elements per row: 3 chunks of 1024
+    values, slot, computed, row, last_used, hit_count = _gather_inputs(gen, case, torch.float32)
+    launch = triton_gather.launch_config(4, 1000, 900, 3, 4, align_end, max_grid=(2,))
+    assert launch.grid == (2,) and launch.num_items == 12
+    got_last, got_count = last_used.clone().to(DEVICE), hit_count.clone().to(DEVICE)
+    args = [t.to(DEVICE) for t in (values, slot, computed, row)]
+    got = triton_gather.gather_with_mask_triton(*args, got_last, got_count, 5, align_end, max_grid=(2,))
+    want = reference.gather_with_mask(values, slot, computed, row, last_used, hit_count, 5, align_end)
+    _assert_gather_equal(got, got_last, got_count, want, last_used, hit_count, seed)
+
+
+@pytest.mark.parametrize("shape", [(2, 70_000_000, 1), (3, 1, 80_000_000), (2**20, 2**16, 2**10)], ids=str)
+def test_gather_with_mask_grid_fits_past_65535(shape):
+    """Rows of more than 65,535 chunks, and more items than axis 0 allows: one capped axis covers them all."""
+    batch, seq, features = shape
+    launch = triton_gather.launch_config(batch, seq, seq, features, 2, True)
+    assert len(launch.grid) == 1 and 1 <= launch.grid[0] <= MAX_GRID[0]
+    assert launch.chunks_per_row * launch.block >= seq * features
+    assert launch.num_items == batch * launch.chunks_per_row

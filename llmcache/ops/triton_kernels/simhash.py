@@ -99,7 +99,8 @@ def simhash_triton(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     if num_rows == 0:
         return codes
     x = x.contiguous()
-    planes = planes.contiguous()
+    # fp32 planes only (what random_planes makes): half-precision planes took 246 registers on sm_80.
+    planes = planes.contiguous().float()
     grid = (triton.cdiv(num_rows, _BLOCK_B), nbits // 64)
     _simhash_kernel[grid](x, planes, codes, num_rows, dim, nbits, BLOCK_B=_BLOCK_B, BLOCK_D=_BLOCK_D)
     return codes
