@@ -90,8 +90,10 @@ class ModelCache:
         stack = getattr(self.local, "forwards", None)
         return stack[-1] if stack else None
 
+    @torch.compiler.disable(recursive=False)
     def call(self, *args, **kwargs):
-        """The base model's forward, routed through the cache."""
+        """The base model's forward, routed through the cache. Under torch.compile this frame (the
+        cache's bookkeeping) runs eagerly and the model's own forward is compiled."""
         forward = None if self.bypassed else self._begin(args, kwargs)
         stack = getattr(self.local, "forwards", None)
         if stack is None:
@@ -104,6 +106,7 @@ class ModelCache:
             if forward is not None and forward.plan is not None and forward.plan.entries:
                 self.exact.abort(forward.plan)  # it raised (or never reached the last cached block)
 
+    @torch.compiler.disable
     def _begin(self, args, kwargs) -> Forward | None:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         arguments = {**bound.pop("kwargs", {}), **bound}
@@ -154,6 +157,7 @@ class ModelCache:
                     lambda host, counts: self.exact.token_row_keys(header, host, ids_before, counts))
         return forward
 
+    @torch.compiler.disable
     def route_pixels(self, forward: Forward, seq: int) -> None:
         """Route a pixel model's forward now that its hidden states have `seq` positions."""
         header, hashes = forward.pixels

@@ -74,6 +74,7 @@ class Plan:
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     kv: list = field(default_factory=list)  # decoders: per span block, [M, T, 2 * kv_dim] computed K|V
 
+    @torch.compiler.disable
     def slice(self, value):
         """`value` with every batch-major tensor cut to the computing rows (ndim >= 2, size(0) == B)."""
         if self.compute is None:
@@ -257,7 +258,10 @@ class ExactTier:
             plan.entries = []
 
     # ---- the splice ------------------------------------------------------------------
+    @torch.compiler.disable(recursive=False)
     def block_forward(self, position: int, hidden_states, *args, **kwargs):
+        """The spliced forward of span block `position` (torch.compile: this frame runs eagerly,
+        the block's own forward is compiled)."""
         original = self.originals[position]
         forward = self.owner.current()
         if forward is not None and forward.pixels is not None and position == 0:
@@ -313,6 +317,7 @@ class ExactTier:
             return names[0], params.index(param) - 1  # its index in `args`, after the hidden states
         return names[0], None
 
+    @torch.compiler.disable
     def _kv(self, position: int, plan: Plan, real, stand_in, out) -> None:
         """Keep the computed rows' K|V for the insert and give the real cache all B rows'."""
         if stand_in is not None and stand_in.keys is not None:
@@ -361,6 +366,7 @@ class ExactTier:
             merged.index_copy_(0, plan.repeat_rows, out.index_select(0, plan.repeat_src))
         return merged
 
+    @torch.compiler.disable
     def _insert(self, plan: Plan, out: torch.Tensor) -> None:
         """Write the reserved entries' tokens (the computing rows' real tokens) and publish them."""
         if not plan.entries:

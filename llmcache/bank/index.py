@@ -39,7 +39,8 @@ class ExactIndex:
     def clear(self) -> None:
         self.table: dict[bytes, int] = {}
         self.keys: list[bytes | None] = []
-        self.pages: list[np.ndarray | None] = []
+        self.pages: list[np.ndarray | None] = []  # block table: the entry's pages in order
+        self.rows: list[np.ndarray | None] = []  # the flat arena row of each of its tokens
         self.ntokens = np.zeros(0, dtype=np.int64)
         self.ref = np.zeros(0, dtype=np.int64)
         self.hits = np.zeros(0, dtype=np.int64)
@@ -71,10 +72,7 @@ class ExactIndex:
 
     def token_rows(self, entry: int) -> np.ndarray:
         """int64 [n]: the flat arena rows (page * page_tokens + offset) of the entry's n tokens."""
-        n = int(self.ntokens[entry])
-        pages = self.pages[entry]
-        offsets = np.arange(n, dtype=np.int64)
-        return pages[offsets // self.page_tokens] * self.page_tokens + offsets % self.page_tokens
+        return self.rows[entry]
 
     def pages_for(self, ntokens: int) -> int:
         return -(-ntokens // self.page_tokens)
@@ -102,7 +100,10 @@ class ExactIndex:
                 return -1
         entry = self._new_entry()
         self.keys[entry] = key
-        self.pages[entry] = np.array([self.free_pages.pop() for _ in range(need)], dtype=np.int64)
+        pages = np.array([self.free_pages.pop() for _ in range(need)], dtype=np.int64)
+        offsets = np.arange(ntokens, dtype=np.int64)
+        self.pages[entry] = pages
+        self.rows[entry] = pages[offsets // self.page_tokens] * self.page_tokens + offsets % self.page_tokens
         self.ntokens[entry] = ntokens
         self.ref[entry] = 0
         self.hits[entry] = 0
@@ -144,7 +145,7 @@ class ExactIndex:
 
     def _free(self, entry: int) -> None:
         self.free_pages.extend(self.pages[entry].tolist())
-        self.keys[entry] = self.pages[entry] = None
+        self.keys[entry] = self.pages[entry] = self.rows[entry] = None
         self.free_entries.append(entry)
 
     def _new_entry(self) -> int:
@@ -153,6 +154,7 @@ class ExactIndex:
         entry = len(self.keys)
         self.keys.append(None)
         self.pages.append(None)
+        self.rows.append(None)
         grow = lambda a: np.concatenate([a, np.zeros(max(16, len(a)), dtype=a.dtype)]) if entry >= len(a) else a
         self.ntokens, self.ref, self.hits, self.valid = map(grow, (self.ntokens, self.ref, self.hits, self.valid))
         return entry
