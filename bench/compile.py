@@ -1,0 +1,103 @@
+"""torch.compile with and without the cache, on the same stream, in one process.
+
+    python -m bench.compile [--model minilm] [--rows 256] [--batch 32] [--passes 5] [--threads 1]
+                            [--out DIR]
+
+Four variants of one model (copies of the same weights): eager, eager + cache,
+`torch.compile(model)` and `torch.compile(llmcache.accelerate(model))`. Each runs the 70 %-repeat
+stream (bench.e2e's) once to warm up — for the compiled ones that pass includes compiling, and
+its excess over the steady-state pass is reported as the compile time — then `--passes` timed
+passes, each from empty banks; times are medians. Dynamo's counters give the graphs compiled and
+the graph breaks (the cache's bookkeeping is left out of the graph on purpose: `compiler.disable`
+on the base-model wrapper and the block splice, two breaks per cached block call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llmcache
+from bench import e2e
+from llmcache import streams
+
+
+def timed_passes(model, encoded, passes: int, cached: bool) -> tuple[float, list[float]]:
+    """(warm-up pass seconds, steady passes' seconds); cached passes start from empty banks."""
+    def one() -> float:
+        if cached:
+            llmcache.reset(inner)
+        start = time.perf_counter()
+        for enc in encoded:
+            model(**enc)
+        return time.perf_counter() - start
+
+    inner = getattr(model, "_orig_mod", model)
+    first = one()
+    return first, [one() for _ in range(passes)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm", choices=["minilm", "bert-base", "gpt2"])
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=None)
+    p.add_argument("--size", default="full", choices=["full", "tiny"])
+    p.add_argument("--out", default="bench/out")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from torch._dynamo.utils import counters
+
+    model, tok = e2e.load(args.model, "cpu", torch.float32, None, args.data, args.size)
+    stream = streams.repeat_stream(e2e.stream_sentences(args.data), args.rows, 0.7, seed=1)
+    encoded = e2e.batches(tok, stream, args.batch, "cpu")
+    variants = {
+        "eager": (model, False),
+        "eager+cache": (llmcache.accelerate(copy.deepcopy(model)), True),
+        "compiled": (torch.compile(copy.deepcopy(model)), False),
+        "compiled+cache": (torch.compile(llmcache.accelerate(copy.deepcopy(model))), True),
+    }
+    rows = {}
+    with torch.inference_mode():
+        for name, (m, cached) in variants.items():
+            counters.clear()
+            first, steady = timed_passes(m, encoded, args.passes, cached)
+            med = statistics.median(steady)
+            rows[name] = {"steady_s": med, "all_s": steady, "first_s": first, "compile_s": max(first - med, 0.0),
+                          "graphs": counters["stats"]["unique_graphs"],
+                          "graph_breaks": sum(counters["graph_break"].values())}
+            if cached:
+                rows[name]["hit_rate"] = llmcache.stats(getattr(m, "_orig_mod", m)).hit_rate
+    base = rows["eager"]["steady_s"]
+    print(f"{'variant':16} {'steady ms':>10} {'vs eager':>9} {'first pass ms':>14} {'graphs':>7} {'breaks':>7}")
+    for name, r in rows.items():
+        print(f"{name:16} {1e3 * r['steady_s']:10.1f} {base / r['steady_s']:8.2f}x {1e3 * r['first_s']:14.1f} "
+              f"{r['graphs']:7} {r['graph_breaks']:7}")
+    ratio = rows["eager+cache"]["steady_s"] / rows["compiled+cache"]["steady_s"]
+    print(f"compiled+cache vs eager+cache: {ratio:.2f}x (target >= 1.00); compile time "
+          f"{rows['compiled+cache']['compile_s']:.1f} s with the cache, {rows['compiled']['compile_s']:.1f} s without")
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": platform.processor() or platform.machine(), "threads": args.threads, "args": vars(args),
+              "torch": torch.__version__, "build_info": llmcache.build_info()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"compile-{args.model}-cpu.json"
+    path.write_text(json.dumps({"header": header, "rows": rows, "compiled_cache_vs_eager_cache": ratio}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
