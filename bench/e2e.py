@@ -1,6 +1,6 @@
 """End-to-end: a query stream in batches through a model with the cache off and on, same process.
 
-    python -m bench.e2e [--model minilm|smollm2|bert-base|gpt2] [--rows 512] [--batch 32]
+    python -m bench.e2e [--model minilm|smollm2|bert-base|gpt2|t5-base|vit-base] [--rows 512] [--batch 32]
                                [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
                                [--data DIR] [--tokenizer DIR] [--size full|tiny] [--out DIR]
 
@@ -91,16 +91,39 @@ def random_weight_tokenizer(tokenizer: str | None = None, data: str | None = Non
     return AutoTokenizer.from_pretrained(tokenizer_path(tokenizer, data))
 
 
+RANDOM_WEIGHT = ("bert-base", "gpt2", "t5-base", "vit-base")
+
+
 def random_weight_model(name: str, size: str = "full") -> torch.nn.Module:
-    """bert-base or gpt2 with random weights (seed 0); size "tiny": the same family at 2 blocks x 64."""
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+    """A random-weight model of the shape of `name` (seed 0); size "tiny": the family at 2 blocks x 64.
+
+    t5-base is T5ForConditionalGeneration (its encoder's blocks cache; each batch runs the encoder
+    and one decoder step); vit-base is ViTModel at 224 x 224, patches of 16."""
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        T5Config,
+        T5ForConditionalGeneration,
+        ViTConfig,
+        ViTModel,
+    )
 
     torch.manual_seed(0)
+    tiny = size == "tiny"
     if name == "bert-base":
-        tiny = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
-        return BertModel(BertConfig(**(tiny if size == "tiny" else {}))).eval()
-    tiny = {"n_layer": 2, "n_embd": 64, "n_head": 4}
-    return GPT2LMHeadModel(GPT2Config(**(tiny if size == "tiny" else {}))).eval()
+        small = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+        return BertModel(BertConfig(**(small if tiny else {}))).eval()
+    if name == "t5-base":
+        shape = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16} if tiny else \
+            {"d_model": 768, "d_ff": 3072, "num_layers": 12, "num_heads": 12, "d_kv": 64}
+        return T5ForConditionalGeneration(T5Config(**shape, decoder_start_token_id=0)).eval()
+    if name == "vit-base":
+        small = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+        return ViTModel(ViTConfig(**(small if tiny else {})), add_pooling_layer=False).eval()
+    small = {"n_layer": 2, "n_embd": 64, "n_head": 4}
+    return GPT2LMHeadModel(GPT2Config(**(small if tiny else {}))).eval()
 
 
 def load(name: str, device: str, dtype: torch.dtype, tokenizer: str | None = None, data: str | None = None,
@@ -112,12 +135,14 @@ def load(name: str, device: str, dtype: torch.dtype, tokenizer: str | None = Non
         model, tok = load_minilm()
     elif name == "smollm2":
         model, tok = load_smollm2()
-    elif name in ("bert-base", "gpt2"):
+    elif name == "vit-base":
+        model, tok = random_weight_model(name, size), None
+    elif name in RANDOM_WEIGHT:
         model, tok = random_weight_model(name, size), random_weight_tokenizer(tokenizer, data)
         if name == "gpt2":
             tok = _left(tok)
     else:
-        raise ValueError(f"unknown model {name!r}: choose minilm, smollm2, bert-base or gpt2")
+        raise ValueError(f"unknown model {name!r}: choose minilm, smollm2 or one of {RANDOM_WEIGHT}")
     return model.to(device=device, dtype=dtype), tok
 
 
@@ -126,13 +151,32 @@ def _left(tok):
     return tok
 
 
-def batches(tok, stream: list[str], size: int, device: str) -> list[dict]:
+def _image(text: str, side: int = 224) -> torch.Tensor:
+    """A fixed random image per text: a repeated text is a repeated image."""
+    import zlib
+
+    gen = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+    return torch.randn(3, side, side, generator=gen)
+
+
+def batches(tok, stream: list[str], size: int, device: str, model=None) -> list[dict]:
+    """The stream in model inputs: token batches, or (tok None: a pixel model) image batches; an
+    encoder-decoder gets one decoder step (decoder_input_ids = the start token)."""
+    config = getattr(model, "config", None)
     out = []
+    if tok is None:
+        side = getattr(config, "image_size", 224)
+        for i in range(0, len(stream), size):
+            out.append({"pixel_values": torch.stack([_image(t, side) for t in stream[i : i + size]]).to(device)})
+        return out
     for i in range(0, len(stream), size):
         enc = tok(stream[i : i + size], padding=True, truncation=True, max_length=64, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         if tok.padding_side == "left":
             enc["position_ids"] = (enc["attention_mask"].cumsum(1) - 1).clamp_min(0)
+        if getattr(config, "is_encoder_decoder", False):
+            start = config.decoder_start_token_id
+            enc["decoder_input_ids"] = torch.full((enc["input_ids"].shape[0], 1), start, device=device)
         out.append(enc)
     return out
 
@@ -203,7 +247,7 @@ def block_scaling(model, enc: dict, device: str, calls: int = 15) -> dict:
         pass
     finally:
         handle.remove()
-    batch = enc["input_ids"].shape[0]
+    batch = next(iter(enc.values())).shape[0]
 
     def first(value, r):
         if isinstance(value, torch.Tensor):
@@ -367,7 +411,7 @@ def measure(model, encoded, device: str, repeats: int, config: llmcache.CacheCon
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm", choices=["minilm", "smollm2", "bert-base", "gpt2"])
+    p.add_argument("--model", default="minilm", choices=["minilm", "smollm2", *RANDOM_WEIGHT])
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
@@ -394,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             ("repeat", streams.repeat_stream(sentences, args.rows, args.repeat_rate, seed=1)),
             ("unique", streams.unique_stream(sentences, args.rows, seed=1)),
         ):
-            encoded = batches(tok, stream, args.batch, args.device)
+            encoded = batches(tok, stream, args.batch, args.device, model)
             results[name] = measure(model, encoded, args.device, args.repeats, config)
             r = results[name]
             frac = f"{100 * r['fraction_of_ideal']:.0f}%"

@@ -14,6 +14,7 @@ Semantic tier (per-layer banks, `llmcache.ring_buffer`): a 64-bit hash of the sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 
 import numpy as np
@@ -74,23 +75,40 @@ def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.n
                      before.tobytes()])
 
 
-_PIXEL_SEED = 0x6A09E667F3BCC909
+_PIXEL_WEIGHTS: dict = {}  # (words per image, device) -> int64 [2, words] random odd weights
+
+
+def _pixel_weights(words: int, device: torch.device) -> torch.Tensor:
+    key = (words, str(device))
+    if key not in _PIXEL_WEIGHTS:
+        index = torch.arange(words, dtype=torch.int64)
+        weights = _mix64(torch.stack([index * 2 + 1, index * 2 + 2]) * 0x9E3779B97F4A7C15) | 1
+        with torch.inference_mode(False):
+            _PIXEL_WEIGHTS[key] = weights.to(device)
+    return _PIXEL_WEIGHTS[key]
 
 
 def pixel_hashes(pixels: torch.Tensor) -> torch.Tensor:
     """int64 [B, 2]: two 64-bit hashes of each image's bytes (pixel_values [B, ...]), on its device.
 
-    Each 32-bit word w_i (the float's bits) is mixed with its index by splitmix64's bijective
-    finaliser and summed under two independent random odd weights, modulo 2^64. Two different
-    images share both hashes with probability about 2^-128 for inputs not chosen against the
-    fixed seed: the cache treats equal hashes (and shape and dtype) as the same image.
+    Each 32-bit word w_i (the float's bits) goes through a bijective mix (a multiply by an odd
+    constant, then an xor-shift) and is summed under two independent fixed random odd weights
+    per position, modulo 2^64. Two different images share both hashes with probability about
+    2^-128 for inputs not chosen against the fixed weights: the cache treats equal hashes (and
+    shape and dtype, in the key) as the same image. About 8 passes over the pixels on the device;
+    on the CPU, the 128-bit BLAKE2b digest of each image's bytes instead.
     """
     batch = pixels.shape[0]
     words = pixels.contiguous().view(batch, -1)
+    if pixels.device.type == "cpu":
+        # On the host a cryptographic digest of the bytes is cheaper than the passes below.
+        raw = words.numpy().view(np.uint8).reshape(batch, -1)
+        digests = b"".join(hashlib.blake2b(memoryview(row), digest_size=16).digest() for row in raw)
+        return torch.from_numpy(np.frombuffer(digests, dtype=np.int64).reshape(batch, 2).copy())
     words = words.view(torch.int32) if words.element_size() == 4 else words.view(torch.int16)
-    index = torch.arange(words.shape[1], device=pixels.device, dtype=torch.int64)
-    mixed = _mix64(words.long() + (index << 32) + _PIXEL_SEED)
-    weights = _mix64(torch.stack([index * 2 + 1, index * 2 + 2]) * 0x9E3779B97F4A7C15) | 1
+    mixed = words.long() * -7046029254386353131  # 0x9E3779B97F4A7C15, odd
+    mixed = mixed ^ (mixed >> 31)
+    weights = _pixel_weights(words.shape[1], pixels.device)
     return torch.stack([(mixed * weights[0]).sum(1), (mixed * weights[1]).sum(1)], dim=1)
 
 
