@@ -49,10 +49,13 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         other unknown tensor arguments, and decode steps of `generate`.
 
     Padding: a served row holds the uncached values at every real position (mask == 1) and
-    zeros at its padding positions, where the uncached model leaves values that no masked
-    computation reads. Pool with the attention mask (as sentence-transformers does:
-    `(h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)`); an unmasked `h.mean(1)` over a
-    padded batch differs.
+    zeros at its padding positions. Attention never reads them (they are masked), but anything
+    read at a padding position differs: an unmasked `h.mean(1)` over a padded batch (pool with
+    the mask, as sentence-transformers does: `(h * mask[..., None]).sum(1) / mask.sum(1,
+    keepdim=True)`), logits at padding positions, the loss of a left-padded row (transformers
+    predicts its first real token from the last padding position), and a pooler that reads
+    position 0 of a left-padded row (BERT's). Right padding, the tokenizers' default for
+    encoders, leaves the loss and the pooler exact.
 
     Example:
         >>> model = llmcache.accelerate(AutoModel.from_pretrained(path).eval())
@@ -305,7 +308,8 @@ def held(model: nn.Module) -> Held:
     with owner.lock:
         entries = []
         tier = owner.exact
-        if tier is not None and tier.arena is not None:
+        if tier is not None:
+            tier.resolve_pending()
             for e in tier.index.live():
                 key = rows.parse_key(tier.index.keys[e])
                 pages = len(tier.index.pages[e])

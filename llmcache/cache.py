@@ -112,8 +112,9 @@ class ModelCache:
         arguments = {**bound.pop("kwargs", {}), **bound}
         ids = arguments.get("input_ids")
         pixels = arguments.get("pixel_values") if ids is None else None
-        keyed = ids if ids is not None else pixels
-        batch = keyed.shape[0] if isinstance(keyed, torch.Tensor) and keyed.dim() >= 2 else 1
+        keyed = next((arguments.get(n) for n in ("input_ids", "pixel_values", "inputs_embeds")
+                      if isinstance(arguments.get(n), torch.Tensor)), None)
+        batch = keyed.shape[0] if keyed is not None and keyed.dim() >= 2 else 1
         reason = gate.call_reason(self.base, arguments)
         with self.lock:
             self.counters.forwards += 1
@@ -192,8 +193,9 @@ class ModelCache:
         with self.lock:
             self.weights_epoch = epoch
             self.counters.invalidations += 1
+            self.dtype = next(self.base.parameters()).dtype
             if self.exact is not None:
-                self.exact.clear()
+                self.exact.clear(self.dtype, next(self.base.parameters()).device)
             for layer in self.layers.values():
                 if layer.bank is not None:
                     layer.bank.reset()

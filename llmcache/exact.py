@@ -145,10 +145,26 @@ class ExactTier:
     def reserved_bytes(self) -> int:
         return self.arena.reserved_bytes
 
-    def clear(self) -> None:
+    def clear(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        """Forget every entry; with `dtype`/`device` (the weights moved), store in those from now on."""
         self.index.clear()
         self.pending.clear()
         self.arena.clear()
+        if (dtype or self.arena.dtype) != self.arena.dtype or torch.device(device or self.arena.device) != self.arena.device:
+            cfg = self.owner.config
+            arena = PagedArena(cfg.page_tokens, self.arena.features, dtype or self.arena.dtype,
+                               device or self.arena.device, max_pages=0)
+            arena.max_pages = cfg.max_bytes // arena.page_bytes if cfg.max_bytes is not None else 1 << 40
+            self.arena, self.index.max_pages = arena, arena.max_pages
+
+    def resolve_pending(self) -> None:
+        """Check the pending finiteness flags now (a host read: for `save` and `held`, not the hot path)."""
+        batches, flags = self.take_pending()
+        if flags is not None:
+            counts: dict = {}
+            self._check_pending(batches, flags.cpu().numpy(), counts)
+            for reason, n in counts.items():
+                self.owner.counters.not_cached[reason] = self.owner.counters.not_cached.get(reason, 0) + n
 
     # ---- routing ---------------------------------------------------------------------
     def take_pending(self) -> tuple[list, torch.Tensor | None]:
@@ -272,30 +288,36 @@ class ExactTier:
         first, last = position == 0, position == len(self.span) - 1
         if first and plan.compute is not None:
             hidden_states = hidden_states.index_select(0, plan.compute)
-        stand_in = None
+        stand_in = real = None
+        if self.decoder:
+            real = self._given_cache(position, args, kwargs)  # the model's own KV cache, if any
         args = plan.slice(args)
         kwargs = {k: plan.slice(v) for k, v in kwargs.items()}
-        if plan.m or position not in self.formats:
-            # (With no row to compute, a block whose output form is not known yet runs on the
-            # empty batch once, to learn it.)
+        if plan.m:
             if self.decoder:
-                stand_in = KVStandIn(forward.kv_cache)
+                stand_in = KVStandIn(real)
                 args, kwargs = self._hand(position, stand_in, args, kwargs)
             output = original(hidden_states, *args, **kwargs)
             self.formats[position] = len(output) if isinstance(output, tuple) else 1
         else:
-            arity = self.formats[position]
-            # What a block passes on besides its hidden state (T5's position bias) only feeds
-            # the next blocks, which compute nothing either.
+            # No row computes. What a block passes on besides its hidden state (T5's position
+            # bias) only feeds the next blocks, which compute nothing either.
+            arity = self.formats.get(position, 1)
             output = hidden_states if arity == 1 else (hidden_states,) + (None,) * (arity - 1)
         out = output[0] if isinstance(output, tuple) else output
         if self.decoder:
-            self._kv(position, plan, forward.kv_cache, stand_in if plan.m else None, out)
+            self._kv(position, plan, real, stand_in, out)
         if not last:
             return output
         merged = self._merge(plan, out)
         self._insert(plan, out)
         return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
+
+    def _given_cache(self, position: int, args: tuple, kwargs: dict):
+        name, index = self.cache_param[position]
+        if index is not None and index < len(args):
+            return args[index]
+        return kwargs.get(name) if name is not None else None
 
     def _hand(self, position, stand_in, args, kwargs):
         """Give the block the stand-in where it takes its KV cache (by position or by name)."""

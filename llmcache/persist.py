@@ -62,6 +62,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     meta: dict = {}
     with owner.lock:
         if owner.exact is not None:
+            owner.exact.resolve_pending()
             tensors, meta = _exact_tensors(owner.exact)
         for index, layer in owner.layers.items():
             bank = layer.bank
@@ -89,7 +90,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 def _exact_tensors(tier) -> tuple[dict, dict]:
     index, arena = tier.index, tier.arena
     live = index.live()
-    meta = {"exact": {"kv_layout": {str(p): [h, d, str(t), i] for p, (h, d, t, i) in tier.kv_layout.items()}}}
+    meta = {"exact": {"kv_layout": {str(p): [h, d, str(t), i] for p, (h, d, t, i) in tier.kv_layout.items()},
+                      "formats": {str(p): n for p, n in tier.formats.items()}}}
     if not live:
         return {}, meta
     keys = [index.keys[e] for e in live]
@@ -138,7 +140,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
     # Everything checked and built: swap in one step under the lock.
     with owner.lock:
         if owner.exact is not None:
-            owner.exact.index, owner.exact.arena, owner.exact.kv_layout = built
+            owner.exact.index, owner.exact.arena, owner.exact.kv_layout, formats = built
+            owner.exact.formats.update(formats)
             owner.exact.pending.clear()
         for index, layer in owner.layers.items():
             layer.bank = built.get(index)
@@ -171,8 +174,9 @@ def _rebuild_exact(owner, saved: dict, meta: dict):
     arena = PagedArena(cfg.page_tokens, tier.arena.features, tier.arena.dtype, tier.arena.device,
                        tier.arena.max_pages)
     index = ExactIndex(cfg.page_tokens, arena.max_pages, cfg.capacity, cfg.eviction)
+    formats = {int(p): int(n) for p, n in meta.get("formats", {}).items()}
     if "exact.states" not in saved:
-        return index, arena, kv_layout
+        return index, arena, kv_layout, formats
     states, lengths = saved["exact.states"], saved["exact.key_lengths"]
     counts = saved["exact.ntokens"]
     if states.dim() != 2 or counts.shape != lengths.shape or int(counts.sum()) != states.shape[0]:
@@ -200,7 +204,7 @@ def _rebuild_exact(owner, saved: dict, meta: dict):
     arena.grow(index.num_pages)
     rows = torch.from_numpy(np.concatenate(dst)).to(arena.device)
     arena.write(rows, states[torch.from_numpy(np.concatenate(src))].to(arena.device))
-    return index, arena, kv_layout
+    return index, arena, kv_layout, formats
 
 
 def _rebuild_bank(saved: dict, meta: dict, owner):
