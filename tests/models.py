@@ -6,14 +6,19 @@ import pytest
 import torch
 from transformers import (
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     DistilBertConfig,
+    DistilBertForSequenceClassification,
     DistilBertModel,
     GPT2Config,
+    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     RobertaConfig,
+    RobertaForSequenceClassification,
     RobertaModel,
 )
 
@@ -24,27 +29,39 @@ FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama"]
 DECODERS = {"gpt2", "llama"}
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A 3-block model with hidden size 64 and random weights, in eval mode."""
+def tiny_config(family: str, **overrides):
+    """The config of a 3-block model of `family` with hidden size 64 (`overrides` replace fields)."""
+    encoder = {"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    fields, config = {
+        "bert": (encoder, BertConfig),
+        "roberta": (encoder, RobertaConfig),
+        "distilbert": ({"n_layers": 3, "dim": 64, "hidden_dim": 128, "n_heads": 4}, DistilBertConfig),
+        "gpt2": ({"n_layer": 3, "n_embd": 64, "n_head": 4, "n_positions": 128, "bos_token_id": 1, "eos_token_id": 2},
+                 GPT2Config),
+        "llama": ({**encoder, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+                  LlamaConfig),
+    }[family]
+    return config(**{**fields, "vocab_size": VOCAB, **overrides})
+
+
+BASE = {"bert": BertModel, "roberta": RobertaModel, "distilbert": DistilBertModel, "gpt2": GPT2LMHeadModel,
+        "llama": LlamaForCausalLM}
+CLASSIFIER = {"bert": BertForSequenceClassification, "roberta": RobertaForSequenceClassification,
+              "distilbert": DistilBertForSequenceClassification, "gpt2": GPT2ForSequenceClassification,
+              "llama": LlamaForSequenceClassification}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 3-block model with hidden size 64 and random weights, in eval mode (encoders: the base
+    model; decoders: the causal LM)."""
     torch.manual_seed(seed)
-    if family == "bert":
-        model = BertModel(BertConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
-                                     num_attention_heads=4, vocab_size=VOCAB))
-    elif family == "roberta":
-        model = RobertaModel(RobertaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
-                                           num_attention_heads=4, vocab_size=VOCAB))
-    elif family == "distilbert":
-        model = DistilBertModel(DistilBertConfig(n_layers=3, dim=64, hidden_dim=128, n_heads=4, vocab_size=VOCAB))
-    elif family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128,
-                                           bos_token_id=1, eos_token_id=2))
-    elif family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                             bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    else:
-        raise ValueError(family)
-    return model.eval()
+    return BASE[family](tiny_config(family, **overrides)).eval()
+
+
+def tiny_classifier(family: str, seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
+    """The ...ForSequenceClassification of `tiny_config(family)`, random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return CLASSIFIER[family](tiny_config(family, num_labels=num_labels, pad_token_id=0)).eval()
 
 
 def batch(family: str, lengths: list[int], gen: torch.Generator) -> dict:

@@ -43,8 +43,40 @@ def test_threads_get_single_thread_outputs(gen):
             torch.testing.assert_close(got[t][i][m], want[t][i][m], rtol=1e-5, atol=1e-5)
     st = llmcache.stats(model)
     assert st.hits > 0 and st.evictions > 0
-    for layer in llmcache.api._owner(model).layers.values():
-        bank = layer.bank
-        keys = (bank.keys[bank.valid, 0] * 31 + bank.tags[bank.valid]).tolist()
-        assert len(keys) == len(set(keys))  # no entry stored twice
-        assert bank.occupied <= bank.capacity
+    assert st.rows == 4 * 2 * 3 * 2 * 4 and st.not_cached == {}
+    held = llmcache.held(model).entries
+    keys = [(e.ids, e.positions, e.token_types, e.namespace) for e in held]
+    assert len(keys) == len(set(keys))  # no entry stored twice
+    assert len(held) == st.entries <= 40
+    assert {e.namespace for e in held} <= {"tenant-0", "tenant-1"}
+    assert st.bytes == sum(e.bytes for e in held) <= st.bytes_reserved
+
+
+def test_semantic_tier_threads_get_single_thread_outputs(gen):
+    model = tiny_model("bert")
+    work = [[batch("bert", [7, 5, 7, 3], gen) for _ in range(2)] for _ in range(3)]
+    with torch.inference_mode():
+        want = [[output(model, b) for b in thread] for thread in work]
+    # threshold 1.0: only identical fingerprints reuse, so every output stays the uncached one.
+    llmcache.accelerate(model, threshold=1.0, verify_rate=0.0, capacity=16)
+    errors = []
+
+    def run(t):
+        try:
+            with torch.inference_mode():
+                for _ in range(3):
+                    for i, b in enumerate(work[t]):
+                        m = b["attention_mask"].bool()
+                        torch.testing.assert_close(output(model, b)[m], want[t][i][m], rtol=1e-5, atol=1e-5)
+        except Exception as err:  # noqa: BLE001 - any failure in a thread is reported by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(len(work))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    st = llmcache.stats(model)
+    assert st.hits > 0 and all(s.hits > 0 for s in st.layers)
+    assert all(n <= 16 for n in llmcache.held(model).layers.values())

@@ -1,5 +1,6 @@
-"""save / load: round trip, and refusals (other model, weights, config; corrupt or truncated
-files) that leave the live cache untouched."""
+"""save / load: round trip (exact and semantic tiers), and refusals (other model, weights,
+config; corrupt or truncated files) that leave the live cache untouched (what `held` shows, and
+what it serves)."""
 
 from __future__ import annotations
 
@@ -30,14 +31,18 @@ def test_round_trip_serves_the_saved_entries(tmp_path, gen):
         want = output(fresh, inputs)
         llmcache.accelerate(fresh)
         llmcache.load(fresh, path)
-        banks = [layer.bank for layer in llmcache.api._owner(fresh).layers.values()]
-        assert all(b.index is banks[0] for b in banks)  # the layers share one index again
+        assert snapshot(fresh) == snapshot(model)  # the same entries, hit counts included
+        assert llmcache.stats(fresh).entries == 6
         got = output(fresh, inputs)
         with llmcache.namespace("a"):
             output(fresh, inputs)
-    assert llmcache.stats(fresh).hits == 2 * 3 * 3
+    assert llmcache.stats(fresh).hits == 2 * 3
     m = inputs["attention_mask"].bool()
     assert torch.equal(got[m], want[m])
+
+
+def snapshot(model):
+    return sorted(llmcache.held(model).entries, key=lambda e: (e.namespace, e.ids))
 
 
 @pytest.mark.parametrize("change", ["weights", "config", "architecture"])
@@ -46,26 +51,35 @@ def test_load_refuses_another_model_and_keeps_the_live_cache(change, tmp_path, g
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     if change == "weights":
-        other, _ = filled(seed=1, gen=gen)
+        other, other_inputs = filled(seed=1, gen=gen)
         match = "other weights"
     elif change == "config":
-        other, _ = filled(gen=gen, capacity=77)
+        other, other_inputs = filled(gen=gen, capacity=77)
         match = "another cache config"
     else:
-        other, _ = filled("roberta", gen=gen)
+        other, other_inputs = filled("roberta", gen=gen)
         match = "written for"
-    live = {i: (layer.bank, layer.bank.values[layer.bank.valid].clone())
-            for i, layer in llmcache.api._owner(other).layers.items()}
+    held, st = snapshot(other), llmcache.stats(other)
     with pytest.raises(ValueError, match=match):
         llmcache.load(other, path)
-    for i, layer in llmcache.api._owner(other).layers.items():
-        bank, stored = live[i]
-        assert layer.bank is bank and torch.equal(bank.values[bank.valid], stored)
+    assert_untouched(other, other_inputs, held, st)
+
+
+def assert_untouched(model, inputs, held, st):
+    """The live cache holds what it held, and still serves it with the uncached outputs."""
+    assert snapshot(model) == held and llmcache.stats(model).bytes == st.bytes
+    with torch.inference_mode():
+        got = output(model, inputs)
+        with llmcache.bypass(model):
+            want = output(model, inputs)
+    m = inputs["attention_mask"].bool()
+    assert torch.equal(got[m], want[m])
+    assert llmcache.stats(model).hits == st.hits + inputs["input_ids"].shape[0]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "not-llmcache"])
 def test_load_refuses_damaged_files(damage, tmp_path, gen):
-    model, _ = filled(gen=gen)
+    model, inputs = filled(gen=gen)
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     data = path.read_bytes()
@@ -77,7 +91,21 @@ def test_load_refuses_damaged_files(damage, tmp_path, gen):
         from safetensors.torch import save_file
 
         save_file({"x": torch.zeros(2)}, path, metadata={"format": "pt"})
-    banks = {i: layer.bank for i, layer in llmcache.api._owner(model).layers.items()}
+    held, st = snapshot(model), llmcache.stats(model)
     with pytest.raises(ValueError):
         llmcache.load(model, path)
-    assert all(layer.bank is banks[i] for i, layer in llmcache.api._owner(model).layers.items())
+    assert_untouched(model, inputs, held, st)
+
+
+def test_semantic_tier_round_trip(tmp_path, gen):
+    model, inputs = filled(gen=gen, threshold=0.99, verify_rate=0.0)
+    path = tmp_path / "banks.safetensors"
+    llmcache.save(model, path)
+    fresh = tiny_model("bert")
+    llmcache.accelerate(fresh, threshold=0.99, verify_rate=0.0)
+    llmcache.load(fresh, path)
+    assert llmcache.held(fresh).layers == llmcache.held(model).layers == {0: 3, 1: 3, 2: 3}
+    with torch.inference_mode():
+        output(fresh, inputs)
+    st = llmcache.stats(fresh)
+    assert [s.hits for s in st.layers] == [3, 3, 3] and st.hits == 9
