@@ -89,8 +89,9 @@ from llmcache import streams
 BATCH = 32
 REPEAT_RATE = 0.7
 # Rows of the latency stream per model: about 6 min on 2 busy cores with one torch thread.
-LATENCY_ROWS = {"minilm": 1024, "bert-base": 384, "distilbert": 512, "gpt2": 256, "smollm2": 256}
-HITRATE_ROWS = {"minilm": 1024, "smollm2": 512}
+LATENCY_ROWS = {"minilm": 1024, "bert-base": 384, "distilbert": 512, "gpt2": 256, "smollm2": 256, "t5-base": 192,
+                "vit-base": 96}
+HITRATE_ROWS = {"minilm": 1024, "smollm2": 512, "t5-base": 256}
 HITRATE_TAU = 0.9
 SWEEP_TAUS = (0.75, 0.80, 0.85, 0.90, 0.95)
 SWEEP_MODES = ("state", "residual")
@@ -103,8 +104,9 @@ HELDOUT_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "dec
                    "shutil", "socket", "statistics", "subprocess", "tarfile", "textwrap", "threading", "typing",
                    "unittest", "urllib.request", "zipfile")
 QUICK = {
-    "latency_rows": {"minilm": 64, "bert-base": 64, "distilbert": 64, "gpt2": 64, "smollm2": 64},
-    "hitrate_rows": {"minilm": 128, "smollm2": 64},
+    "latency_rows": {"minilm": 64, "bert-base": 64, "distilbert": 64, "gpt2": 64, "smollm2": 64, "t5-base": 32,
+                     "vit-base": 32},
+    "hitrate_rows": {"minilm": 128, "smollm2": 64, "t5-base": 32},
     "sts_pairs": 32,
     "ppl_windows": 8,
     "ppl_tokens": 16,
@@ -309,7 +311,7 @@ def latency(args, device: str) -> dict:
     for name, rows in rows_per_model.items():
         model, tok = load_model(name, device)
         stream = streams.repeat_stream(sentences, rows, REPEAT_RATE, seed=1)
-        encoded = e2e.batches(tok, stream, BATCH, device)
+        encoded = e2e.batches(tok, stream, BATCH, device, model)
         _, _, blocks = llmcache.adapters.resolve(model)
         started = time.perf_counter()
         with torch.inference_mode():
@@ -363,7 +365,7 @@ def hitrate_streams(args, tok_name: str) -> dict:
 
 def hitrate(args, device: str) -> dict:
     results, table = [], []
-    for name in ("minilm", "smollm2"):
+    for name in ("minilm", "smollm2", "t5-base"):  # T5: its encoder's blocks
         model, tok = load_model(name, device)
         for dataset, (stream, kinds, origins) in hitrate_streams(args, name).items():
             config = llmcache.CacheConfig(threshold=HITRATE_TAU, capacity=len(stream), max_bytes=None)
