@@ -10,6 +10,7 @@ and `build_info()` says what is in use.
 
 from . import ops
 from ._build_info import __version__, build_info
+from .adapters import register_adapter
 from .api import CacheStats, Held, HeldEntry, accelerate, bypass, cached, disable, held, is_accelerated, reset, stats
 from .config import CacheConfig
 from .persist import load, save
@@ -35,6 +36,7 @@ __all__ = [
     "load",
     "namespace",
     "ops",
+    "register_adapter",
     "reset",
     "save",
     "stats",

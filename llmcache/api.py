@@ -63,8 +63,11 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         ...     model(**tokenizer(texts, padding=True, return_tensors="pt"))
         >>> print(llmcache.stats(model))
     """
-    if getattr(model, _ATTR, None) is not None:
-        raise ValueError("this model is already accelerated: call llmcache.disable(model) first")
+    inner = adapters.transformers_model(model)
+    for held_by in {id(model): model, id(inner): inner}.values():
+        if getattr(held_by, _ATTR, None) is not None:
+            raise ValueError(f"this model{'' if held_by is model else ' (or the transformers model inside it)'} is "
+                             "already accelerated: call llmcache.disable on what you accelerated first")
     if config is not None and not isinstance(config, CacheConfig):
         raise TypeError(f"config must be a llmcache.CacheConfig, got {type(config).__name__}")
     config = (config or CacheConfig()).replace(**overrides) if overrides else (config or CacheConfig())
@@ -86,8 +89,14 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
             owner.layers[index] = layer
             blocks[index].forward = layer.forward
         owner.hooks.append(embedding.register_forward_hook(lambda module, args, output: owner.fingerprint(output)))
-    base.forward = owner.call
+    @functools.wraps(owner.original_forward)  # inspect.signature(base.forward) stays the model's
+    def forward(*args, **kwargs):
+        return owner.call(*args, **kwargs)
+
+    base.forward = forward
     setattr(model, _ATTR, owner)
+    if inner is not model:
+        setattr(inner, _ATTR, owner)  # the wrapper and the model inside share one cache
     return model
 
 
@@ -133,7 +142,9 @@ def disable(model: nn.Module) -> nn.Module:
         hook.remove()
     if owner.exact is not None:
         owner.exact.clear()
-    delattr(model, _ATTR)
+    for held_by in (model, adapters.transformers_model(model)):
+        if getattr(held_by, _ATTR, None) is owner:
+            delattr(held_by, _ATTR)
     return model
 
 
