@@ -785,10 +785,18 @@ def test_threads_sharing_one_model_get_the_uncached_outputs(family, gen):
                 assert_same(out, want[t][i], b["attention_mask"], approx_rows=range(4))
     st = llmcache.stats(model)
     held = llmcache.held(model).entries
-    assert st.hits > 0 and st.evictions > 0 and st.rows == 4 * 3 * 3 * 4
+    # 36 distinct rows were each stored once into 24 entries: evictions are certain; which rows
+    # hit depends on how the threads interleaved, so hits are checked after, on one thread.
+    assert st.evictions >= 36 - 24 and st.rows == 4 * 3 * 3 * 4
     assert len(held) == st.entries <= 24
     keys = [(e.ids, e.positions, e.token_types, e.namespace) for e in held]
     assert len(keys) == len(set(keys))  # no row stored twice
+    with torch.inference_mode():
+        model(**shared)  # served or stored, depending on what the threads left
+        before = llmcache.stats(model).hits
+        again = model(**shared)
+    assert llmcache.stats(model).hits - before == 4
+    assert_same(again, want[0][0], shared["attention_mask"], approx_rows=range(4))
 
 
 # ---- failures: a block that raises, non-finite states ------------------------------------------
