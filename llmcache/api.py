@@ -193,6 +193,9 @@ class CacheStats:
     lookups: rows looked up (semantic tier: summed over layers). hit_rate: hits over all rows
     (semantic tier: over rows x cached layers). not_cached: rows that ran uncached, by reason
     (training, grad, output_attentions, inputs_embeds, too_long, decode_step, ...).
+    repeats: rows repeating an earlier row of their own batch (exact tier): not served from the
+    bank, not computed either (the first occurrence's result is copied); hits + repeats rows
+    skipped the cached blocks.
     entries: entries held; bytes: bytes of the states they hold; bytes_reserved: bytes the banks
     have allocated. invalidations: times the weights changed and every entry was dropped.
     fingerprint_s / lookup_s / verify_s: host wall time (on CUDA it counts launches, not kernels).
@@ -218,6 +221,7 @@ class CacheStats:
     verify_s: float
     not_cached: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
+    repeats: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -241,6 +245,7 @@ class CacheStats:
             )
         lines.append(
             f"forwards {self.forwards}, rows {self.rows}, hits {self.hits} ({100 * self.hit_rate:.1f} %), "
+            f"in-batch repeats {self.repeats}, "
             f"entries {self.entries}, held {self.bytes / 2**20:.2f} MiB of {self.bytes_reserved / 2**20:.2f} MiB "
             f"reserved, inserted {self.insertions}, evicted {self.evictions}, invalidations {self.invalidations}"
         )
@@ -289,6 +294,7 @@ def stats(model: nn.Module) -> CacheStats:
             verify_s=total("verify_s"),
             not_cached=dict(c.not_cached),
             layers=layers,
+            repeats=c.repeats,
         )
 
 

@@ -43,6 +43,7 @@ class Counters:
     decode_steps: int = 0  # generate()'s steps after the prefill: never cached, not counted in rows
     looked_up: int = 0  # rows looked up in the exact tier
     served: int = 0  # rows served from the exact tier
+    repeats: int = 0  # rows repeating an earlier row of their batch (computed once, copied)
     inserted: int = 0
     evicted: int = 0
     invalidations: int = 0  # times the weights changed and the entries were dropped
@@ -185,7 +186,9 @@ class ModelCache:
                 self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
             self.counters.evicted += self.exact.index.evictions - evicted
             self.counters.looked_up += len(keys)
-            self.counters.served += forward.plan.served if forward.plan is not None else 0
+            if forward.plan is not None:
+                self.counters.served += forward.plan.served
+                self.counters.repeats += forward.plan.repeats
             self.counters.lookup_s += time.perf_counter() - start
 
     def _invalidate(self, epoch: int) -> None:

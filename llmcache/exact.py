@@ -64,6 +64,7 @@ class Plan:
     served: int  # rows served from the bank
     entries: list  # reserved entries this forward writes, with `store`
     store: list  # (position among computing rows, start, ntokens) of the rows written into `entries`
+    repeats: int = 0  # rows repeating an earlier row of the batch: computed once, copied
     compute: torch.Tensor | None = None  # int64 [M] rows that run the span; None: all rows, unsliced
     served_dst: torch.Tensor | None = None  # int64 [S]: flat output rows (row * T + t) of served tokens
     served_states: torch.Tensor | None = None  # [S, F] their stored states, read at routing
@@ -231,7 +232,7 @@ class ExactTier:
                 compute.append(r)
         if not served_rows and not repeat_rows and not entries:
             return None
-        plan = Plan(batch, seq, len(compute), len(served_rows), entries, store)
+        plan = Plan(batch, seq, len(compute), len(served_rows), entries, store, repeats=len(repeat_rows))
         sliced = bool(served_rows or repeat_rows)
         parts = {"compute": compute if sliced else None}
         if served_rows:
