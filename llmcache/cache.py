@@ -79,8 +79,13 @@ class ModelCache:
 
     # ---- counting ------------------------------------------------------------------
     def count_not_cached(self, reason: str, n: int) -> None:
+        self.count_reasons({reason: n})
+
+    def count_reasons(self, counts: dict) -> None:
+        """Add rows that ran uncached, {reason: rows}, to the counters."""
         with self.lock:
-            self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
+            for reason, n in counts.items():
+                self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
 
     def namespace_id(self) -> int:
         with self.lock:
@@ -182,8 +187,7 @@ class ModelCache:
             keys = row_keys(host[:size].reshape(batch_host.shape), counts)
             evicted = self.exact.index.evictions
             forward.plan = self.exact.route(keys, seq, batch_host.device, counts, (pending, host[size:]))
-            for reason, n in counts.items():
-                self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
+            self.count_reasons(counts)
             self.counters.evicted += self.exact.index.evictions - evicted
             self.counters.looked_up += len(keys)
             if forward.plan is not None:

@@ -122,15 +122,12 @@ class ExactTier:
 
     def __init__(self, owner, blocks: list[nn.Module], span: list[int], decoder: bool, features: int,
                  dtype: torch.dtype, device: torch.device):
-        cfg = owner.config
         self.owner = owner
         self.span = span
         self.modules = [blocks[i] for i in span]
         self.decoder = decoder
-        self.arena = PagedArena(cfg.page_tokens, features, dtype, device, max_pages=0)
-        max_pages = cfg.max_bytes // self.arena.page_bytes if cfg.max_bytes is not None else 1 << 40
-        self.arena.max_pages = max_pages
-        self.index = ExactIndex(cfg.page_tokens, max_pages, cfg.capacity, cfg.eviction)
+        self.arena = self.new_arena(features, dtype, device)
+        self.index = self.new_index()
         self.pending: list = []  # (entries, per-token finite flags on the device) not yet checked
         self.kv_layout: dict = {}  # decoders: span position -> (kv heads, head dim, dtype, layer_idx)
         self.originals = [m.forward for m in self.modules]
@@ -146,17 +143,23 @@ class ExactTier:
     def reserved_bytes(self) -> int:
         return self.arena.reserved_bytes
 
+    def new_arena(self, features: int, dtype: torch.dtype, device: torch.device) -> PagedArena:
+        """An empty arena of this config's pages, as many as `max_bytes` allows."""
+        cfg = self.owner.config
+        arena = PagedArena(cfg.page_tokens, features, dtype, device, max_pages=0)
+        arena.max_pages = cfg.max_bytes // arena.page_bytes if cfg.max_bytes is not None else 1 << 40
+        return arena
+
+    def new_index(self) -> ExactIndex:
+        """An empty index sized for the arena."""
+        cfg = self.owner.config
+        return ExactIndex(cfg.page_tokens, self.arena.max_pages, cfg.capacity, cfg.eviction)
+
     def clear(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         """Forget every entry; with `dtype`/`device` (the weights moved), store in those from now on."""
-        self.index.clear()
         self.pending.clear()
-        self.arena.clear()
-        if (dtype or self.arena.dtype) != self.arena.dtype or torch.device(device or self.arena.device) != self.arena.device:
-            cfg = self.owner.config
-            arena = PagedArena(cfg.page_tokens, self.arena.features, dtype or self.arena.dtype,
-                               device or self.arena.device, max_pages=0)
-            arena.max_pages = cfg.max_bytes // arena.page_bytes if cfg.max_bytes is not None else 1 << 40
-            self.arena, self.index.max_pages = arena, arena.max_pages
+        self.arena = self.new_arena(self.arena.features, dtype or self.arena.dtype, device or self.arena.device)
+        self.index = self.new_index()
 
     def resolve_pending(self) -> None:
         """Check the pending finiteness flags now (a host read: for `save` and `held`, not the hot path)."""
@@ -164,8 +167,7 @@ class ExactTier:
         if flags is not None:
             counts: dict = {}
             self._check_pending(batches, flags.cpu().numpy(), counts)
-            for reason, n in counts.items():
-                self.owner.counters.not_cached[reason] = self.owner.counters.not_cached.get(reason, 0) + n
+            self.owner.count_reasons(counts)
 
     # ---- routing ---------------------------------------------------------------------
     def take_pending(self) -> tuple[list, torch.Tensor | None]:

@@ -164,16 +164,14 @@ def _check_header(header: dict, model: nn.Module, owner) -> None:
 
 
 def _rebuild_exact(owner, saved: dict, meta: dict):
-    """A new (index, arena, kv_layout) holding the saved entries, checked."""
-    from .bank import ExactIndex, PagedArena
+    """A new (index, arena, kv_layout, block output forms) holding the saved entries, checked."""
+    from .bank import ExactIndex
 
-    cfg = owner.config
     tier = owner.exact
     kv_layout = {int(p): (int(h), int(d), getattr(torch, t.split(".")[-1]), int(i))
                  for p, (h, d, t, i) in meta.get("kv_layout", {}).items()}
-    arena = PagedArena(cfg.page_tokens, tier.arena.features, tier.arena.dtype, tier.arena.device,
-                       tier.arena.max_pages)
-    index = ExactIndex(cfg.page_tokens, arena.max_pages, cfg.capacity, cfg.eviction)
+    arena = tier.new_arena(tier.arena.features, tier.arena.dtype, tier.arena.device)
+    index = tier.new_index()
     formats = {int(p): int(n) for p, n in meta.get("formats", {}).items()}
     if "exact.states" not in saved:
         return index, arena, kv_layout, formats

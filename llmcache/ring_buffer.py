@@ -231,12 +231,9 @@ class RingBuffer:
         self.divergence.index_fill_(0, slots, 0.0)
         return (rows, slots) if return_rows else slots
 
-    def write_values(
-        self, slots: torch.Tensor, source: torch.Tensor, align_end: bool, host_slots: np.ndarray | None = None
-    ) -> None:
+    def write_values(self, slots: torch.Tensor, source: torch.Tensor, align_end: bool) -> None:
         """Overwrite the stored states of `slots` (int64 [M]) with `source` ([M, T, *F], the bank's
-        dtype): the row's positions, and zeros over the rest of the entry. Metadata untouched.
-        `host_slots`: the same slots as a numpy array, when the caller already has them on the host."""
+        dtype): the row's positions, and zeros over the rest of the entry. Metadata untouched."""
         if slots.numel() == 0:
             return
         seq, stored = source.shape[1], self.values.shape[1]
@@ -245,7 +242,7 @@ class RingBuffer:
         if span != seq:
             source = source[:, seq - span :] if align_end else source[:, :span]
         (self.values if span == stored else self.values[:, start:stop]).index_copy_(0, slots, source)
-        host = slots.cpu().numpy() if host_slots is None else host_slots
+        host = slots.cpu().numpy()
         lo, hi = int(self.dirty[host, 0].min()), int(self.dirty[host, 1].max())
         if lo < start:
             self.values[:, lo:start].index_fill_(0, slots, 0)
