@@ -30,8 +30,9 @@ class Forward:
 
     kv_cache: object | None
     plan: object | None = None  # exact.Plan
-    pixels: tuple | None = None  # (key header, int64 [B, 2] hashes): a pixel model, routed at its first block
+    pixels: tuple | None = None  # (key header, int64 [B, 2] hashes): a pixel model, routed at its first cached block
     semantic: object | None = None  # semantic.ForwardContext
+    pixel_codes: torch.Tensor | None = None  # int64 [B, W]: a pixel model's patch-embedding fingerprints
 
 
 @dataclass
@@ -133,8 +134,6 @@ class ModelCache:
             self._invalidate(epoch)
         if reason is None and grad:
             reason = "grad"
-        if reason is None and pixels is not None and self.exact is None:
-            reason = "semantic_pixels"
         if reason is not None:
             self.count_not_cached(reason, batch)
             return None
@@ -208,11 +207,23 @@ class ModelCache:
                     layer.bank.reset()
 
     def fingerprint(self, embeds: torch.Tensor) -> None:
+        """The semantic tier's fingerprint of the input embeddings `embeds` [B, T, D] (a hook's
+        output): SimHash of the mean over real tokens; for a pixel model, of all its patches."""
         forward = self.current()
-        ctx = forward.semantic if forward is not None else None
-        if ctx is None or self.config.fingerprint != "embeddings" or embeds.shape[:2] != ctx.mask.shape:
+        if forward is None or self.config.fingerprint != "embeddings" or embeds.dim() != 3:
+            return
+        ctx = forward.semantic
+        if ctx is not None and embeds.shape[:2] == ctx.mask.shape:
+            mask = ctx.mask
+        elif forward.pixels is not None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+        else:
             return
         start = time.perf_counter()
         # Unchecked: embeds, mask and planes are the cache's own, valid by construction.
-        ctx.codes = simhash_pooled_unchecked(embeds, ctx.mask, self.planes, backend=self.config.backend)
+        codes = simhash_pooled_unchecked(embeds, mask, self.planes, backend=self.config.backend)
+        if ctx is not None:
+            ctx.codes = codes
+        else:
+            forward.pixel_codes = codes
         self.counters.fingerprint_s += time.perf_counter() - start

