@@ -117,3 +117,17 @@ def resolve(model: nn.Module) -> tuple[Adapter, nn.Module, nn.ModuleList]:
                          "blocks='path.to.ModuleList', decoder=...)")
     path = next(name for name, m in base.named_modules() if m is blocks)
     return Adapter(model_type, None, path, _is_decoder(blocks[0])), base, blocks
+
+
+FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
+
+
+def final_norm(base: nn.Module) -> nn.Module | None:
+    """The per-position norm a decoder's base model applies after its last block (`norm` in Llama,
+    Qwen2, Mistral, Gemma, Phi-3; `ln_f` in GPT-2), or None. Prefix reuse applies it to the
+    stored last-block states of the prefix, which is what the model itself does to them."""
+    for name in FINAL_NORMS:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module) and not list(module.children()):
+            return module
+    return None

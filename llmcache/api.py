@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass, field, fields
 
 from torch import nn
@@ -81,6 +82,8 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     if config.threshold is None:
         span = list(range(min(layer_ids), max(layer_ids) + 1))
         owner.exact = ExactTier(owner, blocks, span, adapter.decoder, features, weight.dtype, weight.device)
+        if adapter.decoder:
+            _decoder_layout(owner.exact, base, blocks, span)
         for position, index in enumerate(span):
             blocks[index].forward = functools.partial(owner.exact.block_forward, position)
     else:
@@ -109,16 +112,34 @@ def _hidden_size(base: nn.Module) -> int:
     return base.get_input_embeddings().weight.shape[1]
 
 
+def _decoder_layout(tier, base: nn.Module, blocks, span: list[int]) -> None:
+    """A decoder tier's K/V shape per block, and the final norm that prefix reuse needs: only
+    when every block caches (a suffix needs the prefix's K/V at each) and the base model takes a
+    KV cache argument (`cache`, or `past_key_values` in older transformers) and `position_ids`."""
+    _, kv_heads, head_dim = _kv_shape(base)
+    tier.kv_heads, tier.kv_width = kv_heads, 2 * kv_heads * head_dim
+    params = inspect.signature(base.forward).parameters
+    tier.cache_name = next((n for n in ("cache", "past_key_values") if n in params), None)
+    if len(span) == len(blocks) and tier.cache_name is not None and "position_ids" in params:
+        tier.final_norm = adapters.final_norm(base)
+
+
+def _kv_shape(base: nn.Module) -> tuple[int, int, int]:
+    """(attention heads, KV heads, head dim) from a decoder's config."""
+    cfg = base.config
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or _hidden_size(base) // heads
+    return heads, kv_heads, head_dim
+
+
 def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list[int]) -> int:
     """Features one stored token takes in the exact tier; refuses a max_bytes that cannot hold
     one page of one entry, saying how much that takes."""
-    cfg = base.config
     hidden = _hidden_size(base)
     features = hidden
     if adapter.decoder:
-        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        _, kv_heads, head_dim = _kv_shape(base)
         features += (max(layer_ids) - min(layer_ids) + 1) * 2 * kv_heads * head_dim
     size = next(base.parameters()).element_size()
     need = config.page_tokens * features * size
@@ -196,7 +217,11 @@ class CacheStats:
     repeats: rows repeating an earlier row of their own batch (exact tier): not served from the
     bank, not computed either (the first occurrence's result is copied); hits + repeats rows
     skipped the cached blocks.
-    entries: entries held; bytes: bytes of the states they hold; bytes_reserved: bytes the banks
+    prefix_rows: decoder rows that computed only their tokens after a cached prefix.
+    tokens_served / tokens_computed: real tokens whose states came from the bank / were computed
+    in cached forwards, in total; last_tokens: (served, computed) of the last cached forward.
+    entries: entries held (a decoder's: pages of token prefixes, shared by every row extending
+    them); bytes: bytes of the states they hold; bytes_reserved: bytes the banks
     have allocated. invalidations: times the weights changed and every entry was dropped.
     fingerprint_s / lookup_s / verify_s: host wall time (on CUDA it counts launches, not kernels).
     layers: one LayerStats per cached layer.
@@ -222,6 +247,10 @@ class CacheStats:
     not_cached: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     repeats: int = 0
+    prefix_rows: int = 0
+    tokens_served: int = 0
+    tokens_computed: int = 0
+    last_tokens: tuple = (0, 0)
 
     @property
     def hit_rate(self) -> float:
@@ -245,7 +274,8 @@ class CacheStats:
             )
         lines.append(
             f"forwards {self.forwards}, rows {self.rows}, hits {self.hits} ({100 * self.hit_rate:.1f} %), "
-            f"in-batch repeats {self.repeats}, "
+            f"in-batch repeats {self.repeats}, prefix rows {self.prefix_rows}, tokens served {self.tokens_served} / "
+            f"computed {self.tokens_computed}, "
             f"entries {self.entries}, held {self.bytes / 2**20:.2f} MiB of {self.bytes_reserved / 2**20:.2f} MiB "
             f"reserved, inserted {self.insertions}, evicted {self.evictions}, invalidations {self.invalidations}"
         )
@@ -295,20 +325,27 @@ def stats(model: nn.Module) -> CacheStats:
             not_cached=dict(c.not_cached),
             layers=layers,
             repeats=c.repeats,
+            prefix_rows=c.prefix_rows,
+            tokens_served=c.tokens_served,
+            tokens_computed=c.tokens_computed,
+            last_tokens=tuple(c.last_tokens),
         )
 
 
 @dataclass(frozen=True)
 class HeldEntry:
-    """One exact-tier entry: the row it answers and what it takes."""
+    """One exact-tier entry: the row it answers (a decoder's: one page of a row, after the
+    prefix its `parent` names) and what it takes."""
 
-    ids: tuple[int, ...]  # the real token ids of the row
+    ids: tuple[int, ...]  # the real token ids of the row (a decoder: of the page)
     positions: tuple[int, ...]
     token_types: tuple[int, ...]
     namespace: str
     pages: int
     bytes: int
     hits: int  # rows it served
+    serial: int = -1  # its number, never reused
+    parent: int = -1  # a decoder page: the serial of the page it extends (-1: the row's first page)
 
 
 @dataclass(frozen=True)
@@ -332,7 +369,8 @@ def held(model: nn.Module) -> Held:
                 pages = len(tier.index.pages[e])
                 entries.append(HeldEntry(tuple(key["ids"].tolist()), tuple(key["positions"].tolist()),
                                          tuple(key["types"].tolist()), key["namespace"], pages,
-                                         pages * tier.arena.page_bytes, int(tier.index.hits[e])))
+                                         pages * tier.arena.page_bytes, int(tier.index.hits[e]),
+                                         int(tier.index.serial[e]), key["parent"]))
         layers = {i: (layer.bank.occupied if layer.bank is not None else 0) for i, layer in owner.layers.items()}
     return Held(entries, layers)
 

@@ -33,6 +33,9 @@ class Forward:
     pixels: tuple | None = None  # (key header, int64 [B, 2] hashes): a pixel model, routed at its first cached block
     semantic: object | None = None  # semantic.ForwardContext
     pixel_codes: torch.Tensor | None = None  # int64 [B, W]: a pixel model's patch-embedding fingerprints
+    suffix: object | None = None  # prefix.SuffixPlan: the rows compute from their cached prefixes on
+    arguments: dict | None = None  # the call's bound arguments (for the suffix call)
+    capture: list | None = None  # the last block's outputs, recorded during the suffix call
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Counters:
     looked_up: int = 0  # rows looked up in the exact tier
     served: int = 0  # rows served from the exact tier
     repeats: int = 0  # rows repeating an earlier row of their batch (computed once, copied)
+    prefix_rows: int = 0  # decoder rows that computed only the tokens after their cached prefix
+    tokens_served: int = 0  # real tokens whose states came from the bank (whole rows and prefixes)
+    tokens_computed: int = 0  # real tokens the cached forwards computed
+    last_tokens: tuple = (0, 0)  # (served, computed) tokens of the last routed forward
     inserted: int = 0
     evicted: int = 0
     invalidations: int = 0  # times the weights changed and the entries were dropped
@@ -107,11 +114,16 @@ class ModelCache:
             stack = self.local.forwards = []
         stack.append(forward)  # nested calls (another model inside) see their own
         try:
+            if forward is not None and forward.suffix is not None:
+                from .prefix import suffix_forward
+
+                return suffix_forward(self.exact, forward.suffix, forward.arguments, forward, self.original_forward)
             return self.original_forward(*args, **kwargs)
         finally:
             stack.pop()
-            if forward is not None and forward.plan is not None and forward.plan.entries:
-                self.exact.abort(forward.plan)  # it raised (or never reached the last cached block)
+            for plan in (forward.plan, forward.suffix) if forward is not None else ():
+                if plan is not None and plan.entries:
+                    self.exact.abort(plan)  # it raised (or never reached the last cached block)
 
     @torch.compiler.disable
     def _begin(self, args, kwargs) -> Forward | None:
@@ -156,11 +168,19 @@ class ModelCache:
 
             forward.semantic = semantic_context(self, ids, mask, positions, types, kv_cache)
             return forward
+        batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
+        if self.adapter.decoder:
+            from . import prefix
+
+            forward.arguments = arguments
+            prefixes = self.exact.final_norm is not None
+            self._route(forward, batch_host, seq, lambda host, counts, pending: prefix.route(
+                self.exact, header, host, seq, ids.device, counts, pending, prefixes))
+            return forward
         # RoBERTa-style embeddings number positions from the ids themselves, padding included.
         ids_before = arguments.get("position_ids") is None and self.positions_from_ids
-        batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
-        self._route(forward, batch_host, seq,
-                    lambda host, counts: self.exact.token_row_keys(header, host, ids_before, counts))
+        self._route(forward, batch_host, seq, lambda host, counts, pending: self.exact.route(
+            self.exact.token_row_keys(header, host, ids_before, counts), seq, ids.device, counts, pending))
         return forward
 
     @torch.compiler.disable
@@ -168,12 +188,13 @@ class ModelCache:
         """Route a pixel model's forward now that its hidden states have `seq` positions."""
         header, hashes = forward.pixels
         forward.pixels = None
-        self._route(forward, hashes, seq,
-                    lambda host, counts: [(rows.pixel_key(header, row, seq), 0, seq) for row in host])
+        self._route(forward, hashes, seq, lambda host, counts, pending: self.exact.route(
+            [(rows.pixel_key(header, row, seq), 0, seq) for row in host], seq, hashes.device, counts, pending))
 
-    def _route(self, forward: Forward, batch_host: torch.Tensor, seq: int, row_keys) -> None:
-        """Bring `batch_host` (with the pending finiteness flags) to the host in one copy, key the
-        rows (`row_keys(host array, counts)`) and route them."""
+    def _route(self, forward: Forward, batch_host: torch.Tensor, seq: int, router) -> None:
+        """Bring `batch_host` (with the pending finiteness flags) to the host in one copy and route
+        the forward: `router(host array, counts, pending)` returns its plan (`exact.Plan`, a
+        `prefix.SuffixPlan` or None)."""
         start = time.perf_counter()
         with self.lock:
             pending, flags = self.exact.take_pending()
@@ -183,16 +204,27 @@ class ModelCache:
             host = payload.cpu().numpy()  # the forward's one host synchronisation
             size = batch_host.numel()
             counts: dict = {}
-            keys = row_keys(host[:size].reshape(batch_host.shape), counts)
             evicted = self.exact.index.evictions
-            forward.plan = self.exact.route(keys, seq, batch_host.device, counts, (pending, host[size:]))
+            plan = router(host[:size].reshape(batch_host.shape), counts, (pending, host[size:]))
             self.count_reasons(counts)
-            self.counters.evicted += self.exact.index.evictions - evicted
-            self.counters.looked_up += len(keys)
-            if forward.plan is not None:
-                self.counters.served += forward.plan.served
-                self.counters.repeats += forward.plan.repeats
-            self.counters.lookup_s += time.perf_counter() - start
+            c = self.counters
+            c.evicted += self.exact.index.evictions - evicted
+            c.looked_up += batch_host.shape[-2] if batch_host.dim() == 3 else batch_host.shape[0]
+            if plan is None:
+                c.last_tokens = (0, 0)
+            elif hasattr(plan, "prefix"):  # prefix.SuffixPlan
+                forward.suffix = plan
+                c.served += plan.host["whole"]  # (computing their last token only)
+                c.prefix_rows += plan.host["prefix"]
+                c.last_tokens = (plan.served_tokens, plan.computed_tokens)
+            else:
+                forward.plan = plan
+                c.served += plan.served
+                c.repeats += plan.repeats
+                c.last_tokens = getattr(plan, "tokens", None) or (0, 0)
+            c.tokens_served += c.last_tokens[0]
+            c.tokens_computed += c.last_tokens[1]
+            c.lookup_s += time.perf_counter() - start
 
     def _invalidate(self, epoch: int) -> None:
         """The weights changed: nothing computed before may be served."""

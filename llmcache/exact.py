@@ -74,6 +74,7 @@ class Plan:
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     kv: list = field(default_factory=list)  # decoders: per span block, [M, T, 2 * kv_dim] computed K|V
+    tokens: tuple | None = None  # (real tokens served, real tokens computed)
 
     @torch.compiler.disable
     def slice(self, value):
@@ -133,6 +134,17 @@ class ExactTier:
         self.originals = [m.forward for m in self.modules]
         self.cache_param = [self._cache_param(f) for f in self.originals]
         self.formats: dict = {}  # span position -> number of outputs of the block (1: a tensor)
+        # Decoders (set by `accelerate`): per-block K|V width, KV heads and dtype, the final norm
+        # (None: no prefix reuse, whole rows only).
+        self.kv_width = self.kv_heads = 0
+        self.cache_name = None  # the base model's KV cache argument
+        self.kv_dtype = dtype
+        self.final_norm = None
+
+    def layer_idx(self, position: int) -> int:
+        """The KV cache layer of span block `position`."""
+        layout = self.kv_layout.get(position)
+        return layout[3] if layout is not None else self.span[position]
 
     # ---- memory ----------------------------------------------------------------------
     @property
@@ -235,6 +247,7 @@ class ExactTier:
         if not served_rows and not repeat_rows and not entries:
             return None
         plan = Plan(batch, seq, len(compute), len(served_rows), entries, store, repeats=len(repeat_rows))
+        plan.tokens = (sum(row_keys[r][2] for r in served_rows), sum(row_keys[r][2] for r in compute))
         sliced = bool(served_rows or repeat_rows)
         parts = {"compute": compute if sliced else None}
         if served_rows:
@@ -269,10 +282,10 @@ class ExactTier:
                     counts["non_finite"] = counts.get("non_finite", 0) + 1
                 at += n
 
-    def abort(self, plan: Plan) -> None:
-        """The forward failed before its last block: give back what it reserved."""
+    def abort(self, plan) -> None:
+        """The forward failed before its last block: give back what it reserved (children first)."""
         with self.owner.lock:
-            for entry in plan.entries:
+            for entry in reversed(plan.entries):
                 self.index.release(entry)
             plan.entries = []
 
@@ -287,7 +300,10 @@ class ExactTier:
             self.owner.route_pixels(forward, hidden_states.shape[1])
         plan = forward.plan if forward is not None else None
         if plan is None:
-            return original(hidden_states, *args, **kwargs)
+            output = original(hidden_states, *args, **kwargs)
+            if forward is not None and forward.capture is not None and position == len(self.span) - 1:
+                forward.capture.append(output[0] if isinstance(output, tuple) else output)  # prefix.suffix_forward
+            return output
         first, last = position == 0, position == len(self.span) - 1
         if first and plan.compute is not None:
             hidden_states = hidden_states.index_select(0, plan.compute)
@@ -406,14 +422,19 @@ class ExactTier:
             self.abort(plan)
             return
         taken = states.reshape(-1, features).index_select(0, plan.store_src)
+        self.commit_states(plan.entries, [n for _, _, n in plan.store], plan.store_dst, taken)
+        plan.entries = []
+
+    def commit_states(self, entries: list, ntokens: list, dst: torch.Tensor, taken: torch.Tensor) -> None:
+        """Write `taken` [W, F] (the reserved `entries`' tokens, in order) at arena rows `dst` and
+        publish the entries (parents before children); their finiteness is checked at the next routing."""
         with self.owner.lock:
             self.arena.grow(self.index.num_pages)
-            self.arena.write(plan.store_dst, taken)
+            self.arena.write(dst, taken)
             committed = []
-            for entry, (_, _, n) in zip(plan.entries, plan.store):
+            for entry, n in zip(entries, ntokens):
                 key = self.index.keys[entry]
                 # (False: another thread stored the same row meanwhile; its copy stays.)
                 committed.append((entry if self.index.commit(entry) else -1, key, n))
             self.pending.append((committed, torch.isfinite(taken.float().sum(1)).long()))
             self.owner.counters.inserted += sum(e >= 0 for e, _, _ in committed)
-            plan.entries = []

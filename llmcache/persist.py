@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 FORMAT = "llmcache-banks"
-VERSION = 2
+VERSION = 3
 _BANK_FIELDS = ("codes", "keys", "tags", "valid", "last_used", "hit_count", "rate", "rate_tick", "divergence",
                 "values")
 
@@ -89,7 +89,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 def _exact_tensors(tier) -> tuple[dict, dict]:
     index, arena = tier.index, tier.arena
-    live = index.live()
+    live = sorted(index.live(), key=lambda e: int(index.serial[e]))  # a decoder page after the page it extends
     meta = {"exact": {"kv_layout": {str(p): [h, d, str(t), i] for p, (h, d, t, i) in tier.kv_layout.items()},
                       "formats": {str(p): n for p, n in tier.formats.items()}}}
     if not live:
@@ -189,13 +189,20 @@ def _rebuild_exact(owner, saved: dict, meta: dict):
     blob = saved["exact.keys"].numpy().tobytes()
     offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
     dst, src, start = [], [], 0
+    by_serial: dict[int, int] = {}
     for i, n in enumerate(counts.tolist()):
-        entry = index.insert(blob[offsets[i] : offsets[i + 1]], n)
+        parent_serial = int(saved["exact.parent_serial"][i])
+        parent = by_serial.get(parent_serial, -1)
+        if parent_serial >= 0 and parent < 0:
+            raise ValueError("the file holds a page whose prefix page it does not hold")
+        entry = index.insert(blob[offsets[i] : offsets[i + 1]], n, parent)
         if entry < 0 or index.evictions:
             raise ValueError("the file holds more (or longer) entries than this config's budget fits")
         for name in ExactIndex.FIELDS:
             if name != "ntokens":
                 getattr(index, name)[entry] = int(saved[f"exact.{name}"][i])
+        by_serial[int(index.serial[entry])] = entry
+        index.next_serial = max(index.next_serial, int(index.serial[entry]) + 1)
         dst.append(index.token_rows(entry))
         src.append(np.arange(start, start + n))
         start += n

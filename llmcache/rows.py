@@ -7,6 +7,10 @@ padding. Trailing padding (mask == 0) is not part of it; the positions are, so a
 padding to other positions (absolute or rotary embeddings) is another row. The bytes themselves are the key, not a hash: no two rows
 that differ can collide.
 
+A decoder row is keyed page by page (`page_key`): each page's key holds its tokens and the serial
+number of the entry holding the page before it, so a key names the whole prefix up to it and the
+longest cached prefix of a row is found by walking its pages (`llmcache.prefix`).
+
 Semantic tier (per-layer banks, `llmcache.ring_buffer`): a 64-bit hash of the same fields
 (`token_keys`) and an int64 tag packing namespace, first position, token count and padding side.
 """
@@ -20,7 +24,7 @@ import threading
 import numpy as np
 import torch
 
-LAYOUT_VERSION = 2  # of exact keys and of what an entry stores; part of every key
+LAYOUT_VERSION = 3  # of exact keys and of what an entry stores; part of every key
 
 _namespace_stack = threading.local()
 
@@ -71,8 +75,17 @@ def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.n
     """The key of one row from its real tokens' ids, positions and token types (int64 [n] each),
     and the ids before its first real token (left padding: RoBERTa-style embeddings derive
     positions from every id of the row, padding included)."""
-    return b"".join([header, len(ids).to_bytes(4, "little"), ids.tobytes(), positions.tobytes(), types.tobytes(),
-                     before.tobytes()])
+    return b"".join([header, b"R", len(ids).to_bytes(4, "little"), ids.tobytes(), positions.tobytes(),
+                     types.tobytes(), before.tobytes()])
+
+
+def page_key(header: bytes, parent_serial: int, ids: np.ndarray, positions: np.ndarray, types: np.ndarray) -> bytes:
+    """The key of one page of a decoder row: its tokens' ids, positions and token types (int64
+    [n] each, n <= page_tokens) after the prefix that the entry numbered `parent_serial` (-1: the
+    row's start) names. In a causal model a token's states depend only on the tokens before it,
+    so the chain of page keys from the row's start names exactly what decides each page."""
+    return b"".join([header, b"P", parent_serial.to_bytes(8, "little", signed=True), len(ids).to_bytes(4, "little"),
+                     ids.tobytes(), positions.tobytes(), types.tobytes()])
 
 
 _PIXEL_WEIGHTS: dict = {}  # (words per image, device) -> int64 [2, words] random odd weights
@@ -169,13 +182,20 @@ def first_of_key(keys: torch.Tensor) -> torch.Tensor:
 
 
 def parse_key(key: bytes) -> dict:
-    """The fields of an exact key: namespace, dtype, ids, positions, types (int64 arrays)."""
+    """The fields of an exact key: namespace, dtype, ids, positions, types (int64 arrays), and
+    for a decoder's page the serial of the entry it extends (`parent`, -1: none)."""
     ns_len = int.from_bytes(key[2:6], "little")
     namespace_name = key[6 : 6 + ns_len].decode()
     at = 6 + ns_len
     dtype = key[at : at + 16].decode().strip()
     at += 16
+    parent = -1
+    if key[at : at + 1] == b"P":
+        parent = int.from_bytes(key[at + 1 : at + 9], "little", signed=True)
+        at += 8
+    at += 1
     n = int.from_bytes(key[at : at + 4], "little")
     at += 4
     fields = np.frombuffer(key[at : at + 24 * n], dtype=np.int64).reshape(3, n)
-    return {"namespace": namespace_name, "dtype": dtype, "ids": fields[0], "positions": fields[1], "types": fields[2]}
+    return {"namespace": namespace_name, "dtype": dtype, "ids": fields[0], "positions": fields[1], "types": fields[2],
+            "parent": parent}

@@ -6,8 +6,13 @@ its pages (a block table) and its CLOCK reference count; free pages are a stack.
 host memory and plain Python/numpy, so a lookup costs no device work and no synchronisation; the
 arena beside it (`PagedArena`) holds the states.
 
-Per-entry fields are declared once in `FIELDS` so that `state()` and `restore()` (used by
-`llmcache.save`/`load`) iterate them.
+Decoders chain their entries: each is one page of a row's tokens whose key names its parent
+entry by serial number (`rows.page_key`), so a key stands for the whole prefix up to it and a
+prefix shared by many rows is held once (a radix tree over pages, as SGLang's). An entry with
+children (`kids`) is never evicted: CLOCK takes leaves first, and a parent becomes a leaf when its
+last child goes. Serial numbers are never reused, so a key naming a dead parent can never match.
+
+Per-entry fields are declared once in `FIELDS` so that `llmcache.save`/`load` iterate them.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class ExactIndex:
         policy: eviction policy name (see `eviction`).
     """
 
-    FIELDS = ("ntokens", "ref", "hits")
+    FIELDS = ("ntokens", "ref", "hits", "serial", "parent_serial")
 
     def __init__(self, page_tokens: int, max_pages: int, max_entries: int | None, policy: str = "lru"):
         self.page_tokens = page_tokens
@@ -44,7 +49,13 @@ class ExactIndex:
         self.ntokens = np.zeros(0, dtype=np.int64)
         self.ref = np.zeros(0, dtype=np.int64)
         self.hits = np.zeros(0, dtype=np.int64)
+        self.serial = np.zeros(0, dtype=np.int64)  # never reused: what a child's key names
+        self.parent_serial = np.zeros(0, dtype=np.int64)  # -1: a root entry
+        self.parent = np.zeros(0, dtype=np.int64)  # the parent's entry id, -1: none
+        self.kids = np.zeros(0, dtype=np.int64)  # children reserved or visible
         self.valid = np.zeros(0, dtype=bool)
+        self.dead = np.zeros(0, dtype=bool)  # evicted while it had children: freed with its last child
+        self.next_serial = 0
         self.free_entries: list[int] = []
         self.reserved: set[int] = set()  # entries whose states are being written
         self.free_pages: list[int] = []
@@ -78,26 +89,21 @@ class ExactIndex:
         return -(-ntokens // self.page_tokens)
 
     # ---- writing -------------------------------------------------------------------------
-    def reserve(self, key: bytes, ntokens: int) -> int:
+    def reserve(self, key: bytes, ntokens: int, parent: int = -1) -> int:
         """Pages for a new entry for `key` of `ntokens` tokens, evicting by CLOCK as needed; -1 if
         it cannot fit without evicting another reserved entry. A reserved entry is invisible to
         lookups and never evicted until `commit` (its states are written in between) or
-        `release`. The caller grows the arena to `num_pages` before writing."""
+        `release`. `parent`: the entry this one extends (a chained page), kept alive while this
+        one lives. The caller grows the arena to `num_pages` before writing."""
         if key in self.table:
             return -1
+        if parent >= 0:
+            self.kids[parent] += 1  # first: the evictions below must spare it
+        if not self._make_room(self.pages_for(ntokens)):
+            if parent >= 0:
+                self._drop_kid(parent)
+            return -1
         need = self.pages_for(ntokens)
-        if need > self.max_pages:
-            return -1
-        full = self.max_entries is not None and self.entries + len(self.reserved) >= self.max_entries
-        if full and not self._evict_one():
-            return -1
-        while len(self.free_pages) < need:
-            if self.num_pages < self.max_pages:
-                grown = min(self.max_pages, max(2 * self.num_pages, self.num_pages + need - len(self.free_pages), 16))
-                self.free_pages.extend(range(grown - 1, self.num_pages - 1, -1))
-                self.num_pages = grown
-            elif not self._evict_one():
-                return -1
         entry = self._new_entry()
         self.keys[entry] = key
         pages = np.array([self.free_pages.pop() for _ in range(need)], dtype=np.int64)
@@ -107,8 +113,30 @@ class ExactIndex:
         self.ntokens[entry] = ntokens
         self.ref[entry] = 0
         self.hits[entry] = 0
+        self.serial[entry] = self.next_serial
+        self.next_serial += 1
+        self.parent[entry] = parent
+        self.parent_serial[entry] = self.serial[parent] if parent >= 0 else -1
+        self.kids[entry] = 0
+        self.dead[entry] = False
         self.reserved.add(entry)
         return entry
+
+    def _make_room(self, need: int) -> bool:
+        """Free pages (and an entry slot) for `need` pages, growing the arena's page count or evicting."""
+        if need > self.max_pages:
+            return False
+        full = self.max_entries is not None and self.entries + len(self.reserved) >= self.max_entries
+        if full and not self._evict_one():
+            return False
+        while len(self.free_pages) < need:
+            if self.num_pages < self.max_pages:
+                grown = min(self.max_pages, max(2 * self.num_pages, self.num_pages + need - len(self.free_pages), 16))
+                self.free_pages.extend(range(grown - 1, self.num_pages - 1, -1))
+                self.num_pages = grown
+            elif not self._evict_one():
+                return False
+        return True
 
     def commit(self, entry: int) -> bool:
         """Make a reserved entry visible (its states are written). False (and the entry released)
@@ -116,7 +144,7 @@ class ExactIndex:
         self.reserved.discard(entry)
         key = self.keys[entry]
         if key in self.table:
-            self._free(entry)
+            self._drop(entry)
             return False
         self.valid[entry] = True
         self.table[key] = entry
@@ -126,27 +154,45 @@ class ExactIndex:
         """Give back a reserved entry that will not be written (its forward failed)."""
         if entry in self.reserved:
             self.reserved.discard(entry)
-            self._free(entry)
+            self._drop(entry)
 
-    def insert(self, key: bytes, ntokens: int) -> int:
+    def insert(self, key: bytes, ntokens: int, parent: int = -1) -> int:
         """Reserve and commit at once (states written by the caller right after); -1 if it cannot fit."""
-        entry = self.reserve(key, ntokens)
+        entry = self.reserve(key, ntokens, parent)
         if entry >= 0:
             self.commit(entry)
         return entry
 
+    def _drop(self, entry: int) -> None:
+        """Free an invisible entry, or mark it dead while children still name it."""
+        if self.kids[entry]:
+            self.dead[entry] = True
+        else:
+            self._free(entry)
+
     def evict(self, entry: int) -> None:
-        """Forget a visible entry and free its pages."""
+        """Forget a visible entry and free its pages (an entry with children: once they are gone;
+        until then nothing can reach them, since their keys name it)."""
         if not self.valid[entry]:
             return
         del self.table[self.keys[entry]]
         self.valid[entry] = False
-        self._free(entry)
+        self._drop(entry)
 
     def _free(self, entry: int) -> None:
         self.free_pages.extend(self.pages[entry].tolist())
         self.keys[entry] = self.pages[entry] = self.rows[entry] = None
         self.free_entries.append(entry)
+        parent = int(self.parent[entry])
+        self.parent[entry] = -1
+        if parent >= 0:
+            self._drop_kid(parent)
+
+    def _drop_kid(self, parent: int) -> None:
+        self.kids[parent] -= 1
+        if self.kids[parent] == 0 and self.dead[parent]:
+            self.dead[parent] = False
+            self._free(parent)
 
     def _new_entry(self) -> int:
         if self.free_entries:
@@ -156,7 +202,8 @@ class ExactIndex:
         self.pages.append(None)
         self.rows.append(None)
         grow = lambda a: np.concatenate([a, np.zeros(max(16, len(a)), dtype=a.dtype)]) if entry >= len(a) else a
-        self.ntokens, self.ref, self.hits, self.valid = map(grow, (self.ntokens, self.ref, self.hits, self.valid))
+        for name in ("ntokens", "ref", "hits", "serial", "parent_serial", "parent", "kids", "valid", "dead"):
+            setattr(self, name, grow(getattr(self, name)))
         return entry
 
     def _evict_one(self) -> bool:
@@ -169,7 +216,7 @@ class ExactIndex:
         for _ in range((eviction.GCLOCK_MAX + 1) * total + 1):
             entry = self.hand
             self.hand = (self.hand + 1) % total
-            if not self.valid[entry]:
+            if not self.valid[entry] or self.kids[entry]:  # leaves first: a parent outlives its children
                 continue
             if self.ref[entry] > 0:
                 self.ref[entry] = eviction.on_sweep(int(self.ref[entry]))

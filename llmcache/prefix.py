@@ -1,0 +1,306 @@
+"""Decoders: every row reuses its longest cached prefix, page by page (lossless prompt caching).
+
+In a causal model a token's hidden states and K/V at every layer depend only on the tokens
+before it, so a prefix's states are the same whatever follows. Each page of a decoder row (its
+real tokens, `page_tokens` at a time) is one entry of the exact tier's index, keyed by its tokens
+and the serial number of the entry holding the page before it (`rows.page_key`); an entry holds
+the last block's output and every block's K and V at its tokens. Routing (`route`, once per
+forward, on the host) walks each row's pages through the index: the pages found are its cached
+prefix; the pages after it are reserved for this forward to write.
+
+Three kinds of row: *whole* (every token cached: served, no block runs, bit-identical),
+*prefix* (its first P tokens cached, P a multiple of the page size) and *miss*. A batch without
+prefix rows runs the exact tier's block splice (`exact.ExactTier.block_forward`). A batch with
+one runs `suffix_forward`: the model itself runs on every row's tokens from its P on, attending
+to a KV cache that holds each row's cached prefix K/V (right-aligned, the rest masked), with the
+rows' true position ids, so rotary or absolute positions and the causal mask are the model's
+own; a whole row computes its last token only. Outputs at prefix positions come from the bank
+(the final norm applied to the stored last-block output, as the model does), the caller's KV
+cache gets every row's K/V in the batch's own layout, and the new pages are written.
+
+A suffix computed against cached K/V is not bit-identical to a full prefill: matrix products
+over a different number of rows may round differently (vLLM users see the same). The tests
+bound it (`tests/test_prefix.py`, PREFIX_TOLERANCE) and `generate` tokens stay identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import rows
+from .exact import Plan, _upload
+
+
+@dataclass
+class SuffixPlan:
+    """A forward whose rows compute from their cached prefix on (`suffix_forward`)."""
+
+    batch: int
+    seq: int  # T of the call
+    prefix: int  # Pmax: KV slots before the suffix
+    suffix: int  # S: the longest suffix
+    served_tokens: int
+    computed_tokens: int
+    entries: list  # reserved entries this forward writes
+    store_n: list  # their token counts
+    dev: dict  # device index tensors (see `route`)
+    host: dict  # host arrays: suffix ids, positions, mask
+    prefix_states: torch.Tensor | None  # [sum P, F]: the rows' cached prefix tokens, read at routing
+
+
+def _walk(index, header: bytes, ids, positions, types, page: int):
+    """(entries found from the row's start, tokens they cover, serial of the last one or -1)."""
+    found, covered, serial = [], 0, -1
+    n = len(ids)
+    while covered < n:
+        end = min(covered + page, n)
+        entry = index.table.get(rows.page_key(header, serial, ids[covered:end], positions[covered:end],
+                                              types[covered:end]), -1)
+        if entry < 0:
+            break
+        found.append(entry)
+        serial = int(index.serial[entry])
+        covered = end
+    return found, covered, serial
+
+
+def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict,
+          pending: tuple, prefixes: bool):
+    """The plan of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
+    a `Plan` for the block splice, a `SuffixPlan`, or None (nothing served, nothing stored).
+    `prefixes`: prefix rows may compute their suffix only (else they compute whole). Call under
+    the owner's lock."""
+    tier._check_pending(*pending, counts)
+    index, page = tier.index, tier.owner.config.page_tokens
+    ids, mask, positions, types = host
+    start, count, contiguous = rows.real_spans(mask)
+    batch = ids.shape[0]
+    found, covered, keyed = [], [], []
+    for r in range(batch):
+        s, n = int(start[r]), int(count[r])
+        if n == 0 or not contiguous[r]:
+            reason = "no_tokens" if n == 0 else "mask_gaps"
+            counts[reason] = counts.get(reason, 0) + 1
+            found.append([])
+            covered.append(0)
+            keyed.append(False)
+            continue
+        f, c, _ = _walk(index, header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], page)
+        found.append(f)
+        covered.append(c)
+        keyed.append(True)
+    n_real = [int(c) for c in count]
+    whole = [keyed[r] and covered[r] == n_real[r] for r in range(batch)]
+    partial = [keyed[r] and 0 < covered[r] < n_real[r] for r in range(batch)]
+    # (A row with gaps in its mask, or none at all, computes in the call's own layout: the splice.)
+    suffix_mode = prefixes and any(partial) and all(keyed)
+    # Reserve the pages each computing row adds (one copy of a page that two rows of this batch share).
+    reserved: dict[bytes, int] = {}
+    entries, store = [], []  # store: (row, token offset in the row, ntokens)
+    for r in range(batch):
+        if not keyed[r] or whole[r]:
+            continue
+        s, n = int(start[r]), n_real[r]
+        serial = int(index.serial[found[r][-1]]) if found[r] else -1
+        parent = found[r][-1] if found[r] else -1
+        at = covered[r]
+        while at < n:
+            end = min(at + page, n)
+            key = rows.page_key(header, serial, ids[r, s + at : s + end], positions[r, s + at : s + end],
+                                types[r, s + at : s + end])
+            entry = reserved.get(key, -1)
+            if entry < 0:
+                entry = index.reserve(key, end - at, parent)
+                if entry < 0:
+                    counts["too_long"] = counts.get("too_long", 0) + 1
+                    break
+                reserved[key] = entry
+                entries.append(entry)
+                store.append((r, at, end - at))
+            serial, parent, at = int(index.serial[entry]), entry, end
+    for r in range(batch):
+        uses = found[r] if (whole[r] or (suffix_mode and partial[r])) else []
+        for entry in uses:
+            index.lookup(index.keys[entry])  # a hit: bumps its reference count
+    if suffix_mode:
+        return _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, keyed, entries, store,
+                            seq, device)
+    return _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed, entries, store, seq, device)
+
+
+def _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed, entries, store, seq,
+                 device) -> Plan | None:
+    """Whole rows served, the rest computed by the block splice; in-batch repeats copied."""
+    index = tier.index
+    batch = len(n_real)
+    served_rows, compute, repeat_rows, repeat_src = [], [], [], []
+    first_row: dict[bytes, int] = {}
+    for r in range(batch):
+        if whole[r]:
+            served_rows.append(r)
+            continue
+        if keyed[r]:
+            s, n = int(start[r]), n_real[r]
+            tokens = b"".join(a[r, s : s + n].tobytes() for a in (ids, positions, types))
+            if tokens in first_row:
+                repeat_rows.append(r)
+                repeat_src.append(first_row[tokens])
+                continue
+            first_row.setdefault(tokens, r)
+        compute.append(r)
+    if not served_rows and not repeat_rows and not entries:
+        return None
+    position = {r: i for i, r in enumerate(compute)}
+    plan = Plan(batch, seq, len(compute), len(served_rows), entries,
+                [(position[r], int(start[r]) + at, n) for r, at, n in store], repeats=len(repeat_rows))
+    plan.tokens = (sum(n_real[r] for r in served_rows), sum(n_real[r] for r in compute))
+    parts = {"compute": compute if (served_rows or repeat_rows) else None}
+    if served_rows:
+        src = [np.concatenate([index.token_rows(e) for e in found[r]]) for r in served_rows]
+        parts["served_src"] = np.concatenate(src)
+        parts["served_dst"] = np.concatenate(
+            [r * seq + int(start[r]) + np.arange(len(t), dtype=np.int64) for r, t in zip(served_rows, src)])
+    if repeat_rows:
+        parts["repeat_rows"] = repeat_rows
+        parts["repeat_src"] = [position[r] for r in repeat_src]
+    if entries:
+        parts["store_src"] = np.concatenate([position[r] * seq + int(start[r]) + at + np.arange(n, dtype=np.int64)
+                                             for r, at, n in store])
+        parts["store_dst"] = np.concatenate([index.token_rows(e) for e in entries])
+    on_device = _upload(parts, device)
+    plan.compute = on_device.get("compute")
+    plan.served_dst = on_device.get("served_dst")
+    plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
+    plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
+    if served_rows:
+        plan.served_states = tier.arena.read(on_device["served_src"])
+    return plan
+
+
+def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, keyed, entries, store, seq,
+                 device) -> SuffixPlan:
+    """Every row computes from its cached prefix on (a whole row: its last token)."""
+    index = tier.index
+    batch = len(n_real)
+    cached = [min(covered[r], n_real[r] - 1) if keyed[r] and found[r] else 0 for r in range(batch)]
+    suffix_len = [n_real[r] - cached[r] for r in range(batch)]
+    pmax, smax = max(cached), max(max(suffix_len), 1)
+    width = pmax + smax
+    sfx_ids = np.zeros((batch, smax), dtype=np.int64)
+    sfx_pos = np.zeros((batch, smax), dtype=np.int64)
+    kv_mask = np.zeros((batch, width), dtype=np.int64)
+    prefix_src, prefix_slot, prefix_dst, suffix_src, suffix_slot, suffix_dst = [], [], [], [], [], []
+    for r in range(batch):
+        s, p, k = int(start[r]), cached[r], suffix_len[r]
+        if k:
+            sfx_ids[r, :k] = ids[r, s + p : s + p + k]
+            sfx_pos[r, :k] = positions[r, s + p : s + p + k]
+            sfx_ids[r, k:] = sfx_ids[r, k - 1]
+            sfx_pos[r, k:] = sfx_pos[r, k - 1] + 1 + np.arange(smax - k)
+        kv_mask[r, pmax - p : pmax + k] = 1
+        if p:
+            prefix_src.append(np.concatenate([index.token_rows(e) for e in found[r]])[:p])
+            prefix_slot.append(r * pmax + pmax - p + np.arange(p))
+            prefix_dst.append(r * seq + s + np.arange(p))
+        suffix_src.append(r * smax + np.arange(k))
+        suffix_slot.append(r * width + pmax + np.arange(k))
+        suffix_dst.append(r * seq + s + p + np.arange(k))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+    parts = {"ids": sfx_ids, "positions": sfx_pos, "mask": kv_mask, "prefix_src": cat(prefix_src),
+             "prefix_slot": cat(prefix_slot), "prefix_dst": cat(prefix_dst), "suffix_src": cat(suffix_src),
+             "suffix_slot": cat(suffix_slot), "suffix_dst": cat(suffix_dst)}
+    if entries:
+        # A reserved page of row r covers its tokens [at, at + n), all at or after the row's cached prefix.
+        parts["store_src"] = np.concatenate([r * smax + at - cached[r] + np.arange(n) for r, at, n in store])
+        parts["store_slot"] = np.concatenate([r * width + pmax + at - cached[r] + np.arange(n) for r, at, n in store])
+        parts["store_dst"] = np.concatenate([index.token_rows(e) for e in entries])
+    dev = _upload(parts, device)
+    for name, shape in (("ids", (batch, smax)), ("positions", (batch, smax)), ("mask", (batch, width))):
+        dev[name] = dev[name].view(shape)
+    states = tier.arena.read(dev["prefix_src"]) if pmax else None
+    return SuffixPlan(batch, seq, pmax, smax, sum(cached), sum(suffix_len), entries, [n for _, _, n in store],
+                      dev, {"cached": cached, "whole": sum(whole), "prefix": sum(1 for r in range(batch)
+                                                                                if cached[r] and not whole[r])}, states)
+
+
+def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
+    """Run the model on every row's suffix against its cached prefix; return what the uncached
+    call returns (hidden states of every position, the caller's KV cache filled). `arguments`:
+    the call's bound arguments; `call(**kwargs)`: the model's own forward; `forward`: the cache's
+    record of this call (its `capture` gets the last block's output)."""
+    from transformers import DynamicCache
+
+    dev = plan.dev
+    batch, pmax, smax, seq = plan.batch, plan.prefix, plan.suffix, plan.seq
+    width = pmax + smax
+    hidden_size = tier.arena.features - len(tier.span) * tier.kv_width
+    heads, head_dim = tier.kv_heads, tier.kv_width // (2 * tier.kv_heads)
+    kv_dtype = tier.kv_dtype
+    stand_in = DynamicCache()
+    for position in range(len(tier.span)):
+        kv = torch.zeros(batch * pmax, tier.kv_width, dtype=kv_dtype, device=dev["ids"].device)
+        if pmax:
+            lo = hidden_size + position * tier.kv_width
+            kv.index_copy_(0, dev["prefix_slot"], plan.prefix_states[:, lo : lo + tier.kv_width].to(kv_dtype))
+        kv = kv.view(batch, pmax, 2, heads, head_dim)
+        stand_in.update(kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous(),
+                        tier.layer_idx(position))
+    name = tier.cache_name
+    real = arguments.get(name)
+    use_cache = arguments.get("use_cache")
+    if use_cache is None:
+        use_cache = bool(getattr(tier.owner.base.config, "use_cache", True))
+    kwargs = dict(arguments)
+    kwargs.update({"input_ids": dev["ids"], "attention_mask": dev["mask"], "position_ids": dev["positions"],
+                   name: stand_in, "use_cache": True})
+    if "cache_position" in tier.owner.signature.parameters:
+        kwargs["cache_position"] = torch.arange(pmax, width, device=dev["ids"].device)
+    if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
+        kwargs["token_type_ids"] = torch.zeros_like(dev["ids"])  # (gate: decoders' token types are zero here)
+    forward.capture = []
+    try:
+        result = call(**kwargs)
+    finally:
+        captured, forward.capture = forward.capture, None
+    out = result[0] if isinstance(result, tuple) else result.last_hidden_state
+    # Every position's output in the call's layout: prefix from the bank, the rest computed.
+    full = out.new_zeros((batch * seq, out.shape[-1]))
+    if pmax:
+        norm = tier.final_norm
+        full.index_copy_(0, dev["prefix_dst"], norm(plan.prefix_states[:, :hidden_size].to(out.dtype)))
+    full.index_copy_(0, dev["suffix_dst"], out.reshape(batch * smax, -1).index_select(0, dev["suffix_src"]))
+    full = full.view(batch, seq, -1)
+    layers = [stand_in.layers[tier.layer_idx(p)] for p in range(len(tier.span))]
+    flat = [torch.cat([layer.keys.transpose(1, 2).reshape(batch * width, -1),
+                       layer.values.transpose(1, 2).reshape(batch * width, -1)], dim=1) for layer in layers]
+    cache = real if real is not None else (DynamicCache() if use_cache else None)
+    if cache is not None:
+        for position, kv in enumerate(flat):
+            kv_full = kv.new_zeros((batch * seq, tier.kv_width))
+            if pmax:
+                lo = hidden_size + position * tier.kv_width
+                kv_full.index_copy_(0, dev["prefix_dst"], plan.prefix_states[:, lo : lo + tier.kv_width].to(kv.dtype))
+            kv_full.index_copy_(0, dev["suffix_dst"], kv.index_select(0, dev["suffix_slot"]))
+            kv_full = kv_full.view(batch, seq, 2, heads, head_dim)
+            cache.update(kv_full[:, :, 0].transpose(1, 2).contiguous(), kv_full[:, :, 1].transpose(1, 2).contiguous(),
+                         tier.layer_idx(position))
+    if plan.entries:
+        last = captured[-1] if captured else None
+        if last is None or last.shape[:2] != (batch, smax):
+            tier.abort(plan)
+        else:
+            taken = torch.cat([last.reshape(batch * smax, -1).index_select(0, dev["store_src"]).to(tier.arena.dtype)]
+                              + [kv.index_select(0, dev["store_slot"]).to(tier.arena.dtype) for kv in flat], dim=1)
+            tier.commit_states(plan.entries, plan.store_n, dev["store_dst"], taken)
+            plan.entries = []
+    if isinstance(result, tuple):
+        return (full, cache) + tuple(result[2:]) if len(result) > 1 else (full,)
+    out_name = next((n for n in ("cache", "past_key_values") if n in result), "cache")
+    fields = {k: v for k, v in result.items() if k != out_name}
+    fields["last_hidden_state"] = full
+    if cache is not None:
+        fields[out_name] = cache
+    return type(result)(**fields)
