@@ -219,6 +219,12 @@ class ExactTier:
         hidden states' length T. `pending`: from `take_pending`, its flags on the host. Call under
         the owner's lock. None: nothing to route (every row computes, none stores)."""
         self._check_pending(*pending, counts)
+        try:
+            return self._route(row_keys, seq, device, counts)
+        finally:
+            self.index.pinned.clear()
+
+    def _route(self, row_keys: list, seq: int, device: torch.device, counts: dict) -> Plan | None:
         batch = len(row_keys)
         start = [s for _, s, _ in row_keys]
         served_rows, served_entries, compute, repeat_rows, repeat_src = [], [], [], [], []
@@ -230,6 +236,7 @@ class ExactTier:
                 continue
             entry = self.index.lookup(key)
             if entry >= 0:
+                self.index.pinned.add(entry)  # a later row's reservation must not evict it before it is read
                 served_rows.append(r)
                 served_entries.append(entry)
             elif key in first_row:

@@ -21,7 +21,20 @@ from collections.abc import Mapping
 
 import pytest
 import torch
-from models import DECODERS, FAMILIES, VOCAB, batch, minilm, smollm2, tiny_classifier, tiny_model
+from models import (
+    DECODERS,
+    FAMILIES,
+    VOCAB,
+    batch,
+    decoder_pages,
+    held_rows,
+    minilm,
+    pages,
+    real_rows,
+    smollm2,
+    tiny_classifier,
+    tiny_model,
+)
 
 import llmcache
 
@@ -463,6 +476,27 @@ def test_hit_rate_counts_long_rows_and_rows_too_long_for_the_budget(gen):
     assert st.hit_rate == served / 12
 
 
+def test_a_served_entry_is_never_evicted_by_a_later_row_of_its_own_batch(gen):
+    """Budget for three pages, held by a (two pages) and b (one); then [a, c, d]: making room for
+    c evicts b, for d the only candidate left is a, which this forward is serving: a's states
+    must be read as they were (once, a freed entry's slot and pages went to d)."""
+    model = tiny_model("bert")
+    page_bytes = llmcache.CacheConfig().page_tokens * 64 * 4  # fp32, hidden 64
+    a, b = batch("bert", [12], gen), batch("bert", [6], gen)
+    c, d = batch("bert", [6], gen), batch("bert", [6], gen)
+    pad = lambda x: {k: torch.nn.functional.pad(v, (0, 12 - v.shape[1])) for k, v in x.items()}
+    mixed = {k: torch.cat([a[k], pad(c)[k], pad(d)[k]]) for k in a}
+    with torch.inference_mode():
+        want = model(**mixed)
+        llmcache.accelerate(model, max_bytes=3 * page_bytes)
+        model(**{k: torch.cat([a[k], pad(b)[k]]) for k in a})  # a and b fill the budget
+        for _ in range(3):
+            got = model(**mixed)
+            assert_same(got, want, mixed["attention_mask"], approx_rows=(0, 1, 2))
+    st = llmcache.stats(model)
+    assert st.hits >= 1 and st.bytes <= 3 * page_bytes
+
+
 # ---- autograd, training, dtypes -----------------------------------------------------------------
 def _loss(model, inputs):
     out = model(**inputs)
@@ -599,6 +633,10 @@ def test_generate_gives_the_uncached_tokens(family, how, gen):
         model, layout = tiny_model(family), family
     lengths, options = GENERATE[how]
     inputs = batch(layout, lengths, gen)
+    # A decoder holds a page per 8 real tokens of each prompt (left-padded: 6, 9, 4, 9 tokens give
+    # 1 + 2 + 1 + 2), at the positions generate gives them (those `batch` made).
+    prompts, entries = sorted(real_rows(inputs)), decoder_pages(inputs)
+    assert entries == pages(lengths)  # random ids: no two prompts share a first page
     inputs.pop("position_ids")  # generate derives them from the mask
     kwargs = {"max_new_tokens": 5, "pad_token_id": 0, "do_sample": False, **options}
 
@@ -621,7 +659,8 @@ def test_generate_gives_the_uncached_tokens(family, how, gen):
     prefill_rows = len(lengths) * options.get("num_beams", 1)
     assert st.rows == 2 * prefill_rows  # decode steps are not rows
     assert after_first.hits == 0 and st.hits == prefill_rows  # the second prefill was served entirely
-    assert len(held.entries) == len(lengths)  # beams repeat their prompt: stored once
+    assert len(held.entries) == entries  # beams repeat their prompt: stored once
+    assert held_rows(held.entries) == prompts
 
 
 @pytest.mark.parametrize("family", sorted(DECODERS))
@@ -918,6 +957,8 @@ def test_reset_zeroes_every_counter_and_empties_the_cache(gen):
             assert value == "exact"
         elif f.name == "layers":
             assert all(getattr(s, n) == 0 for s in value for n in ("lookups", "hits", "insertions", "evictions"))
+        elif isinstance(value, tuple):  # last_tokens: (served, computed), (0, 0) after a reset
+            assert value and not any(value), f"{f.name} = {value!r} after reset"
         else:
             assert not value, f"{f.name} = {value!r} after reset"
     assert st.hit_rate == 0.0 and llmcache.held(model).entries == []

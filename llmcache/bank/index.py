@@ -58,6 +58,7 @@ class ExactIndex:
         self.next_serial = 0
         self.free_entries: list[int] = []
         self.reserved: set[int] = set()  # entries whose states are being written
+        self.pinned: set[int] = set()  # entries a routing is reading: not evicted until unpinned
         self.free_pages: list[int] = []
         self.num_pages = 0  # pages the arena has now
         self.hand = 0
@@ -216,7 +217,7 @@ class ExactIndex:
         for _ in range((eviction.GCLOCK_MAX + 1) * total + 1):
             entry = self.hand
             self.hand = (self.hand + 1) % total
-            if not self.valid[entry] or self.kids[entry]:  # leaves first: a parent outlives its children
+            if not self.valid[entry] or self.kids[entry] or entry in self.pinned:  # leaves first
                 continue
             if self.ref[entry] > 0:
                 self.ref[entry] = eviction.on_sweep(int(self.ref[entry]))
