@@ -79,14 +79,17 @@ class WeightsWatch:
         grad is True when this forward would be recorded by autograd."""
         signature = []
         needs_grad = False
+        # (A model built under inference_mode has inference tensors, which keep no version
+        # counter: their replacement is seen, an in-place change is not.)
+        version = lambda t: -1 if t.is_inference() else t._version
         for module in self.modules:
             for tensor in module._parameters.values():
                 if tensor is not None:
-                    signature += (id(tensor), tensor._version, tensor.data_ptr())
+                    signature += (id(tensor), version(tensor), tensor.data_ptr())
                     needs_grad = needs_grad or tensor.requires_grad
             for tensor in module._buffers.values():
                 if tensor is not None:
-                    signature += (id(tensor), tensor._version, tensor.data_ptr())
+                    signature += (id(tensor), version(tensor), tensor.data_ptr())
         signature = tuple(signature)
         if signature != self.signature:
             if self.signature is not None:

@@ -92,6 +92,18 @@ def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device,
         found.append(f)
         covered.append(c)
         keyed.append(True)
+    # The pages found stay put while this routing reserves pages (which may evict) and reads them.
+    index.pinned.update(e for f in found for e in f)
+    try:
+        return _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts,
+                     prefixes)
+    finally:
+        index.pinned.clear()
+
+
+def _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts, prefixes):
+    index, page = tier.index, tier.owner.config.page_tokens
+    batch = ids.shape[0]
     n_real = [int(c) for c in count]
     whole = [keyed[r] and covered[r] == n_real[r] for r in range(batch)]
     partial = [keyed[r] and 0 < covered[r] < n_real[r] for r in range(batch)]

@@ -102,3 +102,70 @@ def smollm2():
         return load_smollm2()
     except ModuleNotFoundError as err:
         pytest.skip(str(err))
+
+
+# ---- a decoder's exact tier holds pages: one entry per `page` real tokens of a row ---------------
+PAGE_TOKENS = 8  # llmcache.CacheConfig().page_tokens, the default
+
+
+def pages(lengths, page: int = PAGE_TOKENS) -> int:
+    """Entries a decoder's exact tier holds for distinct rows of these real-token counts that share
+    no first page: ceil(n / page) pages per row (its last page may be partial)."""
+    return sum(-(-n // page) for n in lengths)
+
+
+def real_rows(inputs: dict) -> list[tuple]:
+    """(ids, positions, token types) of the real tokens of each cacheable row (a contiguous,
+    non-empty mask) of a call. Positions: the call's position_ids, else 0..T-1 (as the model
+    numbers them); token types: token_type_ids, else zeros."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    positions = inputs.get("position_ids")
+    positions = torch.arange(ids.shape[1]).expand_as(ids) if positions is None else positions.expand_as(ids)
+    types = inputs.get("token_type_ids")
+    types = torch.zeros_like(ids) if types is None else types.expand_as(ids)
+    out = []
+    for r in range(ids.shape[0]):
+        idx = mask[r].nonzero().flatten()
+        if idx.numel() and idx[-1] - idx[0] + 1 == idx.numel():
+            out.append(tuple(tuple(t[r, idx].tolist()) for t in (ids, positions, types)))
+    return out
+
+
+def decoder_pages(inputs: dict, page: int = PAGE_TOKENS) -> int:
+    """Distinct pages a decoder's exact tier holds once every cacheable row of `inputs` is stored.
+    A page is named by its row's real tokens (ids, positions and token types) from the row's start
+    to the page's end, so rows whose first k pages are equal hold them once; a partial last page
+    of n tokens is another page than a full one."""
+    names = set()
+    for row in real_rows(inputs):
+        tokens = list(zip(*row))
+        names.update(tuple(tokens[:end]) for end in range(page, len(tokens) + page, page))
+    return len(names)
+
+
+def held_rows(entries, page: int = PAGE_TOKENS) -> list[tuple]:
+    """The rows a decoder's exact tier holds, rebuilt from its page chains (`HeldEntry.parent`):
+    for each page no other page extends, the (ids, positions, token types) from its row's start to
+    its end, sorted. Checks on the way that every page's parent is held and that every page but a
+    row's last is full."""
+    by_serial = {e.serial: e for e in entries}
+    assert len(by_serial) == len(entries), "two held pages share a serial number"
+    extended = {e.parent for e in entries}
+    rows = []
+    for leaf in entries:
+        if leaf.serial in extended:
+            continue
+        chain, e = [], leaf
+        while True:
+            chain.append(e)
+            if e.parent < 0:
+                break
+            assert e.parent in by_serial, f"page {e.serial} extends page {e.parent}, which is not held"
+            e = by_serial[e.parent]
+        chain.reverse()
+        assert all(len(p.ids) == page for p in chain[:-1]), "a page before a row's last is not full"
+        assert 0 < len(chain[-1].ids) <= page
+        rows.append(tuple(sum((getattr(p, name) for p in chain), ()) for name in ("ids", "positions", "token_types")))
+    return sorted(rows)

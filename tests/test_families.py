@@ -20,6 +20,7 @@ import contextlib
 import pytest
 import torch
 import transformers
+from models import decoder_pages, held_rows, pages, real_rows
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
@@ -171,6 +172,10 @@ def test_family_exact_repeat(family, head, gen):
     decoder = FAMILIES[family][2]
     model = build(family, head)
     inputs = make_batch(decoder, [7, 12, 3, 9], gen)
+    # An encoder holds one entry per row; a decoder one per page of a row's real tokens (here
+    # 1 + 2 + 1 + 2, rows of random ids sharing no first page).
+    entries = decoder_pages(inputs) if decoder else 4
+    assert not decoder or entries == pages([7, 12, 3, 9]) == 6
     with torch.inference_mode():
         want = model(**inputs)
     llmcache.accelerate(model)  # nothing registered
@@ -179,14 +184,16 @@ def test_family_exact_repeat(family, head, gen):
             first = model(**inputs)
             assert seen == [4] * LAYERS  # every row computed once
             s = llmcache.stats(model)
-            assert (s.hits, s.insertions, s.not_cached) == (0, 4, {}), s
+            assert (s.hits, s.insertions, s.not_cached) == (0, entries, {}), s
+            if decoder:  # the page chains held are the four rows
+                assert held_rows(llmcache.held(model).entries) == sorted(real_rows(inputs))
             again = model(**inputs)
             assert seen == [4] * LAYERS, "the repeat ran the blocks"
         # (The KV cache a decoder's forward returns: test_decoder_forward_returns_kv_cache.)
         assert_identical(first, want, inputs["attention_mask"], kv=False)
         assert_identical(again, want, inputs["attention_mask"], kv=False)
         s = llmcache.stats(model)
-        assert (s.rows, s.hits, s.entries) == (8, 4, 4), s
+        assert (s.rows, s.hits, s.entries, s.insertions) == (8, 4, entries, entries), s
     finally:
         llmcache.disable(model)
     with torch.inference_mode():
@@ -261,7 +268,12 @@ def test_family_save_load_fresh_model(family, head, gen, tmp_path):
     fresh = llmcache.accelerate(build(family, head))
     try:
         llmcache.load(fresh, tmp_path / "bank.safetensors")
-        assert len(llmcache.held(fresh).entries) == 3
+        held = llmcache.held(fresh).entries
+        if decoder:  # pages of the rows (5, 11, 8 tokens: 1 + 2 + 1), their chains intact
+            assert len(held) == decoder_pages(inputs) == pages([5, 11, 8]) == 4
+            assert held_rows(held) == sorted(real_rows(inputs))
+        else:
+            assert len(held) == 3
         with torch.inference_mode(), computed_rows(block_list(fresh)) as seen:
             got = fresh(**inputs)
         assert seen == [0] * LAYERS, "a loaded entry was computed again"
@@ -304,6 +316,8 @@ def test_decoder_generate(family, gen):
     prefill repeated is served."""
     model = build(family, "ForCausalLM")
     inputs = make_batch(True, [5, 9, 7], gen)
+    entries = decoder_pages(inputs)  # the prompts' pages (at the positions generate gives them)
+    assert entries == pages([5, 9, 7]) == 4  # 1 + 2 + 1: random ids share no first page
     inputs.pop("position_ids")  # generate makes them from the mask
     kw = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
@@ -317,7 +331,7 @@ def test_decoder_generate(family, gen):
             for call in range(2):
                 assert torch.equal(model.generate(**inputs, do_sample=False, **kw), greedy), f"greedy, call {call}"
             s = llmcache.stats(model)
-            assert s.hits == 3 and s.entries == 3, s  # the second prefill is served
+            assert s.hits == 3 and s.entries == entries, s  # the second prefill is served
             for call in range(2):
                 torch.manual_seed(1234)
                 out = model.generate(**inputs, do_sample=True, top_k=0, **kw)

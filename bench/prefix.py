@@ -1,0 +1,192 @@
+"""Prefix reuse for decoders: a few-shot / chat stream sharing long prefixes, in one process.
+
+    python -m bench.prefix [--model smollm2|llama-1b|llama-tiny] [--prefixes 256 512 1024]
+                           [--prompts 4] [--repeats 3] [--threads 1] [--out DIR]
+
+Per prefix length L, `--prompts` prompts share the same L-token prefix and differ in a 32-128
+token suffix (text from WikiText-2 when `../shared/data` has it, random ids otherwise). One
+prompt of each L warms the cache (untimed). Then, round robin per prompt (so the machine's
+noise falls on every variant alike), medians over `--repeats`:
+
+- uncached: the model's prefill of the whole prompt (a copy of the same weights, no cache),
+  returning the KV cache and the last position's logits (`logits_to_keep=1`, as `generate`'s
+  prefill does: logits at every position would cost the LM head on the prefix, which no
+  prefix cache can skip);
+- cached: the accelerated model's prefill of the prompt (its prefix served, its suffix computed);
+- ideal: the model's own prefill of the suffix alone, against a KV cache of the prefix made
+  beforehand (what prefix reuse could at best cost);
+
+and the same three for time-to-first-token (`generate(max_new_tokens=1)`). Reported: speedups
+over uncached, and cached as a share of the ideal (target >= 90 %). Memory: bytes held against
+the bytes of the distinct pages the prompts have (one copy of a prefix however many prompts
+extend it: ratio 1). A stream without shared prefixes: cached over uncached time (target <= 2 %
+slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llmcache
+
+LLAMA_1B = {"vocab_size": 49152, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096}
+LLAMA_TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
+
+
+def load(name: str):
+    """(model, token source: a function n -> int64 [n] ids)."""
+    import transformers
+
+    if name == "smollm2":
+        from llmcache.models import load_smollm2
+
+        model, tok = load_smollm2()
+    else:
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(**(LLAMA_1B if name == "llama-1b" else LLAMA_TINY))
+        model, tok = transformers.LlamaForCausalLM(cfg).eval(), None
+    return model.eval(), tok
+
+
+def text_ids(tok, vocab: int, data: str | None, seed: int):
+    """A stream of token ids: WikiText-2 through the tokenizer when both exist, else random ids."""
+    path = Path(data or Path(__file__).resolve().parents[2] / "shared" / "data") / "wikitext-2-raw" / "wiki.test.raw"
+    gen = torch.Generator().manual_seed(seed)
+    if tok is not None and path.exists():
+        ids = torch.tensor(tok(path.read_text()[:400_000])["input_ids"], dtype=torch.long)
+        at = [0]
+
+        def take(n: int) -> torch.Tensor:
+            if at[0] + n > len(ids):
+                at[0] = 0
+            at[0] += n
+            return ids[at[0] - n : at[0]]
+        return take, "wikitext-2"
+    return (lambda n: torch.randint(3, vocab, (n,), generator=gen)), "random ids"
+
+
+def clock(fn, **kwargs) -> float:
+    """Seconds of one call fn(**kwargs)."""
+    start = time.perf_counter()
+    fn(**kwargs)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "llama-1b", "llama-tiny"])
+    p.add_argument("--prefixes", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", default="bench/out")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    ref, tok = load(args.model)
+    model = llmcache.accelerate(copy.deepcopy(ref))
+    take, source = text_ids(tok, ref.config.vocab_size, args.data, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    results, all_prompts = {}, []
+    with torch.inference_mode():
+        for length in args.prefixes:
+            prefix = take(length)
+            prompts = [torch.cat([prefix, take(int(torch.randint(32, 129, (1,), generator=gen)))])[None]
+                       for _ in range(args.prompts + 1)]
+            all_prompts += prompts
+            model(input_ids=prompts[0])  # warms the cache with the prefix (untimed)
+            prefix_cache = ref(input_ids=prefix[None], use_cache=True).cache
+            times = {k: [] for k in ("uncached", "cached", "ideal", "ttft_uncached", "ttft_cached", "ttft_ideal")}
+            served = []
+            for _ in range(args.repeats):
+                for ids in prompts[1:]:
+                    suffix = ids[:, length:]
+                    times["uncached"].append(clock(ref, input_ids=ids, logits_to_keep=1))
+                    llmcache.reset(model)
+                    model(input_ids=prompts[0])
+                    times["cached"].append(clock(model, input_ids=ids, logits_to_keep=1))
+                    served.append(llmcache.stats(model).last_tokens)
+                    cache = copy.deepcopy(prefix_cache)
+                    times["ideal"].append(clock(ref, input_ids=suffix, cache=cache, logits_to_keep=1))
+                    kw = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": 0}
+                    times["ttft_uncached"].append(clock(ref.generate, input_ids=ids, **kw))
+                    llmcache.reset(model)
+                    model(input_ids=prompts[0])
+                    times["ttft_cached"].append(clock(model.generate, input_ids=ids, **kw))
+                    cache = copy.deepcopy(prefix_cache)
+                    times["ttft_ideal"].append(clock(ref.generate, input_ids=ids, cache=cache, **kw))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            results[length] = {
+                "median_s": med, "all_s": times, "served_computed": served[: args.prompts],
+                "speedup": med["uncached"] / med["cached"], "ideal_speedup": med["uncached"] / med["ideal"],
+                "share_of_ideal": med["ideal"] / med["cached"],
+                "ttft_speedup": med["ttft_uncached"] / med["ttft_cached"],
+                "ttft_share_of_ideal": med["ttft_ideal"] / med["ttft_cached"],
+            }
+        # Memory: every prompt once into an empty cache; held bytes against the distinct pages.
+        llmcache.reset(model)
+        page = llmcache.CacheConfig().page_tokens
+        distinct = set()
+        for ids in all_prompts:
+            model(input_ids=ids)
+            row = tuple(ids[0].tolist())
+            distinct.update(row[: min(end, len(row))] for end in range(page, len(row) + page, page))
+        held = llmcache.held(model).entries
+        page_bytes = held[0].bytes // held[0].pages
+        memory = {"bytes_held": llmcache.stats(model).bytes, "bytes_distinct_pages": len(distinct) * page_bytes,
+                  "pages_held": sum(e.pages for e in held), "distinct_pages": len(distinct)}
+        memory["ratio"] = memory["bytes_held"] / memory["bytes_distinct_pages"]
+        # No shared prefixes: every prompt new.
+        unique = {"uncached": [], "cached": []}
+        llmcache.reset(model)
+        for _ in range(args.repeats):
+            for _ in range(args.prompts):
+                ids = take(int(torch.randint(128, 384, (1,), generator=gen)))[None]
+                ids = ids.clone()
+                ids[0, 0] = int(torch.randint(3, ref.config.vocab_size, (1,), generator=gen))
+                unique["uncached"].append(clock(ref, input_ids=ids, logits_to_keep=1))
+                unique["cached"].append(clock(model, input_ids=ids, logits_to_keep=1))
+        no_shared = {"median_s": {k: statistics.median(v) for k, v in unique.items()}, "all_s": unique}
+        no_shared["slowdown"] = no_shared["median_s"]["cached"] / no_shared["median_s"]["uncached"] - 1
+        no_shared["tokens_served"] = llmcache.stats(model).tokens_served
+
+    print(f"{args.model}, {source}, {args.prompts} prompts per prefix, {args.repeats} repeats, "
+          f"{args.threads} thread(s)")
+    print(f"{'prefix':>6} {'uncached ms':>12} {'cached ms':>10} {'ideal ms':>9} {'speedup':>8} {'ideal':>7} "
+          f"{'of ideal':>9} {'TTFT x':>7} {'TTFT of ideal':>14}")
+    for length, r in results.items():
+        m = r["median_s"]
+        print(f"{length:>6} {1e3 * m['uncached']:12.1f} {1e3 * m['cached']:10.1f} {1e3 * m['ideal']:9.1f} "
+              f"{r['speedup']:7.2f}x {r['ideal_speedup']:6.2f}x {100 * r['share_of_ideal']:8.1f}% "
+              f"{r['ttft_speedup']:6.2f}x {100 * r['ttft_share_of_ideal']:13.1f}%")
+    print(f"memory: {memory['bytes_held'] / 2**20:.2f} MiB held for {memory['distinct_pages']} distinct pages "
+          f"({memory['bytes_distinct_pages'] / 2**20:.2f} MiB): ratio {memory['ratio']:.3f}")
+    print(f"no shared prefixes: cached {100 * no_shared['slowdown']:+.1f} % against uncached "
+          f"({no_shared['tokens_served']} tokens served)")
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": platform.processor() or platform.machine(), "args": vars(args), "source": source,
+              "torch": torch.__version__, "build_info": llmcache.build_info()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"prefix-{args.model}-cpu.json"
+    path.write_text(json.dumps({"header": header, "prefixes": {str(k): v for k, v in results.items()},
+                                "memory": memory, "no_shared": no_shared}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Decoders reuse the longest cached prefix of every row (llmcache/prefix.py).
+
+Random Llama, Qwen2, Mistral and GPT-2 configs (rotary and absolute positions, grouped KV heads),
+and the real SmolLM2 where its package is installed. Every check compares with an uncached copy
+of the same weights.
+
+PREFIX_TOLERANCE: a row computed against cached K/V runs its suffix as a shorter sequence than
+the uncached full prefill, so its matrix products cover other row counts and may round
+differently (as in vLLM's prefix caching). Measured here: at most 6e-8 on fp32 logits of these
+configs (|logits| ~ 0.1-1) and 2e-5 on SmolLM2's (|logits| ~ 10-30); the bound below is a few
+times that, far below any difference of meaning, and `generate` tokens must be identical.
+Whole-row repeats are still served bit for bit (tests/test_families.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import transformers
+from models import smollm2
+
+import llmcache
+
+PREFIX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+PAGE = 8  # CacheConfig.page_tokens default
+
+SMALL = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+FAMILIES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)),
+}
+
+
+def build(family: str, seed: int = 0):
+    """(accelerated model, uncached copy of the same weights)."""
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    return llmcache.accelerate(copy.deepcopy(model)), model
+
+
+def batch(rows: list[torch.Tensor], side: str) -> dict:
+    """input_ids / attention_mask / position_ids (from the mask, as generate makes them)."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, span], mask[i, span] = r, 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}
+
+
+def assert_close_at_real(got, want, mask):
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], **PREFIX_TOLERANCE)
+
+
+def other(token: torch.Tensor) -> torch.Tensor:
+    """A one-token tensor holding another id than `token`'s."""
+    return 3 + (token - 2) % 98
+
+
+@pytest.fixture
+def tokens(gen):
+    return lambda n: torch.randint(3, 101, (n,), generator=gen)
+
+
+# ---- every shared-prefix length, both paddings, every family --------------------------------------
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_shared_prefixes_of_every_length_compute_only_their_suffix(family, side, tokens):
+    model, ref = build(family)
+    base = tokens(40)
+    with torch.inference_mode():
+        model(**batch([base], side))  # pages [0, 8), ..., [32, 40) cached
+        # Shared with `base`: 0 tokens, a page less one, one page, several pages, the whole prompt.
+        cases = {0: torch.cat([other(base[:1]), base[1:12]]), PAGE - 1: torch.cat([base[:7], other(base[7:8]), tokens(8)]),
+                 PAGE: torch.cat([base[:8], tokens(5)]), 4 * PAGE: torch.cat([base[:32], tokens(11)]),
+                 40: base[:40].clone()}
+        for shared, row in cases.items():
+            inputs = batch([row], side)
+            want = ref(**inputs).logits
+            got = model(**inputs).logits
+            assert_close_at_real(got, want, inputs["attention_mask"])
+            served, computed = llmcache.stats(model).last_tokens
+            if shared == 40:  # a whole repeat: served by the block splice, nothing computed
+                assert (served, computed) == (40, 0)
+                assert torch.equal(got[inputs["attention_mask"].bool()],
+                                   model(**inputs).logits[inputs["attention_mask"].bool()])
+            else:
+                cached = shared // PAGE * PAGE  # whole pages only
+                assert (served, computed) == (cached, len(row) - cached), (shared, served, computed)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_batch_mixing_cached_lengths_matches_the_uncached_model(family, side, tokens):
+    model, ref = build(family)
+    system = tokens(3 * PAGE + 5)
+    with torch.inference_mode():
+        model(**batch([torch.cat([system, tokens(4)])], side))
+        rows = [torch.cat([system, tokens(7)]),  # 3 pages cached
+                torch.cat([system[:PAGE + 2], tokens(12)]),  # 1 page
+                tokens(9),  # none
+                torch.cat([system, tokens(1)]),  # 3 pages, a 6-token suffix
+                system[:2 * PAGE].clone()]  # 2 pages: its last token computes
+        inputs = batch(rows, side)
+        want = ref(**inputs)
+        got = model(**inputs)
+        assert_close_at_real(got.logits, want.logits, inputs["attention_mask"])
+        served, computed = llmcache.stats(model).last_tokens
+        assert served == 3 * PAGE + PAGE + 0 + 3 * PAGE + (2 * PAGE - 1)
+        assert served + computed == int(inputs["attention_mask"].sum())
+        s = llmcache.stats(model)
+        assert (s.prefix_rows, s.hits) == (3, 1)  # the last row is whole: it computes its last token only
+        # The returned KV cache continues decoding as the uncached one does.
+        step = {"input_ids": torch.full((len(rows), 1), 5),
+                "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(len(rows), 1, dtype=torch.long)], 1)}
+        step["position_ids"] = step["attention_mask"].sum(1, keepdim=True) - 1
+        want_next = ref(**step, cache=want.cache).logits
+        got_next = model(**step, cache=got.cache).logits
+        torch.testing.assert_close(got_next, want_next, **PREFIX_TOLERANCE)
+
+
+def test_hidden_states_at_every_position_come_from_the_bank_or_the_suffix(tokens):
+    model, ref = build("llama")
+    system = tokens(2 * PAGE)
+    with torch.inference_mode():
+        model.model(**batch([torch.cat([system, tokens(3)])], "right"))
+        inputs = batch([torch.cat([system, tokens(6)]), torch.cat([system[:PAGE], tokens(2)])], "left")
+        want = ref.model(**inputs).last_hidden_state
+        got = model.model(**inputs).last_hidden_state
+    assert llmcache.stats(model).last_tokens == (3 * PAGE, 6 + 2)
+    assert_close_at_real(got, want, inputs["attention_mask"])
+    assert torch.all(got[~inputs["attention_mask"].bool()] == 0)  # padding: zeros, as served rows are
+
+
+# ---- generate --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("how", ["greedy", "beam", "sample"])
+def test_generate_with_prefix_hits_gives_the_uncached_tokens(family, how, tokens):
+    model, ref = build(family)
+    system = tokens(2 * PAGE + 3)
+    kwargs = {"max_new_tokens": 6, "pad_token_id": 0}
+    kwargs.update({"greedy": {"do_sample": False}, "beam": {"num_beams": 3, "do_sample": False},
+                   "sample": {"do_sample": True, "top_k": 20}}[how])
+    with torch.inference_mode():
+        model(**batch([torch.cat([system, tokens(5)])], "left"))
+        for _ in range(2):  # the second round also hits the first round's prompts
+            inputs = batch([torch.cat([system, tokens(k)]) for k in (2, 9, 4)], "left")
+            inputs.pop("position_ids")
+            torch.manual_seed(3)
+            want = ref.generate(**inputs, **kwargs)
+            torch.manual_seed(3)
+            got = model.generate(**inputs, **kwargs)
+            assert torch.equal(got, want)
+            assert llmcache.stats(model).last_tokens[0] >= 3 * 2 * PAGE  # the prefill reused the prefix
+
+
+def test_a_multi_turn_chat_hits_every_earlier_turn(tokens):
+    """Each turn's prompt is the conversation so far: the prefill computes from the last cached page."""
+    model, ref = build("qwen2")
+    conversation, previous = tokens(11), 0
+    with torch.inference_mode():
+        for _ in range(4):
+            inputs = {"input_ids": conversation[None], "attention_mask": torch.ones(1, len(conversation), dtype=torch.long)}
+            want = ref.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            got = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(got, want)
+            served, computed = llmcache.stats(model).last_tokens
+            assert served == previous // PAGE * PAGE and served + computed == len(conversation)
+            previous = len(conversation)
+            conversation = torch.cat([got[0], tokens(6)])  # the reply, then the user's next message
+
+
+# ---- memory, eviction, isolation, threads ----------------------------------------------------------
+def test_a_shared_prefix_is_held_once_however_many_prompts_extend_it(tokens):
+    model, _ = build("llama")
+    system = tokens(4 * PAGE)
+    with torch.inference_mode():
+        for _ in range(10):
+            model(**batch([torch.cat([system, tokens(PAGE)])], "right"))
+    held = llmcache.held(model).entries
+    assert len(held) == 4 + 10  # the system prompt's four pages once, one page per prompt after it
+    first_pages = [e for e in held if e.parent == -1]
+    assert len(first_pages) == 1 and first_pages[0].ids == tuple(system[:PAGE].tolist())
+    serials = {e.serial for e in held}
+    assert all(e.parent == -1 or e.parent in serials for e in held)
+    s = llmcache.stats(model)
+    assert s.bytes == sum(e.bytes for e in held) and s.entries == len(held)
+
+
+def test_eviction_under_a_small_budget_never_serves_a_freed_page(gen, tokens):
+    model, ref = build("gpt2")
+    with torch.inference_mode():
+        model(**batch([tokens(3)], "right"))
+    one_page = llmcache.held(model).entries[0].bytes
+    llmcache.disable(model)
+    llmcache.accelerate(model, max_bytes=12 * one_page)
+    systems = [tokens(3 * PAGE) for _ in range(3)]
+    with torch.inference_mode():
+        for i in range(30):
+            system = systems[int(torch.randint(0, 3, (1,), generator=gen))]
+            rows = [torch.cat([system[: PAGE * int(torch.randint(1, 4, (1,), generator=gen))], tokens(5)])
+                    for _ in range(2)]
+            inputs = batch(rows, "left" if i % 2 else "right")
+            assert_close_at_real(model(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"])
+            held = llmcache.held(model).entries
+            serials = {e.serial for e in held}
+            assert all(e.parent == -1 or e.parent in serials for e in held), "a page outlived its prefix"
+            assert sum(e.pages for e in held) <= 12
+    s = llmcache.stats(model)
+    assert s.evictions > 0 and s.tokens_served > 0
+
+
+def test_namespaces_isolate_prefixes(tokens):
+    model, _ = build("mistral")
+    system = tokens(2 * PAGE)
+    with torch.inference_mode():
+        with llmcache.namespace("tenant-a"):
+            model(**batch([torch.cat([system, tokens(3)])], "right"))
+        with llmcache.namespace("tenant-b"):
+            model(**batch([torch.cat([system, tokens(3)])], "right"))
+            assert llmcache.stats(model).last_tokens[0] == 0
+        with llmcache.namespace("tenant-a"):
+            model(**batch([torch.cat([system, tokens(3)])], "right"))
+            assert llmcache.stats(model).last_tokens[0] == 2 * PAGE
+
+
+def test_threads_sharing_prefixes_get_the_uncached_outputs(tokens):
+    model, ref = build("llama")
+    systems = [tokens(2 * PAGE + 1) for _ in range(2)]
+    work = [batch([torch.cat([systems[i % 2], tokens(3 + i % 5)]), torch.cat([systems[(i + 1) % 2], tokens(4)])],
+                  "left" if i % 2 else "right") for i in range(24)]
+    with torch.inference_mode():
+        want = [ref(**w).logits for w in work]
+    errors = []
+
+    def run(part):
+        try:
+            with torch.inference_mode():
+                for i in part:
+                    assert_close_at_real(model(**work[i]).logits, want[i], work[i]["attention_mask"])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(range(k, 24, 3),)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert llmcache.stats(model).tokens_served > 0
+
+
+def test_stats_count_tokens_served_and_computed(tokens):
+    model, _ = build("llama")
+    system = tokens(PAGE * 2)
+    with torch.inference_mode():
+        model(**batch([torch.cat([system, tokens(4)])], "right"))
+        assert llmcache.stats(model).last_tokens == (0, 2 * PAGE + 4)
+        model(**batch([torch.cat([system, tokens(7)])], "right"))
+        s = llmcache.stats(model)
+    assert s.last_tokens == (2 * PAGE, 7)
+    assert (s.tokens_served, s.tokens_computed, s.prefix_rows) == (2 * PAGE, 2 * PAGE + 4 + 7, 1)
+    assert "tokens served 16" in str(s)
+
+
+def test_save_and_load_keep_the_prefix_tree(tokens, tmp_path):
+    model, ref = build("qwen2")
+    system = tokens(3 * PAGE)
+    with torch.inference_mode():
+        model(**batch([torch.cat([system, tokens(2)]), torch.cat([system[:PAGE], tokens(5)])], "right"))
+        llmcache.save(model, tmp_path / "c.safetensors")
+        fresh, _ = build("qwen2")
+        llmcache.load(fresh, tmp_path / "c.safetensors")
+        inputs = batch([torch.cat([system, tokens(6)])], "left")
+        assert_close_at_real(fresh(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"])
+        assert llmcache.stats(fresh).last_tokens == (3 * PAGE, 6)
+        # A page loaded from the file extends by new pages with new serial numbers.
+        serials = [e.serial for e in llmcache.held(fresh).entries]
+        assert len(serials) == len(set(serials))
+
+
+# ---- the real model --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_chat_turns_reuse_the_conversation_so_far():
+    model, tok = smollm2()
+    ref = copy.deepcopy(model)
+    llmcache.accelerate(model)
+    messages = [{"role": "system", "content": "You are a concise assistant who answers in one sentence."}]
+    previous = 0
+    try:
+        with torch.inference_mode():
+            for question in ["What is the capital of France?", "And of Italy?", "Which is larger?"]:
+                messages.append({"role": "user", "content": question})
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                inputs = tok(text, return_tensors="pt")
+                want = ref(**inputs).logits
+                got = model(**inputs).logits
+                torch.testing.assert_close(got, want, **PREFIX_TOLERANCE)
+                out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+                assert torch.equal(out, ref.generate(**inputs, max_new_tokens=12, do_sample=False))
+                assert llmcache.stats(model).last_tokens[0] >= previous // PAGE * PAGE - PAGE
+                previous = inputs["input_ids"].shape[1]
+                messages.append({"role": "assistant",
+                                 "content": tok.decode(out[0, previous:], skip_special_tokens=True)})
+    finally:
+        llmcache.disable(model)
