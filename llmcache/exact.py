@@ -73,8 +73,9 @@ class Plan:
     store_src: torch.Tensor | None = None  # int64 [W] flat rows (among computing rows) of tokens to write
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
-    kv: list = field(default_factory=list)  # decoders: per span block, [M, T, 2 * kv_dim] computed K|V
+    kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
     tokens: tuple | None = None  # (real tokens served, real tokens computed)
+    store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
 
     @torch.compiler.disable
     def slice(self, value):
@@ -93,6 +94,11 @@ class Plan:
         if isinstance(value, list):
             return [self.slice(v) for v in value]
         return value
+
+
+def every_token(src: np.ndarray, total: int) -> bool:
+    """`src` is 0..total-1 in order (a plan stores every computed token: no selection needed)."""
+    return len(src) == total and bool((src == np.arange(total)).all())
 
 
 def _upload(parts: dict, device: torch.device) -> dict:
@@ -269,6 +275,7 @@ class ExactTier:
         if entries:
             parts["store_src"] = np.concatenate([row * seq + s + np.arange(n, dtype=np.int64) for row, s, n in store])
             parts["store_dst"] = np.concatenate([self.index.token_rows(e) for e in entries])
+            plan.store_all = every_token(parts["store_src"], len(compute) * seq)
         on_device = _upload(parts, device)
         plan.compute = on_device.get("compute")
         plan.served_dst = on_device.get("served_dst")
@@ -369,10 +376,9 @@ class ExactTier:
     def _kv(self, position: int, plan: Plan, real, stand_in, out) -> None:
         """Keep the computed rows' K|V for the insert and give the real cache all B rows'."""
         if stand_in is not None and stand_in.keys is not None:
-            m, heads, t, head_dim = stand_in.keys.shape
-            computed = torch.cat([stand_in.keys.transpose(1, 2).reshape(m, t, -1),
-                                  stand_in.values.transpose(1, 2).reshape(m, t, -1)], dim=-1).to(out.dtype)
-            layout = (heads, head_dim, stand_in.keys.dtype, stand_in.layer_idx)
+            keys, values = stand_in.keys, stand_in.values  # [M, heads, T, head dim]
+            computed = (keys, values)
+            layout = (keys.shape[1], keys.shape[3], keys.dtype, stand_in.layer_idx)
         else:  # no row computes: everything comes from the entries
             computed, layout = None, self.kv_layout.get(position)
         if layout is None:
@@ -382,19 +388,22 @@ class ExactTier:
         if real is None:
             return
         heads, head_dim, dtype, layer_idx = layout
+        if plan.compute is None:  # every row computed: the real cache takes the block's own K, V
+            real.update(keys, values, layer_idx)
+            return
         width = 2 * heads * head_dim
-        if plan.compute is None:
-            full = computed
-        else:
-            full = out.new_zeros((plan.batch, plan.seq, width))
-            if plan.m:
-                full.index_copy_(0, plan.compute, computed)
-            if plan.served:
-                hidden = plan.served_states.shape[1] - len(self.span) * width
-                cols = plan.served_states[:, hidden + position * width : hidden + (position + 1) * width]
-                full.view(-1, width).index_copy_(0, plan.served_dst, cols.to(full.dtype))
+        full = out.new_zeros((plan.batch, plan.seq, width))
+        if plan.m:
+            m, t = out.shape[:2]
+            flat = torch.cat([keys.transpose(1, 2).reshape(m, t, -1), values.transpose(1, 2).reshape(m, t, -1)],
+                             dim=-1).to(out.dtype)
+            full.index_copy_(0, plan.compute, flat)
             if plan.repeat_rows is not None:
-                full.index_copy_(0, plan.repeat_rows, computed.index_select(0, plan.repeat_src))
+                full.index_copy_(0, plan.repeat_rows, flat.index_select(0, plan.repeat_src))
+        if plan.served:
+            hidden = plan.served_states.shape[1] - len(self.span) * width
+            cols = plan.served_states[:, hidden + position * width : hidden + (position + 1) * width]
+            full.view(-1, width).index_copy_(0, plan.served_dst, cols.to(full.dtype))
         b, t = full.shape[:2]
         keys = full[..., : width // 2].reshape(b, t, heads, head_dim).transpose(1, 2)
         values = full[..., width // 2 :].reshape(b, t, heads, head_dim).transpose(1, 2)
@@ -422,26 +431,34 @@ class ExactTier:
         if self.decoder and (len(plan.kv) != len(self.span) or any(kv is None for kv in plan.kv)):
             self.abort(plan)
             return
-        states = out if not self.decoder else torch.cat([out] + plan.kv, dim=-1)
-        features = states.shape[-1]
-        if features != self.arena.features or states.dtype != self.arena.dtype:
+        pieces = [out]
+        if self.decoder:  # per block, K then V as [M, T, heads * head dim] (a copy of the transposed K/V)
+            m, t = out.shape[:2]
+            pieces += [x.transpose(1, 2).reshape(m, t, -1) for kv in plan.kv for x in kv]
+        features = sum(p.shape[-1] for p in pieces)
+        if features != self.arena.features or out.dtype != self.arena.dtype:
             self.owner.count_not_cached("layout_changed", len(plan.entries))
             self.abort(plan)
             return
-        taken = states.reshape(-1, features).index_select(0, plan.store_src)
-        self.commit_states(plan.entries, [n for _, _, n in plan.store], plan.store_dst, taken)
+        # (Every computed token stored, in order: the pieces as they are, no selection.)
+        everything = plan.store_src.numel() == out.shape[0] * out.shape[1] and plan.store_all
+        parts = [p.reshape(-1, p.shape[-1]) if everything else p.reshape(-1, p.shape[-1]).index_select(0, plan.store_src)
+                 for p in pieces]
+        self.commit_states(plan.entries, [n for _, _, n in plan.store], plan.store_dst, parts)
         plan.entries = []
 
-    def commit_states(self, entries: list, ntokens: list, dst: torch.Tensor, taken: torch.Tensor) -> None:
-        """Write `taken` [W, F] (the reserved `entries`' tokens, in order) at arena rows `dst` and
-        publish the entries (parents before children); their finiteness is checked at the next routing."""
+    def commit_states(self, entries: list, ntokens: list, dst: torch.Tensor, parts: list) -> None:
+        """Write `parts` ([W, F_i], widths adding up to F: the reserved `entries`' tokens, in
+        order) at arena rows `dst` and publish the entries (parents before children); their
+        finiteness is checked at the next routing."""
+        finite = torch.isfinite(sum(p.float().sum(1) for p in parts)).long()
         with self.owner.lock:
             self.arena.grow(self.index.num_pages)
-            self.arena.write(dst, taken)
+            self.arena.write(dst, parts)
             committed = []
             for entry, n in zip(entries, ntokens):
                 key = self.index.keys[entry]
                 # (False: another thread stored the same row meanwhile; its copy stays.)
                 committed.append((entry if self.index.commit(entry) else -1, key, n))
-            self.pending.append((committed, torch.isfinite(taken.float().sum(1)).long()))
+            self.pending.append((committed, finite))
             self.owner.counters.inserted += sum(e >= 0 for e, _, _ in committed)

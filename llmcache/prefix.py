@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import rows
-from .exact import Plan, _upload
+from .exact import Plan, _upload, every_token
 
 
 @dataclass
@@ -182,6 +182,7 @@ def _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed
         parts["store_src"] = np.concatenate([position[r] * seq + int(start[r]) + at + np.arange(n, dtype=np.int64)
                                              for r, at, n in store])
         parts["store_dst"] = np.concatenate([index.token_rows(e) for e in entries])
+        plan.store_all = every_token(parts["store_src"], len(compute) * seq)
     on_device = _upload(parts, device)
     plan.compute = on_device.get("compute")
     plan.served_dst = on_device.get("served_dst")
@@ -204,7 +205,9 @@ def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, key
     sfx_ids = np.zeros((batch, smax), dtype=np.int64)
     sfx_pos = np.zeros((batch, smax), dtype=np.int64)
     kv_mask = np.zeros((batch, width), dtype=np.int64)
-    prefix_src, prefix_slot, prefix_dst, suffix_src, suffix_slot, suffix_dst = [], [], [], [], [], []
+    prefix_src, prefix_slot, prefix_dst, suffix_src, suffix_dst = [], [], [], [], []
+    uniform = seq == width and all(int(start[r]) == 0 and cached[r] == pmax and suffix_len[r] == smax
+                                   for r in range(batch))
     for r in range(batch):
         s, p, k = int(start[r]), cached[r], suffix_len[r]
         if k:
@@ -218,23 +221,21 @@ def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, key
             prefix_slot.append(r * pmax + pmax - p + np.arange(p))
             prefix_dst.append(r * seq + s + np.arange(p))
         suffix_src.append(r * smax + np.arange(k))
-        suffix_slot.append(r * width + pmax + np.arange(k))
         suffix_dst.append(r * seq + s + p + np.arange(k))
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
     parts = {"ids": sfx_ids, "positions": sfx_pos, "mask": kv_mask, "prefix_src": cat(prefix_src),
              "prefix_slot": cat(prefix_slot), "prefix_dst": cat(prefix_dst), "suffix_src": cat(suffix_src),
-             "suffix_slot": cat(suffix_slot), "suffix_dst": cat(suffix_dst)}
+             "suffix_dst": cat(suffix_dst)}
     if entries:
         # A reserved page of row r covers its tokens [at, at + n), all at or after the row's cached prefix.
         parts["store_src"] = np.concatenate([r * smax + at - cached[r] + np.arange(n) for r, at, n in store])
-        parts["store_slot"] = np.concatenate([r * width + pmax + at - cached[r] + np.arange(n) for r, at, n in store])
         parts["store_dst"] = np.concatenate([index.token_rows(e) for e in entries])
     dev = _upload(parts, device)
     for name, shape in (("ids", (batch, smax)), ("positions", (batch, smax)), ("mask", (batch, width))):
         dev[name] = dev[name].view(shape)
     states = tier.arena.read(dev["prefix_src"]) if pmax else None
     return SuffixPlan(batch, seq, pmax, smax, sum(cached), sum(suffix_len), entries, [n for _, _, n in store],
-                      dev, {"cached": cached, "whole": sum(whole), "prefix": sum(1 for r in range(batch)
+                      dev, {"cached": cached, "uniform": uniform, "whole": sum(whole), "prefix": sum(1 for r in range(batch)
                                                                                 if cached[r] and not whole[r])}, states)
 
 
@@ -247,19 +248,30 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
 
     dev = plan.dev
     batch, pmax, smax, seq = plan.batch, plan.prefix, plan.suffix, plan.seq
-    width = pmax + smax
     hidden_size = tier.arena.features - len(tier.span) * tier.kv_width
-    heads, head_dim = tier.kv_heads, tier.kv_width // (2 * tier.kv_heads)
-    kv_dtype = tier.kv_dtype
+    half = tier.kv_width // 2
+    heads = tier.kv_heads
+    device = dev["ids"].device
+    # Uniform: every row starts at 0 with the same cached and computed lengths (a batch of one):
+    # the cached K/V are views of the states read, and the stand-in's cache is the caller's.
+    uniform = plan.host["uniform"]
+
+    def prefix_kv(position: int, which: int) -> torch.Tensor:
+        """[B, heads, Pmax, head dim]: block `position`'s cached K (0) or V (1), zeros where a
+        row's prefix is shorter than Pmax (those slots are masked)."""
+        lo = hidden_size + position * tier.kv_width + which * half
+        cols = plan.prefix_states[:, lo : lo + half].to(tier.kv_dtype)
+        if not uniform:
+            cols = cols.new_zeros((batch * pmax, half)).index_copy_(0, dev["prefix_slot"], cols)
+        return cols.view(batch, pmax, heads, -1).transpose(1, 2)
+
     stand_in = DynamicCache()
     for position in range(len(tier.span)):
-        kv = torch.zeros(batch * pmax, tier.kv_width, dtype=kv_dtype, device=dev["ids"].device)
         if pmax:
-            lo = hidden_size + position * tier.kv_width
-            kv.index_copy_(0, dev["prefix_slot"], plan.prefix_states[:, lo : lo + tier.kv_width].to(kv_dtype))
-        kv = kv.view(batch, pmax, 2, heads, head_dim)
-        stand_in.update(kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous(),
-                        tier.layer_idx(position))
+            keys, values = prefix_kv(position, 0), prefix_kv(position, 1)
+        else:
+            keys = values = torch.zeros(batch, heads, 0, half // heads, dtype=tier.kv_dtype, device=device)
+        stand_in.update(keys, values, tier.layer_idx(position))
     name = tier.cache_name
     real = arguments.get(name)
     use_cache = arguments.get("use_cache")
@@ -269,7 +281,7 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
     kwargs.update({"input_ids": dev["ids"], "attention_mask": dev["mask"], "position_ids": dev["positions"],
                    name: stand_in, "use_cache": True})
     if "cache_position" in tier.owner.signature.parameters:
-        kwargs["cache_position"] = torch.arange(pmax, width, device=dev["ids"].device)
+        kwargs["cache_position"] = torch.arange(pmax, pmax + smax, device=device)
     if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
         kwargs["token_type_ids"] = torch.zeros_like(dev["ids"])  # (gate: decoders' token types are zero here)
     forward.capture = []
@@ -279,34 +291,44 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
         captured, forward.capture = forward.capture, None
     out = result[0] if isinstance(result, tuple) else result.last_hidden_state
     # Every position's output in the call's layout: prefix from the bank, the rest computed.
-    full = out.new_zeros((batch * seq, out.shape[-1]))
-    if pmax:
-        norm = tier.final_norm
-        full.index_copy_(0, dev["prefix_dst"], norm(plan.prefix_states[:, :hidden_size].to(out.dtype)))
-    full.index_copy_(0, dev["suffix_dst"], out.reshape(batch * smax, -1).index_select(0, dev["suffix_src"]))
-    full = full.view(batch, seq, -1)
+    if uniform:
+        parts = ([tier.final_norm(plan.prefix_states[:, :hidden_size].to(out.dtype)).view(batch, pmax, -1)]
+                 if pmax else [])
+        full = torch.cat(parts + [out], dim=1)
+    else:
+        full = out.new_zeros((batch * seq, out.shape[-1]))
+        if pmax:
+            full.index_copy_(0, dev["prefix_dst"], tier.final_norm(plan.prefix_states[:, :hidden_size].to(out.dtype)))
+        full.index_copy_(0, dev["suffix_dst"], out.reshape(batch * smax, -1).index_select(0, dev["suffix_src"]))
+        full = full.view(batch, seq, -1)
     layers = [stand_in.layers[tier.layer_idx(p)] for p in range(len(tier.span))]
-    flat = [torch.cat([layer.keys.transpose(1, 2).reshape(batch * width, -1),
-                       layer.values.transpose(1, 2).reshape(batch * width, -1)], dim=1) for layer in layers]
+    # The computed tokens' K and V per block, [B * S, half] each (slots after the prefix).
+    suffix_kv = [[t[:, :, pmax:].transpose(1, 2).reshape(batch * smax, half) for t in (layer.keys, layer.values)]
+                 for layer in layers]
     cache = real if real is not None else (DynamicCache() if use_cache else None)
     if cache is not None:
-        for position, kv in enumerate(flat):
-            kv_full = kv.new_zeros((batch * seq, tier.kv_width))
-            if pmax:
-                lo = hidden_size + position * tier.kv_width
-                kv_full.index_copy_(0, dev["prefix_dst"], plan.prefix_states[:, lo : lo + tier.kv_width].to(kv.dtype))
-            kv_full.index_copy_(0, dev["suffix_dst"], kv.index_select(0, dev["suffix_slot"]))
-            kv_full = kv_full.view(batch, seq, 2, heads, head_dim)
-            cache.update(kv_full[:, :, 0].transpose(1, 2).contiguous(), kv_full[:, :, 1].transpose(1, 2).contiguous(),
-                         tier.layer_idx(position))
+        for position, layer in enumerate(layers):
+            if uniform:
+                cache.update(layer.keys, layer.values, tier.layer_idx(position))
+                continue
+            both = []
+            for which in (0, 1):
+                flat = suffix_kv[position][which].new_zeros((batch * seq, half))
+                if pmax:
+                    lo = hidden_size + position * tier.kv_width + which * half
+                    flat.index_copy_(0, dev["prefix_dst"], plan.prefix_states[:, lo : lo + half].to(flat.dtype))
+                flat.index_copy_(0, dev["suffix_dst"], suffix_kv[position][which].index_select(0, dev["suffix_src"]))
+                both.append(flat.view(batch, seq, heads, -1).transpose(1, 2).contiguous())
+            cache.update(both[0], both[1], tier.layer_idx(position))
     if plan.entries:
         last = captured[-1] if captured else None
         if last is None or last.shape[:2] != (batch, smax):
             tier.abort(plan)
         else:
-            taken = torch.cat([last.reshape(batch * smax, -1).index_select(0, dev["store_src"]).to(tier.arena.dtype)]
-                              + [kv.index_select(0, dev["store_slot"]).to(tier.arena.dtype) for kv in flat], dim=1)
-            tier.commit_states(plan.entries, plan.store_n, dev["store_dst"], taken)
+            src = dev["store_src"]
+            parts = [last.reshape(batch * smax, -1).index_select(0, src)]
+            parts += [t.index_select(0, src) for kv in suffix_kv for t in kv]
+            tier.commit_states(plan.entries, plan.store_n, dev["store_dst"], parts)
             plan.entries = []
     if isinstance(result, tuple):
         return (full, cache) + tuple(result[2:]) if len(result) > 1 else (full,)

@@ -66,10 +66,18 @@ class PagedArena:
         """[S, F] the states at flat token rows int64 [S] (page * page_tokens + offset)."""
         return self.pages.view(-1, self.features).index_select(0, token_rows)
 
-    def write(self, token_rows: torch.Tensor, states: torch.Tensor) -> None:
-        """Store states [S, F] at flat token rows int64 [S]."""
+    def write(self, token_rows: torch.Tensor, states: torch.Tensor | list) -> None:
+        """Store states [S, F] at flat token rows int64 [S]; or a list of parts [S, F_i] whose
+        widths add up to F, each written to its columns (no concatenated copy)."""
+        flat = self.pages.view(-1, self.features)
         with torch.no_grad():
-            self.pages.view(-1, self.features).index_copy_(0, token_rows, states.detach().to(self.dtype))
+            if isinstance(states, torch.Tensor):
+                flat.index_copy_(0, token_rows, states.detach().to(self.dtype))
+                return
+            at = 0
+            for part in states:
+                flat[:, at : at + part.shape[1]].index_copy_(0, token_rows, part.detach().to(self.dtype))
+                at += part.shape[1]
 
     def clear(self) -> None:
         """Free the memory (the index forgets every entry beside this)."""
