@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         per_token = held[0].bytes // held[0].pages // page
         for state in ("cold", "steady"):
             budget = {"cold": None, "steady": args.prompts * 384 * per_token}[state]
-            streamed = llmcache.accelerate(copy.deepcopy(ref), max_bytes=budget or (1 << 30))
+            llmcache.disable(model)  # the same copy of the weights, accelerated afresh with this budget
+            streamed = llmcache.accelerate(model, max_bytes=budget or (1 << 30))
             if state == "steady":
                 for _ in range(2 * args.prompts):
                     streamed(input_ids=unique_ids(), logits_to_keep=1)  # fills the budget: evicting from here
@@ -183,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
             st = llmcache.stats(streamed)
             r.update(tokens_served=st.tokens_served, evictions=st.evictions, budget=budget)
             no_shared[state] = r
-            llmcache.disable(streamed)
-            del streamed
 
     print(f"{args.model}, {source}, {args.prompts} prompts per prefix, {args.repeats} repeats, "
           f"{args.threads} thread(s)")

@@ -22,6 +22,7 @@ arena. Served rows are zero at padding positions (mask == 0) of the output.
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,6 +147,20 @@ class ExactTier:
         self.cache_name = None  # the base model's KV cache argument
         self.kv_dtype = dtype
         self.final_norm = None
+
+    def read_buffer(self, rows_needed: int) -> torch.Tensor:
+        """This thread's buffer for states read from the arena, [>= rows_needed, F] (grown, kept):
+        a forward's prefix states live in it until the forward ends."""
+        local = self.__dict__.setdefault("_local", threading.local())
+        buf = getattr(local, "buffer", None)
+        arena = self.arena
+        if buf is None or buf.shape[0] < rows_needed or buf.dtype != arena.dtype or buf.device != arena.device \
+                or buf.shape[1] != arena.features:
+            with torch.inference_mode(False), torch.no_grad():
+                buf = torch.empty((max(rows_needed, 2 * (buf.shape[0] if buf is not None else 0)), arena.features),
+                                  dtype=arena.dtype, device=arena.device)
+            local.buffer = buf
+        return buf
 
     def layer_idx(self, position: int) -> int:
         """The KV cache layer of span block `position`."""

@@ -233,7 +233,7 @@ def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, key
     dev = _upload(parts, device)
     for name, shape in (("ids", (batch, smax)), ("positions", (batch, smax)), ("mask", (batch, width))):
         dev[name] = dev[name].view(shape)
-    states = tier.arena.read(dev["prefix_src"]) if pmax else None
+    states = tier.arena.read(dev["prefix_src"], tier.read_buffer(len(dev["prefix_src"]))) if pmax else None
     return SuffixPlan(batch, seq, pmax, smax, sum(cached), sum(suffix_len), entries, [n for _, _, n in store],
                       dev, {"cached": cached, "uniform": uniform, "whole": sum(whole), "prefix": sum(1 for r in range(batch)
                                                                                 if cached[r] and not whole[r])}, states)

@@ -62,9 +62,14 @@ class PagedArena:
         self.pages = bigger
         return self.num_pages
 
-    def read(self, token_rows: torch.Tensor) -> torch.Tensor:
-        """[S, F] the states at flat token rows int64 [S] (page * page_tokens + offset)."""
-        return self.pages.view(-1, self.features).index_select(0, token_rows)
+    def read(self, token_rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[S, F] the states at flat token rows int64 [S] (page * page_tokens + offset); into
+        `out` ([>= S, F], reused: on the CPU a fresh large tensor costs more in page faults than
+        the copy itself)."""
+        flat = self.pages.view(-1, self.features)
+        if out is None:
+            return flat.index_select(0, token_rows)
+        return torch.index_select(flat, 0, token_rows, out=out[: token_rows.numel()])
 
     def write(self, token_rows: torch.Tensor, states: torch.Tensor | list) -> None:
         """Store states [S, F] at flat token rows int64 [S]; or a list of parts [S, F_i] whose
