@@ -78,6 +78,17 @@ class Plan:
     tokens: tuple | None = None  # (real tokens served, real tokens computed)
     store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
 
+    def place(self, parts: dict, device: torch.device, arena) -> None:
+        """Upload the host index arrays `parts` (compute, served_src/dst, repeat_rows/src,
+        store_src/dst) in one copy and read the served rows' states from `arena`."""
+        on_device = _upload(parts, device)
+        self.compute = on_device.get("compute")
+        self.served_dst = on_device.get("served_dst")
+        self.repeat_rows, self.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
+        self.store_src, self.store_dst = on_device.get("store_src"), on_device.get("store_dst")
+        if "served_src" in on_device:
+            self.served_states = arena.read(on_device["served_src"])
+
     @torch.compiler.disable
     def slice(self, value):
         """`value` with every batch-major tensor cut to the computing rows (ndim >= 2, size(0) == B)."""
@@ -291,13 +302,7 @@ class ExactTier:
             parts["store_src"] = np.concatenate([row * seq + s + np.arange(n, dtype=np.int64) for row, s, n in store])
             parts["store_dst"] = np.concatenate([self.index.token_rows(e) for e in entries])
             plan.store_all = every_token(parts["store_src"], len(compute) * seq)
-        on_device = _upload(parts, device)
-        plan.compute = on_device.get("compute")
-        plan.served_dst = on_device.get("served_dst")
-        plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
-        plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
-        if served_rows:
-            plan.served_states = self.arena.read(on_device["served_src"])
+        plan.place(parts, device, self.arena)
         return plan
 
     def _check_pending(self, batches: list, flags: np.ndarray | None, counts: dict) -> None:

@@ -52,7 +52,7 @@ class SuffixPlan:
 
 
 def _walk(index, header: bytes, ids, positions, types, page: int):
-    """(entries found from the row's start, tokens they cover, serial of the last one or -1)."""
+    """(entries found from the row's start, tokens they cover)."""
     found, covered, serial = [], 0, -1
     n = len(ids)
     while covered < n:
@@ -64,7 +64,7 @@ def _walk(index, header: bytes, ids, positions, types, page: int):
         found.append(entry)
         serial = int(index.serial[entry])
         covered = end
-    return found, covered, serial
+    return found, covered
 
 
 def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict,
@@ -88,7 +88,7 @@ def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device,
             covered.append(0)
             keyed.append(False)
             continue
-        f, c, _ = _walk(index, header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], page)
+        f, c = _walk(index, header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], page)
         found.append(f)
         covered.append(c)
         keyed.append(True)
@@ -183,13 +183,7 @@ def _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed
                                              for r, at, n in store])
         parts["store_dst"] = np.concatenate([index.token_rows(e) for e in entries])
         plan.store_all = every_token(parts["store_src"], len(compute) * seq)
-    on_device = _upload(parts, device)
-    plan.compute = on_device.get("compute")
-    plan.served_dst = on_device.get("served_dst")
-    plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
-    plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
-    if served_rows:
-        plan.served_states = tier.arena.read(on_device["served_src"])
+    plan.place(parts, device, tier.arena)
     return plan
 
 
