@@ -48,9 +48,7 @@ before and one after all configurations) and accuracy against the uncached model
       after the first of each window); rise = cached / uncached - 1, in %.
 Every configuration starts from fresh banks (accelerate ... disable) sized to hold every distinct
 row of the stream (capacity = distinct rows, max_bytes=None), so hit rates measure reuse, not
-eviction. Verification and divergence eviction stay at their defaults (verify_rate 0.05,
-max_divergence 0.02); the torch seed is fixed before each cached pass so the sampled
-verifications repeat. "rows changed" is the share of stream rows whose output moved (STS:
+eviction. "rows changed" is the share of stream rows whose output moved (STS:
 1 - cos > 1e-4; perplexity: mean NLL per token moved by > 1e-3). The frontier PNG plots speedup
 against accuracy drop, one marker per (tau, mode) and a star for exact only.
 
@@ -287,10 +285,9 @@ def timed_pass(model, encoded: list[dict], device: str, readout: Callable) -> tu
 
 def cached_pass(model, encoded: list[dict], device: str, readout: Callable, config: llmcache.CacheConfig,
                 runner=None) -> tuple[float, torch.Tensor, llmcache.CacheStats]:
-    """One timed pass with `model` accelerated by `config` from fresh banks (torch seed 0, so sampled
-    verifications repeat), then disabled: (seconds, readouts, stats). `runner`: the module to call
-    (default the model itself; e.g. its base model to read hidden states)."""
-    torch.manual_seed(0)
+    """One timed pass with `model` accelerated by `config` from fresh banks, then disabled:
+    (seconds, readouts, stats). `runner`: the module to call (default the model itself; e.g. its
+    base model to read hidden states)."""
     llmcache.accelerate(model, config)
     try:
         seconds, outputs = timed_pass(runner or model, encoded, device, readout)
@@ -387,7 +384,6 @@ def hitrate(args, device: str) -> dict:
                 "layer": s.layer, "depth": s.layer / max(depth - 1, 1), "lookups": s.lookups,
                 "exact_rate": s.exact_hits / s.lookups if s.lookups else 0.0,
                 "semantic_rate": s.semantic_hits / s.lookups if s.lookups else 0.0,
-                "verified": s.verified, "mean_divergence": s.mean_divergence, "semantic_enabled": s.semantic_enabled,
             } for s in stats.layers]
             near_same_length = _near_same_length(kinds, origins, lengths)
             shares = {k: kinds.count(k) / len(kinds) for k in ("new", "repeat", "near")}
@@ -398,8 +394,6 @@ def hitrate(args, device: str) -> dict:
                 table.append({
                     "model": name, "dataset": dataset, "layer": row["layer"], "depth": f"{row['depth']:.2f}",
                     "exact %": f"{100 * row['exact_rate']:.1f}", "semantic %": f"{100 * row['semantic_rate']:.1f}",
-                    "verified": row["verified"], "divergence": f"{row['mean_divergence']:.4f}",
-                    "sem. on": "yes" if row["semantic_enabled"] else "no",
                 })
             print(f"hitrate {name} {dataset}: rows {len(stream)} shares "
                   + " ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items())
@@ -477,22 +471,13 @@ def sweep_task(model, encoded: list[dict], device: str, readout: Callable, capac
             seconds, outputs, stats = cached_pass(model, encoded, device, readout, config)
             runs.append({"label": label, "tau": tau, "mode": mode, "on_s": seconds, "outputs": outputs,
                          "hit_rate": stats.hit_rate, "exact_rate": stats.exact_hits / max(stats.lookups, 1),
-                         "semantic_rate": stats.semantic_hits / max(stats.lookups, 1), "verified": stats.verified,
-                         "mean_divergence": _mean_divergence(stats),
-                         "semantic_off_layers": sum(not s.semantic_enabled for s in stats.layers),
+                         "semantic_rate": stats.semantic_hits / max(stats.lookups, 1),
                          "layer_hit_rates": [s.hit_rate for s in stats.layers]})
             print(f"  {label:10} {mode:8} hit {100 * stats.hit_rate:5.1f}% "
                   f"(semantic {100 * runs[-1]['semantic_rate']:4.1f}%) {seconds:6.1f} s", flush=True)
         off_last, _ = timed_pass(model, encoded, device, readout)
     return {"off_all": [off_first, off_last], "off_s": statistics.median([off_first, off_last]),
             "reference": reference, "runs": runs}
-
-
-def _mean_divergence(stats: llmcache.CacheStats) -> float | None:
-    """Mean measured 1 - cosine of the verified semantic hits over all layers (None: none verified)."""
-    verified = [s for s in stats.layers if s.verified]
-    total = sum(s.verified for s in verified)
-    return sum(s.mean_divergence * s.verified for s in verified) / total if total else None
 
 
 def sts_task(args, device: str) -> dict:
@@ -585,12 +570,11 @@ def sweep(args, device: str) -> dict:
             table.append({
                 "task": task["task"], "config": run["label"], "mode": run["mode"] if run["tau"] else "-",
                 "hit %": f"{100 * run['hit_rate']:.1f}", "exact %": f"{100 * run['exact_rate']:.1f}",
-                "semantic %": f"{100 * run['semantic_rate']:.1f}", "sem. off layers": run["semantic_off_layers"],
+                "semantic %": f"{100 * run['semantic_rate']:.1f}",
                 "off ms/row": f"{1e3 * task['off_s'] / task['rows']:.2f}",
                 "on ms/row": f"{1e3 * run['on_s'] / task['rows']:.2f}", "speedup": f"{run['speedup']:.2f}x",
                 "metric": f"{run['metric']:.4f}",
                 "drop": f"{run['drop']:+.2f} {task['drop_unit']}", "rows changed": f"{100 * run['rows_changed']:.1f}%",
-                "monitor 1-cos": "-" if run["mean_divergence"] is None else f"{run['mean_divergence']:.3f}",
             })
     notes = [
         f"{t['task']} ({t['model']}): {t['rows']} stream rows, uncached {t['metric_name']} {t['uncached']:.4f}; "
@@ -598,8 +582,7 @@ def sweep(args, device: str) -> dict:
         for t in tasks
     ]
     notes.append("drop: Spearman points lost (x100) for STS-B; perplexity rise in % for WikiText-2; "
-                 "metric: Spearman or perplexity of the cached run; sem. off layers: layers whose divergence monitor "
-                 "switched semantic reuse off; monitor 1-cos: the monitor's mean measured deviation of verified hits")
+                 "metric: Spearman or perplexity of the cached run")
     out = Path(args.out)
     write_report(out, "sweep", header(args, device), {"tasks": tasks}, table, notes)
     plot_frontier(tasks, out / "experiments-sweep.png")

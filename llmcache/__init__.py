@@ -12,24 +12,31 @@ from . import ops
 from ._build_info import __version__, build_info
 from .adapters import register_adapter
 from .api import CacheStats, Held, HeldEntry, accelerate, bypass, cached, disable, held, is_accelerated, reset, stats
+from .calibrate import Calibration, calibrate
 from .config import CacheConfig
 from .persist import load, save
+from .promise import Semantic
 from .ring_buffer import RingBuffer
 from .rows import namespace
 from .semantic import LayerStats
+from .verified import SemanticStats
 
 __all__ = [
     "CacheConfig",
     "CacheStats",
+    "Calibration",
     "Held",
     "HeldEntry",
     "LayerStats",
     "RingBuffer",
+    "Semantic",
+    "SemanticStats",
     "__version__",
     "accelerate",
     "build_info",
     "bypass",
     "cached",
+    "calibrate",
     "disable",
     "held",
     "is_accelerated",

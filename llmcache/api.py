@@ -20,6 +20,7 @@ from .cache import ModelCache
 from .config import CacheConfig
 from .exact import ExactTier
 from .semantic import CachedLayer, LayerStats
+from .verified import SemanticStats, SemanticTier
 
 _ATTR = "_llmcache"
 
@@ -84,6 +85,8 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         owner.exact = ExactTier(owner, blocks, span, adapter.decoder, features, weight.dtype, weight.device)
         if adapter.decoder:
             _decoder_layout(owner.exact, base, blocks, span)
+        if config.semantic is not None:
+            _semantic_tier(owner, model, base, adapter, embedding)  # (its refusals come before any patch)
         for position, index in enumerate(span):
             blocks[index].forward = functools.partial(owner.exact.block_forward, position)
     else:
@@ -101,6 +104,53 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     if inner is not model:
         setattr(inner, _ATTR, owner)  # the wrapper and the model inside share one cache
     return model
+
+
+def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter, embedding) -> None:
+    """Attach the verified semantic tier (CacheConfig.semantic), refusing what it cannot serve."""
+    semantic = owner.config.semantic
+    if adapter.decoder:
+        raise ValueError("CacheConfig.semantic: the verified semantic tier serves encoders only for now (a decoder's "
+                         "served row would need its neighbour's KV cache checked too); drop semantic= for decoders")
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(  # noqa: TRY004 (a model the tier cannot serve, not a wrong argument type)
+            f"CacheConfig.semantic: {type(base).__name__} takes no token ids (its input embedding is "
+            f"{type(embedding).__name__}); the verified semantic tier fingerprints token embeddings")
+    semantic.check_model(model, base)
+    sentence_transformer = any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__)
+    owner.near = SemanticTier(semantic, owner.config.num_bits, owner.config.seed)
+    if sentence_transformer:
+        owner.near.pooling = _sentence_pooling(model, semantic)
+    owner.read_top = model is not base and (semantic.kind == "label" or sentence_transformer)
+    if not owner.read_top:
+        return
+    top_forward = model.forward
+
+    @functools.wraps(top_forward)
+    def forward(*args, **kwargs):
+        done = owner.local.__dict__.setdefault("near_done", [])
+        depth = len(done)
+        try:
+            output = top_forward(*args, **kwargs)
+            for pending in done[depth:]:
+                owner.finish_near(pending, output, top=True)
+        finally:
+            del done[depth:]
+        return output
+
+    model.forward = forward
+
+
+def _sentence_pooling(model: nn.Module, semantic) -> str:
+    """A SentenceTransformer's pooling, "mean" or "cls"; refused for serve="pooled" when it is another."""
+    modes = [m.get_pooling_mode_str() for m in model.modules() if hasattr(m, "get_pooling_mode_str")]
+    mode = modes[0] if len(modes) == 1 else "+".join(modes)
+    if mode in ("mean", "cls"):
+        return mode
+    if semantic.serve == "pooled":
+        raise ValueError(f"Semantic.serve = 'pooled' needs mean or CLS pooling, and this SentenceTransformer pools by "
+                         f"{mode or 'nothing'}: use serve='states'")
+    return semantic.pooling
 
 
 def _hidden_size(base: nn.Module) -> int:
@@ -157,7 +207,7 @@ def disable(model: nn.Module) -> nn.Module:
     owner = _owner(model)
     modules = list(owner.exact.modules) if owner.exact is not None else []
     modules += [layer.module for layer in owner.layers.values()]
-    for module in modules + [owner.base]:
+    for module in modules + [owner.base] + ([owner.model] if owner.read_top else []):
         module.__dict__.pop("forward", None)
     for hook in owner.hooks:
         hook.remove()
@@ -179,7 +229,8 @@ def reset(model: nn.Module) -> None:
             if layer.bank is not None:
                 layer.bank.reset()
             layer.stats = LayerStats(layer=layer.index, bytes=layer.stats.bytes)
-            layer._divergence_samples = 0
+        if owner.near is not None:
+            owner.near.clear()
         owner.counters = type(owner.counters)()
 
 
@@ -218,13 +269,16 @@ class CacheStats:
     bank, not computed either (the first occurrence's result is copied); hits + repeats rows
     skipped the cached blocks.
     prefix_rows: decoder rows that computed only their tokens after a cached prefix.
+    last_semantic_rows: the rows of the last routed forward served a neighbour's output.
     tokens_served / tokens_computed: real tokens whose states came from the bank / were computed
     in cached forwards, in total; last_tokens: (served, computed) of the last cached forward.
     entries: entries held (a decoder's: pages of token prefixes, shared by every row extending
     them); bytes: bytes of the states they hold; bytes_reserved: bytes the banks
     have allocated. invalidations: times the weights changed and every entry was dropped.
-    fingerprint_s / lookup_s / verify_s: host wall time (on CUDA it counts launches, not kernels).
+    fingerprint_s / lookup_s: host wall time (on CUDA it counts launches, not kernels).
     layers: one LayerStats per cached layer.
+    semantic: the verified semantic tier's state and evidence (`llmcache.Semantic`), None when off;
+    its hits are in `hits` and `semantic_hits`.
     """
 
     tier: str  # "exact" or "semantic"
@@ -240,10 +294,8 @@ class CacheStats:
     entries: int
     bytes: int
     bytes_reserved: int
-    verified: int
     fingerprint_s: float
     lookup_s: float
-    verify_s: float
     not_cached: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     repeats: int = 0
@@ -251,6 +303,8 @@ class CacheStats:
     tokens_served: int = 0
     tokens_computed: int = 0
     last_tokens: tuple = (0, 0)
+    semantic: SemanticStats | None = None
+    last_semantic_rows: tuple = ()
 
     @property
     def hit_rate(self) -> float:
@@ -263,14 +317,12 @@ class CacheStats:
                 f"bytes_reserved={self.bytes_reserved}, not_cached={self.not_cached})")
 
     def __str__(self) -> str:
-        head = f"{'layer':>5} {'lookups':>8} {'hits':>7} {'hit%':>6} {'exact':>7} {'sem':>6} {'ins':>7} {'evict':>6} " \
-               f"{'verif':>5} {'diverg':>7}"
+        head = f"{'layer':>5} {'lookups':>8} {'hits':>7} {'hit%':>6} {'exact':>7} {'sem':>6} {'ins':>7} {'evict':>6}"
         lines = [head]
         for s in self.layers:
-            diverg = f"{s.mean_divergence:>7.4f}" if s.verified else f"{'-':>7}"
             lines.append(
                 f"{s.layer:>5} {s.lookups:>8} {s.hits:>7} {100 * s.hit_rate:>5.1f}% {s.exact_hits:>7} "
-                f"{s.semantic_hits:>6} {s.insertions:>7} {s.evictions:>6} {s.verified:>5} {diverg}"
+                f"{s.semantic_hits:>6} {s.insertions:>7} {s.evictions:>6}"
             )
         lines.append(
             f"forwards {self.forwards}, rows {self.rows}, hits {self.hits} ({100 * self.hit_rate:.1f} %), "
@@ -282,6 +334,13 @@ class CacheStats:
         if self.not_cached:
             lines.append("not cached (rows): " + ", ".join(f"{k} {v}" for k, v in sorted(self.not_cached.items())))
         lines.append(f"lookup {1e3 * self.lookup_s:.1f} ms, fingerprint {1e3 * self.fingerprint_s:.1f} ms")
+        if self.semantic is not None:
+            s = self.semantic
+            fmt = lambda b: "never measured" if b is None else f"{100 * b:.2f} %"
+            lines.append(f"semantic tier ({s.promise}): {s.state}; served {s.served}, would-be hits {s.would_be}, "
+                         f"checked {s.verified} ({s.failed} outside tolerance), explored {s.explored} "
+                         f"({s.explored_failed} failed), error bound {fmt(s.error_bound)}, explored-sample bound "
+                         f"{fmt(s.realised_bound)}, neighbours narrowed {s.narrowed}")
         return "\n".join(lines)
 
 
@@ -292,8 +351,9 @@ def stats(model: nn.Module) -> CacheStats:
         c = owner.counters
         if owner.exact is not None:
             tier = owner.exact
-            layers = [LayerStats(layer=i, lookups=c.looked_up, hits=c.served, exact_hits=c.served,
-                                 insertions=c.inserted, evictions=c.evicted) for i in tier.span]
+            layers = [LayerStats(layer=i, lookups=c.looked_up, hits=c.served, exact_hits=c.served - c.semantic_served,
+                                 semantic_hits=c.semantic_served, insertions=c.inserted, evictions=c.evicted)
+                      for i in tier.span]
             entries, held, reserved = tier.index.entries, tier.held_bytes, tier.reserved_bytes
         else:
             layers = [LayerStats(**{f.name: getattr(layer.stats, f.name) for f in fields(LayerStats)})
@@ -310,18 +370,16 @@ def stats(model: nn.Module) -> CacheStats:
             rows=c.rows,
             lookups=c.looked_up if exact else total("lookups"),
             hits=c.served if exact else total("hits"),
-            exact_hits=c.served if exact else total("exact_hits"),
-            semantic_hits=0 if exact else total("semantic_hits"),
+            exact_hits=c.served - c.semantic_served if exact else total("exact_hits"),
+            semantic_hits=c.semantic_served if exact else total("semantic_hits"),
             insertions=c.inserted if exact else total("insertions"),
             evictions=c.evicted if exact else total("evictions"),
             invalidations=c.invalidations,
             entries=entries,
             bytes=held,
             bytes_reserved=reserved,
-            verified=total("verified"),
             fingerprint_s=c.fingerprint_s + total("fingerprint_s"),
             lookup_s=c.lookup_s + total("lookup_s"),
-            verify_s=total("verify_s"),
             not_cached=dict(c.not_cached),
             layers=layers,
             repeats=c.repeats,
@@ -329,6 +387,8 @@ def stats(model: nn.Module) -> CacheStats:
             tokens_served=c.tokens_served,
             tokens_computed=c.tokens_computed,
             last_tokens=tuple(c.last_tokens),
+            semantic=owner.near.stats() if owner.near is not None else None,
+            last_semantic_rows=tuple(c.last_semantic_rows),
         )
 
 

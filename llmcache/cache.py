@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,8 @@ class Forward:
     suffix: object | None = None  # prefix.SuffixPlan: the rows compute from their cached prefixes on
     arguments: dict | None = None  # the call's bound arguments (for the suffix call)
     capture: list | None = None  # the last block's outputs, recorded during the suffix call
+    near: object | None = None  # verified.Pending: the verified semantic tier's checks and records
+    extra_host: object | None = None  # host copy of `_route`'s extra payload (semantic codes)
 
 
 @dataclass
@@ -46,12 +49,14 @@ class Counters:
     rows: int = 0  # every row of every forward the cache saw, cached or not (decode steps apart)
     decode_steps: int = 0  # generate()'s steps after the prefill: never cached, not counted in rows
     looked_up: int = 0  # rows looked up in the exact tier
-    served: int = 0  # rows served from the exact tier
+    served: int = 0  # rows served from the exact tier (semantic hits included)
+    semantic_served: int = 0  # of them, rows served a neighbour's entry by the verified semantic tier
     repeats: int = 0  # rows repeating an earlier row of their batch (computed once, copied)
     prefix_rows: int = 0  # decoder rows that computed only the tokens after their cached prefix
     tokens_served: int = 0  # real tokens whose states came from the bank (whole rows and prefixes)
     tokens_computed: int = 0  # real tokens the cached forwards computed
     last_tokens: tuple = (0, 0)  # (served, computed) tokens of the last routed forward
+    last_semantic_rows: tuple = ()  # rows of the last routed forward served by the verified semantic tier
     inserted: int = 0
     evicted: int = 0
     invalidations: int = 0  # times the weights changed and the entries were dropped
@@ -69,6 +74,8 @@ class ModelCache:
     layer_ids: list[int]
     planes: torch.Tensor
     exact: object | None = None  # exact.ExactTier (threshold None)
+    near: object | None = None  # verified.SemanticTier (CacheConfig.semantic set)
+    read_top: bool = False  # the semantic tier judges the accelerated wrapper's output, not the base model's
     layers: dict = field(default_factory=dict)  # block index -> semantic.CachedLayer (threshold set)
     hooks: list = field(default_factory=list)
     namespaces: dict = field(default_factory=lambda: {"": 0})
@@ -118,7 +125,10 @@ class ModelCache:
                 from .prefix import suffix_forward
 
                 return suffix_forward(self.exact, forward.suffix, forward.arguments, forward, self.original_forward)
-            return self.original_forward(*args, **kwargs)
+            output = self.original_forward(*args, **kwargs)
+            if forward is not None and forward.near is not None:
+                self.finish_near(forward.near, output, top=False)
+            return output
         finally:
             stack.pop()
             for plan in (forward.plan, forward.suffix) if forward is not None else ():
@@ -179,9 +189,38 @@ class ModelCache:
             return forward
         # RoBERTa-style embeddings number positions from the ids themselves, padding included.
         ids_before = arguments.get("position_ids") is None and self.positions_from_ids
+        if self.near is None:
+            self._route(forward, batch_host, seq, lambda host, counts, pending: self.exact.route(
+                self.exact.token_row_keys(header, host, ids_before, counts), seq, ids.device, counts, pending))
+            return forward
+        from .verified import Pending
+
+        forward.near = Pending(mask)
+        codes = self.token_codes(ids, mask)
         self._route(forward, batch_host, seq, lambda host, counts, pending: self.exact.route(
-            self.exact.token_row_keys(header, host, ids_before, counts), seq, ids.device, counts, pending))
+            self.exact.token_row_keys(header, host, ids_before, counts), seq, ids.device, counts, pending,
+            (self.near, forward.near, rows.near_keys(header, host, ids_before, self.near.semantic.serve == "pooled"),
+             forward.extra_host.reshape(codes.shape).view(np.uint64))), extra=codes)
         return forward
+
+    def token_codes(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """int64 [B, W]: SimHash of each row's mean input token embedding (the word embeddings
+        of its real tokens: what the verified semantic tier looks neighbours up by)."""
+        start = time.perf_counter()
+        embeds = self.base.get_input_embeddings()(ids)
+        codes = simhash_pooled_unchecked(embeds, mask, self.planes, backend=self.config.backend)
+        self.counters.fingerprint_s += time.perf_counter() - start
+        return codes
+
+    def finish_near(self, pending, output, top: bool) -> None:
+        """The forward ran: judge its semantic checks on `output` (the base model's, or with
+        `top` the accelerated wrapper's, which `read_top` says the tier reads)."""
+        if top != self.read_top:
+            if not top:
+                self.local.__dict__.setdefault("near_done", []).append(pending)
+            return
+        with self.lock:
+            self.near.finish(pending, output)
 
     @torch.compiler.disable
     def route_pixels(self, forward: Forward, seq: int) -> None:
@@ -191,17 +230,22 @@ class ModelCache:
         self._route(forward, hashes, seq, lambda host, counts, pending: self.exact.route(
             [(rows.pixel_key(header, row, seq), 0, seq) for row in host], seq, hashes.device, counts, pending))
 
-    def _route(self, forward: Forward, batch_host: torch.Tensor, seq: int, router) -> None:
-        """Bring `batch_host` (with the pending finiteness flags) to the host in one copy and route
-        the forward: `router(host array, counts, pending)` returns its plan (`exact.Plan`, a
+    def _route(self, forward: Forward, batch_host: torch.Tensor, seq: int, router, extra=None) -> None:
+        """Bring `batch_host` (with the pending finiteness flags, and `extra`, int64, whose host
+        copy lands in `forward.extra_host`) to the host in one copy and route the forward:
+        `router(host array, counts, pending)` returns its plan (`exact.Plan`, a
         `prefix.SuffixPlan` or None)."""
         start = time.perf_counter()
         with self.lock:
             pending, flags = self.exact.take_pending()
             payload = batch_host.flatten()
+            if extra is not None:
+                payload = torch.cat([extra.flatten().to(payload.device), payload])
             if flags is not None:
                 payload = torch.cat([payload, flags.to(payload.device)])
             host = payload.cpu().numpy()  # the forward's one host synchronisation
+            if extra is not None:
+                forward.extra_host, host = host[: extra.numel()], host[extra.numel() :]
             size = batch_host.numel()
             counts: dict = {}
             evicted = self.exact.index.evictions
@@ -220,8 +264,10 @@ class ModelCache:
             else:
                 forward.plan = plan
                 c.served += plan.served
+                c.semantic_served += forward.near.served if forward.near is not None else 0
                 c.repeats += plan.repeats
                 c.last_tokens = getattr(plan, "tokens", None) or (0, 0)
+            c.last_semantic_rows = tuple(forward.near.served_rows) if forward.near is not None else ()
             c.tokens_served += c.last_tokens[0]
             c.tokens_computed += c.last_tokens[1]
             c.lookup_s += time.perf_counter() - start
@@ -237,6 +283,8 @@ class ModelCache:
             for layer in self.layers.values():
                 if layer.bank is not None:
                     layer.bank.reset()
+            if self.near is not None:
+                self.near.clear(prior=False)
 
     def fingerprint(self, embeds: torch.Tensor) -> None:
         """The semantic tier's fingerprint of the input embeddings `embeds` [B, T, D] (a hook's

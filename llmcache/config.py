@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-EVICTIONS = ("lru", "staleness", "divergence")
+EVICTIONS = ("lru", "staleness")
 MODES = ("state", "residual")
 FINGERPRINTS = ("embeddings", "hidden")
 
@@ -16,7 +16,12 @@ class CacheConfig:
     """How `llmcache.accelerate` caches a model's layers.
 
     Attributes:
-        threshold: cosine tau in (0, 1] of the semantic tier: a row reuses a cached entry when the
+        semantic: a `llmcache.Semantic` (the error you accept, e.g. Semantic(tolerance=0.95,
+            max_error=0.01)): the verified semantic tier, behind the exact tier, serves a row a
+            neighbour's output only where its own checks bound the error (llmcache/verified.py).
+            None (the default): off.
+        threshold: experts only, keeps no error bound: cosine tau in (0, 1] of the per-block
+            semantic tier (the paper's design): a row reuses a cached entry when the
             SimHash estimate of the cosine between their fingerprints is >= tau (Hamming radius
             nbits * arccos(tau) / pi). One value, or one per cached layer. None (the default)
             turns the semantic tier off: only exact repeats are served, which is lossless.
@@ -34,8 +39,7 @@ class CacheConfig:
         max_tokens: longest row (in real tokens) that the semantic tier caches; its banks store
             max_tokens positions per entry. The exact tier has no length limit but the budget.
         eviction: which entry a full bank overwrites: "lru" (least recently used), "staleness"
-            (lowest decayed match rate, half-life `staleness_half_life` ticks) or "divergence"
-            (highest measured reuse deviation first, then LRU).
+            (lowest decayed match rate, half-life `staleness_half_life` ticks).
         mode: "state" serves the cached h_l (the paper); "residual" adds the cached update
             h_l - h_{l-1} to the row's own input. Exact hits are bit-identical in "state" mode
             only ("residual" reproduces them up to rounding), which is why "state" is the
@@ -45,15 +49,12 @@ class CacheConfig:
             row's reuse it, bit-identical to recomputing in the same padded shape.
         fingerprint: "embeddings" (mean of the input token embeddings, as in the paper, computed
             once per forward) or "hidden" (mean of each block's own input hidden state).
-        verify_rate: fraction of semantic hits that are computed anyway to measure how far the
-            reused state is from the true one (divergence monitoring). 0 turns it off.
-        max_divergence: an entry whose measured 1 - cosine exceeds this is evicted; a layer whose
-            running mean exceeds it stops serving semantic hits.
         staleness_half_life: ticks (forward passes) over which a match rate halves.
         seed: seed of the SimHash hyperplanes.
         backend: kernel backend for the ops (None: automatic; see llmcache.ops).
     """
 
+    semantic: object | None = None  # llmcache.Semantic
     threshold: float | Sequence[float] | None = None
     num_bits: int = 256
     layers: Sequence[int] | range | None = None
@@ -65,8 +66,6 @@ class CacheConfig:
     mode: str = "state"
     exact: bool = True
     fingerprint: str = "embeddings"
-    verify_rate: float = 0.05
-    max_divergence: float = 0.02
     staleness_half_life: float = 256.0
     seed: int = 0
     backend: str | None = None
@@ -128,10 +127,13 @@ class CacheConfig:
         _require(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
         _require(self.fingerprint in FINGERPRINTS, "fingerprint", self.fingerprint, f"one of {FINGERPRINTS}")
         _require(isinstance(self.exact, bool), "exact", self.exact, "True or False")
-        _require(_is_number(self.verify_rate) and 0.0 <= self.verify_rate <= 1.0, "verify_rate", self.verify_rate,
-                 "a number in [0, 1]")
-        _require(_is_number(self.max_divergence) and self.max_divergence > 0.0, "max_divergence",
-                 self.max_divergence, "a number > 0")
+        from .promise import Semantic
+
+        _require(self.semantic is None or isinstance(self.semantic, Semantic), "semantic", self.semantic,
+                 "None or a llmcache.Semantic(tolerance=..., max_error=...)")
+        _require(self.semantic is None or (self.threshold is None and self.exact), "semantic", self.semantic,
+                 "None when threshold is set or exact is False (the verified tier works behind the exact tier; "
+                 "threshold is the unbounded per-block tier)")
         _require(_is_number(self.staleness_half_life) and self.staleness_half_life > 0.0, "staleness_half_life",
                  self.staleness_half_life, "a number > 0")
         _require(_is_int(self.seed), "seed", self.seed, "an int")

@@ -246,20 +246,23 @@ class ExactTier:
         return out
 
     def route(self, row_keys: list, seq: int, device: torch.device, counts: dict,
-              pending: tuple[list, np.ndarray] = ([], None)) -> Plan | None:
+              pending: tuple[list, np.ndarray] = ([], None), near=None) -> Plan | None:
         """The plan of a forward: `row_keys` (key or None, start, ntokens) per row, `seq` the
-        hidden states' length T. `pending`: from `take_pending`, its flags on the host. Call under
-        the owner's lock. None: nothing to route (every row computes, none stores)."""
+        hidden states' length T. `pending`: from `take_pending`, its flags on the host. `near`:
+        the verified semantic tier's part, (SemanticTier, its Pending, group key per row, codes
+        uint64 [B, W]): rows that miss may be served a neighbour's entry. Call under the owner's
+        lock. None: nothing to route (every row computes, none stores)."""
         self._check_pending(*pending, counts)
         try:
-            return self._route(row_keys, seq, device, counts)
+            return self._route(row_keys, seq, device, counts, near)
         finally:
             self.index.pinned.clear()
 
-    def _route(self, row_keys: list, seq: int, device: torch.device, counts: dict) -> Plan | None:
+    def _route(self, row_keys: list, seq: int, device: torch.device, counts: dict, near=None) -> Plan | None:
         batch = len(row_keys)
         start = [s for _, s, _ in row_keys]
         served_rows, served_entries, compute, repeat_rows, repeat_src = [], [], [], [], []
+        pooled = []  # (row, entry): served the entry's pooled state at each real token (Semantic.serve "pooled")
         entries, store = [], []
         first_row: dict[bytes, int] = {}
         for r, (key, s, n) in enumerate(row_keys):
@@ -275,19 +278,32 @@ class ExactTier:
                 repeat_rows.append(r)
                 repeat_src.append(first_row[key])
             else:
+                if near is not None:
+                    entry = near[0].consider(near[1], r, near[2][r], near[3][r], self.index)
+                    if entry >= 0:  # a neighbour's entry, served by the verified semantic tier
+                        self.index.pinned.add(entry)
+                        if near[0].semantic.serve == "pooled":
+                            pooled.append((r, entry))
+                        else:
+                            served_rows.append(r)
+                            served_entries.append(entry)
+                        continue
                 first_row[key] = r
                 entry = self.index.reserve(key, n)
                 if entry >= 0:
+                    if near is not None:
+                        near[0].stored(near[1], r, near[2][r], entry, key, near[3][r])
                     entries.append(entry)
                     store.append((len(compute), s, n))
                 elif key not in self.index.table:
                     counts["too_long"] = counts.get("too_long", 0) + 1
                 compute.append(r)
-        if not served_rows and not repeat_rows and not entries:
+        if not served_rows and not repeat_rows and not entries and not pooled:
             return None
-        plan = Plan(batch, seq, len(compute), len(served_rows), entries, store, repeats=len(repeat_rows))
-        plan.tokens = (sum(row_keys[r][2] for r in served_rows), sum(row_keys[r][2] for r in compute))
-        sliced = bool(served_rows or repeat_rows)
+        plan = Plan(batch, seq, len(compute), len(served_rows) + len(pooled), entries, store, repeats=len(repeat_rows))
+        plan.tokens = (sum(row_keys[r][2] for r in served_rows + [r for r, _ in pooled]),
+                       sum(row_keys[r][2] for r in compute))
+        sliced = bool(served_rows or repeat_rows or pooled)
         parts = {"compute": compute if sliced else None}
         if served_rows:
             src = [self.index.token_rows(e) for e in served_entries]
@@ -303,7 +319,28 @@ class ExactTier:
             parts["store_dst"] = np.concatenate([self.index.token_rows(e) for e in entries])
             plan.store_all = every_token(parts["store_src"], len(compute) * seq)
         plan.place(parts, device, self.arena)
+        if pooled:
+            self._place_pooled(plan, pooled, row_keys, near[0].pooling, device)
         return plan
+
+    def _place_pooled(self, plan: Plan, pooled: list, row_keys: list, pooling: str, device) -> None:
+        """Add to the plan's served tokens rows served a neighbour's pooled state: each real
+        token of row r holds the mean (pooling "mean") or the first token (pooling "cls") of the
+        entry's stored output, so the caller's pooling of the row gives the entry's pooled output."""
+        vectors, dst = [], []
+        for r, entry in pooled:
+            _, s, n = row_keys[r]
+            states = self.arena.read(torch.from_numpy(self.index.token_rows(entry)).to(device))
+            vector = states[:1] if pooling == "cls" else states.float().mean(0, keepdim=True).to(states.dtype)
+            vectors.append(vector.expand(n, -1))
+            dst.append(r * plan.seq + s + np.arange(n, dtype=np.int64))
+        states = torch.cat(vectors)
+        dst = torch.from_numpy(np.concatenate(dst)).to(device)
+        if plan.served_states is None:
+            plan.served_states, plan.served_dst = states, dst
+        else:
+            plan.served_states = torch.cat([plan.served_states, states])
+            plan.served_dst = torch.cat([plan.served_dst, dst])
 
     def _check_pending(self, batches: list, flags: np.ndarray | None, counts: dict) -> None:
         """Drop entries whose written tokens were not all finite."""

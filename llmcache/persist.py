@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 FORMAT = "llmcache-banks"
-VERSION = 3
-_BANK_FIELDS = ("codes", "keys", "tags", "valid", "last_used", "hit_count", "rate", "rate_tick", "divergence",
-                "values")
+VERSION = 4  # 4: the semantic banks no longer hold a `divergence` tensor
+_BANK_FIELDS = ("codes", "keys", "tags", "valid", "last_used", "hit_count", "rate", "rate_tick", "values")
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -153,7 +152,8 @@ def _check_header(header: dict, model: nn.Module, owner) -> None:
     if header.get("format") != FORMAT:
         raise ValueError(f"not an llmcache bank file (format {header.get('format')!r})")
     if header.get("version") != str(VERSION):
-        raise ValueError(f"bank file format version {header.get('version')} is not supported (this is {VERSION})")
+        raise ValueError(f"bank file format version {header.get('version')} is not supported (this is {VERSION}): "
+                         "rebuild the cache and save it again")
     if header.get("architecture") != _architecture(model):
         raise ValueError(f"the file was written for {header.get('architecture')}, this model is {_architecture(model)}")
     if header.get("weights") != weights_fingerprint(model):

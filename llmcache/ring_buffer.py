@@ -29,7 +29,7 @@ class RingBuffer:
         words: SimHash words W per code.
         entry_shape: shape of one stored entry, sequence axis first ([Tcap, F]).
         dtype, device: of the stored states (the model's).
-        eviction: "lru", "staleness" or "divergence" (see CacheConfig).
+        eviction: "lru" or "staleness" (see CacheConfig).
         half_life: staleness half-life in ticks.
         backend: kernel backend for the ops, None for automatic.
     """
@@ -79,7 +79,6 @@ class RingBuffer:
         self.hit_count = torch.zeros(capacity, dtype=torch.int64, **new)
         self.rate = torch.zeros(capacity, dtype=torch.float32, **new)
         self.rate_tick = torch.zeros(capacity, dtype=torch.int64, **new)
-        self.divergence = torch.zeros(capacity, dtype=torch.float32, **new)
 
     # ---- bookkeeping -------------------------------------------------------------------
     @property
@@ -89,13 +88,13 @@ class RingBuffer:
 
     def _tensors(self):
         return (self.codes, self.keys, self.tags, self.valid, self.last_used, self.hit_count, self.rate,
-                self.rate_tick, self.divergence, self.values)
+                self.rate_tick, self.values)
 
     @staticmethod
     def entry_bytes(entry_shape: tuple[int, ...], dtype: torch.dtype, words: int) -> int:
         """Bytes one slot costs, metadata included (for sizing a bank from a byte budget)."""
         per_value = math.prod(entry_shape) * torch.empty((), dtype=dtype).element_size()
-        return per_value + 8 * words + 8 * 5 + 4 * 2 + 1
+        return per_value + 8 * words + 8 * 5 + 4 + 1
 
     def advance(self) -> None:
         """One forward pass went by (the clock of LRU and staleness)."""
@@ -107,7 +106,6 @@ class RingBuffer:
         self.valid.zero_()
         self.hit_count.zero_()
         self.rate.zero_()
-        self.divergence.zero_()
 
     @property
     def namespace_ids(self) -> torch.Tensor:
@@ -172,9 +170,6 @@ class RingBuffer:
             return torch.arange(start, self.filled, device=self.valid.device)
         if self.eviction == "staleness":
             score = self._decayed_rate()
-        elif self.eviction == "divergence":
-            # Most divergent first; entries never measured (0) fall back to LRU order.
-            score = self.last_used.double() - self.divergence.double() * 1e15
         else:
             score = self.last_used.double()
         score = torch.where(self.valid, score.double(), -math.inf)
@@ -228,7 +223,6 @@ class RingBuffer:
         self.hit_count.index_fill_(0, slots, 0)
         self.rate.index_fill_(0, slots, 0.0)
         self.rate_tick.index_fill_(0, slots, self.tick)
-        self.divergence.index_fill_(0, slots, 0.0)
         return (rows, slots) if return_rows else slots
 
     def write_values(self, slots: torch.Tensor, source: torch.Tensor, align_end: bool) -> None:

@@ -79,6 +79,30 @@ def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.n
                      types.tobytes(), before.tobytes()])
 
 
+def near_keys(header: bytes, host: np.ndarray, ids_before: bool, any_length: bool = False) -> list:
+    """Per row of a batch (`host` int64 [4, B, T]: ids, mask, positions, types): what a semantic
+    neighbour must share with it (namespace and dtype, its real tokens' positions and token
+    types, the ids before its first real token when they decide positions), or None when the
+    row has no real token. Rows with equal near keys differ only in their token ids.
+    `any_length` (a neighbour serves its pooled output): namespace, dtype and whether the row
+    has more than one token type only."""
+    ids, mask, positions, types = host
+    start, count, contiguous = real_spans(mask)
+    out = []
+    for r in range(ids.shape[0]):
+        n, s = int(count[r]), int(start[r])
+        if n == 0 or not contiguous[r]:
+            out.append(None)
+            continue
+        if any_length:
+            out.append(header + (b"Q1" if (types[r, s : s + n] != types[r, s]).any() else b"Q0"))
+            continue
+        before = ids[r, :s] if ids_before else ids[r, :0]
+        out.append(b"".join([header, b"N", positions[r, s : s + n].tobytes(), types[r, s : s + n].tobytes(),
+                             before.tobytes()]))
+    return out
+
+
 def page_key(header: bytes, parent_serial: int, ids: np.ndarray, positions: np.ndarray, types: np.ndarray) -> bytes:
     """The key of one page of a decoder row: its tokens' ids, positions and token types (int64
     [n] each, n <= page_tokens) after the prefix that the entry numbered `parent_serial` (-1: the

@@ -7,7 +7,11 @@ mean of its input token embeddings (a hook on the input embedding). Per cached b
 rows up (exact hash, then Hamming radius), run the block on the rows that missed only, merge bank
 rows and computed rows with `gather_with_mask`, and insert the computed rows. Decoder blocks
 store each row's K and V beside its hidden state and write the merged K/V into the model's
-DynamicCache. Semantic hits change outputs; its redesign around a stated error bound is open.
+DynamicCache.
+
+The raw `threshold` tier is an experts' tool: semantic hits change outputs and it keeps no error
+bound (nothing measures or limits how far a served state is from the true one). The bounded tier
+is `llmcache.Semantic` (llmcache/verified.py).
 """
 
 from __future__ import annotations
@@ -79,13 +83,8 @@ class LayerStats:
     semantic_hits: int = 0
     insertions: int = 0
     evictions: int = 0
-    verified: int = 0
-    divergence_evictions: int = 0
-    mean_divergence: float = 0.0
-    semantic_enabled: bool = True
     fingerprint_s: float = 0.0
     lookup_s: float = 0.0
-    verify_s: float = 0.0
     bytes: int = 0
 
     @property
@@ -177,7 +176,6 @@ class CachedLayer:
         if owner.adapter.decoder and self._cache_param[0] is None:
             raise ValueError(f"{type(module).__name__}.forward takes no KV cache argument: cannot cache a decoder block")
         self._kv_layout = None  # (kv heads, head dim, dtype) of this block's K/V, once seen
-        self._divergence_samples = 0
 
     def _allocate(self, entry: torch.Tensor) -> None:
         """This layer's bank, sized for entries like `entry` ([M, T, *F]: max_tokens x F per slot)."""
@@ -275,9 +273,9 @@ class CachedLayer:
         batch = ctx.batch
         hidden_size = hidden_states.shape[-1]
         self.stats.lookups += ctx.n_cacheable
-        codes = self._codes(ctx, hidden_states) if self.stats.semantic_enabled else None
-        slot, served_semantic, verify = self._lookup(ctx, codes)
-        route = self._route(ctx, slot, hidden_states, verify)
+        codes = self._codes(ctx, hidden_states)
+        slot, served_semantic = self._lookup(ctx, codes)
+        route = self._route(ctx, slot, hidden_states)
         n_compute = route.n_compute
         if n_compute == batch:
             output, out, capture = self._run(hidden_states, args, kwargs, None, batch, ctx)
@@ -298,26 +296,21 @@ class CachedLayer:
                 merged = merged.clone()
                 merged[..., :hidden_size] += hidden_states * (~route.compute).view(-1, 1, 1).to(merged.dtype)
         self._write_kv(ctx, merged, capture, hidden_size)
-        if verify is not None and bool(verify.any()):
-            self._measure(slot, verify, merged, hidden_states, ctx)
         if n_compute:
-            fresh = route.compute if verify is None else route.compute & ~verify  # new to the bank
-            self._insert(ctx, hidden_states, merged, hidden_size, codes, fresh)
+            self._insert(ctx, hidden_states, merged, hidden_size, codes, route.compute)
         if n_compute == batch:
             return output
         hidden = merged[..., :hidden_size].to(hidden_states.dtype)
         return hidden if output is None else self._pack(output, hidden)
 
     @staticmethod
-    def _route(ctx: ForwardContext, slot: torch.Tensor, hidden_states: torch.Tensor, verify) -> Route:
-        """The rows to run: misses, rows whose input carries NaN/Inf (computed and, being non-finite,
-        never stored) and sampled hits to verify; a repeat of an earlier row of the batch that
-        missed takes that row's computed states instead."""
+    def _route(ctx: ForwardContext, slot: torch.Tensor, hidden_states: torch.Tensor) -> Route:
+        """The rows to run: misses and rows whose input carries NaN/Inf (computed and, being
+        non-finite, never stored); a repeat of an earlier row of the batch that missed takes that
+        row's computed states instead."""
         compute = slot < 0
         if ctx.n_repeats:
             compute = compute & ctx.own
-        if verify is not None:
-            compute = compute | verify
         # One host read for the count and a finiteness check of the whole input: only a
         # non-finite total needs the per-row check.
         counted, total = torch.stack([compute.sum(dtype=torch.float32), hidden_states.sum(dtype=torch.float32)]).tolist()
@@ -333,15 +326,15 @@ class CachedLayer:
         return Route(compute, n_compute, compute.nonzero().flatten(), torch.where(compute, -1, slot), row_of)
 
     def _lookup(self, ctx: ForwardContext, codes):
-        """(slot [B] or -1, semantic-hit mask or None, verify mask or None) for this layer's bank."""
+        """(slot [B] or -1, semantic-hit mask or None) for this layer's bank."""
         batch = ctx.batch
         device = ctx.tags.device
         slot = torch.full((batch,), -1, dtype=torch.int64, device=device)
         if self.bank is None:
-            return slot, None, None
+            return slot, None
         cfg = self.owner.config
         start = time.perf_counter()
-        served_semantic = verify = None
+        served_semantic = None
         with self.owner.lock:
             if cfg.exact:
                 slot = self.bank.lookup_exact(ctx.keys, ctx.tags)
@@ -349,10 +342,8 @@ class CachedLayer:
                 near, _ = self.bank.lookup(codes, ctx.tags, self.radius)
                 served_semantic = (slot < 0) & (near >= 0)
                 slot = torch.where(slot >= 0, slot, near)
-                if cfg.verify_rate > 0:
-                    verify = served_semantic & (torch.rand(batch, device=device) < cfg.verify_rate)
         self.stats.lookup_s += time.perf_counter() - start
-        return slot, served_semantic, verify
+        return slot, served_semantic
 
     def _count_hits(self, compute, served_semantic, n_served: int) -> None:
         self.stats.hits += n_served
@@ -379,43 +370,3 @@ class CachedLayer:
                                  dedupe=False)
         self.stats.insertions += slots.numel()
         self.stats.evictions += self.bank.evictions - evicted
-
-    def _measure(self, slot, verify, truth_entry, hidden_in, ctx) -> None:
-        """Divergence monitoring: 1 - cosine between what a sampled semantic hit would have served
-        and the row's true hidden state (real tokens only); evict entries past the bound, and stop
-        semantic reuse in a layer whose running mean passes it."""
-        start = time.perf_counter()
-        cfg = self.owner.config
-        rows = verify.nonzero().flatten()
-        slots = slot.index_select(0, rows)
-        hidden_size = hidden_in.shape[-1]
-        truth = truth_entry.index_select(0, rows)[..., :hidden_size].float()
-        seq = truth.shape[1]
-        last_used, hit_count = self.bank.last_used.clone(), self.bank.hit_count.clone()
-        with self.owner.lock:
-            served = ops.gather_with_mask(
-                self.bank.values, slots, truth_entry[:0].to(self.bank.values.dtype), torch.zeros_like(slots),
-                last_used, hit_count, 0, ctx.align_end, backend=cfg.backend,
-            )[..., :hidden_size].float()
-        if cfg.mode == "residual":
-            served = served + hidden_in.index_select(0, rows).float()
-        mask = ctx.mask.index_select(0, rows).unsqueeze(-1).float()
-        deviation = 1.0 - torch.nn.functional.cosine_similarity(
-            (served * mask).reshape(rows.numel(), seq * hidden_size),
-            (truth * mask).reshape(rows.numel(), seq * hidden_size),
-            dim=1,
-        )
-        bad = deviation > cfg.max_divergence
-        with self.owner.lock:
-            self.bank.divergence[slots] = torch.maximum(self.bank.divergence[slots], deviation)
-            if bool(bad.any()):
-                self.bank.evict(slots[bad])
-                self.stats.divergence_evictions += int(bad.sum())
-        n = rows.numel()
-        total = self.stats.mean_divergence * self._divergence_samples + float(deviation.sum())
-        self._divergence_samples += n
-        self.stats.verified += n
-        self.stats.mean_divergence = total / self._divergence_samples
-        if self._divergence_samples >= 8 and self.stats.mean_divergence > cfg.max_divergence:
-            self.stats.semantic_enabled = False
-        self.stats.verify_s += time.perf_counter() - start

@@ -913,7 +913,7 @@ def test_rows_with_non_finite_states_are_computed_and_never_served(family, gen, 
 
 # ---- configuration, stats, reset ---------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [("threshold", 1.5), ("threshold", 0.0), ("backend", "nonsense"),
-                                         ("verify_rate", "0.1"), ("max_bytes", 0), ("page_tokens", 0),
+                                         ("num_bits", 63), ("max_bytes", 0), ("page_tokens", 0),
                                          ("num_bits", 100), ("eviction", "fifo"), ("capacity", 1.5)])
 def test_config_errors_come_at_construction(field, value):
     with pytest.raises(ValueError, match=f"CacheConfig.{field}"):

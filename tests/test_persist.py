@@ -98,11 +98,11 @@ def test_load_refuses_damaged_files(damage, tmp_path, gen):
 
 
 def test_semantic_tier_round_trip(tmp_path, gen):
-    model, inputs = filled(gen=gen, threshold=0.99, verify_rate=0.0)
+    model, inputs = filled(gen=gen, threshold=0.99)
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     fresh = tiny_model("bert")
-    llmcache.accelerate(fresh, threshold=0.99, verify_rate=0.0)
+    llmcache.accelerate(fresh, threshold=0.99)
     llmcache.load(fresh, path)
     assert llmcache.held(fresh).layers == llmcache.held(model).layers == {0: 3, 1: 3, 2: 3}
     with torch.inference_mode():

@@ -61,15 +61,6 @@ def test_staleness_evicts_the_lowest_decayed_match_rate(gen):
     assert new.tolist() == [slots[1].item()]  # key 2: read once
 
 
-def test_divergence_evicts_the_most_divergent_first(gen):
-    rb = bank(eviction="divergence")
-    slots, _, _ = put(rb, [1, 2, 3, 4], gen)
-    rb.divergence[slots[2]] = 0.3
-    rb.divergence[slots[0]] = 0.1
-    new, _, _ = put(rb, [7, 8], gen)
-    assert new.tolist() == [slots[2].item(), slots[0].item()]
-
-
 def test_non_finite_rows_and_duplicate_keys_are_not_stored(gen):
     rb = bank(capacity=8)
     keys = torch.tensor([1, 2, 2, 3])

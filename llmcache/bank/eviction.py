@@ -4,8 +4,7 @@ The hand sweeps the entries in a ring; an entry whose value is above zero is ski
 count lowered (a second chance), the first one at zero is evicted. What a hit adds decides the
 policy: "lru" sets the count to 1 (CLOCK, the classic approximation of least-recently-used);
 "staleness" adds 1 up to `GCLOCK_MAX` (GCLOCK: an entry hit often survives several sweeps, one
-hit long ago does not); "divergence" has no meaning for exact entries (they never diverge) and
-behaves as "lru". New entries start at zero: they earn their place by being hit.
+hit long ago does not). New entries start at zero: they earn their place by being hit.
 """
 
 from __future__ import annotations

@@ -1,0 +1,223 @@
+"""The verified semantic tier on held-out text: does the promise hold, and what does it buy?
+
+    python -m bench.semantic [--cal-rows 6000] [--rows 2000] [--repeats 3] [--batch 16]
+                             [--deltas 0.005,0.01,0.02,0.05] [--data DIR] [--out DIR]
+
+MiniLM (all-MiniLM-L6-v2, mean pooling: its sentence-transformers pooling). Tuning: for each
+tolerance, `llmcache.calibrate` on a *train*-split stream (STS-B train, WikiText-2 train lines);
+evaluation: `llmcache.streams.semantic_stream` on the *test* split (text the tuning never saw):
+50 % exact repeats, 10 % STS-B paraphrases (score >= 4), 10 % near-duplicates (casing,
+punctuation, digits, typos, one-word swaps, inserted or dropped words), 30 % new text.
+
+Tolerances: cosine >= 0.99 and >= 0.95 of the mean-pooled embedding to the true one, and a
+paraphrase decision: a service that matches each query against a catalog (the STS-B partner
+sentences of its stream) and answers "paraphrase of catalog item j" when the best cosine is >=
+theta (theta: the accuracy-best cosine threshold for "score >= 4" on STS-B train pairs), else
+"none"; a served embedding is right when that answer is unchanged. Calibration uses the train
+stream's catalog, evaluation the test stream's.
+
+Per tolerance and max_error delta: the semantic hit rate (of all rows), the realised error
+(served semantic hits outside tolerance, judged against an uncached pass) with its 95 %
+Clopper-Pearson upper bound, the speedup over the exact tier alone (medians over --repeats
+passes, run alternately in one process, each pass from an empty cache with the calibration's
+evidence), and STS-B test Spearman with the tier on (both columns encoded after the stream,
+warm cache) against uncached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import llmcache
+from llmcache import bound, streams
+
+
+class CatalogDecision:
+    """A paraphrase decision against a catalog, as a tolerance: (served, true) -> bool."""
+
+    __name__ = "paraphrase decision"
+
+    def __init__(self, catalog: torch.Tensor, theta: float):
+        self.catalog = torch.nn.functional.normalize(catalog.float(), dim=-1)
+        self.theta = theta
+
+    def decide(self, embedding: torch.Tensor) -> int:
+        cos = self.catalog @ torch.nn.functional.normalize(embedding.float(), dim=-1)
+        best = int(cos.argmax())
+        return best if float(cos[best]) >= self.theta else -1
+
+    def __call__(self, served: torch.Tensor, true: torch.Tensor) -> bool:
+        return self.decide(served) == self.decide(true)
+
+
+def encode(model, tok, texts: list[str], batch: int) -> torch.Tensor:
+    """float32 [N, H] mean-pooled embeddings (one forward per batch, in order)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            x = tok(texts[i : i + batch], return_tensors="pt", padding=True)
+            h = model(**x).last_hidden_state.float()
+            m = x["attention_mask"].unsqueeze(-1).float()
+            out.append((h * m).sum(1) / m.sum(1))
+    return torch.cat(out)
+
+
+def best_theta(model, tok, batch: int, data) -> float:
+    """The cosine threshold that best separates STS-B train pairs scored >= 4 from the rest."""
+    pairs = streams.load_sts("train", data)
+    a = encode(model, tok, [p[1] for p in pairs], batch)
+    b = encode(model, tok, [p[2] for p in pairs], batch)
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    gold = torch.tensor([p[0] >= 4.0 for p in pairs])
+    grid = torch.linspace(0.3, 0.99, 140)
+    accuracy = torch.stack([((cos >= t) == gold).float().mean() for t in grid])
+    return float(grid[int(accuracy.argmax())])
+
+
+def catalog(model, tok, items, batch: int) -> torch.Tensor:
+    partners = sorted({it.pair_partner for it in items if it.pair_partner})
+    return encode(model, tok, partners, batch)
+
+
+def batches(tok, texts: list[str], batch: int) -> list[dict]:
+    return [dict(tok(texts[i : i + batch], return_tensors="pt", padding=True)) for i in range(0, len(texts), batch)]
+
+
+def run_stream(model, inputs: list[dict], semantic: llmcache.Semantic | None, num_bits: int):
+    """One pass from an empty cache: (seconds, outputs [N, H] mean-pooled, semantic rows, stats)."""
+    llmcache.accelerate(model, semantic=semantic, num_bits=num_bits)
+    outputs, served = [], []
+    at = 0
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for x in inputs:
+            h = model(**x).last_hidden_state
+            m = x["attention_mask"].unsqueeze(-1).to(h.dtype)
+            outputs.append((h * m).sum(1) / m.sum(1))
+            if semantic is not None:
+                served += [at + r for r in llmcache.stats(model).last_semantic_rows]
+            at += x["input_ids"].shape[0]
+        seconds = time.perf_counter() - start
+    return seconds, torch.cat(outputs).float(), served, llmcache.stats(model)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def sts_spearman(model, tok, batch: int, data) -> float:
+    pairs = streams.load_sts("test", data)
+    a = encode(model, tok, [p[1] for p in pairs], batch)
+    b = encode(model, tok, [p[2] for p in pairs], batch)
+    return spearman(torch.nn.functional.cosine_similarity(a, b).tolist(), [p[0] for p in pairs])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cal-rows", type=int, default=6000)
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--deltas", default="0.005,0.01,0.02,0.05")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    deltas = [float(d) for d in args.deltas.split(",")]
+    from llmcache.models import load_minilm
+
+    model, tok = load_minilm()
+    model.eval()
+    train = streams.semantic_stream("train", args.cal_rows, seed=1, path=args.data)
+    test = streams.semantic_stream("test", args.rows, seed=2, path=args.data)
+    cal_inputs = batches(tok, [it.text for it in train], args.batch)
+    inputs = batches(tok, [it.text for it in test], args.batch)
+    _, truth, _, _ = run_stream(model, inputs, None, 256)
+    llmcache.disable(model)
+    theta = best_theta(model, tok, args.batch, args.data)
+    baseline_spearman = sts_spearman(model, tok, args.batch, args.data)
+    tolerances = {
+        "cosine 0.99": (0.99, 0.99),
+        "cosine 0.95": (0.95, 0.95),
+        f"paraphrase decision (theta {theta:.3f})": (CatalogDecision(catalog(model, tok, train, args.batch), theta),
+                                                     CatalogDecision(catalog(model, tok, test, args.batch), theta)),
+    }
+    kinds = [it.kind for it in test]
+    results = []
+    for name, (cal_tol, eval_tol) in tolerances.items():
+        start = time.perf_counter()
+        cal = llmcache.calibrate(model, cal_inputs, tolerance=cal_tol, max_error=deltas[0])
+        cal_s = time.perf_counter() - start
+        judge = llmcache.Semantic(tolerance=eval_tol)
+        for delta in deltas:
+            chosen = cal.at(delta)
+            semantic = chosen.semantic.replace(tolerance=eval_tol)
+            times = {"exact": [], "semantic": []}
+            for repeat in range(args.repeats):
+                for tier in ("exact", "semantic"):
+                    seconds, outputs, served, s = run_stream(model, inputs, semantic if tier == "semantic" else None,
+                                                             chosen.num_bits)
+                    times[tier].append(seconds)
+                    if tier == "semantic" and repeat == args.repeats - 1:
+                        sem_stats, sem_outputs, sem_served = s, outputs, served
+                        rho = sts_spearman(model, tok, args.batch, args.data)  # warm cache, tier on
+                    llmcache.disable(model)
+            rows = torch.tensor(sem_served, dtype=torch.long)
+            wrong = 0
+            if len(sem_served):
+                ok = judge.agree(sem_outputs.index_select(0, rows), truth.index_select(0, rows))
+                wrong = len(ok) - sum(ok)
+            n = len(sem_served)
+            ratio = statistics.median(e / t for e, t in zip(times["exact"], times["semantic"]))
+            by_kind = {}
+            for r in sem_served:
+                by_kind[kinds[r]] = by_kind.get(kinds[r], 0) + 1
+            results.append({
+                "tolerance": name, "max_error": delta, "num_bits": chosen.num_bits, "serve": semantic.serve,
+                "predicted_hit_share": next(s["hit_share"] for s in chosen.settings
+                                            if s["serve"] == semantic.serve and s["num_bits"] == chosen.num_bits),
+                "semantic_hits": n, "rows": len(test), "semantic_hit_rate": n / len(test), "wrong": wrong,
+                "realised_error": wrong / n if n else None, "realised_upper95": bound.upper(wrong, n, 0.05) if n else None,
+                "exact_hits": sem_stats.exact_hits, "state": sem_stats.semantic.state,
+                "online_checks": sem_stats.semantic.verified, "online_failed": sem_stats.semantic.failed,
+                "speedup_over_exact": ratio, "exact_s": statistics.median(times["exact"]),
+                "semantic_s": statistics.median(times["semantic"]), "sts_spearman": rho,
+                "sts_spearman_uncached": baseline_spearman, "served_by_kind": by_kind, "calibration_s": cal_s,
+            })
+            print(json.dumps(results[-1]), flush=True)
+        out = Path(args.out) / "semantic"
+        out.mkdir(parents=True, exist_ok=True)
+        slug = name.split(" (")[0].replace(" ", "-")
+        (out / f"calibration-{slug}.md").write_text(cal.at(0.01).table() + "\n")
+        try:
+            cal.at(0.01).figure(out / f"calibration-{slug}.png")
+        except ImportError:
+            pass
+    write(results, Path(args.out) / "semantic", args)
+
+
+def write(results: list, out: Path, args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "semantic-minilm.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    lines = [("| tolerance | max_error | serve | semantic hits | realised error (95 % upper) | speedup over exact | "
+             "STS-B Spearman on (off) | online checks (failed) | state |"),
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    pct = lambda x: "-" if x is None else f"{100 * x:.2f} %"
+    for r in results:
+        lines.append(f"| {r['tolerance']} | {100 * r['max_error']:g} % | {r['serve']} | {r['semantic_hits']} "
+                     f"({pct(r['semantic_hit_rate'])}) | {pct(r['realised_error'])} ({pct(r['realised_upper95'])}) | "
+                     f"{r['speedup_over_exact']:.3f}x | {r['sts_spearman']:.4f} ({r['sts_spearman_uncached']:.4f}) | "
+                     f"{r['online_checks']} ({r['online_failed']}) | {r['state']} |")
+    (out / "semantic-minilm.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
