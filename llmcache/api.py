@@ -143,8 +143,12 @@ def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter
 
 def _sentence_pooling(model: nn.Module, semantic) -> str:
     """A SentenceTransformer's pooling, "mean" or "cls"; refused for serve="pooled" when it is another."""
-    modes = [m.get_pooling_mode_str() for m in model.modules() if hasattr(m, "get_pooling_mode_str")]
-    mode = modes[0] if len(modes) == 1 else "+".join(modes)
+    modes = []
+    for m in model.modules():
+        if type(m).__name__ == "Pooling":  # sentence-transformers >= 5: `pooling_mode`, before: a getter
+            mode = getattr(m, "pooling_mode", None) or m.get_pooling_mode_str()
+            modes += [mode] if isinstance(mode, str) else list(mode)
+    mode = "+".join(modes)
     if mode in ("mean", "cls"):
         return mode
     if semantic.serve == "pooled":

@@ -220,7 +220,7 @@ class ModelCache:
                 self.local.__dict__.setdefault("near_done", []).append(pending)
             return
         with self.lock:
-            self.near.finish(pending, output)
+            self.near.finish(pending, output, self.exact.index)
 
     @torch.compiler.disable
     def route_pixels(self, forward: Forward, seq: int) -> None:

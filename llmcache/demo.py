@@ -203,11 +203,13 @@ def _row_result(decoder: bool, output, batch: dict) -> torch.Tensor:
     return torch.stack([nll.sum(1), real.sum(1).double()], dim=1)
 
 
-def run_stream(model, batches: list[dict], decoder: bool, device: str, label: str) -> tuple[float, torch.Tensor]:
-    """(seconds of model forward time, per-row results on the CPU) over every batch in order."""
+def run_stream(model, batches: list[dict], decoder: bool, device: str, label: str,
+               served: list | None = None) -> tuple[float, torch.Tensor]:
+    """(seconds of model forward time, per-row results on the CPU) over every batch in order;
+    `served` collects the stream rows the verified semantic tier served."""
     from tqdm import tqdm
 
-    seconds, results = 0.0, []
+    seconds, results, at = 0.0, [], 0
     with torch.inference_mode():
         for batch in tqdm(batches, desc=f"{label:>12}", unit="batch", file=sys.stderr, leave=False):
             _sync(device)
@@ -216,6 +218,9 @@ def run_stream(model, batches: list[dict], decoder: bool, device: str, label: st
             _sync(device)
             seconds += time.perf_counter() - start
             results.append(_row_result(decoder, output, batch).cpu())
+            if served is not None:
+                served += [at + r for r in llmcache.stats(model).last_semantic_rows]
+            at += batch["input_ids"].shape[0]
     return seconds, torch.cat(results)
 
 
@@ -253,9 +258,7 @@ def fidelity(decoder: bool, off: torch.Tensor, on: torch.Tensor, stream: list[Qu
 def layer_rates(stats: llmcache.CacheStats) -> list[dict]:
     rate = lambda n, s: n / s.lookups if s.lookups else 0.0
     return [{"layer": s.layer, "lookups": s.lookups, "exact_hits": s.exact_hits, "semantic_hits": s.semantic_hits,
-             "exact_rate": rate(s.exact_hits, s), "semantic_rate": rate(s.semantic_hits, s), "verified": s.verified,
-             "mean_divergence": s.mean_divergence, "divergence_evictions": s.divergence_evictions,
-             "semantic_enabled": s.semantic_enabled} for s in stats.layers]
+             "exact_rate": rate(s.exact_hits, s), "semantic_rate": rate(s.semantic_hits, s)} for s in stats.layers]
 
 
 def _fold_layers(layers: list[dict], most: int = 6) -> str:
@@ -339,6 +342,32 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _calibrate(model, tokenizer, args, rows: int):
+    """`llmcache.calibrate` on another draw of the corpus (seed + 1): the same corpus, so the
+    demo's text is not held out (bench.semantic evaluates on held-out text)."""
+    other = build_stream(load_corpus(), max(rows, 600) * 4, seed=args.seed + 1)
+    data = encode(tokenizer, [q.text for q in other], args.batch_size, args.device)
+    return llmcache.calibrate(model, data, tolerance=args.semantic, max_error=args.max_error)
+
+
+def _promise(stats, served: list, off_rows: torch.Tensor, on_rows: torch.Tensor, args, calibration) -> dict:
+    """What the verified semantic tier promised, what it served, and how many served rows broke it."""
+    from . import bound
+
+    s = stats.semantic
+    rows = torch.tensor(served, dtype=torch.long)
+    cosine = torch.nn.functional.cosine_similarity(on_rows.index_select(0, rows), off_rows.index_select(0, rows))
+    wrong = int((cosine < args.semantic).sum()) if served else 0
+    pct = lambda x: "never measured" if x is None else f"{100 * x:.2f} %"
+    text = (f"semantic tier: promise {s.promise}; calibrated on {calibration.rows} rows of another draw; "
+            f"{s.state}; served {len(served)} rows; {wrong} of them below cosine {args.semantic:g} against the "
+            f"uncached run (realised error {pct(wrong / len(served) if served else None)}, 95 % upper "
+            f"{pct(bound.upper(wrong, len(served), 0.05) if served else None)}); online checks {s.verified} "
+            f"({s.failed} outside tolerance); error bound {pct(s.error_bound)}")
+    return {"promise": text, "semantic_served": len(served), "semantic_wrong": wrong, "semantic_state": s.state,
+            "semantic_error_bound": s.error_bound}
+
+
 # ---- the command ---------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llmcache demo", description=__doc__,
@@ -347,6 +376,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None,
                    help="semantic-tier cosine tau in (0, 1] (default: none, the exact tier only, lossless)")
     p.add_argument("--mode", default="state", choices=["state", "residual"])
+    p.add_argument("--semantic", type=float, default=None, metavar="COSINE",
+                   help="also run the verified semantic tier: llmcache.Semantic(tolerance=COSINE, max_error="
+                        "--max-error), calibrated first on another draw of the corpus (MiniLM only)")
+    p.add_argument("--max-error", type=float, default=0.05, help="the semantic tier's max_error (default 0.05)")
     p.add_argument("--sweep", action="store_true", help=f"also run thresholds {', '.join(map(str, SWEEP))}")
     p.add_argument("--rows", type=int, default=None, help="stream length (default 600; --data: all its lines)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -355,7 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU threads for PyTorch (default: its own choice; 1 is steadier on a busy machine)")
     p.add_argument("--data", default=None, help="a text file, one query per line: the stream, in order")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the corpus stream and of torch (the cache samples the semantic hits it verifies)")
+                   help="seed of the corpus stream")
     p.add_argument("--out", default="llmcache-demo", help="folder for the figure and the JSON (default ./llmcache-demo)")
     args = p.parse_args(argv)
     if args.rows is not None and args.rows < 1:
@@ -366,6 +399,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--threads must be >= 1")
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
         p.error("--threshold must be in (0, 1]")
+    if args.semantic is not None and (not 0.0 < args.semantic <= 1.0 or args.model != "minilm" or args.data):
+        p.error("--semantic takes a cosine in (0, 1], with --model minilm and the corpus stream (no --data)")
+    if not 0.0 < args.max_error < 1.0:
+        p.error("--max-error must be in (0, 1)")
     return args
 
 
@@ -396,18 +433,24 @@ def main(argv: list[str] | None = None) -> int:
         off["ppl"] = math.exp(float(off_rows[:, 0].sum() / off_rows[:, 1].sum().clamp_min(1.0)))
 
     thresholds = [args.threshold] + ([t for t in SWEEP if t != args.threshold] if args.sweep else [])
+    configs = [("exact only" if t is None else f"tau={t:.2f}", {"threshold": t, "mode": args.mode}) for t in thresholds]
+    calibration = None
+    if args.semantic is not None:
+        calibration = _calibrate(model, tokenizer, args, len(stream))
+        configs.append((f"sem {args.semantic:g}", {"semantic": calibration.semantic, "num_bits": calibration.num_bits}))
     runs = []
-    for threshold in thresholds:
-        label = "exact only" if threshold is None else f"tau={threshold:.2f}"
-        torch.manual_seed(args.seed)  # which semantic hits are verified (CacheConfig.verify_rate) is drawn
-        llmcache.accelerate(model, threshold=threshold, mode=args.mode)  # a fresh, empty cache
+    for label, config in configs:
+        llmcache.accelerate(model, **config)  # a fresh, empty cache
+        served: list = []
         try:
-            on_s, on_rows = run_stream(model, batches, decoder, args.device, label)
+            on_s, on_rows = run_stream(model, batches, decoder, args.device, label, served)
             stats = llmcache.stats(model)
         finally:
             llmcache.disable(model)
-        runs.append({
-            "label": label, "threshold": threshold, "mode": args.mode, "seconds": on_s,
+        run = _promise(stats, served, off_rows, on_rows, args, calibration) if "semantic" in config else {}
+        runs.append(run)
+        run.update({
+            "label": label, "threshold": config.get("threshold"), "mode": args.mode, "seconds": on_s,
             "rows_per_s": len(stream) / on_s, "speedup": off_s / on_s, "hit_rate": stats.hit_rate,
             "exact_hit_rate": stats.exact_hits / stats.lookups if stats.lookups else 0.0,
             "semantic_hit_rate": stats.semantic_hits / stats.lookups if stats.lookups else 0.0,
@@ -427,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     report["table"] = format_table(report)
     print(title)
     print(report["table"])
+    for run in runs:
+        if "promise" in run:
+            print(run["promise"])
     plot(report, figure)
     table_path.write_text(json.dumps(report, indent=1))
     print(f"figure: {figure}")

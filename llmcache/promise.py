@@ -11,7 +11,7 @@ probability `confidence` (`verified.SemanticTier` keeps it; `bound` has the stat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +111,7 @@ class Semantic:
         (`output` the accelerated model's, `mask` [B, T] the call's attention mask)."""
         if self.kind == "label":
             return _field(output, "logits").argmax(-1)
-        if isinstance(output, dict) and "sentence_embedding" in output:
+        if isinstance(output, Mapping) and "sentence_embedding" in output:  # a SentenceTransformer's features
             return output["sentence_embedding"].detach().float()
         hidden = _field(output, "last_hidden_state").detach().float()
         if self.pooling == "cls":
@@ -132,7 +132,7 @@ class Semantic:
 def _field(output, name: str):
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, dict):
+    if isinstance(output, Mapping):
         return output[name]
     value = getattr(output, name, None)
     return value if value is not None else output[0]

@@ -81,6 +81,7 @@ class SemanticStats:
     bands: list  # per band: dict(max_distance, would_be, verified and failed (the bound's sample), upper (of the
     # region "distance <= max_distance", pooled), serving)
     narrowed: int  # times a failed check narrowed a neighbour's reach (its own threshold)
+    records: int  # rows held as neighbours (at most twice the exact tier's entries, plus 64)
 
 
 class SemanticTier:
@@ -102,6 +103,7 @@ class SemanticTier:
         """Forget every record and what this run measured; keep the calibration's evidence
         unless `prior` is False (the weights changed: nothing measured holds)."""
         self.groups: dict = {}
+        self.records = 0  # records in all groups, live or not
         prior = list(self.semantic.evidence or ()) if prior else []
         self.counts = [list(prior[i]) if i < len(prior) else [0, 0, 0] for i in range(len(self.edges))]
         self.served = self.explored = self.explored_failed = self.narrowed = 0
@@ -164,8 +166,9 @@ class SemanticTier:
         pending.records.append((row, group_key, entry, key, codes))
 
     # ---- after the forward -----------------------------------------------------------
-    def finish(self, pending: Pending, output) -> None:
-        """Judge the forward's checks and keep its new records' outputs."""
+    def finish(self, pending: Pending, output, index) -> None:
+        """Judge the forward's checks and keep its new records' outputs (`index`: the exact
+        tier's, whose live entries the records follow)."""
         if not pending.checks and not pending.records:
             return
         reads = self.semantic.read(output, pending.mask)
@@ -202,6 +205,27 @@ class SemanticTier:
             group.entries.append(entry)
             group.keys.append(key)
             group.reads.append(reads[row].clone())
+            self.records += 1
+        if self.records > 2 * index.entries + 64:
+            self._sweep(index)
+
+    def _sweep(self, index) -> None:
+        """Drop the records whose entries the exact tier evicted (records never outlive twice
+        the live entries, plus a little)."""
+        self.records = 0
+        for key, group in list(self.groups.items()):
+            keep = [i for i in range(group.size) if group.reach[i] >= 0
+                    and index.table.get(group.keys[i], -1) == group.entries[i]]
+            if not keep:
+                del self.groups[key]
+                continue
+            at = np.array(keep, dtype=np.int64)
+            group.codes, group.reach = group.codes[at], group.reach[at]
+            group.entries = [group.entries[i] for i in keep]
+            group.keys = [group.keys[i] for i in keep]
+            group.reads = [group.reads[i] for i in keep]
+            group.size = len(keep)
+            self.records += len(keep)
 
     def stats(self) -> SemanticStats:
         last, union = self.admitted()
@@ -218,5 +242,5 @@ class SemanticTier:
             explored_failed=self.explored_failed, error_bound=union if last >= 0 else None,
             realised_bound=bound.upper(self.explored_failed, self.explored, self.semantic.alpha)
             if self.explored else None,
-            bands=table, narrowed=self.narrowed,
+            bands=table, narrowed=self.narrowed, records=self.records,
         )

