@@ -1,9 +1,11 @@
 """The verified semantic tier on held-out text: does the promise hold, and what does it buy?
 
-    python -m bench.semantic [--cal-rows 6000] [--rows 2000] [--repeats 3] [--batch 16]
-                             [--deltas 0.005,0.01,0.02,0.05] [--data DIR] [--out DIR]
+    python -m bench.semantic [--model minilm|smollm2] [--cal-rows 6000] [--rows 2000] [--repeats 3]
+                             [--batch 16] [--deltas 0.005,0.01,0.02,0.05] [--data DIR] [--out DIR]
 
-MiniLM (all-MiniLM-L6-v2, mean pooling: its sentence-transformers pooling). Tuning: for each
+MiniLM (all-MiniLM-L6-v2, mean pooling: its sentence-transformers pooling), or SmolLM2 (the
+tolerance: the same greedy next token; the task metric: the stream texts' perplexity, tier on
+against off; calibration with serve "states" only). Tuning: for each
 tolerance, `llmcache.calibrate` on a *train*-split stream (STS-B train, WikiText-2 train lines);
 evaluation: `llmcache.streams.semantic_stream` on the *test* split (text the tuning never saw):
 50 % exact repeats, 10 % STS-B paraphrases (score >= 4), 10 % near-duplicates (casing,
@@ -97,14 +99,28 @@ def run_stream(model, inputs: list[dict], semantic: llmcache.Semantic | None, nu
     with torch.inference_mode():
         start = time.perf_counter()
         for x in inputs:
-            h = model(**x).last_hidden_state
-            m = x["attention_mask"].unsqueeze(-1).to(h.dtype)
-            outputs.append((h * m).sum(1) / m.sum(1))
+            outputs.append(row_reads(model(**x), x))
             if semantic is not None:
                 served += [at + r for r in llmcache.stats(model).last_semantic_rows]
             at += x["input_ids"].shape[0]
         seconds = time.perf_counter() - start
     return seconds, torch.cat(outputs).float(), served, llmcache.stats(model)
+
+
+def row_reads(output, x: dict) -> torch.Tensor:
+    """Per row: an encoder's mean-pooled embedding [H]; a decoder's (greedy next token at its
+    last real token, summed NLL of its own tokens, tokens predicted) [3]."""
+    mask = x["attention_mask"]
+    if not hasattr(output, "logits"):
+        h = output.last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+    logits = output.logits.float()
+    last = (mask != 0).long().cumsum(1).argmax(1)
+    nxt = logits[torch.arange(logits.shape[0]), last].argmax(-1).double()
+    real = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x["input_ids"][:, 1:], reduction="none")
+    return torch.stack([nxt, (nll * real).double().sum(1), real.sum(1).double()], 1)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -122,6 +138,7 @@ def sts_spearman(model, tok, batch: int, data) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
     parser.add_argument("--cal-rows", type=int, default=6000)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
@@ -131,9 +148,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     deltas = [float(d) for d in args.deltas.split(",")]
-    from llmcache.models import load_minilm
+    from llmcache.models import load_minilm, load_smollm2
 
-    model, tok = load_minilm()
+    decoder = args.model == "smollm2"
+    model, tok = (load_smollm2 if decoder else load_minilm)()
     model.eval()
     train = streams.semantic_stream("train", args.cal_rows, seed=1, path=args.data)
     test = streams.semantic_stream("test", args.rows, seed=2, path=args.data)
@@ -141,19 +159,26 @@ def main(argv=None) -> None:
     inputs = batches(tok, [it.text for it in test], args.batch)
     _, truth, _, _ = run_stream(model, inputs, None, 256)
     llmcache.disable(model)
-    theta = best_theta(model, tok, args.batch, args.data)
-    baseline_spearman = sts_spearman(model, tok, args.batch, args.data)
-    tolerances = {
-        "cosine 0.99": (0.99, 0.99),
-        "cosine 0.95": (0.95, 0.95),
-        f"paraphrase decision (theta {theta:.3f})": (CatalogDecision(catalog(model, tok, train, args.batch), theta),
-                                                     CatalogDecision(catalog(model, tok, test, args.batch), theta)),
-    }
+    if decoder:
+        metric = perplexity  # of the stream's own texts
+        tolerances = {"next token": ("next_token", "next_token")}
+    else:
+        theta = best_theta(model, tok, args.batch, args.data)
+        metric = lambda reads: sts_spearman(model, tok, args.batch, args.data)  # (warm cache, tier on)
+        tolerances = {
+            "cosine 0.99": (0.99, 0.99),
+            "cosine 0.95": (0.95, 0.95),
+            f"paraphrase decision (theta {theta:.3f})": (
+                CatalogDecision(catalog(model, tok, train, args.batch), theta),
+                CatalogDecision(catalog(model, tok, test, args.batch), theta)),
+        }
+    baseline = metric(truth)
     kinds = [it.kind for it in test]
     results = []
     for name, (cal_tol, eval_tol) in tolerances.items():
         start = time.perf_counter()
-        cal = llmcache.calibrate(model, cal_inputs, tolerance=cal_tol, max_error=deltas[0])
+        cal = llmcache.calibrate(model, cal_inputs, tolerance=cal_tol, max_error=deltas[0],
+                                 serve=("states",) if decoder else ("states", "pooled"))
         cal_s = time.perf_counter() - start
         judge = llmcache.Semantic(tolerance=eval_tol)
         for delta in deltas:
@@ -167,12 +192,15 @@ def main(argv=None) -> None:
                     times[tier].append(seconds)
                     if tier == "semantic" and repeat == args.repeats - 1:
                         sem_stats, sem_outputs, sem_served = s, outputs, served
-                        rho = sts_spearman(model, tok, args.batch, args.data)  # warm cache, tier on
+                        rho = metric(outputs)
                     llmcache.disable(model)
             rows = torch.tensor(sem_served, dtype=torch.long)
             wrong = 0
             if len(sem_served):
-                ok = judge.agree(sem_outputs.index_select(0, rows), truth.index_select(0, rows))
+                served_reads, true_reads = sem_outputs.index_select(0, rows), truth.index_select(0, rows)
+                if decoder:  # the next token column
+                    served_reads, true_reads = served_reads[:, 0].long(), true_reads[:, 0].long()
+                ok = judge.agree(served_reads, true_reads)
                 wrong = len(ok) - sum(ok)
             n = len(sem_served)
             ratio = statistics.median(e / t for e, t in zip(times["exact"], times["semantic"]))
@@ -188,34 +216,40 @@ def main(argv=None) -> None:
                 "exact_hits": sem_stats.exact_hits, "state": sem_stats.semantic.state,
                 "online_checks": sem_stats.semantic.verified, "online_failed": sem_stats.semantic.failed,
                 "speedup_over_exact": ratio, "exact_s": statistics.median(times["exact"]),
-                "semantic_s": statistics.median(times["semantic"]), "sts_spearman": rho,
-                "sts_spearman_uncached": baseline_spearman, "served_by_kind": by_kind, "calibration_s": cal_s,
+                "semantic_s": statistics.median(times["semantic"]), "metric": "perplexity" if decoder else
+                "sts_spearman", "metric_on": rho, "metric_off": baseline, "served_by_kind": by_kind,
+                "calibration_s": cal_s,
             })
             print(json.dumps(results[-1]), flush=True)
         out = Path(args.out) / "semantic"
         out.mkdir(parents=True, exist_ok=True)
         slug = name.split(" (")[0].replace(" ", "-")
-        (out / f"calibration-{slug}.md").write_text(cal.at(0.01).table() + "\n")
+        (out / f"calibration-{args.model}-{slug}.md").write_text(cal.at(0.01).table() + "\n")
         try:
-            cal.at(0.01).figure(out / f"calibration-{slug}.png")
+            cal.at(0.01).figure(out / f"calibration-{args.model}-{slug}.png")
         except ImportError:
             pass
     write(results, Path(args.out) / "semantic", args)
 
 
+def perplexity(reads: torch.Tensor) -> float:
+    return float(torch.exp(reads[:, 1].sum() / reads[:, 2].sum().clamp_min(1.0)))
+
+
 def write(results: list, out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "semantic-minilm.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    lines = [("| tolerance | max_error | serve | semantic hits | realised error (95 % upper) | speedup over exact | "
-             "STS-B Spearman on (off) | online checks (failed) | state |"),
+    (out / f"semantic-{args.model}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    metric = "perplexity" if args.model == "smollm2" else "STS-B Spearman"
+    lines = [(f"| tolerance | max_error | serve | semantic hits | realised error (95 % upper) | speedup over exact | "
+             f"{metric} on (off) | online checks (failed) | state |"),
              "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     pct = lambda x: "-" if x is None else f"{100 * x:.2f} %"
     for r in results:
         lines.append(f"| {r['tolerance']} | {100 * r['max_error']:g} % | {r['serve']} | {r['semantic_hits']} "
                      f"({pct(r['semantic_hit_rate'])}) | {pct(r['realised_error'])} ({pct(r['realised_upper95'])}) | "
-                     f"{r['speedup_over_exact']:.3f}x | {r['sts_spearman']:.4f} ({r['sts_spearman_uncached']:.4f}) | "
+                     f"{r['speedup_over_exact']:.3f}x | {r['metric_on']:.4f} ({r['metric_off']:.4f}) | "
                      f"{r['online_checks']} ({r['online_failed']}) | {r['state']} |")
-    (out / "semantic-minilm.md").write_text("\n".join(lines) + "\n")
+    (out / f"semantic-{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -109,9 +109,11 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
 def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter, embedding) -> None:
     """Attach the verified semantic tier (CacheConfig.semantic), refusing what it cannot serve."""
     semantic = owner.config.semantic
-    if adapter.decoder:
-        raise ValueError("CacheConfig.semantic: the verified semantic tier serves encoders only for now (a decoder's "
-                         "served row would need its neighbour's KV cache checked too); drop semantic= for decoders")
+    if adapter.decoder != (semantic.tolerance == "next_token"):
+        raise ValueError(f"Semantic.tolerance = {semantic.tolerance!r} does not fit {type(model).__name__}: a decoder "
+                         "takes 'next_token' (the same next token), an encoder a cosine, 'label' or a callable")
+    if adapter.decoder and semantic.serve != "states":
+        raise ValueError("Semantic.serve = 'pooled' is for pooled encoder outputs: a decoder takes 'states'")
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(  # noqa: TRY004 (a model the tier cannot serve, not a wrong argument type)
             f"CacheConfig.semantic: {type(base).__name__} takes no token ids (its input embedding is "
@@ -121,14 +123,17 @@ def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter
     owner.near = SemanticTier(semantic, owner.config.num_bits, owner.config.seed)
     if sentence_transformer:
         owner.near.pooling = _sentence_pooling(model, semantic)
-    owner.read_top = model is not base and (semantic.kind == "label" or sentence_transformer)
+    owner.read_top = model is not base and (semantic.kind != "embedding" or sentence_transformer)
     if not owner.read_top:
         return
     top_forward = model.forward
 
     @functools.wraps(top_forward)
     def forward(*args, **kwargs):
-        done = owner.local.__dict__.setdefault("near_done", [])
+        done = getattr(owner.local, "near_done", None)
+        outer = done is None
+        if outer:
+            done = owner.local.near_done = []
         depth = len(done)
         try:
             output = top_forward(*args, **kwargs)
@@ -136,6 +141,8 @@ def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter
                 owner.finish_near(pending, output, top=True)
         finally:
             del done[depth:]
+            if outer:
+                owner.local.near_done = None
         return output
 
     model.forward = forward

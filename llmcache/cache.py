@@ -179,28 +179,29 @@ class ModelCache:
             forward.semantic = semantic_context(self, ids, mask, positions, types, kv_cache)
             return forward
         batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
+        codes = near = None
+        if self.near is not None:
+            from .verified import Pending
+
+            forward.near = Pending(mask)
+            codes = self.token_codes(ids, mask)
+            pooled = self.near.semantic.serve == "pooled"
+            near = lambda host, ids_before: (self.near, forward.near, rows.near_keys(header, host, ids_before, pooled),
+                                             forward.extra_host.reshape(codes.shape).view(np.uint64))
         if self.adapter.decoder:
             from . import prefix
 
             forward.arguments = arguments
             prefixes = self.exact.final_norm is not None
             self._route(forward, batch_host, seq, lambda host, counts, pending: prefix.route(
-                self.exact, header, host, seq, ids.device, counts, pending, prefixes))
+                self.exact, header, host, seq, ids.device, counts, pending, prefixes,
+                near(host, False) if near else None), extra=codes)
             return forward
         # RoBERTa-style embeddings number positions from the ids themselves, padding included.
         ids_before = arguments.get("position_ids") is None and self.positions_from_ids
-        if self.near is None:
-            self._route(forward, batch_host, seq, lambda host, counts, pending: self.exact.route(
-                self.exact.token_row_keys(header, host, ids_before, counts), seq, ids.device, counts, pending))
-            return forward
-        from .verified import Pending
-
-        forward.near = Pending(mask)
-        codes = self.token_codes(ids, mask)
         self._route(forward, batch_host, seq, lambda host, counts, pending: self.exact.route(
             self.exact.token_row_keys(header, host, ids_before, counts), seq, ids.device, counts, pending,
-            (self.near, forward.near, rows.near_keys(header, host, ids_before, self.near.semantic.serve == "pooled"),
-             forward.extra_host.reshape(codes.shape).view(np.uint64))), extra=codes)
+            near(host, ids_before) if near else None), extra=codes)
         return forward
 
     def token_codes(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -216,8 +217,9 @@ class ModelCache:
         """The forward ran: judge its semantic checks on `output` (the base model's, or with
         `top` the accelerated wrapper's, which `read_top` says the tier reads)."""
         if top != self.read_top:
-            if not top:
-                self.local.__dict__.setdefault("near_done", []).append(pending)
+            done = getattr(self.local, "near_done", None)
+            if not top and done is not None:  # (None: the base model called without its wrapper: no output to judge)
+                done.append(pending)
             return
         with self.lock:
             self.near.finish(pending, output, self.exact.index)

@@ -280,7 +280,7 @@ class ExactTier:
             else:
                 if near is not None:
                     entry = near[0].consider(near[1], r, near[2][r], near[3][r], self.index)
-                    if entry >= 0:  # a neighbour's entry, served by the verified semantic tier
+                    if entry is not None:  # a neighbour's entry, served by the verified semantic tier
                         self.index.pinned.add(entry)
                         if near[0].semantic.serve == "pooled":
                             pooled.append((r, entry))

@@ -68,11 +68,13 @@ def _walk(index, header: bytes, ids, positions, types, page: int):
 
 
 def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict,
-          pending: tuple, prefixes: bool):
+          pending: tuple, prefixes: bool, near=None):
     """The plan of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
     a `Plan` for the block splice, a `SuffixPlan`, or None (nothing served, nothing stored).
-    `prefixes`: prefix rows may compute their suffix only (else they compute whole). Call under
-    the owner's lock."""
+    `prefixes`: prefix rows may compute their suffix only (else they compute whole). `near`: the
+    verified semantic tier's part (as `ExactTier.route`'s): in a batch that the splice serves, a
+    row not wholly cached may be served a neighbour's whole chain of pages. Call under the
+    owner's lock."""
     tier._check_pending(*pending, counts)
     index, page = tier.index, tier.owner.config.page_tokens
     ids, mask, positions, types = host
@@ -95,13 +97,40 @@ def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device,
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
     index.pinned.update(e for f in found for e in f)
     try:
-        return _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts,
-                     prefixes)
+        chains = None
+        if near is not None:
+            chains = _near(near, index, found, covered, keyed, count, prefixes)
+        plan = _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts,
+                     prefixes, chains)
+        for r, chain in enumerate(chains or ()):
+            if chain is not None:
+                near[0].stored(near[1], r, near[2][r], chain, tuple(index.keys[e] for e in chain), near[3][r])
+        return plan
     finally:
         index.pinned.clear()
 
 
-def _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts, prefixes):
+def _near(near, index, found, covered, keyed, count, prefixes: bool) -> list:
+    """Serve rows a neighbour's whole chain where the verified semantic tier allows it (only when
+    no row computes a suffix: a whole row in a suffix batch computes its last token, which would
+    mix its own token into the neighbour's answer). Returns the list the plan fills with each
+    computing row's chain of pages (None: not stored whole)."""
+    tier, pending, keys, codes = near
+    batch = len(found)
+    chains = [None] * batch
+    if prefixes and all(keyed) and any(0 < covered[r] < int(count[r]) for r in range(batch)):
+        return chains
+    for r in range(batch):
+        if keyed[r] and covered[r] < int(count[r]):
+            chain = tier.consider(pending, r, keys[r], codes[r], index)
+            if chain is not None:
+                found[r], covered[r] = list(chain), int(count[r])
+                index.pinned.update(chain)
+    return chains
+
+
+def _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts, prefixes,
+          chains=None):
     index, page = tier.index, tier.owner.config.page_tokens
     batch = ids.shape[0]
     n_real = [int(c) for c in count]
@@ -119,6 +148,7 @@ def _plan(tier, header, ids, positions, types, start, count, found, covered, key
         serial = int(index.serial[found[r][-1]]) if found[r] else -1
         parent = found[r][-1] if found[r] else -1
         at = covered[r]
+        chain = list(found[r])
         while at < n:
             end = min(at + page, n)
             key = rows.page_key(header, serial, ids[r, s + at : s + end], positions[r, s + at : s + end],
@@ -133,6 +163,9 @@ def _plan(tier, header, ids, positions, types, start, count, found, covered, key
                 entries.append(entry)
                 store.append((r, at, end - at))
             serial, parent, at = int(index.serial[entry]), entry, end
+            chain.append(entry)
+        if chains is not None and at == n:  # every page of the row cached or written: a neighbour for later rows
+            chains[r] = tuple(chain)
     for r in range(batch):
         uses = found[r] if (whole[r] or (suffix_mode and partial[r])) else []
         for entry in uses:

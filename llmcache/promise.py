@@ -31,6 +31,9 @@ class Semantic:
               sentence-transformers pooling when a SentenceTransformer is accelerated, else
               `pooling` over the base model's last hidden state);
             - "label": the same argmax of a classification head's logits [B, C];
+            - "next_token" (decoders): the same argmax of the causal LM's logits at each row's
+              last real token (the token `generate` would pick greedily first; what follows is
+              decoded from the neighbour's K/V);
             - a callable (served, true) -> bool on the pooled outputs (float32 [H] each).
         max_error: delta in (0, 1): the share of served hits allowed outside tolerance.
         confidence: in (0, 1): the probability with which the bound holds.
@@ -89,21 +92,25 @@ class Semantic:
 
     @property
     def kind(self) -> str:
-        """What is read from an output: "label" or "embedding" (floats and callables)."""
-        return "label" if self.tolerance == "label" else "embedding"
+        """What is read from an output: "label", "next_token" or "embedding" (floats and callables)."""
+        return self.tolerance if self.tolerance in KINDS else "embedding"
 
     def describe(self) -> str:
         t = self.tolerance
-        what = "same label" if t == "label" else (f"cosine >= {t}" if _number(t) else getattr(t, "__name__", "callable"))
+        what = {"label": "same label", "next_token": "same next token"}.get(t) if t in KINDS else (
+            f"cosine >= {t}" if _number(t) else getattr(t, "__name__", "callable"))
         return f"{what}, max_error {self.max_error:g} at confidence {self.confidence:g}"
 
     def check_model(self, model, base) -> None:
         """Refuse a tolerance that does not fit `model` (the one accelerated), naming the argument."""
-        if self.tolerance == "label":
-            name = type(model).__name__
-            if model is base or not name.endswith(("ForSequenceClassification", "ForImageClassification")):
-                raise ValueError(f"Semantic.tolerance = 'label' needs a classification head, and {name} has none: "
-                                 "accelerate a *ForSequenceClassification model, or use a cosine tolerance")
+        name = type(model).__name__
+        if self.tolerance == "label" and (
+                model is base or not name.endswith(("ForSequenceClassification", "ForImageClassification"))):
+            raise ValueError(f"Semantic.tolerance = 'label' needs a classification head, and {name} has none: "
+                             "accelerate a *ForSequenceClassification model, or use a cosine tolerance")
+        if self.tolerance == "next_token" and (model is base or not name.endswith(("ForCausalLM", "LMHeadModel"))):
+            raise ValueError(f"Semantic.tolerance = 'next_token' needs a language-model head, and {name} has none: "
+                             "accelerate the *ForCausalLM model")
 
     # ---- judging outputs ---------------------------------------------------------------
     def read(self, output, mask: torch.Tensor) -> torch.Tensor:
@@ -111,6 +118,12 @@ class Semantic:
         (`output` the accelerated model's, `mask` [B, T] the call's attention mask)."""
         if self.kind == "label":
             return _field(output, "logits").argmax(-1)
+        if self.kind == "next_token":
+            logits = _field(output, "logits")
+            if logits.shape[1] == mask.shape[1]:  # every position: each row's last real one
+                last = (mask.to(logits.device) != 0).long().cumsum(1).argmax(1)
+                return logits[torch.arange(logits.shape[0], device=logits.device), last].argmax(-1)
+            return logits[:, -1].argmax(-1)  # logits_to_keep=1 (generate's prefill), left padding
         if isinstance(output, Mapping) and "sentence_embedding" in output:  # a SentenceTransformer's features
             return output["sentence_embedding"].detach().float()
         hidden = _field(output, "last_hidden_state").detach().float()
@@ -122,7 +135,7 @@ class Semantic:
     def agree(self, served: torch.Tensor, true: torch.Tensor) -> list[bool]:
         """Per row: is `served` within tolerance of `true` (both from `read`, [N, ...])?"""
         t = self.tolerance
-        if t == "label":
+        if t in KINDS:
             return (served == true).tolist()
         if callable(t):
             return [bool(t(s, r)) for s, r in zip(served, true)]

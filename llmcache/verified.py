@@ -34,6 +34,13 @@ BIG = 1 << 20  # "no limit" for a distance
 EDGES = (0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023)  # upper Hamming distance of each band
 
 
+def _live(index, key, entry) -> bool:
+    """The record's entry (a decoder's: every page of its chain) still holds its key."""
+    if isinstance(entry, tuple):
+        return all(index.table.get(k, -1) == e for k, e in zip(key, entry))
+    return index.table.get(key, -1) == entry
+
+
 def bands(max_distance: int) -> list[int]:
     """Upper edges of the bands up to `max_distance`."""
     edges = [e for e in EDGES if e < max_distance] + [max_distance]
@@ -135,17 +142,19 @@ class SemanticTier:
             d = int(distance[record])
             if d > self.edges[-1]:
                 return group, -1, -1
-            if index.table.get(group.keys[record], -1) == group.entries[record]:
+            if _live(index, group.keys[record], group.entries[record]):
                 return group, record, d
             group.reach[record] = -1  # evicted (or its slot reused): gone for good
             distance[record] = BIG
 
-    def consider(self, pending: Pending, row: int, group_key, codes: np.ndarray, index) -> int:
-        """For a row that missed the exact tier: the entry to serve it, or -1 (it computes; a
-        check is queued when a neighbour was in reach)."""
+    def consider(self, pending: Pending, row: int, group_key, codes: np.ndarray, index):
+        """For a row that missed the exact tier: the entry to serve it (a decoder's: the tuple
+        of its pages), or None (it computes; a check is queued when a neighbour was in reach)."""
+        if group_key is None:
+            return None
         group, record, distance = self.nearest(group_key, codes, index)
         if record < 0:
-            return -1
+            return None
         band = self.band(distance)
         self.counts[band][0] += 1
         last, _ = self.admitted()  # (recomputed when checks are judged, not per row)
@@ -160,7 +169,7 @@ class SemanticTier:
             self.served += 1
             return group.entries[record]
         pending.checks.append((row, group, record, band, distance, sampled, serving and band <= last))
-        return -1
+        return None
 
     def stored(self, pending: Pending, row: int, group_key, entry: int, key, codes: np.ndarray) -> None:
         pending.records.append((row, group_key, entry, key, codes))
@@ -215,7 +224,7 @@ class SemanticTier:
         self.records = 0
         for key, group in list(self.groups.items()):
             keep = [i for i in range(group.size) if group.reach[i] >= 0
-                    and index.table.get(group.keys[i], -1) == group.entries[i]]
+                    and _live(index, group.keys[i], group.entries[i])]
             if not keep:
                 del self.groups[key]
                 continue

@@ -186,11 +186,88 @@ def test_semantic_with_threshold_or_without_exact_refused():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_decoder_refused(family):
-    model = tiny_model(family)
-    with pytest.raises(ValueError, match="encoders only"):
+def test_decoder_takes_next_token_only(family):
+    model = tiny_model(family)  # a causal-LM model
+    with pytest.raises(ValueError, match="Semantic.tolerance = 0.99 does not fit"):
         llmcache.accelerate(model, semantic=Semantic())
+    with pytest.raises(ValueError, match="Semantic.serve"):
+        llmcache.accelerate(model, semantic=Semantic(tolerance="next_token", serve="pooled"))
     assert not llmcache.is_accelerated(model)
+    with pytest.raises(ValueError, match="language-model head"):
+        llmcache.accelerate(model.transformer if family == "gpt2" else model.model,
+                            semantic=Semantic(tolerance="next_token"))
+    with pytest.raises(ValueError, match="does not fit"):
+        llmcache.accelerate(tiny_model("bert"), semantic=Semantic(tolerance="next_token"))
+    llmcache.accelerate(model, semantic=Semantic(tolerance="next_token"))
+    assert llmcache.stats(model).semantic.promise.startswith("same next token")
+
+
+def decoder_prior(max_distance: int = WIDE) -> tuple:
+    return ((1000, 1000, 0),) * len(llmcache.verified.bands(max_distance))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_served_a_neighbours_answer_and_its_context(family, gen):
+    """A near-duplicate prompt (changed in its first page, so no cached prefix) is served its
+    neighbour's logits bit for bit, and generate continues from the neighbour's K/V: the
+    neighbour's greedy tokens."""
+    model = tiny_model(family)
+    base = sentence(gen, 20)
+    near = base.clone()
+    near[2] = (near[2] + 1) % VOCAB
+    prompt = {"input_ids": base[None], "attention_mask": torch.ones(1, 20, dtype=torch.int64)}
+    other = {"input_ids": near[None], "attention_mask": torch.ones(1, 20, dtype=torch.int64)}
+    with torch.inference_mode():
+        want = model(**prompt).logits
+        want_tokens = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        own = model(**other).logits
+    llmcache.accelerate(model, semantic=Semantic(tolerance="next_token", evidence=decoder_prior(), explore=0.01,
+                                                 max_distance=WIDE))
+    with torch.inference_mode():
+        model(**prompt)
+        got = model(**other).logits
+        assert llmcache.stats(model).last_semantic_rows == (0,)
+        tokens = model.generate(**other, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want) and not torch.equal(got, own)
+    assert torch.equal(tokens[:, 20:], want_tokens[:, 20:])
+    assert llmcache.stats(model).semantic_hits == 2
+
+
+def test_decoder_checks_judge_the_next_token(gen):
+    """No prior: would-be hits compute and are judged (the same greedy next token or not);
+    nothing is served while learning; outputs are the uncached ones."""
+    model = tiny_model("llama")
+    llmcache.accelerate(model, semantic=Semantic(tolerance="next_token", max_distance=WIDE))
+    base = sentence(gen, 20)
+    with torch.inference_mode():
+        model(input_ids=base[None])
+        for _ in range(5):
+            ids = base.repeat(4, 1)
+            ids[:, 1] = torch.randint(5, VOCAB, (4,), generator=gen)
+            got = model(input_ids=ids).logits
+            with llmcache.bypass(model):
+                assert torch.equal(got, model(input_ids=ids).logits)
+    s = llmcache.stats(model).semantic
+    assert s.state == "learning" and s.served == 0 and s.verified > 0 and s.records > 0
+
+
+def test_decoder_row_with_a_cached_prefix_computes_its_suffix_not_a_neighbour(gen):
+    """A near-duplicate sharing the first page has an exact prefix: it computes its suffix
+    (exact reuse) and is never served a neighbour's whole answer."""
+    model = tiny_model("llama")
+    base = sentence(gen, 20)
+    near = base.clone()
+    near[15] = (near[15] + 1) % VOCAB
+    llmcache.accelerate(model, semantic=Semantic(tolerance="next_token", evidence=decoder_prior(), explore=0.01,
+                                                 max_distance=WIDE))
+    with torch.inference_mode():
+        model(input_ids=base[None])
+        got = model(input_ids=near[None]).logits
+        with llmcache.bypass(model):
+            true = model(input_ids=near[None]).logits
+    st = llmcache.stats(model)
+    assert st.semantic_hits == 0 and st.prefix_rows == 1
+    assert torch.allclose(got, true, atol=1e-4, rtol=1e-4)
 
 
 def test_refused_accelerate_leaves_the_model_untouched():
