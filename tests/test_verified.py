@@ -833,3 +833,39 @@ def test_sentence_transformer_pooled_serving_gives_the_neighbours_embedding():
     assert torch.allclose(got[0], ref[0], atol=1e-5) and not torch.allclose(got[0], ref[1], atol=1e-3)
     llmcache.disable(st)
     assert torch.allclose(st.encode(texts, convert_to_tensor=True), ref, atol=1e-6)
+
+
+def test_threads_share_the_tier(gen):
+    """Four threads stream near-duplicates through one accelerated model: every returned row is
+    its own uncached output or a stored row's output, bit for bit, and the counters add up."""
+    import threading
+
+    model = tiny_model("bert")
+    base = sentence(gen)
+    llmcache.accelerate(model, semantic=Semantic(tolerance=agree_all, evidence=decoder_prior(), explore=0.2,
+                                                 max_distance=WIDE))
+    inputs = [near_duplicates(base, 4, gen) for _ in range(24)]
+    with torch.inference_mode(), llmcache.bypass(model):
+        truth = [hidden(model, x) for x in inputs]
+    got, errors = [None] * len(inputs), []
+
+    def work(k: int) -> None:
+        try:
+            with torch.inference_mode():
+                for i in range(k, len(inputs), 4):
+                    got[i] = hidden(model, inputs[i])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    rows = torch.cat(truth)
+    for g, t in zip(got, truth):
+        for r in range(4):
+            assert torch.equal(g[r], t[r]) or any(torch.equal(g[r], ref) for ref in rows)
+    st = llmcache.stats(model)
+    assert 0 < st.semantic_hits == st.semantic.served and st.rows == 4 * len(inputs)
