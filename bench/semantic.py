@@ -87,8 +87,16 @@ def catalog(model, tok, items, batch: int) -> torch.Tensor:
     return encode(model, tok, partners, batch)
 
 
-def batches(tok, texts: list[str], batch: int) -> list[dict]:
-    return [dict(tok(texts[i : i + batch], return_tensors="pt", padding=True)) for i in range(0, len(texts), batch)]
+def batches(tok, texts: list[str], batch: int, positions: bool = False) -> list[dict]:
+    """Tokenised batches; `positions`: with position ids counted from each row's first real token
+    (as `generate` gives a decoder), so a prompt's key does not depend on its batch's padding."""
+    out = []
+    for i in range(0, len(texts), batch):
+        x = dict(tok(texts[i : i + batch], return_tensors="pt", padding=True))
+        if positions:
+            x["position_ids"] = (x["attention_mask"].cumsum(1) - 1).clamp_min(0)
+        out.append(x)
+    return out
 
 
 def run_stream(model, inputs: list[dict], semantic: llmcache.Semantic | None, num_bits: int):
@@ -155,8 +163,8 @@ def main(argv=None) -> None:
     model.eval()
     train = streams.semantic_stream("train", args.cal_rows, seed=1, path=args.data)
     test = streams.semantic_stream("test", args.rows, seed=2, path=args.data)
-    cal_inputs = batches(tok, [it.text for it in train], args.batch)
-    inputs = batches(tok, [it.text for it in test], args.batch)
+    cal_inputs = batches(tok, [it.text for it in train], args.batch, decoder)
+    inputs = batches(tok, [it.text for it in test], args.batch, decoder)
     _, truth, _, _ = run_stream(model, inputs, None, 256)
     llmcache.disable(model)
     if decoder:
