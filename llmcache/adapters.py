@@ -58,6 +58,11 @@ def _get(module, path: str):
     return module
 
 
+def is_sentence_transformer(model: nn.Module) -> bool:
+    """A sentence-transformers `SentenceTransformer` (its forward takes the features dict)."""
+    return any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__)
+
+
 def transformers_model(model: nn.Module) -> nn.Module:
     """The `transformers` model inside `model` (itself, or the first one a wrapper holds)."""
     from transformers import PreTrainedModel

@@ -119,7 +119,7 @@ def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter
             f"CacheConfig.semantic: {type(base).__name__} takes no token ids (its input embedding is "
             f"{type(embedding).__name__}); the verified semantic tier fingerprints token embeddings")
     semantic.check_model(model, base)
-    sentence_transformer = any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__)
+    sentence_transformer = adapters.is_sentence_transformer(model)
     owner.near = SemanticTier(semantic, owner.config.num_bits, owner.config.seed)
     if sentence_transformer:
         owner.near.pooling = _sentence_pooling(model, semantic)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bound
+from . import adapters, bound
 from .promise import Semantic
 
 
@@ -96,7 +96,7 @@ def calibrate(model, data, tolerance=0.99, max_error: float = 0.01, confidence: 
     from .api import cached, stats
 
     data = list(data)
-    whole = any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__)  # takes the features dict
+    whole = adapters.is_sentence_transformer(model)  # takes the features dict
     settings = []
     rows = 0
     for bits in num_bits:
