@@ -11,7 +11,20 @@ and `build_info()` says what is in use.
 from . import ops
 from ._build_info import __version__, build_info
 from .adapters import register_adapter
-from .api import CacheStats, Held, HeldEntry, accelerate, bypass, cached, disable, held, is_accelerated, reset, stats
+from .api import (
+                  CacheStats,
+                  Held,
+                  HeldEntry,
+                  accelerate,
+                  bypass,
+                  cached,
+                  disable,
+                  flush,
+                  held,
+                  is_accelerated,
+                  reset,
+                  stats,
+)
 from .calibrate import Calibration, calibrate
 from .config import CacheConfig
 from .persist import load, save
@@ -19,6 +32,7 @@ from .promise import Semantic
 from .ring_buffer import RingBuffer
 from .rows import namespace
 from .semantic import LayerStats
+from .shared import Shared, SharedStats
 from .verified import SemanticStats
 
 __all__ = [
@@ -31,6 +45,8 @@ __all__ = [
     "RingBuffer",
     "Semantic",
     "SemanticStats",
+    "Shared",
+    "SharedStats",
     "__version__",
     "accelerate",
     "build_info",
@@ -38,6 +54,7 @@ __all__ = [
     "cached",
     "calibrate",
     "disable",
+    "flush",
     "held",
     "is_accelerated",
     "load",

@@ -78,6 +78,9 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     embedding = base.get_input_embeddings()
     weight = next(base.parameters())
     features = _check_budget(config, base, adapter, layer_ids)
+    if config.shared is not None and adapter.decoder:
+        raise ValueError(f"CacheConfig.shared: {type(model).__name__} is a decoder, whose entries are chained prefix "
+                         "pages that the shared tier does not hold yet: accelerate it without shared=")
     planes = ops.random_planes(_hidden_size(base), config.num_bits, seed=config.seed, device=weight.device)
     owner = ModelCache(config=config, adapter=adapter, model=model, base=base, layer_ids=layer_ids, planes=planes)
     if config.threshold is None:
@@ -87,6 +90,8 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
             _decoder_layout(owner.exact, base, blocks, span)
         if config.semantic is not None:
             _semantic_tier(owner, model, base, adapter, embedding)  # (its refusals come before any patch)
+        if config.shared is not None:
+            owner.exact.shared = _shared_tier(config.shared)
         for position, index in enumerate(span):
             blocks[index].forward = functools.partial(owner.exact.block_forward, position)
     else:
@@ -146,6 +151,24 @@ def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter
         return output
 
     model.forward = forward
+
+
+def _shared_tier(settings):
+    try:
+        from .shared import SharedTier
+
+        return SharedTier(settings)
+    except ImportError as err:
+        raise ImportError("CacheConfig.shared needs the redis client: pip install redis") from err
+
+
+def flush(model: nn.Module, timeout: float = 5.0) -> bool:
+    """Wait (at most `timeout` seconds) until the shared tier's writer has sent every computed
+    entry it queued; True when it has (also when there is no shared tier). A process that exits
+    normally flushes for up to 2 s on its own."""
+    owner = _owner(model)
+    shared = owner.exact.shared if owner.exact is not None else None
+    return shared.flush(timeout) if shared is not None else True
 
 
 def _sentence_pooling(model: nn.Module, semantic) -> str:
@@ -224,6 +247,8 @@ def disable(model: nn.Module) -> nn.Module:
         hook.remove()
     if owner.exact is not None:
         owner.exact.clear()
+        if owner.exact.shared is not None:
+            owner.exact.shared.close()
     for held_by in (model, adapters.transformers_model(model)):
         if getattr(held_by, _ATTR, None) is owner:
             delattr(held_by, _ATTR)
@@ -243,6 +268,8 @@ def reset(model: nn.Module) -> None:
         if owner.near is not None:
             owner.near.clear()
         owner.counters = type(owner.counters)()
+        if owner.exact is not None and owner.exact.shared is not None:
+            owner.exact.shared.reset_stats()
 
 
 @contextlib.contextmanager
@@ -290,6 +317,8 @@ class CacheStats:
     layers: one LayerStats per cached layer.
     semantic: the verified semantic tier's state and evidence (`llmcache.Semantic`), None when off;
     its hits are in `hits` and `semantic_hits`.
+    shared: the shared tier's counters (`llmcache.SharedStats`), None when off; its hits are
+    also in `hits` (a row served from Redis is copied into the device bank and served from it).
     """
 
     tier: str  # "exact" or "semantic"
@@ -316,6 +345,7 @@ class CacheStats:
     last_tokens: tuple = (0, 0)
     semantic: SemanticStats | None = None
     last_semantic_rows: tuple = ()
+    shared: object | None = None  # llmcache.SharedStats
 
     @property
     def hit_rate(self) -> float:
@@ -352,6 +382,13 @@ class CacheStats:
                          f"checked {s.verified} ({s.failed} outside tolerance), explored {s.explored} "
                          f"({s.explored_failed} failed), error bound {fmt(s.error_bound)}, explored-sample bound "
                          f"{fmt(s.realised_bound)}, neighbours narrowed {s.narrowed}")
+        if self.shared is not None:
+            s = self.shared
+            ms = lambda v: "-" if v is None else f"{1e3 * v:.2f} ms"
+            lines.append(f"shared tier {s.url}: {s.state}; looked up {s.lookups} rows in {s.round_trips} round trips "
+                         f"(p50 {ms(s.latency_p50_s)}, p99 {ms(s.latency_p99_s)}), hits {s.hits}, refused "
+                         f"{s.refused or 0}, skipped {s.skipped or 0}, written {s.writes} ({s.bytes_written} B), "
+                         f"dropped {s.write_drops or 0}, errors {s.errors or 0}")
         return "\n".join(lines)
 
 
@@ -400,6 +437,7 @@ def stats(model: nn.Module) -> CacheStats:
             last_tokens=tuple(c.last_tokens),
             semantic=owner.near.stats() if owner.near is not None else None,
             last_semantic_rows=tuple(c.last_semantic_rows),
+            shared=owner.exact.shared.snapshot() if exact and owner.exact.shared is not None else None,
         )
 
 
@@ -450,5 +488,5 @@ def is_accelerated(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-__all__ = ["CacheStats", "Held", "HeldEntry", "accelerate", "cached", "disable", "held", "is_accelerated", "reset",
-           "stats"]
+__all__ = ["CacheStats", "Held", "HeldEntry", "accelerate", "cached", "disable", "flush", "held", "is_accelerated",
+           "reset", "stats"]

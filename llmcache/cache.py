@@ -125,7 +125,10 @@ class ModelCache:
                 from .prefix import suffix_forward
 
                 return suffix_forward(self.exact, forward.suffix, forward.arguments, forward, self.original_forward)
+            start = time.perf_counter()
             output = self.original_forward(*args, **kwargs)
+            if forward is not None and forward.plan is not None and self.exact.shared is not None:
+                self.exact.shared.computed(time.perf_counter() - start, forward.plan.tokens[1])
             if forward is not None and forward.near is not None:
                 self.finish_near(forward.near, output, top=False)
             return output

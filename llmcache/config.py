@@ -20,6 +20,11 @@ class CacheConfig:
             max_error=0.01)): the verified semantic tier, behind the exact tier, serves a row a
             neighbour's output only where its own checks bound the error (llmcache/verified.py).
             None (the default): off.
+        shared: a Redis URL ("redis://host:6379/0") or a `llmcache.Shared(url, ttl=..., ...)`: a
+            shared tier behind the exact tier's device bank, so that replicas of one model (and
+            a restarted process) serve what any of them computed (llmcache/shared/). Exact
+            entries only; encoders and pixel models (a decoder's prefix pages stay local).
+            None (the default): off.
         threshold: experts only, keeps no error bound: cosine tau in (0, 1] of the per-block
             semantic tier (the paper's design): a row reuses a cached entry when the
             SimHash estimate of the cosine between their fingerprints is >= tau (Hamming radius
@@ -55,6 +60,7 @@ class CacheConfig:
     """
 
     semantic: object | None = None  # llmcache.Semantic
+    shared: object | None = None  # llmcache.Shared (a URL str becomes one)
     threshold: float | Sequence[float] | None = None
     num_bits: int = 256
     layers: Sequence[int] | range | None = None
@@ -71,6 +77,10 @@ class CacheConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.shared, str):
+            from .shared import Shared
+
+            self.shared = Shared(self.shared)
         self.validate(None)
 
     def replace(self, **overrides) -> CacheConfig:
@@ -134,6 +144,12 @@ class CacheConfig:
         _require(self.semantic is None or (self.threshold is None and self.exact), "semantic", self.semantic,
                  "None when threshold is set or exact is False (the verified tier works behind the exact tier; "
                  "threshold is the unbounded per-block tier)")
+        from .shared import Shared
+
+        _require(self.shared is None or isinstance(self.shared, Shared), "shared", self.shared,
+                 'None, a Redis URL ("redis://host:port/db") or a llmcache.Shared(url, ...)')
+        _require(self.shared is None or (self.threshold is None and self.exact), "shared", self.shared,
+                 "None when threshold is set or exact is False (the shared tier holds exact entries only)")
         _require(_is_number(self.staleness_half_life) and self.staleness_half_life > 0.0, "staleness_half_life",
                  self.staleness_half_life, "a number > 0")
         _require(_is_int(self.seed), "seed", self.seed, "an int")

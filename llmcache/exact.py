@@ -158,6 +158,53 @@ class ExactTier:
         self.cache_name = None  # the base model's KV cache argument
         self.kv_dtype = dtype
         self.final_norm = None
+        self.shared = None  # shared.SharedTier (CacheConfig.shared): Redis behind the index
+        self.shared_fingerprint = None  # its model fingerprint (bytes), made at the first lookup
+
+    # ---- the shared tier -----------------------------------------------------------------
+    def _fingerprint(self) -> bytes:
+        if self.shared_fingerprint is None:
+            from .shared.values import model_fingerprint
+
+            self.shared_fingerprint = model_fingerprint(self.owner.base, self.span, self.arena.features,
+                                                        self.arena.dtype)
+        return self.shared_fingerprint
+
+    def _warm(self, row_keys: list) -> None:
+        """Look the rows that miss the index up in the shared tier (one round trip) and copy
+        what it serves into the index and arena, so that routing serves them as local hits."""
+        wanted, seen = [], set()
+        for key, _, n in row_keys:
+            if key is not None and key not in self.index.table and key not in seen:
+                seen.add(key)
+                wanted.append((key, n))
+        if not wanted:
+            return
+        prefix = self.shared.settings.key_prefix(rows.current_namespace())
+        found = self.shared.fetch(prefix, self._fingerprint(), wanted, self.arena.features, self.arena.dtype)
+        dst, states = [], []
+        for (key, n), held in zip(wanted, found):
+            entry = self.index.insert(key, n) if held is not None else -1
+            if entry >= 0:
+                self.index.pinned.add(entry)  # (a later insert must not evict it before routing reads it)
+                dst.append(self.index.token_rows(entry))
+                states.append(held)
+        if states:
+            self.arena.grow(self.index.num_pages)
+            device = self.arena.device
+            self.arena.write(torch.from_numpy(np.concatenate(dst)).to(device), torch.cat(states).to(device))
+
+    def _share(self, entries: list, ntokens: list, parts: list) -> None:
+        """Hand the committed entries' states to the shared tier's writer."""
+        full = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        items, at = [], 0
+        for entry, n in zip(entries, ntokens):
+            if entry >= 0:
+                items.append((self.index.keys[entry], full[at : at + n]))
+            at += n
+        if items:
+            prefix = self.shared.settings.key_prefix(rows.current_namespace())
+            self.shared.put(prefix, self._fingerprint(), items, self.arena.dtype)
 
     def read_buffer(self, rows_needed: int) -> torch.Tensor:
         """This thread's buffer for states read from the arena, [>= rows_needed, F] (grown, kept):
@@ -202,6 +249,7 @@ class ExactTier:
     def clear(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         """Forget every entry; with `dtype`/`device` (the weights moved), store in those from now on."""
         self.pending.clear()
+        self.shared_fingerprint = None
         self.arena = self.new_arena(self.arena.features, dtype or self.arena.dtype, device or self.arena.device)
         self.index = self.new_index()
 
@@ -254,6 +302,8 @@ class ExactTier:
         lock. None: nothing to route (every row computes, none stores)."""
         self._check_pending(*pending, counts)
         try:
+            if self.shared is not None:
+                self._warm(row_keys)
             return self._route(row_keys, seq, device, counts, near)
         finally:
             self.index.pinned.clear()
@@ -519,3 +569,5 @@ class ExactTier:
                 committed.append((entry if self.index.commit(entry) else -1, key, n))
             self.pending.append((committed, finite))
             self.owner.counters.inserted += sum(e >= 0 for e, _, _ in committed)
+            if self.shared is not None:
+                self._share([e for e, _, _ in committed], ntokens, parts)

@@ -41,6 +41,8 @@ def weights_fingerprint(model: nn.Module) -> str:
 def _config_record(config) -> dict:
     record = {}
     for f in dataclasses.fields(config):
+        if f.name == "shared":  # where replicas share entries, not what an entry holds (and it may hold credentials)
+            continue
         value = getattr(config, f.name)
         record[f.name] = list(value) if isinstance(value, (range, tuple, list)) else value
     return record

@@ -29,3 +29,6 @@ def random_codes(rows: int, words: int, gen: torch.Generator, sparse: bool = Fal
         for _ in range(3):
             codes &= torch.randint(-(2**63), 2**63 - 1, (rows, words), dtype=torch.int64, generator=gen)
     return codes
+
+
+from redis_server import redis_server  # noqa: F401  (the fixture: a real redis-server per test)

@@ -1,0 +1,350 @@
+"""The shared tier's client: one batched lookup per forward, a background writer, a circuit breaker.
+
+`SharedTier.fetch` (under the model cache's lock, at routing) sends one MGET for the rows that
+missed the device bank and returns, per row, the checked states or None; a value that fails
+`values.decode` is refused, counted by reason and recomputed. `put` hands computed entries to a
+daemon writer (bounded queue, in items and bytes; what does not fit is dropped and counted),
+which writes them in pipelines with the TTL.
+
+Never fails a forward: a connection error or a timeout (`Shared.timeout`) counts an error and
+opens the breaker; while it is open the tier neither reads nor writes (rows compute, entries are
+dropped and counted) and after `backoff` (doubling per consecutive failure) one lookup probes
+the server again. Errors the server answers (out of memory, no permission) are counted and do
+not open it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import values
+from .settings import Shared
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:  # a replica that exits cleanly hands its last entries over
+    for tier in list(_LIVE):
+        tier.flush(timeout=2.0)
+
+
+@dataclass
+class SharedStats:
+    """The shared tier's counters since `accelerate` (or `reset`).
+
+    state: "up", "down" (breaker open: no reads or writes until `retry_in_s`), "probing".
+    lookups / hits: rows looked up in Redis / served from it (copied into the device bank).
+    round_trips: lookups sent (one per forward at most); latency_s: their total wall time,
+    latency_p50_s / latency_p99_s over the last 1024, latency_max_s.
+    skipped: rows not looked up, by reason ("down": breaker open, "not_worth": a round trip
+    costs more than the rows could save, by the measured estimate).
+    refused: values found and not served, by reason (`llmcache.shared.values.REASONS`).
+    bytes_read / bytes_written: value bytes received / sent. writes: entries written.
+    write_drops: computed entries not written, by reason ("queue_full", "down", "non_finite").
+    errors: failed round trips, by kind ("connection", "timeout", "oom", "permission", "other");
+    last_error: the last one's message (credentials masked). queued: entries waiting now.
+    compute_s_per_token / round_trip_s: the estimates "auto" lookups decide by (None: unmeasured).
+    """
+
+    url: str
+    state: str = "up"
+    retry_in_s: float = 0.0
+    lookups: int = 0
+    hits: int = 0
+    round_trips: int = 0
+    latency_s: float = 0.0
+    latency_max_s: float = 0.0
+    latency_p50_s: float | None = None
+    latency_p99_s: float | None = None
+    skipped: dict = field(default_factory=dict)
+    refused: dict = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    writes: int = 0
+    write_drops: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    last_error: str = ""
+    queued: int = 0
+    compute_s_per_token: float | None = None
+    round_trip_s: float | None = None
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+def worth_looking_up(tokens: int, hit_rate: float, compute_s_per_token: float | None,
+                     round_trip_s: float | None) -> bool:
+    """Whether a lookup of rows with `tokens` real tokens in all pays: its expected saving
+    (hit_rate x tokens x compute_s_per_token) exceeds a round trip. Unmeasured: look up."""
+    if compute_s_per_token is None or round_trip_s is None:
+        return True
+    return hit_rate * tokens * compute_s_per_token > round_trip_s
+
+
+def _kind(err: Exception) -> str:
+    import redis
+
+    text = str(err)
+    if isinstance(err, (redis.exceptions.NoPermissionError, redis.exceptions.AuthenticationError,
+                        redis.exceptions.AuthorizationError)) or "NOPERM" in text or "WRONGPASS" in text:
+        return "permission"
+    if isinstance(err, redis.exceptions.TimeoutError):
+        return "timeout"
+    if isinstance(err, redis.exceptions.ConnectionError):
+        return "connection"
+    if isinstance(err, redis.exceptions.OutOfMemoryError) or text.startswith("OOM") or "'maxmemory'" in text:
+        return "oom"
+    return "other"
+
+
+class SharedTier:
+    """The Redis client of one accelerated model (see the module docstring)."""
+
+    def __init__(self, settings: Shared):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.settings = settings
+        self.client = redis.Redis.from_url(
+            settings.url, socket_timeout=settings.timeout, socket_connect_timeout=settings.connect_timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0, **settings.credentials())
+        self.lock = threading.Lock()
+        self.stats = SharedStats(url=settings.masked_url)
+        self.latencies: collections.deque = collections.deque(maxlen=1024)
+        self.failures = 0
+        self.open_until = 0.0
+        self.forwards = 0
+        self.recent_hits = 0.5  # an exponentially weighted hit rate of lookups
+        self.queue: queue.Queue = queue.Queue()
+        self.queued_bytes = 0
+        self.closed = False
+        self.writer = threading.Thread(target=self._write_loop, name="llmcache-shared-writer", daemon=True)
+        self.writer.start()
+        _LIVE.add(self)
+
+    # ---- the breaker ------------------------------------------------------------------
+    def _usable(self) -> bool:
+        now = time.monotonic()
+        if now < self.open_until:
+            self.stats.state, self.stats.retry_in_s = "down", self.open_until - now
+            return False
+        if self.failures:
+            self.stats.state, self.stats.retry_in_s = "probing", 0.0
+        return True
+
+    def _failed(self, err: Exception) -> None:
+        import redis
+
+        kind = _kind(err)
+        with self.lock:
+            self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+            self.stats.last_error = self.settings.masked_url + ": " + str(err).replace(self.settings.url, "")
+            # (No answer, or a refused login: back off. An answered command error: the server is up.)
+            if isinstance(err, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+                first, longest = self.settings.backoff
+                self.failures += 1
+                wait = min(longest, first * 2 ** (self.failures - 1))
+                self.open_until = time.monotonic() + wait
+                self.stats.state, self.stats.retry_in_s = "down", wait
+
+    def _succeeded(self) -> None:
+        with self.lock:
+            self.failures = 0
+            self.open_until = 0.0
+            self.stats.state, self.stats.retry_in_s = "up", 0.0
+
+    # ---- reading ----------------------------------------------------------------------
+    def fetch(self, key_prefix: bytes, fingerprint: bytes, wanted: list, features: int, dtype) -> list:
+        """Per (row key, ntokens) of `wanted`, its checked host states [ntokens, features] from
+        Redis or None. One MGET; never raises."""
+        s = self.stats
+        tokens = sum(n for _, n in wanted)
+        if not self._usable():
+            self._skip("down", len(wanted))
+            return [None] * len(wanted)
+        self.forwards += 1
+        if self.settings.lookup == "auto" and self.failures == 0 and self.forwards % self.settings.probe_every \
+                and not worth_looking_up(tokens, self.recent_hits, s.compute_s_per_token, s.round_trip_s):
+            self._skip("not_worth", len(wanted))
+            return [None] * len(wanted)
+        keys = [values.redis_key(key_prefix, fingerprint, k) for k, _ in wanted]
+        start = time.perf_counter()
+        try:
+            found = self.client.mget(keys)
+        except Exception as err:  # noqa: BLE001 (any failure of the server: the rows compute)
+            self._failed(err)
+            return [None] * len(wanted)
+        elapsed = time.perf_counter() - start
+        self._succeeded()
+        out, hits, read, refused = [], 0, 0, []
+        for (row_key, n), value in zip(wanted, found):
+            if value is None:
+                out.append(None)
+                continue
+            read += len(value)
+            states = values.decode(value, fingerprint, row_key, n, features, dtype)
+            if isinstance(states, str):
+                refused.append(states)
+                out.append(None)
+                continue
+            hits += 1
+            out.append(states)
+        with self.lock:
+            self._count(elapsed, len(wanted), hits, read, refused)
+        return out
+
+    def _count(self, elapsed: float, looked_up: int, hits: int, read: int, refused: list) -> None:
+        s = self.stats
+        for reason in refused:
+            s.refused[reason] = s.refused.get(reason, 0) + 1
+        s.bytes_read += read
+        s.lookups += looked_up
+        s.hits += hits
+        s.round_trips += 1
+        s.latency_s += elapsed
+        s.latency_max_s = max(s.latency_max_s, elapsed)
+        self.latencies.append(elapsed)
+        s.round_trip_s = elapsed if s.round_trip_s is None else 0.9 * s.round_trip_s + 0.1 * elapsed
+        self.recent_hits = 0.9 * self.recent_hits + 0.1 * (hits / looked_up)
+
+    def _skip(self, reason: str, n: int) -> None:
+        with self.lock:
+            self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + n
+
+    def computed(self, seconds: float, tokens: int) -> None:
+        """A forward computed `tokens` real tokens in `seconds` (the cost a shared hit saves)."""
+        if tokens > 0:
+            per = seconds / tokens
+            s = self.stats
+            s.compute_s_per_token = per if s.compute_s_per_token is None else 0.9 * s.compute_s_per_token + 0.1 * per
+
+    # ---- writing ----------------------------------------------------------------------
+    def put(self, key_prefix: bytes, fingerprint: bytes, items: list, dtype) -> None:
+        """Queue computed entries [(row key, states [n, F] on any device)] for the writer; those
+        that do not fit in the queue, or while the server is down, are dropped and counted."""
+        with self.lock:
+            for row_key, states in items:
+                size = states.numel() * states.element_size()
+                reason = None
+                if time.monotonic() < self.open_until:
+                    reason = "down"
+                elif self.queue.qsize() >= self.settings.queue or self.queued_bytes + size > self.settings.queue_bytes:
+                    reason = "queue_full"
+                if reason is not None:
+                    self.stats.write_drops[reason] = self.stats.write_drops.get(reason, 0) + 1
+                    continue
+                self.queued_bytes += size
+                self.queue.put((key_prefix, fingerprint, row_key, states.detach().clone(), dtype, size))
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                self.queue.task_done()
+                return
+            batch = [first]
+            while len(batch) < 64:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.queue.put(None)  # (seen after this batch)
+                    self.queue.task_done()
+                    break
+                batch.append(item)
+            try:
+                self._write(batch)
+            finally:
+                with self.lock:
+                    self.queued_bytes -= sum(item[5] for item in batch)
+                for _ in batch:
+                    self.queue.task_done()
+
+    def _write(self, batch: list) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        sizes, written = [], 0
+        ttl = self.settings.ttl
+        dropped = 0
+        for key_prefix, fingerprint, row_key, states, dtype, _ in batch:
+            host = states.cpu()
+            if not bool(host.isfinite().all()):
+                dropped += 1
+                continue
+            value = values.encode(fingerprint, row_key, values.host_bytes(host), dtype)
+            pipe.set(values.redis_key(key_prefix, fingerprint, row_key), value,
+                     px=int(ttl * 1000) if ttl is not None else None)
+            sizes.append(len(value))
+            written += 1
+        if dropped:
+            with self.lock:
+                self.stats.write_drops["non_finite"] = self.stats.write_drops.get("non_finite", 0) + dropped
+        if not written:
+            return
+        if time.monotonic() < self.open_until:
+            with self.lock:
+                self.stats.write_drops["down"] = self.stats.write_drops.get("down", 0) + written
+            return
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except Exception as err:  # noqa: BLE001
+            self._failed(err)
+            with self.lock:
+                self.stats.write_drops["down"] = self.stats.write_drops.get("down", 0) + written
+            return
+        failed = [r for r in replies if isinstance(r, Exception)]
+        for err in failed[:1]:
+            self._failed(err)
+        with self.lock:
+            if failed:
+                kind = _kind(failed[0])
+                self.stats.write_drops[kind] = self.stats.write_drops.get(kind, 0) + len(failed)
+            self.stats.writes += written - len(failed)
+            self.stats.bytes_written += sum(n for n, r in zip(sizes, replies) if not isinstance(r, Exception))
+
+    # ---- lifetime ---------------------------------------------------------------------
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the writer has sent everything queued (at most `timeout` s). True: done."""
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and time.monotonic() < deadline and self.writer.is_alive():
+            time.sleep(0.002)
+        return not self.queue.unfinished_tasks
+
+    def close(self) -> None:
+        """Flush briefly, stop the writer and close the connections."""
+        if self.closed:
+            return
+        self.closed = True
+        self.flush(timeout=1.0)
+        self.queue.put(None)
+        self.writer.join(timeout=1.0)
+        self.client.close()
+        _LIVE.discard(self)
+
+    def snapshot(self) -> SharedStats:
+        with self.lock:
+            self._usable()
+            s = SharedStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.stats.__dict__.items()})
+            s.queued = self.queue.qsize()
+            if self.latencies:
+                ordered = np.sort(np.fromiter(self.latencies, dtype=np.float64))
+                s.latency_p50_s = float(ordered[len(ordered) // 2])
+                s.latency_p99_s = float(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))])
+            return s
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self.stats = SharedStats(url=self.settings.masked_url, compute_s_per_token=self.stats.compute_s_per_token,
+                                     round_trip_s=self.stats.round_trip_s)
+            self.latencies.clear()

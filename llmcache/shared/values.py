@@ -1,0 +1,130 @@
+"""What the shared tier writes to Redis: keys that say which model and row, values that describe
+themselves and are checked before anything is served.
+
+Key: b"<prefix>:<namespace>:" + hex(blake2b(model fingerprint + exact row key, 20 bytes)).
+Value (little-endian):
+
+    magic b"LLMC" | version u16 | dtype code u16 | ntokens u32 | features u32 | key length u32 |
+    payload length u64 | model fingerprint 32 B | checksum 16 B | exact row key | payload
+
+The payload is the entry's states [ntokens, features] in the model's dtype (what the device
+bank holds: the last cached block's output at the row's real tokens). The checksum is blake2b
+over the fingerprint, the row key and the payload. The full row key is in the value, so a
+digest collision cannot serve another row. `decode` returns the states or the reason it refuses
+them: "format" (not an llmcache value, or shorter than its header), "layout" (another value
+version: a newer writer's), "model" (another model, weights, dtype or cached span), "key"
+(another row), "shape" (other token count, width or dtype), "truncated" (payload shorter or
+longer than its header says), "checksum", "non_finite".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import rows
+
+VERSION = 1  # of the value layout below; a reader refuses every other
+MAGIC = b"LLMC"
+_HEAD = struct.Struct("<4sHHIIIQ32s16s")
+HEAD_BYTES = _HEAD.size
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REASONS = ("format", "layout", "model", "key", "shape", "truncated", "checksum", "non_finite")
+
+
+def _platform(device: torch.device) -> list:
+    """What decides the bits a forward computes besides the model: the torch build and the
+    kernels it picks (the CPU's vector ISA, or the GPU model)."""
+    kind = device.type
+    if kind == "cuda":
+        where = torch.cuda.get_device_name(device)
+    elif kind == "cpu":
+        where = torch.backends.cpu.get_cpu_capability()
+    else:
+        where = kind
+    return [torch.__version__, kind, where]
+
+
+def model_fingerprint(base: nn.Module, span: list[int], features: int, dtype: torch.dtype) -> bytes:
+    """32 bytes naming what an entry's states depend on: the model's class and config (its
+    attention implementation included), every weight and buffer (all their bytes, not a
+    sample), the dtype, the cached blocks, the entry layout, and the platform (torch version,
+    device kind, CPU vector ISA or GPU model), so that a served state is bit for bit what this
+    replica would compute. Two replicas of one model on like machines agree; other weights,
+    dtype, span or platform do not."""
+    digest = hashlib.blake2b(digest_size=32)
+    config = base.config.to_dict() if hasattr(base, "config") else {}
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+    attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    device = next(base.parameters()).device
+    digest.update(json.dumps([type(base).__name__, config, attention, str(dtype), span, features, rows.LAYOUT_VERSION,
+                              VERSION, _platform(device)], sort_keys=True, default=str).encode())
+    for name, tensor in base.state_dict().items():
+        t = tensor.detach()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # (its buffer: no copy)
+    return digest.digest()
+
+
+def redis_key(key_prefix: bytes, fingerprint: bytes, row_key: bytes) -> bytes:
+    return key_prefix + hashlib.blake2b(fingerprint + row_key, digest_size=20).hexdigest().encode()
+
+
+def _checksum(fingerprint: bytes, row_key: bytes, payload) -> bytes:
+    digest = hashlib.blake2b(fingerprint, digest_size=16)
+    digest.update(row_key)
+    digest.update(payload)
+    return digest.digest()
+
+
+def encode(fingerprint: bytes, row_key: bytes, states: np.ndarray, dtype: torch.dtype) -> bytes:
+    """The value of one entry: `states` [ntokens, features], the raw bytes of `dtype` values
+    (a uint8/int16 view for dtypes numpy lacks)."""
+    payload = np.ascontiguousarray(states).tobytes()
+    ntokens, features = states.shape
+    head = _HEAD.pack(MAGIC, VERSION, DTYPES.index(dtype), ntokens, features, len(row_key), len(payload),
+                      fingerprint, _checksum(fingerprint, row_key, payload))
+    return b"".join([head, row_key, payload])
+
+
+def decode(value: bytes, fingerprint: bytes, row_key: bytes, ntokens: int, features: int,
+           dtype: torch.dtype) -> torch.Tensor | str:
+    """The states [ntokens, features] of `dtype` (host) that `value` holds for this row, or the
+    reason it is refused (one of REASONS)."""
+    if len(value) < HEAD_BYTES:
+        return "format"
+    magic, version, code, n, f, key_len, payload_len, fp, checksum = _HEAD.unpack_from(value)
+    if magic != MAGIC:
+        return "format"
+    if version != VERSION:
+        return "layout"
+    if fp != fingerprint:
+        return "model"
+    if value[HEAD_BYTES : HEAD_BYTES + key_len] != row_key:
+        return "key"
+    if n != ntokens or f != features or code >= len(DTYPES) or DTYPES[code] != dtype:
+        return "shape"
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    start = HEAD_BYTES + key_len
+    if payload_len != n * f * itemsize or len(value) != start + payload_len:
+        return "truncated"
+    payload = memoryview(value)[start:]
+    if _checksum(fingerprint, row_key, payload) != checksum:
+        return "checksum"
+    states = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).view(dtype).reshape(n, f)
+    if not bool(torch.isfinite(states).all()):
+        return "non_finite"
+    return states
+
+
+def host_bytes(states: torch.Tensor) -> np.ndarray:
+    """[n, F] states as a host array of their raw bytes' width (bfloat16 has no numpy dtype)."""
+    t = states.detach().contiguous().cpu()
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(width).numpy()
