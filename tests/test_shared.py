@@ -432,3 +432,25 @@ def test_threads_share_one_replica(redis_server):
         t.join()
     assert errors == []
     assert llmcache.stats(a).hits + llmcache.stats(b).hits > 0
+
+
+def test_a_dropped_replica_ends_its_writer(redis_server):
+    import gc
+
+    before = {t for t in threading.enumerate() if t.name == "llmcache-shared-writer"}
+    a = replica(redis_server.url)
+    run(a, *batch(90))
+    assert llmcache.flush(a)
+    del a
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and {t for t in threading.enumerate()
+                                           if t.name == "llmcache-shared-writer" and t.is_alive()} - before:
+        time.sleep(0.05)
+    assert not {t for t in threading.enumerate() if t.name == "llmcache-shared-writer" and t.is_alive()} - before
+
+
+def test_password_in_the_query_is_masked_too():
+    shown = llmcache.Shared("redis://127.0.0.1:1/0?password=pw-query-4&db=0")
+    assert "pw-query-4" not in repr(shown) + shown.masked_url
+    assert "pw-query-4" not in repr(llmcache.CacheConfig(shared=shown))

@@ -13,22 +13,24 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 LOOKUPS = ("auto", "always")
 _SAFE_NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]*")
 
 
 def mask(url: str) -> str:
-    """`url` with its password (if any) replaced by ***."""
+    """`url` with its password (in the netloc or a `password=` query parameter) replaced by ***."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class Shared:
     def credentials(self) -> dict:
         """username/password for the client: the URL's, else the environment's, else none."""
         parts = urlsplit(self.url)
-        if parts.password is not None or parts.username:
+        if parts.password is not None or parts.username or "password" in parts.query.lower():
             return {}  # redis-py reads them from the URL
         out = {}
         if os.environ.get("LLMCACHE_REDIS_USERNAME"):

@@ -129,7 +129,9 @@ class SharedTier:
         self.queue: queue.Queue = queue.Queue()
         self.queued_bytes = 0
         self.closed = False
-        self.writer = threading.Thread(target=self._write_loop, name="llmcache-shared-writer", daemon=True)
+        # (The thread holds the tier weakly: a tier nobody holds any more ends its writer.)
+        self.writer = threading.Thread(target=SharedTier._write_loop, args=(weakref.ref(self), self.queue),
+                                       name="llmcache-shared-writer", daemon=True)
         self.writer.start()
         _LIVE.add(self)
 
@@ -247,30 +249,40 @@ class SharedTier:
                 self.queued_bytes += size
                 self.queue.put((key_prefix, fingerprint, row_key, states.detach().clone(), dtype, size))
 
-    def _write_loop(self) -> None:
+    @staticmethod
+    def _write_loop(ref: weakref.ref, pending: queue.Queue) -> None:
         while True:
-            first = self.queue.get()
+            try:
+                first = pending.get(timeout=0.5)
+            except queue.Empty:
+                if ref() is None:
+                    return
+                continue
             if first is None:
-                self.queue.task_done()
+                pending.task_done()
                 return
             batch = [first]
             while len(batch) < 64:
                 try:
-                    item = self.queue.get_nowait()
+                    item = pending.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
-                    self.queue.put(None)  # (seen after this batch)
-                    self.queue.task_done()
+                    pending.put(None)  # (seen after this batch)
+                    pending.task_done()
                     break
                 batch.append(item)
+            tier = ref()
             try:
-                self._write(batch)
+                if tier is not None:
+                    tier._write(batch)
             finally:
-                with self.lock:
-                    self.queued_bytes -= sum(item[5] for item in batch)
+                if tier is not None:
+                    with tier.lock:
+                        tier.queued_bytes -= sum(item[5] for item in batch)
                 for _ in batch:
-                    self.queue.task_done()
+                    pending.task_done()
+                del tier
 
     def _write(self, batch: list) -> None:
         pipe = self.client.pipeline(transaction=False)
