@@ -504,3 +504,17 @@ def test_with_the_verified_semantic_tier_only_exact_entries_travel(redis_server)
     s = llmcache.stats(b)
     assert s.shared.hits == 5 and s.exact_hits == 5 and s.semantic_hits == 0
     assert s.semantic.records == 0  # the neighbours' evidence stays where it was gathered
+
+
+def test_marginal_cost_leaves_out_what_every_forward_pays():
+    from llmcache.shared.tier import MarginalCost
+
+    fit = MarginalCost()
+    assert fit.per_token() is None
+    for tokens in [40, 300, 120, 10, 250, 80] * 3:
+        fit.add(tokens, 0.02 + 1e-4 * tokens)  # 20 ms whatever it computes, 0.1 ms a token
+    assert fit.per_token() == pytest.approx(1e-4, rel=1e-6)
+    same = MarginalCost()
+    for _ in range(8):
+        same.add(100, 0.03)  # the tokens never vary: the mean is all it can say
+    assert same.per_token() == pytest.approx(3e-4)

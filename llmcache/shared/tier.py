@@ -52,7 +52,9 @@ class SharedStats:
     write_drops: computed entries not written, by reason ("queue_full", "down", "non_finite").
     errors: failed round trips, by kind ("connection", "timeout", "oom", "permission", "other");
     last_error: the last one's message (credentials masked). queued: entries waiting now.
-    compute_s_per_token / round_trip_s: the estimates "auto" lookups decide by (None: unmeasured).
+    compute_s_per_token / round_trip_s: the estimates "auto" lookups decide by (None: unmeasured):
+    seconds a computed token costs at the margin (`MarginalCost`), and an exponentially weighted
+    mean of a lookup's round trip with its checks.
     """
 
     url: str
@@ -107,6 +109,31 @@ def _kind(err: Exception) -> str:
     return "other"
 
 
+class MarginalCost:
+    """Seconds per computed token at the margin: the slope b of y = a + b x fitted by
+    exponentially weighted least squares to forwards' (tokens computed x, seconds y), so that
+    what every forward pays whatever it computes (embeddings, the call itself) is not counted
+    as saved by a hit. Until the tokens vary enough to tell a from b: the mean y / x."""
+
+    def __init__(self, decay: float = 0.97):
+        self.decay = decay
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.w, self.x, self.y = d * self.w + 1, d * self.x + x, d * self.y + y
+        self.xx, self.xy = d * self.xx + x * x, d * self.xy + x * y
+
+    def per_token(self) -> float | None:
+        if self.w == 0:
+            return None
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if self.w < 4 or var <= (0.05 * mx) ** 2:
+            return my / mx
+        return min(max((self.xy / self.w - mx * my) / var, 0.0), my / mx)
+
+
 class SharedTier:
     """The Redis client of one accelerated model (see the module docstring)."""
 
@@ -126,6 +153,7 @@ class SharedTier:
         self.open_until = 0.0
         self.forwards = 0
         self.recent_hits = 0.5  # an exponentially weighted hit rate of lookups
+        self.cost = MarginalCost()
         self.queue: queue.Queue = queue.Queue()
         self.queued_bytes = 0
         self.closed = False
@@ -187,7 +215,6 @@ class SharedTier:
         except Exception as err:  # noqa: BLE001 (any failure of the server: the rows compute)
             self._failed(err)
             return [None] * len(wanted)
-        elapsed = time.perf_counter() - start
         self._succeeded()
         out, hits, read, refused = [], 0, 0, []
         for (row_key, n), value in zip(wanted, found):
@@ -202,6 +229,7 @@ class SharedTier:
                 continue
             hits += 1
             out.append(states)
+        elapsed = time.perf_counter() - start  # (the round trip and the checks: what a lookup costs)
         with self.lock:
             self._count(elapsed, len(wanted), hits, read, refused)
         return out
@@ -227,9 +255,9 @@ class SharedTier:
     def computed(self, seconds: float, tokens: int) -> None:
         """A forward computed `tokens` real tokens in `seconds` (the cost a shared hit saves)."""
         if tokens > 0:
-            per = seconds / tokens
-            s = self.stats
-            s.compute_s_per_token = per if s.compute_s_per_token is None else 0.9 * s.compute_s_per_token + 0.1 * per
+            with self.lock:
+                self.cost.add(tokens, seconds)
+                self.stats.compute_s_per_token = self.cost.per_token()
 
     # ---- writing ----------------------------------------------------------------------
     def put(self, key_prefix: bytes, fingerprint: bytes, items: list, dtype) -> None:
