@@ -256,7 +256,8 @@ def disable(model: nn.Module) -> nn.Module:
 
 
 def reset(model: nn.Module) -> None:
-    """Empty every bank and zero every counter."""
+    """Empty every bank and zero every counter (the shared tier's entries stay in Redis: other
+    replicas serve them, and this one warms from them again)."""
     owner = _owner(model)
     with owner.lock:
         if owner.exact is not None:

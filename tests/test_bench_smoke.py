@@ -140,3 +140,40 @@ def test_e2e_measure_accounts_for_the_cached_time(family, gen):
     sc = r["block_scaling"]
     assert sc["rows"] == [1, 2, 4] and len(sc["ms"]) == 3
     assert isinstance(sc["fixed_share_clamped"], bool) and {"fixed_share", "fixed_share_raw"} <= sc.keys()
+
+
+@pytest.mark.slow
+def test_shared_tier_bench_quick_run_writes_every_part(tmp_path):
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
+    pytest.importorskip("redis")
+    from bench import shared
+
+    assert shared.main(["all", "--quick", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "shared"
+    reports = {}
+    for part in ("fleet", "breakeven", "soak"):
+        assert (out / f"shared-{part}.md").exists(), part
+        reports[part] = json.loads((out / f"shared-{part}.json").read_text())
+        assert {"date", "command", "machine", "versions", "args"} <= reports[part]["header"].keys()
+
+    fleet = {r["k"]: r for r in reports["fleet"]["results"]}
+    assert set(fleet) == {1, 2}
+    assert fleet[2]["shared_hits"] > 0  # a replica was served what the other computed
+    assert fleet[1]["shared_vs_single"] == pytest.approx(1.0)  # K=1 shared sees all its own repeats locally
+    assert all(r["errors"] == 0 and r["refused"] == 0 for r in fleet.values())
+
+    be = reports["breakeven"]
+    assert {r["model"] for r in be["rows"]} == {"tiny", "minilm"}
+    assert all(r["served_from_redis"] and r["bit_identical"] for r in be["rows"])
+    assert set(be["breakeven_tokens"]) == {"tiny", "minilm"}
+    assert {a["model"] for a in be["auto"]} == {"tiny", "minilm"}
+    assert all({"auto_skipped_not_worth", "auto_shared_hits", "agrees_with_breakeven"} <= a.keys() for a in be["auto"])
+    assert be["compression"] and all(c["ratio"] > 0 for c in be["compression"])
+
+    soak = reports["soak"]["result"]
+    assert soak["failures"] == 0 and soak["mismatches"] == 0 and soak["checked"] > 0
+    assert soak["requests"] >= 2000 and soak["shared_writes"] > 0
+    assert soak["rss_start"] > 0 and soak["server_maxmemory"] == 8 * 1024 * 1024
