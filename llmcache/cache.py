@@ -285,6 +285,7 @@ class ModelCache:
             self.dtype = next(self.base.parameters()).dtype
             if self.exact is not None:
                 self.exact.clear(self.dtype, next(self.base.parameters()).device)
+                self.exact.shared_fingerprint = None  # (hashed again, from the new weights, at the next lookup)
             for layer in self.layers.values():
                 if layer.bank is not None:
                     layer.bank.reset()

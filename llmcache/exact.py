@@ -249,7 +249,6 @@ class ExactTier:
     def clear(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         """Forget every entry; with `dtype`/`device` (the weights moved), store in those from now on."""
         self.pending.clear()
-        self.shared_fingerprint = None
         self.arena = self.new_arena(self.arena.features, dtype or self.arena.dtype, device or self.arena.device)
         self.index = self.new_index()
 

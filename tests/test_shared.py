@@ -518,3 +518,47 @@ def test_marginal_cost_leaves_out_what_every_forward_pays():
     for _ in range(8):
         same.add(100, 0.03)  # the tokens never vary: the mean is all it can say
     assert same.per_token() == pytest.approx(3e-4)
+
+
+def test_a_forked_worker_writes_through_writers_of_its_own(redis_server):
+    import multiprocessing
+
+    a = replica(redis_server.url)
+    run(a, *batch(600))  # the parent's writer exists before the fork
+    assert llmcache.flush(a)
+
+    def child(done):
+        ids, mask = batch(601)
+        ok = torch.equal(run(a, ids, mask), reference(ids, mask)) and llmcache.flush(a, timeout=10.0)
+        done.put((ok, llmcache.stats(a).shared.writes))
+
+    # (torch's CPU thread pool does not survive a fork: a forked child computes on one thread.)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        done = multiprocessing.get_context("fork").Queue()
+        process = multiprocessing.get_context("fork").Process(target=child, args=(done,))
+        process.start()
+        ok, writes = done.get(timeout=60)
+        process.join(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert ok and writes == 10  # its own 5 after the parent's 5 (the counters came with the fork)
+    assert len(stored_keys(redis_server)) == 10
+
+
+def test_weights_changed_since_never_serve_the_old_weights_entries(redis_server):
+    ids, mask = batch(700)
+    a = replica(redis_server.url)
+    run(a, ids, mask)
+    assert llmcache.flush(a)
+    b = replica(redis_server.url)
+    run(b, *batch(701))  # (its fingerprint of the old weights is made)
+    changed = tiny_model("bert")
+    with torch.no_grad():
+        for model in (b, changed):
+            model.encoder.layer[1].output.dense.weight.mul_(1.5)
+    out = run(b, ids, mask)
+    assert torch.equal(out, run(changed, ids, mask))
+    s = llmcache.stats(b)
+    assert s.invalidations == 1 and s.shared.hits == 0 and s.hits == 0

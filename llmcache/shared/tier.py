@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import os
 import queue
 import threading
 import time
@@ -35,6 +36,14 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 def _flush_all() -> None:  # a replica that exits cleanly hands its last entries over
     for tier in list(_LIVE):
         tier.flush(timeout=2.0)
+
+
+def _after_fork() -> None:  # a forked worker (a prefork server) gets writers of its own
+    for tier in list(_LIVE):
+        tier._start_writer()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 @dataclass
@@ -146,7 +155,6 @@ class SharedTier:
         self.client = redis.Redis.from_url(
             settings.url, socket_timeout=settings.timeout, socket_connect_timeout=settings.connect_timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0, **settings.credentials())
-        self.lock = threading.Lock()
         self.stats = SharedStats(url=settings.masked_url)
         self.latencies: collections.deque = collections.deque(maxlen=1024)
         self.failures = 0
@@ -154,14 +162,20 @@ class SharedTier:
         self.forwards = 0
         self.recent_hits = 0.5  # an exponentially weighted hit rate of lookups
         self.cost = MarginalCost()
+        self.closed = False
+        self._start_writer()
+        _LIVE.add(self)
+
+    def _start_writer(self) -> None:
+        """A fresh queue and writer thread (at start, and in a forked child, where the parent's
+        threads do not exist and its locks may be held)."""
+        self.lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue()
         self.queued_bytes = 0
-        self.closed = False
         # (The thread holds the tier weakly: a tier nobody holds any more ends its writer.)
         self.writer = threading.Thread(target=SharedTier._write_loop, args=(weakref.ref(self), self.queue),
                                        name="llmcache-shared-writer", daemon=True)
         self.writer.start()
-        _LIVE.add(self)
 
     # ---- the breaker ------------------------------------------------------------------
     def _usable(self) -> bool:
