@@ -1,0 +1,233 @@
+"""bench.shared: the redis-server, the report files and the small helpers every part uses."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import llmcache
+
+BATCH = 32
+PARTS = ("fleet", "breakeven", "soak")
+
+
+# ---------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server (no persistence) on 127.0.0.1 at a free port (`with redis_server(...)`)."""
+
+    def __init__(self, *args: str):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (scripts/install.sh installs it)")
+        self.port = free_port()
+        self.args = list(args)
+        self.dir = tempfile.mkdtemp(prefix="llmcache-bench-redis-")
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
+
+
+@contextlib.contextmanager
+def redis_server(*args: str):
+    """A started RedisServer (extra server arguments `args`), stopped and its folder removed after."""
+    server = RedisServer(*args)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_server_version() -> str | None:
+    try:
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((w[2:] for w in out.split() if w.startswith("v=")), out.strip() or None)
+
+
+# ---------------------------------------------------------------- header and reports
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def header(args: argparse.Namespace, command: str) -> dict:
+    import transformers
+
+    try:
+        import redis
+
+        redis_py = redis.__version__
+    except ImportError:
+        redis_py = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": args.threads,
+                    "device": "cpu", "loadavg_start": list(os.getloadavg())},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "numpy": np.__version__,
+                     "llmcache": llmcache.__version__, "redis-py": redis_py, "redis-server": redis_server_version()},
+        "build_info": llmcache.build_info(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, part: str, head: dict, record: dict, tables: list[tuple[str, list[dict]]],
+                 notes: list[str], suffix: str = "") -> Path:
+    """DIR/shared/shared-<part><suffix>.json (header + record) and .md (header, tables, notes)."""
+    out = out / "shared"
+    out.mkdir(parents=True, exist_ok=True)
+    head = {**head, "machine": {**head["machine"], "loadavg_end": list(os.getloadavg())}}
+    path = out / f"shared-{part}{suffix}.json"
+    path.write_text(json.dumps({"header": head, **record}, indent=1, default=str))
+    m, v = head["machine"], head["versions"]
+    fmt = lambda la: " / ".join(f"{x:.2f}" for x in la)
+    lines = [
+        f"# llmcache shared tier: {part}",
+        "",
+        f"- command: `{head['command']}`",
+        f"- date: {head['date']}",
+        (f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, device cpu; "
+        f"load average (1/5/15 min) {fmt(m['loadavg_start'])} at the start, {fmt(m['loadavg_end'])} at the end "
+        "(a machine shared with another engineer's test runs: timings are noisy, ratios are side by side)"),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- args: `{json.dumps(head['args'])}`",
+        "",
+    ]
+    for title, rows in tables:
+        lines += [f"## {title}", "", markdown_table(rows), ""]
+    lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    (out / f"shared-{part}{suffix}.md").write_text("\n".join(lines))
+    for title, rows in tables:
+        print(f"{title}\n{markdown_table(rows)}\n", flush=True)
+    print(f"wrote {path} and .md", flush=True)
+    return path
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def median_of(items: list, f):
+    return median(f(x) for x in items)
+
+
+def fmt_ms(seconds, digits: int = 3) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.{digits}f}"
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_model(name: str, data: str | None = None):
+    """(model, tokenizer) in eval mode, float32 on the CPU: "minilm" (real), "bert-base" (random
+    weights, seed 0), "tiny" (random BertModel of 2 blocks, width 64)."""
+    from bench import e2e
+
+    if name == "minilm":
+        from llmcache.models import load_minilm
+
+        return load_minilm()
+    if name == "bert-base":
+        return e2e.random_weight_model("bert-base"), e2e.random_weight_tokenizer(None, data)
+    if name == "tiny":
+        return e2e.random_weight_model("bert-base", "tiny"), e2e.random_weight_tokenizer(None, data)
+    raise ValueError(name)
+
+
+def encode(tok, sentences: list[str]) -> dict:
+    enc = tok(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def shared_delta(after, before) -> dict:
+    """The shared tier's counters of `after` minus those of `before` (SharedStats; dicts per key)."""
+    out = {}
+    for name in ("lookups", "hits", "round_trips", "latency_s", "bytes_read", "bytes_written", "writes"):
+        out[name] = getattr(after, name) - (getattr(before, name) if before is not None else 0)
+    for name in ("skipped", "refused", "write_drops", "errors"):
+        a, b = getattr(after, name), getattr(before, name) if before is not None else {}
+        out[name] = {k: a.get(k, 0) - b.get(k, 0) for k in a if a.get(k, 0) - b.get(k, 0)}
+    out["latency_p50_s"] = after.latency_p50_s
+    out["latency_p99_s"] = after.latency_p99_s
+    out["compute_s_per_token"] = after.compute_s_per_token
+    out["round_trip_s"] = after.round_trip_s
+    out["state"] = after.state
+    out["last_error"] = after.last_error
+    return out
+
+
+def counts_delta(after, before) -> dict:
+    return {"rows": after.rows - before.rows, "hits": after.hits - before.hits,
+            "repeats": after.repeats - before.repeats}
+
+
+# ---------------------------------------------------------------- fleet
