@@ -41,8 +41,9 @@ class Shared:
         url: "redis://[user[:password]@]host[:port][/db]" (or "rediss://", "unix://").
         ttl: seconds an entry lives in Redis after it is written (None: until evicted by the
             server's memory policy; run the server with `maxmemory` and `allkeys-lru` either way).
-        timeout: seconds a lookup may take before the forward computes without it (and the
-            tier counts an error and backs off).
+        timeout: seconds the server may stay silent during a lookup (per socket read: a large
+            reply that keeps arriving is read to its end) before the forward computes without
+            it (and the tier counts an error and backs off).
         connect_timeout: seconds a (re)connection may take.
         queue: computed entries waiting for the background writer; more are dropped and counted.
         queue_bytes: the same bound in bytes of states.
