@@ -52,7 +52,8 @@ class SharedStats:
 
     state: "up", "down" (breaker open: no reads or writes until `retry_in_s`), "probing".
     lookups / hits: rows looked up in Redis / served from it (copied into the device bank).
-    round_trips: lookups sent (one per forward at most); latency_s: their total wall time,
+    round_trips: lookups sent (one per forward at most); latency_s: their total wall time
+    (the MGET and the checks of what it returned),
     latency_p50_s / latency_p99_s over the last 1024, latency_max_s.
     skipped: rows not looked up, by reason ("down": breaker open, "not_worth": a round trip
     costs more than the rows could save, by the measured estimate).
