@@ -319,10 +319,11 @@ def test_acl_users_keep_tenants_apart(redis_server):
         assert torch.equal(run(bob, ids, mask), reference(ids, mask))
     s = llmcache.stats(bob)
     assert s.shared.hits == 0 and s.shared.errors.get("permission", 0) >= 1
-    with llmcache.namespace("b"):
-        run(bob, ids, mask)
+    with llmcache.namespace("b"):  # the same texts in Bob's own namespace: his entries, none of Alice's
+        assert torch.equal(run(bob, ids, mask), reference(ids, mask))
     assert llmcache.flush(bob)
-    assert llmcache.stats(bob).shared.writes == 5
+    assert llmcache.stats(bob).shared.writes == 5 and llmcache.stats(bob).shared.hits == 0
+    assert len(stored_keys(redis_server)) == 10
     for shown in (str(llmcache.stats(bob)), repr(llmcache.stats(bob)), repr(bob._llmcache.config),
                   s.shared.last_error, repr(llmcache.Shared(f"redis://bob:pw-bob-2@{host}/0"))):
         assert "pw-bob-2" not in shown
