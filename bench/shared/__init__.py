@@ -103,3 +103,4 @@ def main(argv: list[str] | None = None) -> int:
         result = {"fleet": fleet, "breakeven": breakeven, "soak": soak}[part](run_args, head)
         result["record"]["wall_s"] = time.perf_counter() - t0
         write_report(out, part, head, result["record"], result["tables"], result["notes"], args.suffix)
+    return 0
