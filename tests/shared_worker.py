@@ -33,7 +33,7 @@ def batches():
 
 def main() -> None:
     url, path = sys.argv[1], sys.argv[2]
-    model = llmcache.accelerate(tiny_model("bert"), shared=llmcache.Shared(url, lookup="always"))
+    model = llmcache.accelerate(tiny_model("bert"), shared=llmcache.Shared(url, lookup="always", timeout=1.0))
     outputs = []
     with torch.inference_mode():
         for ids, mask in batches():

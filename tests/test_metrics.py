@@ -183,7 +183,7 @@ def test_register_unregister_and_models_that_go_away(scraper, gen):
 
 
 def test_shared_tier_metrics_equal_shared_stats(scraper, redis_server, gen):
-    shared = llmcache.Shared(redis_server.url, lookup="always")
+    shared = llmcache.Shared(redis_server.url, lookup="always", timeout=1.0)  # (a loaded machine must not time out)
     a = llmcache.accelerate(tiny_model("bert"), shared=shared)
     b = llmcache.accelerate(tiny_model("bert"), shared=shared)  # same seed: same weights, same entries
     metrics.register(a, "a", scraper.registry)

@@ -28,7 +28,8 @@ WORKER = Path(__file__).with_name("shared_worker.py")
 
 
 def shared(url: str, **kwargs) -> llmcache.Shared:
-    return llmcache.Shared(url, **{"lookup": "always", "backoff": (0.05, 0.2), **kwargs})
+    # (A generous timeout: a loaded CI machine must not open the breaker where a test expects hits.)
+    return llmcache.Shared(url, **{"lookup": "always", "backoff": (0.05, 0.2), "timeout": 1.0, **kwargs})
 
 
 def batch(seed: int, rows: int = 5, seq: int = 10):
@@ -200,6 +201,7 @@ def test_server_killed_mid_stream_then_back(redis_server):
     s = llmcache.stats(a)
     assert s.shared.errors.get("connection", 0) >= 1 and s.shared.state in ("down", "probing")
     assert s.shared.skipped.get("down", 0) > 0 or s.shared.errors["connection"] >= 3
+    assert llmcache.flush(a)  # (what was queued while it was down is settled: dropped, not written later)
     redis_server.start()
     time.sleep(0.25)  # (past the breaker's longest backoff in this test: 0.2 s)
     before = llmcache.stats(a).shared.round_trips
@@ -234,7 +236,8 @@ def test_server_that_never_answers_times_out():
         ids, mask = batch(20)
         assert torch.equal(run(a, ids, mask), reference(ids, mask))
         s = llmcache.stats(a)
-        assert s.shared.errors.get("timeout", 0) == 1 and s.shared.hits == 0 and s.shared.state == "down"
+        # (>= 1: past the backoff, the writer may try the silent server too.)
+        assert s.shared.errors.get("timeout", 0) >= 1 and s.shared.hits == 0 and s.shared.state != "up"
         llmcache.disable(a)
     finally:
         stop.set()
@@ -387,7 +390,7 @@ def test_wrong_password_counts_and_computes(redis_server):
     ids, mask = batch(61)
     assert torch.equal(run(a, ids, mask), reference(ids, mask))
     s = llmcache.stats(a)
-    assert s.shared.errors.get("permission", 0) == 1 and s.shared.hits == 0
+    assert s.shared.errors.get("permission", 0) >= 1 and s.shared.hits == 0  # (the writer may try too)
     assert "not-her-password" not in s.shared.last_error + str(s)
 
 
@@ -460,12 +463,12 @@ def test_password_in_the_query_is_masked_too():
 
 def test_auto_lookups_account_for_every_missing_row(redis_server):
     # Whether a forward looks up depends on measured times; what it does with each row does not.
-    a = llmcache.accelerate(tiny_model("bert"), shared=llmcache.Shared(redis_server.url, probe_every=3))
+    a = llmcache.accelerate(tiny_model("bert"), shared=llmcache.Shared(redis_server.url, probe_every=3, timeout=1.0))
     work = [batch(400 + i) for i in range(8)]
     for ids, mask in work:
         run(a, ids, mask)
     assert llmcache.flush(a)
-    b = llmcache.accelerate(tiny_model("bert"), shared=llmcache.Shared(redis_server.url, probe_every=3))
+    b = llmcache.accelerate(tiny_model("bert"), shared=llmcache.Shared(redis_server.url, probe_every=3, timeout=1.0))
     for ids, mask in work:
         assert torch.equal(run(b, ids, mask), reference(ids, mask))
     s = llmcache.stats(b).shared
