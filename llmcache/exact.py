@@ -196,7 +196,9 @@ class ExactTier:
 
     def _share(self, entries: list, ntokens: list, parts: list) -> None:
         """Hand the committed entries' states to the shared tier's writer."""
-        full = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        # One copy of the batch's stored tokens (the forward's tensors may be reused after it);
+        # the queue holds views of it.
+        full = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).detach().clone()
         items, at = [], 0
         for entry, n in zip(entries, ntokens):
             if entry >= 0:

@@ -327,7 +327,7 @@ def test_acl_users_keep_tenants_apart(redis_server):
     assert llmcache.flush(bob)
     assert llmcache.stats(bob).shared.writes == 5 and llmcache.stats(bob).shared.hits == 0
     assert len(stored_keys(redis_server)) == 10
-    for shown in (str(llmcache.stats(bob)), repr(llmcache.stats(bob)), repr(bob._llmcache.config),
+    for shown in (str(llmcache.stats(bob)), repr(llmcache.stats(bob)), repr(llmcache.CacheConfig(shared=f"redis://bob:pw-bob-2@{host}/0")),
                   s.shared.last_error, repr(llmcache.Shared(f"redis://bob:pw-bob-2@{host}/0"))):
         assert "pw-bob-2" not in shown
 

@@ -276,8 +276,9 @@ class SharedTier:
 
     # ---- writing ----------------------------------------------------------------------
     def put(self, key_prefix: bytes, fingerprint: bytes, items: list, dtype) -> None:
-        """Queue computed entries [(row key, states [n, F] on any device)] for the writer; those
-        that do not fit in the queue, or while the server is down, are dropped and counted."""
+        """Queue computed entries [(row key, states [n, F] on any device, not written to again:
+        the caller's copy)] for the writer; those that do not fit in the queue, or while the
+        server is down, are dropped and counted."""
         with self.lock:
             for row_key, states in items:
                 size = states.numel() * states.element_size()
@@ -290,7 +291,7 @@ class SharedTier:
                     self.stats.write_drops[reason] = self.stats.write_drops.get(reason, 0) + 1
                     continue
                 self.queued_bytes += size
-                self.queue.put((key_prefix, fingerprint, row_key, states.detach().clone(), dtype, size))
+                self.queue.put((key_prefix, fingerprint, row_key, states, dtype, size))
 
     @staticmethod
     def _write_loop(ref: weakref.ref, pending: queue.Queue) -> None:
