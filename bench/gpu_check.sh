@@ -10,8 +10,9 @@
 # (every step's full output) and the benchmarks' JSON/CSV rows: six files. The exit status is 1, with the
 # reasons at the end of results.md, when the build fails, llmcache._C lacks CUDA kernels for this card or
 # dispatch would not pick them, any GPU test fails or is skipped, a step fails or outruns its budget.
-# Step budgets add to 540 s (the lent machine runs one command for at most 600 s); no step may outlast
-# what is left of the 540 (the dry run doubles both: a shared CPU starts Python slowly).
+# Step budgets add to 540 s (the lent machine runs one command for at most 600 s); on the GPU no step
+# may outlast what is left of the 540. The dry run reports each step's time against its budget and is
+# never failed by one (a loaded CPU is no measure of the GPU's times): its limit only stops a hung step.
 # Environment: PYTHON (python3), GPU_CHECK_DATA (bench/.data), GPU_CHECK_TESTS (the GPU test files),
 # GPU_CHECK_STRICT_SKIPS=1 (a dry run fails on skips too), MAX_JOBS (16).
 set -uo pipefail
@@ -61,7 +62,7 @@ else
   cmd_build=(ls -l llmcache/_C*.so)  # the dry run reuses the in-place build (pip install -e . made it)
   dry=(--dry-run) device=(--device cpu) skips=(--allow-skips)
   [[ ${GPU_CHECK_STRICT_SKIPS:-0} == 1 ]] && skips=()
-  sizes=(--quick) e2e_sizes=(--size tiny --rows 64 --batch 16 --repeats 1) scale=2
+  sizes=(--quick) e2e_sizes=(--size tiny --rows 64 --batch 16 --repeats 1) scale=10
 fi
 
 extract() {  # what of a step's stdout goes into results.md
@@ -73,11 +74,12 @@ extract() {  # what of a step's stdout goes into results.md
 }
 
 reasons=()
-step() {  # NAME CMD...: CMD under the step's budget (capped by what is left of the 540 s)
+step() {  # NAME CMD...: CMD under the step's budget (GPU: capped by what is left of the 540 s)
   local name=$1 rc verdict
   shift
   local limit=$((540 * scale - SECONDS))  # SECONDS: since the script started
   ((limit > budget[$name] * scale)) && limit=$((budget[$name] * scale))
+  [[ $mode == dry ]] && limit=$((budget[$name] * scale))  # a hang guard only
   local start=$SECONDS
   if ((limit <= 0)); then
     rc=124 && : >"$tmp/$name.out" && : >"$tmp/$name.err"
@@ -92,8 +94,10 @@ step() {  # NAME CMD...: CMD under the step's budget (capped by what is left of 
     verdict="FAIL: timed out after $limit s (budget ${budget[$name]} s, x$scale)"
   elif ((rc != 0)); then
     verdict="FAIL: rc=$rc"
+  elif [[ $mode == dry ]] && ((took > budget[$name])); then
+    verdict="PASS (over its GPU budget on this CPU: reported, not failed)"
   fi
-  if [[ $verdict != PASS ]]; then
+  if [[ $verdict == FAIL* ]]; then
     local why
     why=$(grep -h '^FAIL: ' "$tmp/$name.err" | sed 's/^FAIL: //' | paste -sd ';' -)
     reasons+=("$name: ${verdict#FAIL: }${why:+ ($why)}")
@@ -101,7 +105,7 @@ step() {  # NAME CMD...: CMD under the step's budget (capped by what is left of 
   {
     printf '\n## %s — %s (%s s of %s s)\n\n```\n' "$name" "$verdict" "$took" "${budget[$name]}"
     extract "$name"
-    [[ $verdict == PASS ]] || { echo "--- the end of its stderr:"; tail -n 15 "$tmp/$name.err"; }
+    [[ $verdict == FAIL* ]] && { echo "--- the end of its stderr:"; tail -n 15 "$tmp/$name.err"; }
     echo '```'
   } >>"$out/results.md"
   return $rc
@@ -126,7 +130,7 @@ trap finish EXIT
   echo
   echo "mode: $mode; steps: $steps; data: $data"
   echo "budgets: $(for n in "${order[@]}"; do printf '%s %s s, ' "$n" "${budget[$n]}"; done)total: $total s" \
-    "(limits x$scale)"
+    "$([[ $mode == dry ]] && echo "(GPU budgets, reported only; hang guard x$scale)" || echo "(limits x$scale)")"
 } >>"$out/results.md"
 
 if [[ $mode == gpu && -z $cc ]]; then

@@ -34,7 +34,7 @@ def run_check(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("LLMCACHE_SKIP_EXT", "TRITON_INTERPRET")}
     environ |= {"PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(SCRIPT), *args, str(out)], env=environ, capture_output=True, text=True,
-                          timeout=600, check=False)
+                          timeout=1800, check=False)  # a hang guard: a loaded machine is slow, not wrong
 
 
 def sections(results: str) -> dict[str, str]:
