@@ -33,6 +33,7 @@ from .ring_buffer import RingBuffer
 from .rows import namespace
 from .semantic import LayerStats
 from .shared import Shared, SharedStats
+from .state import register_state
 from .verified import SemanticStats
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "namespace",
     "ops",
     "register_adapter",
+    "register_state",
     "reset",
     "save",
     "stats",

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field, fields
 
 from torch import nn
 
 from . import adapters, ops, rows
 from .cache import ModelCache
+from .patch import patch, patched, unpatch
 from .config import CacheConfig
 from .exact import ExactTier
 from .semantic import CachedLayer, LayerStats
@@ -27,6 +29,8 @@ _ATTR = "_llmcache"
 
 def _owner(model: nn.Module) -> ModelCache:
     owner = getattr(model, _ATTR, None)
+    if owner is None and patched(model) is not None:  # the base model of an accelerated one
+        owner = patched(model).owner
     if owner is None:
         raise ValueError("this model is not accelerated: call llmcache.accelerate(model) first")
     return owner
@@ -74,6 +78,9 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         raise TypeError(f"config must be a llmcache.CacheConfig, got {type(config).__name__}")
     config = (config or CacheConfig()).replace(**overrides) if overrides else (config or CacheConfig())
     adapter, base, blocks = adapters.resolve(model)
+    if patched(base) is not None or any(patched(b) is not None for b in blocks):
+        raise ValueError(f"the base model inside this {type(model).__name__} ({type(base).__name__}) is already "
+                         "accelerated, through another object that holds it: call llmcache.disable on that one first")
     layer_ids = config.validate(len(blocks))
     embedding = base.get_input_embeddings()
     weight = next(base.parameters())
@@ -93,18 +100,20 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         if config.shared is not None:
             owner.exact.shared = _shared_tier(config.shared)
         for position, index in enumerate(span):
-            blocks[index].forward = functools.partial(owner.exact.block_forward, position)
+            owner.patched.append(patch(blocks[index], functools.partial(owner.exact.block_forward, position), owner))
     else:
         for position, index in enumerate(layer_ids):
             layer = CachedLayer(owner, index, position, blocks[index])
             owner.layers[index] = layer
-            blocks[index].forward = layer.forward
-        owner.hooks.append(embedding.register_forward_hook(lambda module, args, output: owner.fingerprint(output)))
-    @functools.wraps(owner.original_forward)  # inspect.signature(base.forward) stays the model's
-    def forward(*args, **kwargs):
-        return owner.call(*args, **kwargs)
-
-    base.forward = forward
+            owner.patched.append(patch(blocks[index], layer.forward, owner))
+        owner.patched.append(patch(embedding, functools.partial(owner.embed, embedding.forward), owner))
+    owner.patched.append(patch(base, owner.call, owner))
+    owner.state.check()  # the first look at the model's state: later forwards are compared with it
+    if owner.state.inference_tensors:
+        warnings.warn(f"{type(model).__name__}'s weights are inference tensors (built or moved under "
+                      "torch.inference_mode()), which keep no version counter: llmcache cannot see them change, "
+                      "so it runs this model uncached (stats: not_cached['inference_tensors']). Build, load and "
+                      "move the model outside inference_mode, and run it inside.", stacklevel=2)
     setattr(model, _ATTR, owner)
     if inner is not model:
         setattr(inner, _ATTR, owner)  # the wrapper and the model inside share one cache
@@ -133,7 +142,6 @@ def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter
         return
     top_forward = model.forward
 
-    @functools.wraps(top_forward)
     def forward(*args, **kwargs):
         done = getattr(owner.local, "near_done", None)
         outer = done is None
@@ -150,7 +158,7 @@ def _semantic_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter
                 owner.local.near_done = None
         return output
 
-    model.forward = forward
+    owner.patched.append(patch(model, forward, owner))
 
 
 def _shared_tier(settings):
@@ -237,19 +245,15 @@ def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list
 
 
 def disable(model: nn.Module) -> nn.Module:
-    """Undo `accelerate` exactly: original block and base forwards back, hooks removed, banks freed."""
+    """Undo `accelerate` exactly: the original forwards back, banks freed."""
     owner = _owner(model)
-    modules = list(owner.exact.modules) if owner.exact is not None else []
-    modules += [layer.module for layer in owner.layers.values()]
-    for module in modules + [owner.base] + ([owner.model] if owner.read_top else []):
-        module.__dict__.pop("forward", None)
-    for hook in owner.hooks:
-        hook.remove()
+    for module in owner.patched:
+        unpatch(module)
     if owner.exact is not None:
         owner.exact.clear()
         if owner.exact.shared is not None:
             owner.exact.shared.close()
-    for held_by in (model, adapters.transformers_model(model)):
+    for held_by in (owner.model, adapters.transformers_model(owner.model)):
         if getattr(held_by, _ATTR, None) is owner:
             delattr(held_by, _ATTR)
     return model
@@ -456,6 +460,7 @@ class HeldEntry:
     hits: int  # rows it served
     serial: int = -1  # its number, never reused
     parent: int = -1  # a decoder page: the serial of the page it extends (-1: the row's first page)
+    state: str = ""  # the model state it was computed under (llmcache.state: dtype, autocast, adapters, ...)
 
 
 @dataclass(frozen=True)
@@ -480,7 +485,7 @@ def held(model: nn.Module) -> Held:
                 entries.append(HeldEntry(tuple(key["ids"].tolist()), tuple(key["positions"].tolist()),
                                          tuple(key["types"].tolist()), key["namespace"], pages,
                                          pages * tier.arena.page_bytes, int(tier.index.hits[e]),
-                                         int(tier.index.serial[e]), key["parent"]))
+                                         int(tier.index.serial[e]), key["parent"], f"{key['dtype']};{key['switches']}"))
         layers = {i: (layer.bank.occupied if layer.bank is not None else 0) for i, layer in owner.layers.items()}
     return Held(entries, layers)
 

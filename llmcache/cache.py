@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import gate, rows
+from .state import ModelState
 from .config import CacheConfig
 from .ops.simhash import simhash_pooled_unchecked
 
@@ -30,6 +31,7 @@ class Forward:
     """One base-model call that the cache routes."""
 
     kv_cache: object | None
+    switches: bytes = b""  # the model's state header (llmcache.state) this forward runs under
     plan: object | None = None  # exact.Plan
     pixels: tuple | None = None  # (key header, int64 [B, 2] hashes): a pixel model, routed at its first cached block
     semantic: object | None = None  # semantic.ForwardContext
@@ -77,18 +79,21 @@ class ModelCache:
     near: object | None = None  # verified.SemanticTier (CacheConfig.semantic set)
     read_top: bool = False  # the semantic tier judges the accelerated wrapper's output, not the base model's
     layers: dict = field(default_factory=dict)  # block index -> semantic.CachedLayer (threshold set)
-    hooks: list = field(default_factory=list)
-    namespaces: dict = field(default_factory=lambda: {"": 0})
+    patched: list = field(default_factory=list)  # the modules whose forward is a `patch.Patch` of this cache
+    namespaces: dict = field(default_factory=dict)  # key header (namespace + state) -> its id in semantic tags
     lock: threading.RLock = field(default_factory=threading.RLock)
     local: threading.local = field(default_factory=threading.local)
     counters: Counters = field(default_factory=Counters)
     bypassed: bool = False
     weights_epoch: int = 0
 
+    def __reduce__(self):
+        # A copy or pickle of an accelerated model is a plain model (llmcache.patch): no cache.
+        return type(None), ()
+
     def __post_init__(self):
-        self.watch = gate.WeightsWatch(self.base)
+        self.state = ModelState(self.model, self.base)  # (`accelerate` takes its first look once it has patched)
         self.positions_from_ids = hasattr(getattr(self.base, "embeddings", None), "padding_idx")
-        self.dtype = next(self.base.parameters()).dtype
         self.original_forward = self.base.forward
         self.signature = inspect.signature(self.original_forward)
 
@@ -102,9 +107,10 @@ class ModelCache:
             for reason, n in counts.items():
                 self.counters.not_cached[reason] = self.counters.not_cached.get(reason, 0) + n
 
-    def namespace_id(self) -> int:
+    def namespace_id(self, header: bytes) -> int:
+        """A small number for a key header (namespace and model state), for the semantic tier's tags."""
         with self.lock:
-            return self.namespaces.setdefault(rows.current_namespace(), len(self.namespaces))
+            return self.namespaces.setdefault(header, len(self.namespaces))
 
     # ---- per call ------------------------------------------------------------------
     def current(self) -> Forward | None:
@@ -154,17 +160,16 @@ class ModelCache:
                 self.counters.decode_steps += 1
                 return None
             self.counters.rows += batch
-        epoch, grad = self.watch.check()
-        if epoch != self.weights_epoch:
-            self._invalidate(epoch)
-        if reason is None and grad:
-            reason = "grad"
+            observed = self.state.check()
+            if observed.epoch != self.weights_epoch:
+                self._invalidate(observed.epoch)
+        reason = reason or observed.reason
         if reason is not None:
             self.count_not_cached(reason, batch)
             return None
         kv_cache = arguments.get("cache", arguments.get("past_key_values"))
-        forward = Forward(kv_cache)
-        header = rows.key_header(rows.current_namespace(), self.dtype)
+        forward = Forward(kv_cache, observed.switches)
+        header = rows.key_header(rows.current_namespace(), observed.switches)
         if pixels is not None:
             # Routed at the first cached block, once the patch embedding tells the sequence length.
             forward.pixels = (header, rows.pixel_hashes(pixels))
@@ -179,7 +184,7 @@ class ModelCache:
         if self.exact is None:
             from .semantic import semantic_context
 
-            forward.semantic = semantic_context(self, ids, mask, positions, types, kv_cache)
+            forward.semantic = semantic_context(self, header, ids, mask, positions, types, kv_cache)
             return forward
         batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
         codes = near = None
@@ -278,13 +283,12 @@ class ModelCache:
             c.lookup_s += time.perf_counter() - start
 
     def _invalidate(self, epoch: int) -> None:
-        """The weights changed: nothing computed before may be served."""
+        """The function changed (`state.ModelState`'s watch): nothing computed before may be served."""
         with self.lock:
             self.weights_epoch = epoch
             self.counters.invalidations += 1
-            self.dtype = next(self.base.parameters()).dtype
             if self.exact is not None:
-                self.exact.clear(self.dtype, next(self.base.parameters()).device)
+                self.exact.clear(self.state.dtype, self.state.device)
                 self.exact.shared_fingerprint = None  # (hashed again, from the new weights, at the next lookup)
             for layer in self.layers.values():
                 if layer.bank is not None:
@@ -292,9 +296,15 @@ class ModelCache:
             if self.near is not None:
                 self.near.clear(prior=False)
 
+    def embed(self, original, *args, **kwargs):
+        """The input embedding's forward (`original`), fingerprinted for the semantic tier."""
+        output = original(*args, **kwargs)
+        self.fingerprint(output)
+        return output
+
     def fingerprint(self, embeds: torch.Tensor) -> None:
-        """The semantic tier's fingerprint of the input embeddings `embeds` [B, T, D] (a hook's
-        output): SimHash of the mean over real tokens; for a pixel model, of all its patches."""
+        """The semantic tier's fingerprint of the input embeddings `embeds` [B, T, D] (the input
+        embedding's output): SimHash of the mean over real tokens; for a pixel model, of all its patches."""
         forward = self.current()
         if forward is None or self.config.fingerprint != "embeddings" or embeds.dim() != 3:
             return

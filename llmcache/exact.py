@@ -148,7 +148,10 @@ class ExactTier:
         self.arena = self.new_arena(features, dtype, device)
         self.index = self.new_index()
         self.pending: list = []  # (entries, per-token finite flags on the device) not yet checked
-        self.kv_layout: dict = {}  # decoders: span position -> (kv heads, head dim, dtype, layer_idx)
+        self.kv_layout: dict = {}  # decoders: span position -> (kv heads, head dim, layer_idx)
+        # Decoders: the K/V dtype under each model state (`Forward.switches`): autocast computes
+        # K/V in its own dtype, which the entries (in the arena's dtype) must be handed back in.
+        self.kv_dtypes: dict = {}
         self.originals = [m.forward for m in self.modules]
         self.cache_param = [self._cache_param(f) for f in self.originals]
         self.formats: dict = {}  # span position -> number of outputs of the block (1: a tensor)
@@ -156,7 +159,6 @@ class ExactTier:
         # (None: no prefix reuse, whole rows only).
         self.kv_width = self.kv_heads = 0
         self.cache_name = None  # the base model's KV cache argument
-        self.kv_dtype = dtype
         self.final_norm = None
         self.shared = None  # shared.SharedTier (CacheConfig.shared): Redis behind the index
         self.shared_fingerprint = None  # its model fingerprint (bytes), made at the first lookup
@@ -164,7 +166,7 @@ class ExactTier:
     # ---- the shared tier -----------------------------------------------------------------
     def _fingerprint(self) -> bytes:
         if self.shared_fingerprint is None:
-            from .shared.values import model_fingerprint
+            from .state import model_fingerprint
 
             self.shared_fingerprint = model_fingerprint(self.owner.base, self.span, self.arena.features,
                                                         self.arena.dtype)
@@ -225,7 +227,11 @@ class ExactTier:
     def layer_idx(self, position: int) -> int:
         """The KV cache layer of span block `position`."""
         layout = self.kv_layout.get(position)
-        return layout[3] if layout is not None else self.span[position]
+        return layout[2] if layout is not None else self.span[position]
+
+    def kv_dtype(self, switches: bytes) -> torch.dtype:
+        """The dtype of the K/V the blocks compute under the model state `switches`."""
+        return self.kv_dtypes.get(switches, self.arena.dtype)
 
     # ---- memory ----------------------------------------------------------------------
     @property
@@ -251,6 +257,7 @@ class ExactTier:
     def clear(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         """Forget every entry; with `dtype`/`device` (the weights moved), store in those from now on."""
         self.pending.clear()
+        self.kv_dtypes.clear()
         self.arena = self.new_arena(self.arena.features, dtype or self.arena.dtype, device or self.arena.device)
         self.index = self.new_index()
 
@@ -447,7 +454,7 @@ class ExactTier:
             output = hidden_states if arity == 1 else (hidden_states,) + (None,) * (arity - 1)
         out = output[0] if isinstance(output, tuple) else output
         if self.decoder:
-            self._kv(position, plan, real, stand_in, out)
+            self._kv(position, plan, real, stand_in, out, forward.switches)
         if not last:
             return output
         merged = self._merge(plan, out)
@@ -481,12 +488,13 @@ class ExactTier:
         return names[0], None
 
     @torch.compiler.disable
-    def _kv(self, position: int, plan: Plan, real, stand_in, out) -> None:
+    def _kv(self, position: int, plan: Plan, real, stand_in, out, switches: bytes) -> None:
         """Keep the computed rows' K|V for the insert and give the real cache all B rows'."""
         if stand_in is not None and stand_in.keys is not None:
             keys, values = stand_in.keys, stand_in.values  # [M, heads, T, head dim]
             computed = (keys, values)
-            layout = (keys.shape[1], keys.shape[3], keys.dtype, stand_in.layer_idx)
+            layout = (keys.shape[1], keys.shape[3], stand_in.layer_idx)
+            self.kv_dtypes[switches] = keys.dtype
         else:  # no row computes: everything comes from the entries
             computed, layout = None, self.kv_layout.get(position)
         if layout is None:
@@ -495,7 +503,8 @@ class ExactTier:
         plan.kv.append(computed)
         if real is None:
             return
-        heads, head_dim, dtype, layer_idx = layout
+        heads, head_dim, layer_idx = layout
+        dtype = self.kv_dtype(switches)
         if plan.compute is None:  # every row computed: the real cache takes the block's own K, V
             real.update(keys, values, layer_idx)
             return

@@ -1,17 +1,11 @@
-"""Whether a forward may use the cache at all, and why not: the one place that decides it.
+"""Whether a call's arguments let the cache serve it, and why not.
 
 A forward runs uncached, counted under its reason in `stats(model).not_cached`, when the cache
-could not serve it exactly: training mode, autograd recording (grad enabled and a parameter
-that requires grad: served rows would carry no gradient), an input it does not key on or cannot
-serve (inputs_embeds, head_mask, a 4-D mask, encoder states, any unknown tensor argument),
-outputs it cannot give for served rows (attentions, per-layer hidden states), or a KV cache it
-cannot stand in for (a decode step, a cache that is not an empty DynamicCache).
-
-`WeightsWatch` tells when the weights changed since the last forward: torch bumps a tensor's
-version counter on every in-place change (optimizer steps, load_state_dict, `p.mul_` under
-no_grad), and a replaced parameter or a `.to(...)` changes the tensor or its storage. Entries
-computed with other weights are then dropped. Edits through `.data` bypass version counters:
-call `llmcache.reset(model)` after them.
+could not serve it exactly: an input it does not key on or cannot serve (inputs_embeds,
+head_mask, a 4-D mask, encoder states, any unknown tensor argument), outputs it cannot give for
+served rows (attentions, per-layer hidden states), or a KV cache it cannot stand in for (a
+decode step, a cache that is not an empty DynamicCache). What the model's own state rules out
+(training mode, autograd recording, inference-tensor weights) is `llmcache.state`'s to say.
 """
 
 from __future__ import annotations
@@ -27,8 +21,6 @@ HARMLESS = {"use_cache", "return_dict", "cache_position", "kwargs", "self", "pas
 
 def call_reason(model: nn.Module, arguments: dict) -> str | None:
     """Why this call of the base model cannot be cached, or None. `arguments`: its bound arguments."""
-    if model.training:
-        return "training"
     config = getattr(model, "config", None)
     for flag in ("output_attentions", "output_hidden_states"):
         value = arguments.get(flag)
@@ -64,35 +56,3 @@ def _other_arguments(arguments: dict) -> str | None:
             continue
         return name  # inputs_embeds with input_ids, head_mask, encoder_hidden_states, anything unknown
     return None
-
-
-class WeightsWatch:
-    """Version of the weights of `module` as of the last `check()`, and whether autograd records."""
-
-    def __init__(self, module: nn.Module):
-        self.modules = list(module.modules())
-        self.signature: tuple | None = None
-        self.epoch = 0
-
-    def check(self) -> tuple[int, bool]:
-        """(epoch, grad): the epoch moves whenever a parameter or buffer changed or was replaced;
-        grad is True when this forward would be recorded by autograd."""
-        signature = []
-        needs_grad = False
-        # (A model built under inference_mode has inference tensors, which keep no version
-        # counter: their replacement is seen, an in-place change is not.)
-        version = lambda t: -1 if t.is_inference() else t._version
-        for module in self.modules:
-            for tensor in module._parameters.values():
-                if tensor is not None:
-                    signature += (id(tensor), version(tensor), tensor.data_ptr())
-                    needs_grad = needs_grad or tensor.requires_grad
-            for tensor in module._buffers.values():
-                if tensor is not None:
-                    signature += (id(tensor), version(tensor), tensor.data_ptr())
-        signature = tuple(signature)
-        if signature != self.signature:
-            if self.signature is not None:
-                self.epoch += 1
-            self.signature = signature
-        return self.epoch, needs_grad and torch.is_grad_enabled()

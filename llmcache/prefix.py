@@ -278,6 +278,7 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
     hidden_size = tier.arena.features - len(tier.span) * tier.kv_width
     half = tier.kv_width // 2
     heads = tier.kv_heads
+    kv_dtype = tier.kv_dtype(forward.switches)
     device = dev["ids"].device
     # Uniform: every row starts at 0 with the same cached and computed lengths (a batch of one):
     # the cached K/V are views of the states read, and the stand-in's cache is the caller's.
@@ -287,7 +288,7 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
         """[B, heads, Pmax, head dim]: block `position`'s cached K (0) or V (1), zeros where a
         row's prefix is shorter than Pmax (those slots are masked)."""
         lo = hidden_size + position * tier.kv_width + which * half
-        cols = plan.prefix_states[:, lo : lo + half].to(tier.kv_dtype)
+        cols = plan.prefix_states[:, lo : lo + half].to(kv_dtype)
         if not uniform:
             cols = cols.new_zeros((batch * pmax, half)).index_copy_(0, dev["prefix_slot"], cols)
         return cols.view(batch, pmax, heads, -1).transpose(1, 2)
@@ -297,7 +298,7 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
         if pmax:
             keys, values = prefix_kv(position, 0), prefix_kv(position, 1)
         else:
-            keys = values = torch.zeros(batch, heads, 0, half // heads, dtype=tier.kv_dtype, device=device)
+            keys = values = torch.zeros(batch, heads, 0, half // heads, dtype=kv_dtype, device=device)
         stand_in.update(keys, values, tier.layer_idx(position))
     name = tier.cache_name
     real = arguments.get(name)

@@ -1,7 +1,8 @@
 """What identifies a row: namespaces, the exact tier's keys, and the semantic tier's tags and hashes.
 
 Exact key (`exact_key`): the bytes of everything that decides a row's output, read on the host
-once per forward: a header (layout version, namespace, the model's dtype) and
+once per forward: a header (layout version, namespace, the model's state: dtype, autocast,
+attention implementation, adapters and the other switches of `llmcache.state`) and
 the row's real token ids, their position ids and token type ids, in order, and the ids of any left
 padding. Trailing padding (mask == 0) is not part of it; the positions are, so a row moved by
 padding to other positions (absolute or rotary embeddings) is another row. The bytes themselves are the key, not a hash: no two rows
@@ -18,47 +19,54 @@ Semantic tier (per-layer banks, `llmcache.ring_buffer`): a 64-bit hash of the sa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
-import threading
 
 import numpy as np
 import torch
 
-LAYOUT_VERSION = 3  # of exact keys and of what an entry stores; part of every key
+LAYOUT_VERSION = 4  # of exact keys and of what an entry stores; part of every key (4: the state header)
 
-_namespace_stack = threading.local()
+# A context variable, not a thread-local: asyncio runs many requests on one thread, and each task
+# (and each `contextvars.copy_context()`, as `asyncio.to_thread` and `loop.run_in_executor` with a
+# copied context use) sees only the namespaces it entered itself.
+_namespace: contextvars.ContextVar[str] = contextvars.ContextVar("llmcache_namespace", default="")
 
 
 def current_namespace() -> str:
-    stack = getattr(_namespace_stack, "names", None)
-    return stack[-1] if stack else ""
+    return _namespace.get()
 
 
 @contextlib.contextmanager
 def namespace(name: str):
     """Rows computed inside only match entries inserted under the same `name` (tenant isolation).
 
-    Namespaces nest (the innermost wins) and are per thread. The default namespace is "".
+    Namespaces nest (the innermost wins). They follow the context, not the thread: an asyncio task
+    sees the namespace it entered, never one another task entered while it waits, and a new
+    thread starts in the default namespace, "" (`asyncio.to_thread` carries the caller's along).
     """
     if not isinstance(name, str):
         raise TypeError(f"namespace name must be a str, got {type(name).__name__}")
-    stack = getattr(_namespace_stack, "names", None)
-    if stack is None:
-        stack = _namespace_stack.names = []
-    stack.append(name)
+    token = _namespace.set(name)
     try:
         yield
     finally:
-        stack.pop()
+        _namespace.reset(token)
 
 
 # ---- exact tier ---------------------------------------------------------------------------
-def key_header(namespace_name: str, dtype: torch.dtype) -> bytes:
-    """The part of every exact key shared by a forward's rows. The weights are not in it: when
-    they change, every entry is dropped (`gate.WeightsWatch`), so keys stay valid across processes."""
+def switches_bytes(dtype: str, switches: str) -> bytes:
+    """The model's state in a key (`state.ModelState`): its dtype and its other switches."""
+    text = switches.encode()
+    return dtype.encode().ljust(16, b" ") + len(text).to_bytes(4, "little") + text
+
+
+def key_header(namespace_name: str, switches: bytes) -> bytes:
+    """The part of every key shared by a forward's rows: the namespace and the model's state
+    (`switches_bytes`). The weights are not in it: when they change, every entry is dropped
+    (`state.ModelState`'s watch), so keys stay valid across processes."""
     ns = namespace_name.encode()
-    return b"".join([LAYOUT_VERSION.to_bytes(2, "little"), len(ns).to_bytes(4, "little"), ns,
-                     str(dtype).encode().ljust(16, b" ")])
+    return b"".join([LAYOUT_VERSION.to_bytes(2, "little"), len(ns).to_bytes(4, "little"), ns, switches])
 
 
 def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -206,13 +214,16 @@ def first_of_key(keys: torch.Tensor) -> torch.Tensor:
 
 
 def parse_key(key: bytes) -> dict:
-    """The fields of an exact key: namespace, dtype, ids, positions, types (int64 arrays), and
+    """The fields of an exact key: namespace, dtype, switches (the rest of the state header, as
+    text), ids, positions, types (int64 arrays), and
     for a decoder's page the serial of the entry it extends (`parent`, -1: none)."""
     ns_len = int.from_bytes(key[2:6], "little")
     namespace_name = key[6 : 6 + ns_len].decode()
     at = 6 + ns_len
     dtype = key[at : at + 16].decode().strip()
-    at += 16
+    switches_len = int.from_bytes(key[at + 16 : at + 20], "little")
+    switches = key[at + 20 : at + 20 + switches_len].decode()
+    at += 20 + switches_len
     parent = -1
     if key[at : at + 1] == b"P":
         parent = int.from_bytes(key[at + 1 : at + 9], "little", signed=True)
@@ -221,5 +232,5 @@ def parse_key(key: bytes) -> dict:
     n = int.from_bytes(key[at : at + 4], "little")
     at += 4
     fields = np.frombuffer(key[at : at + 24 * n], dtype=np.int64).reshape(3, n)
-    return {"namespace": namespace_name, "dtype": dtype, "ids": fields[0], "positions": fields[1], "types": fields[2],
-            "parent": parent}
+    return {"namespace": namespace_name, "dtype": dtype, "switches": switches, "ids": fields[0],
+            "positions": fields[1], "types": fields[2], "parent": parent}

@@ -109,8 +109,9 @@ def _slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
     return value
 
 
-def semantic_context(owner, ids, mask, positions, types, kv_cache) -> ForwardContext:
-    """The per-forward context of the semantic tier (ids, mask, positions, types: [B, T] on the device)."""
+def semantic_context(owner, header: bytes, ids, mask, positions, types, kv_cache) -> ForwardContext:
+    """The per-forward context of the semantic tier (ids, mask, positions, types: [B, T] on the
+    device; `header`: the forward's `rows.key_header`, namespace and model state)."""
     batch, seq = ids.shape
     ntokens = (mask != 0).sum(1)
     left_padded = bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any())
@@ -119,23 +120,23 @@ def semantic_context(owner, ids, mask, positions, types, kv_cache) -> ForwardCon
     first = torch.where(mask != 0, torch.arange(seq, device=mask.device), seq).amin(1).clamp_max(seq - 1)
     first_position = positions.gather(1, first.unsqueeze(1)).squeeze(1)
     cacheable &= tag_fits(first_position, ntokens)
-    tags = make_tag(owner.namespace_id(), first_position.clamp_min(0), ntokens, left_padded)
+    tags = make_tag(owner.namespace_id(header), first_position.clamp_min(0), ntokens, left_padded)
     tags = torch.where(cacheable, tags, -1 - torch.arange(batch, device=mask.device))
     keys = token_keys(ids, mask, positions, types) ^ (owner.weights_epoch * 0x5851F42D4C957F2D)
     return _context(mask, tags, keys, cacheable, left_padded, kv_cache)
 
 
-def pixel_context(owner, hashes: torch.Tensor, hidden: torch.Tensor, codes) -> ForwardContext:
+def pixel_context(owner, header: bytes, hashes: torch.Tensor, hidden: torch.Tensor, codes) -> ForwardContext:
     """The context of a pixel model's forward, made at its first cached block: `hashes` int64 [B, 2]
     (`rows.pixel_hashes` of the images), `hidden` [B, T, D] the block's input, `codes` the SimHash
     of each image's mean patch embedding (`ModelCache.fingerprint`; None when not fingerprinted).
-    Every image of one model has the same T, so the tag is the namespace and T."""
+    Every image of one model has the same T, so the tag is the header (namespace and state) and T."""
     batch, seq = hidden.shape[:2]
     mask = torch.ones(batch, seq, dtype=torch.int64, device=hidden.device)
     ntokens = torch.full((batch,), seq, dtype=torch.int64, device=hidden.device)
     start = torch.zeros_like(ntokens)
     cacheable = tag_fits(start, ntokens) & (ntokens <= owner.config.max_tokens)
-    tags = torch.where(cacheable, make_tag(owner.namespace_id(), start, ntokens, False),
+    tags = torch.where(cacheable, make_tag(owner.namespace_id(header), start, ntokens, False),
                        -1 - torch.arange(batch, device=hidden.device))
     hashes = hashes.to(hidden.device)
     keys = hashes[:, 0] ^ (hashes[:, 1] * 0x632BE59BD9B4E019) ^ (owner.weights_epoch * 0x5851F42D4C957F2D)
@@ -175,7 +176,8 @@ class CachedLayer:
         self._cache_param = ExactTier._cache_param(self.original_forward)
         if owner.adapter.decoder and self._cache_param[0] is None:
             raise ValueError(f"{type(module).__name__}.forward takes no KV cache argument: cannot cache a decoder block")
-        self._kv_layout = None  # (kv heads, head dim, dtype) of this block's K/V, once seen
+        self._kv_layout = None  # (kv heads, head dim) of this block's K/V, once seen
+        self._kv_dtypes: dict = {}  # model state (Forward.switches) -> the dtype its K/V are computed in
 
     def _allocate(self, entry: torch.Tensor) -> None:
         """This layer's bank, sized for entries like `entry` ([M, T, *F]: max_tokens x F per slot)."""
@@ -236,11 +238,14 @@ class CachedLayer:
 
     def _write_kv(self, ctx: ForwardContext, entry: torch.Tensor, capture, hidden_size: int) -> None:
         """Give the model's KV cache the merged K and V of every row (decoder prefill)."""
+        switches = self.owner.current().switches
         if capture is not None and capture.keys is not None:
-            self._kv_layout = (capture.keys.shape[1], capture.keys.shape[3], capture.keys.dtype)
+            self._kv_layout = (capture.keys.shape[1], capture.keys.shape[3])
+            self._kv_dtypes[switches] = capture.keys.dtype
         if ctx.kv_cache is None or self._kv_layout is None:
             return
-        heads, head_dim, dtype = self._kv_layout
+        heads, head_dim = self._kv_layout
+        dtype = self._kv_dtypes.get(switches, entry.dtype)
         b, t = entry.shape[:2]
         kv = entry[..., hidden_size:]
         keys = kv[..., : heads * head_dim].reshape(b, t, heads, head_dim).transpose(1, 2)
@@ -256,7 +261,7 @@ class CachedLayer:
     def forward(self, hidden_states, *args, **kwargs):
         forward = self.owner.current()
         if forward is not None and forward.pixels is not None and hidden_states.dim() == 3:
-            forward.semantic = pixel_context(self.owner, forward.pixels[1], hidden_states, forward.pixel_codes)
+            forward.semantic = pixel_context(self.owner, *forward.pixels, hidden_states, forward.pixel_codes)
             forward.pixels = None
         ctx = forward.semantic if forward is not None else None
         if ctx is None:

@@ -90,3 +90,45 @@ def test_semantic_tier_threads_get_single_thread_outputs(gen):
         before = [s.hits for s in llmcache.stats(model).layers]
         output(model, work[0][0])
     assert [s.hits - b for s, b in zip(llmcache.stats(model).layers, before)] == [4] * len(before)
+
+
+def test_namespaces_hold_across_asyncio_tasks_and_executors(gen):
+    """Tasks on one event loop thread, interleaving inside and outside namespaces: a task sees only
+    the namespace it entered, never one another task entered while it was suspended; a call sent
+    to a worker thread with asyncio.to_thread carries its caller's namespace."""
+    import asyncio
+
+    model = llmcache.accelerate(tiny_model("bert"))
+    inputs = batch("bert", [5, 6], gen)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            output(model, inputs)
+
+    async def tenant(entered: asyncio.Event, resume: asyncio.Event) -> None:
+        with llmcache.namespace("tenant-a"):
+            entered.set()
+            await resume.wait()  # suspended inside its namespace while the outsider runs
+            forward()
+
+    async def outsider(entered: asyncio.Event, resume: asyncio.Event) -> None:
+        await entered.wait()
+        forward()  # outside any namespace, while the tenant is suspended inside one
+        resume.set()
+
+    async def main():
+        entered, resume = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(tenant(entered, resume), outsider(entered, resume))
+
+    asyncio.run(main())
+    # The outsider's rows went to the default namespace, and the tenant was not served them.
+    assert sorted(e.namespace for e in llmcache.held(model).entries) == ["", "", "tenant-a", "tenant-a"]
+    assert llmcache.stats(model).hits == 0
+
+    async def in_a_worker_thread():
+        with llmcache.namespace("tenant-b"):
+            await asyncio.to_thread(forward)
+
+    asyncio.run(in_a_worker_thread())
+    assert sorted(e.namespace for e in llmcache.held(model).entries).count("tenant-b") == 2
+    assert llmcache.stats(model).hits == 0

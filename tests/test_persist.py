@@ -109,3 +109,83 @@ def test_semantic_tier_round_trip(tmp_path, gen):
         output(fresh, inputs)
     st = llmcache.stats(fresh)
     assert [s.hits for s in st.layers] == [3, 3, 3] and st.hits == 9
+
+
+def test_load_refuses_a_file_of_weights_one_element_apart(tmp_path, gen):
+    """The fingerprint covers every byte of every weight, not a sample."""
+    model, inputs = filled(gen=gen)
+    path = tmp_path / "banks.safetensors"
+    llmcache.save(model, path)
+    other, other_inputs = filled(gen=gen)
+    with torch.no_grad():
+        weight = other.encoder.layer[1].output.dense.weight
+        weight[17, 5] += 0.5  # one element of 12,288 of this matrix
+    with torch.inference_mode():
+        output(other, other_inputs)  # (its cache now holds entries of the new weights)
+    held, st = snapshot(other), llmcache.stats(other)
+    with pytest.raises(ValueError, match="other weights"):
+        llmcache.load(other, path)
+    assert_untouched(other, other_inputs, held, st)
+
+
+def _edit_file(path, edit) -> None:
+    """Rewrite a saved file with `edit(tensors)` applied, keeping its header (checksums included)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(path), metadata=header)
+
+
+@pytest.mark.parametrize("change", ["flipped byte", "state + 1"])
+def test_load_refuses_edited_entries(change, tmp_path, gen):
+    model, inputs = filled(gen=gen)
+    path = tmp_path / "banks.safetensors"
+    llmcache.save(model, path)
+
+    def edit(tensors):
+        states = tensors["exact.states"]
+        if change == "flipped byte":
+            raw = states.view(torch.uint8)
+            raw[3, 11] ^= 0x10
+        else:
+            states[4, 7] += 1.0
+
+    _edit_file(path, edit)
+    fresh = llmcache.accelerate(tiny_model("bert"))
+    with torch.inference_mode():
+        output(fresh, inputs)
+    held, st = snapshot(fresh), llmcache.stats(fresh)
+    with pytest.raises(ValueError, match="checksum"):
+        llmcache.load(fresh, path)
+    assert_untouched(fresh, inputs, held, st)
+
+
+def test_semantic_banks_are_checksummed_too(tmp_path, gen):
+    model, inputs = filled(gen=gen, threshold=0.99)
+    path = tmp_path / "banks.safetensors"
+    llmcache.save(model, path)
+    _edit_file(path, lambda tensors: tensors["layer1.values"][0].view(-1).__setitem__(9, 3.0))
+    fresh = llmcache.accelerate(tiny_model("bert"), threshold=0.99)
+    with pytest.raises(ValueError, match="checksum"):
+        llmcache.load(fresh, path)
+    assert llmcache.held(fresh).layers == {0: 0, 1: 0, 2: 0}
+
+
+def test_entries_of_every_adapter_and_autocast_state_travel(tmp_path, gen):
+    """Keys carry the model state: a file holds each state's entries, served only under it."""
+    model, inputs = filled(gen=gen)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output(model, inputs)
+    path = tmp_path / "banks.safetensors"
+    llmcache.save(model, path)
+    fresh = llmcache.accelerate(tiny_model("bert"))
+    llmcache.load(fresh, path)
+    assert len({e.state for e in llmcache.held(fresh).entries}) == 2
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output(fresh, inputs)
+        output(fresh, inputs)
+    assert llmcache.stats(fresh).hits == 6

@@ -274,11 +274,11 @@ def test_stats_count_tokens_served_and_computed(tokens):
 
 def test_save_and_load_keep_the_prefix_tree(tokens, tmp_path):
     model, ref = build("qwen2")
+    fresh, _ = build("qwen2")  # (outside inference_mode: weights built in it are inference tensors, run uncached)
     system = tokens(3 * PAGE)
     with torch.inference_mode():
         model(**batch([torch.cat([system, tokens(2)]), torch.cat([system[:PAGE], tokens(5)])], "right"))
         llmcache.save(model, tmp_path / "c.safetensors")
-        fresh, _ = build("qwen2")
         llmcache.load(fresh, tmp_path / "c.safetensors")
         inputs = batch([torch.cat([system, tokens(6)])], "left")
         assert_close_at_real(fresh(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"])

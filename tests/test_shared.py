@@ -405,12 +405,12 @@ def test_pixel_model_shares(redis_server):
         return transformers.ViTModel(config).eval()
 
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain, a, b = vit(), llmcache.accelerate(vit(), shared=shared(redis_server.url)), vit()
     with torch.inference_mode():
-        want = vit()(pixel_values=pixels).last_hidden_state
-        a = llmcache.accelerate(vit(), shared=shared(redis_server.url))
+        want = plain(pixel_values=pixels).last_hidden_state
         assert torch.equal(a(pixel_values=pixels).last_hidden_state, want)
         assert llmcache.flush(a)
-        b = llmcache.accelerate(vit(), shared=shared(redis_server.url))
+        b = llmcache.accelerate(b, shared=shared(redis_server.url))
         assert torch.equal(b(pixel_values=pixels).last_hidden_state, want)
     assert llmcache.stats(b).shared.hits == 3
 

@@ -20,14 +20,10 @@ longer than its header says), "checksum", "non_finite".
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 
 import numpy as np
 import torch
-from torch import nn
-
-from .. import rows
 
 VERSION = 1  # of the value layout below; a reader refuses every other
 MAGIC = b"LLMC"
@@ -35,41 +31,6 @@ _HEAD = struct.Struct("<4sHHIIIQ32s16s")
 HEAD_BYTES = _HEAD.size
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REASONS = ("format", "layout", "model", "key", "shape", "truncated", "checksum", "non_finite")
-
-
-def _platform(device: torch.device) -> list:
-    """What decides the bits a forward computes besides the model: the torch build and the
-    kernels it picks (the CPU's vector ISA, or the GPU model)."""
-    kind = device.type
-    if kind == "cuda":
-        where = torch.cuda.get_device_name(device)
-    elif kind == "cpu":
-        where = torch.backends.cpu.get_cpu_capability()
-    else:
-        where = kind
-    return [torch.__version__, kind, where]
-
-
-def model_fingerprint(base: nn.Module, span: list[int], features: int, dtype: torch.dtype) -> bytes:
-    """32 bytes naming what an entry's states depend on: the model's class and config (its
-    attention implementation included), every weight and buffer (all their bytes, not a
-    sample), the dtype, the cached blocks, the entry layout, and the platform (torch version,
-    device kind, CPU vector ISA or GPU model), so that a served state is bit for bit what this
-    replica would compute. Two replicas of one model on like machines agree; other weights,
-    dtype, span or platform do not."""
-    digest = hashlib.blake2b(digest_size=32)
-    config = base.config.to_dict() if hasattr(base, "config") else {}
-    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
-    attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    device = next(base.parameters()).device
-    digest.update(json.dumps([type(base).__name__, config, attention, str(dtype), span, features, rows.LAYOUT_VERSION,
-                              VERSION, _platform(device)], sort_keys=True, default=str).encode())
-    for name, tensor in base.state_dict().items():
-        t = tensor.detach()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # (its buffer: no copy)
-    return digest.digest()
 
 
 def redis_key(key_prefix: bytes, fingerprint: bytes, row_key: bytes) -> bytes:

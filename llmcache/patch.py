@@ -1,0 +1,72 @@
+"""How `accelerate` points a module's forward at the cache, and what copies and tracers see of it.
+
+Every module the cache patches (the base model, each cached block, and where the semantic tiers
+read them the input embedding and the accelerated wrapper) gets one instance attribute,
+`forward`, holding a `Patch`: weights, state_dict and module tree stay untouched, and `disable`
+removes exactly these attributes.
+
+- **Tracers record the model, not the cache.** Under `torch.export`, `torch.jit.trace` and
+  `torch.fx` symbolic tracing a `Patch` calls the module's own forward, so an exported or traced
+  program is the model's (the cache's host-side routing cannot be traced, and a traced lookup
+  would freeze one batch's hits into the graph). `torch.compile` still runs the cache: its
+  bookkeeping runs eagerly (`torch.compiler.disable`) and the model's own code compiles.
+- **A copy is a plain model.** `copy.deepcopy`, `pickle` and `torch.save` of an accelerated
+  model give a model without the cache: a `Patch` reduces to the module's own forward and the
+  cache object to None, so the copy never shares (or holds) the original's entries, and loading
+  a pickle needs no llmcache. `llmcache.accelerate(copy)` gives it a cache of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+
+def tracing() -> bool:
+    """True while torch.export, torch.jit.trace or torch.fx records a program."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or is_fx_symbolic_tracing()
+
+
+class Patch:
+    """`module.forward` while accelerated: `cached(*args, **kwargs)`, or, while a tracer records,
+    `original(*args, **kwargs)` (the forward the module had before). `owner` is the cache."""
+
+    def __init__(self, module: nn.Module, original: Callable, cached: Callable, owner):
+        self.module, self.original, self.cached, self.owner = module, original, cached, owner
+        functools.update_wrapper(self, original)  # inspect.signature(module.forward) stays the model's
+        if hasattr(original, "__code__"):  # (torch.export reads the forward's code object for its argument names)
+            self.__code__ = original.__code__
+
+    def __call__(self, *args, **kwargs):
+        if tracing():
+            return self.original(*args, **kwargs)
+        return self.cached(*args, **kwargs)
+
+    def __reduce__(self):
+        # A copy (deepcopy, pickle) of the module gets its own class's forward: at the time this
+        # is called while loading, the new module's __dict__ is still empty.
+        return getattr, (self.module, "forward")
+
+
+def patch(module: nn.Module, cached: Callable, owner) -> nn.Module:
+    """Point `module.forward` at `cached` (`unpatch` undoes it); returns the module."""
+    module.forward = Patch(module, module.forward, cached, owner)
+    return module
+
+
+def unpatch(module: nn.Module) -> None:
+    if isinstance(vars(module).get("forward"), Patch):
+        del module.forward
+
+
+def patched(module: nn.Module) -> Patch | None:
+    """The cache's patch on `module.forward`, or None."""
+    forward = vars(module).get("forward")
+    return forward if isinstance(forward, Patch) else None
+
+
+__all__ = ["Patch", "patch", "patched", "tracing", "unpatch"]
