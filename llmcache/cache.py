@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import gate, rows
+from . import adapters, gate, rows
 from .state import ModelState
 from .config import CacheConfig
 from .ops.simhash import simhash_pooled_unchecked
@@ -94,6 +94,7 @@ class ModelCache:
     def __post_init__(self):
         self.state = ModelState(self.model, self.base)  # (`accelerate` takes its first look once it has patched)
         self.positions_from_ids = hasattr(getattr(self.base, "embeddings", None), "padding_idx")
+        self.pools_with_mask = adapters.is_sentence_transformer(self.model)
         self.original_forward = self.base.forward
         self.signature = inspect.signature(self.original_forward)
 
@@ -187,6 +188,7 @@ class ModelCache:
             forward.semantic = semantic_context(self, header, ids, mask, positions, types, kv_cache)
             return forward
         batch_host = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
+        padding = self.padding_visible(kv_cache)
         codes = near = None
         if self.near is not None:
             from .verified import Pending
@@ -194,7 +196,8 @@ class ModelCache:
             forward.near = Pending(mask)
             codes = self.token_codes(ids, mask)
             pooled = self.near.semantic.serve == "pooled"
-            near = lambda host, ids_before: (self.near, forward.near, rows.near_keys(header, host, ids_before, pooled),
+            near = lambda host, ids_before: (self.near, forward.near, rows.near_keys(header, host, ids_before, pooled,
+                                                                                     padding),
                                              forward.extra_host.reshape(codes.shape).view(np.uint64))
         if self.adapter.decoder:
             from . import prefix
@@ -203,14 +206,29 @@ class ModelCache:
             prefixes = self.exact.final_norm is not None
             self._route(forward, batch_host, seq, lambda host, counts, pending: prefix.route(
                 self.exact, header, host, seq, ids.device, counts, pending, prefixes,
-                near(host, False) if near else None), extra=codes)
+                near(host, False) if near else None, padding), extra=codes)
             return forward
         # RoBERTa-style embeddings number positions from the ids themselves, padding included.
         ids_before = arguments.get("position_ids") is None and self.positions_from_ids
         self._route(forward, batch_host, seq, lambda host, counts, pending: self.exact.route(
-            self.exact.token_row_keys(header, host, ids_before, counts), seq, ids.device, counts, pending,
+            self.exact.token_row_keys(header, host, ids_before, counts, padding), seq, ids.device, counts, pending,
             near(host, ids_before) if near else None), extra=codes)
         return forward
+
+    def padding_visible(self, kv_cache) -> tuple[bool, bool]:
+        """(leading, trailing): whether a served row must hold the uncached values at its padding
+        before / after its real tokens (CacheConfig.padding). "auto": a decoder's trailing padding
+        always; its leading padding unless the call is given a KV cache (generate's prefill,
+        which masks that padding in every later step and reads the last position only: keeping it
+        with the row would key a prompt's pages on its batch's padding, and prompts sharing a
+        prefix would no longer share pages); an encoder's and a SentenceTransformer's never
+        (their callers pool with the mask or read a real token)."""
+        mode = self.config.padding
+        if mode == "auto":
+            if self.pools_with_mask or not self.adapter.decoder:
+                return False, False
+            return kv_cache is None, True
+        return (True, True) if mode == "exact" else (False, False)
 
     def token_codes(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """int64 [B, W]: SimHash of each row's mean input token embedding (the word embeddings

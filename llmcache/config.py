@@ -9,6 +9,7 @@ from dataclasses import dataclass
 EVICTIONS = ("lru", "staleness")
 MODES = ("state", "residual")
 FINGERPRINTS = ("embeddings", "hidden")
+PADDINGS = ("auto", "exact", "masked")
 
 
 @dataclass
@@ -39,6 +40,21 @@ class CacheConfig:
             in chunks as entries arrive and never past it; an entry of n tokens takes
             ceil(n / page_tokens) pages. `accelerate` refuses a budget that cannot hold one page.
             The semantic tier splits it equally between its layers' banks. None: no byte limit.
+        padding: what a served row holds at its padding positions (mask == 0), in its output and
+            in the K/V it hands a decoder's KV cache. "exact": the uncached model's values, so
+            every position of every output equals it. A decoder's trailing padding is computed
+            after the row's stored K/V (as new tokens after a cached prefix are); other padding
+            (a decoder's leading padding, an encoder's) is kept with the row: the row is keyed
+            and stored with it, and served where it comes again with as much padding. "masked":
+            zeros there; a row is served whatever its padding, for callers that never read
+            padding (pooling with the mask, a classifier reading a real token). "auto" (the
+            default): "exact" for a decoder, but for the leading padding of a call given a KV
+            cache (generate's prefill: every later step masks it, generate reads the last
+            position only, and keyed with its padding a prompt would share no prefix pages with
+            prompts padded otherwise; the past_key_values generate returns hold zeros there);
+            "masked" for an encoder and a SentenceTransformer, whose callers pool with the mask
+            or read a real token (an encoder row's padding depends on its batch's width: a
+            repeat in a batch of another width would miss; see README).
         page_tokens: tokens per page of the exact tier's arena (small pages waste little on
             short rows: a 7-token row in 8-token pages uses 8 positions).
         max_tokens: longest row (in real tokens) that the semantic tier caches; its banks store
@@ -66,6 +82,7 @@ class CacheConfig:
     layers: Sequence[int] | range | None = None
     capacity: int | None = None
     max_bytes: int | None = 1 << 30
+    padding: str = "auto"
     page_tokens: int = 8
     max_tokens: int = 64
     eviction: str = "lru"
@@ -134,6 +151,7 @@ class CacheConfig:
         )
         _require(_is_int(self.max_tokens) and self.max_tokens > 0, "max_tokens", self.max_tokens, "an int > 0")
         _require(self.eviction in EVICTIONS, "eviction", self.eviction, f"one of {EVICTIONS}")
+        _require(self.padding in PADDINGS, "padding", self.padding, f"one of {PADDINGS}")
         _require(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
         _require(self.fingerprint in FINGERPRINTS, "fingerprint", self.fingerprint, f"one of {FINGERPRINTS}")
         _require(isinstance(self.exact, bool), "exact", self.exact, "True or False")

@@ -282,12 +282,17 @@ class ExactTier:
         return entries, flags
 
     @staticmethod
-    def token_row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict) -> list:
+    def token_row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
+                       padding: tuple[bool, bool] = (False, False)) -> list:
         """(key or None, start, ntokens) per row of a batch whose ids/mask/positions/types are
         `host` int64 [4, B, T]; None for a row that cannot be keyed (no real token, gaps).
-        `ids_before`: the ids left of a row's first real token decide its positions."""
+        `ids_before`: the ids left of a row's first real token decide its positions. `padding`:
+        whether the caller sees a row's (leading, trailing) padding: such a row is keyed and
+        stored with it (`rows.exact_key`'s `pads`), all T positions, so that what it serves at
+        its padding is what the uncached model computes there."""
         ids, mask, positions, types = host
         start, count, contiguous = rows.real_spans(mask)
+        seq = ids.shape[1]
         out = []
         for r in range(ids.shape[0]):
             n, s = int(count[r]), int(start[r])
@@ -296,9 +301,12 @@ class ExactTier:
                 counts[reason] = counts.get(reason, 0) + 1
                 out.append((None, s, n))
                 continue
+            lead, trail = s if padding[0] else 0, seq - s - n if padding[1] else 0
+            if lead or trail:
+                s, n = s - lead, n + lead + trail
             before = ids[r, :s] if ids_before else ids[r, :0]
             out.append((rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n],
-                                       before), s, n))
+                                       before, (lead, trail) if lead or trail else None), s, n))
         return out
 
     def route(self, row_keys: list, seq: int, device: torch.device, counts: dict,
@@ -349,7 +357,7 @@ class ExactTier:
                 first_row[key] = r
                 entry = self.index.reserve(key, n)
                 if entry >= 0:
-                    if near is not None:
+                    if near is not None and near[2][r] is not None:
                         near[0].stored(near[1], r, near[2][r], entry, key, near[3][r])
                     entries.append(entry)
                     store.append((len(compute), s, n))

@@ -68,40 +68,52 @@ def _walk(index, header: bytes, ids, positions, types, page: int):
 
 
 def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict,
-          pending: tuple, prefixes: bool, near=None):
+          pending: tuple, prefixes: bool, near=None, padding: tuple[bool, bool] = (False, False)):
     """The plan of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
     a `Plan` for the block splice, a `SuffixPlan`, or None (nothing served, nothing stored).
     `prefixes`: prefix rows may compute their suffix only (else they compute whole). `near`: the
     verified semantic tier's part (as `ExactTier.route`'s): in a batch that the splice serves, a
-    row not wholly cached may be served a neighbour's whole chain of pages. Call under the
-    owner's lock."""
+    row not wholly cached may be served a neighbour's whole chain of pages. `padding`: whether
+    the caller sees a row's (leading, trailing) padding (`ModelCache.padding_visible`): trailing
+    padding is then computed after the row's cached tokens (a suffix that attends to them and
+    not to itself, as the uncached model's padding does); leading padding, which the uncached
+    model computes attending to no token at all, is keyed and stored with the row, so the row is
+    served where it comes again with as much padding. Call under the owner's lock."""
     tier._check_pending(*pending, counts)
     index, page = tier.index, tier.owner.config.page_tokens
     ids, mask, positions, types = host
     start, count, contiguous = rows.real_spans(mask)
     batch = ids.shape[0]
-    found, covered, keyed = [], [], []
+    keyed = [bool(count[r] > 0 and contiguous[r]) for r in range(batch)]
+    # Padding the caller sees: a row's leading padding is keyed and stored with it (its pages
+    # start at position 0, under a header that says how much padding they begin with), its
+    # trailing padding is computed after its cached tokens (`_suffix_plan`).
+    leading = [bool(padding[0] and keyed[r] and start[r] > 0) for r in range(batch)]
+    trailing = np.where(keyed, seq - start - count, 0) if padding[1] else np.zeros(batch, dtype=np.int64)
+    pads = np.where(leading, start, 0)
+    start, count = start - pads, count + pads  # (from here on: the span each row keys)
+    headers = [header + rows.padding_mark((int(pads[r]), 0)) if leading[r] else header for r in range(batch)]
+    found, covered = [], []
     for r in range(batch):
         s, n = int(start[r]), int(count[r])
-        if n == 0 or not contiguous[r]:
+        if not keyed[r]:
             reason = "no_tokens" if n == 0 else "mask_gaps"
             counts[reason] = counts.get(reason, 0) + 1
             found.append([])
             covered.append(0)
-            keyed.append(False)
             continue
-        f, c = _walk(index, header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], page)
+        f, c = _walk(index, headers[r], ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], page)
         found.append(f)
         covered.append(c)
-        keyed.append(True)
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
     index.pinned.update(e for f in found for e in f)
     try:
         chains = None
         if near is not None:
-            chains = _near(near, index, found, covered, keyed, count, prefixes)
-        plan = _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts,
-                     prefixes, chains)
+            chains = _near(near, index, found, covered, keyed, count, prefixes,
+                           [leading[r] or trailing[r] > 0 for r in range(batch)])
+        plan = _plan(tier, headers, ids, positions, types, start, count, found, covered, keyed, seq, device, counts,
+                     prefixes, chains, leading, trailing, pads)
         for r, chain in enumerate(chains or ()):
             if chain is not None:
                 near[0].stored(near[1], r, near[2][r], chain, tuple(index.keys[e] for e in chain), near[3][r])
@@ -110,18 +122,19 @@ def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device,
         index.pinned.clear()
 
 
-def _near(near, index, found, covered, keyed, count, prefixes: bool) -> list:
+def _near(near, index, found, covered, keyed, count, prefixes: bool, padded: list) -> list:
     """Serve rows a neighbour's whole chain where the verified semantic tier allows it (only when
     no row computes a suffix: a whole row in a suffix batch computes its last token, which would
-    mix its own token into the neighbour's answer). Returns the list the plan fills with each
-    computing row's chain of pages (None: not stored whole)."""
+    mix its own token into the neighbour's answer; never a row whose padding the caller sees).
+    Returns the list the plan fills with each computing row's chain of pages (None: not stored
+    whole)."""
     tier, pending, keys, codes = near
     batch = len(found)
     chains = [None] * batch
     if prefixes and all(keyed) and any(0 < covered[r] < int(count[r]) for r in range(batch)):
         return chains
     for r in range(batch):
-        if keyed[r] and covered[r] < int(count[r]):
+        if keyed[r] and covered[r] < int(count[r]) and not padded[r]:
             chain = tier.consider(pending, r, keys[r], codes[r], index)
             if chain is not None:
                 found[r], covered[r] = list(chain), int(count[r])
@@ -129,15 +142,23 @@ def _near(near, index, found, covered, keyed, count, prefixes: bool) -> list:
     return chains
 
 
-def _plan(tier, header, ids, positions, types, start, count, found, covered, keyed, seq, device, counts, prefixes,
-          chains=None):
+def _plan(tier, headers, ids, positions, types, start, count, found, covered, keyed, seq, device, counts, prefixes,
+          chains, leading, trailing, pads):
     index, page = tier.index, tier.owner.config.page_tokens
     batch = ids.shape[0]
     n_real = [int(c) for c in count]
     whole = [keyed[r] and covered[r] == n_real[r] for r in range(batch)]
     partial = [keyed[r] and 0 < covered[r] < n_real[r] for r in range(batch)]
-    # (A row with gaps in its mask, or none at all, computes in the call's own layout: the splice.)
-    suffix_mode = prefixes and any(partial) and all(keyed)
+    # (A row with gaps in its mask, or none at all, computes in the call's own layout: the splice;
+    # so does a batch with a row whose leading padding the caller sees: its suffix would attend to
+    # that padding, which the uncached row does not.)
+    suffix_mode = (prefixes and all(keyed) and not any(leading)
+                   and (any(partial) or any(whole[r] and trailing[r] for r in range(batch))))
+    if not suffix_mode:  # the splice serves a whole row only where it holds what the caller sees of its padding
+        held = [whole[r] and trailing[r] > 0 for r in range(batch)]
+        if any(held):
+            counts["padding"] = counts.get("padding", 0) + sum(held)
+        whole = [whole[r] and not held[r] for r in range(batch)]
     # Reserve the pages each computing row adds (one copy of a page that two rows of this batch share).
     reserved: dict[bytes, int] = {}
     entries, store = [], []  # store: (row, token offset in the row, ntokens)
@@ -151,7 +172,7 @@ def _plan(tier, header, ids, positions, types, start, count, found, covered, key
         chain = list(found[r])
         while at < n:
             end = min(at + page, n)
-            key = rows.page_key(header, serial, ids[r, s + at : s + end], positions[r, s + at : s + end],
+            key = rows.page_key(headers[r], serial, ids[r, s + at : s + end], positions[r, s + at : s + end],
                                 types[r, s + at : s + end])
             entry = reserved.get(key, -1)
             if entry < 0:
@@ -171,14 +192,18 @@ def _plan(tier, header, ids, positions, types, start, count, found, covered, key
         for entry in uses:
             index.lookup(index.keys[entry])  # a hit: bumps its reference count
     if suffix_mode:
-        return _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, keyed, entries, store,
-                            seq, device)
-    return _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed, entries, store, seq, device)
+        return _suffix_plan(tier, ids, positions, types, start, n_real, found, covered, whole, keyed, entries,
+                            store, seq, device, trailing)
+    padded = [leading[r] or trailing[r] > 0 for r in range(batch)]
+    return _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed, entries, store, seq, device,
+                        padded, pads)
 
 
 def _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed, entries, store, seq,
-                 device) -> Plan | None:
-    """Whole rows served, the rest computed by the block splice; in-batch repeats copied."""
+                 device, padded, pads) -> Plan | None:
+    """Whole rows served, the rest computed by the block splice; in-batch repeats copied (not a
+    row whose padding the caller sees: its padding is its own). `pads`: leading padding each
+    row's span holds (not counted as tokens served or computed)."""
     index = tier.index
     batch = len(n_real)
     served_rows, compute, repeat_rows, repeat_src = [], [], [], []
@@ -187,7 +212,7 @@ def _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed
         if whole[r]:
             served_rows.append(r)
             continue
-        if keyed[r]:
+        if keyed[r] and not padded[r]:
             s, n = int(start[r]), n_real[r]
             tokens = b"".join(a[r, s : s + n].tobytes() for a in (ids, positions, types))
             if tokens in first_row:
@@ -201,7 +226,7 @@ def _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed
     position = {r: i for i, r in enumerate(compute)}
     plan = Plan(batch, seq, len(compute), len(served_rows), entries,
                 [(position[r], int(start[r]) + at, n) for r, at, n in store], repeats=len(repeat_rows))
-    plan.tokens = (sum(n_real[r] for r in served_rows), sum(n_real[r] for r in compute))
+    plan.tokens = (sum(n_real[r] - int(pads[r]) for r in served_rows), sum(n_real[r] - int(pads[r]) for r in compute))
     parts = {"compute": compute if (served_rows or repeat_rows) else None}
     if served_rows:
         src = [np.concatenate([index.token_rows(e) for e in found[r]]) for r in served_rows]
@@ -220,17 +245,22 @@ def _splice_plan(tier, ids, positions, types, start, n_real, found, whole, keyed
     return plan
 
 
-def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, keyed, entries, store, seq,
-                 device) -> SuffixPlan:
-    """Every row computes from its cached prefix on (a whole row: its last token)."""
+def _suffix_plan(tier, ids, positions, types, start, n_real, found, covered, whole, keyed, entries, store, seq,
+                 device, trailing) -> SuffixPlan:
+    """Every row computes from its cached prefix on (a whole row: its last token, or its
+    trailing padding), and then its `trailing` padding positions, which attend to the row's
+    tokens but not to themselves (their mask is 0, as in the uncached call)."""
     index = tier.index
     batch = len(n_real)
-    cached = [min(covered[r], n_real[r] - 1) if keyed[r] and found[r] else 0 for r in range(batch)]
-    suffix_len = [n_real[r] - cached[r] for r in range(batch)]
+    cached = [min(covered[r], n_real[r] - (0 if trailing[r] else 1)) if keyed[r] and found[r] else 0
+              for r in range(batch)]
+    real_len = [n_real[r] - cached[r] for r in range(batch)]
+    suffix_len = [real_len[r] + int(trailing[r]) for r in range(batch)]
     pmax, smax = max(cached), max(max(suffix_len), 1)
     width = pmax + smax
     sfx_ids = np.zeros((batch, smax), dtype=np.int64)
     sfx_pos = np.zeros((batch, smax), dtype=np.int64)
+    sfx_types = np.zeros((batch, smax), dtype=np.int64)
     kv_mask = np.zeros((batch, width), dtype=np.int64)
     prefix_src, prefix_slot, prefix_dst, suffix_src, suffix_dst = [], [], [], [], []
     uniform = seq == width and all(int(start[r]) == 0 and cached[r] == pmax and suffix_len[r] == smax
@@ -240,9 +270,10 @@ def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, key
         if k:
             sfx_ids[r, :k] = ids[r, s + p : s + p + k]
             sfx_pos[r, :k] = positions[r, s + p : s + p + k]
+            sfx_types[r, :k] = types[r, s + p : s + p + k]
             sfx_ids[r, k:] = sfx_ids[r, k - 1]
             sfx_pos[r, k:] = sfx_pos[r, k - 1] + 1 + np.arange(smax - k)
-        kv_mask[r, pmax - p : pmax + k] = 1
+        kv_mask[r, pmax - p : pmax + real_len[r]] = 1
         if p:
             prefix_src.append(np.concatenate([index.token_rows(e) for e in found[r]])[:p])
             prefix_slot.append(r * pmax + pmax - p + np.arange(p))
@@ -250,7 +281,7 @@ def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, key
         suffix_src.append(r * smax + np.arange(k))
         suffix_dst.append(r * seq + s + p + np.arange(k))
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
-    parts = {"ids": sfx_ids, "positions": sfx_pos, "mask": kv_mask, "prefix_src": cat(prefix_src),
+    parts = {"ids": sfx_ids, "positions": sfx_pos, "types": sfx_types, "mask": kv_mask, "prefix_src": cat(prefix_src),
              "prefix_slot": cat(prefix_slot), "prefix_dst": cat(prefix_dst), "suffix_src": cat(suffix_src),
              "suffix_dst": cat(suffix_dst)}
     if entries:
@@ -258,10 +289,11 @@ def _suffix_plan(tier, ids, positions, start, n_real, found, covered, whole, key
         parts["store_src"] = np.concatenate([r * smax + at - cached[r] + np.arange(n) for r, at, n in store])
         parts["store_dst"] = np.concatenate([index.token_rows(e) for e in entries])
     dev = _upload(parts, device)
-    for name, shape in (("ids", (batch, smax)), ("positions", (batch, smax)), ("mask", (batch, width))):
+    for name, shape in (("ids", (batch, smax)), ("positions", (batch, smax)), ("types", (batch, smax)),
+                        ("mask", (batch, width))):
         dev[name] = dev[name].view(shape)
     states = tier.arena.read(dev["prefix_src"], tier.read_buffer(len(dev["prefix_src"]))) if pmax else None
-    return SuffixPlan(batch, seq, pmax, smax, sum(cached), sum(suffix_len), entries, [n for _, _, n in store],
+    return SuffixPlan(batch, seq, pmax, smax, sum(cached), sum(real_len), entries, [n for _, _, n in store],
                       dev, {"cached": cached, "uniform": uniform, "whole": sum(whole), "prefix": sum(1 for r in range(batch)
                                                                                 if cached[r] and not whole[r])}, states)
 
@@ -311,7 +343,7 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
     if "cache_position" in tier.owner.signature.parameters:
         kwargs["cache_position"] = torch.arange(pmax, pmax + smax, device=device)
     if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
-        kwargs["token_type_ids"] = torch.zeros_like(dev["ids"])  # (gate: decoders' token types are zero here)
+        kwargs["token_type_ids"] = dev["types"]
     forward.capture = []
     try:
         result = call(**kwargs)

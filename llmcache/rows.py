@@ -79,27 +79,39 @@ def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return start, count, (end - start) == count
 
 
-def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.ndarray, before: np.ndarray) -> bytes:
+def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.ndarray, before: np.ndarray,
+              pads: tuple[int, int] | None = None) -> bytes:
     """The key of one row from its real tokens' ids, positions and token types (int64 [n] each),
     and the ids before its first real token (left padding: RoBERTa-style embeddings derive
-    positions from every id of the row, padding included)."""
-    return b"".join([header, b"R", len(ids).to_bytes(4, "little"), ids.tobytes(), positions.tobytes(),
-                     types.tobytes(), before.tobytes()])
+    positions from every id of the row, padding included). `pads` = (leading, trailing): the
+    tokens are the row's span with that much padding (mask 0) on either side, kept with it."""
+    return b"".join([header, padding_mark(pads), b"R", len(ids).to_bytes(4, "little"), ids.tobytes(),
+                     positions.tobytes(), types.tobytes(), before.tobytes()])
 
 
-def near_keys(header: bytes, host: np.ndarray, ids_before: bool, any_length: bool = False) -> list:
+def padding_mark(pads: tuple[int, int] | None) -> bytes:
+    """What a key adds when its tokens include padding: b"M", then the leading and trailing counts."""
+    if pads is None:
+        return b""
+    return b"M" + pads[0].to_bytes(4, "little") + pads[1].to_bytes(4, "little")
+
+
+def near_keys(header: bytes, host: np.ndarray, ids_before: bool, any_length: bool = False,
+              padding: tuple[bool, bool] = (False, False)) -> list:
     """Per row of a batch (`host` int64 [4, B, T]: ids, mask, positions, types): what a semantic
     neighbour must share with it (namespace and dtype, its real tokens' positions and token
     types, the ids before its first real token when they decide positions), or None when the
     row has no real token. Rows with equal near keys differ only in their token ids.
     `any_length` (a neighbour serves its pooled output): namespace, dtype and whether the row
-    has more than one token type only."""
+    has more than one token type only. A row whose padding the caller sees (`padding`: leading,
+    trailing) gets None: a neighbour holds none of its padding."""
     ids, mask, positions, types = host
     start, count, contiguous = real_spans(mask)
+    seq = ids.shape[1]
     out = []
     for r in range(ids.shape[0]):
         n, s = int(count[r]), int(start[r])
-        if n == 0 or not contiguous[r]:
+        if n == 0 or not contiguous[r] or (padding[0] and s > 0) or (padding[1] and s + n < seq):
             out.append(None)
             continue
         if any_length:
@@ -215,8 +227,8 @@ def first_of_key(keys: torch.Tensor) -> torch.Tensor:
 
 def parse_key(key: bytes) -> dict:
     """The fields of an exact key: namespace, dtype, switches (the rest of the state header, as
-    text), ids, positions, types (int64 arrays), and
-    for a decoder's page the serial of the entry it extends (`parent`, -1: none)."""
+    text), ids, positions, types (int64 arrays), `pads` (leading, trailing padding among those
+    tokens), and for a decoder's page the serial of the entry it extends (`parent`, -1: none)."""
     ns_len = int.from_bytes(key[2:6], "little")
     namespace_name = key[6 : 6 + ns_len].decode()
     at = 6 + ns_len
@@ -224,6 +236,10 @@ def parse_key(key: bytes) -> dict:
     switches_len = int.from_bytes(key[at + 16 : at + 20], "little")
     switches = key[at + 20 : at + 20 + switches_len].decode()
     at += 20 + switches_len
+    pads = (0, 0)
+    if key[at : at + 1] == b"M":
+        pads = (int.from_bytes(key[at + 1 : at + 5], "little"), int.from_bytes(key[at + 5 : at + 9], "little"))
+        at += 9
     parent = -1
     if key[at : at + 1] == b"P":
         parent = int.from_bytes(key[at + 1 : at + 9], "little", signed=True)
@@ -233,4 +249,4 @@ def parse_key(key: bytes) -> dict:
     at += 4
     fields = np.frombuffer(key[at : at + 24 * n], dtype=np.int64).reshape(3, n)
     return {"namespace": namespace_name, "dtype": dtype, "switches": switches, "ids": fields[0],
-            "positions": fields[1], "types": fields[2], "parent": parent}
+            "positions": fields[1], "types": fields[2], "parent": parent, "pads": pads}

@@ -185,7 +185,7 @@ class ModelState:
     def _header(self, dtype: torch.dtype, device: torch.device) -> bytes:
         kind = device.type
         config = getattr(self.base, "config", None)
-        values = (str(dtype), torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
+        values = (str(dtype), *_autocast(kind),
                   getattr(config, "_attn_implementation", None), list(map(_ADAPTER_SWITCHES, self.tuners)),
                   _precision(kind), tuple(fn(self.model) for fn in _USER_STATES.values()))
         if values != self._switch_values:
@@ -196,6 +196,14 @@ class ModelState:
             self._switch_values = values[:4] + (adapters,) + values[5:]
             self._switches = _encode(values)
         return self._switches
+
+
+def _autocast(kind: str) -> tuple:
+    """(enabled, dtype) of autocast for a device type (a model on the meta device has none)."""
+    try:
+        return torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+    except RuntimeError:
+        return False, None
 
 
 def _precision(kind: str) -> tuple:

@@ -2,7 +2,11 @@
 hit/miss with only the misses computed, padding, generate, namespaces, the semantic tier, and
 exact undoing. Everything is observed through the public surface (`stats`, `held`, outputs) and
 through hooks on the blocks' own submodules; tests/test_exact_matrix.py holds the issue-12 matrix
-(non-finite states, failing forwards, threads, weights that change, autograd)."""
+(non-finite states, failing forwards, threads, weights that change, autograd).
+The exact tier runs here with padding="masked" (served rows hold zeros at padding positions, and
+are served whatever their padding): these tests are about serving at real positions;
+tests/test_padding.py holds what "auto" and "exact" give at padding positions.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def test_bit_identical_empty_exact_and_disabled(family, gen):
     inputs = batch(family, [9, 5, 7, 9], gen)
     with torch.inference_mode():
         want = output(model, inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         first = output(model, inputs)  # empty cache: every row computes
         second = output(model, inputs)  # every row an exact hit
         st = llmcache.stats(model)
@@ -56,7 +60,7 @@ def test_all_hits_skip_every_block(family, gen):
     model = tiny_model(family)
     inputs = batch(family, [6, 6, 4], gen)
     with torch.inference_mode():
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         output(model, inputs)
         seen, handles = count_block_rows(model)
         output(model, inputs)
@@ -75,7 +79,7 @@ def test_only_miss_rows_compute(family, gen):
     mixed = {k: torch.cat([cached[k][:1], fresh[k], cached[k][1:]]) for k in cached}
     with torch.inference_mode():
         want = output(model, mixed)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         output(model, cached)
         seen, handles = count_block_rows(model)
         got = output(model, mixed)
@@ -94,7 +98,7 @@ def test_repeats_inside_one_batch_compute_once(family, gen):
     inputs = {k: v[order] for k, v in distinct.items()}
     with torch.inference_mode():
         want = output(model, inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         seen, handles = count_block_rows(model)
         got = output(model, inputs)
         st = llmcache.stats(model)
@@ -117,7 +121,7 @@ def test_mixed_batch_equals_rows_one_by_one(family, gen):
             row = {k: v[r : r + 1] for k, v in inputs.items()}
             keep = real(row)[0]
             alone.append(output(model, {k: v[:, keep] for k, v in row.items()})[0])
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         output(model, {k: v[[1, 3]] for k, v in inputs.items()})  # rows 1 and 3 get cached
         got = output(model, inputs)
     assert llmcache.stats(model).hits > 0
@@ -132,7 +136,7 @@ def test_generate_with_exact_repeats_equals_uncached(family, gen):
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
         want = model.generate(**inputs, **kwargs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         first = model.generate(**inputs, **kwargs)
         again = model.generate(**inputs, **kwargs)
         st = llmcache.stats(model)
@@ -145,7 +149,7 @@ def test_namespaces_never_share_entries(family, gen):
     model = tiny_model(family)
     inputs = batch(family, [5, 5], gen)
     with torch.inference_mode():
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         with llmcache.namespace("tenant-a"):
             output(model, inputs)
         with llmcache.namespace("tenant-b"):
@@ -162,7 +166,7 @@ def test_disable_restores_the_original_forward():
     blocks = model.encoder.layer
     before = [b.forward for b in blocks]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    llmcache.accelerate(model, layers=[0, 1])
+    llmcache.accelerate(model, layers=[0, 1], padding="masked")
     # The exact tier patches the span first..last cached block (served rows skip all of it).
     assert ["forward" in b.__dict__ for b in blocks] == [True, True, False]
     assert "forward" in model.__dict__  # the base model's forward routes each call once
@@ -177,7 +181,7 @@ def test_disable_restores_the_original_forward():
 def test_training_mode_bypasses_the_cache(gen):
     model = tiny_model("bert")
     inputs = batch("bert", [4, 4], gen)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     model.train()
     output(model, inputs)
     output(model, inputs)
@@ -192,7 +196,7 @@ def test_half_precision_and_no_grad(dtype, gen):
     inputs = batch("llama", [5, 7], gen)
     with torch.no_grad():
         want = output(model, inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         output(model, inputs)
         got = output(model, inputs)
     st = llmcache.stats(model)
@@ -226,7 +230,7 @@ def test_max_tokens_limits_the_semantic_tier_only(gen):
         output(model, inputs)
         st = llmcache.stats(model)
         llmcache.disable(model)
-        llmcache.accelerate(model, max_tokens=6)
+        llmcache.accelerate(model, max_tokens=6, padding="masked")
         output(model, inputs)
         output(model, inputs)
     # Semantic tier: per-layer banks of max_tokens positions, only the 4-token row is cacheable.
@@ -238,7 +242,7 @@ def test_max_bytes_bounds_every_bank(gen):
     model = tiny_model("bert")
     budget = 200_000  # 97 pages of 2 KiB: the 160 rows below evict
     with torch.inference_mode():
-        llmcache.accelerate(model, max_bytes=budget)
+        llmcache.accelerate(model, max_bytes=budget, padding="masked")
         for _ in range(10):
             output(model, batch("bert", [8] * 16, gen))
             st = llmcache.stats(model)
@@ -298,7 +302,7 @@ def test_left_padding_without_position_ids_never_reuses_across_offsets(family, g
     row = {k: v[:1, 3:] for k, v in short.items()}  # the same 5 tokens with no padding
     with torch.inference_mode():
         want = output(model, row)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         output(model, short)
         got = output(model, row)
     assert llmcache.stats(model).hits == 0
@@ -309,7 +313,7 @@ def test_bypass_runs_uncached_and_keeps_the_banks(gen):
     model = tiny_model("bert")
     inputs = batch("bert", [6, 6], gen)
     with torch.inference_mode():
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         output(model, inputs)
         with llmcache.bypass(model):
             output(model, inputs)
@@ -321,7 +325,7 @@ def test_bypass_runs_uncached_and_keeps_the_banks(gen):
 def test_reset_outside_inference_mode_after_filling_inside_it(gen):
     model = tiny_model("bert")
     inputs = batch("bert", [5, 5], gen)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     with torch.inference_mode():
         output(model, inputs)
     llmcache.reset(model)  # banks made under inference mode: reset must still work outside it
@@ -334,7 +338,7 @@ def test_a_served_entry_counts_one_hit_per_forward(gen):
     model = tiny_model("bert")
     inputs = batch("bert", [6, 6], gen)
     with torch.inference_mode():
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         for _ in range(3):
             output(model, inputs)
     # Two forwards were served each entry (once per forward, not once per block).

@@ -129,7 +129,7 @@ def test_e2e_measure_accounts_for_the_cached_time(family, gen):
     distinct = [batch(family, [6, 6, 4, 5], gen) for _ in range(2)]
     encoded = [distinct[0], distinct[1], distinct[0], distinct[1]]  # half the batches repeat
     with torch.inference_mode():
-        r = e2e.measure(model, encoded, "cpu", repeats=2, config=llmcache.CacheConfig())
+        r = e2e.measure(model, encoded, "cpu", repeats=2, config=llmcache.CacheConfig(padding="masked"))
     assert not llmcache.is_accelerated(model)  # measure() leaves the model as it found it
     assert r["hit_rate"] == pytest.approx(0.5) and r["layer_hit_rates"] == [pytest.approx(0.5)] * 3
     assert set(r["breakdown"]) == {"total_s", "compute_s", "bookkeeping_s", "other_s"}

@@ -10,6 +10,10 @@ tens of seconds here).
 Equality is bit for bit (`assert_close` with zero tolerance) wherever a row is computed in the same
 batch as the uncached call, or served from an entry computed in such a batch; `TOLERANCE` below is
 the one exception and says why.
+
+The exact tier runs here with padding="masked" (served rows hold zeros at padding positions, and
+are served whatever their padding): these tests are about serving at real positions;
+tests/test_padding.py holds what "auto" and "exact" give at padding positions.
 """
 
 from __future__ import annotations
@@ -336,7 +340,7 @@ def test_forward_pattern(subject, pattern, gen):
     case = PATTERNS[pattern](subject, gen)
     batch_size = case.mask.shape[0]
     want = call(model, case)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     with computed_rows(model) as take:
         first = call(model, case)
         computed_first = take()
@@ -386,7 +390,7 @@ def test_served_rows_are_zero_at_padding_and_exact_at_real_tokens(family, side, 
     inputs = make(Subject(family, model, family, family in DECODERS, False), [7, 2, 5], gen, side=side)
     with torch.inference_mode():
         want = base(**inputs).last_hidden_state
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         base(**inputs)
         got = base(**inputs).last_hidden_state
     real = inputs["attention_mask"].bool()
@@ -405,7 +409,7 @@ def test_same_ids_with_other_token_types_are_not_served(family, gen):
     ones = {**inputs, "token_type_ids": torch.ones_like(inputs["input_ids"])}
     with torch.inference_mode():
         want0, want1 = model(**zeros), model(**ones)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         model(**zeros)
         got1 = model(**ones)
         assert llmcache.stats(model).hits == 0
@@ -429,7 +433,7 @@ def test_roberta_padding_ids_change_positions_and_are_not_confused(gen):
     with torch.inference_mode():
         want1, want0 = model(**pad1), model(**pad0)
         assert not torch.allclose(want1.last_hidden_state[:, 3:], want0.last_hidden_state[:, 3:])
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         model(**pad1)
         got0 = model(**pad0)
         again1 = model(**pad1)
@@ -443,7 +447,7 @@ def test_a_300_token_row_is_cached_and_served(gen):
     inputs = batch("bert", [300, 12], gen)
     with torch.inference_mode():
         want = model(**inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         first = model(**inputs)
         again = model(**inputs)
     st = llmcache.stats(model)
@@ -463,7 +467,7 @@ def test_hit_rate_counts_long_rows_and_rows_too_long_for_the_budget(gen):
     inputs = batch("bert", [5, 20, 20, 100], gen)
     with torch.inference_mode():
         want = model(**inputs)
-        llmcache.accelerate(model, max_bytes=8 * page_bytes)
+        llmcache.accelerate(model, max_bytes=8 * page_bytes, padding="masked")
         outs = [model(**inputs) for _ in range(3)]
     st = llmcache.stats(model)
     for out in outs:
@@ -488,7 +492,7 @@ def test_a_served_entry_is_never_evicted_by_a_later_row_of_its_own_batch(gen):
     mixed = {k: torch.cat([a[k], pad(c)[k], pad(d)[k]]) for k in a}
     with torch.inference_mode():
         want = model(**mixed)
-        llmcache.accelerate(model, max_bytes=3 * page_bytes)
+        llmcache.accelerate(model, max_bytes=3 * page_bytes, padding="masked")
         model(**{k: torch.cat([a[k], pad(b)[k]]) for k in a})  # a and b fill the budget
         for _ in range(3):
             got = model(**mixed)
@@ -515,7 +519,7 @@ def test_grad_enabled_eval_runs_uncached_and_gradients_are_the_uncached_ones(fam
     _loss(model, inputs).backward()
     want = [p.grad.clone() if p.grad is not None else None for p in params]
     model.zero_grad(set_to_none=True)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         with torch.no_grad():
             model(**inputs)  # now held: a grad-enabled call must still not be served
@@ -537,7 +541,7 @@ def test_grad_enabled_with_frozen_weights_is_served_without_autograd_history(fam
     model = tiny_model(family).requires_grad_(False)
     inputs = batch(family, [6, 4], gen)
     want = model(**inputs)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     model(**inputs)
     got = model(**inputs)
     assert llmcache.stats(model).hits == 2 and llmcache.stats(model).not_cached == {}
@@ -556,7 +560,7 @@ def test_train_mode_runs_uncached_with_the_same_dropout(family, gen):
             return model(**inputs)
 
     want = run()
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     first, again = run(), run()
     assert_same(first, want, inputs["attention_mask"], full=True)
     assert_same(again, want, inputs["attention_mask"], full=True)
@@ -571,7 +575,7 @@ def test_half_precision(family, dtype, gen):
     inputs = batch(family, [7, 3, 5], gen)
     with torch.inference_mode():
         want = model(**inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         first = model(**inputs)
         again = model(**inputs)
     assert_same(first, want, inputs["attention_mask"], full=True)
@@ -600,7 +604,7 @@ def test_labels_give_the_uncached_loss(family, gen):
         inputs["labels"] = torch.tensor([0, 2])
     with torch.inference_mode():
         want = model(**inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         try:
             first, again = model(**inputs), model(**inputs)
             st = llmcache.stats(model)
@@ -646,7 +650,7 @@ def test_generate_gives_the_uncached_tokens(family, how, gen):
             return model.generate(**inputs, **kwargs)
 
     want = run()
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         first = run()
         after_first = llmcache.stats(model)
@@ -679,7 +683,7 @@ def test_the_returned_kv_cache_continues_decoding_as_uncached(family, gen):
             return held, out, model(input_ids=step, attention_mask=mask, position_ids=positions, cache=out.cache)
 
     want_held, want_prefill, want_step = prefill_and_step()
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     for _ in range(2):  # computed, then served
         got_held, got_prefill, got_step = prefill_and_step()
         assert got_held == want_held == 6, "the prefill's KV cache must hold its 6 positions"
@@ -745,7 +749,7 @@ def test_changed_weights_are_never_served_stale_entries(change, gen):
     model = tiny_classifier("bert")
     inputs = batch("bert", [6, 4], gen)
     mask = inputs["attention_mask"]
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     with torch.no_grad():
         model(**inputs)
         old = model(**inputs).logits
@@ -774,7 +778,7 @@ def test_identical_rows_in_two_namespaces_are_never_served_across(family, gen):
     mask = inputs["attention_mask"]
     with torch.inference_mode():
         want = model(**inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         with llmcache.namespace("tenant-a"):
             model(**inputs)
         with llmcache.namespace("tenant-b"):
@@ -799,7 +803,7 @@ def test_threads_sharing_one_model_get_the_uncached_outputs(family, gen):
     work = [[shared] + [batch(family, [7, 5, 7, 3], gen) for _ in range(2)] for _ in range(4)]
     with torch.inference_mode():
         want = [[model(**b) for b in thread] for thread in work]
-    llmcache.accelerate(model, capacity=24)  # < 36 distinct rows: inserts evict while others read
+    llmcache.accelerate(model, capacity=24, padding="masked")  # < 36 distinct rows: inserts evict while others read
     got = [[[] for _ in thread] for thread in work]
     errors = []
 
@@ -846,7 +850,7 @@ def test_a_failed_forward_stores_nothing_and_releases_the_model(family, gen):
     more = batch(family, [5, 5], gen)
     with torch.inference_mode():
         want = model(**more)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         model(**inputs)
         held = llmcache.held(model)
 
@@ -881,7 +885,7 @@ def test_rows_with_non_finite_states_are_computed_and_never_served(family, gen, 
     mask = inputs["attention_mask"]
     with torch.inference_mode():
         want = model(**inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
 
         def nan_row0(module, args, output):
             return output.index_fill(0, torch.tensor([0]), float("nan"))
@@ -903,7 +907,7 @@ def test_rows_with_non_finite_states_are_computed_and_never_served(family, gen, 
     assert all(torch.isfinite(t).all() for _, t in leaves(got))
     # What was saved after the poisoned forward loads (no non-finite entry reached the file).
     fresh = tiny_model(family)
-    llmcache.accelerate(fresh)
+    llmcache.accelerate(fresh, padding="masked")
     llmcache.load(fresh, tmp_path / "after-nan.safetensors")
     with torch.inference_mode():
         loaded = fresh(**inputs)
@@ -927,9 +931,9 @@ def test_a_budget_below_one_page_is_refused_with_the_size_needed(family):
     model = tiny_model(family)
     need = llmcache.CacheConfig().page_tokens * entry_features(model) * 4
     with pytest.raises(ValueError, match=f"max_bytes = 1000 .*{need} bytes"):
-        llmcache.accelerate(model, max_bytes=1000)
+        llmcache.accelerate(model, max_bytes=1000, padding="masked")
     assert not llmcache.is_accelerated(model)
-    llmcache.accelerate(model, max_bytes=need)  # exactly one page: accepted
+    llmcache.accelerate(model, max_bytes=need, padding="masked")  # exactly one page: accepted
     with torch.inference_mode():
         model(input_ids=torch.tensor([[5, 6, 7]]))
         model(input_ids=torch.tensor([[5, 6, 7]]))
@@ -939,7 +943,7 @@ def test_a_budget_below_one_page_is_refused_with_the_size_needed(family):
 def test_reset_zeroes_every_counter_and_empties_the_cache(gen):
     model = tiny_model("bert")
     inputs = batch("bert", [6, 0, 4], gen)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     with torch.inference_mode():
         model(**inputs)
         model(**inputs)
@@ -969,7 +973,7 @@ def test_reset_zeroes_every_counter_and_empties_the_cache(gen):
 
 def test_stats_repr_is_short_and_str_is_a_table(gen):
     model = tiny_model("llama")
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     with torch.inference_mode():
         for lengths in ([6, 4, 0], [6, 4, 0], [3]):
             model(**batch("llama", lengths, gen))
@@ -989,13 +993,13 @@ def test_save_then_load_into_a_fresh_model_serves_the_same_rows(family, gen, tmp
     mask = inputs["attention_mask"]
     with torch.inference_mode():
         want = model(**inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         model(**inputs)
         with llmcache.namespace("a"):
             model(**inputs)
     llmcache.save(model, tmp_path / "cache.safetensors")
     fresh = tiny_model(family)
-    llmcache.accelerate(fresh)
+    llmcache.accelerate(fresh, padding="masked")
     llmcache.load(fresh, tmp_path / "cache.safetensors")
     held = lambda m: sorted((e.ids, e.positions, e.token_types, e.namespace, e.pages, e.bytes)
                             for e in llmcache.held(m).entries)
@@ -1014,7 +1018,7 @@ def test_save_file_size_follows_the_entries_held(gen, tmp_path):
     sizes, held = [], []
     for rows in (16, 32):
         model = tiny_model("bert")
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         with torch.inference_mode():
             model(**batch("bert", [7] * rows, gen))
         path = tmp_path / f"{rows}.safetensors"
@@ -1030,7 +1034,7 @@ def test_save_file_size_follows_the_entries_held(gen, tmp_path):
 def test_memory_held_follows_the_real_tokens_stored(family, gen):
     model = tiny_model(family)
     budget = 1 << 22
-    llmcache.accelerate(model, max_bytes=budget)
+    llmcache.accelerate(model, max_bytes=budget, padding="masked")
     with torch.inference_mode():
         for _ in range(4):
             model(**batch(family, [7] * 16, gen))

@@ -11,6 +11,10 @@ and sampling under a seed) gives the uncached model's tokens, and its prefill re
 `llmcache.register_adapter` adds a family in one line: a custom model whose structure misleads
 the search (a decoy list of same-class modules), an existing family under an explicit path, and a
 decoder; and the errors when the structure has no block list name `register_adapter`.
+
+The exact tier runs here with padding="masked" (served rows hold zeros at padding positions, and
+are served whatever their padding): these tests are about serving at real positions;
+tests/test_padding.py holds what "auto" and "exact" give at padding positions.
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ def test_family_exact_repeat(family, head, gen):
     assert not decoder or entries == pages([7, 12, 3, 9]) == 6
     with torch.inference_mode():
         want = model(**inputs)
-    llmcache.accelerate(model)  # nothing registered
+    llmcache.accelerate(model, padding="masked")  # nothing registered
     try:
         with torch.inference_mode(), computed_rows(block_list(model)) as seen:
             first = model(**inputs)
@@ -210,7 +214,7 @@ def test_decoder_forward_returns_kv_cache(family, head, gen):
     with torch.inference_mode():
         want = model(**inputs)
     assert getattr(want, "cache", None) is not None
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         with torch.inference_mode():
             for call in ("first", "repeat"):
@@ -233,7 +237,7 @@ def test_family_partial_batch(family, head, gen):
     with torch.inference_mode():
         want_seen = model(**seen_rows)
         want_mixed = model(**mixed)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         with torch.inference_mode():
             model(**seen_rows)
@@ -260,12 +264,12 @@ def test_family_save_load_fresh_model(family, head, gen, tmp_path):
     model = build(family, head)
     with torch.inference_mode():
         want = model(**inputs)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     with torch.inference_mode():
         model(**inputs)
     llmcache.save(model, tmp_path / "bank.safetensors")
     llmcache.disable(model)
-    fresh = llmcache.accelerate(build(family, head))
+    fresh = llmcache.accelerate(build(family, head), padding="masked")
     try:
         llmcache.load(fresh, tmp_path / "bank.safetensors")
         held = llmcache.held(fresh).entries
@@ -299,7 +303,7 @@ def test_decoder_forward_then_decode_step(family, gen):
             return prompt.logits[:, -1], model(**step, cache=prompt.cache).logits
 
     want_prompt, want_step = run()
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         for call in range(2):
             got_prompt, got_step = run()
@@ -325,7 +329,7 @@ def test_decoder_generate(family, gen):
         torch.manual_seed(1234)
         sampled = model.generate(**inputs, do_sample=True, top_k=0, **kw)
     assert greedy.shape == (3, 9 + 6)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         with torch.inference_mode():
             for call in range(2):
@@ -399,7 +403,7 @@ def test_register_adapter_custom_model(gen):
     inputs = make_batch(False, [4, 9, 6], gen)
     with torch.inference_mode():
         want = model(**inputs)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         with torch.inference_mode(), computed_rows(model.trunk.stages.blocks) as seen:
             first = model(**inputs)
@@ -424,7 +428,7 @@ def test_register_adapter_existing_family_explicit_path(gen):
     inputs = make_batch(False, [5, 11], gen)
     with torch.inference_mode():
         want = model(**inputs)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         with torch.inference_mode(), computed_rows(model.bert.encoder.layer) as seen:
             first, again = model(**inputs), model(**inputs)
@@ -450,7 +454,7 @@ def test_register_adapter_decoder(gen):
     kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
         want = model.generate(**inputs, **kw)
-    llmcache.accelerate(model)
+    llmcache.accelerate(model, padding="masked")
     try:
         with torch.inference_mode():
             assert torch.equal(model.generate(**inputs, **kw), want)
@@ -467,7 +471,7 @@ def test_register_adapter_wrong_path_names_it():
     llmcache.register_adapter("llmcache_test_misnamed", blocks="encoder.blocks", decoder=False)
     model = transformers.BertModel(MisnamedBertConfig(**ENCODER)).eval()
     with pytest.raises(ValueError, match="encoder.blocks"):
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
     assert not llmcache.is_accelerated(model)
 
 
@@ -517,7 +521,7 @@ class NoEmbeddingsModel(FlatModel):
 def test_unfound_structure_names_register_adapter(cls):
     model = cls(FlatConfig()).eval()
     with pytest.raises(ValueError, match="register_adapter") as err:
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
     assert "llmcache_test_flat" in str(err.value) or cls.__name__ in str(err.value)
     assert not llmcache.is_accelerated(model)
 

@@ -38,11 +38,11 @@ FAMILIES = {
 }
 
 
-def build(family: str, seed: int = 0):
+def build(family: str, seed: int = 0, **config):
     """(accelerated model, uncached copy of the same weights)."""
     torch.manual_seed(seed)
     model = FAMILIES[family]().eval()
-    return llmcache.accelerate(copy.deepcopy(model)), model
+    return llmcache.accelerate(copy.deepcopy(model), **config), model
 
 
 def batch(rows: list[torch.Tensor], side: str) -> dict:
@@ -101,7 +101,9 @@ def test_shared_prefixes_of_every_length_compute_only_their_suffix(family, side,
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_batch_mixing_cached_lengths_matches_the_uncached_model(family, side, tokens):
-    model, ref = build(family)
+    # (padding="masked": padded rows are served and compute from their prefix whatever their
+    # padding; tests/test_padding.py holds the exact padding of the default)
+    model, ref = build(family, padding="masked")
     system = tokens(3 * PAGE + 5)
     with torch.inference_mode():
         model(**batch([torch.cat([system, tokens(4)])], side))
@@ -129,7 +131,7 @@ def test_a_batch_mixing_cached_lengths_matches_the_uncached_model(family, side, 
 
 
 def test_hidden_states_at_every_position_come_from_the_bank_or_the_suffix(tokens):
-    model, ref = build("llama")
+    model, ref = build("llama", padding="masked")
     system = tokens(2 * PAGE)
     with torch.inference_mode():
         model.model(**batch([torch.cat([system, tokens(3)])], "right"))

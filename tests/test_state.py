@@ -75,7 +75,9 @@ def family(request):
 
 
 def rows_of(family: str, gen) -> dict:
-    return batch(family, [5, 7, 3], gen)
+    """Three rows: an encoder's right-padded (CacheConfig.padding "auto" serves them, as its callers
+    read real tokens), a decoder's of one length (its padding is exact: tests/test_padding.py)."""
+    return batch(family, [6, 6, 6] if family == "llama" else [5, 7, 3], gen)
 
 
 # ---- LoRA adapters (peft) ----------------------------------------------------------------------

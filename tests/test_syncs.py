@@ -226,7 +226,7 @@ def test_a_cached_forward_adds_at_most_one_sync(family, device, gen):
     reports, failures = [], []
     with torch.inference_mode():
         forward(first)  # warm-up: transformers' lazy set-up is not the cache's
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         for case, inputs, served in (("cold", first, 0), ("warm", first, 5), ("mixed", mixed, 2)):
             hits = llmcache.stats(model).hits
             extra, report = added(model, counter, inputs, forward, device)
@@ -252,7 +252,7 @@ def test_generate_adds_at_most_one_sync(family, device, gen):
     counter = counter_for(model, [inputs])
     with torch.inference_mode():
         want = generate(inputs)
-        llmcache.accelerate(model)
+        llmcache.accelerate(model, padding="masked")
         reports, failures = [], []
         for case in ("cold", "warm"):
             extra, report = added(model, counter, inputs, generate, device)

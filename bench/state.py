@@ -1,0 +1,94 @@
+"""What `llmcache.state` costs per forward: the watch and the state header, in µs.
+
+    python -m bench.state [--calls 2000] [--loops 7] [--models minilm,minilm-lora,smollm2] [--out DIR]
+
+Per model: `ModelState.check()` (what every routed forward runs), and its two parts, the watch
+(`_look`: identities of every module, parameter and buffer of the tree, each tensor's version
+counter and storage, quantized packed weights, merged LoRA adapters; then one comparison) and the
+state header (`_header`: dtype, autocast, attention implementation, active adapters, precision
+switches, user states), each timed in a loop of `--calls` calls, median of `--loops` loops. The
+cost depends on how many modules and tensors the tree has, not on their sizes: a tiny-dims twin
+of a model costs what the model costs. Models: the real MiniLM (6 blocks), MiniLM with LoRA
+adapters on query/key/value/dense (peft), and SmolLM2-135M (30 blocks; its GGUF takes ~20 s to
+load). Writes DIR/state-cpu.json (default bench/out); nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llmcache
+from bench.memory import run_header, write_report
+from llmcache.models import load_minilm, load_smollm2
+
+
+def per_call_us(fn, calls: int, loops: int) -> float:
+    times = []
+    for _ in range(loops):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+    return 1e6 * statistics.median(times)
+
+
+def load(name: str):
+    if name == "minilm":
+        return load_minilm()[0]
+    if name == "minilm-lora":
+        import peft
+
+        model = load_minilm()[0]
+        config = peft.LoraConfig(r=8, target_modules=["query", "key", "value", "dense"])
+        model = peft.get_peft_model(model, config, adapter_name="first")
+        model.add_adapter("second", config)
+        return model.eval()
+    if name == "smollm2":
+        return load_smollm2()[0]
+    raise ValueError(f"unknown model {name!r}")
+
+
+def measure(name: str, calls: int, loops: int) -> dict:
+    model = llmcache.accelerate(load(name))
+    state = llmcache.api._owner(model).state
+    state.check()
+    row = {
+        "model": name,
+        "modules": sum(1 for _ in model.modules()),
+        "tensors": len(state.tensors),
+        "tuner_layers": len(state.tuners),
+        "check_us": per_call_us(state.check, calls, loops),
+        "watch_us": per_call_us(lambda: state._look() == state._seen, calls, loops),
+        "header_us": per_call_us(lambda: state._header(state.dtype, state.device), calls, loops),
+    }
+    llmcache.disable(model)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--loops", type=int, default=7)
+    p.add_argument("--models", default="minilm,minilm-lora,smollm2")
+    p.add_argument("--device", default="cpu", choices=["cpu"])
+    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = p.parse_args(argv)
+    rows = [measure(name, args.calls, args.loops) for name in args.models.split(",")]
+    print(f"{'model':14} {'modules':>8} {'tensors':>8} {'LoRA':>5} {'check µs':>9} {'watch µs':>9} {'header µs':>10}")
+    for r in rows:
+        print(f"{r['model']:14} {r['modules']:8} {r['tensors']:8} {r['tuner_layers']:5} {r['check_us']:9.1f} "
+              f"{r['watch_us']:9.1f} {r['header_us']:10.1f}")
+    header = run_header(args, "cpu", llmcache.CacheConfig())
+    path = write_report(args.out, "state-cpu.json", header, rows, [])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
