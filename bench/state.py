@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import llmcache
 from bench.memory import run_header, write_report
 from llmcache.models import load_minilm, load_smollm2

@@ -1,9 +1,10 @@
 """Public API: accelerate / disable / reset / stats / cached / bypass.
 
 `accelerate(model)` acts on a built `transformers` model in place: it points the base model's
-`forward` and each cached block's `forward` at the cache (instance attributes: weights,
-state_dict and module tree are untouched) and, for the semantic tier, adds a hook on the input
-embedding (the fingerprint). `disable` removes exactly those, restoring the original forwards.
+`forward` and each cached block's `forward` at the cache (`patch.Patch` instance attributes:
+weights, state_dict and module tree are untouched) and, where a semantic tier reads them, the
+input embedding's (the fingerprint) and the wrapper's. `disable` removes exactly those,
+restoring the original forwards.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from dataclasses import dataclass, field, fields
 
 from torch import nn
 
-from . import adapters, ops, rows
+from . import adapters, gate, ops, rows
 from .cache import ModelCache
-from .patch import patch, patched, unpatch
 from .config import CacheConfig
 from .exact import ExactTier
+from .patch import patch, patched, unpatch
 from .semantic import CachedLayer, LayerStats
 from .verified import SemanticStats, SemanticTier
 
@@ -46,22 +47,24 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
             e.g. accelerate(model, threshold=0.95, layers=range(0, 4)).
     Returns:
         The same model. With the exact tier (the default) a row whose real tokens, positions,
-        token types, namespace and the model's dtype and weights equal a cached row's is served
-        that row's stored output of the last cached block and skips every cached block; the
-        other rows compute. Anything the cache cannot serve exactly runs uncached, counted by
-        reason in `stats(model).not_cached`: training mode, autograd recording (grad enabled and
-        a parameter that requires grad: use `torch.inference_mode()` or `torch.no_grad()`),
+        token types, namespace and model state (dtype, autocast, attention implementation, LoRA
+        adapters, ...: llmcache/state.py) equal a cached row's is served that row's stored
+        output of the last cached block and skips every cached block; the other rows compute.
+        Any change to the weights or the module tree drops every entry. Anything the cache
+        cannot serve exactly runs uncached, counted by reason in `stats(model).not_cached`:
+        training mode, autograd recording (grad enabled and a parameter that requires grad:
+        use `torch.inference_mode()` or `torch.no_grad()`), inference-tensor weights,
         `inputs_embeds`, `output_attentions`, `output_hidden_states`, `head_mask`, a 4-D mask,
         other unknown tensor arguments, and decode steps of `generate`.
 
-    Padding: a served row holds the uncached values at every real position (mask == 1) and
-    zeros at its padding positions. Attention never reads them (they are masked), but anything
-    read at a padding position differs: an unmasked `h.mean(1)` over a padded batch (pool with
-    the mask, as sentence-transformers does: `(h * mask[..., None]).sum(1) / mask.sum(1,
-    keepdim=True)`), logits at padding positions, the loss of a left-padded row (transformers
-    predicts its first real token from the last padding position), and a pooler that reads
-    position 0 of a left-padded row (BERT's). Right padding, the tokenizers' default for
-    encoders, leaves the loss and the pooler exact.
+    Padding (`CacheConfig.padding`): "exact" makes every position of every output equal the
+    uncached model's, padding included; "masked" serves zeros at padding positions; the
+    default ("auto") is exact for decoders (but for the leading padding of generate's prefill)
+    and masked for encoders, whose callers pool with the mask: pool with it, as
+    sentence-transformers does, or pass padding="exact" where padding positions are read.
+
+    Copies (`copy.deepcopy`, pickle, `torch.save`) of an accelerated model are plain models;
+    torch.export, jit.trace and fx tracing record the model's own forward.
 
     Example:
         >>> model = llmcache.accelerate(AutoModel.from_pretrained(path).eval())
@@ -211,7 +214,7 @@ def _decoder_layout(tier, base: nn.Module, blocks, span: list[int]) -> None:
     _, kv_heads, head_dim = _kv_shape(base)
     tier.kv_heads, tier.kv_width = kv_heads, 2 * kv_heads * head_dim
     params = inspect.signature(base.forward).parameters
-    tier.cache_name = next((n for n in ("cache", "past_key_values") if n in params), None)
+    tier.cache_name = next((n for n in gate.KV_CACHE_NAMES if n in params), None)
     if len(span) == len(blocks) and tier.cache_name is not None and "position_ids" in params:
         tier.final_norm = adapters.final_norm(base)
 
@@ -307,7 +310,8 @@ class CacheStats:
     tier: summed over layers, one per row and layer served), exact_hits + semantic_hits.
     lookups: rows looked up (semantic tier: summed over layers). hit_rate: hits over all rows
     (semantic tier: over rows x cached layers). not_cached: rows that ran uncached, by reason
-    (training, grad, output_attentions, inputs_embeds, too_long, decode_step, ...).
+    (training, grad, inference_tensors, output_attentions, inputs_embeds, too_long, padding: a
+    whole decoder row whose trailing padding its batch could not compute from its K/V, ...).
     repeats: rows repeating an earlier row of their own batch (exact tier): not served from the
     bank, not computed either (the first occurrence's result is copied); hits + repeats rows
     skipped the cached blocks.
@@ -317,7 +321,8 @@ class CacheStats:
     in cached forwards, in total; last_tokens: (served, computed) of the last cached forward.
     entries: entries held (a decoder's: pages of token prefixes, shared by every row extending
     them); bytes: bytes of the states they hold; bytes_reserved: bytes the banks
-    have allocated. invalidations: times the weights changed and every entry was dropped.
+    have allocated. invalidations: times the weights or the module tree changed (or LoRA adapters
+    were merged or unmerged) and every entry was dropped.
     fingerprint_s / lookup_s: host wall time (on CUDA it counts launches, not kernels).
     layers: one LayerStats per cached layer.
     semantic: the verified semantic tier's state and evidence (`llmcache.Semantic`), None when off;
@@ -491,7 +496,9 @@ def held(model: nn.Module) -> Held:
 
 
 def is_accelerated(model: nn.Module) -> bool:
-    return getattr(model, _ATTR, None) is not None
+    """Whether `model` runs through a cache: it was accelerated, or it is the base model inside
+    one that was (`stats`, `reset`, `disable` take either)."""
+    return getattr(model, _ATTR, None) is not None or patched(model) is not None
 
 
 __all__ = ["CacheStats", "Held", "HeldEntry", "accelerate", "cached", "disable", "flush", "held", "is_accelerated",

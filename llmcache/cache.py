@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from . import adapters, gate, rows
-from .state import ModelState
 from .config import CacheConfig
 from .ops.simhash import simhash_pooled_unchecked
+from .state import ModelState
 
 
 @dataclass
@@ -168,7 +168,7 @@ class ModelCache:
         if reason is not None:
             self.count_not_cached(reason, batch)
             return None
-        kv_cache = arguments.get("cache", arguments.get("past_key_values"))
+        kv_cache = gate.kv_cache(arguments)
         forward = Forward(kv_cache, observed.switches)
         header = rows.key_header(rows.current_namespace(), observed.switches)
         if pixels is not None:

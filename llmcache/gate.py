@@ -13,6 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The names a base model's forward takes its KV cache under (transformers renamed it; both are accepted).
+KV_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def kv_cache(arguments: dict):
+    """The KV cache a call was given, under either name, or None."""
+    return next((arguments[n] for n in KV_CACHE_NAMES if arguments.get(n) is not None), None)
+
+
 # Arguments of a base model's forward that the cache understands: keyed on, or harmless.
 KEYED = {"input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values"}
 HARMLESS = {"use_cache", "return_dict", "cache_position", "kwargs", "self", "past_key_values", "cache",
@@ -33,7 +42,7 @@ def call_reason(model: nn.Module, arguments: dict) -> str | None:
         if isinstance(pixels, torch.Tensor) and pixels.dim() >= 2 and pixels.is_floating_point():
             return _other_arguments(arguments)
         return "inputs_embeds" if arguments.get("inputs_embeds") is not None else "no_input_ids"
-    kv = arguments.get("cache", arguments.get("past_key_values"))
+    kv = kv_cache(arguments)
     if kv is not None:
         if type(kv).__name__ != "DynamicCache" or not hasattr(kv, "get_seq_length"):
             return "kv_cache_type"

@@ -156,7 +156,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
             header = f.metadata() or {}
             fingerprint = _check_header(header, owner)
             meta = json.loads(header["meta"])
-            saved = {name: f.get_tensor(name) for name in f.keys()}
+            saved = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         if owner.exact is not None:
             built = _rebuild_exact(owner, saved, meta.get("exact", {}), fingerprint)
         else:

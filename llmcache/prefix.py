@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import rows
+from . import gate, rows
 from .exact import Plan, _upload, every_token
 
 
@@ -333,11 +333,11 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
             keys = values = torch.zeros(batch, heads, 0, half // heads, dtype=kv_dtype, device=device)
         stand_in.update(keys, values, tier.layer_idx(position))
     name = tier.cache_name
-    real = arguments.get(name)
+    real = gate.kv_cache(arguments)  # (given under the old name too)
     use_cache = arguments.get("use_cache")
     if use_cache is None:
         use_cache = bool(getattr(tier.owner.base.config, "use_cache", True))
-    kwargs = dict(arguments)
+    kwargs = {k: v for k, v in arguments.items() if k not in gate.KV_CACHE_NAMES}
     kwargs.update({"input_ids": dev["ids"], "attention_mask": dev["mask"], "position_ids": dev["positions"],
                    name: stand_in, "use_cache": True})
     if "cache_position" in tier.owner.signature.parameters:
@@ -392,7 +392,7 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
             plan.entries = []
     if isinstance(result, tuple):
         return (full, cache) + tuple(result[2:]) if len(result) > 1 else (full,)
-    out_name = next((n for n in ("cache", "past_key_values") if n in result), "cache")
+    out_name = next((n for n in gate.KV_CACHE_NAMES if n in result), "cache")
     fields = {k: v for k, v in result.items() if k != out_name}
     fields["last_hidden_state"] = full
     if cache is not None:

@@ -297,4 +297,4 @@ def _digest_value(digest, value) -> None:
         digest.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # (its buffer: no copy)
 
 
-__all__ = ["ModelState", "model_fingerprint", "Observed", "StateHandle", "register_state"]
+__all__ = ["ModelState", "Observed", "StateHandle", "model_fingerprint", "register_state"]

@@ -14,6 +14,7 @@ tests/test_exact_matrix.py run with padding="exact", compared at every position.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -256,3 +257,22 @@ def test_forward_pattern_with_exact_padding_equals_the_uncached_model_everywhere
         for path, w in expected.items():
             torch.testing.assert_close(got[path], w, equal_nan=True, msg=lambda m, p=path: f"{p}: {m}", **tolerance)
     assert llmcache.stats(model).hits == case.served  # a row repeated with its padding is served
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_kv_cache_given_under_either_name_is_filled_where_padding_is_computed(name, gen):
+    """transformers' test_bc_cache_name_forward: the cache argument under its old name too."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama").model  # the base model, called directly with the argument
+    ref = copy.deepcopy(model)
+    llmcache.accelerate(model)
+    inputs = right_padded("llama", [6, 4], gen)
+    with torch.inference_mode(), pytest.warns() if name == "past_key_values" else contextlib.nullcontext():
+        want = ref(**inputs, **{name: DynamicCache(config=ref.config)})
+        for _ in range(2):  # computed, then served with its trailing padding computed
+            given = DynamicCache(config=model.config)
+            got = model(**inputs, **{name: given})
+            assert got.past_key_values is given and given.get_seq_length() == 6
+            torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, **EVERYWHERE)
+    assert llmcache.stats(model).hits == 2

@@ -113,7 +113,7 @@ def test_semantic_tier_round_trip(tmp_path, gen):
 
 def test_load_refuses_a_file_of_weights_one_element_apart(tmp_path, gen):
     """The fingerprint covers every byte of every weight, not a sample."""
-    model, inputs = filled(gen=gen)
+    model, _ = filled(gen=gen)
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     other, other_inputs = filled(gen=gen)
@@ -134,7 +134,7 @@ def _edit_file(path, edit) -> None:
     from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as f:
-        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no dict)
     edit(tensors)
     save_file(tensors, str(path), metadata=header)
 
@@ -164,7 +164,7 @@ def test_load_refuses_edited_entries(change, tmp_path, gen):
 
 
 def test_semantic_banks_are_checksummed_too(tmp_path, gen):
-    model, inputs = filled(gen=gen, threshold=0.99)
+    model, _ = filled(gen=gen, threshold=0.99)
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     _edit_file(path, lambda tensors: tensors["layer1.values"][0].view(-1).__setitem__(9, 3.0))

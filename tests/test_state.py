@@ -338,8 +338,9 @@ def test_register_state_refuses_what_cannot_be_a_key(gen):
 # ---- one cache per base model ------------------------------------------------------------------
 def test_accelerate_refuses_a_base_model_already_accelerated_through_another_object():
     model = llmcache.accelerate(tiny_model("llama"))
+    assert llmcache.is_accelerated(model.model)  # the LlamaModel inside runs through the cache
     with pytest.raises(ValueError, match="already accelerated"):
-        llmcache.accelerate(model.model)  # the LlamaModel inside
+        llmcache.accelerate(model.model)
     base = tiny_model("llama")
     llmcache.accelerate(base.model)
     with pytest.raises(ValueError, match="already accelerated"):
