@@ -127,6 +127,8 @@ class ModelState:
         modules = list(self.model.modules())
         base_modules = list(self.base.modules())
         self.containers = [d for m in modules for d in (m._modules, m._parameters, m._buffers)]
+        # (An empty dict's entries cannot be replaced, only added: its length tells.)
+        self.filled = [d for d in self.containers if d]
         tensors, opaque, seen = [], [], set()
         self.inference_tensors = False
         for m in modules:
@@ -151,7 +153,7 @@ class ModelState:
 
     def _look(self) -> tuple:
         """Everything the watch compares between forwards."""
-        return (list(map(id, _chain(map(dict.values, self.containers)))),
+        return ((list(map(id, _chain(map(dict.values, self.filled)))), list(map(len, self.containers))),
                 [id(d.get(name)) for d, name in self.opaque],
                 list(map(_VERSION, self.tensors)),
                 list(map(_DATA_PTR, self.tensors)),

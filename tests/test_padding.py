@@ -28,7 +28,7 @@ import llmcache
 # Rows computed in another batch composition, or from cached K/V, round differently: a few ulps of
 # the random 3-block models; up to 1.4e-4 on the real ones' outputs (SmolLM2's logits reach 37).
 EVERYWHERE = {"rtol": 1e-5, "atol": 1e-5}
-REAL_MODELS = {"rtol": 1e-4, "atol": 1e-4}
+REAL_MODELS = {"rtol": 1e-4, "atol": 3e-4}
 
 
 def right_padded(family: str, lengths, gen) -> dict:
