@@ -89,7 +89,7 @@ def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device,
     # start at position 0, under a header that says how much padding they begin with), its
     # trailing padding is computed after its cached tokens (`_suffix_plan`).
     leading = [bool(padding[0] and keyed[r] and start[r] > 0) for r in range(batch)]
-    trailing = np.where(keyed, seq - start - count, 0) if padding[1] else np.zeros(batch, dtype=np.int64)
+    trailing = [int(seq - start[r] - count[r]) if padding[1] and keyed[r] else 0 for r in range(batch)]
     pads = np.where(leading, start, 0)
     start, count = start - pads, count + pads  # (from here on: the span each row keys)
     headers = [header + rows.padding_mark((int(pads[r]), 0)) if leading[r] else header for r in range(batch)]

@@ -276,3 +276,21 @@ def test_a_kv_cache_given_under_either_name_is_filled_where_padding_is_computed(
             assert got.past_key_values is given and given.get_seq_length() == 6
             torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, **EVERYWHERE)
     assert llmcache.stats(model).hits == 2
+
+
+def test_stats_hold_plain_python_numbers(gen):
+    """stats go to JSON and Prometheus: counts are ints, not numpy scalars. Here a whole row's
+    trailing padding cannot be computed from its K/V (a row with a gap in its mask keeps the batch
+    in its own layout), so it computes, counted under "padding"."""
+    import json
+
+    model = llmcache.accelerate(tiny_model("llama"))
+    inputs = right_padded("llama", [6, 4, 6], gen)
+    inputs["attention_mask"][2, 2] = 0
+    with torch.inference_mode():
+        model(**inputs)
+        model(**inputs)
+    s = llmcache.stats(model)
+    assert s.not_cached == {"mask_gaps": 2, "padding": 1} and s.hits == 1
+    json.dumps({"not_cached": s.not_cached, "last_tokens": s.last_tokens})
+    assert all(type(v) is int for v in (*s.not_cached.values(), *s.last_tokens))
