@@ -334,12 +334,15 @@ def suffix_forward(tier, plan: SuffixPlan, arguments: dict, forward, call):
         stand_in.update(keys, values, tier.layer_idx(position))
     name = tier.cache_name
     real = gate.kv_cache(arguments)  # (given under the old name too)
+    # The stand-in goes under the name the caller used: the model's own forward then does with
+    # it what it does with the caller's (transformers warns that `past_key_values` is deprecated).
+    given = next((n for n in gate.KV_CACHE_NAMES if arguments.get(n) is not None), name)
     use_cache = arguments.get("use_cache")
     if use_cache is None:
         use_cache = bool(getattr(tier.owner.base.config, "use_cache", True))
     kwargs = {k: v for k, v in arguments.items() if k not in gate.KV_CACHE_NAMES}
     kwargs.update({"input_ids": dev["ids"], "attention_mask": dev["mask"], "position_ids": dev["positions"],
-                   name: stand_in, "use_cache": True})
+                   given: stand_in, "use_cache": True})
     if "cache_position" in tier.owner.signature.parameters:
         kwargs["cache_position"] = torch.arange(pmax, pmax + smax, device=device)
     if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
