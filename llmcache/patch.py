@@ -9,7 +9,9 @@ removes exactly these attributes.
   `torch.fx` symbolic tracing a `Patch` calls the module's own forward, so an exported or traced
   program is the model's (the cache's host-side routing cannot be traced, and a traced lookup
   would freeze one batch's hits into the graph). `torch.compile` still runs the cache: its
-  bookkeeping runs eagerly (`torch.compiler.disable`) and the model's own code compiles.
+  bookkeeping runs eagerly (`torch.compiler.disable`, a graph break per cached block) and the
+  model's own code compiles; with `fullgraph=True`, which allows no break (generate compiles
+  so for a static cache), the cache steps aside as for export.
 - **A copy is a plain model.** `copy.deepcopy`, `pickle` and `torch.save` of an accelerated
   model give a model without the cache: a `Patch` reduces to the module's own forward and the
   cache object to None, so the copy never shares (or holds) the original's entries, and loading
@@ -28,13 +30,26 @@ from torch.fx import _symbolic_trace
 _FX_TRACING = _symbolic_trace._is_fx_tracing_tls  # (what torch.fx's is_fx_tracing reads)
 
 
+@torch._dynamo.assume_constant_result
+def _one_graph() -> bool:
+    """Inside torch.compile, while dynamo traces: whether the frame may not break
+    (`fullgraph=True`). Dynamo runs this at trace time (its result is a constant of the graph);
+    it reads dynamo's own translator, so a torch without one answers False."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return bool(InstructionTranslator.current_tx().one_graph)
+    except Exception:  # noqa: BLE001 (another torch's internals: then graph breaks are allowed)
+        return False
+
+
 def tracing() -> bool:
-    """True while torch.export, torch.jit.trace or torch.fx records a program. (Called on every
-    patched forward, blocks included: the flags are read directly, not through the public
-    helpers, which cost ten times as much; under torch.compile, which dynamo folds to a
-    constant, only an export records.)"""
+    """True while torch.export, torch.jit.trace, torch.fx or a fullgraph torch.compile records a
+    program. (Called on every patched forward, blocks included: the flags are read directly, not
+    through the public helpers, which cost ten times as much; under torch.compile, which dynamo
+    folds to a constant, only an export or a fullgraph compile records.)"""
     if torch.compiler.is_compiling():
-        return torch.compiler.is_exporting()
+        return torch.compiler.is_exporting() or _one_graph()
     return torch.compiler._is_exporting_flag or torch._C._is_tracing() or _FX_TRACING.__dict__.get("flag", False)
 
 

@@ -42,3 +42,22 @@ def test_compiled_accelerated_model_is_correct_and_serves_repeats(mode, gen):
     # Each cached block call is a non-traced frame between compiled ones; nothing else breaks.
     breaks = sum(counters["graph_break"].values())
     assert 0 < breaks <= 2 * len(st.layers) + 2, dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+def test_fullgraph_compile_records_the_models_own_forward(gen):
+    """fullgraph=True allows no graph break (generate compiles so for a static cache): the cache
+    steps aside, as under torch.export, and the compiled model is the uncached one."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    inputs = batch("llama", [6, 4, 6], gen)
+    with torch.inference_mode():
+        want = model(**inputs).logits
+    compiled = torch.compile(llmcache.accelerate(model), fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(**inputs).logits, want, **COMPILE_TOLERANCE)
+        for _ in range(2):  # eager, beside it: the cache computes, then serves, as before
+            assert torch.equal(model(**inputs).logits, want)
+    st = llmcache.stats(model)
+    assert st.forwards == 2 and st.hits == 3  # the compiled calls never reached the cache
