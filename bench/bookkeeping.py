@@ -61,7 +61,7 @@ def timed(model, enc: dict, device: str, uncached: bool = False) -> tuple[float,
 
 def watch_check_us(model, calls: int) -> float:
     """µs per `ModelState.check()` call (the watch and the state header), median of 5 loops of `calls`."""
-    state = llmcache.api._owner(model).state
+    state = llmcache.api.owner_of(model).state
     loops = []
     for _ in range(5):
         start = time.perf_counter()

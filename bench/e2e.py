@@ -291,9 +291,9 @@ def cached_breakdown(model, encoded, device: str) -> dict:
     """A cached run from empty banks, timing where its time goes: inside the blocks' own
     forwards (the miss sub-batches), inside the cache's code around them (routing, slicing,
     merge, insert), and the rest (embeddings, masks, pooling: as uncached)."""
-    from llmcache.api import _owner
+    from llmcache.api import owner_of
 
-    owner = _owner(model)
+    owner = owner_of(model)
     spent = {"compute": 0.0, "cached": 0.0}
 
     def timed(fn, key):

@@ -54,7 +54,7 @@ def load(name: str):
 
 def measure(name: str, calls: int, loops: int) -> dict:
     model = llmcache.accelerate(load(name))
-    state = llmcache.api._owner(model).state
+    state = llmcache.api.owner_of(model).state
     state.check()
     row = {
         "model": name,

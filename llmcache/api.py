@@ -28,7 +28,7 @@ from .verified import SemanticStats, SemanticTier
 _ATTR = "_llmcache"
 
 
-def _owner(model: nn.Module) -> ModelCache:
+def owner_of(model: nn.Module) -> ModelCache:
     owner = getattr(model, _ATTR, None)
     if owner is None and patched(model) is not None:  # the base model of an accelerated one
         owner = patched(model).owner
@@ -177,7 +177,7 @@ def flush(model: nn.Module, timeout: float = 5.0) -> bool:
     """Wait (at most `timeout` seconds) until the shared tier's writer has sent every computed
     entry it queued; True when it has (also when there is no shared tier). A process that exits
     normally flushes for up to 2 s on its own."""
-    owner = _owner(model)
+    owner = owner_of(model)
     shared = owner.exact.shared if owner.exact is not None else None
     return shared.flush(timeout) if shared is not None else True
 
@@ -249,7 +249,7 @@ def _check_budget(config: CacheConfig, base: nn.Module, adapter, layer_ids: list
 
 def disable(model: nn.Module) -> nn.Module:
     """Undo `accelerate` exactly: the original forwards back, banks freed."""
-    owner = _owner(model)
+    owner = owner_of(model)
     for module in owner.patched:
         unpatch(module)
     if owner.exact is not None:
@@ -265,7 +265,7 @@ def disable(model: nn.Module) -> nn.Module:
 def reset(model: nn.Module) -> None:
     """Empty every bank and zero every counter (the shared tier's entries stay in Redis: other
     replicas serve them, and this one warms from them again)."""
-    owner = _owner(model)
+    owner = owner_of(model)
     with owner.lock:
         if owner.exact is not None:
             owner.exact.clear()
@@ -293,7 +293,7 @@ def cached(model: nn.Module, config: CacheConfig | None = None, **overrides):
 @contextlib.contextmanager
 def bypass(model: nn.Module):
     """Run `model` uncached inside the block, keeping the banks and their contents for after."""
-    owner = _owner(model)
+    owner = owner_of(model)
     previous, owner.bypassed = owner.bypassed, True
     try:
         yield model
@@ -404,7 +404,7 @@ class CacheStats:
 
 def stats(model: nn.Module) -> CacheStats:
     """A snapshot of the cache's counters (see CacheStats)."""
-    owner = _owner(model)
+    owner = owner_of(model)
     with owner.lock:
         c = owner.counters
         if owner.exact is not None:
@@ -478,19 +478,19 @@ class Held:
 
 def held(model: nn.Module) -> Held:
     """What the cache holds now (an inspection surface for tests and for users)."""
-    owner = _owner(model)
+    owner = owner_of(model)
     with owner.lock:
         entries = []
         tier = owner.exact
         if tier is not None:
             tier.resolve_pending()
             for e in tier.index.live():
-                key = rows.parse_key(tier.index.keys[e])
-                pages = len(tier.index.pages[e])
+                info = tier.index.describe(e)
+                key = rows.parse_key(info.key)
                 entries.append(HeldEntry(tuple(key["ids"].tolist()), tuple(key["positions"].tolist()),
-                                         tuple(key["types"].tolist()), key["namespace"], pages,
-                                         pages * tier.arena.page_bytes, int(tier.index.hits[e]),
-                                         int(tier.index.serial[e]), key["parent"], f"{key['dtype']};{key['switches']}"))
+                                         tuple(key["types"].tolist()), key["namespace"], info.pages,
+                                         info.pages * tier.arena.page_bytes, info.hits, info.serial, key["parent"],
+                                         f"{key['dtype']};{key['switches']}"))
         layers = {i: (layer.bank.occupied if layer.bank is not None else 0) for i, layer in owner.layers.items()}
     return Held(entries, layers)
 

@@ -177,7 +177,7 @@ class ExactTier:
         what it serves into the index and arena, so that routing serves them as local hits."""
         wanted, seen = [], set()
         for key, _, n in row_keys:
-            if key is not None and key not in self.index.table and key not in seen:
+            if key is not None and self.index.find(key) < 0 and key not in seen:
                 seen.add(key)
                 wanted.append((key, n))
         if not wanted:
@@ -188,7 +188,7 @@ class ExactTier:
         for (key, n), held in zip(wanted, found):
             entry = self.index.insert(key, n) if held is not None else -1
             if entry >= 0:
-                self.index.pinned.add(entry)  # (a later insert must not evict it before routing reads it)
+                self.index.pin((entry,))  # (a later insert must not evict it before routing reads it)
                 dst.append(self.index.token_rows(entry))
                 states.append(held)
         if states:
@@ -204,7 +204,7 @@ class ExactTier:
         items, at = [], 0
         for entry, n in zip(entries, ntokens):
             if entry >= 0:
-                items.append((self.index.keys[entry], full[at : at + n]))
+                items.append((self.index.key(entry), full[at : at + n]))
             at += n
         if items:
             prefix = self.shared.settings.key_prefix(rows.current_namespace())
@@ -317,12 +317,10 @@ class ExactTier:
         uint64 [B, W]): rows that miss may be served a neighbour's entry. Call under the owner's
         lock. None: nothing to route (every row computes, none stores)."""
         self._check_pending(*pending, counts)
-        try:
+        with self.index.pinned():
             if self.shared is not None:
                 self._warm(row_keys)
             return self._route(row_keys, seq, device, counts, near)
-        finally:
-            self.index.pinned.clear()
 
     def _route(self, row_keys: list, seq: int, device: torch.device, counts: dict, near=None) -> Plan | None:
         batch = len(row_keys)
@@ -337,7 +335,7 @@ class ExactTier:
                 continue
             entry = self.index.lookup(key)
             if entry >= 0:
-                self.index.pinned.add(entry)  # a later row's reservation must not evict it before it is read
+                self.index.pin((entry,))  # a later row's reservation must not evict it before it is read
                 served_rows.append(r)
                 served_entries.append(entry)
             elif key in first_row:
@@ -347,7 +345,7 @@ class ExactTier:
                 if near is not None:
                     entry = near[0].consider(near[1], r, near[2][r], near[3][r], self.index)
                     if entry is not None:  # a neighbour's entry, served by the verified semantic tier
-                        self.index.pinned.add(entry)
+                        self.index.pin((entry,))
                         if near[0].semantic.serve == "pooled":
                             pooled.append((r, entry))
                         else:
@@ -361,7 +359,7 @@ class ExactTier:
                         near[0].stored(near[1], r, near[2][r], entry, key, near[3][r])
                     entries.append(entry)
                     store.append((len(compute), s, n))
-                elif key not in self.index.table:
+                elif self.index.find(key) < 0:
                     counts["too_long"] = counts.get("too_long", 0) + 1
                 compute.append(r)
         if not served_rows and not repeat_rows and not entries and not pooled:
@@ -414,8 +412,7 @@ class ExactTier:
         for batch in batches:
             for entry, key, n in batch:
                 # (An entry evicted and reused since is another row's now: leave it.)
-                if entry >= 0 and not flags[at : at + n].all() and self.index.keys[entry] is key:
-                    self.index.evict(entry)
+                if not flags[at : at + n].all() and self.index.discard(entry, key):
                     counts["non_finite"] = counts.get("non_finite", 0) + 1
                 at += n
 
@@ -582,7 +579,7 @@ class ExactTier:
             self.arena.write(dst, parts)
             committed = []
             for entry, n in zip(entries, ntokens):
-                key = self.index.keys[entry]
+                key = self.index.key(entry)
                 # (False: another thread stored the same row meanwhile; its copy stays.)
                 committed.append((entry if self.index.commit(entry) else -1, key, n))
             self.pending.append((committed, finite))

@@ -73,9 +73,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write what the cache of an accelerated `model` holds to `path` (safetensors; written atomically)."""
     from safetensors.torch import save_file
 
-    from .api import _owner
+    from .api import owner_of
 
-    owner = _owner(model)
+    owner = owner_of(model)
     with owner.lock:
         fingerprint = _fingerprint(owner)
         tensors, meta = {}, {}
@@ -114,17 +114,18 @@ def _slot_checksums(fingerprint: bytes, fields: dict) -> np.ndarray:
 
 def _exact_tensors(tier, fingerprint: bytes) -> tuple[dict, dict]:
     index, arena = tier.index, tier.arena
-    live = sorted(index.live(), key=lambda e: int(index.serial[e]))  # a decoder page after the page it extends
+    state = index.state_dict()  # (a decoder page after the page it extends)
+    live = state.pop("entries")
     meta = {"exact": {"kv_layout": {str(p): list(layout) for p, layout in tier.kv_layout.items()},
                       "kv_dtypes": {s.hex(): str(d) for s, d in tier.kv_dtypes.items()},
                       "formats": {str(p): n for p, n in tier.formats.items()}}}
     if not live:
         return {}, meta
-    keys = [index.keys[e] for e in live]
+    keys = state.pop("keys")
     rows = torch.from_numpy(np.concatenate([index.token_rows(e) for e in live])).to(arena.device)
     states = arena.read(rows).cpu().contiguous()
     raw, at, sums = _raw(states), 0, []
-    for key, n in zip(keys, index.ntokens[live].tolist()):
+    for key, n in zip(keys, state["ntokens"].tolist()):
         sums.append(_checksum(fingerprint, key, raw[at : at + n].tobytes()))
         at += n
     tensors = {
@@ -133,8 +134,8 @@ def _exact_tensors(tier, fingerprint: bytes) -> tuple[dict, dict]:
         "exact.key_lengths": torch.tensor([len(k) for k in keys], dtype=torch.int64),
         "exact.checksums": torch.from_numpy(np.stack(sums)),
     }
-    for name in index.FIELDS:
-        tensors[f"exact.{name}"] = torch.from_numpy(getattr(index, name)[live].copy())
+    for name, values in state.items():
+        tensors[f"exact.{name}"] = torch.from_numpy(values)
     return tensors, meta
 
 
@@ -148,9 +149,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
     """
     from safetensors import SafetensorError, safe_open
 
-    from .api import _owner
+    from .api import owner_of
 
-    owner = _owner(model)
+    owner = owner_of(model)
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
@@ -232,32 +233,20 @@ def _rebuild_exact(owner, saved: dict, meta: dict, fingerprint: bytes):
     blob = saved["exact.keys"].numpy().tobytes()
     offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
     raw = _raw(states)
-    dst, src, start = [], [], 0
-    by_serial: dict[int, int] = {}
+    keys, start = [], 0
     for i, n in enumerate(counts.tolist()):
-        key = blob[offsets[i] : offsets[i + 1]]
-        if not np.array_equal(_checksum(fingerprint, key, raw[start : start + n].tobytes()), checksums[i]):
+        keys.append(blob[offsets[i] : offsets[i + 1]])
+        if not np.array_equal(_checksum(fingerprint, keys[-1], raw[start : start + n].tobytes()), checksums[i]):
             raise ValueError(f"entry {i} does not match its checksum (a corrupted or edited file)")
-        parent_serial = int(saved["exact.parent_serial"][i])
-        parent = by_serial.get(parent_serial, -1)
-        if parent_serial >= 0 and parent < 0:
-            raise ValueError("the file holds a page whose prefix page it does not hold")
-        entry = index.insert(key, n, parent)
-        if entry < 0 or index.evictions:
-            raise ValueError("the file holds more (or longer) entries than this config's budget fits")
-        for name in ExactIndex.FIELDS:
-            if name != "ntokens":
-                getattr(index, name)[entry] = int(saved[f"exact.{name}"][i])
-        by_serial[int(index.serial[entry])] = entry
-        index.next_serial = max(index.next_serial, int(index.serial[entry]) + 1)
-        dst.append(index.token_rows(entry))
-        src.append(np.arange(start, start + n))
         start += n
+    state = {"keys": keys, **{name: saved[f"exact.{name}"].numpy() for name in ExactIndex.FIELDS}}
+    entries = index.load_state_dict(state)
+    dst = [index.token_rows(e) for e in entries]
     if not bool(torch.isfinite(states).all()):
         raise ValueError("the file holds non-finite cached states")
     arena.grow(index.num_pages)
     rows = torch.from_numpy(np.concatenate(dst)).to(arena.device)
-    arena.write(rows, states[torch.from_numpy(np.concatenate(src))].to(arena.device))
+    arena.write(rows, states.to(arena.device))
     return index, arena, kv_layout, kv_dtypes, formats
 
 

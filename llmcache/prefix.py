@@ -53,18 +53,11 @@ class SuffixPlan:
 
 def _walk(index, header: bytes, ids, positions, types, page: int):
     """(entries found from the row's start, tokens they cover)."""
-    found, covered, serial = [], 0, -1
     n = len(ids)
-    while covered < n:
-        end = min(covered + page, n)
-        entry = index.table.get(rows.page_key(header, serial, ids[covered:end], positions[covered:end],
-                                              types[covered:end]), -1)
-        if entry < 0:
-            break
-        found.append(entry)
-        serial = int(index.serial[entry])
-        covered = end
-    return found, covered
+    found = index.walk(-(-n // page), lambda i, serial: rows.page_key(
+        header, serial, ids[i * page : (i + 1) * page], positions[i * page : (i + 1) * page],
+        types[i * page : (i + 1) * page]))
+    return found, min(len(found) * page, n)
 
 
 def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict,
@@ -106,8 +99,8 @@ def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device,
         found.append(f)
         covered.append(c)
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
-    index.pinned.update(e for f in found for e in f)
-    try:
+    with index.pinned() as pin:
+        pin(e for f in found for e in f)
         chains = None
         if near is not None:
             chains = _near(near, index, found, covered, keyed, count, prefixes,
@@ -116,10 +109,8 @@ def route(tier, header: bytes, host: np.ndarray, seq: int, device: torch.device,
                      prefixes, chains, leading, trailing, pads)
         for r, chain in enumerate(chains or ()):
             if chain is not None:
-                near[0].stored(near[1], r, near[2][r], chain, tuple(index.keys[e] for e in chain), near[3][r])
+                near[0].stored(near[1], r, near[2][r], chain, tuple(index.key(e) for e in chain), near[3][r])
         return plan
-    finally:
-        index.pinned.clear()
 
 
 def _near(near, index, found, covered, keyed, count, prefixes: bool, padded: list) -> list:
@@ -138,7 +129,7 @@ def _near(near, index, found, covered, keyed, count, prefixes: bool, padded: lis
             chain = tier.consider(pending, r, keys[r], codes[r], index)
             if chain is not None:
                 found[r], covered[r] = list(chain), int(count[r])
-                index.pinned.update(chain)
+                index.pin(chain)
     return chains
 
 
@@ -166,7 +157,7 @@ def _plan(tier, headers, ids, positions, types, start, count, found, covered, ke
         if not keyed[r] or whole[r]:
             continue
         s, n = int(start[r]), n_real[r]
-        serial = int(index.serial[found[r][-1]]) if found[r] else -1
+        serial = index.serial_of(found[r][-1]) if found[r] else -1
         parent = found[r][-1] if found[r] else -1
         at = covered[r]
         chain = list(found[r])
@@ -183,14 +174,13 @@ def _plan(tier, headers, ids, positions, types, start, count, found, covered, ke
                 reserved[key] = entry
                 entries.append(entry)
                 store.append((r, at, end - at))
-            serial, parent, at = int(index.serial[entry]), entry, end
+            serial, parent, at = index.serial_of(entry), entry, end
             chain.append(entry)
         if chains is not None and at == n:  # every page of the row cached or written: a neighbour for later rows
             chains[r] = tuple(chain)
     for r in range(batch):
         uses = found[r] if (whole[r] or (suffix_mode and partial[r])) else []
-        for entry in uses:
-            index.lookup(index.keys[entry])  # a hit: bumps its reference count
+        index.touch(uses)  # hits: bump their reference counts
     if suffix_mode:
         return _suffix_plan(tier, ids, positions, types, start, n_real, found, covered, whole, keyed, entries,
                             store, seq, device, trailing)

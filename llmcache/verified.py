@@ -37,8 +37,8 @@ EDGES = (0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023)  # upper Hamming distance 
 def _live(index, key, entry) -> bool:
     """The record's entry (a decoder's: every page of its chain) still holds its key."""
     if isinstance(entry, tuple):
-        return all(index.table.get(k, -1) == e for k, e in zip(key, entry))
-    return index.table.get(key, -1) == entry
+        return all(index.is_live(e, k) for k, e in zip(key, entry))
+    return index.is_live(entry, key)
 
 
 def bands(max_distance: int) -> list[int]:
@@ -56,7 +56,7 @@ class Group:
     # distance d lowers it to d - 1: the entry's own threshold)
     size: int = 0
     entries: list = field(default_factory=list)  # exact-tier entry per record
-    keys: list = field(default_factory=list)  # its key (the entry is still this row's while index.table says so)
+    keys: list = field(default_factory=list)  # its key (the entry is still this row's while the index says so)
     reads: list = field(default_factory=list)  # Semantic.read of its output
 
 

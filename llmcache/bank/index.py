@@ -12,14 +12,33 @@ prefix shared by many rows is held once (a radix tree over pages, as SGLang's). 
 children (`kids`) is never evicted: CLOCK takes leaves first, and a parent becomes a leaf when its
 last child goes. Serial numbers are never reused, so a key naming a dead parent can never match.
 
-Per-entry fields are declared once in `FIELDS` so that `llmcache.save`/`load` iterate them.
+Callers use the verbs (vLLM's block pool is the model): `find`/`lookup`/`touch` to read, `walk` to
+follow a chain of pages, `reserve`/`commit`/`release`/`insert` to write, `pinned()` (a context in
+which `pin`ned entries are never evicted), `is_live`/`discard`, `describe`, and
+`state_dict`/`load_state_dict` for `llmcache.save`/`load`. Nothing outside `bank/` reads a field.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import eviction
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """What one entry is (`ExactIndex.describe`)."""
+
+    key: bytes
+    ntokens: int
+    pages: int
+    hits: int
+    serial: int
+    parent_serial: int
 
 
 class ExactIndex:
@@ -32,7 +51,7 @@ class ExactIndex:
         policy: eviction policy name (see `eviction`).
     """
 
-    FIELDS = ("ntokens", "ref", "hits", "serial", "parent_serial")
+    FIELDS = ("ntokens", "ref", "hits", "serial", "parent_serial")  # what `state_dict` keeps per entry
 
     def __init__(self, page_tokens: int, max_pages: int, max_entries: int | None, policy: str = "lru"):
         self.page_tokens = page_tokens
@@ -58,7 +77,7 @@ class ExactIndex:
         self.next_serial = 0
         self.free_entries: list[int] = []
         self.reserved: set[int] = set()  # entries whose states are being written
-        self.pinned: set[int] = set()  # entries a routing is reading: not evicted until unpinned
+        self.pins: set[int] = set()  # entries a routing is reading (`pinned`): not evicted until unpinned
         self.free_pages: list[int] = []
         self.num_pages = 0  # pages the arena has now
         self.hand = 0
@@ -74,13 +93,62 @@ class ExactIndex:
         """Pages of visible and reserved entries."""
         return self.num_pages - len(self.free_pages)
 
+    def find(self, key: bytes) -> int:
+        """The entry holding `key`, or -1 (nothing counted: see `lookup`)."""
+        return self.table.get(key, -1)
+
     def lookup(self, key: bytes) -> int:
-        """The entry holding `key` (its reference count bumped), or -1."""
+        """The entry holding `key` (a hit: its reference count bumped), or -1."""
         entry = self.table.get(key, -1)
         if entry >= 0:
+            self.touch((entry,))
+        return entry
+
+    def touch(self, entries) -> None:
+        """Count a hit on each of `entries` (found earlier, e.g. by `walk`)."""
+        for entry in entries:
             self.ref[entry] = eviction.on_hit(self.policy, int(self.ref[entry]))
             self.hits[entry] += 1
-        return entry
+
+    def walk(self, pages: int, key_of: Callable[[int, int], bytes]) -> list[int]:
+        """The entries of a chain of pages, found from its start: `key_of(i, parent_serial)` is
+        the key of page i after the page with that serial (-1: the first page). Stops at the
+        first page not held; counts nothing."""
+        found, serial = [], -1
+        for i in range(pages):
+            entry = self.table.get(key_of(i, serial), -1)
+            if entry < 0:
+                break
+            found.append(entry)
+            serial = int(self.serial[entry])
+        return found
+
+    def key(self, entry: int) -> bytes | None:
+        return self.keys[entry]
+
+    def serial_of(self, entry: int) -> int:
+        """The entry's serial number (never reused: what a child's key names); -1 for entry -1."""
+        return int(self.serial[entry]) if entry >= 0 else -1
+
+    def is_live(self, entry: int, key: bytes) -> bool:
+        """The entry is visible and still holds `key` (not evicted, its slot not reused)."""
+        return self.table.get(key, -1) == entry
+
+    def describe(self, entry: int) -> EntryInfo:
+        return EntryInfo(self.keys[entry], int(self.ntokens[entry]), len(self.pages[entry]), int(self.hits[entry]),
+                         int(self.serial[entry]), int(self.parent_serial[entry]))
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """Inside, entries handed to `pin` are never evicted (a routing reads them after
+        reserving others, which may evict); every pin is dropped on the way out."""
+        try:
+            yield self.pin
+        finally:
+            self.pins.clear()
+
+    def pin(self, entries) -> None:
+        self.pins.update(entries)
 
     def token_rows(self, entry: int) -> np.ndarray:
         """int64 [n]: the flat arena rows (page * page_tokens + offset) of the entry's n tokens."""
@@ -180,6 +248,14 @@ class ExactIndex:
         self.valid[entry] = False
         self._drop(entry)
 
+    def discard(self, entry: int, key: bytes) -> bool:
+        """Evict `entry` if it still holds this very `key` object (the write that stored it: an
+        entry evicted and reused since is another row's now). True when evicted."""
+        if entry >= 0 and self.keys[entry] is key and self.valid[entry]:
+            self.evict(entry)
+            return True
+        return False
+
     def _free(self, entry: int) -> None:
         self.free_pages.extend(self.pages[entry].tolist())
         self.keys[entry] = self.pages[entry] = self.rows[entry] = None
@@ -217,7 +293,7 @@ class ExactIndex:
         for _ in range((eviction.GCLOCK_MAX + 1) * total + 1):
             entry = self.hand
             self.hand = (self.hand + 1) % total
-            if not self.valid[entry] or self.kids[entry] or entry in self.pinned:  # leaves first
+            if not self.valid[entry] or self.kids[entry] or entry in self.pins:  # leaves first
                 continue
             if self.ref[entry] > 0:
                 self.ref[entry] = eviction.on_sweep(int(self.ref[entry]))
@@ -231,3 +307,33 @@ class ExactIndex:
     def live(self) -> list[int]:
         """Live entry ids, in id order."""
         return [e for e in range(len(self.keys)) if self.valid[e]]
+
+    def state_dict(self) -> dict:
+        """The live entries, a page after the page it extends (by serial): "entries" (their ids,
+        for the caller to read their token rows), "keys" (bytes) and each of `FIELDS` (int64)."""
+        live = sorted(self.live(), key=lambda e: int(self.serial[e]))
+        state = {"entries": live, "keys": [self.keys[e] for e in live]}
+        for name in self.FIELDS:
+            state[name] = getattr(self, name)[live].copy()
+        return state
+
+    def load_state_dict(self, state: dict) -> list[int]:
+        """Insert the entries of a `state_dict` into this empty index; their new ids, in order.
+        Raises ValueError when one names a parent page it does not hold, or they do not fit."""
+        by_serial: dict[int, int] = {}
+        out = []
+        for i, key in enumerate(state["keys"]):
+            parent_serial = int(state["parent_serial"][i])
+            parent = by_serial.get(parent_serial, -1)
+            if parent_serial >= 0 and parent < 0:
+                raise ValueError("the file holds a page whose prefix page it does not hold")
+            entry = self.insert(key, int(state["ntokens"][i]), parent)
+            if entry < 0 or self.evictions:
+                raise ValueError("the file holds more (or longer) entries than this config's budget fits")
+            for name in self.FIELDS:
+                if name != "ntokens":
+                    getattr(self, name)[entry] = int(state[name][i])
+            by_serial[int(self.serial[entry])] = entry
+            self.next_serial = max(self.next_serial, int(self.serial[entry]) + 1)
+            out.append(entry)
+        return out
