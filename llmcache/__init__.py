@@ -11,30 +11,17 @@ and `build_info()` says what is in use.
 from . import ops
 from ._build_info import __version__, build_info
 from .adapters import register_adapter
-from .api import (
-                  CacheStats,
-                  Held,
-                  HeldEntry,
-                  accelerate,
-                  bypass,
-                  cached,
-                  disable,
-                  flush,
-                  held,
-                  is_accelerated,
-                  reset,
-                  stats,
-)
+from .api import accelerate, bypass, cached, disable, flush, is_accelerated, reset
 from .calibrate import Calibration, calibrate
 from .config import CacheConfig
 from .persist import load, save
 from .promise import Semantic
-from .ring_buffer import RingBuffer
+from .report import CacheStats, Held, HeldEntry, held, stats
 from .rows import namespace
-from .semantic import LayerStats
 from .shared import Shared, SharedStats
 from .state import register_state
-from .verified import SemanticStats
+from .tiers.layerwise import LayerStats, RingBuffer
+from .tiers.verified import SemanticStats
 
 __all__ = [
     "CacheConfig",

@@ -8,6 +8,9 @@ layers (the largest such list otherwise). Blocks are decoder blocks when one of 
 modules is causal (`is_causal`) and they take a KV cache: the exact tier then stores each block's
 K/V beside the hidden state, so `generate()` gets exact KV entries.
 
+A model's geometry (`Geometry`: hidden size, K/V heads and width, the KV cache argument, the
+final norm) is read here once, at `accelerate`, and handed to the tiers as a frozen value.
+
 What the structure cannot tell is said with `register_adapter(model_type, blocks=..., base=...,
 decoder=...)`, which wins over the search. No model code is copied: the cache wraps each block's
 own forward.
@@ -20,7 +23,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-_CACHE_PARAMS = ("cache", "past_key_values", "layer_past")
+# The names a base model's forward takes its KV cache under (transformers renamed it; both are accepted).
+KV_CACHE_NAMES = ("cache", "past_key_values")
+# ... and a block's forward (GPT-2's blocks: `layer_past`).
+BLOCK_CACHE_NAMES = ("cache", "past_key_values", "layer_past")
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -94,7 +100,7 @@ def _block_list(base: nn.Module, config) -> nn.ModuleList | None:
 
 
 def _is_decoder(block: nn.Module) -> bool:
-    takes_cache = any(n in inspect.signature(block.forward).parameters for n in _CACHE_PARAMS)
+    takes_cache = any(n in inspect.signature(block.forward).parameters for n in BLOCK_CACHE_NAMES)
     return takes_cache and any(getattr(m, "is_causal", False) is True for m in block.modules())
 
 
@@ -136,3 +142,65 @@ def final_norm(base: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Module) and not list(module.children()):
             return module
     return None
+
+
+def kv_cache(arguments: dict):
+    """The KV cache a call was given, under either name, or None."""
+    return next((arguments[n] for n in KV_CACHE_NAMES if arguments.get(n) is not None), None)
+
+
+def hidden_size(base: nn.Module) -> int:
+    """The width of the hidden states the blocks pass on."""
+    cfg = base.config
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    return base.get_input_embeddings().weight.shape[1]
+
+
+def kv_shape(base: nn.Module) -> tuple[int, int, int]:
+    """(attention heads, KV heads, head dim) from a decoder's config."""
+    cfg = base.config
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden_size(base) // heads
+    return heads, kv_heads, head_dim
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the exact tier stores per token and how a decoder hands K/V around.
+
+    hidden: the blocks' hidden size. kv_heads, kv_width: per span block, the K/V heads and the
+    width of K|V per token (2 x kv_heads x head dim; 0 for an encoder). blocks: the span's
+    length. features: one stored token's width, hidden + blocks x kv_width. cache_name: the base
+    model's KV cache argument (None: none). final_norm: the norm after the last block, which
+    prefix reuse applies to stored states (None: no prefix reuse, whole rows only).
+    """
+
+    decoder: bool
+    hidden: int
+    blocks: int
+    kv_heads: int = 0
+    kv_width: int = 0
+    cache_name: str | None = None
+    final_norm: nn.Module | None = None
+
+    @property
+    def features(self) -> int:
+        return self.hidden + self.blocks * self.kv_width
+
+
+def geometry(base: nn.Module, decoder: bool, span: list[int], num_blocks: int) -> Geometry:
+    """The geometry of a model whose blocks `span` cache. Prefix reuse needs every block cached
+    (a suffix needs the prefix's K/V at each) and a base model that takes a KV cache argument
+    (`cache`, or `past_key_values` in older transformers) and `position_ids`."""
+    hidden = hidden_size(base)
+    if not decoder:
+        return Geometry(False, hidden, len(span))
+    _, kv_heads, head_dim = kv_shape(base)
+    params = inspect.signature(base.forward).parameters
+    cache_name = next((n for n in KV_CACHE_NAMES if n in params), None)
+    norm = final_norm(base) if len(span) == num_blocks and cache_name is not None and "position_ids" in params \
+        else None
+    return Geometry(True, hidden, len(span), kv_heads, 2 * kv_heads * head_dim, cache_name, norm)

@@ -93,7 +93,8 @@ def calibrate(model, data, tolerance=0.99, max_error: float = 0.01, confidence: 
         A `Calibration`; its `semantic` carries the evidence of the best setting (most
         predicted semantic hits; ties: the first), to pass to `accelerate` with its `num_bits`.
     """
-    from .api import cached, stats
+    from .api import cached
+    from .report import stats
 
     data = list(data)
     whole = adapters.is_sentence_transformer(model)  # takes the features dict

@@ -155,6 +155,11 @@ class CacheConfig:
         _require(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
         _require(self.fingerprint in FINGERPRINTS, "fingerprint", self.fingerprint, f"one of {FINGERPRINTS}")
         _require(isinstance(self.exact, bool), "exact", self.exact, "True or False")
+        self._validate_tiers()
+        return layers
+
+    def _validate_tiers(self) -> None:
+        """The tiers behind the exact one, and the kernels' backend."""
         from .promise import Semantic
 
         _require(self.semantic is None or isinstance(self.semantic, Semantic), "semantic", self.semantic,
@@ -175,7 +180,6 @@ class CacheConfig:
 
         _require(self.backend is None or self.backend in BACKENDS, "backend", self.backend,
                  f"None (automatic) or one of {BACKENDS}")
-        return layers
 
     def layer_threshold(self, position: int) -> float | None:
         """The threshold of the position-th cached layer (None: semantic tier off)."""

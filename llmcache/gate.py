@@ -13,14 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# The names a base model's forward takes its KV cache under (transformers renamed it; both are accepted).
-KV_CACHE_NAMES = ("cache", "past_key_values")
-
-
-def kv_cache(arguments: dict):
-    """The KV cache a call was given, under either name, or None."""
-    return next((arguments[n] for n in KV_CACHE_NAMES if arguments.get(n) is not None), None)
-
+from .adapters import kv_cache
 
 # Arguments of a base model's forward that the cache understands: keyed on, or harmless.
 KEYED = {"input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values"}

@@ -47,7 +47,7 @@ from prometheus_client.core import GaugeMetricFamily as G
 from prometheus_client.core import SummaryMetricFamily as S
 from prometheus_client.registry import Collector
 
-from . import api
+from . import api, report
 
 _METRICS = {  # name after "llmcache_": (family, help)
     "forwards": (C, "Base-model calls seen by the cache, cached or not"),
@@ -163,7 +163,7 @@ def _where(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
-def _export(out: _Families, name: str, s: api.CacheStats) -> None:
+def _export(out: _Families, name: str, s: report.CacheStats) -> None:
     """The samples of one model's snapshot `s`, registered as `name`."""
     m = {"model": name}
     out.fields("", _MODEL, s, m)
@@ -217,7 +217,7 @@ class StatsCollector(Collector):
         out = _Families()
         for name, model in self.live().items():
             if api.is_accelerated(model):
-                _export(out, name, api.stats(model))
+                _export(out, name, report.stats(model))
         return list(out.values())
 
 

@@ -10,9 +10,9 @@ that differ can collide.
 
 A decoder row is keyed page by page (`page_key`): each page's key holds its tokens and the serial
 number of the entry holding the page before it, so a key names the whole prefix up to it and the
-longest cached prefix of a row is found by walking its pages (`llmcache.prefix`).
+longest cached prefix of a row is found by walking its pages (`llmcache.tiers.exact.prefix`).
 
-Semantic tier (per-layer banks, `llmcache.ring_buffer`): a 64-bit hash of the same fields
+Semantic tier (per-layer banks, `llmcache.tiers.layerwise`): a 64-bit hash of the same fields
 (`token_keys`) and an int64 tag packing namespace, first position, token count and padding side.
 """
 

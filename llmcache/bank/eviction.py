@@ -22,3 +22,22 @@ def on_hit(policy: str, count: int) -> int:
 def on_sweep(count: int) -> int:
     """The count after the hand passes an entry it spares."""
     return count - 1 if count > 0 else 0
+
+
+def sweep(meta, hand: int, pins: set) -> tuple[int, int]:
+    """(the victim, the hand after it): from `hand`, the first visible leaf entry of `meta`
+    (`entries.EntryTable`) that is not pinned and whose count is zero, sparing and lowering the
+    others; (-1, hand) when there is none (reserved entries, parents and pinned ones are never
+    victims)."""
+    total = len(meta)
+    # Each full turn lowers every spared count by one, so GCLOCK_MAX + 1 turns always find a victim.
+    for _ in range((GCLOCK_MAX + 1) * total + 1):
+        entry = hand
+        hand = (hand + 1) % total
+        if not meta.valid[entry] or meta.kids[entry] or entry in pins:  # leaves first
+            continue
+        if meta.ref[entry] > 0:
+            meta.ref[entry] = on_sweep(int(meta.ref[entry]))
+            continue
+        return entry, hand
+    return -1, hand

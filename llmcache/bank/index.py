@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import eviction
+from .entries import EntryTable, PagePool
 
 
 @dataclass(frozen=True)
@@ -54,36 +55,25 @@ class ExactIndex:
     FIELDS = ("ntokens", "ref", "hits", "serial", "parent_serial")  # what `state_dict` keeps per entry
 
     def __init__(self, page_tokens: int, max_pages: int, max_entries: int | None, policy: str = "lru"):
-        self.page_tokens = page_tokens
-        self.max_pages = max_pages
-        self.max_entries = max_entries
-        self.policy = policy
+        self.page_tokens, self.max_pages, self.max_entries, self.policy = page_tokens, max_pages, max_entries, policy
         self.clear()
 
     def clear(self) -> None:
         self.table: dict[bytes, int] = {}
-        self.keys: list[bytes | None] = []
-        self.pages: list[np.ndarray | None] = []  # block table: the entry's pages in order
-        self.rows: list[np.ndarray | None] = []  # the flat arena row of each of its tokens
-        self.ntokens = np.zeros(0, dtype=np.int64)
-        self.ref = np.zeros(0, dtype=np.int64)
-        self.hits = np.zeros(0, dtype=np.int64)
-        self.serial = np.zeros(0, dtype=np.int64)  # never reused: what a child's key names
-        self.parent_serial = np.zeros(0, dtype=np.int64)  # -1: a root entry
-        self.parent = np.zeros(0, dtype=np.int64)  # the parent's entry id, -1: none
-        self.kids = np.zeros(0, dtype=np.int64)  # children reserved or visible
-        self.valid = np.zeros(0, dtype=bool)
-        self.dead = np.zeros(0, dtype=bool)  # evicted while it had children: freed with its last child
+        self.meta = EntryTable()  # per-entry fields
         self.next_serial = 0
-        self.free_entries: list[int] = []
         self.reserved: set[int] = set()  # entries whose states are being written
         self.pins: set[int] = set()  # entries a routing is reading (`pinned`): not evicted until unpinned
-        self.free_pages: list[int] = []
-        self.num_pages = 0  # pages the arena has now
+        self.pool = PagePool(self.page_tokens, self.max_pages)
         self.hand = 0
         self.evictions = 0
 
     # ---- reading -------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        """Pages the arena must have now."""
+        return self.pool.num_pages
+
     @property
     def entries(self) -> int:
         return len(self.table)
@@ -91,7 +81,7 @@ class ExactIndex:
     @property
     def held_pages(self) -> int:
         """Pages of visible and reserved entries."""
-        return self.num_pages - len(self.free_pages)
+        return self.pool.held
 
     def find(self, key: bytes) -> int:
         """The entry holding `key`, or -1 (nothing counted: see `lookup`)."""
@@ -107,8 +97,8 @@ class ExactIndex:
     def touch(self, entries) -> None:
         """Count a hit on each of `entries` (found earlier, e.g. by `walk`)."""
         for entry in entries:
-            self.ref[entry] = eviction.on_hit(self.policy, int(self.ref[entry]))
-            self.hits[entry] += 1
+            self.meta.ref[entry] = eviction.on_hit(self.policy, int(self.meta.ref[entry]))
+            self.meta.hits[entry] += 1
 
     def walk(self, pages: int, key_of: Callable[[int, int], bytes]) -> list[int]:
         """The entries of a chain of pages, found from its start: `key_of(i, parent_serial)` is
@@ -120,23 +110,23 @@ class ExactIndex:
             if entry < 0:
                 break
             found.append(entry)
-            serial = int(self.serial[entry])
+            serial = int(self.meta.serial[entry])
         return found
 
     def key(self, entry: int) -> bytes | None:
-        return self.keys[entry]
+        return self.meta.keys[entry]
 
     def serial_of(self, entry: int) -> int:
         """The entry's serial number (never reused: what a child's key names); -1 for entry -1."""
-        return int(self.serial[entry]) if entry >= 0 else -1
+        return int(self.meta.serial[entry]) if entry >= 0 else -1
 
     def is_live(self, entry: int, key: bytes) -> bool:
         """The entry is visible and still holds `key` (not evicted, its slot not reused)."""
         return self.table.get(key, -1) == entry
 
     def describe(self, entry: int) -> EntryInfo:
-        return EntryInfo(self.keys[entry], int(self.ntokens[entry]), len(self.pages[entry]), int(self.hits[entry]),
-                         int(self.serial[entry]), int(self.parent_serial[entry]))
+        return EntryInfo(self.meta.keys[entry], int(self.meta.ntokens[entry]), len(self.meta.pages[entry]), int(self.meta.hits[entry]),
+                         int(self.meta.serial[entry]), int(self.meta.parent_serial[entry]))
 
     @contextlib.contextmanager
     def pinned(self):
@@ -152,10 +142,7 @@ class ExactIndex:
 
     def token_rows(self, entry: int) -> np.ndarray:
         """int64 [n]: the flat arena rows (page * page_tokens + offset) of the entry's n tokens."""
-        return self.rows[entry]
-
-    def pages_for(self, ntokens: int) -> int:
-        return -(-ntokens // self.page_tokens)
+        return self.meta.rows[entry]
 
     # ---- writing -------------------------------------------------------------------------
     def reserve(self, key: bytes, ntokens: int, parent: int = -1) -> int:
@@ -167,27 +154,24 @@ class ExactIndex:
         if key in self.table:
             return -1
         if parent >= 0:
-            self.kids[parent] += 1  # first: the evictions below must spare it
-        if not self._make_room(self.pages_for(ntokens)):
+            self.meta.kids[parent] += 1  # first: the evictions below must spare it
+        need = self.pool.pages_for(ntokens)
+        if not self._make_room(need):
             if parent >= 0:
                 self._drop_kid(parent)
             return -1
-        need = self.pages_for(ntokens)
-        entry = self._new_entry()
-        self.keys[entry] = key
-        pages = np.array([self.free_pages.pop() for _ in range(need)], dtype=np.int64)
-        offsets = np.arange(ntokens, dtype=np.int64)
-        self.pages[entry] = pages
-        self.rows[entry] = pages[offsets // self.page_tokens] * self.page_tokens + offsets % self.page_tokens
-        self.ntokens[entry] = ntokens
-        self.ref[entry] = 0
-        self.hits[entry] = 0
-        self.serial[entry] = self.next_serial
+        entry = self.meta.new()
+        self.meta.keys[entry] = key
+        self.meta.pages[entry], self.meta.rows[entry] = self.pool.take(need, ntokens)
+        self.meta.ntokens[entry] = ntokens
+        self.meta.ref[entry] = 0
+        self.meta.hits[entry] = 0
+        self.meta.serial[entry] = self.next_serial
         self.next_serial += 1
-        self.parent[entry] = parent
-        self.parent_serial[entry] = self.serial[parent] if parent >= 0 else -1
-        self.kids[entry] = 0
-        self.dead[entry] = False
+        self.meta.parent[entry] = parent
+        self.meta.parent_serial[entry] = self.meta.serial[parent] if parent >= 0 else -1
+        self.meta.kids[entry] = 0
+        self.meta.dead[entry] = False
         self.reserved.add(entry)
         return entry
 
@@ -198,12 +182,8 @@ class ExactIndex:
         full = self.max_entries is not None and self.entries + len(self.reserved) >= self.max_entries
         if full and not self._evict_one():
             return False
-        while len(self.free_pages) < need:
-            if self.num_pages < self.max_pages:
-                grown = min(self.max_pages, max(2 * self.num_pages, self.num_pages + need - len(self.free_pages), 16))
-                self.free_pages.extend(range(grown - 1, self.num_pages - 1, -1))
-                self.num_pages = grown
-            elif not self._evict_one():
+        while self.pool.free < need:
+            if not self.pool.grow(need) and not self._evict_one():
                 return False
         return True
 
@@ -211,11 +191,11 @@ class ExactIndex:
         """Make a reserved entry visible (its states are written). False (and the entry released)
         when another entry took its key meanwhile."""
         self.reserved.discard(entry)
-        key = self.keys[entry]
+        key = self.meta.keys[entry]
         if key in self.table:
             self._drop(entry)
             return False
-        self.valid[entry] = True
+        self.meta.valid[entry] = True
         self.table[key] = entry
         return True
 
@@ -234,87 +214,63 @@ class ExactIndex:
 
     def _drop(self, entry: int) -> None:
         """Free an invisible entry, or mark it dead while children still name it."""
-        if self.kids[entry]:
-            self.dead[entry] = True
+        if self.meta.kids[entry]:
+            self.meta.dead[entry] = True
         else:
             self._free(entry)
 
     def evict(self, entry: int) -> None:
         """Forget a visible entry and free its pages (an entry with children: once they are gone;
         until then nothing can reach them, since their keys name it)."""
-        if not self.valid[entry]:
+        if not self.meta.valid[entry]:
             return
-        del self.table[self.keys[entry]]
-        self.valid[entry] = False
+        del self.table[self.meta.keys[entry]]
+        self.meta.valid[entry] = False
         self._drop(entry)
 
     def discard(self, entry: int, key: bytes) -> bool:
         """Evict `entry` if it still holds this very `key` object (the write that stored it: an
         entry evicted and reused since is another row's now). True when evicted."""
-        if entry >= 0 and self.keys[entry] is key and self.valid[entry]:
+        if entry >= 0 and self.meta.keys[entry] is key and self.meta.valid[entry]:
             self.evict(entry)
             return True
         return False
 
     def _free(self, entry: int) -> None:
-        self.free_pages.extend(self.pages[entry].tolist())
-        self.keys[entry] = self.pages[entry] = self.rows[entry] = None
-        self.free_entries.append(entry)
-        parent = int(self.parent[entry])
-        self.parent[entry] = -1
+        self.pool.give(self.meta.pages[entry])
+        parent = self.meta.free(entry)
         if parent >= 0:
             self._drop_kid(parent)
 
     def _drop_kid(self, parent: int) -> None:
-        self.kids[parent] -= 1
-        if self.kids[parent] == 0 and self.dead[parent]:
-            self.dead[parent] = False
+        self.meta.kids[parent] -= 1
+        if self.meta.kids[parent] == 0 and self.meta.dead[parent]:
+            self.meta.dead[parent] = False
             self._free(parent)
 
-    def _new_entry(self) -> int:
-        if self.free_entries:
-            return self.free_entries.pop()
-        entry = len(self.keys)
-        self.keys.append(None)
-        self.pages.append(None)
-        self.rows.append(None)
-        grow = lambda a: np.concatenate([a, np.zeros(max(16, len(a)), dtype=a.dtype)]) if entry >= len(a) else a
-        for name in ("ntokens", "ref", "hits", "serial", "parent_serial", "parent", "kids", "valid", "dead"):
-            setattr(self, name, grow(getattr(self, name)))
-        return entry
-
     def _evict_one(self) -> bool:
-        """Move the hand to the first visible entry whose count is zero (sparing and lowering the
-        others) and evict it. False when there is none (reserved entries are never evicted)."""
-        total = len(self.keys)
-        if total == 0 or self.entries == 0:
+        """Evict the CLOCK hand's next victim (`eviction.sweep`); False when there is none."""
+        if self.entries == 0:
             return False
-        # Each full turn lowers every spared count by one, so GCLOCK_MAX + 1 turns always find a victim.
-        for _ in range((eviction.GCLOCK_MAX + 1) * total + 1):
-            entry = self.hand
-            self.hand = (self.hand + 1) % total
-            if not self.valid[entry] or self.kids[entry] or entry in self.pins:  # leaves first
-                continue
-            if self.ref[entry] > 0:
-                self.ref[entry] = eviction.on_sweep(int(self.ref[entry]))
-                continue
-            self.evict(entry)
-            self.evictions += 1
-            return True
-        return False
+        entry, self.hand = eviction.sweep(self.meta, self.hand, self.pins)
+        if entry < 0:
+            return False
+        self.evict(entry)
+        self.evictions += 1
+        return True
 
     # ---- persistence ---------------------------------------------------------------------
     def live(self) -> list[int]:
         """Live entry ids, in id order."""
-        return [e for e in range(len(self.keys)) if self.valid[e]]
+        return [e for e in range(len(self.meta)) if self.meta.valid[e]]
 
     def state_dict(self) -> dict:
         """The live entries, a page after the page it extends (by serial): "entries" (their ids,
         for the caller to read their token rows), "keys" (bytes) and each of `FIELDS` (int64)."""
-        live = sorted(self.live(), key=lambda e: int(self.serial[e]))
-        state = {"entries": live, "keys": [self.keys[e] for e in live]}
+        live = sorted(self.live(), key=lambda e: int(self.meta.serial[e]))
+        state = {"entries": live, "keys": [self.meta.keys[e] for e in live]}
         for name in self.FIELDS:
-            state[name] = getattr(self, name)[live].copy()
+            state[name] = getattr(self.meta, name)[live].copy()
         return state
 
     def load_state_dict(self, state: dict) -> list[int]:
@@ -323,17 +279,16 @@ class ExactIndex:
         by_serial: dict[int, int] = {}
         out = []
         for i, key in enumerate(state["keys"]):
-            parent_serial = int(state["parent_serial"][i])
-            parent = by_serial.get(parent_serial, -1)
-            if parent_serial >= 0 and parent < 0:
+            parent = by_serial.get(int(state["parent_serial"][i]), -1)
+            if state["parent_serial"][i] >= 0 and parent < 0:
                 raise ValueError("the file holds a page whose prefix page it does not hold")
             entry = self.insert(key, int(state["ntokens"][i]), parent)
             if entry < 0 or self.evictions:
                 raise ValueError("the file holds more (or longer) entries than this config's budget fits")
             for name in self.FIELDS:
                 if name != "ntokens":
-                    getattr(self, name)[entry] = int(state[name][i])
-            by_serial[int(self.serial[entry])] = entry
-            self.next_serial = max(self.next_serial, int(self.serial[entry]) + 1)
+                    getattr(self.meta, name)[entry] = int(state[name][i])
+            by_serial[int(state["serial"][i])] = entry
+            self.next_serial = max(self.next_serial, int(state["serial"][i]) + 1)
             out.append(entry)
         return out

@@ -60,7 +60,7 @@ def hamming_topk(
         k: answers per query, >= 1 (k > N is fine: the extra answers are missing).
         valid: bool [N] or None; invalid slots are never returned.
         query_tag, bank_tag: int64 [B] and [N], both or neither; slot n only answers query b
-            when bank_tag[n] == query_tag[b] (token count, namespace: see llmcache.cache).
+            when bank_tag[n] == query_tag[b] (token count, namespace: see llmcache.tiers.layerwise.context).
         backend: None/'auto', 'cpp', 'cuda', 'triton' or 'reference'.
     Returns:
         dist int32 [B, k] and idx int64 [B, k], ascending by distance, ties broken by the smaller

@@ -144,6 +144,51 @@ class MarginalCost:
         return min(max((self.xy / self.w - mx * my) / var, 0.0), my / mx)
 
 
+class Breaker:
+    """The circuit breaker of one shared tier: open (no reads or writes) for `backoff` seconds
+    after a failed round trip, doubling per consecutive failure; then one lookup probes again.
+    Keeps the tier's `stats.state`, `retry_in_s`, `errors` and `last_error`."""
+
+    def __init__(self, tier: SharedTier):
+        self.tier = weakref.proxy(tier)
+        self.failures = 0
+        self.open_until = 0.0
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def usable(self) -> bool:
+        stats, now = self.tier.stats, time.monotonic()
+        if now < self.open_until:
+            stats.state, stats.retry_in_s = "down", self.open_until - now
+            return False
+        if self.failures:
+            stats.state, stats.retry_in_s = "probing", 0.0
+        return True
+
+    def failed(self, err: Exception) -> None:
+        import redis
+
+        kind, settings = _kind(err), self.tier.settings
+        with self.tier.lock:
+            stats = self.tier.stats
+            stats.errors[kind] = stats.errors.get(kind, 0) + 1
+            stats.last_error = settings.masked_url + ": " + str(err).replace(settings.url, "")
+            # (No answer, or a refused login: back off. An answered command error: the server is up.)
+            if isinstance(err, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+                first, longest = settings.backoff
+                self.failures += 1
+                wait = min(longest, first * 2 ** (self.failures - 1))
+                self.open_until = time.monotonic() + wait
+                stats.state, stats.retry_in_s = "down", wait
+
+    def succeeded(self) -> None:
+        with self.tier.lock:
+            self.failures = 0
+            self.open_until = 0.0
+            self.tier.stats.state, self.tier.stats.retry_in_s = "up", 0.0
+
+
 class SharedTier:
     """The Redis client of one accelerated model (see the module docstring)."""
 
@@ -158,8 +203,7 @@ class SharedTier:
             retry=Retry(NoBackoff(), 0), health_check_interval=0, **settings.credentials())
         self.stats = SharedStats(url=settings.masked_url)
         self.latencies: collections.deque = collections.deque(maxlen=1024)
-        self.failures = 0
-        self.open_until = 0.0
+        self.breaker = Breaker(self)
         self.forwards = 0
         self.recent_hits = 0.5  # an exponentially weighted hit rate of lookups
         self.cost = MarginalCost()
@@ -178,48 +222,17 @@ class SharedTier:
                                        name="llmcache-shared-writer", daemon=True)
         self.writer.start()
 
-    # ---- the breaker ------------------------------------------------------------------
-    def _usable(self) -> bool:
-        now = time.monotonic()
-        if now < self.open_until:
-            self.stats.state, self.stats.retry_in_s = "down", self.open_until - now
-            return False
-        if self.failures:
-            self.stats.state, self.stats.retry_in_s = "probing", 0.0
-        return True
-
-    def _failed(self, err: Exception) -> None:
-        import redis
-
-        kind = _kind(err)
-        with self.lock:
-            self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
-            self.stats.last_error = self.settings.masked_url + ": " + str(err).replace(self.settings.url, "")
-            # (No answer, or a refused login: back off. An answered command error: the server is up.)
-            if isinstance(err, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-                first, longest = self.settings.backoff
-                self.failures += 1
-                wait = min(longest, first * 2 ** (self.failures - 1))
-                self.open_until = time.monotonic() + wait
-                self.stats.state, self.stats.retry_in_s = "down", wait
-
-    def _succeeded(self) -> None:
-        with self.lock:
-            self.failures = 0
-            self.open_until = 0.0
-            self.stats.state, self.stats.retry_in_s = "up", 0.0
-
     # ---- reading ----------------------------------------------------------------------
     def fetch(self, key_prefix: bytes, fingerprint: bytes, wanted: list, features: int, dtype) -> list:
         """Per (row key, ntokens) of `wanted`, its checked host states [ntokens, features] from
         Redis or None. One MGET; never raises."""
         s = self.stats
         tokens = sum(n for _, n in wanted)
-        if not self._usable():
+        if not self.breaker.usable():
             self._skip("down", len(wanted))
             return [None] * len(wanted)
         self.forwards += 1
-        if self.settings.lookup == "auto" and self.failures == 0 and self.forwards % self.settings.probe_every \
+        if self.settings.lookup == "auto" and self.breaker.failures == 0 and self.forwards % self.settings.probe_every \
                 and not worth_looking_up(tokens, self.recent_hits, s.compute_s_per_token, s.round_trip_s):
             self._skip("not_worth", len(wanted))
             return [None] * len(wanted)
@@ -228,9 +241,9 @@ class SharedTier:
         try:
             found = self.client.mget(keys)
         except Exception as err:  # noqa: BLE001 (any failure of the server: the rows compute)
-            self._failed(err)
+            self.breaker.failed(err)
             return [None] * len(wanted)
-        self._succeeded()
+        self.breaker.succeeded()
         out, hits, read, refused = [], 0, 0, []
         for (row_key, n), value in zip(wanted, found):
             if value is None:
@@ -283,7 +296,7 @@ class SharedTier:
             for row_key, states in items:
                 size = states.numel() * states.element_size()
                 reason = None
-                if time.monotonic() < self.open_until:
+                if self.breaker.is_open():
                     reason = "down"
                 elif self.queue.qsize() >= self.settings.queue or self.queued_bytes + size > self.settings.queue_bytes:
                     reason = "queue_full"
@@ -348,20 +361,20 @@ class SharedTier:
                 self.stats.write_drops["non_finite"] = self.stats.write_drops.get("non_finite", 0) + dropped
         if not written:
             return
-        if time.monotonic() < self.open_until:
+        if self.breaker.is_open():
             with self.lock:
                 self.stats.write_drops["down"] = self.stats.write_drops.get("down", 0) + written
             return
         try:
             replies = pipe.execute(raise_on_error=False)
         except Exception as err:  # noqa: BLE001
-            self._failed(err)
+            self.breaker.failed(err)
             with self.lock:
                 self.stats.write_drops["down"] = self.stats.write_drops.get("down", 0) + written
             return
         failed = [r for r in replies if isinstance(r, Exception)]
         for err in failed[:1]:
-            self._failed(err)
+            self.breaker.failed(err)
         with self.lock:
             if failed:
                 kind = _kind(failed[0])
@@ -390,7 +403,7 @@ class SharedTier:
 
     def snapshot(self) -> SharedStats:
         with self.lock:
-            self._usable()
+            self.breaker.usable()
             s = SharedStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.stats.__dict__.items()})
             s.queued = self.queue.qsize()
             if self.latencies:

@@ -15,10 +15,10 @@ import math
 import numpy as np
 import torch
 
-from .ops._library import resolve_backend
-from .ops.gather_with_mask import gather_with_mask_unchecked
-from .ops.hamming_topk import hamming_topk_unchecked
-from .rows import POSITION_BITS, SIDE_BITS, TOKEN_BITS, first_of_key
+from ...ops._library import resolve_backend
+from ...ops.gather_with_mask import gather_with_mask_unchecked
+from ...ops.hamming_topk import hamming_topk_unchecked
+from ...rows import POSITION_BITS, SIDE_BITS, TOKEN_BITS, first_of_key
 
 
 class RingBuffer:

@@ -1,11 +1,9 @@
-"""The semantic tier: per-block banks looked up by SimHash fingerprint (the paper's design).
+"""The per-block tier's cached block (the paper's design): banks looked up by SimHash fingerprint.
 
-Used when `CacheConfig.threshold` is set. Per forward pass every row gets a tag (token count,
-namespace, first position and padding side packed in one int64: an entry only answers rows with
-the same tag), a 64-bit hash of its tokens (`rows.token_keys`), and a SimHash fingerprint of the
-mean of its input token embeddings (a hook on the input embedding). Per cached block: look the
-rows up (exact hash, then Hamming radius), run the block on the rows that missed only, merge bank
-rows and computed rows with `gather_with_mask`, and insert the computed rows. Decoder blocks
+Used when `CacheConfig.threshold` is set. Per forward each row has a tag, a key and a fingerprint
+(`context.ForwardContext`). Per cached block: look the rows up (exact hash, then Hamming
+radius), run the block on the rows that missed only, merge bank rows and computed rows with
+`gather_with_mask`, and insert the computed rows. Decoder blocks
 store each row's K and V beside its hidden state and write the merged K/V into the model's
 DynamicCache.
 
@@ -23,15 +21,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
-from .exact import ExactTier, KVStandIn
-from .ops.simhash import simhash_pooled_unchecked
+from ... import ops
+from ...ops.simhash import simhash_pooled_unchecked
+from ...splice import CacheParam, KVStandIn, give_kv, kv_split, per_position, slice_rows
+from .context import ForwardContext, pixel_context
 from .ring_buffer import RingBuffer
-from .rows import first_index, make_tag, tag_fits, token_keys
 
 
 @dataclass
-class Route:
+class Rows:
     """Which rows of a batch a cached layer runs, and how its output is merged."""
 
     compute: torch.Tensor  # bool [B]: rows the block runs on
@@ -40,36 +38,6 @@ class Route:
     slot: torch.Tensor | None = None  # int64 [B]: the bank slot a served row reads, -1 where computed
     row_of: torch.Tensor | None = None  # int64 [B]: a computed row's place among `rows` (a repeat: its source's)
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its `rows`): each sliced once
-
-
-@dataclass
-class ForwardContext:
-    """What one forward pass of the base model knows about its rows."""
-
-    mask: torch.Tensor  # [B, T] 1 = token
-    tags: torch.Tensor  # int64 [B]; negative = never cached
-    keys: torch.Tensor  # int64 [B]
-    cacheable: torch.Tensor  # bool [B]
-    store: torch.Tensor  # bool [B]: cacheable, and the first row of the batch with its key
-    rows: torch.Tensor  # int64 [B]: 0..B-1
-    source: torch.Tensor  # int64 [B]: a cacheable row repeating an earlier row's key: that row; else itself
-    own: torch.Tensor  # bool [B]: source == rows
-    n_repeats: int  # rows with source != themselves
-    align_end: bool  # left padding
-    codes: torch.Tensor | None = None  # int64 [B, W] input-embedding fingerprints
-    kv_cache: object | None = None  # the model's DynamicCache, when decoding with one
-    n_cacheable: int = 0
-    _zero_codes: torch.Tensor | None = None
-
-    @property
-    def batch(self) -> int:
-        return self.mask.shape[0]
-
-    def zero_codes(self, words: int) -> torch.Tensor:
-        """int64 [B, words] of zeros: the codes stored when the semantic tier is off."""
-        if self._zero_codes is None or self._zero_codes.shape[1] != words:
-            self._zero_codes = torch.zeros(self.batch, words, dtype=torch.int64, device=self.mask.device)
-        return self._zero_codes
 
 
 @dataclass
@@ -92,74 +60,6 @@ class LayerStats:
         return self.hits / self.lookups if self.lookups else 0.0
 
 
-def _slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
-    """Rows of every batch-major tensor (ndim >= 2, size(0) == batch) in an argument tree. `memo`
-    keeps each slice for `rows`: the layers of one forward pass the same masks to every block."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() < 2 or value.shape[0] != batch:
-            return value
-        seen = memo.get(id(value))
-        if seen is None or seen[0] is not value:
-            seen = memo[id(value)] = (value, value.index_select(0, rows))
-        return seen[1]
-    if isinstance(value, tuple):
-        return tuple(_slice_rows(v, rows, batch, memo) for v in value)
-    if isinstance(value, list):
-        return [_slice_rows(v, rows, batch, memo) for v in value]
-    return value
-
-
-def semantic_context(owner, header: bytes, ids, mask, positions, types, kv_cache) -> ForwardContext:
-    """The per-forward context of the semantic tier (ids, mask, positions, types: [B, T] on the
-    device; `header`: the forward's `rows.key_header`, namespace and model state)."""
-    batch, seq = ids.shape
-    ntokens = (mask != 0).sum(1)
-    left_padded = bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any())
-    cfg = owner.config
-    cacheable = (ntokens > 0) & (ntokens <= cfg.max_tokens)
-    first = torch.where(mask != 0, torch.arange(seq, device=mask.device), seq).amin(1).clamp_max(seq - 1)
-    first_position = positions.gather(1, first.unsqueeze(1)).squeeze(1)
-    cacheable &= tag_fits(first_position, ntokens)
-    tags = make_tag(owner.namespace_id(header), first_position.clamp_min(0), ntokens, left_padded)
-    tags = torch.where(cacheable, tags, -1 - torch.arange(batch, device=mask.device))
-    keys = token_keys(ids, mask, positions, types) ^ (owner.weights_epoch * 0x5851F42D4C957F2D)
-    return _context(mask, tags, keys, cacheable, left_padded, kv_cache)
-
-
-def pixel_context(owner, header: bytes, hashes: torch.Tensor, hidden: torch.Tensor, codes) -> ForwardContext:
-    """The context of a pixel model's forward, made at its first cached block: `hashes` int64 [B, 2]
-    (`rows.pixel_hashes` of the images), `hidden` [B, T, D] the block's input, `codes` the SimHash
-    of each image's mean patch embedding (`ModelCache.fingerprint`; None when not fingerprinted).
-    Every image of one model has the same T, so the tag is the header (namespace and state) and T."""
-    batch, seq = hidden.shape[:2]
-    mask = torch.ones(batch, seq, dtype=torch.int64, device=hidden.device)
-    ntokens = torch.full((batch,), seq, dtype=torch.int64, device=hidden.device)
-    start = torch.zeros_like(ntokens)
-    cacheable = tag_fits(start, ntokens) & (ntokens <= owner.config.max_tokens)
-    tags = torch.where(cacheable, make_tag(owner.namespace_id(header), start, ntokens, False),
-                       -1 - torch.arange(batch, device=hidden.device))
-    hashes = hashes.to(hidden.device)
-    keys = hashes[:, 0] ^ (hashes[:, 1] * 0x632BE59BD9B4E019) ^ (owner.weights_epoch * 0x5851F42D4C957F2D)
-    ctx = _context(mask, tags, keys, cacheable, False, None)
-    ctx.codes = codes
-    return ctx
-
-
-def _context(mask, tags, keys, cacheable, left_padded: bool, kv_cache) -> ForwardContext:
-    batch = mask.shape[0]
-    # A cacheable row repeating an earlier row of the same batch is computed once: every layer
-    # serves it its first occurrence's states.
-    rows = torch.arange(batch, device=mask.device)
-    source = torch.where(cacheable, first_index(keys), rows)
-    own = source == rows
-    store = cacheable & own
-    n_cacheable = int(cacheable.sum())
-    return ForwardContext(
-        mask=mask, tags=tags, keys=keys, cacheable=cacheable, store=store, rows=rows, source=source, own=own,
-        n_repeats=n_cacheable - int(store.sum()), align_end=left_padded, kv_cache=kv_cache, n_cacheable=n_cacheable,
-    )
-
-
 class CachedLayer:
     """The semantic tier's cached forward of one block; `module.forward` points at `self.forward`."""
 
@@ -173,11 +73,11 @@ class CachedLayer:
         self.radius = ops.hamming_radius(self.threshold, cfg.num_bits)
         self.bank: RingBuffer | None = None
         self.stats = LayerStats(layer=index)
-        self._cache_param = ExactTier._cache_param(self.original_forward)
-        if owner.adapter.decoder and self._cache_param[0] is None:
+        self.cache_param = CacheParam.of(self.original_forward)
+        if owner.adapter.decoder and self.cache_param.name is None:
             raise ValueError(f"{type(module).__name__}.forward takes no KV cache argument: cannot cache a decoder block")
         self._kv_layout = None  # (kv heads, head dim) of this block's K/V, once seen
-        self._kv_dtypes: dict = {}  # model state (Forward.switches) -> the dtype its K/V are computed in
+        self._kv_dtypes: dict = {}  # model state (Call.switches) -> the dtype its K/V are computed in
 
     def _allocate(self, entry: torch.Tensor) -> None:
         """This layer's bank, sized for entries like `entry` ([M, T, *F]: max_tokens x F per slot)."""
@@ -207,21 +107,17 @@ class CachedLayer:
         return codes
 
 
-    def _run(self, hidden, args, kwargs, route: Route | None, batch, ctx):
+    def _run(self, hidden, args, kwargs, route: Rows | None, batch, ctx):
         """Run the original block on `route.rows` (None: all); returns (output, hidden_out [M, T, H], capture)."""
         if route is not None:
             rows = route.rows
             hidden = hidden.index_select(0, rows)
-            args = _slice_rows(args, rows, batch, route.sliced)
-            kwargs = {k: _slice_rows(v, rows, batch, route.sliced) for k, v in kwargs.items()}
+            args = slice_rows(args, rows, batch, route.sliced)
+            kwargs = {k: slice_rows(v, rows, batch, route.sliced) for k, v in kwargs.items()}
         capture = None
         if self.owner.adapter.decoder:
             capture = KVStandIn(ctx.kv_cache)
-            name, index = self._cache_param
-            if index is not None and index < len(args):
-                args = args[:index] + (capture,) + args[index + 1 :]
-            else:
-                kwargs = {**kwargs, name: capture}
+            args, kwargs = self.cache_param.hand(capture, args, kwargs)
         output = self.original_forward(hidden, *args, **kwargs)
         out = output[0] if isinstance(output, tuple) else output
         return output, out, capture
@@ -231,10 +127,8 @@ class CachedLayer:
         """[M, T, F]: the hidden state, and for decoders K and V flattened per position."""
         if capture is None or capture.keys is None:
             return out
-        m, t = out.shape[:2]
-        k = capture.keys.transpose(1, 2).reshape(m, t, -1).to(out.dtype)
-        v = capture.values.transpose(1, 2).reshape(m, t, -1).to(out.dtype)
-        return torch.cat([out, k, v], dim=-1)
+        return torch.cat([out, per_position(capture.keys).to(out.dtype), per_position(capture.values).to(out.dtype)],
+                         dim=-1)
 
     def _write_kv(self, ctx: ForwardContext, entry: torch.Tensor, capture, hidden_size: int) -> None:
         """Give the model's KV cache the merged K and V of every row (decoder prefill)."""
@@ -244,13 +138,9 @@ class CachedLayer:
             self._kv_dtypes[switches] = capture.keys.dtype
         if ctx.kv_cache is None or self._kv_layout is None:
             return
-        heads, head_dim = self._kv_layout
+        heads, _ = self._kv_layout
         dtype = self._kv_dtypes.get(switches, entry.dtype)
-        b, t = entry.shape[:2]
-        kv = entry[..., hidden_size:]
-        keys = kv[..., : heads * head_dim].reshape(b, t, heads, head_dim).transpose(1, 2)
-        values = kv[..., heads * head_dim :].reshape(b, t, heads, head_dim).transpose(1, 2)
-        ctx.kv_cache.update(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), self.index)
+        give_kv(ctx.kv_cache, *kv_split(entry[..., hidden_size:], heads), self.index, dtype)
 
     @staticmethod
     def _pack(output, hidden: torch.Tensor):
@@ -259,11 +149,11 @@ class CachedLayer:
 
     # ---- the cached forward ------------------------------------------------------------
     def forward(self, hidden_states, *args, **kwargs):
-        forward = self.owner.current()
-        if forward is not None and forward.pixels is not None and hidden_states.dim() == 3:
-            forward.semantic = pixel_context(self.owner, *forward.pixels, hidden_states, forward.pixel_codes)
-            forward.pixels = None
-        ctx = forward.semantic if forward is not None else None
+        call = self.owner.current()
+        route = call.route if call is not None else None
+        if route is not None and route.context is None and call.pixels is not None and hidden_states.dim() == 3:
+            route.context = pixel_context(self.owner, call.header, call.pixels, hidden_states, route.pixel_codes)
+        ctx = route.context if route is not None else None
         if ctx is None:
             return self.original_forward(hidden_states, *args, **kwargs)
         # One lock from lookup to insert: a slot looked up must not be overwritten by another
@@ -309,7 +199,7 @@ class CachedLayer:
         return hidden if output is None else self._pack(output, hidden)
 
     @staticmethod
-    def _route(ctx: ForwardContext, slot: torch.Tensor, hidden_states: torch.Tensor) -> Route:
+    def _route(ctx: ForwardContext, slot: torch.Tensor, hidden_states: torch.Tensor) -> Rows:
         """The rows to run: misses and rows whose input carries NaN/Inf (computed and, being
         non-finite, never stored); a repeat of an earlier row of the batch that missed takes that
         row's computed states instead."""
@@ -324,11 +214,11 @@ class CachedLayer:
             compute = compute | ~torch.isfinite(hidden_states.sum(dim=(1, 2), dtype=torch.float32))
             n_compute = int(compute.sum())
         if n_compute == ctx.batch:
-            return Route(compute, n_compute, ctx.rows)
+            return Rows(compute, n_compute, ctx.rows)
         row_of = (compute.long().cumsum(0) - 1).clamp_min(0)
         if ctx.n_repeats:
             row_of = row_of.index_select(0, torch.where(compute, ctx.rows, ctx.source))
-        return Route(compute, n_compute, compute.nonzero().flatten(), torch.where(compute, -1, slot), row_of)
+        return Rows(compute, n_compute, compute.nonzero().flatten(), torch.where(compute, -1, slot), row_of)
 
     def _lookup(self, ctx: ForwardContext, codes):
         """(slot [B] or -1, semantic-hit mask or None) for this layer's bank."""

@@ -1,0 +1,112 @@
+"""The block splice, shared by every tier: run a block on some rows of its batch, hand K/V around.
+
+A tier that serves some rows of a batch runs a cached block on the others only: `slice_rows` cuts
+the block's batch-major arguments (masks, position embeddings) to those rows, memoised per
+forward (the blocks of one forward get the same masks). A decoder block writes its K/V into a
+KV cache: `CacheParam` says where the block takes it, `KVStandIn` takes its place while the
+block runs on the computing rows and records their K/V, and `give_kv` hands the model's own
+cache the K/V of every row (computed and served) in the batch's layout. Stored K/V are rows of
+[T, heads x head dim] per position (`per_position`); `kv_split` turns them back.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import BLOCK_CACHE_NAMES
+
+
+def slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
+    """`value` (a tensor, or a tuple/list of them) with every batch-major tensor (ndim >= 2,
+    size(0) == batch) cut to `rows` int64 [M]. `memo` (id -> (tensor, its slice)) keeps each
+    slice for the forward."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] != batch:
+            return value
+        seen = memo.get(id(value))
+        if seen is None or seen[0] is not value:
+            seen = memo[id(value)] = (value, value.index_select(0, rows))
+        return seen[1]
+    if isinstance(value, tuple):
+        return tuple(slice_rows(v, rows, batch, memo) for v in value)
+    if isinstance(value, list):
+        return [slice_rows(v, rows, batch, memo) for v in value]
+    return value
+
+
+class KVStandIn:
+    """Stands in for the model's KV cache while a block runs on the computing rows: records K, V."""
+
+    def __init__(self, real):
+        self.real = real
+        self.keys = self.values = None
+        self.layer_idx = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys, self.values, self.layer_idx = key_states, value_states, layer_idx
+        return key_states, value_states
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return 0
+
+    def __getattr__(self, name):
+        if self.real is None:
+            raise AttributeError(name)
+        return getattr(self.real, name)
+
+
+@dataclass(frozen=True)
+class CacheParam:
+    """Where a block's forward takes its KV cache: `name` (None: it takes none) and, when it can
+    come by position, its `index` in the arguments after the hidden states."""
+
+    name: str | None
+    index: int | None
+
+    @classmethod
+    def of(cls, forward) -> CacheParam:
+        signature = inspect.signature(forward)
+        names = [n for n in BLOCK_CACHE_NAMES if n in signature.parameters]
+        if not names:
+            return cls(None, None)
+        params = list(signature.parameters.values())
+        param = signature.parameters[names[0]]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if param.kind in positional and all(p.kind in positional for p in params[: params.index(param)]):
+            return cls(names[0], params.index(param) - 1)
+        return cls(names[0], None)
+
+    def given(self, args: tuple, kwargs: dict):
+        """The KV cache this call of the block was given, or None."""
+        if self.index is not None and self.index < len(args):
+            return args[self.index]
+        return kwargs.get(self.name) if self.name is not None else None
+
+    def hand(self, stand_in, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments with `stand_in` where the block takes its KV cache."""
+        if self.index is not None and self.index < len(args):
+            return args[: self.index] + (stand_in,) + args[self.index + 1 :], kwargs
+        return args, {**kwargs, self.name: stand_in}
+
+
+def per_position(x: torch.Tensor) -> torch.Tensor:
+    """K or V [B, heads, T, head dim] as [B, T, heads x head dim] (a copy)."""
+    b, _, t, _ = x.shape
+    return x.transpose(1, 2).reshape(b, t, -1)
+
+
+def kv_split(flat: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K|V per position [B, T, 2 x heads x head dim] -> K, V [B, heads, T, head dim] (views)."""
+    b, t, width = flat.shape
+    half = width // 2
+    keys = flat[..., :half].reshape(b, t, heads, -1).transpose(1, 2)
+    values = flat[..., half:].reshape(b, t, heads, -1).transpose(1, 2)
+    return keys, values
+
+
+def give_kv(cache, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, dtype: torch.dtype) -> None:
+    """Hand the model's KV cache a block's K, V [B, heads, T, head dim] in `dtype`."""
+    cache.update(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), layer_idx)

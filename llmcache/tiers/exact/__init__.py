@@ -1,0 +1,7 @@
+"""The exact tier: rows (and decoder pages) served bit for bit from what an equal row computed."""
+
+from .remote import Remote
+from .store import Store
+from .tier import ExactTier
+
+__all__ = ["ExactTier", "Remote", "Store"]

@@ -1,0 +1,135 @@
+"""The exact tier's block splice: the span's blocks run on the computing rows only.
+
+`BlockSplice.forward` is every span block's forward while the cache is on: the first block drops
+the served rows, each block gets its batch-major arguments sliced to the computing rows
+(`splice.slice_rows`), decoder blocks write their K/V into a stand-in (`splice.KVStandIn`) and the
+model's own KV cache gets every row's K/V; the last block merges the served rows' stored output,
+the computed rows and the in-batch repeats back to [B, T, D] and writes the new entries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...splice import CacheParam, KVStandIn, give_kv, kv_split, per_position
+from .plan import Plan
+
+
+class BlockSplice:
+    """The spliced forwards of one exact tier's span blocks (`forwards`: their own forwards)."""
+
+    def __init__(self, tier, forwards: list):
+        self.tier = tier
+        self.originals = forwards
+        self.cache_params = [CacheParam.of(f) for f in forwards]
+
+    @torch.compiler.disable(recursive=False)
+    def forward(self, position: int, hidden_states, *args, **kwargs):
+        """The spliced forward of span block `position` (torch.compile: this frame runs eagerly,
+        the block's own forward is compiled)."""
+        original = self.originals[position]
+        call = self.tier.owner.current()
+        if call is not None and call.pixels is not None and position == 0:
+            self.tier.owner.route_pixels(call, hidden_states.shape[1])
+        plan = call.route if call is not None else None
+        last = position == len(self.tier.span) - 1
+        if not isinstance(plan, Plan):
+            output = original(hidden_states, *args, **kwargs)
+            if call is not None and call.capture is not None and last:
+                call.capture.append(output[0] if isinstance(output, tuple) else output)  # suffix.suffix_forward
+            return output
+        if position == 0 and plan.compute is not None:
+            hidden_states = hidden_states.index_select(0, plan.compute)
+        stand_in = real = None
+        if self.tier.geometry.decoder:
+            real = self.cache_params[position].given(args, kwargs)  # the model's own KV cache, if any
+        args = plan.slice(args)
+        kwargs = {k: plan.slice(v) for k, v in kwargs.items()}
+        if plan.m:
+            if self.tier.geometry.decoder:
+                stand_in = KVStandIn(real)
+                args, kwargs = self.cache_params[position].hand(stand_in, args, kwargs)
+            output = original(hidden_states, *args, **kwargs)
+            self.tier.formats[position] = len(output) if isinstance(output, tuple) else 1
+        else:
+            # No row computes. What a block passes on besides its hidden state (T5's position
+            # bias) only feeds the next blocks, which compute nothing either.
+            arity = self.tier.formats.get(position, 1)
+            output = hidden_states if arity == 1 else (hidden_states,) + (None,) * (arity - 1)
+        out = output[0] if isinstance(output, tuple) else output
+        if self.tier.geometry.decoder:
+            self._kv(position, plan, real, stand_in, out, call.switches)
+        if not last:
+            return output
+        merged = self._merge(plan, out)
+        self._insert(plan, out)
+        return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
+
+    @torch.compiler.disable
+    def _kv(self, position: int, plan: Plan, real, stand_in, out, switches: bytes) -> None:
+        """Keep the computed rows' K|V for the insert and give the real cache all B rows'."""
+        if stand_in is not None and stand_in.keys is not None:
+            keys, values = stand_in.keys, stand_in.values  # [M, heads, T, head dim]
+            computed = (keys, values)
+            layout = (keys.shape[1], keys.shape[3], stand_in.layer_idx)
+            self.tier.kv_dtypes[switches] = keys.dtype
+        else:  # no row computes: everything comes from the entries
+            computed, layout = None, self.tier.kv_layout.get(position)
+        if layout is None:
+            return
+        self.tier.kv_layout[position] = layout
+        plan.kv.append(computed)
+        if real is None:
+            return
+        heads, head_dim, layer_idx = layout
+        if plan.compute is None:  # every row computed: the real cache takes the block's own K, V
+            real.update(keys, values, layer_idx)
+            return
+        width = 2 * heads * head_dim
+        full = out.new_zeros((plan.batch, plan.seq, width))
+        if plan.m:
+            flat = torch.cat([per_position(keys), per_position(values)], dim=-1).to(out.dtype)
+            full.index_copy_(0, plan.compute, flat)
+            if plan.repeat_rows is not None:
+                full.index_copy_(0, plan.repeat_rows, flat.index_select(0, plan.repeat_src))
+        if plan.served:
+            hidden = plan.served_states.shape[1] - len(self.tier.span) * width
+            cols = plan.served_states[:, hidden + position * width : hidden + (position + 1) * width]
+            full.view(-1, width).index_copy_(0, plan.served_dst, cols.to(full.dtype))
+        give_kv(real, *kv_split(full, heads), layer_idx, self.tier.kv_dtype(switches))
+
+    def _merge(self, plan: Plan, out: torch.Tensor) -> torch.Tensor:
+        """[B, T, D]: computed rows, served rows' stored output (zeros at padding), repeats."""
+        if plan.compute is None:
+            return out
+        hidden = out.shape[-1]
+        merged = out.new_zeros((plan.batch, plan.seq, hidden))
+        if plan.m:
+            merged.index_copy_(0, plan.compute, out)
+        if plan.served:
+            merged.view(-1, hidden).index_copy_(0, plan.served_dst, plan.served_states[:, :hidden].to(out.dtype))
+        if plan.repeat_rows is not None:
+            merged.index_copy_(0, plan.repeat_rows, out.index_select(0, plan.repeat_src))
+        return merged
+
+    @torch.compiler.disable
+    def _insert(self, plan: Plan, out: torch.Tensor) -> None:
+        """Write the reserved entries' tokens (the computing rows' real tokens) and publish them."""
+        if not plan.entries:
+            return
+        if self.tier.geometry.decoder and (len(plan.kv) != len(self.tier.span) or any(kv is None for kv in plan.kv)):
+            self.tier.release(plan)
+            return
+        pieces = [out]
+        if self.tier.geometry.decoder:  # per block, K then V as [M, T, heads * head dim]
+            pieces += [per_position(x) for kv in plan.kv for x in kv]
+        features = sum(p.shape[-1] for p in pieces)
+        if features != self.tier.store.arena.features or out.dtype != self.tier.store.arena.dtype:
+            self.tier.owner.count_reasons({"layout_changed": len(plan.entries)})
+            self.tier.release(plan)
+            return
+        # (Every computed token stored, in order: the pieces as they are, no selection.)
+        everything = plan.store_src.numel() == out.shape[0] * out.shape[1] and plan.store_all
+        parts = [p.reshape(-1, p.shape[-1]) if everything else p.reshape(-1, p.shape[-1]).index_select(0, plan.store_src)
+                 for p in pieces]
+        self.tier.commit(plan, plan.store_dst, parts)

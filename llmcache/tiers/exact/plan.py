@@ -1,0 +1,106 @@
+"""The exact tier's plan of one forward for the block splice: which rows run, which are served.
+
+Made on the host once per forward by one builder (`build`) for encoders and decoders alike; its
+index arrays reach the device in one non-blocking upload (`upload`) and the served rows' states
+are read from the arena right away (so a later eviction cannot touch them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...splice import slice_rows
+from ..base import Route
+
+
+@dataclass
+class Plan(Route):
+    """A forward the block splice serves (`ExactTier.block_forward`)."""
+
+    batch: int = 0
+    seq: int = 0
+    m: int = 0  # rows that run the span
+    entries: list = field(default_factory=list)  # reserved entries this forward writes
+    store_n: list = field(default_factory=list)  # their token counts
+    compute: torch.Tensor | None = None  # int64 [M] rows that run the span; None: all rows, unsliced
+    served_dst: torch.Tensor | None = None  # int64 [S]: flat output rows (row * T + t) of served tokens
+    served_states: torch.Tensor | None = None  # [S, F] their stored states, read at routing
+    repeat_rows: torch.Tensor | None = None  # int64 [R] rows that copy an earlier computing row
+    repeat_src: torch.Tensor | None = None  # int64 [R] that row, among the computing rows
+    store_src: torch.Tensor | None = None  # int64 [W] flat rows (among computing rows) of tokens to write
+    store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
+    store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
+    sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
+    kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
+    near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward
+
+    @torch.compiler.disable
+    def slice(self, value):
+        """`value` with every batch-major tensor cut to the computing rows."""
+        return value if self.compute is None else slice_rows(value, self.compute, self.batch, self.sliced)
+
+    def add_served(self, states: torch.Tensor, dst: torch.Tensor) -> None:
+        """More served tokens: `states` [S, F] at flat output rows `dst` int64 [S]."""
+        if self.served_states is None:
+            self.served_states, self.served_dst = states, dst
+        else:
+            self.served_states = torch.cat([self.served_states, states])
+            self.served_dst = torch.cat([self.served_dst, dst])
+
+
+def every_token(src: np.ndarray, total: int) -> bool:
+    """`src` is 0..total-1 in order (a plan stores every computed token: no selection needed)."""
+    return len(src) == total and bool((src == np.arange(total)).all())
+
+
+def upload(parts: dict, device: torch.device) -> dict:
+    """int64 host arrays -> device tensors in one copy (pinned and non-blocking on CUDA, so it
+    does not wait for the device: the cache's routing adds no synchronisation of its own)."""
+    names = [n for n, a in parts.items() if a is not None]
+    if not names:
+        return {}
+    flat = torch.from_numpy(np.concatenate([np.asarray(parts[n], dtype=np.int64).ravel() for n in names]))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    out, at = {}, 0
+    for n in names:
+        size = np.asarray(parts[n]).size
+        out[n] = flat[at : at + size]
+        at += size
+    return out
+
+
+def build(store, batch: int, seq: int, device: torch.device, serving: list, computing: list, copying: list,
+          entries: list, writes: list, **route) -> Plan:
+    """The plan of a forward of `batch` rows of `seq` positions. `serving`: (row, first position,
+    int64 [n] arena rows of its stored tokens); `computing`: the rows that run, ascending;
+    `copying`: (row, the computing row it repeats); `entries`: reserved entries, written from
+    `writes` (computing row, first position, ntokens) each; `route`: the `Route` counts."""
+    position = {r: i for i, r in enumerate(computing)}
+    plan = Plan(batch=batch, seq=seq, m=len(computing), entries=entries, store_n=[n for _, _, n in writes], **route)
+    parts = {"compute": computing if len(computing) < batch else None}
+    if serving:
+        parts["served_src"] = np.concatenate([src for _, _, src in serving])
+        parts["served_dst"] = np.concatenate([r * seq + s + np.arange(len(src), dtype=np.int64)
+                                              for r, s, src in serving])
+    if copying:
+        parts["repeat_rows"] = [r for r, _ in copying]
+        parts["repeat_src"] = [position[src] for _, src in copying]
+    if entries:
+        parts["store_src"] = np.concatenate([position[r] * seq + s + np.arange(n, dtype=np.int64)
+                                             for r, s, n in writes])
+        parts["store_dst"] = np.concatenate([store.index.token_rows(e) for e in entries])
+        plan.store_all = every_token(parts["store_src"], len(computing) * seq)
+    on_device = upload(parts, device)
+    plan.compute = on_device.get("compute")
+    plan.served_dst = on_device.get("served_dst")
+    plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
+    plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
+    if "served_src" in on_device:
+        plan.served_states = store.arena.read(on_device["served_src"])
+    return plan

@@ -1,0 +1,214 @@
+"""Decoders: every row reuses its longest cached prefix, page by page (lossless prompt caching).
+
+In a causal model a token's hidden states and K/V at every layer depend only on the tokens
+before it, so a prefix's states are the same whatever follows. Each page of a decoder row (its
+real tokens, `page_tokens` at a time) is one entry of the exact tier's index, keyed by its tokens
+and the serial number of the entry holding the page before it (`rows.page_key`); an entry holds
+the last block's output and every block's K and V at its tokens. Routing (`route`, once per
+forward, on the host) walks each row's pages through the index: the pages found are its cached
+prefix; the pages after it are reserved for this forward to write.
+
+Three kinds of row: *whole* (every token cached: served, no block runs, bit-identical),
+*prefix* (its first P tokens cached, P a multiple of the page size) and *miss*. A batch without
+prefix rows runs the exact tier's block splice (`tier.ExactTier.block_forward`). A batch with
+one runs `suffix.suffix_forward`: the model itself runs on every row's tokens from its P on, attending
+to a KV cache that holds each row's cached prefix K/V (right-aligned, the rest masked), with the
+rows' true position ids, so rotary or absolute positions and the causal mask are the model's
+own; a whole row computes its last token only. Outputs at prefix positions come from the bank
+(the final norm applied to the stored last-block output, as the model does), the caller's KV
+cache gets every row's K/V in the batch's own layout, and the new pages are written.
+
+A suffix computed against cached K/V is not bit-identical to a full prefill: matrix products
+over a different number of rows may round differently (vLLM users see the same). The tests
+bound it (`tests/test_prefix.py`, PREFIX_TOLERANCE) and `generate` tokens stay identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ... import rows
+from . import plan as plans
+from . import suffix
+
+
+def _walk(index, header: bytes, ids, positions, types, page: int):
+    """(entries found from the row's start, tokens they cover)."""
+    n = len(ids)
+    found = index.walk(-(-n // page), lambda i, serial: rows.page_key(
+        header, serial, ids[i * page : (i + 1) * page], positions[i * page : (i + 1) * page],
+        types[i * page : (i + 1) * page]))
+    return found, min(len(found) * page, n)
+
+
+def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict, prefixes: bool,
+          near=None, padding: tuple[bool, bool] = (False, False)):
+    """The route of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
+    a `plan.Plan` for the block splice, a `suffix.SuffixPlan`, or None (nothing served, nothing
+    stored). `prefixes`: prefix rows may compute their suffix only (else they compute whole).
+    `near`: the verified tier's `Neighbours`: in a batch that the splice serves, a row not
+    wholly cached may be served a neighbour's whole chain of pages. `padding`: whether the
+    caller sees a row's (leading, trailing) padding (`ModelCache.padding_visible`): trailing
+    padding is then computed after the row's cached tokens (a suffix that attends to them and
+    not to itself, as the uncached model's padding does); leading padding, which the uncached
+    model computes attending to no token at all, is keyed and stored with the row, so the row is
+    served where it comes again with as much padding. Call inside `store.index.pinned()`, under
+    the owner's lock."""
+    index, page = store.index, store.config.page_tokens
+    ids, mask, positions, types = host
+    start, count, contiguous = rows.real_spans(mask)
+    batch = ids.shape[0]
+    keyed = [bool(count[r] > 0 and contiguous[r]) for r in range(batch)]
+    # Padding the caller sees: a row's leading padding is keyed and stored with it (its pages
+    # start at position 0, under a header that says how much padding they begin with), its
+    # trailing padding is computed after its cached tokens (`suffix.plan`).
+    leading = [bool(padding[0] and keyed[r] and start[r] > 0) for r in range(batch)]
+    trailing = [int(seq - start[r] - count[r]) if padding[1] and keyed[r] else 0 for r in range(batch)]
+    pads = np.where(leading, start, 0)
+    start, count = start - pads, count + pads  # (from here on: the span each row keys)
+    headers = [header + rows.padding_mark((int(pads[r]), 0)) if leading[r] else header for r in range(batch)]
+    found, covered = [], []
+    for r in range(batch):
+        s, n = int(start[r]), int(count[r])
+        if not keyed[r]:
+            reason = "no_tokens" if n == 0 else "mask_gaps"
+            counts[reason] = counts.get(reason, 0) + 1
+            found.append([])
+            covered.append(0)
+            continue
+        f, c = _walk(index, headers[r], ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], page)
+        found.append(f)
+        covered.append(c)
+    # The pages found stay put while this routing reserves pages (which may evict) and reads them.
+    index.pin(e for f in found for e in f)
+    rows_ = _Rows(headers, ids, positions, types, start, [int(c) for c in count], found, covered, keyed, leading,
+                  trailing, pads)
+    chains = None
+    if near is not None:
+        chains = _near(near, index, rows_, prefixes)
+    result = _plan(store, rows_, seq, device, counts, prefixes, chains, near)
+    for r, chain in enumerate(chains or ()):
+        if chain is not None:
+            near.stored(r, chain, tuple(index.key(e) for e in chain))
+    return result
+
+
+class _Rows:
+    """What routing knows of each row of a decoder batch (lists and arrays indexed by row)."""
+
+    def __init__(self, headers, ids, positions, types, start, n_real, found, covered, keyed, leading, trailing, pads):
+        self.headers, self.ids, self.positions, self.types = headers, ids, positions, types
+        self.start, self.n_real, self.found, self.covered, self.keyed = start, n_real, found, covered, keyed
+        self.leading, self.trailing, self.pads = leading, trailing, pads
+        self.batch = len(n_real)
+
+    def padded(self, r: int) -> bool:
+        """The caller sees this row's padding."""
+        return self.leading[r] or self.trailing[r] > 0
+
+
+def _near(near, index, rows_: _Rows, prefixes: bool) -> list:
+    """Serve rows a neighbour's whole chain where the verified semantic tier allows it (only when
+    no row computes a suffix: a whole row in a suffix batch computes its last token, which would
+    mix its own token into the neighbour's answer; never a row whose padding the caller sees).
+    Returns the list the plan fills with each computing row's chain of pages (None: not stored
+    whole)."""
+    batch, found, covered = rows_.batch, rows_.found, rows_.covered
+    chains = [None] * batch
+    if prefixes and all(rows_.keyed) and any(0 < covered[r] < rows_.n_real[r] for r in range(batch)):
+        return chains
+    for r in range(batch):
+        if rows_.keyed[r] and covered[r] < rows_.n_real[r] and not rows_.padded(r):
+            chain = near.consider(r, index)
+            if chain is not None:
+                found[r], covered[r] = list(chain), rows_.n_real[r]
+                index.pin(chain)
+    return chains
+
+
+def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) -> tuple[list, list]:
+    """Reserve the pages each computing row adds (one copy of a page that two rows of this batch
+    share): (entries, writes as (row, token offset in the row's span, ntokens))."""
+    reserved: dict[bytes, int] = {}
+    entries, writes = [], []
+    for r in range(rows_.batch):
+        if not rows_.keyed[r] or whole[r]:
+            continue
+        s, n = int(rows_.start[r]), rows_.n_real[r]
+        found = rows_.found[r]
+        parent = found[-1] if found else -1
+        serial = index.serial_of(parent)
+        at = rows_.covered[r]
+        chain = list(found)
+        while at < n:
+            end = min(at + page, n)
+            key = rows.page_key(rows_.headers[r], serial, rows_.ids[r, s + at : s + end],
+                                rows_.positions[r, s + at : s + end], rows_.types[r, s + at : s + end])
+            entry = reserved.get(key, -1)
+            if entry < 0:
+                entry = index.reserve(key, end - at, parent)
+                if entry < 0:
+                    counts["too_long"] = counts.get("too_long", 0) + 1
+                    break
+                reserved[key] = entry
+                entries.append(entry)
+                writes.append((r, at, end - at))
+            serial, parent, at = index.serial_of(entry), entry, end
+            chain.append(entry)
+        if chains is not None and at == n:  # every page of the row cached or written: a neighbour for later rows
+            chains[r] = tuple(chain)
+    return entries, writes
+
+
+def _plan(store, rows_: _Rows, seq: int, device, counts: dict, prefixes: bool, chains, near):
+    index, batch = store.index, rows_.batch
+    n_real, covered, keyed, trailing = rows_.n_real, rows_.covered, rows_.keyed, rows_.trailing
+    whole = [keyed[r] and covered[r] == n_real[r] for r in range(batch)]
+    partial = [keyed[r] and 0 < covered[r] < n_real[r] for r in range(batch)]
+    # (A row with gaps in its mask, or none at all, computes in the call's own layout: the splice;
+    # so does a batch with a row whose leading padding the caller sees: its suffix would attend to
+    # that padding, which the uncached row does not.)
+    suffix_mode = (prefixes and all(keyed) and not any(rows_.leading)
+                   and (any(partial) or any(whole[r] and trailing[r] for r in range(batch))))
+    if not suffix_mode:  # the splice serves a whole row only where it holds what the caller sees of its padding
+        held = [whole[r] and trailing[r] > 0 for r in range(batch)]
+        if any(held):
+            counts["padding"] = counts.get("padding", 0) + sum(held)
+        whole = [whole[r] and not held[r] for r in range(batch)]
+    entries, writes = _reserve(index, rows_, whole, store.config.page_tokens, counts, chains)
+    for r in range(batch):
+        if whole[r] or (suffix_mode and partial[r]):
+            index.touch(rows_.found[r])  # hits: bump their reference counts
+    if suffix_mode:
+        return suffix.plan(store, rows_, whole, entries, writes, seq, device)
+    return _splice_plan(store, rows_, whole, entries, writes, seq, device, near)
+
+
+def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near):
+    """Whole rows served, the rest computed by the block splice; in-batch repeats copied (not a
+    row whose padding the caller sees: its padding is its own). A row's leading padding that its
+    span holds is not counted as tokens served or computed."""
+    served, compute, repeats = [], [], []
+    first_row: dict[bytes, int] = {}
+    start = rows_.start
+    for r in range(rows_.batch):
+        s, n = int(start[r]), rows_.n_real[r]
+        if whole[r]:
+            served.append((r, s, store.token_rows(rows_.found[r])))
+            continue
+        if rows_.keyed[r] and not rows_.padded(r):
+            tokens = b"".join(a[r, s : s + n].tobytes() for a in (rows_.ids, rows_.positions, rows_.types))
+            if tokens in first_row:
+                repeats.append((r, first_row[tokens]))
+                continue
+            first_row.setdefault(tokens, r)
+        compute.append(r)
+    if not served and not repeats and not entries:
+        return None
+    real = [rows_.n_real[r] - int(rows_.pads[r]) for r in range(rows_.batch)]
+    semantic = near.pending.served_rows if near is not None else []
+    return plans.build(store, rows_.batch, seq, device, served, compute, repeats, entries,
+                       [(r, int(start[r]) + at, n) for r, at, n in writes], served=len(served),
+                       semantic_served=len(semantic), semantic_rows=tuple(semantic), repeats=len(repeats),
+                       tokens=(sum(real[r] for r, _, _ in served), sum(real[r] for r in compute)))

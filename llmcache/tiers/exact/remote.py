@@ -1,0 +1,88 @@
+"""The shared tier behind the exact tier's device bank: rows that miss the index are looked up in
+Redis (one round trip per forward) and copied into the bank, so routing serves them as local
+hits; committed entries are handed to the shared client's background writer.
+
+The Redis client itself (batched reads, the writer, the breaker, `SharedStats`) is
+`llmcache.shared`; this is the exact tier's side of it, and a `Tier` for `stats`, `reset` and
+`disable`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import rows
+from ..base import Tier
+from .plan import Plan
+
+
+class Remote(Tier):
+    """The shared tier of one exact tier (`CacheConfig.shared`)."""
+
+    def __init__(self, settings, base, span: list[int]):
+        try:
+            from ...shared import SharedTier
+        except ImportError as err:
+            raise ImportError("CacheConfig.shared needs the redis client: pip install redis") from err
+        self.client = SharedTier(settings)
+        self.base, self.span = base, span
+        self.model_fingerprint = None  # bytes, made at the first lookup (again after the weights change)
+
+    def _fingerprint(self, store) -> bytes:
+        if self.model_fingerprint is None:
+            from ...state import model_fingerprint
+
+            self.model_fingerprint = model_fingerprint(self.base, self.span, store.arena.features, store.arena.dtype)
+        return self.model_fingerprint
+
+    def warm(self, store, row_keys: list) -> None:
+        """Look the rows of `row_keys` [(key or None, start, ntokens)] that miss the index up in
+        Redis (one round trip) and copy what it serves into the store (pinned)."""
+        wanted, seen = [], set()
+        for key, _, n in row_keys:
+            if key is not None and store.index.find(key) < 0 and key not in seen:
+                seen.add(key)
+                wanted.append((key, n))
+        if not wanted:
+            return
+        prefix = self.client.settings.key_prefix(rows.current_namespace())
+        found = self.client.fetch(prefix, self._fingerprint(store), wanted, store.arena.features, store.arena.dtype)
+        store.insert([(key, held) for (key, _), held in zip(wanted, found) if held is not None])
+
+    def share(self, store, entries: list, ntokens: list, parts: list) -> None:
+        """Hand the committed `entries` (-1: not committed) to the writer; `parts` their states."""
+        # One copy of the batch's stored tokens (the forward's tensors may be reused after it);
+        # the queue holds views of it.
+        full = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).detach().clone()
+        items, at = [], 0
+        for entry, n in zip(entries, ntokens):
+            if entry >= 0:
+                items.append((store.index.key(entry), full[at : at + n]))
+            at += n
+        if items:
+            prefix = self.client.settings.key_prefix(rows.current_namespace())
+            self.client.put(prefix, self._fingerprint(store), items, store.arena.dtype)
+
+    def finish(self, call, output, top: bool) -> None:
+        """A forward the block splice routed computed its tokens: what a shared hit saves."""
+        if not top and isinstance(call.route, Plan):
+            self.client.computed(call.elapsed, call.route.tokens[1])
+
+    def flush(self, timeout: float) -> bool:
+        return self.client.flush(timeout)
+
+    # ---- the Tier verbs -------------------------------------------------------------------
+    def clear(self) -> None:
+        """(Its entries stay in Redis: other replicas serve them, and this one warms from them again.)"""
+
+    def invalidate(self, dtype, device) -> None:
+        self.model_fingerprint = None  # (hashed again, from the new weights, at the next lookup)
+
+    def report(self, counters) -> dict:
+        return {"shared": self.client.snapshot()}
+
+    def reset_stats(self) -> None:
+        self.client.reset_stats()
+
+    def close(self) -> None:
+        self.client.close()

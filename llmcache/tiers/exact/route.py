@@ -1,0 +1,106 @@
+"""The exact tier's routing of a forward whose rows are stored whole (encoders, pixel models).
+
+Each row's key (`rows.exact_key`: its real tokens, positions, token types, the model state and
+namespace, and where the caller sees it its padding) is looked up in the index. A row that hits
+is served; a row repeating an earlier row of the batch copies that row's result; a row that
+misses may be served a neighbour's entry by the verified semantic tier (`Neighbours`), or else
+computes, and is reserved an entry to store its states in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ... import rows
+from . import plan as plans
+
+
+def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
+             padding: tuple[bool, bool] = (False, False)) -> list:
+    """(key or None, start, ntokens) per row of a batch whose ids/mask/positions/types are
+    `host` int64 [4, B, T]; None for a row that cannot be keyed (no real token, gaps).
+    `ids_before`: the ids left of a row's first real token decide its positions. `padding`:
+    whether the caller sees a row's (leading, trailing) padding: such a row is keyed and stored
+    with it (`rows.exact_key`'s `pads`), all T positions, so that what it serves at its padding
+    is what the uncached model computes there."""
+    ids, mask, positions, types = host
+    start, count, contiguous = rows.real_spans(mask)
+    seq = ids.shape[1]
+    out = []
+    for r in range(ids.shape[0]):
+        n, s = int(count[r]), int(start[r])
+        if n == 0 or not contiguous[r]:
+            reason = "no_tokens" if n == 0 else "mask_gaps"
+            counts[reason] = counts.get(reason, 0) + 1
+            out.append((None, s, n))
+            continue
+        lead, trail = s if padding[0] else 0, seq - s - n if padding[1] else 0
+        if lead or trail:
+            s, n = s - lead, n + lead + trail
+        before = ids[r, :s] if ids_before else ids[r, :0]
+        out.append((rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n],
+                                   before, (lead, trail) if lead or trail else None), s, n))
+    return out
+
+
+def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean"):
+    """The `plan.Plan` of a forward, `keys` from `row_keys` (`seq`: T of its hidden states), or
+    None (every row computes, none stores). `near`: the verified tier's `Neighbours`, which may
+    serve a row that misses (with `Semantic.serve == "pooled"`: its pooled state, by `pooling`).
+    Call inside `store.index.pinned()`, under the owner's lock."""
+    index = store.index
+    served, compute, repeats, pooled, entries, writes = [], [], [], [], [], []
+    first_row: dict[bytes, int] = {}
+    serve_pooled = near is not None and near.tier.semantic.serve == "pooled"
+    for r, (key, s, n) in enumerate(keys):
+        if key is None:
+            compute.append(r)
+            continue
+        entry = index.lookup(key)
+        if entry >= 0:
+            index.pin((entry,))  # a later row's reservation must not evict it before it is read
+            served.append((r, s, entry))
+            continue
+        if key in first_row:
+            repeats.append((r, first_row[key]))
+            continue
+        entry = near.consider(r, index) if near is not None else None
+        if entry is not None:  # a neighbour's entry, served by the verified semantic tier
+            index.pin((entry,))
+            (pooled if serve_pooled else served).append((r, s, entry))
+            continue
+        first_row[key] = r
+        entry = index.reserve(key, n)
+        if entry >= 0:
+            if near is not None:
+                near.stored(r, entry, key)
+            entries.append(entry)
+            writes.append((r, s, n))
+        elif index.find(key) < 0:
+            counts["too_long"] = counts.get("too_long", 0) + 1
+        compute.append(r)
+    if not served and not repeats and not entries and not pooled:
+        return None
+    tokens = (sum(keys[r][2] for r, _, _ in served + pooled), sum(keys[r][2] for r in compute))
+    semantic = near.pending.served_rows if near is not None else []
+    plan = plans.build(store, len(keys), seq, device, [(r, s, index.token_rows(e)) for r, s, e in served], compute,
+                       repeats, entries, writes, served=len(served) + len(pooled), semantic_served=len(semantic),
+                       semantic_rows=tuple(semantic), repeats=len(repeats), tokens=tokens)
+    if pooled:
+        _place_pooled(store, plan, pooled, keys, pooling, device)
+    return plan
+
+
+def _place_pooled(store, plan, pooled: list, keys: list, pooling: str, device) -> None:
+    """Add to the plan's served tokens rows served a neighbour's pooled state: each real token
+    of row r holds the mean (pooling "mean") or the first token (pooling "cls") of the entry's
+    stored output, so the caller's pooling of the row gives the entry's pooled output."""
+    vectors, dst = [], []
+    for r, _, entry in pooled:
+        _, s, n = keys[r]
+        states = store.arena.read(torch.from_numpy(store.index.token_rows(entry)).to(device))
+        vector = states[:1] if pooling == "cls" else states.float().mean(0, keepdim=True).to(states.dtype)
+        vectors.append(vector.expand(n, -1))
+        dst.append(r * plan.seq + s + np.arange(n, dtype=np.int64))
+    plan.add_served(torch.cat(vectors), torch.from_numpy(np.concatenate(dst)).to(device))

@@ -1,0 +1,199 @@
+"""The exact tier's storage: the host index and the device arena, the finiteness of what was
+written, and the commit that publishes a forward's entries.
+
+`ExactIndex` (bank/index.py) says which entry holds which key, in which pages; `PagedArena`
+(bank/arena.py) holds the pages of token states on the model's device. A forward reserves
+entries at routing and writes their states after its last cached block (`commit`); whether
+those states were finite is known on the device only, so the flags wait in `pending` and come
+to the host with the next forward's one copy (`take_pending` / `check_pending`), which drops
+the entries that were not.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from ...bank import ExactIndex, PagedArena
+from ...integrity import checksum, raw
+
+
+class Store:
+    """Index, arena and pending checks of one exact tier.
+
+    Args:
+        config: the CacheConfig (page_tokens, max_bytes, capacity, eviction).
+        features, dtype, device: what one stored token takes, and where the states live.
+    """
+
+    def __init__(self, config, features: int, dtype: torch.dtype, device: torch.device):
+        self.config = config
+        self.arena = self.new_arena(features, dtype, device)
+        self.index = self.new_index()
+        self.pending: list = []  # (committed [(entry, key, ntokens)], per-token finite flags on the device)
+        self.local = threading.local()
+
+    def new_arena(self, features: int, dtype: torch.dtype, device: torch.device) -> PagedArena:
+        """An empty arena of this config's pages, as many as `max_bytes` allows."""
+        cfg = self.config
+        arena = PagedArena(cfg.page_tokens, features, dtype, device, max_pages=0)
+        arena.max_pages = cfg.max_bytes // arena.page_bytes if cfg.max_bytes is not None else 1 << 40
+        return arena
+
+    def new_index(self) -> ExactIndex:
+        """An empty index sized for the arena."""
+        cfg = self.config
+        return ExactIndex(cfg.page_tokens, self.arena.max_pages, cfg.capacity, cfg.eviction)
+
+    def clear(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        """Forget every entry; with `dtype`/`device` (the weights moved), store in those from now on."""
+        self.pending.clear()
+        self.arena = self.new_arena(self.arena.features, dtype or self.arena.dtype, device or self.arena.device)
+        self.index = self.new_index()
+
+    @property
+    def held_bytes(self) -> int:
+        return self.index.held_pages * self.arena.page_bytes
+
+    def read_buffer(self, rows_needed: int) -> torch.Tensor:
+        """This thread's buffer for states read from the arena, [>= rows_needed, F] (grown, kept):
+        a forward's prefix states live in it until the forward ends."""
+        buf = getattr(self.local, "buffer", None)
+        arena = self.arena
+        if buf is None or buf.shape[0] < rows_needed or buf.dtype != arena.dtype or buf.device != arena.device \
+                or buf.shape[1] != arena.features:
+            with torch.inference_mode(False), torch.no_grad():
+                buf = torch.empty((max(rows_needed, 2 * (buf.shape[0] if buf is not None else 0)), arena.features),
+                                  dtype=arena.dtype, device=arena.device)
+            self.local.buffer = buf
+        return buf
+
+    def token_rows(self, entries) -> np.ndarray:
+        """int64: the arena rows of the entries' tokens, one after another."""
+        return np.concatenate([self.index.token_rows(e) for e in entries])
+
+    # ---- finiteness ---------------------------------------------------------------------
+    def take_pending(self) -> tuple[list, torch.Tensor | None]:
+        """Entries written since the last routing whose finiteness the host does not know yet,
+        with their per-token flags (int64 [W] on the device); the caller brings the flags to the
+        host in the same copy as the batch and hands both to `check_pending`."""
+        if not self.pending:
+            return [], None
+        batches = [batch for batch, _ in self.pending]
+        flags = torch.cat([f for _, f in self.pending])
+        self.pending.clear()
+        return batches, flags
+
+    def check_pending(self, batches: list, flags: np.ndarray | None, counts: dict) -> None:
+        """Drop entries whose written tokens were not all finite (counted as "non_finite")."""
+        at = 0
+        for batch in batches:
+            for entry, key, n in batch:
+                if not flags[at : at + n].all() and self.index.discard(entry, key):
+                    counts["non_finite"] = counts.get("non_finite", 0) + 1
+                at += n
+
+    def resolve_pending(self, counts: dict) -> None:
+        """Check the pending flags now (a host read: for `save` and `held`, not the hot path)."""
+        batches, flags = self.take_pending()
+        if flags is not None:
+            self.check_pending(batches, flags.cpu().numpy(), counts)
+
+    # ---- writing ------------------------------------------------------------------------
+    def commit(self, entries: list, ntokens: list, dst: torch.Tensor, parts: list) -> list:
+        """Write `parts` ([W, F_i], widths adding up to F: the reserved `entries`' tokens, in
+        order) at arena rows `dst` and publish the entries (parents before children); their
+        finiteness is checked at the next routing. Returns the entries committed, -1 where
+        another thread stored the same row meanwhile (its copy stays). Call under the lock."""
+        finite = torch.isfinite(sum(p.float().sum(1) for p in parts)).long()
+        self.arena.grow(self.index.num_pages)
+        self.arena.write(dst, parts)
+        committed = []
+        for entry, n in zip(entries, ntokens):
+            key = self.index.key(entry)
+            committed.append((entry if self.index.commit(entry) else -1, key, n))
+        self.pending.append((committed, finite))
+        return [e for e, _, _ in committed]
+
+    def insert(self, items: list) -> list:
+        """Store whole entries [(key, states [n, F])] at once (from the shared tier), pinned for
+        the routing under way; per item its entry, -1 where there was no room."""
+        entries, dst, states = [], [], []
+        for key, held in items:
+            entry = self.index.insert(key, held.shape[0])
+            entries.append(entry)
+            if entry >= 0:
+                self.index.pin((entry,))  # (a later insert must not evict it before routing reads it)
+                dst.append(self.index.token_rows(entry))
+                states.append(held)
+        if states:
+            self.arena.grow(self.index.num_pages)
+            device = self.arena.device
+            self.arena.write(torch.from_numpy(np.concatenate(dst)).to(device), torch.cat(states).to(device))
+        return entries
+
+    def release(self, entries: list) -> None:
+        """Give back reserved entries that will not be written (children first)."""
+        for entry in reversed(entries):
+            self.index.release(entry)
+
+    # ---- save / load ----------------------------------------------------------------------
+    def state_dict(self, fingerprint: bytes) -> dict:
+        """The live entries as tensors: keys (bytes, concatenated, and their lengths), the
+        index's per-entry fields, their tokens' states [sum n, F] and a checksum per entry."""
+        state = self.index.state_dict()  # (a decoder page after the page it extends)
+        live, keys = state.pop("entries"), state.pop("keys")
+        if not live:
+            return {}
+        rows = torch.from_numpy(self.token_rows(live)).to(self.arena.device)
+        states = self.arena.read(rows).cpu().contiguous()
+        data, at, sums = raw(states), 0, []
+        for key, n in zip(keys, state["ntokens"].tolist()):
+            sums.append(checksum(fingerprint, key, data[at : at + n].tobytes()))
+            at += n
+        tensors = {"states": states, "keys": torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).copy()),
+                   "key_lengths": torch.tensor([len(k) for k in keys], dtype=torch.int64),
+                   "checksums": torch.from_numpy(np.stack(sums))}
+        tensors.update({name: torch.from_numpy(values) for name, values in state.items()})
+        return tensors
+
+    def load_state_dict(self, saved: dict, fingerprint: bytes) -> tuple[ExactIndex, PagedArena]:
+        """A new (index, arena) holding what `state_dict` wrote, checked (ValueError saying why)."""
+        arena = self.new_arena(self.arena.features, self.arena.dtype, self.arena.device)
+        index = ExactIndex(self.config.page_tokens, arena.max_pages, self.config.capacity, self.config.eviction)
+        if "states" not in saved:
+            return index, arena
+        states, lengths, counts = saved["states"], saved["key_lengths"], saved["ntokens"]
+        if states.dim() != 2 or counts.shape != lengths.shape or int(counts.sum()) != states.shape[0]:
+            raise ValueError("the entry tensors disagree on the number of tokens")
+        if int(lengths.sum()) != saved["keys"].numel() or bool((counts <= 0).any()):
+            raise ValueError("the entry keys or token counts are corrupt")
+        if states.dtype != arena.dtype or states.shape[1] != arena.features:
+            raise ValueError(f"the file holds {states.dtype} states of {states.shape[1]} features per token; this "
+                             f"model's entries hold {arena.dtype}, {arena.features}")
+        checksums = saved["checksums"].numpy()
+        if checksums.shape != (len(counts), 16):
+            raise ValueError("the file holds no checksum for some entries")
+        blob = saved["keys"].numpy().tobytes()
+        offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
+        data = raw(states)
+        keys, start = [], 0
+        for i, n in enumerate(counts.tolist()):
+            keys.append(blob[offsets[i] : offsets[i + 1]])
+            if not np.array_equal(checksum(fingerprint, keys[-1], data[start : start + n].tobytes()), checksums[i]):
+                raise ValueError(f"entry {i} does not match its checksum (a corrupted or edited file)")
+            start += n
+        entries = index.load_state_dict({"keys": keys, **{name: saved[name].numpy() for name in ExactIndex.FIELDS}})
+        if not bool(torch.isfinite(states).all()):
+            raise ValueError("the file holds non-finite cached states")
+        arena.grow(index.num_pages)
+        rows = torch.from_numpy(np.concatenate([index.token_rows(e) for e in entries])).to(arena.device)
+        arena.write(rows, states.to(arena.device))
+        return index, arena
+
+    def adopt(self, index: ExactIndex, arena: PagedArena) -> None:
+        """Swap in what `load_state_dict` built (under the owner's lock)."""
+        self.index, self.arena = index, arena
+        self.pending.clear()

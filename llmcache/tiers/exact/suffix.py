@@ -1,0 +1,200 @@
+"""Decoders: a batch whose rows compute from their cached prefixes on (see `prefix`).
+
+`plan` lays the batch out for the model: each row's suffix (its tokens after its cached prefix),
+left-aligned in [B, S], and a KV cache of [B, Pmax] slots holding each row's cached prefix K/V
+right-aligned (the rest masked). `suffix_forward` runs the model's own forward on that with the
+rows' true position ids, then puts every position's output and K/V back in the call's layout and
+writes the new pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...adapters import KV_CACHE_NAMES, kv_cache
+from . import plan as plans
+
+
+@dataclass
+class SuffixPlan(plans.Route):
+    """A forward whose rows compute from their cached prefix on (`suffix_forward`)."""
+
+    batch: int = 0
+    seq: int = 0  # T of the call
+    prefix: int = 0  # Pmax: KV slots before the suffix
+    suffix: int = 0  # S: the longest suffix
+    entries: list = field(default_factory=list)  # reserved entries this forward writes
+    store_n: list = field(default_factory=list)  # their token counts
+    dev: dict = field(default_factory=dict)  # device index tensors (see `plan`)
+    uniform: bool = False  # every row starts at 0 with the same cached and computed lengths
+    prefix_states: torch.Tensor | None = None  # [sum P, F]: the rows' cached prefix tokens, read at routing
+
+
+def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, device) -> SuffixPlan:
+    """Every row computes from its cached prefix on (a whole row: its last token, or its
+    trailing padding), and then its trailing padding positions, which attend to the row's
+    tokens but not to themselves (their mask is 0, as in the uncached call)."""
+    batch, n_real, trailing, start = rows_.batch, rows_.n_real, rows_.trailing, rows_.start
+    cached = [min(rows_.covered[r], n_real[r] - (0 if trailing[r] else 1)) if rows_.keyed[r] and rows_.found[r]
+              else 0 for r in range(batch)]
+    real_len = [n_real[r] - cached[r] for r in range(batch)]
+    suffix_len = [real_len[r] + int(trailing[r]) for r in range(batch)]
+    pmax, smax = max(cached), max(max(suffix_len), 1)
+    width = pmax + smax
+    parts = {name: np.zeros((batch, smax), dtype=np.int64) for name in ("ids", "positions", "types")}
+    parts["mask"] = np.zeros((batch, width), dtype=np.int64)
+    lists = {name: [] for name in ("prefix_src", "prefix_slot", "prefix_dst", "suffix_src", "suffix_dst")}
+    uniform = seq == width and all(int(start[r]) == 0 and cached[r] == pmax and suffix_len[r] == smax
+                                   for r in range(batch))
+    for r in range(batch):
+        s, p, k = int(start[r]), cached[r], suffix_len[r]
+        if k:
+            for name, source in (("ids", rows_.ids), ("positions", rows_.positions), ("types", rows_.types)):
+                parts[name][r, :k] = source[r, s + p : s + p + k]
+            parts["ids"][r, k:] = parts["ids"][r, k - 1]
+            parts["positions"][r, k:] = parts["positions"][r, k - 1] + 1 + np.arange(smax - k)
+        parts["mask"][r, pmax - p : pmax + real_len[r]] = 1
+        if p:
+            lists["prefix_src"].append(store.token_rows(rows_.found[r])[:p])
+            lists["prefix_slot"].append(r * pmax + pmax - p + np.arange(p))
+            lists["prefix_dst"].append(r * seq + s + np.arange(p))
+        lists["suffix_src"].append(r * smax + np.arange(k))
+        lists["suffix_dst"].append(r * seq + s + p + np.arange(k))
+    parts.update({name: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64) for name, xs in lists.items()})
+    if entries:
+        # A reserved page of row r covers its tokens [at, at + n), all at or after the row's cached prefix.
+        parts["store_src"] = np.concatenate([r * smax + at - cached[r] + np.arange(n) for r, at, n in writes])
+        parts["store_dst"] = store.token_rows(entries)
+    dev = plans.upload(parts, device)
+    for name in ("ids", "positions", "types"):
+        dev[name] = dev[name].view(batch, smax)
+    dev["mask"] = dev["mask"].view(batch, width)
+    states = store.arena.read(dev["prefix_src"], store.read_buffer(len(dev["prefix_src"]))) if pmax else None
+    prefix_rows = sum(1 for r in range(batch) if cached[r] and not whole[r])
+    return SuffixPlan(served=sum(whole), prefix_rows=prefix_rows, tokens=(sum(cached), sum(real_len)), batch=batch,
+                      seq=seq, prefix=pmax, suffix=smax, entries=entries, store_n=[n for _, _, n in writes], dev=dev,
+                      uniform=uniform, prefix_states=states)
+
+
+def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype):
+    """A DynamicCache holding every span block's cached prefix K/V, [B, heads, Pmax, head dim],
+    zeros where a row's prefix is shorter than Pmax (those slots are masked)."""
+    from transformers import DynamicCache
+
+    g, dev = tier.geometry, plan.dev
+    batch, pmax, half = plan.batch, plan.prefix, g.kv_width // 2
+    cache = DynamicCache()
+    for position in range(g.blocks):
+        both = []
+        for which in (0, 1):
+            if not pmax:
+                both.append(torch.zeros(batch, g.kv_heads, 0, half // g.kv_heads, dtype=kv_dtype,
+                                        device=dev["ids"].device))
+                continue
+            lo = g.hidden + position * g.kv_width + which * half
+            cols = plan.prefix_states[:, lo : lo + half].to(kv_dtype)
+            if not plan.uniform:  # (uniform: the cached K/V are views of the states read)
+                cols = cols.new_zeros((batch * pmax, half)).index_copy_(0, dev["prefix_slot"], cols)
+            both.append(cols.view(batch, pmax, g.kv_heads, -1).transpose(1, 2))
+        cache.update(both[0], both[1], tier.layer_idx(position))
+    return cache
+
+
+def _run(tier, plan: SuffixPlan, call, forward, stand_in):
+    """The model's own forward on the suffixes, the stand-in as its KV cache; (result, captured
+    last-block outputs)."""
+    arguments, dev = call.arguments, plan.dev
+    # The stand-in goes under the name the caller used: the model's own forward then does with
+    # it what it does with the caller's (transformers warns that `past_key_values` is deprecated).
+    given = next((n for n in KV_CACHE_NAMES if arguments.get(n) is not None), tier.geometry.cache_name)
+    kwargs = {k: v for k, v in arguments.items() if k not in KV_CACHE_NAMES}
+    kwargs.update({"input_ids": dev["ids"], "attention_mask": dev["mask"], "position_ids": dev["positions"],
+                   given: stand_in, "use_cache": True})
+    if tier.takes_cache_position:
+        kwargs["cache_position"] = torch.arange(plan.prefix, plan.prefix + plan.suffix, device=dev["ids"].device)
+    if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
+        kwargs["token_type_ids"] = dev["types"]
+    call.capture = []
+    try:
+        return forward(**kwargs), call.capture
+    finally:
+        call.capture = None
+
+
+def _outputs(tier, plan: SuffixPlan, out: torch.Tensor) -> torch.Tensor:
+    """[B, T, D]: every position's output in the call's layout, prefix from the bank (the final
+    norm applied, as the model does), the rest computed."""
+    dev, hidden = plan.dev, tier.geometry.hidden
+    batch, pmax = plan.batch, plan.prefix
+    norm = tier.geometry.final_norm
+    if plan.uniform:
+        parts = [norm(plan.prefix_states[:, :hidden].to(out.dtype)).view(batch, pmax, -1)] if pmax else []
+        return torch.cat(parts + [out], dim=1)
+    full = out.new_zeros((batch * plan.seq, out.shape[-1]))
+    if pmax:
+        full.index_copy_(0, dev["prefix_dst"], norm(plan.prefix_states[:, :hidden].to(out.dtype)))
+    full.index_copy_(0, dev["suffix_dst"], out.reshape(batch * plan.suffix, -1).index_select(0, dev["suffix_src"]))
+    return full.view(batch, plan.seq, -1)
+
+
+def _fill_cache(tier, plan: SuffixPlan, cache, layers: list, suffix_kv: list) -> None:
+    """Give the caller's KV cache every row's K/V (cached prefix and computed suffix) in the call's layout."""
+    g, dev = tier.geometry, plan.dev
+    half = g.kv_width // 2
+    for position, layer in enumerate(layers):
+        if plan.uniform:
+            cache.update(layer.keys, layer.values, tier.layer_idx(position))
+            continue
+        both = []
+        for which in (0, 1):
+            flat = suffix_kv[position][which].new_zeros((plan.batch * plan.seq, half))
+            if plan.prefix:
+                lo = g.hidden + position * g.kv_width + which * half
+                flat.index_copy_(0, dev["prefix_dst"], plan.prefix_states[:, lo : lo + half].to(flat.dtype))
+            flat.index_copy_(0, dev["suffix_dst"], suffix_kv[position][which].index_select(0, dev["suffix_src"]))
+            both.append(flat.view(plan.batch, plan.seq, g.kv_heads, -1).transpose(1, 2).contiguous())
+        cache.update(both[0], both[1], tier.layer_idx(position))
+
+
+def suffix_forward(tier, plan: SuffixPlan, call, forward):
+    """Run the model on every row's suffix against its cached prefix; return what the uncached
+    call returns (hidden states of every position, the caller's KV cache filled). `call`: the
+    cache's record of this forward; `forward(**kwargs)`: the model's own forward."""
+    from transformers import DynamicCache
+
+    batch, smax, half = plan.batch, plan.suffix, tier.geometry.kv_width // 2
+    stand_in = _prefix_cache(tier, plan, tier.kv_dtype(call.switches))
+    result, captured = _run(tier, plan, call, forward, stand_in)
+    out = result[0] if isinstance(result, tuple) else result.last_hidden_state
+    full = _outputs(tier, plan, out)
+    layers = [stand_in.layers[tier.layer_idx(p)] for p in range(tier.geometry.blocks)]
+    # The computed tokens' K and V per block, [B * S, half] each (slots after the prefix).
+    suffix_kv = [[t[:, :, plan.prefix :].transpose(1, 2).reshape(batch * smax, half) for t in (layer.keys, layer.values)]
+                 for layer in layers]
+    use_cache = call.arguments.get("use_cache")
+    if use_cache is None:
+        use_cache = tier.use_cache_default
+    real = kv_cache(call.arguments)
+    cache = real if real is not None else (DynamicCache() if use_cache else None)
+    if cache is not None:
+        _fill_cache(tier, plan, cache, layers, suffix_kv)
+    if plan.entries:
+        last = captured[-1] if captured else None
+        if last is None or last.shape[:2] != (batch, smax):
+            tier.release(plan)
+        else:
+            src = plan.dev["store_src"]
+            parts = [last.reshape(batch * smax, -1).index_select(0, src)]
+            parts += [t.index_select(0, src) for kv in suffix_kv for t in kv]
+            tier.commit(plan, plan.dev["store_dst"], parts)
+    if isinstance(result, tuple):
+        return (full, cache) + tuple(result[2:]) if len(result) > 1 else (full,)
+    out_name = next((n for n in KV_CACHE_NAMES if n in result), "cache")
+    fields = {k: v for k, v in result.items() if k != out_name}
+    fields["last_hidden_state"] = full
+    if cache is not None:
+        fields[out_name] = cache
+    return type(result)(**fields)
