@@ -1,1 +1,2 @@
-"""llmcache benchmarks: `python -m bench.kernels` times the kernels against baselines and hardware floors."""
+"""llmcache benchmarks, by kind (bench/README.md lists them): `bench.micro` times the kernels,
+`bench.costs` what the cache's own work costs, `bench.experiments` the cache on real streams."""

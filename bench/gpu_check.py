@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pytest_args", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        from llmcache import streams
+        from bench import streams
 
         problems = prepare(args.data, streams.data_dir(args.source))
         held = sorted(path.name for path in args.data.iterdir()) if args.data.exists() else []

@@ -142,9 +142,9 @@ if want build && ! step build "${cmd_build[@]}"; then exit 1; fi
 step ext $PY -m bench.gpu_check ext "${dry[@]}" || exit 1
 # shellcheck disable=SC2086  # $tests is a word list: files and pytest options
 want tests && step tests $PY -m bench.gpu_check tests --xml "$tmp/tests.xml" "${skips[@]}" -- $tests
-want kernels && step kernels $PY -m bench.kernels "${device[@]}" "${sizes[@]}" --out "$out"
+want kernels && step kernels $PY -m bench.micro.kernels "${device[@]}" "${sizes[@]}" --out "$out"
 for model in bert-base gpt2; do
-  want "e2e-$model" && step "e2e-$model" $PY -m bench.e2e --model $model "${device[@]}" --dtype bf16 \
+  want "e2e-$model" && step "e2e-$model" $PY -m bench.experiments.e2e --model $model "${device[@]}" --dtype bf16 \
     "${e2e_sizes[@]}" --data "$data" --out "$out"
 done
 ((${#reasons[@]} == 0))

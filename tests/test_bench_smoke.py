@@ -1,5 +1,5 @@
-"""Smoke tests of the benchmarks: `bench.kernels --quick` runs, writes its rows, and agrees with faiss;
-the tensor-core formulation is exact; bench.e2e's measurement has its parts and its fit clamps.
+"""Smoke tests of the benchmarks: `bench.micro.kernels --quick` runs, writes its rows, and agrees with faiss;
+the tensor-core formulation is exact; bench.experiments.e2e's measurement has its parts and its fit clamps.
 
 Nothing here asserts on a time or on a number derived from times (a shared machine makes any such
 bound flaky): only structure, counters, and the arithmetic applied to given numbers.
@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # `bench` is a top-level folder of the repository
     sys.path.insert(0, str(ROOT))
 
 pytest.importorskip("faiss")
-kernels = pytest.importorskip("bench.kernels")
+kernels = pytest.importorskip("bench.micro.kernels")
 
 
 def test_quick_run_writes_rows_for_every_op_and_matches_faiss(tmp_path):
@@ -86,7 +86,7 @@ def test_without_faiss_the_hamming_rows_are_checked_against_the_cpp_kernel(monke
 
 
 def test_tokenizer_of_random_weight_models_comes_from_the_data_dir_first(tmp_path, monkeypatch):
-    from bench import e2e
+    from bench.experiments import e2e
 
     explicit = tmp_path / "mine"
     assert e2e.tokenizer_path(str(explicit), str(tmp_path)) == explicit
@@ -106,7 +106,7 @@ def test_tokenizer_of_random_weight_models_comes_from_the_data_dir_first(tmp_pat
     ],
 )
 def test_fixed_cost_fit_clamps_the_share_and_says_so(ms, share, raw, clamped):
-    from bench import e2e
+    from bench.experiments import e2e
 
     fit = e2e.fixed_cost_fit([1, 2, 4], ms)
     assert fit["fixed_share"] == pytest.approx(share)
@@ -123,7 +123,7 @@ def test_e2e_measure_accounts_for_the_cached_time(family, gen):
     from models import batch, tiny_model
 
     import llmcache
-    from bench import e2e
+    from bench.experiments import e2e
 
     model = tiny_model(family)
     distinct = [batch(family, [6, 6, 4, 5], gen) for _ in range(2)]
@@ -149,7 +149,7 @@ def test_shared_tier_bench_quick_run_writes_every_part(tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
     pytest.importorskip("redis")
-    from bench import shared
+    from bench.experiments import shared
 
     assert shared.main(["all", "--quick", "--out", str(tmp_path)]) == 0
     out = tmp_path / "shared"

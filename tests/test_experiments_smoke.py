@@ -1,4 +1,4 @@
-"""Smoke test of the paper's sweep: `bench.experiments sweep --quick` runs and writes sane rows.
+"""Smoke test of the paper's sweep: `bench.experiments.paper sweep --quick` runs and writes sane rows.
 
 The quick sizes make the numbers meaningless; only their shape and two invariants are checked:
 the exact-only configuration is lossless, and hit rates are rates. Nothing timed is asserted on.
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import llmcache.streams
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `bench` is a top-level folder of the repository, not part of the package
     sys.path.insert(0, str(ROOT))
+
+from bench import streams
 
 pytest.importorskip("scipy")
 pytest.importorskip("matplotlib")
@@ -22,10 +22,10 @@ pytest.importorskip("matplotlib")
 
 @pytest.mark.slow
 def test_quick_sweep_has_every_config_and_exact_only_is_lossless(tmp_path):
-    data = llmcache.streams.data_dir()
+    data = streams.data_dir()
     if not (data / "stsbenchmark").exists() or not (data / "wikitext-2-raw").exists():
         pytest.skip(f"evaluation data not found under {data} (set LLMCACHE_DATA)")
-    experiments = pytest.importorskip("bench.experiments")
+    experiments = pytest.importorskip("bench.experiments.paper")
 
     # One torch thread: on a busy shared CI machine two threads make this run two to three times slower.
     # main() restores the thread count after. A missing model package skips (tests/models.py).
@@ -56,7 +56,7 @@ def test_quick_sweep_has_every_config_and_exact_only_is_lossless(tmp_path):
 
 @pytest.mark.slow
 def test_quick_heldout_default_changes_no_row(tmp_path):
-    experiments = pytest.importorskip("bench.experiments")
+    experiments = pytest.importorskip("bench.experiments.paper")
     assert len(experiments.heldout_sentences()) >= experiments.HELDOUT_ROWS  # enough distinct held-out text
     assert experiments.main(["heldout", "--quick", "--threads", "1", "--out", tmp_path]) == 0
     runs = json.loads((tmp_path / "experiments-heldout.json").read_text())["runs"]

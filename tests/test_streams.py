@@ -1,12 +1,18 @@
-"""Semantic-cache evaluation streams (llmcache.streams): perturbations, layout, hold-out. No model."""
+"""Semantic-cache evaluation streams (bench.streams): perturbations, layout, hold-out. No model."""
 
 import random
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from llmcache import streams
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `bench` is a top-level folder of the repository, not part of the package
+    sys.path.insert(0, str(ROOT))
+
+from bench import streams
 
 EDGE_SENTENCES = ["", "a", "Hi", "OK.", "1234", "aaaa bbbb", "Room 101 opens at 9:30.", "Call 555 0199 now!",
                   "The 3 cats ate 12 fish in 2004", "   spaced   out   words  ", "?!", "Über café naïve"]

@@ -1,19 +1,19 @@
 """The paper's experiments: latency, hit rate by layer depth, and the threshold sweep.
 
-    python -m bench.experiments [latency|hitrate|sweep|heldout|all] [--data DIR] [--out DIR] [--quick]
-                                [--device cpu|cuda] [--threads N]
+    python -m bench.experiments.paper [latency|hitrate|sweep|heldout|all] [--data DIR] [--out DIR] [--quick]
+                                      [--device cpu|cuda] [--threads N]
 
 Each experiment writes DIR/experiments-<name>.json (a header: date, machine, versions,
 llmcache.build_info(), arguments; then the rows) and DIR/experiments-<name>.md (the same header
-and a table); hitrate and sweep also write a PNG. `--quick` runs tiny sizes (a smoke test; its
-numbers mean nothing). The data directory defaults to $LLMCACHE_DATA, else ../shared/data beside
-the repository (llmcache.streams.data_dir()).
+and a table); hitrate and sweep also write a PNG (default DIR: bench/out/experiments). `--quick`
+runs tiny sizes (a smoke test; its numbers mean nothing). The data directory defaults to
+$LLMCACHE_DATA, else ../shared/data beside the repository (bench.streams.data_dir()).
 
 latency — ms per inference (per row), batches of 32, cache off vs on in the same process
-(bench.e2e.measure: a warm-up pass, a cold pass that allocates the banks, then `repeats`
+(bench.experiments.e2e.measure: a warm-up pass, a cold pass that allocates the banks, then `repeats`
 interleaved off (llmcache.bypass) / on (after llmcache.reset) passes, medians; the ideal speedup
 is Amdahl's from the measured per-layer hit rates and each block's share of the uncached time).
-Stream: llmcache.streams.repeat_stream over the STS-B test sentences, 70 % of rows exact repeats
+Stream: bench.streams.repeat_stream over the STS-B test sentences, 70 % of rows exact repeats
 of earlier rows (seed 1). Models: BERT-base, DistilBERT and GPT-2 shapes (transformers' default
 configs, random weights, seed 0; token ids from the MiniLM tokenizer; GPT-2 left-padded with
 position_ids = cumsum(mask) - 1), and the real all-MiniLM-L6-v2 and SmolLM2-135M. Rows per model:
@@ -62,13 +62,10 @@ minimum, share of rows below 0.99).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import random
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -80,9 +77,8 @@ import numpy as np
 import torch
 
 import llmcache
-from bench import e2e
-from bench.kernels import cpu_model
-from llmcache import streams
+from bench import report, streams
+from bench.experiments import e2e
 
 BATCH = 32
 REPEAT_RATE = 0.7
@@ -117,59 +113,19 @@ QUICK = {
 
 
 def header(args: argparse.Namespace, device: str) -> dict:
-    import transformers
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "numpy": np.__version__, "llmcache": llmcache.__version__}
+    versions = {}
     for name in ("scipy", "matplotlib"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        },
-        "versions": versions,
-        "build_info": llmcache.build_info(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-
-
-def markdown_table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return report.header(args, device, versions=versions)
 
 
 def write_report(out: Path, name: str, head: dict, record: dict, table: list[dict], notes: list[str]) -> Path:
     """DIR/experiments-<name>.json (header + record) and .md (header lines, notes, table); prints the table."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"experiments-{name}.json"
-    path.write_text(json.dumps({"header": head, **record}, indent=1))
-    m, v = head["machine"], head["versions"]
-    lines = [
-        f"# llmcache experiment: {name}",
-        "",
-        f"- date: {head['date']}",
-        f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, device {m['device']}",
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- build_info: `{json.dumps(head['build_info'])}`",
-        f"- args: `{json.dumps(head['args'])}`",
-        *(f"- {n}" for n in notes),
-        "",
-        markdown_table(table),
-        "",
-    ]
-    (out / f"experiments-{name}.md").write_text("\n".join(lines))
-    print(markdown_table(table), flush=True)
-    print(f"wrote {path} and .md", flush=True)
-    return path
+    return report.write_report(out, f"experiments-{name}", head, record, [(None, table)], notes,
+                               title=f"llmcache experiment: {name}")
 
 
 # ---------------------------------------------------------------- models and streams
@@ -476,7 +432,7 @@ def sweep_task(model, encoded: list[dict], device: str, readout: Callable, capac
             print(f"  {label:10} {mode:8} hit {100 * stats.hit_rate:5.1f}% "
                   f"(semantic {100 * runs[-1]['semantic_rate']:4.1f}%) {seconds:6.1f} s", flush=True)
         off_last, _ = timed_pass(model, encoded, device, readout)
-    return {"off_all": [off_first, off_last], "off_s": statistics.median([off_first, off_last]),
+    return {"off_all": [off_first, off_last], "off_s": report.median([off_first, off_last]),
             "reference": reference, "runs": runs}
 
 
@@ -702,7 +658,7 @@ def main(argv: list | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", nargs="?", default="all", choices=[*EXPERIMENTS, "all"])
     p.add_argument("--data", default=None, help="data directory (default $LLMCACHE_DATA or ../shared/data)")
-    p.add_argument("--out", default="bench/out")
+    p.add_argument("--out", default="bench/out/experiments")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     p.add_argument("--repeats", type=int, default=3, help="off/on pairs per model in latency")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """Kernel microbenchmark: every llmcache backend beside the baseline a user would pick, and the hardware floor.
 
-    python -m bench.kernels [--quick] [--out DIR] [--device cpu|cuda] [--repeats R]
+    python -m bench.micro.kernels [--quick] [--out DIR] [--device cpu|cuda] [--repeats R]
 
 Ops and baselines, all in one run on one device:
     hamming_topk (k=1)  N in 2^12, 2^16, 2^20; nbits 64, 256; B 1, 64, 256. Baselines: faiss
@@ -35,7 +35,7 @@ slow a measurement down); GPU rates come from the datasheet table below. The tab
 floors are known; progress goes to stderr.
 
 Writes the rows and a header (machine, versions, llmcache.build_info()) to DIR/kernels-<device>.json
-and .csv (default bench/out/), then checks the performance targets (PASS/SHORT, never asserts). The
+and .csv (default bench/out/micro/), then checks the performance targets (PASS/SHORT, never asserts). The
 JSON is also written after each op (header "partial": true), so a run stopped early keeps its rows.
 The exit status is 1 when an llmcache result disagreed with faiss or with the reference gather.
 """
@@ -43,12 +43,8 @@ The exit status is 1 when an llmcache result disagreed with faiss or with the re
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -59,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import llmcache
+from bench.report import header, median, now, print_table, print_targets, target, write_csv, write_json
 from llmcache import ops
 from llmcache.ops import reference
 
@@ -68,7 +64,7 @@ try:
 except ImportError:  # the benchmark still runs; the faiss rows and checks are left out
     faiss = None
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "out" / "micro"
 REFERENCE_LOOKUPS = 1 << 22  # the reference hamming_topk runs only where N * B <= this (it is slow)
 POPC_PER_CLK_PER_SM = 16
 # Peak HBM bandwidth (bytes/s) by device-name fragments, first match wins (vendor datasheets).
@@ -139,16 +135,6 @@ class Row:
 # ---------------------------------------------------------------- the machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_copy_bandwidth(quick: bool) -> float:
     """Bytes/s (read + write) of a torch copy far larger than the caches, median of a few."""
     src = torch.ones(1 << (24 if quick else 26))
@@ -159,7 +145,7 @@ def cpu_copy_bandwidth(quick: bool) -> float:
         start = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+    return 2 * src.numel() * src.element_size() / median(times)
 
 
 def gpu_spec() -> dict:
@@ -230,7 +216,7 @@ class Timer:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times), reps
+        return 1e3 * median(times), reps
 
 
 # ---------------------------------------------------------------- data and baselines
@@ -585,9 +571,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- output
 
 
-COLUMNS = (("op", 16, "<"), ("device", 6, "<"), ("backend", 12, "<"), ("shape", 32, "<"), ("reps", 4, ">"),
-           ("ms", 10, ">"), ("floor ms", 10, ">"), ("by", 6, "<"), ("% floor", 8, ">"), ("check", 14, "<"),
-           ("speedup vs baselines", 0, "<"))
+COLUMNS = ("op", "device", "backend", "shape", "reps", "ms", "floor ms", "by", "% floor", "check",
+           "speedup vs baselines")
+ALIGN = "llllrrrlrll"  # numbers to the right
 
 
 def number(x: float | None) -> str:
@@ -596,18 +582,14 @@ def number(x: float | None) -> str:
     return f"{x:.1f}" if x >= 100 else f"{x:.4g}"
 
 
-def format_cells(cells: list[str]) -> str:
-    return "  ".join(f"{c:{align}{width}}" for c, (_, width, align) in zip(cells, COLUMNS)).rstrip()
-
-
-def format_row(row: Row) -> str:
+def table_row(row: Row) -> dict:
     pct = row.pct_of_floor
     gains = ", ".join(f"{name} {x:.3g}x" for name, x in row.speedup.items())
-    return format_cells([
+    return dict(zip(COLUMNS, [
         row.op, row.device, row.backend + ("*" if row.default else ""), row.shape,
         "-" if row.reps is None else str(row.reps), number(row.ms), number(row.floor_ms), row.floor_by,
         "-" if pct is None else f"{pct:.1f}%", row.check, gains,
-    ])
+    ]))
 
 
 def row_record(row: Row) -> dict:
@@ -618,22 +600,16 @@ def row_record(row: Row) -> dict:
 
 def write_outputs(out_dir: Path, device: str, header: dict, rows: list[Row], targets: list[dict],
                   route_rows: list[dict]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
     records = [row_record(r) for r in rows]
-    path = out_dir / f"kernels-{device}.json"
-    report = {"header": header, "rows": records, "targets": targets, "routes": route_rows}
-    path.write_text(json.dumps(report, indent=1, default=str))
+    path = write_json(out_dir / f"kernels-{device}.json",
+                      {"header": header, "rows": records, "targets": targets, "routes": route_rows})
     fields = ["op", "device", "backend", "role", "default", "shape", "reps", "ms", "floor_ms", "floor_by",
               "pct_of_floor", "popcount_floor_ms", "popcounts", "bytes_moved", "check", "faiss_match", "speedup",
               "params"]
-    with open(out_dir / f"kernels-{device}.csv", "w", newline="") as f:
-        f.write("# " + json.dumps(header, default=str) + "\n")  # the header record; read with comment='#'
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for record in records:
-            record["speedup"] = ";".join(f"{k}={v:.4g}" for k, v in record["speedup"].items())
-            record["params"] = json.dumps(record["params"])
-            writer.writerow(record)
+    flat = [r | {"speedup": ";".join(f"{k}={v:.4g}" for k, v in r["speedup"].items()),
+                 "params": json.dumps(r["params"])} for r in records]
+    # The header record as the first line, read back with comment='#'.
+    write_csv(out_dir / f"kernels-{device}.csv", flat, fields, comment=json.dumps(header, default=str))
     return path
 
 
@@ -647,11 +623,6 @@ def find(rows: list[Row], op: str, backend: str, **params) -> Row | None:
     return None
 
 
-def target(name: str, value: float | None, goal: float, unit: str, detail: str) -> dict:
-    status = "n/a" if value is None else ("PASS" if value >= goal else "SHORT")
-    return {"target": name, "status": status, "value": value, "goal": goal, "unit": unit, "detail": detail}
-
-
 def check_targets(rows: list[Row], device: torch.device, default: str) -> list[dict]:
     lookup = {"N": 1 << 20, "nbits": 256, "B": 64}
     fast = find(rows, "hamming_topk", default, **lookup)
@@ -661,43 +632,40 @@ def check_targets(rows: list[Row], device: torch.device, default: str) -> list[d
             slow = find(rows, "hamming_topk", base, **lookup)
             ratio = slow.ms / fast.ms if fast and slow else None
             detail = f"{fast.ms:.2f} ms vs {slow.ms:.2f} ms" if fast and slow else "not measured"
-            out.append(target(f"{default} hamming_topk N=2^20 256b B=64 >= {goal}x {base}", ratio, goal, "x", detail))
+            out.append(target(f"{default} hamming_topk N=2^20 256b B=64 >= {goal}x {base}", ratio, goal, detail,
+                              unit="x"))
         popcount_ms = fast.popcount_floor_ms if fast else None
         frac = popcount_ms / fast.ms if fast and popcount_ms else None
         detail = f"{fast.ms:.2f} ms vs popcount floor {popcount_ms:.2f} ms" if frac else "not measured"
-        out.append(target(f"{default} hamming_topk N=2^20 256b B=64 >= 50% of popcount floor", frac, 0.5, "frac",
-                          detail))
+        out.append(target(f"{default} hamming_topk N=2^20 256b B=64 >= 50% of popcount floor", frac, 0.5, detail,
+                          unit="frac"))
         mine = find(rows, "simhash_pooled", default, B=64, dtype="fp32")
         ref = find(rows, "simhash_pooled", "reference", B=64, dtype="fp32")
         ratio = ref.ms / mine.ms if mine and ref else None
         detail = f"{mine.ms:.3f} ms vs {ref.ms:.3f} ms" if ratio else "not measured"
-        out.append(target(f"{default} simhash_pooled B=64 fp32 >= 3x reference", ratio, 3, "x", detail))
+        out.append(target(f"{default} simhash_pooled B=64 fp32 >= 3x reference", ratio, 3, detail, unit="x"))
         return out
     frac = fast.floor_ms / fast.ms if fast else None
     detail = f"{fast.ms:.4f} ms vs floor {fast.floor_ms:.4f} ms ({fast.floor_by})" if fast else "not measured"
-    out.append(target(f"{default} hamming_topk N=2^20 256b B=64 >= 50% of floor", frac, 0.5, "frac", detail))
+    out.append(target(f"{default} hamming_topk N=2^20 256b B=64 >= 50% of floor", frac, 0.5, detail, unit="frac"))
     for dtype in ("fp32", "bf16"):
         mine = find(rows, "simhash_pooled", default, B=256, dtype=dtype)
         frac = mine.floor_ms / mine.ms if mine else None
         detail = f"{mine.ms:.4f} ms vs floor {mine.floor_ms:.4f} ms" if mine else "not measured"
-        out.append(target(f"{default} simhash_pooled B=256 {dtype} within 2x of bandwidth floor", frac, 0.5, "frac",
-                          detail))
+        out.append(target(f"{default} simhash_pooled B=256 {dtype} within 2x of bandwidth floor", frac, 0.5, detail,
+                          unit="frac"))
         mine = find(rows, "gather_with_mask", default, dtype=dtype)
         copy = find(rows, "gather_with_mask", "torch-copy", dtype=dtype)
         frac = copy.ms / mine.ms if mine and copy else None
         detail = f"{mine.ms:.4f} ms vs copy {copy.ms:.4f} ms" if frac else "not measured"
-        out.append(target(f"{default} gather_with_mask {dtype} >= 70% of copy bandwidth", frac, 0.7, "frac", detail))
+        out.append(target(f"{default} gather_with_mask {dtype} >= 70% of copy bandwidth", frac, 0.7, detail,
+                          unit="frac"))
     return out
 
 
 def format_route(r: dict) -> str:
     times = ", ".join(f"{name} {number(ms)} ms (floor {number(r['floor_ms'][name])})" for name, ms in r["ms"].items())
     return f"  N=2^{r['N'].bit_length() - 1} bits={r['nbits']} B={r['B']}: {times} -> {r['winner']}"
-
-
-def format_target(t: dict) -> str:
-    value = "-" if t["value"] is None else (f"{t['value']:.3g}x" if t["unit"] == "x" else f"{100 * t['value']:.1f}%")
-    return f"  {t['status']:<5}  {t['target']:<62}  {value:>8}  ({t['detail']})"
 
 
 # ---------------------------------------------------------------- main
@@ -710,39 +678,21 @@ def header_record(device: torch.device, args, machine: dict, date: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {
-        "date": date,
-        "device": device.type,
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "faiss_threads": faiss.omp_get_max_threads() if faiss else None,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            **machine,
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "triton": triton_version,
-            "faiss": faiss.__version__ if faiss else None,
-            "numpy": np.__version__,
-            "llmcache": llmcache.__version__,
-        },
-        "build_info": llmcache.build_info(),
-        "args": vars(args) | {"out": str(args.out)},
-        "notes": [
-            f"hamming_topk reference backend runs only where N*B <= 2^{REFERENCE_LOOKUPS.bit_length() - 1} (too slow)",
-            "faiss breaks distance ties its own way: only distances are compared with faiss",
-            "CPU: warm-up call then median of `reps` perf_counter calls; CUDA: triton do_bench median",
-            "floor = least time the hardware allows, by popcount rate (popcnt) or DRAM bandwidth (mem)",
-            "% floor = floor_ms / ms (above 100% when the data sits in cache); speedup = baseline ms / ms",
-        ],
-    }
+    machine = {"faiss_threads": faiss.omp_get_max_threads() if faiss else None,
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **machine}
+    versions = {"triton": triton_version, "faiss": faiss.__version__ if faiss else None}
+    notes = [
+        f"hamming_topk reference backend runs only where N*B <= 2^{REFERENCE_LOOKUPS.bit_length() - 1} (too slow)",
+        "faiss breaks distance ties its own way: only distances are compared with faiss",
+        "CPU: warm-up call then median of `reps` perf_counter calls; CUDA: triton do_bench median",
+        "floor = least time the hardware allows, by popcount rate (popcnt) or DRAM bandwidth (mem)",
+        "% floor = floor_ms / ms (above 100% when the data sits in cache); speedup = baseline ms / ms",
+    ]
+    return header(args, device.type, machine=machine, versions=versions, notes=notes) | {"date": date}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.micro.kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny subset for CI smoke runs (< 40 s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for kernels-<device>.json/.csv")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -789,7 +739,7 @@ def print_rates(machine: dict, threads: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    date = now()
     device = torch.device(args.device)
     sizes = QUICK if args.quick else FULL
     if faiss is not None:
@@ -812,14 +762,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         measure_cpu_rates(machine, args.quick)
     apply_floors(bench.rows, machine)
-    header = header_record(device, args, machine, date)
+    head = header_record(device, args, machine, date)
 
-    m, versions = header["machine"], header["versions"]
+    m, versions = head["machine"], head["versions"]
     print(f"cpu: {m['cpu_model']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, "
           f"faiss threads {m['faiss_threads']}; gpu: {m['gpu']}")
     print(f"torch {versions['torch']}, triton {versions['triton']}, faiss {versions['faiss']}; "
           f"backends {ops.available_backends(device)} (default {default}, marked *); "
-          f"cpu kernel {header['build_info']['cpu_kernel']}")
+          f"cpu kernel {head['build_info']['cpu_kernel']}")
     print_rates(machine, m["torch_threads"])
     loads, cores = machine.get("load_average_1min", []), os.cpu_count() or 1
     # The end reading includes this run's own threads; the start reading is (mostly) everyone else.
@@ -827,26 +777,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: the machine was busy (1-min load average {', '.join(f'{x:.1f}' for x in loads)} at start and "
               f"end, {cores} cores): OpenMP timings jump by scheduler ticks and the floors measured here are "
               "low, so % floor reads high")
-    for note in header["notes"]:
+    for note in head["notes"]:
         print(f"note: {note}")
     print()
-    print(format_cells([name for name, _, _ in COLUMNS]))
-    print("-" * 160)
-    for row in bench.rows:
-        print(format_row(row))
+    print_table([table_row(row) for row in bench.rows], align=ALIGN)
 
     route_rows = routes(bench.rows, default, machine)
     print(f"\nhamming_topk route, popcount ({default}) or tensor cores, B >= {TENSOR_CORE_MIN_BATCH} (floor ms):")
     for r in route_rows:
         print(format_route(r))
     targets = check_targets(bench.rows, device, default)
-    print(f"\ntargets ({device.type}):")
-    for t in targets:
-        print(format_target(t))
-    header["elapsed_s"] = round(time.perf_counter() - started, 1)
-    path = write_outputs(args.out, device.type, header, bench.rows, targets, route_rows)
+    print()
+    print_targets(targets, f"targets ({device.type}):")
+    head["elapsed_s"] = round(time.perf_counter() - started, 1)
+    path = write_outputs(args.out, device.type, head, bench.rows, targets, route_rows)
     bad = [f"{r.op} {r.backend} {r.shape}" for r in bench.rows if r.faiss_match is False or r.check == "MISMATCH"]
-    print(f"\nwrote {path} and {path.with_suffix('.csv')} in {header['elapsed_s']} s")
+    print(f"\nwrote {path} and {path.with_suffix('.csv')} in {head['elapsed_s']} s")
     if bad:
         print("RESULT MISMATCH (the benchmark's correctness check failed):\n  " + "\n  ".join(bad))
         return 1

@@ -1,25 +1,19 @@
-"""bench.shared: the redis-server, the report files and the small helpers every part uses."""
+"""bench.experiments.shared: the redis-server, the report files and the small helpers every part uses."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-import llmcache
+from bench import report
 
 BATCH = 32
 PARTS = ("fleet", "breakeven", "soak")
@@ -101,88 +95,34 @@ def redis_server_version() -> str | None:
 # ---------------------------------------------------------------- header and reports
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def header(args: argparse.Namespace, command: str) -> dict:
-    import transformers
-
     try:
         import redis
 
         redis_py = redis.__version__
     except ImportError:
         redis_py = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": args.threads,
-                    "device": "cpu", "loadavg_start": list(os.getloadavg())},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "numpy": np.__version__,
-                     "llmcache": llmcache.__version__, "redis-py": redis_py, "redis-server": redis_server_version()},
-        "build_info": llmcache.build_info(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-
-
-def markdown_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no rows)"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return report.header(args, "cpu", machine={"torch_threads": args.threads, "loadavg_start": list(os.getloadavg())},
+                         versions={"redis-py": redis_py, "redis-server": redis_server_version()}, command=command)
 
 
 def write_report(out: Path, part: str, head: dict, record: dict, tables: list[tuple[str, list[dict]]],
                  notes: list[str], suffix: str = "") -> Path:
     """DIR/shared/shared-<part><suffix>.json (header + record) and .md (header, tables, notes)."""
-    out = out / "shared"
-    out.mkdir(parents=True, exist_ok=True)
     head = {**head, "machine": {**head["machine"], "loadavg_end": list(os.getloadavg())}}
-    path = out / f"shared-{part}{suffix}.json"
-    path.write_text(json.dumps({"header": head, **record}, indent=1, default=str))
     m, v = head["machine"], head["versions"]
     fmt = lambda la: " / ".join(f"{x:.2f}" for x in la)
     lines = [
-        f"# llmcache shared tier: {part}",
-        "",
-        f"- command: `{head['command']}`",
-        f"- date: {head['date']}",
-        (f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, device cpu; "
+        f"command: `{head['command']}`",
+        f"date: {head['date']}",
+        (f"machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, device cpu; "
         f"load average (1/5/15 min) {fmt(m['loadavg_start'])} at the start, {fmt(m['loadavg_end'])} at the end "
         "(a machine shared with another engineer's test runs: timings are noisy, ratios are side by side)"),
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- args: `{json.dumps(head['args'])}`",
-        "",
+        "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"args: `{json.dumps(head['args'])}`",
     ]
-    for title, rows in tables:
-        lines += [f"## {title}", "", markdown_table(rows), ""]
-    lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    (out / f"shared-{part}{suffix}.md").write_text("\n".join(lines))
-    for title, rows in tables:
-        print(f"{title}\n{markdown_table(rows)}\n", flush=True)
-    print(f"wrote {path} and .md", flush=True)
-    return path
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def median_of(items: list, f):
-    return median(f(x) for x in items)
-
-
-def fmt_ms(seconds, digits: int = 3) -> str:
-    return "-" if seconds is None else f"{1e3 * seconds:.{digits}f}"
+    return report.write_report(Path(out) / "shared", f"shared-{part}{suffix}", head, record, tables, notes,
+                               title=f"llmcache shared tier: {part}", lines=lines, notes_heading=True)
 
 
 # ---------------------------------------------------------------- models
@@ -191,7 +131,7 @@ def fmt_ms(seconds, digits: int = 3) -> str:
 def load_model(name: str, data: str | None = None):
     """(model, tokenizer) in eval mode, float32 on the CPU: "minilm" (real), "bert-base" (random
     weights, seed 0), "tiny" (random BertModel of 2 blocks, width 64)."""
-    from bench import e2e
+    from bench.experiments import e2e
 
     if name == "minilm":
         from llmcache.models import load_minilm

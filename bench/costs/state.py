@@ -1,6 +1,6 @@
 """What `llmcache.state` costs per forward: the watch and the state header, in µs.
 
-    python -m bench.state [--calls 2000] [--loops 7] [--models minilm,minilm-lora,smollm2] [--out DIR]
+    python -m bench.costs.state [--calls 2000] [--loops 7] [--models minilm,minilm-lora,smollm2] [--out DIR]
 
 Per model: `ModelState.check()` (what every routed forward runs), and its two parts, the watch
 (`_look`: identities of every module, parameter and buffer of the tree, each tensor's version
@@ -10,19 +10,18 @@ switches, user states), each timed in a loop of `--calls` calls, median of `--lo
 cost depends on how many modules and tensors the tree has, not on their sizes: a tiny-dims twin
 of a model costs what the model costs. Models: the real MiniLM (6 blocks), MiniLM with LoRA
 adapters on query/key/value/dense (peft), and SmolLM2-135M (30 blocks; its GGUF takes ~20 s to
-load). Writes DIR/state-cpu.json (default bench/out); nothing asserts.
+load). Writes DIR/state-cpu.json (default bench/out/costs); nothing asserts.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import llmcache
-from bench.memory import run_header, write_report
+from bench.report import header, median, print_table, write_rows
 from llmcache.models import load_minilm, load_smollm2
 
 
@@ -33,7 +32,7 @@ def per_call_us(fn, calls: int, loops: int) -> float:
         for _ in range(calls):
             fn()
         times.append((time.perf_counter() - start) / calls)
-    return 1e6 * statistics.median(times)
+    return 1e6 * median(times)
 
 
 def load(name: str):
@@ -75,16 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loops", type=int, default=7)
     p.add_argument("--models", default="minilm,minilm-lora,smollm2")
     p.add_argument("--device", default="cpu", choices=["cpu"])
-    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--out", type=Path, default=Path("bench/out/costs"))
     args = p.parse_args(argv)
     rows = [measure(name, args.calls, args.loops) for name in args.models.split(",")]
-    print(f"{'model':14} {'modules':>8} {'tensors':>8} {'LoRA':>5} {'check µs':>9} {'watch µs':>9} {'header µs':>10}")
-    for r in rows:
-        print(f"{r['model']:14} {r['modules']:8} {r['tensors']:8} {r['tuner_layers']:5} {r['check_us']:9.1f} "
-              f"{r['watch_us']:9.1f} {r['header_us']:10.1f}")
-    header = run_header(args, "cpu", llmcache.CacheConfig())
-    path = write_report(args.out, "state-cpu.json", header, rows, [])
-    print(f"wrote {path}")
+    print_table([{"model": r["model"], "modules": r["modules"], "tensors": r["tensors"], "LoRA": r["tuner_layers"],
+                  "check µs": r["check_us"], "watch µs": r["watch_us"], "header µs": r["header_us"]} for r in rows],
+                {"check µs": ".1f", "watch µs": ".1f", "header µs": ".1f"})
+    write_rows(args.out / "state-cpu.json", header(args, "cpu", config=repr(llmcache.CacheConfig())), rows)
     return 0
 
 

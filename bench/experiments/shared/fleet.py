@@ -1,4 +1,5 @@
-"""bench.shared fleet: K replica processes on one Redis against a single process (see bench/shared/__init__.py)."""
+"""bench.experiments.shared fleet: K replica processes on one Redis against a single process (see
+bench/experiments/shared/__init__.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,19 @@ import functools
 import importlib
 import multiprocessing
 import os
-import statistics
 import time
 import traceback
 
 import torch
 
 import llmcache
-from llmcache import streams
+from bench import streams
+from bench.report import fmt_ms, median, median_of, median_ratio
 
 from .common import (
     BATCH,
     counts_delta,
     encode,
-    fmt_ms,
-    median,
-    median_of,
     redis_server,
     shared_delta,
 )
@@ -83,7 +81,7 @@ def _replica(index: int, k: int, url: str, chunks: list[list[str]], flip: bool, 
 
 def run_fleet(k: int, url: str, stream: list[str], threads: int, flip: bool) -> list[dict]:
     """K replica processes on one stream, concurrently; their records, by replica index."""
-    this = importlib.import_module("bench.shared.fleet")  # (by module name: the spawned children import it)
+    this = importlib.import_module("bench.experiments.shared.fleet")  # (by module name: the spawned children import it)
 
     chunks = [stream[i : i + BATCH] for i in range(0, len(stream), BATCH)]
     ctx = multiprocessing.get_context("spawn")
@@ -143,7 +141,8 @@ def summarise_fleet(k: int, records: list[dict], single: dict | None, chunks: li
         repeats = sum(r[mode]["repeats"] for r in records)
         m = {"rows": rows, "hits": hits, "repeats": repeats, "hit_rate": hits / rows,
              "skip_rate": (hits + repeats) / rows,
-             "speedup_median": statistics.median(r[mode]["uncached_s"] / r[mode]["cached_s"] for r in records),
+             "speedup_median": median_ratio((r[mode]["uncached_s"] for r in records),
+                                            (r[mode]["cached_s"] for r in records)),
              "speedups": [r[mode]["uncached_s"] / r[mode]["cached_s"] for r in records],
              "cached_s": [r[mode]["cached_s"] for r in records], "uncached_s": [r[mode]["uncached_s"] for r in records],
              "flush_s": [r[mode]["flush_s"] for r in records]}
@@ -178,7 +177,7 @@ def summarise_fleet(k: int, records: list[dict], single: dict | None, chunks: li
 
 
 def fleet(args, head: dict) -> dict:
-    from bench import e2e
+    from bench.experiments import e2e
 
     ks = [int(x) for x in args.replicas.split(",")]
     if ks[0] != 1:

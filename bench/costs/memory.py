@@ -1,6 +1,6 @@
 """Memory of the exact tier: what a stream of short distinct sentences holds, reserves and costs.
 
-    python -m bench.memory [--rows 2000] [--batch 32] [--device cpu|cuda] [--threads N] [--data DIR] [--out DIR]
+    python -m bench.costs.memory [--rows 2000] [--batch 32] [--device cpu|cuda] [--threads N] [--data DIR] [--out DIR]
 
 The real MiniLM, default CacheConfig (exact tier), `--rows` distinct short sentences: the
 shortest distinct rows (by MiniLM token count, [CLS] and [SEP] included) of STS-B's three splits,
@@ -22,17 +22,14 @@ after `disable`):
 - RSS after `llmcache.disable` and gc, against the baseline.
 
 Targets print PASS/SHORT; nothing asserts. Rows and a header (date, machine, versions) go to
-DIR/memory-minilm-<device>.json (default bench/out).
+DIR/memory-minilm-<device>.json (default bench/out/costs).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -42,7 +39,8 @@ from pathlib import Path
 import torch
 
 import llmcache
-from llmcache import streams
+from bench import streams
+from bench.report import header, print_table, print_targets, target, write_rows
 from llmcache.models import load_minilm
 
 MIB = 2**20
@@ -80,43 +78,6 @@ def trimmed_rss() -> int | None:
     except (OSError, AttributeError):
         return None
     return rss()
-
-
-def run_header(args, device: str, config: llmcache.CacheConfig) -> dict:
-    """Date, machine, versions and arguments of a benchmark run (the rows' context)."""
-    import transformers
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "llmcache": llmcache.__version__,
-        },
-        "build_info": llmcache.build_info(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "config": repr(config),
-    }
-
-
-def write_report(out: Path, name: str, header: dict, rows: list[dict], targets: list[dict]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps({"header": header, "rows": rows, "targets": targets}, indent=1, default=str))
-    return path
-
-
-def target(name: str, value: float, goal: float, below: bool, detail: str) -> dict:
-    ok = value <= goal if below else value >= goal
-    return {"target": name, "status": "PASS" if ok else "SHORT", "value": value, "goal": goal, "detail": detail}
 
 
 def distinct_sentences(tok, data: str | None) -> list[tuple[tuple[int, ...], str]]:
@@ -257,28 +218,34 @@ def table(r: dict, page_tokens: int) -> tuple[list[dict], list[dict]]:
     ]
     budget = r["bytes_held"] + 64 * MIB
     targets = [
-        target("held <= 1.5 x real-token states", r["held_over_real"], 1.5, True,
-               f"{r['bytes_held']} B held for {r['real_token_bytes']} B of states, pages of {page_tokens} tokens"),
-        target("held <= 64 MiB", r["bytes_held"] / MIB, 64, True, mib(r["bytes_held"]).strip()),
-        target("RSS growth <= held + 64 MiB", r["rss_growth"] / MIB, budget / MIB, True,
-               f"grew {mib(r['rss_growth']).strip()}, peak {mib(r['rss_peak_growth']).strip()}"),
+        target("held <= 1.5 x real-token states", r["held_over_real"], 1.5,
+               f"{r['bytes_held']} B held for {r['real_token_bytes']} B of states, pages of {page_tokens} tokens",
+               below=True),
+        target("held <= 64 MiB", r["bytes_held"] / MIB, 64, mib(r["bytes_held"]).strip(), below=True),
+        target("RSS growth <= held + 64 MiB", r["rss_growth"] / MIB, budget / MIB,
+               f"grew {mib(r['rss_growth']).strip()}, peak {mib(r['rss_peak_growth']).strip()}", below=True),
         # The file holds keys and states of the entries: twice the entries, about twice the bytes.
-        target("save size ratio within 10 % of entries ratio", abs(size_ratio / entry_ratio - 1), 0.1, True,
-               f"{sn} B for {en} entries, {s2n} B for {e2n} entries"),
+        target("save size ratio within 10 % of entries ratio", abs(size_ratio / entry_ratio - 1), 0.1,
+               f"{sn} B for {en} entries, {s2n} B for {e2n} entries", below=True),
     ]
     return rows, targets
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=2000)
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--batch, --device, --data, --threads and --out: the arguments of a MiniLM run on STS-B sentences."""
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=None, help="data directory (default $LLMCACHE_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 keeps "
                         "one forward from waiting on a descheduled thread)")
-    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--out", type=Path, default=Path("bench/out/costs"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=2000)
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,17 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, targets = table(result, config.page_tokens)
     print(f"MiniLM, {args.rows} distinct short sentences in batches of {args.batch} on {args.device}, "
           f"exact tier, default config ({result['stream_s']:.1f} s cached)")
-    print(f"{'':32} {'now':>14}   previous layout (issue 12)")
-    for row in rows:
-        print(f"{row['metric']:32} {row['now']:>14}   {row['previous']}")
+    print_table([{"": r["metric"], "now": r["now"], "previous layout (issue 12)": r["previous"]} for r in rows],
+                align="lrl")
     if args.device == "cuda":
         print("(on CUDA the states live in GPU memory: RSS rows measure the host side only)")
-    print("targets:")
-    for t in targets:
-        print(f"  {t['status']:<5} {t['target']:<46} {t['value']:10.3f}  (goal {t['goal']:g}; {t['detail']})")
-    header = run_header(args, args.device, config)
-    path = write_report(args.out, f"memory-minilm-{args.device}.json", header, [result | {"table": rows}], targets)
-    print(f"wrote {path}")
+    print_targets(targets)
+    write_rows(args.out / f"memory-minilm-{args.device}.json", header(args, args.device, config=repr(config)),
+               [result | {"table": rows}], targets)
     return 0
 
 

@@ -1,14 +1,14 @@
 """What the exact tier's own work costs per forward, in µs and as a share of the forward.
 
-    python -m bench.bookkeeping [--batches 12] [--passes 3] [--warm 16] [--batch 32] [--checks 2000]
-                                [--device cpu|cuda] [--threads N] [--data DIR] [--out DIR]
+    python -m bench.costs.bookkeeping [--batches 12] [--passes 3] [--warm 16] [--batch 32] [--checks 2000]
+                                      [--device cpu|cuda] [--threads N] [--data DIR] [--out DIR]
 
 The real MiniLM, default CacheConfig, batches of `--batch` distinct STS-B sentences (all three
 splits, seeded order; none seen before by the cache) under inference_mode. Measured:
 
 (a) the model-state check alone: `ModelState.check()` (llmcache/state.py: the watch over every
     parameter, buffer and module of the tree, and the state header), timed in a loop of
-    `--checks` calls, median of 5 loops (bench/state.py splits it, and times it on more models);
+    `--checks` calls, median of 5 loops (bench/costs/state.py splits it, and times it on more models);
 (b) the host routing per forward: `stats(model).lookup_s` over one forward (key building, the
     host index lookup, the plan, and the forward's one host copy of ids/mask/positions/types),
     on forwards where every row misses and where every row hits;
@@ -20,7 +20,7 @@ splits, seeded order; none seen before by the cache) under inference_mode. Measu
 Before measuring, a warm-up pass of other sentences grows the arena past its first doublings,
 as in a server that has been running. The 0 %-hit forward minus the uncached one is the
 bookkeeping a miss costs (the issue's unique-stream target: <= 2 % slower). Rows and a header go
-to DIR/bookkeeping-minilm-<device>.json (default bench/out); nothing asserts.
+to DIR/bookkeeping-minilm-<device>.json (default bench/out/costs); nothing asserts.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import llmcache
-from bench.memory import distinct_sentences, encode, run_header, target, write_report
+from bench.costs.memory import add_run_args, distinct_sentences, encode
+from bench.report import fmt_pct, header, median, median_ratio, print_table, print_targets, target, write_rows
 from llmcache.models import load_minilm
 
 
@@ -68,7 +68,7 @@ def watch_check_us(model, calls: int) -> float:
         for _ in range(calls):
             state.check()
         loops.append((time.perf_counter() - start) / calls)
-    return 1e6 * statistics.median(loops)
+    return 1e6 * median(loops)
 
 
 def measure(model, warm: list[dict], passes: list[list[dict]], device: str, checks: int) -> dict:
@@ -93,8 +93,8 @@ def measure(model, warm: list[dict], passes: list[list[dict]], device: str, chec
     check_us = watch_check_us(model, checks)
     tensors = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
     llmcache.disable(model)
-    median = lambda key: statistics.median(t[key] for t in triples)
-    ratio = lambda key: statistics.median(t[key] / t["off_s"] for t in triples)
+    med = lambda key: median(t[key] for t in triples)
+    ratio = lambda key: median_ratio((t[key] for t in triples), (t["off_s"] for t in triples))
     return {
         "triples": len(triples),
         "rows_per_forward": statistics.fmean(enc["input_ids"].shape[0] for batches in passes for enc in batches),
@@ -102,14 +102,14 @@ def measure(model, warm: list[dict], passes: list[list[dict]], device: str, chec
                                            for batches in passes for enc in batches),
         "watch_check_us": check_us,
         "watch_tensors": tensors,
-        "off_us": 1e6 * median("off_s"),
-        "miss_us": 1e6 * median("miss_s"),
-        "hit_us": 1e6 * median("hit_s"),
+        "off_us": 1e6 * med("off_s"),
+        "miss_us": 1e6 * med("miss_s"),
+        "hit_us": 1e6 * med("hit_s"),
         "miss_over_off": ratio("miss_s"),
         "hit_over_off": ratio("hit_s"),
-        "miss_extra_us": 1e6 * statistics.median(t["miss_s"] - t["off_s"] for t in triples),
-        "miss_lookup_us": 1e6 * median("miss_lookup_s"),
-        "hit_lookup_us": 1e6 * median("hit_lookup_s"),
+        "miss_extra_us": 1e6 * median(t["miss_s"] - t["off_s"] for t in triples),
+        "miss_lookup_us": 1e6 * med("miss_lookup_s"),
+        "hit_lookup_us": 1e6 * med("hit_lookup_s"),
         "stats": {"forwards": s.forwards, "rows": s.rows, "hits": s.hits, "entries": s.entries,
                   "evictions": s.evictions, "not_cached": s.not_cached},
         "all": triples,
@@ -118,20 +118,19 @@ def measure(model, warm: list[dict], passes: list[list[dict]], device: str, chec
 
 def table(r: dict) -> tuple[list[dict], list[dict]]:
     off = r["off_us"]
-    share = lambda us: f"{100 * us / off:6.2f} %"
+    share = lambda us: fmt_pct(us / off)
     rows = [
         {"what": "uncached forward", "us": off, "share": share(off)},
-        {"what": "cached, 0 % hits (compute + insert)", "us": r["miss_us"], "share": f"{100 * r['miss_over_off']:6.2f} %"},
-        {"what": "cached, 100 % hits (every block skipped)", "us": r["hit_us"],
-         "share": f"{100 * r['hit_over_off']:6.2f} %"},
+        {"what": "cached, 0 % hits (compute + insert)", "us": r["miss_us"], "share": fmt_pct(r["miss_over_off"])},
+        {"what": "cached, 100 % hits (every block skipped)", "us": r["hit_us"], "share": fmt_pct(r["hit_over_off"])},
         {"what": "0 % hits minus uncached (per batch)", "us": r["miss_extra_us"], "share": share(r["miss_extra_us"])},
         {"what": f"(a) model-state check ({r['watch_tensors']} tensors)", "us": r["watch_check_us"],
          "share": share(r["watch_check_us"])},
         {"what": "(b) host routing, 0 % hits (lookup_s)", "us": r["miss_lookup_us"], "share": share(r["miss_lookup_us"])},
         {"what": "(b) host routing, 100 % hits (lookup_s)", "us": r["hit_lookup_us"], "share": share(r["hit_lookup_us"])},
     ]
-    targets = [target("0 %-hit forward <= 1.02 x uncached (unique stream)", r["miss_over_off"], 1.02, True,
-                      f"median of {r['triples']} per-batch ratios")]
+    targets = [target("0 %-hit forward <= 1.02 x uncached (unique stream)", r["miss_over_off"], 1.02,
+                      f"median of {r['triples']} per-batch ratios", below=True)]
     return rows, targets
 
 
@@ -140,14 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=12, help="measured batches per pass")
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--warm", type=int, default=16, help="warm-up batches")
-    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--checks", type=int, default=2000, help="calls per timed loop of the model-state check")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", default=None, help="data directory (default $LLMCACHE_DATA or ../shared/data)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 keeps "
-                        "one forward from waiting on a descheduled thread)")
-    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,15 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, targets = table(result)
     print(f"MiniLM on {args.device}, batches of {args.batch} distinct STS-B sentences "
           f"({result['tokens_per_row']:.1f} real tokens per row), {result['triples']} triples, medians")
-    print(f"{'':48} {'µs':>10} {'of uncached':>12}")
-    for row in rows:
-        print(f"{row['what']:48} {row['us']:10.1f} {row['share']:>12}")
-    for t in targets:
-        print(f"  {t['status']:<5} {t['target']}: {t['value']:.4f} (goal {t['goal']:g}; {t['detail']})")
-    header = run_header(args, args.device, llmcache.CacheConfig())
-    path = write_report(args.out, f"bookkeeping-minilm-{args.device}.json", header, [result | {"table": rows}],
-                        targets)
-    print(f"wrote {path}")
+    print_table([{"": r["what"], "µs": r["us"], "of uncached": r["share"]} for r in rows], {"µs": ".1f"}, "lrr")
+    print_targets(targets)
+    write_rows(args.out / f"bookkeeping-minilm-{args.device}.json",
+               header(args, args.device, config=repr(llmcache.CacheConfig())), [result | {"table": rows}], targets)
     return 0
 
 

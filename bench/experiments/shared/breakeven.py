@@ -1,4 +1,5 @@
-"""bench.shared breakeven: a shared hit against computing the row, lookup="auto", compression (see bench/shared/__init__.py)."""
+"""bench.experiments.shared breakeven: a shared hit against computing the row, lookup="auto", compression (see
+bench/experiments/shared/__init__.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ import numpy as np
 import torch
 
 import llmcache
-from llmcache import streams
+from bench import streams
+from bench.report import fmt_ms, median
 
 from .common import (
     BATCH,
     RedisServer,
     counts_delta,
     encode,
-    fmt_ms,
     load_model,
-    median,
     redis_server,
     shared_delta,
 )
@@ -147,7 +147,7 @@ def run_second_half(model, batches: list[dict], shared, probe: dict) -> dict:
 def measure_auto(name: str, model, tok, server: RedisServer, sentences: list[str], rows: int, repeats: int,
                  rows_table: list[dict]) -> dict:
     """lookup="auto" from a cold local bank against a Redis warm with the stream's first half."""
-    from bench import e2e
+    from bench.experiments import e2e
 
     stream = streams.repeat_stream(sentences, rows, 0.7, seed=3)
     batches = e2e.batches(tok, stream, BATCH, "cpu")
@@ -260,7 +260,7 @@ def measure_compression(name: str, model, tok, sentences: list[str], server: Red
 
 
 def breakeven(args, head: dict) -> dict:
-    from bench import e2e
+    from bench.experiments import e2e
 
     models = ["tiny", "minilm"] if args.quick else ["tiny", "minilm", "bert-base"]
     lengths = [8, 32] if args.quick else [8, 32, 128]

@@ -1,4 +1,4 @@
-"""Query streams for benchmarks and the demo: documented, seeded, reproducible.
+"""Query streams for the benchmarks and their tests: documented, seeded, reproducible.
 
 STS-Benchmark rows are `genre, file, year, id, score, sentence1, sentence2[, extra...]`,
 tab-separated without quoting (split on tabs, take columns 5-7). The data directory is an

@@ -1,25 +1,22 @@
 """torch.compile with and without the cache, on the same stream, in one process.
 
-    python -m bench.compile [--model minilm] [--rows 256] [--batch 32] [--passes 5] [--threads 1]
-                            [--out DIR]
+    python -m bench.costs.compile [--model minilm] [--rows 256] [--batch 32] [--passes 5] [--threads 1]
+                                  [--out DIR]
 
 Four variants of one model (copies of the same weights): eager, eager + cache,
 `torch.compile(model)` and `torch.compile(llmcache.accelerate(model))`. Each runs the 70 %-repeat
-stream (bench.e2e's) once to warm up — for the compiled ones that pass includes compiling, and
+stream (bench.experiments.e2e's) once to warm up — for the compiled ones that pass includes compiling, and
 its excess over the steady-state pass is reported as the compile time — then `--passes` timed
 passes, round robin over the variants, each from empty banks; times are medians. Dynamo's counters give the graphs compiled and
 the graph breaks (the cache's bookkeeping is left out of the graph on purpose: `compiler.disable`
-on the base-model wrapper and the block splice, two breaks per cached block call).
+on the base-model wrapper and the block splice, two breaks per cached block call). Writes
+DIR/compile-<model>-cpu.json (default bench/out/costs).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,8 +24,9 @@ from pathlib import Path
 import torch
 
 import llmcache
-from bench import e2e
-from llmcache import streams
+from bench import streams
+from bench.experiments import e2e
+from bench.report import fmt_x, header, median, print_table, write_json
 
 
 def one_pass(model, encoded, cached: bool) -> float:
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None)
     p.add_argument("--size", default="full", choices=["full", "tiny"])
-    p.add_argument("--out", default="bench/out")
+    p.add_argument("--out", default="bench/out/costs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from torch._dynamo.utils import counters
@@ -79,25 +77,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name]["all_s"].append(one_pass(m, encoded, cached))
     for name, (m, cached) in variants.items():
         r = rows[name]
-        r["steady_s"] = statistics.median(r["all_s"])
+        r["steady_s"] = median(r["all_s"])
         r["compile_s"] = max(r["first_s"] - r["steady_s"], 0.0)
         if cached:
             r["hit_rate"] = llmcache.stats(getattr(m, "_orig_mod", m)).hit_rate
     base = rows["eager"]["steady_s"]
-    print(f"{'variant':16} {'steady ms':>10} {'vs eager':>9} {'first pass ms':>14} {'graphs':>7} {'breaks':>7}")
-    for name, r in rows.items():
-        print(f"{name:16} {1e3 * r['steady_s']:10.1f} {base / r['steady_s']:8.2f}x {1e3 * r['first_s']:14.1f} "
-              f"{r['graphs']:7} {r['graph_breaks']:7}")
+    print_table([{"variant": name, "steady ms": 1e3 * r["steady_s"], "vs eager": fmt_x(base / r["steady_s"]),
+                  "first pass ms": 1e3 * r["first_s"], "graphs": r["graphs"], "breaks": r["graph_breaks"]}
+                 for name, r in rows.items()], {"steady ms": ".1f", "first pass ms": ".1f"}, "lrrrrr")
     ratio = rows["eager+cache"]["steady_s"] / rows["compiled+cache"]["steady_s"]
     print(f"compiled+cache vs eager+cache: {ratio:.2f}x (target >= 1.00); compile time "
           f"{rows['compiled+cache']['compile_s']:.1f} s with the cache, {rows['compiled']['compile_s']:.1f} s without")
-    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.processor() or platform.machine(), "threads": args.threads, "args": vars(args),
-              "torch": torch.__version__, "build_info": llmcache.build_info()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile-{args.model}-cpu.json"
-    path.write_text(json.dumps({"header": header, "rows": rows, "compiled_cache_vs_eager_cache": ratio}, indent=1))
+    path = write_json(Path(args.out) / f"compile-{args.model}-cpu.json",
+                      {"header": header(args, "cpu"), "rows": rows, "compiled_cache_vs_eager_cache": ratio})
     print(f"wrote {path}")
     return 0
 

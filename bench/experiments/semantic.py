@@ -1,13 +1,13 @@
 """The verified semantic tier on held-out text: does the promise hold, and what does it buy?
 
-    python -m bench.semantic [--model minilm|smollm2] [--cal-rows 6000] [--rows 2000] [--repeats 3]
-                             [--batch 16] [--deltas 0.005,0.01,0.02,0.05] [--data DIR] [--out DIR]
+    python -m bench.experiments.semantic [--model minilm|smollm2] [--cal-rows 6000] [--rows 2000] [--repeats 3]
+                                         [--batch 16] [--deltas 0.005,0.01,0.02,0.05] [--data DIR] [--out DIR]
 
 MiniLM (all-MiniLM-L6-v2, mean pooling: its sentence-transformers pooling), or SmolLM2 (the
 tolerance: the same greedy next token; the task metric: the stream texts' perplexity, tier on
 against off; calibration with serve "states" only). Tuning: for each
 tolerance, `llmcache.calibrate` on a *train*-split stream (STS-B train, WikiText-2 train lines);
-evaluation: `llmcache.streams.semantic_stream` on the *test* split (text the tuning never saw):
+evaluation: `bench.streams.semantic_stream` on the *test* split (text the tuning never saw):
 50 % exact repeats, 10 % STS-B paraphrases (score >= 4), 10 % near-duplicates (casing,
 punctuation, digits, typos, one-word swaps, inserted or dropped words), 30 % new text.
 
@@ -23,21 +23,23 @@ Per tolerance and max_error delta: the semantic hit rate (of all rows), the real
 Clopper-Pearson upper bound, the speedup over the exact tier alone (medians over --repeats
 passes, run alternately in one process, each pass from an empty cache with the calibration's
 evidence), and STS-B test Spearman with the tier on (both columns encoded after the stream,
-warm cache) against uncached.
+warm cache) against uncached. Writes DIR/semantic/semantic-<model>.json and .md, and per tolerance
+calibration-<model>-<tolerance>.md and .png (default DIR: bench/results/experiments).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 import llmcache
-from llmcache import bound, streams
+from bench import streams
+from bench.report import fmt_pct, fmt_x, markdown_table, median, median_ratio, write_json, write_md
+from llmcache import bound
 
 
 class CatalogDecision:
@@ -153,7 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--deltas", default="0.005,0.01,0.02,0.05")
     parser.add_argument("--data", default=None)
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default="bench/results/experiments")
     args = parser.parse_args(argv)
     deltas = [float(d) for d in args.deltas.split(",")]
     from llmcache.models import load_minilm, load_smollm2
@@ -211,7 +213,7 @@ def main(argv=None) -> None:
                 ok = judge.agree(served_reads, true_reads)
                 wrong = len(ok) - sum(ok)
             n = len(sem_served)
-            ratio = statistics.median(e / t for e, t in zip(times["exact"], times["semantic"]))
+            ratio = median_ratio(times["exact"], times["semantic"])
             by_kind = {}
             for r in sem_served:
                 by_kind[kinds[r]] = by_kind.get(kinds[r], 0) + 1
@@ -223,8 +225,8 @@ def main(argv=None) -> None:
                 "realised_error": wrong / n if n else None, "realised_upper95": bound.upper(wrong, n, 0.05) if n else None,
                 "exact_hits": sem_stats.exact_hits, "state": sem_stats.semantic.state,
                 "online_checks": sem_stats.semantic.verified, "online_failed": sem_stats.semantic.failed,
-                "speedup_over_exact": ratio, "exact_s": statistics.median(times["exact"]),
-                "semantic_s": statistics.median(times["semantic"]), "metric": "perplexity" if decoder else
+                "speedup_over_exact": ratio, "exact_s": median(times["exact"]),
+                "semantic_s": median(times["semantic"]), "metric": "perplexity" if decoder else
                 "sts_spearman", "metric_on": rho, "metric_off": baseline, "served_by_kind": by_kind,
                 "calibration_s": cal_s,
             })
@@ -232,7 +234,7 @@ def main(argv=None) -> None:
         out = Path(args.out) / "semantic"
         out.mkdir(parents=True, exist_ok=True)
         slug = name.split(" (")[0].replace(" ", "-")
-        (out / f"calibration-{args.model}-{slug}.md").write_text(cal.at(0.01).table() + "\n")
+        write_md(out / f"calibration-{args.model}-{slug}.md", [cal.at(0.01).table(), ""])
         try:
             cal.at(0.01).figure(out / f"calibration-{args.model}-{slug}.png")
         except ImportError:
@@ -245,20 +247,19 @@ def perplexity(reads: torch.Tensor) -> float:
 
 
 def write(results: list, out: Path, args) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"semantic-{args.model}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    write_json(out / f"semantic-{args.model}.json", {"args": vars(args), "results": results})
     metric = "perplexity" if args.model == "smollm2" else "STS-B Spearman"
-    lines = [(f"| tolerance | max_error | serve | semantic hits | realised error (95 % upper) | speedup over exact | "
-             f"{metric} on (off) | online checks (failed) | state |"),
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
-    pct = lambda x: "-" if x is None else f"{100 * x:.2f} %"
-    for r in results:
-        lines.append(f"| {r['tolerance']} | {100 * r['max_error']:g} % | {r['serve']} | {r['semantic_hits']} "
-                     f"({pct(r['semantic_hit_rate'])}) | {pct(r['realised_error'])} ({pct(r['realised_upper95'])}) | "
-                     f"{r['speedup_over_exact']:.3f}x | {r['metric_on']:.4f} ({r['metric_off']:.4f}) | "
-                     f"{r['online_checks']} ({r['online_failed']}) | {r['state']} |")
-    (out / f"semantic-{args.model}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    rows = [{
+        "tolerance": r["tolerance"], "max_error": f"{100 * r['max_error']:g} %", "serve": r["serve"],
+        "semantic hits": f"{r['semantic_hits']} ({fmt_pct(r['semantic_hit_rate'])})",
+        "realised error (95 % upper)": f"{fmt_pct(r['realised_error'])} ({fmt_pct(r['realised_upper95'])})",
+        "speedup over exact": fmt_x(r["speedup_over_exact"], 3),
+        f"{metric} on (off)": f"{r['metric_on']:.4f} ({r['metric_off']:.4f})",
+        "online checks (failed)": f"{r['online_checks']} ({r['online_failed']})", "state": r["state"],
+    } for r in results]
+    table = markdown_table(rows, align="lrlrrrrrl")
+    write_md(out / f"semantic-{args.model}.md", [table, ""])
+    print(table)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """What the per-block lock costs: several threads sharing one model, cache off vs on.
 
-    python -m bench.threads [--threads 4] [--batches 24] [--batch 8] [--repeats 3] [--out DIR]
+    python -m bench.costs.threads [--threads 4] [--batches 24] [--batch 8] [--repeats 3] [--out DIR]
 
 Each thread sends its own batches of distinct STS-B sentences (no repeats, so the cache only adds
 its bookkeeping and its lock) through the real MiniLM. The cache holds one lock per cached block
 from lookup to insert, so the threads' blocks run one at a time while the cache is on; with it
 off they run concurrently. Reported: rows/s of all threads together off and on (medians), and
 the same with a single thread, so the lock's share of the cost is the difference of the ratios.
+Writes DIR/threads-minilm-cpu.json (default bench/out/costs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import threading
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 import torch
 
 import llmcache
-from llmcache import streams
+from bench import streams
+from bench.report import median, print_table, write_json
 from llmcache.models import load_minilm
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", default=None)
-    p.add_argument("--out", default="bench/out")
+    p.add_argument("--out", default="bench/out/costs")
     args = p.parse_args(argv)
     model, tok = load_minilm()
     sentences = streams.unique_stream([s for _, a, b in streams.load_sts("test", args.data) for s in (a, b)],
@@ -68,15 +68,13 @@ def main(argv: list[str] | None = None) -> int:
                 off.append(run_threads(model, plan))
             llmcache.reset(model)
             on.append(run_threads(model, plan))
-        result[name] = {"off_rows_per_s": rows / statistics.median(off), "on_rows_per_s": rows / statistics.median(on)}
-        r = result[name]
-        print(f"{name:10} off {r['off_rows_per_s']:7.1f} rows/s  on {r['on_rows_per_s']:7.1f} rows/s  "
-              f"on/off {r['on_rows_per_s'] / r['off_rows_per_s']:.3f}", flush=True)
+        result[name] = {"off_rows_per_s": rows / median(off), "on_rows_per_s": rows / median(on)}
     llmcache.disable(model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "threads-minilm-cpu.json").write_text(json.dumps({"args": vars(args), "torch_threads": torch.get_num_threads(),
-                                                              "results": result}, indent=1))
+    print_table([{"": name, "off rows/s": r["off_rows_per_s"], "on rows/s": r["on_rows_per_s"],
+                  "on/off": r["on_rows_per_s"] / r["off_rows_per_s"]} for name, r in result.items()],
+                {"off rows/s": ".1f", "on rows/s": ".1f", "on/off": ".3f"})
+    write_json(Path(args.out) / "threads-minilm-cpu.json",
+               {"args": vars(args), "torch_threads": torch.get_num_threads(), "results": result})
     return 0
 
 

@@ -1,7 +1,7 @@
 """The host path of a forward on tiny-dims twins: what the cache's own work costs when arithmetic
 is negligible (as a GPU forward looks from the host).
 
-    python -m bench.hostpath [--rounds 9] [--threads 1] [--out FILE]
+    python -m bench.costs.hostpath [--rounds 9] [--threads 1] [--out FILE]
 
 Twins: MiniLM's shape (BertModel, 6 blocks, hidden 48) at 1 x 16, 32 x 16 and 256 x 16 tokens, and
 a Llama (16 blocks, hidden 64) at 1 x 128 and 8 x 128, random weights. Per round and config, back
@@ -15,8 +15,6 @@ JSON to `--out` (default: stdout only); nothing asserts.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 
@@ -24,6 +22,7 @@ import torch
 import transformers
 
 import llmcache
+from bench.report import median, print_table, write_json
 
 CONFIGS = [("minilm", 1, 16), ("minilm", 32, 16), ("minilm", 256, 16), ("llama", 1, 128), ("llama", 8, 128)]
 
@@ -60,7 +59,7 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
                 times["uncached"].append(clock(model, batch))
             times["miss"].append(clock(model, batch))
             times["hit"].append(clock(model, batch))
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms = {k: 1e3 * median(v) for k, v in times.items()}
     s = llmcache.stats(model)
     return {"model": name, "rows": rows, "tokens": tokens, **{f"{k}_ms": v for k, v in ms.items()},
             "hit_over_uncached": ms["hit"] / ms["uncached"], "miss_over_uncached": ms["miss"] / ms["uncached"],
@@ -77,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(1)
     rows = [measure(name, b, t, args.rounds, gen) for name, b, t in CONFIGS]
     print(f"llmcache from {llmcache.__file__}")
-    print(f"{'twin':8} {'B x T':>9} {'uncached ms':>12} {'hit ms':>8} {'miss ms':>8} {'hit/unc':>8} {'miss/unc':>9}")
-    for r in rows:
-        print(f"{r['model']:8} {r['rows']:>4} x {r['tokens']:<3} {r['uncached_ms']:12.2f} {r['hit_ms']:8.2f} "
-              f"{r['miss_ms']:8.2f} {r['hit_over_uncached']:8.3f} {r['miss_over_uncached']:9.3f}")
+    print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "uncached ms": r["uncached_ms"],
+                  "hit ms": r["hit_ms"], "miss ms": r["miss_ms"], "hit/unc": r["hit_over_uncached"],
+                  "miss/unc": r["miss_over_uncached"]} for r in rows],
+                {"uncached ms": ".2f", "hit ms": ".2f", "miss ms": ".2f", "hit/unc": ".3f", "miss/unc": ".3f"},
+                "lrrrrrr")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"llmcache": llmcache.__file__, "torch": torch.__version__, "threads": args.threads,
-                       "rows": rows}, f, indent=1)
+        write_json(args.out, {"llmcache": llmcache.__file__, "torch": torch.__version__, "threads": args.threads,
+                              "rows": rows})
     return 0
 
 

@@ -1,4 +1,5 @@
-"""bench.shared soak: 100,000 requests against a small maxmemory (see bench/shared/__init__.py)."""
+"""bench.experiments.shared soak: 100,000 requests against a small maxmemory (see
+bench/experiments/shared/__init__.py)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def slope_per_1000(points: list[tuple[int, int]]) -> float | None:
 
 
 def soak(args, head: dict) -> dict:
-    from bench import e2e
+    from bench.experiments import e2e
 
     requests = 2000 if args.quick else args.soak_requests
     forwards = -(-requests // BATCH)

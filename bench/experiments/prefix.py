@@ -1,10 +1,10 @@
 """Prefix reuse for decoders: a few-shot / chat stream sharing long prefixes, in one process.
 
-    python -m bench.prefix [--model smollm2|llama-1b|llama-tiny] [--prefixes 256 512 1024]
-                           [--prompts 4] [--repeats 3] [--threads 1] [--out DIR]
+    python -m bench.experiments.prefix [--model smollm2|llama-1b|llama-tiny] [--prefixes 256 512 1024]
+                                       [--prompts 4] [--repeats 3] [--threads 1] [--data DIR] [--out DIR]
 
 Per prefix length L, `--prompts` prompts share the same L-token prefix and differ in a 32-128
-token suffix (text from WikiText-2 when `../shared/data` has it, random ids otherwise). One
+token suffix (text from WikiText-2 when the data directory has it, random ids otherwise). One
 prompt of each L warms the cache (untimed); the cache is never reset after (a stream). Then,
 round robin per prompt (so the machine's noise falls on every variant alike), each on a prompt
 with a suffix no earlier prompt had, medians over `--prompts` x `--repeats`:
@@ -22,17 +22,13 @@ over uncached, and cached as a share of the ideal (target >= 90 %). Memory: byte
 the bytes of the distinct pages the prompts have (one copy of a prefix however many prompts
 extend it: ratio 1). A stream without shared prefixes: cached over uncached time (target <= 2 %
 slower; the median over prompts of each prompt's ratio), from an empty cache (cold: its arena grows, copying at each doubling) and from one at
-its budget, evicting (steady).
+its budget, evicting (steady). Writes DIR/prefix-<model>-cpu.json (default bench/out/experiments).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +36,8 @@ from pathlib import Path
 import torch
 
 import llmcache
+from bench import streams
+from bench.report import fmt_pct, fmt_x, header, median, median_ratio, print_table, write_json
 
 LLAMA_1B = {"vocab_size": 49152, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
             "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096}
@@ -64,7 +62,7 @@ def load(name: str):
 
 def text_ids(tok, vocab: int, data: str | None, seed: int):
     """A stream of token ids: WikiText-2 through the tokenizer when both exist, else random ids."""
-    path = Path(data or Path(__file__).resolve().parents[2] / "shared" / "data") / "wikitext-2-raw" / "wiki.test.raw"
+    path = streams.data_dir(data) / "wikitext-2-raw" / "wiki.test.raw"
     gen = torch.Generator().manual_seed(seed)
     if tok is not None and path.exists():
         ids = torch.tensor(tok(path.read_text()[:400_000])["input_ids"], dtype=torch.long)
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None)
-    p.add_argument("--out", default="bench/out")
+    p.add_argument("--out", default="bench/out/experiments")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     times["ttft_cached"].append(clock(model.generate, input_ids=ids, **kw))
                     cache = copy.deepcopy(prefix_cache)
                     times["ttft_ideal"].append(clock(ref.generate, input_ids=ids, cache=cache, **kw))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = {k: median(v) for k, v in times.items()}
             results[length] = {
                 "median_s": med, "all_s": times, "served_computed": served[: args.prompts],
                 "max_abs_logit_deviation": max(deviation),
@@ -180,37 +178,32 @@ def main(argv: list[str] | None = None) -> int:
                     ids = unique_ids()
                     unique["uncached"].append(clock(ref, input_ids=ids, logits_to_keep=1))
                     unique["cached"].append(clock(streamed, input_ids=ids, logits_to_keep=1))
-            r = {"median_s": {k: statistics.median(v) for k, v in unique.items()}, "all_s": unique}
+            r = {"median_s": {k: median(v) for k, v in unique.items()}, "all_s": unique}
             # Per prompt (same tokens, side by side), then the median: prompt lengths differ.
-            r["slowdown"] = statistics.median(c / u for c, u in zip(unique["cached"], unique["uncached"])) - 1
+            r["slowdown"] = median_ratio(unique["cached"], unique["uncached"]) - 1
             st = llmcache.stats(streamed)
             r.update(tokens_served=st.tokens_served, evictions=st.evictions, budget=budget)
             no_shared[state] = r
 
     print(f"{args.model}, {source}, {args.prompts} prompts per prefix, {args.repeats} repeats, "
           f"{args.threads} thread(s)")
-    print(f"{'prefix':>6} {'uncached ms':>12} {'cached ms':>10} {'ideal ms':>9} {'speedup':>8} {'ideal':>7} "
-          f"{'of ideal':>9} {'TTFT x':>7} {'TTFT of ideal':>14}")
     for length, r in results.items():
-        m = r["median_s"]
-        print(f"{length:>6} largest |logit| difference cached vs uncached (last position): "
+        print(f"prefix {length}: largest |logit| difference cached vs uncached (last position): "
               f"{r['max_abs_logit_deviation']:.2e}")
-        print(f"{length:>6} {1e3 * m['uncached']:12.1f} {1e3 * m['cached']:10.1f} {1e3 * m['ideal']:9.1f} "
-              f"{r['speedup']:7.2f}x {r['ideal_speedup']:6.2f}x {100 * r['share_of_ideal']:8.1f}% "
-              f"{r['ttft_speedup']:6.2f}x {100 * r['ttft_share_of_ideal']:13.1f}%")
+    print_table([{"prefix": length, "uncached ms": 1e3 * r["median_s"]["uncached"],
+                  "cached ms": 1e3 * r["median_s"]["cached"], "ideal ms": 1e3 * r["median_s"]["ideal"],
+                  "speedup": fmt_x(r["speedup"]), "ideal": fmt_x(r["ideal_speedup"]),
+                  "of ideal": fmt_pct(r["share_of_ideal"], 1), "TTFT x": fmt_x(r["ttft_speedup"]),
+                  "TTFT of ideal": fmt_pct(r["ttft_share_of_ideal"], 1)} for length, r in results.items()],
+                {"uncached ms": ".1f", "cached ms": ".1f", "ideal ms": ".1f"}, "r" * 9)
     print(f"memory: {memory['bytes_held'] / 2**20:.2f} MiB held for {memory['distinct_pages']} distinct pages "
           f"({memory['bytes_distinct_pages'] / 2**20:.2f} MiB): ratio {memory['ratio']:.3f}")
     for state, r in no_shared.items():
         print(f"no shared prefixes, {state} cache: cached {100 * r['slowdown']:+.1f} % against uncached "
               f"({r['tokens_served']} tokens served, {r['evictions']} evictions)")
-    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.processor() or platform.machine(), "args": vars(args), "source": source,
-              "torch": torch.__version__, "build_info": llmcache.build_info()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"prefix-{args.model}-cpu.json"
-    path.write_text(json.dumps({"header": header, "prefixes": {str(k): v for k, v in results.items()},
-                                "memory": memory, "no_shared": no_shared}, indent=1))
+    path = write_json(Path(args.out) / f"prefix-{args.model}-cpu.json",
+                      {"header": header(args, "cpu", source=source),
+                       "prefixes": {str(k): v for k, v in results.items()}, "memory": memory, "no_shared": no_shared})
     print(f"wrote {path}")
     return 0
 

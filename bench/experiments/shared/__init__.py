@@ -1,10 +1,12 @@
 """The shared tier on a real redis-server: a fleet of replicas, where a round trip pays, a soak.
 
-    python -m bench.shared {fleet,breakeven,soak,all} [--quick] [--out DIR] [--repeats 3] [--threads 1] [--suffix S]
-                           [--rows 2048] [--replicas 1,2,4] [--soak-requests 100000] [--data DIR]
+    python -m bench.experiments.shared {fleet,breakeven,soak,all} [--quick] [--out DIR] [--repeats 3] [--threads 1]
+                                       [--suffix S] [--rows 2048] [--replicas 1,2,4] [--soak-requests 100000]
+                                       [--data DIR]
 
 Every part starts its own redis-server (`--save "" --appendonly no`, a free loopback port) and
-stops it at the end; results go to DIR/shared/shared-<part>.json and .md (header: date, machine,
+stops it at the end; results go to DIR/shared/shared-<part>.json and .md (default DIR:
+bench/out/experiments; header: date, machine,
 versions, arguments, the command; the load average before and after, since the machine is shared).
 
 fleet: one stream of --rows STS-B test sentences (`streams.repeat_stream`, 70 % exact repeats,
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=[*PARTS, "all"])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    p.add_argument("--out", default="bench/out", help="results go to OUT/shared/")
+    p.add_argument("--out", default="bench/out/experiments", help="results go to OUT/shared/")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (1 for the fleet with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: faster on a busy machine)")
     p.add_argument("--rows", type=int, default=2048, help="fleet: rows of the stream")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    command = "python -m bench.shared " + " ".join(argv)
+    command = "python -m bench.experiments.shared " + " ".join(argv)
     out = Path(args.out)
     parts = PARTS if args.part == "all" else (args.part,)
     for part in parts:

@@ -1,10 +1,10 @@
 """End-to-end: a query stream in batches through a model with the cache off and on, same process.
 
-    python -m bench.e2e [--model minilm|smollm2|bert-base|gpt2|t5-base|vit-base] [--rows 512] [--batch 32]
-                               [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-                               [--data DIR] [--tokenizer DIR] [--size full|tiny] [--out DIR]
+    python -m bench.experiments.e2e [--model minilm|smollm2|bert-base|gpt2|t5-base|vit-base] [--rows 512]
+                                    [--batch 32] [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+                                    [--data DIR] [--tokenizer DIR] [--size full|tiny] [--out DIR]
 
-Streams (llmcache.streams, seeded): "repeat" — 70 % of rows repeat an earlier row of the stream
+Streams (bench.streams, seeded): "repeat" — 70 % of rows repeat an earlier row of the stream
 exactly; "unique" — no repeats at all. Sentences are STS-B test sentences (first column), so the
 token counts are those of real text (without the data directory: the packaged demo corpus, whose
 ~575 distinct queries allow a unique stream of that many rows at most). Each stream runs
@@ -28,16 +28,14 @@ Random weights for bert-base and gpt2 (the speed does not depend on them), with 
 for realistic token counts: --tokenizer DIR, else DATA/tokenizer (what `bench/gpu_check.sh
 --prepare` copies there), else the all-MiniLM-L6-v2 package's when it is installed. --size tiny
 keeps each family but shrinks it to 2 blocks of width 64 (the GPU check's CPU dry run). MiniLM
-and SmolLM2 are the real offline models.
+and SmolLM2 are the real offline models. Writes DIR/e2e-<model>-<device>-<dtype>.json (default
+bench/out/experiments).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
-import platform
 import statistics
 import sys
 import time
@@ -46,7 +44,8 @@ from pathlib import Path
 import torch
 
 import llmcache
-from llmcache import streams
+from bench import streams
+from bench.report import header, median, median_ratio, write_json
 
 
 def stream_sentences(data: str | None) -> list[str]:
@@ -267,7 +266,7 @@ def block_scaling(model, enc: dict, device: str, calls: int = 15) -> dict:
             blocks[0](*args, **kwargs)
             sync(device)
             times.append(time.perf_counter() - start)
-        ms.append(1e3 * statistics.median(times[2:]))
+        ms.append(1e3 * median(times[2:]))
     return fixed_cost_fit(counts, ms)
 
 
@@ -368,10 +367,10 @@ def measure(model, encoded, device: str, repeats: int, config: llmcache.CacheCon
     # Medians per part over as many split runs as timed pairs: one run's compute time swings
     # by 10-15 % on a shared machine, and the no-bookkeeping bound below divides by it.
     splits = [cached_breakdown(model, encoded, device) for _ in range(repeats)]
-    breakdown = {key: statistics.median(split[key] for split in splits) for key in splits[0]}
+    breakdown = {key: median(split[key] for split in splits) for key in splits[0]}
     llmcache.disable(model)
     layers = block_times(model, encoded, device)
-    total_off = statistics.median(off)
+    total_off = median(off)
     hit_rates = [s.hit_rate for s in stats.layers]
     if stats.tier == "exact":  # rows repeating one of their batch skip the blocks too
         hit_rates = [(stats.hits + stats.repeats) / stats.rows] * len(stats.layers)
@@ -380,7 +379,7 @@ def measure(model, encoded, device: str, repeats: int, config: llmcache.CacheCon
     hooked_total = layers.pop()
     skippable = sum(h * layers[s.layer] / hooked_total for h, s in zip(hit_rates, stats.layers))
     ideal = 1.0 / max(1.0 - skippable, 1e-9)
-    reached = statistics.median(o / n for o, n in pairs)
+    reached = median_ratio(off, on)
     # Amdahl again, keeping each block call's fixed part (block_scaling): hits remove only the
     # per-row part of a call (a call where every row hits, which would remove it all, is rare).
     scaling = block_scaling(model, encoded[0], device)
@@ -392,7 +391,7 @@ def measure(model, encoded, device: str, repeats: int, config: llmcache.CacheCon
     no_bookkeeping = total_off / (outside + breakdown["compute_s"])
     return {
         "off_s": total_off,
-        "on_s": statistics.median(on),
+        "on_s": median(on),
         "off_all": off,
         "on_all": on,
         "cold_s": cold,
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--padding", default="auto", choices=["auto", "exact", "masked"],
                    help="CacheConfig.padding (masked: a caller that never reads padding positions, as a mean "
                         "pooling with the mask or a last-token score does)")
-    p.add_argument("--out", default="bench/out")
+    p.add_argument("--out", default="bench/out/experiments")
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     sentences = stream_sentences(args.data)
@@ -470,20 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"({100 * sc['fixed_share']:.0f}% of a full batch's call is fixed{noise}); Amdahl keeping that: "
                 f"{r['ideal_with_fixed_block_cost']:.2f}x"
             )
-    header = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "args": vars(args),
-        "tokenizer": getattr(tok, "name_or_path", None),
-        "build_info": llmcache.build_info(),
-        "config": repr(config),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"e2e-{args.model}-{args.device}-{args.dtype}.json"
-    path.write_text(json.dumps({"header": header, "results": results}, indent=1))
+    head = header(args, args.device, tokenizer=getattr(tok, "name_or_path", None), config=repr(config))
+    path = write_json(Path(args.out) / f"e2e-{args.model}-{args.device}-{args.dtype}.json",
+                      {"header": head, "results": results})
     print(f"wrote {path}")
     return 0
 

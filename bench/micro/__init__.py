@@ -1,0 +1,1 @@
+"""Microbenchmarks: the kernels against baselines and hardware floors (`python -m bench.micro.kernels`)."""
