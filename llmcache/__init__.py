@@ -20,7 +20,7 @@ from .report import CacheStats, Held, HeldEntry, held, stats
 from .rows import namespace
 from .shared import Shared, SharedStats
 from .state import register_state
-from .tiers.layerwise import LayerStats, RingBuffer
+from .tiers.layerwise import LayerStats, Layerwise, RingBuffer
 from .tiers.verified import SemanticStats
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "Held",
     "HeldEntry",
     "LayerStats",
+    "Layerwise",
     "RingBuffer",
     "Semantic",
     "SemanticStats",

@@ -42,7 +42,7 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
         model: a `transformers` model of a supported family (bert, roberta, distilbert, gpt2,
             llama), base or task model, on any device and dtype, already built.
         config: a CacheConfig (default: CacheConfig()); `overrides` replace its fields,
-            e.g. accelerate(model, threshold=0.95, layers=range(0, 4)).
+            e.g. accelerate(model, layers=range(0, 4), padding="exact").
     Returns:
         The same model. With the exact tier (the default) a row whose real tokens, positions,
         token types, namespace and model state (dtype, autocast, attention implementation, LoRA
@@ -87,7 +87,7 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
                          "pages that the shared tier does not hold yet: accelerate it without shared=")
     planes = ops.random_planes(adapters.hidden_size(base), config.num_bits, seed=config.seed, device=weight.device)
     owner = ModelCache(config=config, adapter=adapter, model=model, base=base, layer_ids=layer_ids, planes=planes)
-    if config.threshold is None:
+    if config.layerwise is None:
         _exact_tiers(owner, model, base, adapter, blocks, embedding, weight)
     else:
         _layerwise_tier(owner, blocks, embedding)
@@ -118,7 +118,7 @@ def _refuse_accelerated(model: nn.Module, inner: nn.Module) -> None:
 
 
 def _layerwise_tier(owner: ModelCache, blocks, embedding) -> None:
-    """The per-block tier (CacheConfig.threshold); patches its blocks and the input embedding."""
+    """The per-block tier (CacheConfig.layerwise); patches its blocks and the input embedding."""
     tier = LayerwiseTier(owner, blocks, owner.layer_ids)
     owner.tiers = [tier]
     for index, layer in tier.layers.items():
@@ -224,7 +224,7 @@ def reset(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def cached(model: nn.Module, config: CacheConfig | None = None, **overrides):
-    """`with llmcache.cached(model, threshold=0.95): ...` accelerates inside, disables after."""
+    """`with llmcache.cached(model, padding="exact"): ...` accelerates inside, disables after."""
     accelerate(model, config, **overrides)
     try:
         yield model

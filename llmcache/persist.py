@@ -37,6 +37,8 @@ def _config_record(config) -> dict:
         if f.name == "shared":  # where replicas share entries, not what an entry holds (and it may hold credentials)
             continue
         value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):  # a section (llmcache.Layerwise)
+            value = {k: list(v) if isinstance(v, (range, tuple, list)) else v for k, v in dataclasses.asdict(value).items()}
         record[f.name] = list(value) if isinstance(value, (range, tuple, list)) else value
     return record
 

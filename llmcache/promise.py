@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import is_number, require
+
 POOLINGS = ("mean", "cls")
 SERVES = ("states", "pooled")
 KINDS = ("label", "next_token")
@@ -64,17 +66,17 @@ class Semantic:
 
     def __post_init__(self) -> None:
         t = self.tolerance
-        ok = callable(t) or t in KINDS or (_number(t) and 0.0 < t <= 1.0)
+        ok = callable(t) or t in KINDS or (is_number(t) and 0.0 < t <= 1.0)
         _require(ok, "tolerance", t, f"a cosine in (0, 1], one of {KINDS}, or a callable (served, true) -> bool")
-        _require(_number(self.max_error) and 0.0 < self.max_error < 1.0, "max_error", self.max_error,
+        _require(is_number(self.max_error) and 0.0 < self.max_error < 1.0, "max_error", self.max_error,
                  "a share in (0, 1), e.g. 0.01")
-        _require(_number(self.confidence) and 0.0 < self.confidence < 1.0, "confidence", self.confidence,
+        _require(is_number(self.confidence) and 0.0 < self.confidence < 1.0, "confidence", self.confidence,
                  "a probability in (0, 1), e.g. 0.95")
         _require(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {POOLINGS}")
         _require(self.serve in SERVES, "serve", self.serve, f"one of {SERVES}")
         _require(not (self.serve == "pooled" and t == "label" and self.pooling != "cls"), "serve", self.serve,
                  "'states' with tolerance 'label', or pooling='cls' (a classification head reads the first token)")
-        _require(_number(self.explore) and 0.0 < self.explore <= 1.0, "explore", self.explore, "a share in (0, 1]")
+        _require(is_number(self.explore) and 0.0 < self.explore <= 1.0, "explore", self.explore, "a share in (0, 1]")
         _require(self.max_distance is None or (isinstance(self.max_distance, int) and self.max_distance >= 0),
                  "max_distance", self.max_distance, "None or an int >= 0")
         _require(self.evidence is None or (isinstance(self.evidence, tuple) and all(
@@ -98,7 +100,7 @@ class Semantic:
     def describe(self) -> str:
         t = self.tolerance
         what = {"label": "same label", "next_token": "same next token"}.get(t) if t in KINDS else (
-            f"cosine >= {t}" if _number(t) else getattr(t, "__name__", "callable"))
+            f"cosine >= {t}" if is_number(t) else getattr(t, "__name__", "callable"))
         return f"{what}, max_error {self.max_error:g} at confidence {self.confidence:g}"
 
     def check_model(self, model, base) -> None:
@@ -151,10 +153,5 @@ def _field(output, name: str):
     return value if value is not None else output[0]
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _require(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"Semantic.{name} = {value!r} is invalid: expected {allowed}")
+    require(ok, name, value, allowed, "Semantic")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,14 +70,39 @@ def key_header(namespace_name: str, switches: bytes) -> bytes:
     return b"".join([LAYOUT_VERSION.to_bytes(2, "little"), len(ns).to_bytes(4, "little"), ns, switches])
 
 
-def real_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of a host mask [B, T]: (start, count, contiguous) of its real tokens."""
+@dataclass(frozen=True)
+class Spans:
+    """Where each row of a batch has its real tokens, and what the caller sees of its padding.
+
+    start, count: int64 [B], its real tokens' first position and number. keyed: bool [B], it has
+    real tokens and no gap in its mask (a row that is not keyed runs uncached, counted as
+    "no_tokens" or "mask_gaps"). lead, trail: int64 [B], the padding before / after its real
+    tokens that the caller sees (`CacheConfig.padding`; 0 where the row is not keyed).
+    """
+
+    start: np.ndarray
+    count: np.ndarray
+    keyed: np.ndarray
+    lead: np.ndarray
+    trail: np.ndarray
+
+
+def spans(mask: np.ndarray, padding: tuple[bool, bool] = (False, False), counts: dict | None = None) -> Spans:
+    """The `Spans` of a host mask [B, T] (no loop over rows); rows that cannot be keyed are added
+    to `counts` (reason -> rows) when given."""
     real = mask != 0
     count = real.sum(1)
     seq = mask.shape[1]
     start = np.where(count > 0, real.argmax(1), 0)
     end = np.where(count > 0, seq - real[:, ::-1].argmax(1), 0)
-    return start, count, (end - start) == count
+    keyed = (count > 0) & ((end - start) == count)
+    if counts is not None:
+        for reason, n in (("no_tokens", int((count == 0).sum())), ("mask_gaps", int((~keyed & (count > 0)).sum()))):
+            if n:
+                counts[reason] = counts.get(reason, 0) + n
+    lead = np.where(keyed & padding[0], start, 0)
+    trail = np.where(keyed & padding[1], seq - start - count, 0)
+    return Spans(start, count, keyed, lead, trail)
 
 
 def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.ndarray, before: np.ndarray,
@@ -106,12 +132,11 @@ def near_keys(header: bytes, host: np.ndarray, ids_before: bool, any_length: boo
     has more than one token type only. A row whose padding the caller sees (`padding`: leading,
     trailing) gets None: a neighbour holds none of its padding."""
     ids, mask, positions, types = host
-    start, count, contiguous = real_spans(mask)
-    seq = ids.shape[1]
+    rows = spans(mask, padding)
     out = []
     for r in range(ids.shape[0]):
-        n, s = int(count[r]), int(start[r])
-        if n == 0 or not contiguous[r] or (padding[0] and s > 0) or (padding[1] and s + n < seq):
+        n, s = int(rows.count[r]), int(rows.start[r])
+        if not rows.keyed[r] or rows.lead[r] or rows.trail[r]:
             out.append(None)
             continue
         if any_length:

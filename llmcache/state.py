@@ -2,7 +2,7 @@
 
 A model's output is a function of its weights, its module tree as it is now, behaviour switches and
 ambient state. `ModelState.check()` sorts all of it three ways, in tens of microseconds per forward
-(`python -m bench.bookkeeping` measures it):
+(`python -m bench.costs.bookkeeping` measures it):
 
 - **The watch** (what changes the function for good): a parameter, buffer or plain tensor attribute
   changed in place (version counters: optimizer steps, `load_state_dict`, `p.mul_()` under no_grad

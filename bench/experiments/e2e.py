@@ -290,9 +290,13 @@ def cached_breakdown(model, encoded, device: str) -> dict:
     """A cached run from empty banks, timing where its time goes: inside the blocks' own
     forwards (the miss sub-batches), inside the cache's code around them (routing, slicing,
     merge, insert), and the rest (embeddings, masks, pooling: as uncached)."""
+    from llmcache.adapters import resolve
     from llmcache.api import owner_of
+    from llmcache.tiers.exact import ExactTier
+    from llmcache.tiers.layerwise import LayerwiseTier
 
     owner = owner_of(model)
+    blocks = resolve(model)[2]
     spent = {"compute": 0.0, "cached": 0.0}
 
     def timed(fn, key):
@@ -308,25 +312,27 @@ def cached_breakdown(model, encoded, device: str) -> dict:
 
     # (object, attribute, original value) of every forward wrapped for timing, restored after.
     wrapped = []
-    if owner.exact is not None:
-        tier = owner.exact
-        wrapped.append((tier, "originals", list(tier.originals)))
-        tier.originals = [timed(f, "compute") for f in tier.originals]
-        for module in tier.modules:
+    exact = next((t for t in owner.tiers if isinstance(t, ExactTier)), None)
+    if exact is not None:
+        splice = exact.splice
+        wrapped.append((splice, "originals", list(splice.originals)))
+        splice.originals = [timed(f, "compute") for f in splice.originals]
+        for module in (blocks[i] for i in exact.span):
             wrapped.append((module, "forward", module.forward))
             module.forward = timed(module.forward, "cached")
-    for layer in owner.layers.values():
-        wrapped.append((layer, "original_forward", layer.original_forward))
-        wrapped.append((layer.module, "forward", layer.module.forward))
-        layer.original_forward = timed(layer.original_forward, "compute")
-        layer.module.forward = timed(layer.module.forward, "cached")
+    for tier in owner.tiers:
+        for layer in tier.layers.values() if isinstance(tier, LayerwiseTier) else ():
+            wrapped.append((layer, "original_forward", layer.original_forward))
+            wrapped.append((layer.module, "forward", layer.module.forward))
+            layer.original_forward = timed(layer.original_forward, "compute")
+            layer.module.forward = timed(layer.module.forward, "cached")
     llmcache.reset(model)
     try:
         total = run_stream(model, encoded, device)
     finally:
         for obj, name, value in reversed(wrapped):
             setattr(obj, name, value)
-    routing = llmcache.stats(model).lookup_s if owner.exact is not None else 0.0  # outside the blocks
+    routing = llmcache.stats(model).lookup_s if exact is not None else 0.0  # outside the blocks
     return {"total_s": total, "compute_s": spent["compute"],
             "bookkeeping_s": spent["cached"] - spent["compute"] + routing,
             "other_s": total - spent["cached"] - routing}

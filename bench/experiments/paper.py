@@ -321,7 +321,8 @@ def hitrate(args, device: str) -> dict:
     for name in ("minilm", "smollm2", "t5-base"):  # T5: its encoder's blocks
         model, tok = load_model(name, device)
         for dataset, (stream, kinds, origins) in hitrate_streams(args, name).items():
-            config = llmcache.CacheConfig(threshold=HITRATE_TAU, capacity=len(stream), max_bytes=None)
+            config = llmcache.CacheConfig(layerwise=llmcache.Layerwise(threshold=HITRATE_TAU), capacity=len(stream),
+                                           max_bytes=None)
             encoded = e2e.batches(tok, stream, BATCH, device)
             lengths = [int(n) for enc in encoded for n in enc["attention_mask"].sum(1)]
             _, base, _ = llmcache.adapters.resolve(model)  # hidden states, not logits: hit rates are the same
@@ -423,7 +424,8 @@ def sweep_task(model, encoded: list[dict], device: str, readout: Callable, capac
         off_first, reference = timed_pass(model, encoded, device, readout)
         runs = []
         for label, tau, mode in sweep_configs():
-            config = llmcache.CacheConfig(threshold=tau, mode=mode, capacity=capacity, max_bytes=None)
+            config = llmcache.CacheConfig(layerwise=llmcache.Layerwise(threshold=tau, mode=mode), capacity=capacity,
+                                           max_bytes=None)
             seconds, outputs, stats = cached_pass(model, encoded, device, readout, config)
             runs.append({"label": label, "tau": tau, "mode": mode, "on_s": seconds, "outputs": outputs,
                          "hit_rate": stats.hit_rate, "exact_rate": stats.exact_hits / max(stats.lookups, 1),
@@ -627,7 +629,7 @@ def heldout(args, device: str) -> dict:
                 model(**enc)
             off_s, reference = timed_pass(model, encoded, device, mean_pooled)
             for label, tau in configs:
-                config = llmcache.CacheConfig(threshold=tau, capacity=rows, max_bytes=None)
+                config = llmcache.CacheConfig(layerwise=llmcache.Layerwise(threshold=tau), capacity=rows, max_bytes=None)
                 on_s, outputs, stats = cached_pass(model, encoded, device, mean_pooled, config)
                 fidelity = torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=1)
                 below = float((fidelity < 0.99).double().mean())

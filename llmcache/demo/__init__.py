@@ -5,7 +5,8 @@
                   [--data FILE] [--seed 0] [--out ./llmcache-demo/]
 
 One process runs the same stream in the same batches twice: uncached ("off"), then through
-`llmcache.accelerate(model, threshold=TAU, mode=MODE)` from an empty cache ("on"); --sweep adds
+`llmcache.accelerate(model, layerwise=Layerwise(threshold=TAU, mode=MODE))` from an empty cache
+("on"); --sweep adds
 one run per threshold of SWEEP, each with a fresh cache. It prints one table, and writes the
 figure `demo-<model>.png` (hit rate by layer; speed against fidelity) and the table with every
 number behind it, `demo-<model>.json`, into --out.
@@ -76,7 +77,7 @@ from .stream import (
 
 def _calibrate(model, tokenizer, args, rows: int):
     """`llmcache.calibrate` on another draw of the corpus (seed + 1): the same corpus, so the
-    demo's text is not held out (bench.semantic evaluates on held-out text)."""
+    demo's text is not held out (bench.experiments.semantic evaluates on held-out text)."""
     other = build_stream(load_corpus(), max(rows, 600) * 4, seed=args.seed + 1)
     data = encode(tokenizer, [q.text for q in other], args.batch_size, args.device)
     return llmcache.calibrate(model, data, tolerance=args.semantic, max_error=args.max_error)
@@ -150,7 +151,8 @@ def _run_config(model, batches, decoder: bool, stream, args, label: str, config:
         llmcache.disable(model)
     run = _promise(stats, served, off_rows, on_rows, args, calibration) if "semantic" in config else {}
     run.update({
-        "label": label, "threshold": config.get("threshold"), "mode": args.mode, "seconds": on_s,
+        "label": label, "threshold": config["layerwise"].threshold if "layerwise" in config else None,
+        "mode": args.mode, "seconds": on_s,
         "rows_per_s": len(stream) / on_s, "speedup": off_s / on_s, "hit_rate": stats.hit_rate,
         "exact_hit_rate": stats.exact_hits / stats.lookups if stats.lookups else 0.0,
         "semantic_hit_rate": stats.semantic_hits / stats.lookups if stats.lookups else 0.0,
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         off["ppl"] = math.exp(float(off_rows[:, 0].sum() / off_rows[:, 1].sum().clamp_min(1.0)))
 
     thresholds = [args.threshold] + ([t for t in SWEEP if t != args.threshold] if args.sweep else [])
-    configs = [("exact only" if t is None else f"tau={t:.2f}", {"threshold": t, "mode": args.mode}) for t in thresholds]
+    configs = [("exact only", {}) if t is None else
+               (f"tau={t:.2f}", {"layerwise": llmcache.Layerwise(threshold=t, mode=args.mode)}) for t in thresholds]
     calibration = None
     if args.semantic is not None:
         calibration = _calibrate(model, tokenizer, args, len(stream))

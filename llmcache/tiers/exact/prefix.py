@@ -57,23 +57,21 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     the owner's lock."""
     index, page = store.index, store.config.page_tokens
     ids, mask, positions, types = host
-    start, count, contiguous = rows.real_spans(mask)
+    spans = rows.spans(mask, padding, counts)
     batch = ids.shape[0]
-    keyed = [bool(count[r] > 0 and contiguous[r]) for r in range(batch)]
+    keyed = spans.keyed.tolist()
     # Padding the caller sees: a row's leading padding is keyed and stored with it (its pages
     # start at position 0, under a header that says how much padding they begin with), its
     # trailing padding is computed after its cached tokens (`suffix.plan`).
-    leading = [bool(padding[0] and keyed[r] and start[r] > 0) for r in range(batch)]
-    trailing = [int(seq - start[r] - count[r]) if padding[1] and keyed[r] else 0 for r in range(batch)]
-    pads = np.where(leading, start, 0)
-    start, count = start - pads, count + pads  # (from here on: the span each row keys)
+    leading = (spans.lead > 0).tolist()
+    trailing = spans.trail.tolist()
+    pads = spans.lead
+    start, count = spans.start - pads, spans.count + pads  # (from here on: the span each row keys)
     headers = [header + rows.padding_mark((int(pads[r]), 0)) if leading[r] else header for r in range(batch)]
     found, covered = [], []
     for r in range(batch):
         s, n = int(start[r]), int(count[r])
         if not keyed[r]:
-            reason = "no_tokens" if n == 0 else "mask_gaps"
-            counts[reason] = counts.get(reason, 0) + 1
             found.append([])
             covered.append(0)
             continue

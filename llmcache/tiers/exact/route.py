@@ -25,17 +25,14 @@ def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
     with it (`rows.exact_key`'s `pads`), all T positions, so that what it serves at its padding
     is what the uncached model computes there."""
     ids, mask, positions, types = host
-    start, count, contiguous = rows.real_spans(mask)
-    seq = ids.shape[1]
+    spans = rows.spans(mask, padding, counts)
     out = []
     for r in range(ids.shape[0]):
-        n, s = int(count[r]), int(start[r])
-        if n == 0 or not contiguous[r]:
-            reason = "no_tokens" if n == 0 else "mask_gaps"
-            counts[reason] = counts.get(reason, 0) + 1
+        n, s = int(spans.count[r]), int(spans.start[r])
+        if not spans.keyed[r]:
             out.append((None, s, n))
             continue
-        lead, trail = s if padding[0] else 0, seq - s - n if padding[1] else 0
+        lead, trail = int(spans.lead[r]), int(spans.trail[r])
         if lead or trail:
             s, n = s - lead, n + lead + trail
         before = ids[r, :s] if ids_before else ids[r, :0]

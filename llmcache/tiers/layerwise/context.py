@@ -62,7 +62,7 @@ def token_context(owner, header: bytes, ids, mask, positions, types, kv_cache) -
     ntokens = (mask != 0).sum(1)
     left_padded = bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any())
     cfg = owner.config
-    cacheable = (ntokens > 0) & (ntokens <= cfg.max_tokens)
+    cacheable = (ntokens > 0) & (ntokens <= cfg.layerwise.max_tokens)
     first = torch.where(mask != 0, torch.arange(seq, device=mask.device), seq).amin(1).clamp_max(seq - 1)
     first_position = positions.gather(1, first.unsqueeze(1)).squeeze(1)
     cacheable &= tag_fits(first_position, ntokens)
@@ -81,7 +81,7 @@ def pixel_context(owner, header: bytes, hashes: torch.Tensor, hidden: torch.Tens
     mask = torch.ones(batch, seq, dtype=torch.int64, device=hidden.device)
     ntokens = torch.full((batch,), seq, dtype=torch.int64, device=hidden.device)
     start = torch.zeros_like(ntokens)
-    cacheable = tag_fits(start, ntokens) & (ntokens <= owner.config.max_tokens)
+    cacheable = tag_fits(start, ntokens) & (ntokens <= owner.config.layerwise.max_tokens)
     tags = torch.where(cacheable, make_tag(owner.namespace_id(header), start, ntokens, False),
                        -1 - torch.arange(batch, device=hidden.device))
     hashes = hashes.to(hidden.device)

@@ -69,7 +69,7 @@ class CachedLayer:
         self.module = module
         self.original_forward = module.forward
         cfg = owner.config
-        self.threshold = cfg.layer_threshold(position)
+        self.threshold = cfg.layerwise.layer_threshold(position)
         self.radius = ops.hamming_radius(self.threshold, cfg.num_bits)
         self.bank: RingBuffer | None = None
         self.stats = LayerStats(layer=index)
@@ -83,7 +83,7 @@ class CachedLayer:
         """This layer's bank, sized for entries like `entry` ([M, T, *F]: max_tokens x F per slot)."""
         owner = self.owner
         cfg = owner.config
-        entry_shape, dtype, device = (cfg.max_tokens,) + tuple(entry.shape[2:]), entry.dtype, entry.device
+        entry_shape, dtype, device = (cfg.layerwise.max_tokens,) + tuple(entry.shape[2:]), entry.dtype, entry.device
         words = cfg.num_bits // 64
         capacity = cfg.capacity or 1024
         if cfg.max_bytes is not None:
@@ -94,12 +94,13 @@ class CachedLayer:
                     f"CacheConfig.max_bytes = {cfg.max_bytes} leaves {share} bytes per layer, less than one entry "
                     f"({RingBuffer.entry_bytes(entry_shape, dtype, words)} bytes): raise it or lower max_tokens"
                 )
-        self.bank = RingBuffer(capacity, words, entry_shape, dtype, device, cfg.eviction, cfg.staleness_half_life,
+        self.bank = RingBuffer(capacity, words, entry_shape, dtype, device, cfg.layerwise.eviction,
+                               cfg.layerwise.staleness_half_life,
                                cfg.backend)
         self.stats.bytes = self.bank.nbytes
 
     def _codes(self, ctx: ForwardContext, hidden: torch.Tensor) -> torch.Tensor | None:
-        if self.owner.config.fingerprint == "embeddings":
+        if self.owner.config.layerwise.fingerprint == "embeddings":
             return ctx.codes
         start = time.perf_counter()
         codes = simhash_pooled_unchecked(hidden, ctx.mask, self.owner.planes, backend=self.owner.config.backend)
@@ -187,7 +188,7 @@ class CachedLayer:
                 computed = self.bank.values.new_empty((0, hidden_states.shape[1]) + tuple(self.bank.values.shape[2:]))
             self._count_hits(route.compute, served_semantic, batch - n_compute)
             merged = self.bank.gather(route.slot, computed, route.row_of, ctx.align_end)
-            if cfg.mode == "residual":
+            if cfg.layerwise.mode == "residual":
                 merged = merged.clone()
                 merged[..., :hidden_size] += hidden_states * (~route.compute).view(-1, 1, 1).to(merged.dtype)
         self._write_kv(ctx, merged, capture, hidden_size)
@@ -231,7 +232,7 @@ class CachedLayer:
         start = time.perf_counter()
         served_semantic = None
         with self.owner.lock:
-            if cfg.exact:
+            if cfg.layerwise.exact:
                 slot = self.bank.lookup_exact(ctx.keys, ctx.tags)
             if codes is not None:
                 near, _ = self.bank.lookup(codes, ctx.tags, self.radius)
@@ -253,7 +254,7 @@ class CachedLayer:
         rows = (ctx.store & rows_mask).nonzero().flatten()
         if rows.numel() == 0:
             return
-        if cfg.mode == "residual":
+        if cfg.layerwise.mode == "residual":
             entry = entry.clone()
             entry[..., :hidden_size] -= hidden_in.to(entry.dtype)
         if codes is None:

@@ -47,7 +47,7 @@ class LayerwiseTier(Tier):
         embeds = original(*args, **kwargs)
         call = self.owner.current()
         route = call.route if call is not None else None
-        if not isinstance(route, LayerwiseRoute) or self.owner.config.fingerprint != "embeddings" or embeds.dim() != 3:
+        if not isinstance(route, LayerwiseRoute) or self.owner.config.layerwise.fingerprint != "embeddings" or embeds.dim() != 3:
             return embeds
         ctx = route.context
         if ctx is not None and embeds.shape[:2] == ctx.mask.shape:
@@ -135,7 +135,7 @@ class LayerwiseTier(Tier):
         if capacity != int(meta["capacity"]) or any(saved[n].shape[0] != capacity for n in BANK_FIELDS):
             raise ValueError("the bank tensors disagree on the capacity")
         bank = RingBuffer(capacity, words, tuple(values.shape[1:]), values.dtype, self.owner.planes.device,
-                          cfg.eviction, cfg.staleness_half_life, cfg.backend)
+                          cfg.layerwise.eviction, cfg.layerwise.staleness_half_life, cfg.backend)
         for name in BANK_FIELDS:
             target = getattr(bank, name)
             if target.shape != saved[name].shape or target.dtype != saved[name].dtype:
