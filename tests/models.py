@@ -4,83 +4,82 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    DistilBertModel,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-    RobertaModel,
-)
+import transformers
 
 from llmcache.models import load_minilm, load_smollm2
 
 VOCAB = 400
-FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama"]
-DECODERS = {"gpt2", "llama"}
+LAYERS = 3
+ENCODER = {"num_hidden_layers": LAYERS, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+           "vocab_size": VOCAB, "pad_token_id": 0}
+DECODER = {**ENCODER, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": 2}
+
+# The tiny config of every family the tests build: family -> (transformers class prefix, config
+# fields, decoder). 3 blocks of hidden size 64 (ELECTRA embeds in 32 and projects; Gemma's heads
+# are 16 wide). RoBERTa keeps its own padding_idx 1 (positions count from it) and GPT-2 has no
+# padding token, as their configs define them.
+TINY = {
+    "bert": ("Bert", ENCODER, False),
+    "roberta": ("Roberta", {**ENCODER, "pad_token_id": 1}, False),
+    "xlm-roberta": ("XLMRoberta", {**ENCODER, "max_position_embeddings": 130}, False),
+    "distilbert": ("DistilBert", {"n_layers": LAYERS, "dim": 64, "hidden_dim": 128, "n_heads": 4,
+                                  "vocab_size": VOCAB, "pad_token_id": 0}, False),
+    "electra": ("Electra", {**ENCODER, "embedding_size": 32}, False),
+    "modernbert": ("ModernBert", {**ENCODER, "global_attn_every_n_layers": 2, "local_attention": 8,
+                                  "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2},
+                   False),
+    "gpt2": ("GPT2", {"n_layer": LAYERS, "n_embd": 64, "n_head": 4, "n_positions": 128, "vocab_size": VOCAB,
+                      "bos_token_id": 1, "eos_token_id": 2}, True),
+    "llama": ("Llama", DECODER, True),
+    "qwen2": ("Qwen2", DECODER, True),
+    "mistral": ("Mistral", DECODER, True),
+    "gemma": ("Gemma", {**DECODER, "head_dim": 16}, True),
+    "phi3": ("Phi3", DECODER, True),
+}
+FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama"]  # the families most tests run
+DECODERS = {family for family in FAMILIES if TINY[family][2]}
+HEADS = ["Model", "ForSequenceClassification", "ForMaskedLM", "ForCausalLM", "ForTokenClassification"]
+HEAD_FIELDS = {"ForSequenceClassification": {"num_labels": 3, "pad_token_id": 0},  # (a batch needs a pad id)
+               "ForTokenClassification": {"num_labels": 5}}
 
 
-def tiny_config(family: str, **overrides):
-    """The config of a 3-block model of `family` with hidden size 64 (`overrides` replace fields)."""
-    encoder = {"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
-    fields, config = {
-        "bert": (encoder, BertConfig),
-        "roberta": (encoder, RobertaConfig),
-        "distilbert": ({"n_layers": 3, "dim": 64, "hidden_dim": 128, "n_heads": 4}, DistilBertConfig),
-        "gpt2": ({"n_layer": 3, "n_embd": 64, "n_head": 4, "n_positions": 128, "bos_token_id": 1, "eos_token_id": 2},
-                 GPT2Config),
-        "llama": ({**encoder, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-                  LlamaConfig),
-    }[family]
-    return config(**{**fields, "vocab_size": VOCAB, **overrides})
+def model_class(family: str, head: str):
+    """The transformers class of `family` with `head` ("Model": the base model), or None."""
+    prefix = TINY[family][0]
+    if prefix == "GPT2" and head == "ForCausalLM":
+        head = "LMHeadModel"
+    return getattr(transformers, prefix + head, None)
 
 
-BASE = {"bert": BertModel, "roberta": RobertaModel, "distilbert": DistilBertModel, "gpt2": GPT2LMHeadModel,
-        "llama": LlamaForCausalLM}
-CLASSIFIER = {"bert": BertForSequenceClassification, "roberta": RobertaForSequenceClassification,
-              "distilbert": DistilBertForSequenceClassification, "gpt2": GPT2ForSequenceClassification,
-              "llama": LlamaForSequenceClassification}
+def tiny_config(family: str, head: str = "Model", **overrides):
+    """The tiny config of `family` (`TINY`), with the fields `head` needs; `overrides` replace fields."""
+    return model_class(family, head).config_class(**{**TINY[family][1], **HEAD_FIELDS.get(head, {}), **overrides})
 
 
-def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A 3-block model with hidden size 64 and random weights, in eval mode (encoders: the base
-    model; decoders: the causal LM)."""
+def tiny_model(family: str, head: str | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A model of `tiny_config(family, head, **overrides)` with random weights (seeded), in eval
+    mode. `head` (one of HEADS) defaults to the base model of an encoder, the causal LM of a decoder."""
+    head = head or ("ForCausalLM" if TINY[family][2] else "Model")
+    config = tiny_config(family, head, **overrides)
     torch.manual_seed(seed)
-    return BASE[family](tiny_config(family, **overrides)).eval()
+    return model_class(family, head)(config).eval()
 
 
 def tiny_classifier(family: str, seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
     """The ...ForSequenceClassification of `tiny_config(family)`, random weights, in eval mode."""
+    return tiny_model(family, "ForSequenceClassification", seed, num_labels=num_labels)
+
+
+VIT = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 3,
+       "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def tiny_vit(head: str = "ViTModel", seed: int = 0) -> torch.nn.Module:
+    """A 3-block ViT of 32x32 images ("ViTModel" or "ViTForImageClassification", 3 labels)."""
     torch.manual_seed(seed)
-    return CLASSIFIER[family](tiny_config(family, num_labels=num_labels, pad_token_id=0)).eval()
-
-
-def batch(family: str, lengths: list[int], gen: torch.Generator) -> dict:
-    """input_ids and attention_mask for rows of the given token counts, padded the family's way
-    (right for encoders, left for decoders, as their tokenizers do for generation)."""
-    width = max(lengths)
-    ids = torch.randint(5, VOCAB, (len(lengths), width), generator=gen)
-    mask = torch.zeros_like(ids)
-    for r, n in enumerate(lengths):
-        if family in DECODERS:
-            mask[r, width - n :] = 1
-        else:
-            mask[r, :n] = 1
-    ids = torch.where(mask.bool(), ids, 0)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if family in DECODERS:
-        # As generate() does: positions count real tokens, so padding does not shift them.
-        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp_min(0)
-    return inputs
+    if head == "ViTModel":
+        return transformers.ViTModel(transformers.ViTConfig(**VIT)).eval()
+    return transformers.ViTForImageClassification(transformers.ViTConfig(**VIT, num_labels=3)).eval()
 
 
 def output(model, inputs) -> torch.Tensor:

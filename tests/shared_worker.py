@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import batch
 from models import tiny_model
 
 import llmcache
@@ -23,11 +24,8 @@ def batches():
     gen = torch.Generator().manual_seed(7)
     out = []
     for _ in range(3):
-        ids = torch.randint(5, 400, (6, 12), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[1, 8:] = 0
-        mask[4, 5:] = 0
-        out.append((ids, mask))
+        inputs = batch("right", [12, 8, 12, 12, 5, 12], gen)
+        out.append((inputs["input_ids"], inputs["attention_mask"]))
     return out
 
 

@@ -12,28 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import DECODERS, FAMILIES, VOCAB, batch, output, tiny_model
+from helpers import CLOSE, batch, computed_rows
+from models import DECODERS, FAMILIES, VOCAB, output, tiny_model
 
 import llmcache
 
 
 def real(inputs):
     return inputs["attention_mask"].bool()
-
-
-def count_block_rows(model):
-    """Rows each block's own code computed per call: list of lists, filled by forward pre-hooks on
-    each block's first submodule (which runs only when the block's original forward does)."""
-    _, _, blocks = llmcache.adapters.resolve(model)
-    seen = [[] for _ in blocks]
-
-    def record(i):
-        def hook(module, args, kwargs):
-            seen[i].append(next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).shape[0])
-        return hook
-
-    handles = [next(b.children()).register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    return seen, handles
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -62,12 +48,10 @@ def test_all_hits_skip_every_block(family, gen):
     with torch.inference_mode():
         llmcache.accelerate(model, padding="masked")
         output(model, inputs)
-        seen, handles = count_block_rows(model)
-        output(model, inputs)
-    for h in handles:
-        h.remove()
+        with computed_rows(model) as seen:
+            output(model, inputs)
     # Every row was served: the original blocks never ran.
-    assert seen == [[], [], []]
+    assert seen.calls == [[], [], []]
     assert llmcache.stats(model).hits == 3
 
 
@@ -81,11 +65,9 @@ def test_only_miss_rows_compute(family, gen):
         want = output(model, mixed)
         llmcache.accelerate(model, padding="masked")
         output(model, cached)
-        seen, handles = count_block_rows(model)
-        got = output(model, mixed)
-    for h in handles:
-        h.remove()
-    assert seen == [[3], [3], [3]]  # every block ran on the 3 miss rows only
+        with computed_rows(model) as seen:
+            got = output(model, mixed)
+    assert seen.calls == [[3], [3], [3]]  # every block ran on the 3 miss rows only
     assert llmcache.stats(model).hits == 2
     assert torch.equal(got, want)  # same width, no padding: rows match bit for bit
 
@@ -99,12 +81,10 @@ def test_repeats_inside_one_batch_compute_once(family, gen):
     with torch.inference_mode():
         want = output(model, inputs)
         llmcache.accelerate(model, padding="masked")
-        seen, handles = count_block_rows(model)
-        got = output(model, inputs)
+        with computed_rows(model) as seen:
+            got = output(model, inputs)
         st = llmcache.stats(model)
-    for h in handles:
-        h.remove()
-    assert seen == [[3], [3], [3]]  # the three distinct rows, at every block
+    assert seen.calls == [[3], [3], [3]]  # the three distinct rows, at every block
     assert torch.equal(got, want)
     assert st.insertions == st.entries == 3
     assert sorted(len(e.ids) for e in llmcache.held(model).entries) == [7, 7, 7]
@@ -126,7 +106,7 @@ def test_mixed_batch_equals_rows_one_by_one(family, gen):
         got = output(model, inputs)
     assert llmcache.stats(model).hits > 0
     for r in range(len(lengths)):
-        torch.testing.assert_close(got[r][real(inputs)[r]], alone[r], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[r][real(inputs)[r]], alone[r], **CLOSE)
 
 
 @pytest.mark.parametrize("family", sorted(DECODERS))
@@ -259,7 +239,7 @@ def test_residual_mode_matches_within_rounding(gen):
         output(model, inputs)
         got = output(model, inputs)
     assert llmcache.stats(model).hits == 2
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **CLOSE)
 
 
 def test_a_module_that_is_no_transformers_model_is_refused_saying_what_is_accelerated():

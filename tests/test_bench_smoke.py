@@ -120,7 +120,8 @@ def test_fixed_cost_fit_clamps_the_share_and_says_so(ms, share, raw, clamped):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_e2e_measure_accounts_for_the_cached_time(family, gen):
-    from models import batch, tiny_model
+    from helpers import batch
+    from models import tiny_model
 
     import llmcache
     from bench.experiments import e2e

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import batch, tiny_model
+from helpers import batch
+from models import tiny_model
 
 import llmcache
 

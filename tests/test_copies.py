@@ -17,7 +17,8 @@ import warnings
 
 import pytest
 import torch
-from models import batch, output, tiny_model
+from helpers import batch
+from models import output, tiny_model
 
 import llmcache
 

@@ -8,8 +8,8 @@ DistilBERT, GPT-2 and Llama, plus the real MiniLM and SmolLM2 (slow: loading Smo
 tens of seconds here).
 
 Equality is bit for bit (`assert_close` with zero tolerance) wherever a row is computed in the same
-batch as the uncached call, or served from an entry computed in such a batch; `TOLERANCE` below is
-the one exception and says why.
+batch as the uncached call, or served from an entry computed in such a batch; CLOSE is the one
+exception (`helpers.assert_outputs` states the rule and why).
 
 The exact tier runs here with padding="masked" (served rows hold zeros at padding positions, and
 are served whatever their padding): these tests are about serving at real positions;
@@ -18,18 +18,16 @@ tests/test_padding.py holds what "auto" and "exact" give at padding positions.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
-from collections.abc import Mapping
 
 import pytest
 import torch
+from helpers import EXACT, assert_outputs, batch, computed_rows, leaves
 from models import (
     DECODERS,
     FAMILIES,
     VOCAB,
-    batch,
     decoder_pages,
     held_rows,
     minilm,
@@ -42,22 +40,13 @@ from models import (
 
 import llmcache
 
-# The one tolerance of this file. A row computed in another batch composition than the uncached
-# call (a sub-batch of the misses or of in-batch repeats, a batch of another padded width, or
-# beside other threads' calls sharing the OpenMP pool) goes through matrix products of other
-# shapes, whose blocking can change the order of the float sums: a few ulps per product, far
-# below 1e-5 after 3 to 30 fp32 blocks. A wrongly served entry is off in every digit (0.1 to 3.3
-# in the issue's measurements).
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
-EXACT = {"rtol": 0.0, "atol": 0.0}
-
 
 # ---- subjects: the models of the matrix ---------------------------------------------------------
 @dataclasses.dataclass
 class Subject:
     name: str
     model: torch.nn.Module
-    layout: str  # the family whose padding convention `models.batch` follows
+    layout: str  # the family whose padding convention `helpers.batch` follows
     decoder: bool
     takes_types: bool  # its forward takes token_type_ids
 
@@ -95,97 +84,11 @@ def subject(request):
 # ---- inputs and output comparison ---------------------------------------------------------------
 def make(subject: Subject, lengths: list[int], gen, side: str | None = None) -> dict:
     """input_ids, attention_mask (and, left-padded decoders, position_ids as generate makes them)."""
-    layout = subject.layout
-    if side == "left" and layout not in DECODERS:
-        inputs = batch("llama", lengths, gen)
-        inputs.pop("position_ids")
-        return inputs
-    if side == "right" and layout in DECODERS:
-        return batch("bert", lengths, gen)
-    return batch(layout, lengths, gen)
-
-
-def leaves(out, path: str = "out"):
-    """(path, tensor) of every tensor in a model output (KV caches as [B, T, heads, head_dim])."""
-    if out is None:
-        return
-    if isinstance(out, torch.Tensor):
-        yield path, out
-    elif hasattr(out, "layers") and hasattr(out, "get_seq_length"):  # a transformers Cache
-        for i, layer in enumerate(out.layers):
-            for name in ("keys", "values"):
-                value = getattr(layer, name)  # None: a layer that was never written
-                yield f"{path}.layers[{i}].{name}", None if value is None else value.transpose(1, 2)
-    elif isinstance(out, Mapping):
-        for key, value in out.items():
-            yield from leaves(value, f"{path}.{key}")
-    elif isinstance(out, (tuple, list)):
-        for i, value in enumerate(out):
-            yield from leaves(value, f"{path}[{i}]")
-
-
-def assert_same(got, want, mask: torch.Tensor, approx_rows=(), full: bool = False, served: bool = False) -> None:
-    """`got` equals `want` tensor by tensor: bit for bit, except the rows in `approx_rows` (within
-    TOLERANCE). Per-token tensors ([B, T, ...], KV caches too, see `leaves`) compare at real
-    positions (mask == 1) unless `full`. `served`: rows may be served, so what the docs say differs
-    at padding positions is left out: a pooler reading position 0 of a left-padded row."""
-    got, want = dict(leaves(got)), dict(leaves(want))
-    assert got.keys() == want.keys()
-    batch_size, seq = mask.shape
-    real = mask.bool()
-    for path, w in want.items():
-        g = got[path]
-        assert (g is None) == (w is None), f"{path}: {'nothing' if g is None else 'a tensor'} where the uncached " \
-                                           f"model returns {'nothing' if w is None else 'a tensor'}"
-        if w is None:
-            continue
-        assert g.shape == w.shape and g.dtype == w.dtype, (path, g.shape, w.shape, g.dtype, w.dtype)
-        if w.dim() == 0 or w.shape[0] != batch_size:  # a loss, or anything not batch-major
-            torch.testing.assert_close(g, w, equal_nan=True, msg=path, **(TOLERANCE if approx_rows else EXACT))
-            continue
-        per_token = w.dim() >= 2 and w.shape[1] == seq and not full
-        # (A KV cache a later decode step extended holds real positions past the mask.)
-        kv = w.dim() == 4 and w.shape[1] > seq and ".cache" in path and not full
-        for r in range(batch_size):
-            if served and "pooler_output" in path and not real[r, 0]:
-                continue  # documented: BERT's pooler reads position 0, padding in a left-padded row
-            a, b = (g[r][real[r]], w[r][real[r]]) if per_token else (g[r], w[r])
-            if kv:
-                keep = torch.cat([real[r], real.new_ones(w.shape[1] - seq)])
-                a, b = g[r][keep], w[r][keep]
-            tolerance = TOLERANCE if r in approx_rows else EXACT
-            torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, p=path, r=r: f"{p} row {r}: {m}",
-                                       **tolerance)
+    return batch(side or subject.layout, lengths, gen, positions=subject.decoder and side != "right")
 
 
 def blocks_of(model: torch.nn.Module):
     return llmcache.adapters.resolve(model)[2]
-
-
-@contextlib.contextmanager
-def computed_rows(model: torch.nn.Module):
-    """Yields a function giving, per block, the rows its own code computed since the last call of
-    that function (a pre-hook on each block's first submodule, which runs only when the block does)."""
-    seen = [0] * len(blocks_of(model))
-
-    def hook(i):
-        def record(module, args, kwargs):
-            seen[i] += next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).shape[0]
-        return record
-
-    handles = [next(block.children()).register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, block in enumerate(blocks_of(model))]
-
-    def take():
-        counts = list(seen)
-        seen[:] = [0] * len(seen)
-        return counts
-
-    try:
-        yield take
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def entry_features(model: torch.nn.Module) -> int:
@@ -341,17 +244,17 @@ def test_forward_pattern(subject, pattern, gen):
     batch_size = case.mask.shape[0]
     want = call(model, case)
     llmcache.accelerate(model, padding="masked")
-    with computed_rows(model) as take:
+    with computed_rows(model) as seen:
         first = call(model, case)
-        computed_first = take()
+        computed_first = seen.take()
         after_first = llmcache.stats(model)
         again = call(model, case)
-        computed_again = take()
+        computed_again = seen.take()
     st = llmcache.stats(model)
     n_blocks = len(blocks_of(model))
     full = case.reason is not None or not case.approx_first
-    assert_same(first, want, case.mask, case.approx_first, full=full)
-    assert_same(again, want, case.mask, case.approx_repeat, full=case.reason is not None, served=True)
+    assert_outputs(first, want, case.mask, close_rows=case.approx_first, full=full)
+    assert_outputs(again, want, case.mask, close_rows=case.approx_repeat, full=case.reason is not None, served=True)
     assert st.rows == 2 * batch_size and st.forwards == 2
     if case.reason is not None:
         assert st.not_cached == {case.reason: 2 * batch_size}
@@ -415,9 +318,9 @@ def test_same_ids_with_other_token_types_are_not_served(family, gen):
         assert llmcache.stats(model).hits == 0
         again0, again1 = model(**zeros), model(**ones)
     real = inputs["attention_mask"]
-    assert_same(got1, want1, real, full=True)
-    assert_same(again0, want0, real)
-    assert_same(again1, want1, real)
+    assert_outputs(got1, want1, real, full=True)
+    assert_outputs(again0, want0, real)
+    assert_outputs(again1, want1, real)
     assert llmcache.stats(model).hits == 4 and len(llmcache.held(model).entries) == 4
     assert {e.token_types for e in llmcache.held(model).entries} == {(0,) * 6, (1,) * 6}
 
@@ -452,8 +355,8 @@ def test_a_300_token_row_is_cached_and_served(gen):
         again = model(**inputs)
     st = llmcache.stats(model)
     mask = inputs["attention_mask"]
-    assert_same(first, want, mask, full=True)
-    assert_same(again, want, mask)
+    assert_outputs(first, want, mask, full=True)
+    assert_outputs(again, want, mask)
     assert st.hits == 2 and st.not_cached == {}
     page = llmcache.CacheConfig().page_tokens
     assert sorted((len(e.ids), e.pages) for e in llmcache.held(model).entries) == [
@@ -471,7 +374,7 @@ def test_hit_rate_counts_long_rows_and_rows_too_long_for_the_budget(gen):
         outs = [model(**inputs) for _ in range(3)]
     st = llmcache.stats(model)
     for out in outs:
-        assert_same(out, want, inputs["attention_mask"], approx_rows=(3,))
+        assert_outputs(out, want, inputs["attention_mask"], close_rows=(3,))
     assert st.not_cached == {"too_long": 3} and st.rows == 12
     assert st.bytes <= st.bytes_reserved <= 8 * page_bytes
     held = llmcache.held(model)
@@ -496,7 +399,7 @@ def test_a_served_entry_is_never_evicted_by_a_later_row_of_its_own_batch(gen):
         model(**{k: torch.cat([a[k], pad(b)[k]]) for k in a})  # a and b fill the budget
         for _ in range(3):
             got = model(**mixed)
-            assert_same(got, want, mixed["attention_mask"], approx_rows=(0, 1, 2))
+            assert_outputs(got, want, mixed["attention_mask"], close_rows=(0, 1, 2))
     st = llmcache.stats(model)
     assert st.hits >= 1 and st.bytes <= 3 * page_bytes
 
@@ -545,7 +448,7 @@ def test_grad_enabled_with_frozen_weights_is_served_without_autograd_history(fam
     model(**inputs)
     got = model(**inputs)
     assert llmcache.stats(model).hits == 2 and llmcache.stats(model).not_cached == {}
-    assert_same(got, want, inputs["attention_mask"])
+    assert_outputs(got, want, inputs["attention_mask"])
     assert all(not t.requires_grad and t.grad_fn is None for _, t in leaves(got))
 
 
@@ -562,8 +465,8 @@ def test_train_mode_runs_uncached_with_the_same_dropout(family, gen):
     want = run()
     llmcache.accelerate(model, padding="masked")
     first, again = run(), run()
-    assert_same(first, want, inputs["attention_mask"], full=True)
-    assert_same(again, want, inputs["attention_mask"], full=True)
+    assert_outputs(first, want, inputs["attention_mask"], full=True)
+    assert_outputs(again, want, inputs["attention_mask"], full=True)
     st = llmcache.stats(model)
     assert st.not_cached == {"training": 4} and st.hits == 0 and st.entries == 0
 
@@ -578,8 +481,8 @@ def test_half_precision(family, dtype, gen):
         llmcache.accelerate(model, padding="masked")
         first = model(**inputs)
         again = model(**inputs)
-    assert_same(first, want, inputs["attention_mask"], full=True)
-    assert_same(again, want, inputs["attention_mask"])
+    assert_outputs(first, want, inputs["attention_mask"], full=True)
+    assert_outputs(again, want, inputs["attention_mask"])
     st = llmcache.stats(model)
     assert st.hits == 3
     page = llmcache.CacheConfig().page_tokens
@@ -614,7 +517,7 @@ def test_labels_give_the_uncached_loss(family, gen):
     for name, got in (("first", first), ("repeat", again)):
         torch.testing.assert_close(got.loss, want.loss, msg=lambda m, n=name: f"loss of the {n} call: {m}", **EXACT)
     for got in (first, again):
-        assert_same(got, want, inputs["attention_mask"])
+        assert_outputs(got, want, inputs["attention_mask"])
 
 
 # ---- generate -----------------------------------------------------------------------------------
@@ -687,7 +590,7 @@ def test_the_returned_kv_cache_continues_decoding_as_uncached(family, gen):
     for _ in range(2):  # computed, then served
         got_held, got_prefill, got_step = prefill_and_step()
         assert got_held == want_held == 6, "the prefill's KV cache must hold its 6 positions"
-        assert_same(got_prefill, want_prefill, inputs["attention_mask"])
+        assert_outputs(got_prefill, want_prefill, inputs["attention_mask"])
         torch.testing.assert_close(got_step.logits, want_step.logits, **EXACT)
     assert llmcache.stats(model).hits == 2
 
@@ -705,8 +608,8 @@ def test_minilm_tokenizer_batches_with_empty_strings_and_sentence_pairs():
             again = model(**single), model(**pairs)
             st = llmcache.stats(model)
     for got in (first, again):
-        assert_same(got[0], want[0], single["attention_mask"], approx_rows=range(5))
-        assert_same(got[1], want[1], pairs["attention_mask"], approx_rows=range(2))
+        assert_outputs(got[0], want[0], single["attention_mask"], close_rows=range(5))
+        assert_outputs(got[1], want[1], pairs["attention_mask"], close_rows=range(2))
     assert st.hits == 5 + 2 and st.entries == 3 + 2  # "" and "hello" repeat inside the batch
 
 
@@ -764,8 +667,8 @@ def test_changed_weights_are_never_served_stale_entries(change, gen):
     st = llmcache.stats(model)
     if change != "to-float64":  # same values in another dtype: the bit-exact comparison tells
         assert not torch.equal(want.logits, old), "the change must change the outputs"
-    assert_same(got, want, mask, full=True)  # recomputed with the new weights
-    assert_same(again, want, mask)  # and cached again
+    assert_outputs(got, want, mask, full=True)  # recomputed with the new weights
+    assert_outputs(again, want, mask)  # and cached again
     assert st.invalidations >= 1 and st.hits == before.hits + 2
     assert [e.hits for e in llmcache.held(model).entries] == [1, 1]  # entries of the new weights only
 
@@ -787,9 +690,9 @@ def test_identical_rows_in_two_namespaces_are_never_served_across(family, gen):
         assert llmcache.stats(model).hits == 0
         with llmcache.namespace("tenant-a"):
             again_a = model(**inputs)
-    assert_same(got_b, want, mask, full=True)
-    assert_same(got_default, want, mask, full=True)
-    assert_same(again_a, want, mask)
+    assert_outputs(got_b, want, mask, full=True)
+    assert_outputs(got_default, want, mask, full=True)
+    assert_outputs(again_a, want, mask)
     assert llmcache.stats(model).hits == 2
     held = llmcache.held(model).entries
     assert sorted(e.namespace for e in held) == ["", "", "tenant-a", "tenant-a", "tenant-b", "tenant-b"]
@@ -825,7 +728,7 @@ def test_threads_sharing_one_model_get_the_uncached_outputs(family, gen):
     for t, thread in enumerate(work):
         for i, b in enumerate(thread):
             for out in got[t][i]:
-                assert_same(out, want[t][i], b["attention_mask"], approx_rows=range(4))
+                assert_outputs(out, want[t][i], b["attention_mask"], close_rows=range(4))
     st = llmcache.stats(model)
     held = llmcache.held(model).entries
     # 36 distinct rows were each stored once into 24 entries: evictions are certain; which rows
@@ -839,7 +742,7 @@ def test_threads_sharing_one_model_get_the_uncached_outputs(family, gen):
         before = llmcache.stats(model).hits
         again = model(**shared)
     assert llmcache.stats(model).hits - before == 4
-    assert_same(again, want[0][0], shared["attention_mask"], approx_rows=range(4))
+    assert_outputs(again, want[0][0], shared["attention_mask"], close_rows=range(4))
 
 
 # ---- failures: a block that raises, non-finite states ------------------------------------------
@@ -873,8 +776,8 @@ def test_a_failed_forward_stores_nothing_and_releases_the_model(family, gen):
         assert done, "another thread could not run the model after the failed forward"
         got = model(**more)
         again = model(**more)
-    assert_same(got, want, more["attention_mask"], full=True)
-    assert_same(again, want, more["attention_mask"])
+    assert_outputs(got, want, more["attention_mask"], full=True)
+    assert_outputs(again, want, more["attention_mask"])
     assert llmcache.stats(model).hits == 3 + 2
 
 
@@ -900,8 +803,8 @@ def test_rows_with_non_finite_states_are_computed_and_never_served(family, gen, 
         got = model(**inputs)  # row 0 computes again (its entry was not kept), row 1 is served
         again = model(**inputs)
     st = llmcache.stats(model)
-    assert_same(got, want, mask, approx_rows=(0,))
-    assert_same(again, want, mask, approx_rows=(0,))
+    assert_outputs(got, want, mask, close_rows=(0,))
+    assert_outputs(again, want, mask, close_rows=(0,))
     assert st.not_cached == {"non_finite": 1}
     assert st.hits == 1 + 2
     assert all(torch.isfinite(t).all() for _, t in leaves(got))
@@ -911,7 +814,7 @@ def test_rows_with_non_finite_states_are_computed_and_never_served(family, gen, 
     llmcache.load(fresh, tmp_path / "after-nan.safetensors")
     with torch.inference_mode():
         loaded = fresh(**inputs)
-    assert_same(loaded, want, mask, approx_rows=(0,))
+    assert_outputs(loaded, want, mask, close_rows=(0,))
     assert llmcache.stats(fresh).hits <= 1
 
 
@@ -1009,8 +912,8 @@ def test_save_then_load_into_a_fresh_model_serves_the_same_rows(family, gen, tmp
         got = fresh(**inputs)
         with llmcache.namespace("a"):
             got_a = fresh(**inputs)
-    assert_same(got, want, mask)
-    assert_same(got_a, want, mask)
+    assert_outputs(got, want, mask)
+    assert_outputs(got_a, want, mask)
     assert llmcache.stats(fresh).hits == 6 and llmcache.stats(fresh).insertions == 0
 
 

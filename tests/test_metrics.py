@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 import torch
-from models import VOCAB, batch, tiny_model
+from helpers import batch
+from models import VOCAB, tiny_model
 from redis_server import free_port
 
 import llmcache

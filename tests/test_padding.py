@@ -20,20 +20,16 @@ import copy
 import pytest
 import torch
 import transformers
-from models import DECODERS, VOCAB, batch, output, tiny_config, tiny_model
-from test_exact_matrix import PATTERNS, call, leaves, subject  # noqa: F401 (a fixture)
+from helpers import CLOSE, assert_outputs, batch, leaves
+from models import DECODERS, VOCAB, output, tiny_model
+from test_exact_matrix import PATTERNS, call, subject  # noqa: F401 (a fixture)
 
 import llmcache
 
-# Rows computed in another batch composition, or from cached K/V, round differently: a few ulps of
-# the random 3-block models; up to 1.4e-4 on the real ones' outputs (SmolLM2's logits reach 37).
-EVERYWHERE = {"rtol": 1e-5, "atol": 1e-5}
+# Rows computed in another batch composition, or from cached K/V, round differently: within CLOSE
+# on the random 3-block models (`helpers.assert_outputs`); up to 1.4e-4 on the real ones' outputs
+# (SmolLM2's logits reach 37).
 REAL_MODELS = {"rtol": 1e-4, "atol": 3e-4}
-
-
-def right_padded(family: str, lengths, gen) -> dict:
-    inputs = batch("bert", lengths, gen)  # (right padding, whatever the family)
-    return inputs
 
 
 def twice(model, inputs):
@@ -47,7 +43,7 @@ def test_a_decoders_trailing_padding_is_computed_after_its_cached_tokens(family,
     model = tiny_model(family)
     ref = copy.deepcopy(model)
     llmcache.accelerate(model)
-    inputs = right_padded(family, [7, 3, 5, 7], gen)
+    inputs = batch("right", [7, 3, 5, 7], gen)
     with torch.inference_mode():
         want = ref(**inputs)
     first, again = twice(model, inputs)
@@ -55,10 +51,7 @@ def test_a_decoders_trailing_padding_is_computed_after_its_cached_tokens(family,
     assert s.hits == 4 and s.not_cached == {}  # the repeat is served whole: only padding computes
     assert s.last_tokens == (6 + 3 + 5 + 6, 2)  # (an unpadded row in such a batch computes its last token)
     for got in (first, again):
-        torch.testing.assert_close(got.logits, want.logits, **EVERYWHERE)  # every position
-        for got_layer, want_layer in zip(got.past_key_values.layers, want.past_key_values.layers):
-            torch.testing.assert_close(got_layer.keys, want_layer.keys, **EVERYWHERE)
-            torch.testing.assert_close(got_layer.values, want_layer.values, **EVERYWHERE)
+        assert_outputs(got, want, tolerance=CLOSE)  # every position: logits, the returned KV cache
 
 
 @pytest.mark.parametrize("family", sorted(DECODERS))
@@ -103,13 +96,13 @@ def test_generate_serves_left_padded_prompts(family, padding, gen):
             got = model.generate(**inputs, **settings)
             assert torch.equal(got.sequences, want.sequences)
             for a, b in zip(got.scores, want.scores):
-                torch.testing.assert_close(a, b, **EVERYWHERE)
+                torch.testing.assert_close(a, b, **CLOSE)
             for got_layer, want_layer in zip(got.past_key_values.layers, want.past_key_values.layers):
                 for a, b in ((got_layer.keys, want_layer.keys), (got_layer.values, want_layer.values)):
                     a, b = a.transpose(1, 2), b.transpose(1, 2)  # [B, T, heads, head dim]
                     if padding == "auto":
                         a, b = a[real], b[real]
-                    torch.testing.assert_close(a, b, **EVERYWHERE)
+                    torch.testing.assert_close(a, b, **CLOSE)
     assert llmcache.stats(model).hits == 3
 
 
@@ -157,33 +150,18 @@ def tester_inputs(gen, rows: int = 13, seq: int = 7) -> dict:
 
 
 def hf_classes():
+    """(head, config fields, padding) per family: the sizes of transformers' model testers."""
     small = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
              "intermediate_size": 37}
-    return {
-        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**small, num_key_value_heads=2,
-                                                                           pad_token_id=0), "auto"),
-        "bert": (transformers.BertForMaskedLM, transformers.BertConfig(**small, type_vocab_size=16), "exact"),
-    }
-
-
-def flat_outputs(out) -> list:
-    """Every tensor of a model output, the KV cache's keys and values included."""
-    leaves = []
-    for value in (out.to_tuple() if hasattr(out, "to_tuple") else out):
-        if isinstance(value, torch.Tensor):
-            leaves.append(value)
-        elif hasattr(value, "layers"):
-            leaves += [t for layer in value.layers for t in (layer.keys, layer.values)]
-    return leaves
+    return {"llama": ("ForCausalLM", small, "auto"), "bert": ("ForMaskedLM", {**small, "type_vocab_size": 16}, "exact")}
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_transformers_determinism_and_tuple_dict_equivalence(family, gen):
     """What transformers' test_determinism and test_model_outputs_equivalence check, on the inputs
     its model testers make, with the repeat served: every output, at every position, twice."""
-    cls, config, padding = hf_classes()[family]
-    torch.manual_seed(0)
-    model = llmcache.accelerate(cls(config).eval(), padding=padding)
+    head, fields, padding = hf_classes()[family]
+    model = llmcache.accelerate(tiny_model(family, head, **fields), padding=padding)
     inputs = tester_inputs(gen)
     if family == "bert":
         inputs["token_type_ids"] = torch.randint(0, 16, inputs["input_ids"].shape, generator=gen)
@@ -192,16 +170,14 @@ def test_transformers_determinism_and_tuple_dict_equivalence(family, gen):
         second = model(**inputs)
         as_tuple = model(**inputs, return_dict=False)
     assert llmcache.stats(model).hits > 0
-    for a, b, c in zip(flat_outputs(first), flat_outputs(second), flat_outputs(as_tuple)):
-        torch.testing.assert_close(b, a, **EVERYWHERE)
-        torch.testing.assert_close(c, a, **EVERYWHERE)
+    for (_, a), (_, b), (_, c) in zip(leaves(first), leaves(second), leaves(as_tuple)):
+        torch.testing.assert_close(b, a, **CLOSE)
+        torch.testing.assert_close(c, a, **CLOSE)
 
 
 # ---- encoders: exact on request ------------------------------------------------------------------
 def test_masked_lm_loss_with_labels_at_padded_positions(gen):
-    config = tiny_config("bert")
-    torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(config).eval()
+    model = tiny_model("bert", "ForMaskedLM")
     ref = copy.deepcopy(model)
     llmcache.accelerate(model, padding="exact")
     inputs = batch("bert", [7, 4, 7], gen)
@@ -250,12 +226,9 @@ def test_forward_pattern_with_exact_padding_equals_the_uncached_model_everywhere
     want = call(model, case)
     llmcache.accelerate(model, padding="exact")
     first, again = call(model, case), call(model, case)
-    tolerance = EVERYWHERE if subject.name in DECODERS | {"bert", "roberta", "distilbert"} else REAL_MODELS
+    tolerance = CLOSE if subject.name in DECODERS | {"bert", "roberta", "distilbert"} else REAL_MODELS
     for got in (first, again):
-        got, expected = dict(leaves(got)), dict(leaves(want))
-        assert got.keys() == expected.keys()
-        for path, w in expected.items():
-            torch.testing.assert_close(got[path], w, equal_nan=True, msg=lambda m, p=path: f"{p}: {m}", **tolerance)
+        assert_outputs(got, want, tolerance=tolerance, equal_nan=True)
     assert llmcache.stats(model).hits == case.served  # a row repeated with its padding is served
 
 
@@ -267,7 +240,7 @@ def test_a_kv_cache_given_under_either_name_is_filled_where_padding_is_computed(
     model = tiny_model("llama").model  # the base model, called directly with the argument
     ref = copy.deepcopy(model)
     llmcache.accelerate(model)
-    inputs = right_padded("llama", [6, 4], gen)
+    inputs = batch("right", [6, 4], gen)
     deprecated = pytest.warns(FutureWarning, match="past_key_values") if name == "past_key_values" \
         else contextlib.nullcontext()
     with torch.inference_mode():
@@ -277,7 +250,7 @@ def test_a_kv_cache_given_under_either_name_is_filled_where_padding_is_computed(
             with deprecated:  # (transformers' deprecation warning, as uncached: the test checks it)
                 got = model(**inputs, **{name: given})
             assert got.past_key_values is given and given.get_seq_length() == 6
-            torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, **EVERYWHERE)
+            torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, **CLOSE)
     assert llmcache.stats(model).hits == 2
 
 
@@ -288,7 +261,7 @@ def test_stats_hold_plain_python_numbers(gen):
     import json
 
     model = llmcache.accelerate(tiny_model("llama"))
-    inputs = right_padded("llama", [6, 4, 6], gen)
+    inputs = batch("right", [6, 4, 6], gen)
     inputs["attention_mask"][2, 2] = 0
     with torch.inference_mode():
         model(**inputs)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import batch, output, tiny_model
+from helpers import batch
+from models import output, tiny_model
 
 import llmcache
 

@@ -4,12 +4,9 @@ Random Llama, Qwen2, Mistral and GPT-2 configs (rotary and absolute positions, g
 and the real SmolLM2 where its package is installed. Every check compares with an uncached copy
 of the same weights.
 
-PREFIX_TOLERANCE: a row computed against cached K/V runs its suffix as a shorter sequence than
-the uncached full prefill, so its matrix products cover other row counts and may round
-differently (as in vLLM's prefix caching). Measured here: at most 6e-8 on fp32 logits of these
-configs (|logits| ~ 0.1-1) and 6.8e-5 on SmolLM2's (|logits| up to 37); the bound below is above
-that, far below any difference of meaning, and `generate` tokens must be identical.
-Whole-row repeats are still served bit for bit (tests/test_families.py).
+Rows computed against cached K/V are compared within PREFIX_TOLERANCE (`helpers.assert_outputs`
+says why and what was measured), and `generate` tokens must be identical. Whole-row repeats are
+still served bit for bit (tests/test_families.py).
 """
 
 from __future__ import annotations
@@ -19,46 +16,24 @@ import threading
 
 import pytest
 import torch
-import transformers
-from models import smollm2
+from helpers import PREFIX_TOLERANCE, assert_outputs, batch
+from models import smollm2, tiny_model
 
 import llmcache
 
-PREFIX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 PAGE = 8  # CacheConfig.page_tokens default
-
-SMALL = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-         "num_attention_heads": 4, "num_key_value_heads": 2}
-FAMILIES = {
-    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)),
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)),
-    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL)),
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)),
-}
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+# tests/models.py's tiny configs, smaller (hidden 32, 101 ids) and without the special tokens the
+# configs' own defaults lack: the configs PREFIX_TOLERANCE was measured on.
+SMALL = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 64, "pad_token_id": None}
+SIZES = {"llama": SMALL, "mistral": SMALL, "qwen2": {**SMALL, "bos_token_id": None, "eos_token_id": None},
+         "gpt2": {"vocab_size": 101, "n_embd": 32, "n_positions": 256}}
 
 
 def build(family: str, seed: int = 0, **config):
     """(accelerated model, uncached copy of the same weights)."""
-    torch.manual_seed(seed)
-    model = FAMILIES[family]().eval()
+    model = tiny_model(family, seed=seed, **SIZES[family])
     return llmcache.accelerate(copy.deepcopy(model), **config), model
-
-
-def batch(rows: list[torch.Tensor], side: str) -> dict:
-    """input_ids / attention_mask / position_ids (from the mask, as generate makes them)."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, span], mask[i, span] = r, 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}
-
-
-def assert_close_at_real(got, want, mask):
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], **PREFIX_TOLERANCE)
 
 
 def other(token: torch.Tensor) -> torch.Tensor:
@@ -78,16 +53,16 @@ def test_shared_prefixes_of_every_length_compute_only_their_suffix(family, side,
     model, ref = build(family)
     base = tokens(40)
     with torch.inference_mode():
-        model(**batch([base], side))  # pages [0, 8), ..., [32, 40) cached
+        model(**batch(side, [base], positions=True))  # pages [0, 8), ..., [32, 40) cached
         # Shared with `base`: 0 tokens, a page less one, one page, several pages, the whole prompt.
         cases = {0: torch.cat([other(base[:1]), base[1:12]]), PAGE - 1: torch.cat([base[:7], other(base[7:8]), tokens(8)]),
                  PAGE: torch.cat([base[:8], tokens(5)]), 4 * PAGE: torch.cat([base[:32], tokens(11)]),
                  40: base[:40].clone()}
         for shared, row in cases.items():
-            inputs = batch([row], side)
+            inputs = batch(side, [row], positions=True)
             want = ref(**inputs).logits
             got = model(**inputs).logits
-            assert_close_at_real(got, want, inputs["attention_mask"])
+            assert_outputs(got, want, inputs["attention_mask"], tolerance=PREFIX_TOLERANCE)
             served, computed = llmcache.stats(model).last_tokens
             if shared == 40:  # a whole repeat: served by the block splice, nothing computed
                 assert (served, computed) == (40, 0)
@@ -106,16 +81,16 @@ def test_a_batch_mixing_cached_lengths_matches_the_uncached_model(family, side, 
     model, ref = build(family, padding="masked")
     system = tokens(3 * PAGE + 5)
     with torch.inference_mode():
-        model(**batch([torch.cat([system, tokens(4)])], side))
+        model(**batch(side, [torch.cat([system, tokens(4)])], positions=True))
         rows = [torch.cat([system, tokens(7)]),  # 3 pages cached
                 torch.cat([system[:PAGE + 2], tokens(12)]),  # 1 page
                 tokens(9),  # none
                 torch.cat([system, tokens(1)]),  # 3 pages, a 6-token suffix
                 system[:2 * PAGE].clone()]  # 2 pages: its last token computes
-        inputs = batch(rows, side)
+        inputs = batch(side, rows, positions=True)
         want = ref(**inputs)
         got = model(**inputs)
-        assert_close_at_real(got.logits, want.logits, inputs["attention_mask"])
+        assert_outputs(got.logits, want.logits, inputs["attention_mask"], tolerance=PREFIX_TOLERANCE)
         served, computed = llmcache.stats(model).last_tokens
         assert served == 3 * PAGE + PAGE + 0 + 3 * PAGE + (2 * PAGE - 1)
         assert served + computed == int(inputs["attention_mask"].sum())
@@ -127,19 +102,19 @@ def test_a_batch_mixing_cached_lengths_matches_the_uncached_model(family, side, 
         step["position_ids"] = step["attention_mask"].sum(1, keepdim=True) - 1
         want_next = ref(**step, cache=want.cache).logits
         got_next = model(**step, cache=got.cache).logits
-        torch.testing.assert_close(got_next, want_next, **PREFIX_TOLERANCE)
+        assert_outputs(got_next, want_next, tolerance=PREFIX_TOLERANCE)
 
 
 def test_hidden_states_at_every_position_come_from_the_bank_or_the_suffix(tokens):
     model, ref = build("llama", padding="masked")
     system = tokens(2 * PAGE)
     with torch.inference_mode():
-        model.model(**batch([torch.cat([system, tokens(3)])], "right"))
-        inputs = batch([torch.cat([system, tokens(6)]), torch.cat([system[:PAGE], tokens(2)])], "left")
+        model.model(**batch("right", [torch.cat([system, tokens(3)])], positions=True))
+        inputs = batch("left", [torch.cat([system, tokens(6)]), torch.cat([system[:PAGE], tokens(2)])], positions=True)
         want = ref.model(**inputs).last_hidden_state
         got = model.model(**inputs).last_hidden_state
     assert llmcache.stats(model).last_tokens == (3 * PAGE, 6 + 2)
-    assert_close_at_real(got, want, inputs["attention_mask"])
+    assert_outputs(got, want, inputs["attention_mask"], tolerance=PREFIX_TOLERANCE)
     assert torch.all(got[~inputs["attention_mask"].bool()] == 0)  # padding: zeros, as served rows are
 
 
@@ -153,9 +128,9 @@ def test_generate_with_prefix_hits_gives_the_uncached_tokens(family, how, tokens
     kwargs.update({"greedy": {"do_sample": False}, "beam": {"num_beams": 3, "do_sample": False},
                    "sample": {"do_sample": True, "top_k": 20}}[how])
     with torch.inference_mode():
-        model(**batch([torch.cat([system, tokens(5)])], "left"))
+        model(**batch("left", [torch.cat([system, tokens(5)])], positions=True))
         for _ in range(2):  # the second round also hits the first round's prompts
-            inputs = batch([torch.cat([system, tokens(k)]) for k in (2, 9, 4)], "left")
+            inputs = batch("left", [torch.cat([system, tokens(k)]) for k in (2, 9, 4)], positions=True)
             inputs.pop("position_ids")
             torch.manual_seed(3)
             want = ref.generate(**inputs, **kwargs)
@@ -187,7 +162,7 @@ def test_a_shared_prefix_is_held_once_however_many_prompts_extend_it(tokens):
     system = tokens(4 * PAGE)
     with torch.inference_mode():
         for _ in range(10):
-            model(**batch([torch.cat([system, tokens(PAGE)])], "right"))
+            model(**batch("right", [torch.cat([system, tokens(PAGE)])], positions=True))
     held = llmcache.held(model).entries
     assert len(held) == 4 + 10  # the system prompt's four pages once, one page per prompt after it
     first_pages = [e for e in held if e.parent == -1]
@@ -201,7 +176,7 @@ def test_a_shared_prefix_is_held_once_however_many_prompts_extend_it(tokens):
 def test_eviction_under_a_small_budget_never_serves_a_freed_page(gen, tokens):
     model, ref = build("gpt2")
     with torch.inference_mode():
-        model(**batch([tokens(3)], "right"))
+        model(**batch("right", [tokens(3)], positions=True))
     one_page = llmcache.held(model).entries[0].bytes
     llmcache.disable(model)
     llmcache.accelerate(model, max_bytes=12 * one_page)
@@ -211,8 +186,9 @@ def test_eviction_under_a_small_budget_never_serves_a_freed_page(gen, tokens):
             system = systems[int(torch.randint(0, 3, (1,), generator=gen))]
             rows = [torch.cat([system[: PAGE * int(torch.randint(1, 4, (1,), generator=gen))], tokens(5)])
                     for _ in range(2)]
-            inputs = batch(rows, "left" if i % 2 else "right")
-            assert_close_at_real(model(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"])
+            inputs = batch("left" if i % 2 else "right", rows, positions=True)
+            assert_outputs(model(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"],
+                           tolerance=PREFIX_TOLERANCE)
             held = llmcache.held(model).entries
             serials = {e.serial for e in held}
             assert all(e.parent == -1 or e.parent in serials for e in held), "a page outlived its prefix"
@@ -226,20 +202,21 @@ def test_namespaces_isolate_prefixes(tokens):
     system = tokens(2 * PAGE)
     with torch.inference_mode():
         with llmcache.namespace("tenant-a"):
-            model(**batch([torch.cat([system, tokens(3)])], "right"))
+            model(**batch("right", [torch.cat([system, tokens(3)])], positions=True))
         with llmcache.namespace("tenant-b"):
-            model(**batch([torch.cat([system, tokens(3)])], "right"))
+            model(**batch("right", [torch.cat([system, tokens(3)])], positions=True))
             assert llmcache.stats(model).last_tokens[0] == 0
         with llmcache.namespace("tenant-a"):
-            model(**batch([torch.cat([system, tokens(3)])], "right"))
+            model(**batch("right", [torch.cat([system, tokens(3)])], positions=True))
             assert llmcache.stats(model).last_tokens[0] == 2 * PAGE
 
 
 def test_threads_sharing_prefixes_get_the_uncached_outputs(tokens):
     model, ref = build("llama")
     systems = [tokens(2 * PAGE + 1) for _ in range(2)]
-    work = [batch([torch.cat([systems[i % 2], tokens(3 + i % 5)]), torch.cat([systems[(i + 1) % 2], tokens(4)])],
-                  "left" if i % 2 else "right") for i in range(24)]
+    work = [batch("left" if i % 2 else "right",
+                  [torch.cat([systems[i % 2], tokens(3 + i % 5)]), torch.cat([systems[(i + 1) % 2], tokens(4)])],
+                  positions=True) for i in range(24)]
     with torch.inference_mode():
         want = [ref(**w).logits for w in work]
     errors = []
@@ -248,7 +225,8 @@ def test_threads_sharing_prefixes_get_the_uncached_outputs(tokens):
         try:
             with torch.inference_mode():
                 for i in part:
-                    assert_close_at_real(model(**work[i]).logits, want[i], work[i]["attention_mask"])
+                    assert_outputs(model(**work[i]).logits, want[i], work[i]["attention_mask"],
+                                   tolerance=PREFIX_TOLERANCE)
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -265,9 +243,9 @@ def test_stats_count_tokens_served_and_computed(tokens):
     model, _ = build("llama")
     system = tokens(PAGE * 2)
     with torch.inference_mode():
-        model(**batch([torch.cat([system, tokens(4)])], "right"))
+        model(**batch("right", [torch.cat([system, tokens(4)])], positions=True))
         assert llmcache.stats(model).last_tokens == (0, 2 * PAGE + 4)
-        model(**batch([torch.cat([system, tokens(7)])], "right"))
+        model(**batch("right", [torch.cat([system, tokens(7)])], positions=True))
         s = llmcache.stats(model)
     assert s.last_tokens == (2 * PAGE, 7)
     assert (s.tokens_served, s.tokens_computed, s.prefix_rows) == (2 * PAGE, 2 * PAGE + 4 + 7, 1)
@@ -279,11 +257,12 @@ def test_save_and_load_keep_the_prefix_tree(tokens, tmp_path):
     fresh, _ = build("qwen2")  # (outside inference_mode: weights built in it are inference tensors, run uncached)
     system = tokens(3 * PAGE)
     with torch.inference_mode():
-        model(**batch([torch.cat([system, tokens(2)]), torch.cat([system[:PAGE], tokens(5)])], "right"))
+        model(**batch("right", [torch.cat([system, tokens(2)]), torch.cat([system[:PAGE], tokens(5)])], positions=True))
         llmcache.save(model, tmp_path / "c.safetensors")
         llmcache.load(fresh, tmp_path / "c.safetensors")
-        inputs = batch([torch.cat([system, tokens(6)])], "left")
-        assert_close_at_real(fresh(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"])
+        inputs = batch("left", [torch.cat([system, tokens(6)])], positions=True)
+        assert_outputs(fresh(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"],
+                       tolerance=PREFIX_TOLERANCE)
         assert llmcache.stats(fresh).last_tokens == (3 * PAGE, 6)
         # A page loaded from the file extends by new pages with new serial numbers.
         serials = [e.serial for e in llmcache.held(fresh).entries]
@@ -306,7 +285,7 @@ def test_smollm2_chat_turns_reuse_the_conversation_so_far():
                 inputs = tok(text, return_tensors="pt")
                 want = ref(**inputs).logits
                 got = model(**inputs).logits
-                torch.testing.assert_close(got, want, **PREFIX_TOLERANCE)
+                assert_outputs(got, want, tolerance=PREFIX_TOLERANCE)
                 out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
                 assert torch.equal(out, ref.generate(**inputs, max_new_tokens=12, do_sample=False))
                 assert llmcache.stats(model).last_tokens[0] >= previous // PAGE * PAGE - PAGE

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_model
+from helpers import batch
+from models import tiny_model, tiny_vit
 from redis_server import needs_redis
 
 import llmcache
@@ -32,12 +33,10 @@ def shared(url: str, **kwargs) -> llmcache.Shared:
     return llmcache.Shared(url, **{"lookup": "always", "backoff": (0.05, 0.2), "timeout": 1.0, **kwargs})
 
 
-def batch(seed: int, rows: int = 5, seq: int = 10):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 400, (rows, seq), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, seq // 2 :] = 0
-    return ids, mask
+def seeded(seed: int, rows: int = 5, seq: int = 10):
+    """(ids, mask) of `rows` random rows of `seq` tokens, the first right-padded after seq // 2."""
+    inputs = batch("right", [seq // 2] + [seq] * (rows - 1), torch.Generator().manual_seed(seed))
+    return inputs["input_ids"], inputs["attention_mask"]
 
 
 def run(model, ids, mask):
@@ -59,7 +58,7 @@ def stored_keys(server) -> list[bytes]:
 
 # ---- sharing --------------------------------------------------------------------------------
 def test_replica_serves_what_another_computed(redis_server):
-    ids, mask = batch(1)
+    ids, mask = seeded(1)
     a, b = replica(redis_server.url), replica(redis_server.url)
     want = reference(ids, mask)
     assert torch.equal(run(a, ids, mask), want)
@@ -91,7 +90,7 @@ def test_two_processes_share_and_a_restart_warms(redis_server, tmp_path):
 
 
 def test_other_model_weights_dtype_or_span_never_see_entries(redis_server):
-    ids, mask = batch(2)
+    ids, mask = seeded(2)
     run(replica(redis_server.url), ids, mask)
     others = [llmcache.accelerate(tiny_model("bert", seed=1), shared=shared(redis_server.url)),
               llmcache.accelerate(tiny_model("bert").double(), shared=shared(redis_server.url)),
@@ -106,7 +105,7 @@ def test_other_model_weights_dtype_or_span_never_see_entries(redis_server):
 
 
 def test_namespaces_never_hit_across(redis_server):
-    ids, mask = batch(3)
+    ids, mask = seeded(3)
     a, b = replica(redis_server.url), replica(redis_server.url)
     with llmcache.namespace("tenant-a"):
         run(a, ids, mask)
@@ -122,7 +121,7 @@ def test_namespaces_never_hit_across(redis_server):
 
 def test_entries_expire(redis_server):
     a = replica(redis_server.url, ttl=600)
-    run(a, *batch(4))
+    run(a, *seeded(4))
     llmcache.flush(a)
     client = redis_server.client()
     ttls = [client.pttl(k) for k in stored_keys(redis_server)]
@@ -151,7 +150,7 @@ def _tamper(value: bytes, how: str, other_value: bytes) -> bytes:
 
 @pytest.mark.parametrize("how", ["checksum", "truncated", "format", "layout", "model", "key"])
 def test_bad_values_are_refused_counted_and_recomputed(redis_server, how):
-    ids, mask = batch(5, rows=2)
+    ids, mask = seeded(5, rows=2)
     ids[1, 5:] = ids[0, 5:]  # (distinct rows)
     a = replica(redis_server.url)
     run(a, ids, mask)
@@ -191,12 +190,12 @@ def test_values_decode_round_trip_and_refusals():
 def test_server_killed_mid_stream_then_back(redis_server):
     a = replica(redis_server.url)
     for seed in range(3):
-        ids, mask = batch(10 + seed)
+        ids, mask = seeded(10 + seed)
         assert torch.equal(run(a, ids, mask), reference(ids, mask))
     llmcache.flush(a)
     redis_server.stop()
     for seed in range(3, 6):
-        ids, mask = batch(10 + seed)
+        ids, mask = seeded(10 + seed)
         assert torch.equal(run(a, ids, mask), reference(ids, mask))
     s = llmcache.stats(a)
     assert s.shared.errors.get("connection", 0) >= 1 and s.shared.state in ("down", "probing")
@@ -205,7 +204,7 @@ def test_server_killed_mid_stream_then_back(redis_server):
     redis_server.start()
     time.sleep(0.25)  # (past the breaker's longest backoff in this test: 0.2 s)
     before = llmcache.stats(a).shared.round_trips
-    ids, mask = batch(99)
+    ids, mask = seeded(99)
     assert torch.equal(run(a, ids, mask), reference(ids, mask))
     s = llmcache.stats(a)
     assert s.shared.state == "up" and s.shared.round_trips == before + 1
@@ -233,7 +232,7 @@ def test_server_that_never_answers_times_out():
     try:
         port = listener.getsockname()[1]
         a = llmcache.accelerate(tiny_model("bert"), shared=shared(f"redis://127.0.0.1:{port}/0", timeout=0.05))
-        ids, mask = batch(20)
+        ids, mask = seeded(20)
         assert torch.equal(run(a, ids, mask), reference(ids, mask))
         s = llmcache.stats(a)
         # (>= 1: past the backoff, the writer may try the silent server too.)
@@ -252,7 +251,7 @@ def test_nothing_listening_never_fails_a_forward():
 
     a = llmcache.accelerate(tiny_model("bert"), shared=shared(f"redis://127.0.0.1:{free_port()}/0"))
     for seed in range(3):
-        ids, mask = batch(30 + seed)
+        ids, mask = seeded(30 + seed)
         assert torch.equal(run(a, ids, mask), reference(ids, mask))
     assert llmcache.flush(a)
     s = llmcache.stats(a)
@@ -269,7 +268,7 @@ def _fill(policy: str, seed: int):
     try:
         a = replica(server.url)
         for i in range(40):
-            ids, mask = batch(seed + i, rows=8, seq=16)
+            ids, mask = seeded(seed + i, rows=8, seq=16)
             assert torch.equal(run(a, ids, mask), reference(ids, mask))
             llmcache.flush(a)
         return llmcache.stats(a).shared, server.client().info()
@@ -288,7 +287,7 @@ def test_full_server_evicts_and_a_noeviction_server_refuses_politely():
 
 def test_queue_bound_drops_and_counts(redis_server):
     a = replica(redis_server.url, queue_bytes=1)  # smaller than any entry
-    run(a, *batch(40))
+    run(a, *seeded(40))
     s = llmcache.stats(a)
     assert s.shared.write_drops == {"queue_full": 5} and s.shared.writes == 0
     assert stored_keys(redis_server) == []
@@ -308,7 +307,7 @@ def test_acl_users_keep_tenants_apart(redis_server):
     _acl(redis_server)
     host = f"127.0.0.1:{redis_server.port}"
     alice = llmcache.accelerate(tiny_model("bert"), shared=shared(f"redis://alice:pw-alice-1@{host}/0"))
-    ids, mask = batch(50)
+    ids, mask = seeded(50)
     with llmcache.namespace("a"):
         run(alice, ids, mask)
     assert llmcache.flush(alice) and llmcache.stats(alice).shared.writes == 5
@@ -338,7 +337,7 @@ def test_credentials_from_the_environment(redis_server, monkeypatch):
     monkeypatch.setenv("LLMCACHE_REDIS_PASSWORD", "pw-alice-1")
     a = replica(redis_server.url)
     with llmcache.namespace("a"):
-        run(a, *batch(60))
+        run(a, *seeded(60))
     assert llmcache.flush(a) and llmcache.stats(a).shared.writes == 5
     assert "pw-alice-1" not in str(llmcache.stats(a))
 
@@ -347,7 +346,7 @@ def test_saved_cache_holds_no_credentials(tmp_path):
     from redis_server import free_port
 
     a = llmcache.accelerate(tiny_model("bert"), shared=shared(f"redis://u:pw-file-3@127.0.0.1:{free_port()}/0"))
-    run(a, *batch(70))
+    run(a, *seeded(70))
     llmcache.save(a, tmp_path / "bank.safetensors")
     assert b"pw-file-3" not in (tmp_path / "bank.safetensors").read_bytes()
     b = llmcache.accelerate(tiny_model("bert"))  # a cache without the shared tier loads it
@@ -379,7 +378,7 @@ def test_worth_looking_up_weighs_saving_against_a_round_trip():
 
 def test_no_shared_tier_no_shared_stats():
     a = llmcache.accelerate(tiny_model("bert"))
-    run(a, *batch(80))
+    run(a, *seeded(80))
     assert llmcache.stats(a).shared is None and llmcache.flush(a)
 
 
@@ -387,7 +386,7 @@ def test_wrong_password_counts_and_computes(redis_server):
     _acl(redis_server)
     a = llmcache.accelerate(tiny_model("bert"), shared=shared(
         f"redis://alice:not-her-password@127.0.0.1:{redis_server.port}/0"))
-    ids, mask = batch(61)
+    ids, mask = seeded(61)
     assert torch.equal(run(a, ids, mask), reference(ids, mask))
     s = llmcache.stats(a)
     assert s.shared.errors.get("permission", 0) >= 1 and s.shared.hits == 0  # (the writer may try too)
@@ -395,17 +394,8 @@ def test_wrong_password_counts_and_computes(redis_server):
 
 
 def test_pixel_model_shares(redis_server):
-    import transformers
-
-    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=3,
-                                    num_attention_heads=4, intermediate_size=64)
-
-    def vit():
-        torch.manual_seed(0)
-        return transformers.ViTModel(config).eval()
-
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    plain, a, b = vit(), llmcache.accelerate(vit(), shared=shared(redis_server.url)), vit()
+    plain, a, b = tiny_vit(), llmcache.accelerate(tiny_vit(), shared=shared(redis_server.url)), tiny_vit()
     with torch.inference_mode():
         want = plain(pixel_values=pixels).last_hidden_state
         assert torch.equal(a(pixel_values=pixels).last_hidden_state, want)
@@ -417,7 +407,7 @@ def test_pixel_model_shares(redis_server):
 
 def test_threads_share_one_replica(redis_server):
     a, b = replica(redis_server.url), replica(redis_server.url)
-    work = [batch(300 + i % 4) for i in range(16)]  # each batch four times
+    work = [seeded(300 + i % 4) for i in range(16)]  # each batch four times
     wants = [reference(ids, mask) for ids, mask in work[:4]]
     errors = []
 
@@ -444,7 +434,7 @@ def test_a_dropped_replica_ends_its_writer(redis_server):
 
     before = {t for t in threading.enumerate() if t.name == "llmcache-shared-writer"}
     a = replica(redis_server.url)
-    run(a, *batch(90))
+    run(a, *seeded(90))
     assert llmcache.flush(a)
     del a
     gc.collect()
@@ -464,7 +454,7 @@ def test_password_in_the_query_is_masked_too():
 def test_auto_lookups_account_for_every_missing_row(redis_server):
     # Whether a forward looks up depends on measured times; what it does with each row does not.
     a = llmcache.accelerate(tiny_model("bert"), shared=llmcache.Shared(redis_server.url, probe_every=3, timeout=1.0))
-    work = [batch(400 + i) for i in range(8)]
+    work = [seeded(400 + i) for i in range(8)]
     for ids, mask in work:
         run(a, ids, mask)
     assert llmcache.flush(a)
@@ -499,7 +489,7 @@ def test_sentence_transformer_replicas_share_minilm(redis_server):
 
 def test_with_the_verified_semantic_tier_only_exact_entries_travel(redis_server):
     semantic = llmcache.Semantic(tolerance=0.99, max_error=0.01)
-    ids, mask = batch(500)
+    ids, mask = seeded(500)
     a = llmcache.accelerate(tiny_model("bert"), shared=shared(redis_server.url), semantic=semantic)
     run(a, ids, mask)
     assert llmcache.flush(a)
@@ -528,11 +518,11 @@ def test_a_forked_worker_writes_through_writers_of_its_own(redis_server):
     import multiprocessing
 
     a = replica(redis_server.url)
-    run(a, *batch(600))  # the parent's writer exists before the fork
+    run(a, *seeded(600))  # the parent's writer exists before the fork
     assert llmcache.flush(a)
 
     def child(done):
-        ids, mask = batch(601)
+        ids, mask = seeded(601)
         ok = torch.equal(run(a, ids, mask), reference(ids, mask)) and llmcache.flush(a, timeout=10.0)
         done.put((ok, llmcache.stats(a).shared.writes))
 
@@ -552,12 +542,12 @@ def test_a_forked_worker_writes_through_writers_of_its_own(redis_server):
 
 
 def test_weights_changed_since_never_serve_the_old_weights_entries(redis_server):
-    ids, mask = batch(700)
+    ids, mask = seeded(700)
     a = replica(redis_server.url)
     run(a, ids, mask)
     assert llmcache.flush(a)
     b = replica(redis_server.url)
-    run(b, *batch(701))  # (its fingerprint of the old weights is made)
+    run(b, *seeded(701))  # (its fingerprint of the old weights is made)
     changed = tiny_model("bert")
     with torch.no_grad():
         for model in (b, changed):

@@ -16,7 +16,8 @@ import copy
 
 import pytest
 import torch
-from models import batch, output, tiny_classifier, tiny_model
+from helpers import batch
+from models import output, tiny_classifier, tiny_model
 
 import llmcache
 

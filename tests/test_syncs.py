@@ -31,7 +31,8 @@ import weakref
 
 import pytest
 import torch
-from models import DECODERS, batch, tiny_model
+from helpers import batch
+from models import DECODERS, tiny_model
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 

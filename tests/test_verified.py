@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import batch
 from models import VOCAB, tiny_classifier, tiny_model
 
 import llmcache
@@ -52,17 +53,6 @@ def near_duplicates(base: torch.Tensor, rows: int, gen: torch.Generator) -> dict
     ids = base.repeat(rows, 1)
     ids[:, base.numel() // 2] = torch.randint(5, VOCAB, (rows,), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def padded(rows: list[torch.Tensor]) -> dict:
-    """Right-padded input_ids and attention_mask of token rows of any lengths."""
-    width = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : r.numel()] = r
-        mask[i, : r.numel()] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def real_rows(inputs: dict) -> list[torch.Tensor]:
@@ -460,7 +450,7 @@ def lengths_stream(base: torch.Tensor, forward: int, gen: torch.Generator, rows:
         row = base[: 6 + 2 * forward + r % 2].clone()
         row[row.numel() // 2] = int(torch.randint(5, VOCAB, (1,), generator=gen))
         out.append(row)
-    return padded(out)
+    return batch("right", out)
 
 
 def test_pooled_serves_neighbours_of_other_lengths(gen):
@@ -472,7 +462,7 @@ def test_pooled_serves_neighbours_of_other_lengths(gen):
         for k in range(12):
             inputs = lengths_stream(base, k, gen)
             if history:  # an exact repeat of an earlier row rides along: served bit for bit
-                inputs = padded([*real_rows(inputs), real_rows(history[0])[0]])
+                inputs = batch("right", [*real_rows(inputs), real_rows(history[0])[0]])
             got = hidden(model, inputs)
             st = llmcache.stats(model)
             if st.last_semantic_rows:
@@ -655,7 +645,7 @@ def test_neighbour_records_stay_bounded_under_eviction(gen):
     most = 0
     with torch.inference_mode():
         for _ in range(60):
-            hidden(model, padded([sentence(gen) for _ in range(4)]))
+            hidden(model, batch("right", [sentence(gen) for _ in range(4)]))
             st = llmcache.stats(model)
             most = max(most, st.semantic.records)
             assert st.semantic.records <= 2 * st.entries + 64 + 4  # (+ one forward's new records)

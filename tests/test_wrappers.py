@@ -13,7 +13,6 @@ CLOSE, a few float32 ulps of matrix products blocked differently.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from pathlib import Path
@@ -21,61 +20,21 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import CLOSE, assert_outputs, batch, computed_rows
+from models import tiny_model, tiny_vit
 from torch import nn
 
 import llmcache
 
-CLOSE = {"rtol": 1e-5, "atol": 1e-5}
 STSB = Path(os.environ.get("LLMCACHE_STSB", "/work/shared/data/stsbenchmark"))
 
 
-@contextlib.contextmanager
-def computed_rows(blocks: nn.ModuleList):
-    """Yields a list: per block, the rows its own code computed (a pre-hook on its first submodule
-    that is called, which runs only when the block itself does)."""
-    seen = [0] * len(blocks)
-
-    def first_called(block: nn.Module) -> nn.Module:
-        child = next(block.children())
-        while isinstance(child, nn.ModuleList):  # (T5Block keeps its sublayers in a list)
-            child = child[0]
-        return child
-
-    def hook(i):
-        def record(module, args, kwargs):
-            seen[i] += next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).shape[0]
-        return record
-
-    handles = [first_called(block).register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, block in enumerate(blocks)]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def assert_rows_equal(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor | None = None, rows=None,
-                      close_rows=()) -> None:
-    """Row by row, at real positions when `mask` is given: bit for bit, or within CLOSE for `close_rows`."""
-    assert got.shape[1:] == want.shape[1:] and got.dtype == want.dtype
-    for r in range(want.shape[0]) if rows is None else rows:
-        a, b = (got[r], want[r]) if mask is None else (got[r][mask[r].bool()], want[r][mask[r].bool()])
-        if r in close_rows:
-            torch.testing.assert_close(a, b, **CLOSE, msg=lambda m, r=r: f"row {r}: {m}")
-        else:
-            assert torch.equal(a, b), f"row {r}: max |diff| {(a - b).abs().max().item():.3g}"
-
-
-def ragged_ids(lengths: list[int], gen: torch.Generator, vocab: int = 400) -> dict:
+def ragged_ids(lengths: list[int], gen: torch.Generator) -> dict:
     """Right-padded random ids (T5's tokenizer pads on the right) ending in eos (1), pad 0."""
-    width = max(lengths)
-    ids = torch.randint(5, vocab, (len(lengths), width), generator=gen)
-    mask = torch.zeros_like(ids)
+    inputs = batch("right", lengths, gen)
     for r, n in enumerate(lengths):
-        mask[r, :n] = 1
-        ids[r, n - 1] = 1
-    return {"input_ids": torch.where(mask.bool(), ids, 0), "attention_mask": mask}
+        inputs["input_ids"][r, n - 1] = 1
+    return inputs
 
 
 # ---- T5: the encoder's blocks cache ----------------------------------------------------------------
@@ -100,12 +59,12 @@ def test_t5_forward_encoder_served(gen):
             with computed_rows(model.encoder.block) as encoder_seen, computed_rows(model.decoder.block) as decoder_seen:
                 first = model(**inputs, decoder_input_ids=decoder_ids)
                 again = model(**inputs, decoder_input_ids=decoder_ids)
-            assert encoder_seen == [3] * 3, "the repeat ran the encoder's blocks"
-            assert decoder_seen == [6] * 2, "the decoder runs as it is, on every call"
+            assert encoder_seen.rows == [3] * 3, "the repeat ran the encoder's blocks"
+            assert decoder_seen.rows == [6] * 2, "the decoder runs as it is, on every call"
         mask = inputs["attention_mask"]
         for out in (first, again):
-            assert_rows_equal(out.encoder_last_hidden_state, want.encoder_last_hidden_state, mask)
-            assert_rows_equal(out.logits, want.logits)  # cross-attention reads real positions only
+            assert_outputs(out.encoder_last_hidden_state, want.encoder_last_hidden_state, mask)
+            assert_outputs(out.logits, want.logits)  # cross-attention reads real positions only
         s = llmcache.stats(model)
         assert (s.rows, s.hits, s.entries) == (6, 3, 3), s
     finally:
@@ -128,11 +87,11 @@ def test_t5_partial_batch_keeps_position_bias(gen):
             model.get_encoder()(**old)
             with computed_rows(model.encoder.block) as seen:
                 got = model.get_encoder()(**mixed).last_hidden_state
-        assert seen == [2] * 3
+        assert seen.rows == [2] * 3
         assert llmcache.stats(model).hits == 2
         mask = mixed["attention_mask"]
-        assert_rows_equal(got, want_old, mask, rows=[0, 1])
-        assert_rows_equal(got, want_mixed, mask, rows=[2, 3], close_rows=(2, 3))  # computed as 2 of 4 rows
+        assert_outputs(got, want_old, mask, rows=[0, 1])
+        assert_outputs(got, want_mixed, mask, rows=[2, 3], close_rows=(2, 3))  # computed as 2 of 4 rows
     finally:
         llmcache.disable(model)
 
@@ -155,9 +114,9 @@ def test_t5_save_load_fresh_model(gen, tmp_path):
     try:
         llmcache.load(fresh, tmp_path / "t5.safetensors")
         with torch.inference_mode(), computed_rows(fresh.encoder.block) as seen:
-            assert_rows_equal(fresh.get_encoder()(**inputs).last_hidden_state, want_encoder, inputs["attention_mask"])
+            assert_outputs(fresh.get_encoder()(**inputs).last_hidden_state, want_encoder, inputs["attention_mask"])
             assert torch.equal(fresh.generate(**inputs, **kw), want)
-        assert seen == [0] * 3
+        assert seen.rows == [0] * 3
         assert llmcache.stats(fresh).hits == 6
     finally:
         llmcache.disable(fresh)
@@ -182,17 +141,6 @@ def test_t5_generate_identical(beams, gen):
 
 
 # ---- ViT: keyed on the pixels ------------------------------------------------------------------------
-VIT = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 3,
-       "num_attention_heads": 4, "intermediate_size": 64}
-
-
-def tiny_vit(head: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    if head == "ViTModel":
-        return transformers.ViTModel(transformers.ViTConfig(**VIT)).eval()
-    return transformers.ViTForImageClassification(transformers.ViTConfig(**VIT, num_labels=3)).eval()
-
-
 def vit_outputs(out) -> dict:
     names = ("last_hidden_state", "pooler_output", "logits")
     return {n: getattr(out, n) for n in names if isinstance(getattr(out, n, None), torch.Tensor)}
@@ -212,11 +160,11 @@ def test_vit_repeat_image_served(head, gen):
         with torch.inference_mode(), computed_rows(model.base_model.layers) as seen:
             first = vit_outputs(model(pixel_values=images))
             again = vit_outputs(model(pixel_values=images))
-        assert seen == [3] * 3, "the repeat ran the blocks"
+        assert seen.rows == [3] * 3, "the repeat ran the blocks"
         for out in (first, again):
             assert out.keys() == want.keys()
             for name in want:
-                assert_rows_equal(out[name], want[name])
+                assert_outputs(out[name], want[name])
         s = llmcache.stats(model)
         assert (s.rows, s.hits, s.entries) == (6, 3, 3), s
     finally:
@@ -240,17 +188,17 @@ def test_vit_new_image_beside_cached_one(head, gen):
             model(pixel_values=torch.cat([a, b]))
             with computed_rows(model.base_model.layers) as seen:
                 got = vit_outputs(model(pixel_values=torch.cat([a, c])))
-            assert seen == [1] * 3, "only the new image computes"
+            assert seen.rows == [1] * 3, "only the new image computes"
             assert llmcache.stats(model).hits == 1
             # Computed alone (one row instead of the uncached call's two): close, not bit for bit.
             for name in want:
-                assert_rows_equal(got[name], want[name], close_rows=(1,))
+                assert_outputs(got[name], want[name], close_rows=(1,))
             with computed_rows(model.base_model.layers) as seen:
                 got = vit_outputs(model(pixel_values=torch.cat([nudged, b])))
-            assert seen == [1] * 3, "a nudged image is not the cached one"
+            assert seen.rows == [1] * 3, "a nudged image is not the cached one"
             assert llmcache.stats(model).hits == 2  # b served
             for name in want_nudged:
-                assert_rows_equal(got[name], want_nudged[name], close_rows=(0,))
+                assert_outputs(got[name], want_nudged[name], close_rows=(0,))
     finally:
         llmcache.disable(model)
 
@@ -271,18 +219,18 @@ def test_vit_semantic_tier_keys_pixels_and_fingerprints_patches(gen):
             model(pixel_values=images)
             with computed_rows(model.base_model.layers) as seen:
                 again = model(pixel_values=images).logits
-            assert seen == [0, 0, 0], "the repeated images ran a block"
+            assert seen.rows == [0, 0, 0], "the repeated images ran a block"
             assert torch.equal(again, want)
             s = llmcache.stats(model)
             assert (s.exact_hits, s.semantic_hits, s.not_cached) == (9, 0, {}), s
             with computed_rows(model.base_model.layers) as seen:
                 served = model(pixel_values=near).logits
-            assert seen == [0, 0, 0], "the near images ran a block"
+            assert seen.rows == [0, 0, 0], "the near images ran a block"
             assert torch.equal(served, want)  # the cached images' states, by design of the tier
             assert llmcache.stats(model).semantic_hits == 9
             got_other = model(pixel_values=other).logits
             assert llmcache.stats(model).semantic_hits == 9, "an unrelated image was served"
-            assert_rows_equal(got_other, want_other)
+            assert_outputs(got_other, want_other)
     finally:
         llmcache.disable(model)
 
@@ -459,10 +407,8 @@ def test_pipeline_feature_extraction():
 
 
 def tiny_encoder_classifier(vocab: int) -> nn.Module:
-    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, num_labels=3)
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_model("bert", "ForSequenceClassification", vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                      intermediate_size=64)
 
 
 def test_pipeline_text_classification():
@@ -483,23 +429,18 @@ def test_pipeline_text_classification():
 
 
 def tiny_causal_lm(family: str, tok) -> nn.Module:
-    torch.manual_seed(0)
+    """A 2-block causal LM of hidden size 32 over the tokenizer's vocabulary and special tokens."""
     vocab = tok.vocab_size
     assert vocab >= 30522
+    tokens = {"bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id}
     if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                                         pad_token_id=tok.pad_token_id)
-        model = transformers.GPT2LMHeadModel(config)
+        model = tiny_model("gpt2", vocab_size=vocab, n_embd=32, n_layer=2, **tokens)
     else:
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2,
-                                          bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                                          pad_token_id=tok.pad_token_id)
-        model = transformers.LlamaForCausalLM(config)
+        model = tiny_model("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           **tokens)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = None  # always max_new_tokens: the same work on every call
-    return model.eval()
+    return model
 
 
 PROMPTS = ["The weather today is", "Once upon a time in a land far away there lived", "Hello",
