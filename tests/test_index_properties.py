@@ -1,0 +1,389 @@
+"""Property test (hypothesis) of `ExactIndex`, the host index of the exact tier, under random
+interleavings of its verbs, beside a plain-Python model of what it must hold.
+
+The model keeps what the documentation promises, not how the index does it: which keys are
+visible and in which entry, which entries are reserved, which are "dead" (made invisible while
+children still name them: freed with their last child), each entry's token count, serial,
+parent and hits, and which entry ids are pinned. It does not run CLOCK: after each reservation it
+reads which visible entries went, and checks that the index was allowed to evict them (visible,
+unpinned, no child left, one `evictions` each, none while the reservation fitted without, no more
+than it needed) and that a refused reservation had nothing left to evict. Budgets are a few pages
+of 4 tokens, so eviction happens often.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from llmcache.bank import ExactIndex
+
+PAGE = 4  # tokens per page
+TOKENS = 3  # distinct page contents: keys repeat, so reservations race for one key
+ntokens = st.integers(0, 2 * PAGE + 1)
+
+
+def key_of(token: int, parent_serial: int) -> bytes:
+    """A page's key: its contents and the serial of the page it extends (as `rows.page_key`)."""
+    return f"{token}@{parent_serial}".encode()
+
+
+def pages_for(n: int) -> int:
+    return -(-n // PAGE)
+
+
+@dataclass(eq=False)
+class Entry:
+    """What the model knows of one entry the index has not freed."""
+
+    id: int
+    key: bytes  # the very object handed to the index (`discard` compares identity)
+    token: int
+    ntokens: int
+    serial: int
+    parent: Entry | None
+    state: str = "reserved"  # "reserved", "visible" or "dead"
+    hits: int = 0
+    kids: set = field(default_factory=set)  # children the index has not freed
+
+    @property
+    def pages(self) -> int:
+        return pages_for(self.ntokens)
+
+    def check(self, index: ExactIndex, entry: int) -> None:
+        """`index.describe(entry)` is this entry: key, tokens, pages, hits, serial and parent."""
+        info = index.describe(entry)
+        assert (info.key, info.ntokens, info.pages, info.hits, info.serial) == \
+            (self.key, self.ntokens, self.pages, self.hits, self.serial), (self.state, info, self)
+        assert info.parent_serial == (self.parent.serial if self.parent else -1)
+        assert len(index.token_rows(entry)) == self.ntokens
+
+    def chain(self) -> list[Entry]:
+        """This entry's page chain, from its row's first page."""
+        chain, e = [], self
+        while e is not None:
+            chain.append(e)
+            e = e.parent
+        return chain[::-1]
+
+
+class ExactIndexMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.index: ExactIndex | None = None
+        self.held: dict[int, Entry] = {}  # entry id -> entry, for every entry not freed
+        self.visible: dict[bytes, Entry] = {}
+        self.serials: set[int] = set()  # every serial this index handed out
+        self.evictions = 0
+        self.pins: set[int] | None = None  # entry ids pinned; None: outside `pinned()`
+        self.context = self.pin_fn = None
+        self.gone: list[tuple[int, bytes]] = []  # (id, key) of entries made invisible or freed
+
+    # ---- the model's own bookkeeping ------------------------------------------------------------
+    def reserved(self) -> list[Entry]:
+        return [e for e in self.held.values() if e.state == "reserved"]
+
+    def evictable(self, entry: Entry) -> bool:
+        """What CLOCK may take: a visible leaf that is not pinned."""
+        return entry.state == "visible" and not entry.kids and entry.id not in (self.pins or ())
+
+    def free_pages(self) -> int:
+        """Pages a reservation can have without evicting (the arena grows up to the budget)."""
+        return self.index.max_pages - sum(e.pages for e in self.held.values())
+
+    def full(self) -> bool:
+        cap = self.index.max_entries
+        return cap is not None and len(self.visible) + len(self.reserved()) >= cap
+
+    def hide(self, entry: Entry) -> list[Entry]:
+        """`entry` is no longer visible or reserved: freed, or dead while children name it. Returns
+        the entries freed (its dead ancestors too, when it was their last child)."""
+        self.gone.append((entry.id, entry.key))
+        if entry.kids:
+            entry.state = "dead"
+            return []
+        freed = []
+        while entry is not None:
+            del self.held[entry.id]
+            freed.append(entry)
+            parent = entry.parent
+            if parent is not None:
+                parent.kids.discard(entry)
+                if parent.state == "dead" and not parent.kids:
+                    entry = parent
+                    continue
+            entry = None
+        return freed
+
+    def orphans(self) -> list[Entry]:
+        """Visible entries under a parent that is not visible (no walk reaches them)."""
+        return [e for e in self.visible.values() if e.parent is not None and e.parent.state != "visible"]
+
+    # ---- setup ------------------------------------------------------------------------------------
+    @initialize(max_pages=st.integers(1, 8), max_entries=st.none() | st.integers(1, 5),
+                policy=st.sampled_from(["lru", "staleness"]))
+    def build(self, max_pages, max_entries, policy):
+        self.index = ExactIndex(PAGE, max_pages, max_entries, policy)
+
+    def teardown(self):
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+
+    # ---- writing ----------------------------------------------------------------------------------
+    def _reserve(self, data, insert: bool) -> None:
+        token, n = data.draw(st.integers(0, TOKENS - 1), "token"), data.draw(ntokens, "ntokens")
+        parents = [e for e in self.held.values() if e.state in ("reserved", "visible")]
+        parent = data.draw(st.none() | st.sampled_from(sorted(parents, key=lambda e: e.serial)), "parent") \
+            if parents else None
+        key = key_of(token, parent.serial if parent else -1)
+        need = pages_for(n)
+        free, full, taken = self.free_pages(), self.full(), key in self.visible
+        before = self.index.evictions
+        pid = parent.id if parent else -1
+        entry = self.index.insert(key, n, pid) if insert else self.index.reserve(key, n, pid)
+
+        # What went: visible entries the index no longer finds, each one counted eviction.
+        victims = [e for e in self.visible.values() if self.index.find(e.key) != e.id]
+        assert self.index.evictions - before == len(victims), (self.index.evictions - before, len(victims))
+        for v in victims:
+            assert v is not parent, "the parent of the entry being reserved was evicted"
+            assert v.id not in (self.pins or ()), f"pinned entry {v.id} was evicted"
+            assert all(k in victims for k in v.kids), f"entry {v.id} was evicted while a child lived"
+        freed = []
+        for v in victims:
+            del self.visible[v.key]
+            freed += self.hide(v)
+        assert all(v.id not in self.held for v in victims), "an evicted entry still had children"
+        self.evictions += len(victims)
+
+        if taken or need > self.index.max_pages:
+            assert entry == -1 and not victims, "a key already visible, or longer than the budget"
+            return
+        if free >= need and not full:
+            assert entry >= 0 and not victims, "evicted (or refused) although the reservation fitted"
+        if entry < 0:
+            left = [e.id for e in self.visible.values() if self.evictable(e) and e is not parent]
+            assert not left, f"refused while {left} could be evicted"
+            return
+        if victims and (len(victims) >= 2 or not full):  # the last victim was evicted for pages
+            last = max(v.pages for v in victims) + sum(e.pages for e in freed if e not in victims)
+            assert free + sum(e.pages for e in freed) - last < need, "evicted more than the reservation needed"
+
+        assert entry not in self.held, f"entry id {entry} handed out while in use"
+        info = self.index.describe(entry)
+        assert info.serial not in self.serials, f"serial {info.serial} reused"
+        self.serials.add(info.serial)
+        new = Entry(entry, key, token, n, info.serial, parent)
+        self.held[entry] = new
+        if parent is not None:
+            parent.kids.add(new)
+        if insert:
+            new.state = "visible"
+            self.visible[key] = new
+        else:
+            assert self.index.find(key) == -1, "a reserved entry is visible"
+
+    @rule(data=st.data())
+    def reserve(self, data):
+        self._reserve(data, insert=False)
+
+    @rule(data=st.data())
+    def insert(self, data):
+        self._reserve(data, insert=True)
+
+    @precondition(lambda self: self.reserved())
+    @rule(data=st.data())
+    def commit(self, data):
+        entry = data.draw(st.sampled_from(sorted(self.reserved(), key=lambda e: e.serial)))
+        ok = entry.key not in self.visible  # else another entry took its key meanwhile
+        assert self.index.commit(entry.id) == ok
+        if ok:
+            entry.state = "visible"
+            self.visible[entry.key] = entry
+        else:
+            self.hide(entry)
+
+    @precondition(lambda self: self.reserved())
+    @rule(data=st.data())
+    def release(self, data):
+        entry = data.draw(st.sampled_from(sorted(self.reserved(), key=lambda e: e.serial)))
+        self.index.release(entry.id)
+        self.hide(entry)
+
+    @precondition(lambda self: self.visible)
+    @rule(data=st.data())
+    def evict(self, data):
+        entry = data.draw(st.sampled_from(sorted(self.visible.values(), key=lambda e: e.serial)))
+        self.index.evict(entry.id)
+        del self.visible[entry.key]
+        self.hide(entry)
+
+    @precondition(lambda self: self.visible or self.gone)
+    @rule(data=st.data(), same=st.booleans())
+    def discard(self, data, same):
+        """`discard` evicts only an entry still holding the very key object of its write."""
+        choices = [(e.id, e.key) for e in self.visible.values()] + self.gone
+        entry, key = data.draw(st.sampled_from(choices))
+        if not same:
+            key = (key + b"!")[:-1]  # equal bytes, another object
+        holder = self.held.get(entry)
+        expect = same and holder is not None and holder.state == "visible" and holder.key is key
+        assert self.index.discard(entry, key) == expect
+        if expect:
+            del self.visible[holder.key]
+            self.hide(holder)
+
+    # ---- reading ----------------------------------------------------------------------------------
+    @rule(data=st.data(), hit=st.booleans())
+    def lookup(self, data, hit):
+        serials = sorted(self.serials) + [-1]
+        key = key_of(data.draw(st.integers(0, TOKENS - 1)), data.draw(st.sampled_from(serials)))
+        want = self.visible.get(key)
+        got = self.index.lookup(key) if hit else self.index.find(key)
+        assert got == (want.id if want else -1)
+        if want and hit:
+            want.hits += 1
+
+    @precondition(lambda self: self.visible)
+    @rule(data=st.data())
+    def touch(self, data):
+        entries = data.draw(st.lists(st.sampled_from(sorted(self.visible.values(), key=lambda e: e.serial)),
+                                     max_size=3))
+        self.index.touch([e.id for e in entries])
+        for e in entries:
+            e.hits += 1
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), extra=st.integers(0, 2))
+    def walk(self, data, extra):
+        """Walk the chain of any entry (visible or not), `extra` pages past it that nothing holds:
+        the entries of its visible prefix, nothing counted."""
+        entry = data.draw(st.sampled_from(sorted(self.held.values(), key=lambda e: e.serial)))
+        tokens = [e.token for e in entry.chain()] + [TOKENS] * extra
+        want, serial = [], -1
+        for token in tokens:
+            found = self.visible.get(key_of(token, serial))
+            if found is None:
+                break
+            want.append(found.id)
+            serial = found.serial
+        assert self.index.walk(len(tokens), lambda i, s: key_of(tokens[i], s)) == want
+
+    # ---- pinning ----------------------------------------------------------------------------------
+    @rule(data=st.data())
+    def pin(self, data):
+        """Open `pinned()` (if it is not), and pin some visible entries."""
+        if self.context is None:
+            self.context = self.index.pinned()
+            self.pin_fn = self.context.__enter__()
+            self.pins = set()
+        ids = sorted(e.id for e in self.visible.values())
+        chosen = data.draw(st.lists(st.sampled_from(ids), max_size=3)) if ids else []
+        self.pin_fn(chosen)
+        self.pins.update(chosen)
+
+    @precondition(lambda self: self.context is not None)
+    @rule()
+    def unpin(self):
+        self.context.__exit__(None, None, None)
+        self.context = self.pins = None
+
+    # ---- persistence ------------------------------------------------------------------------------
+    @precondition(lambda self: self.visible and not self.orphans())  # (orphans: see the xfail test below)
+    @rule(adopt=st.booleans())
+    def save_and_load(self, adopt):
+        """state_dict -> load_state_dict into a fresh index of the same budget: the same visible
+        keys, token counts, hits, serials and parents; nothing evicted. With `adopt` (and nothing
+        reserved, dead or pinned), the machine goes on with the loaded index."""
+        state = self.index.state_dict()
+        assert state["entries"] == [e.id for e in sorted(self.visible.values(), key=lambda e: e.serial)]
+        fresh = ExactIndex(PAGE, self.index.max_pages, self.index.max_entries, self.index.policy)
+        ids = fresh.load_state_dict(state)
+        assert len(ids) == len(set(ids)) == fresh.entries == len(self.visible)
+        assert fresh.evictions == 0
+        assert fresh.held_pages == sum(e.pages for e in self.visible.values())
+        for e in self.visible.values():
+            got = fresh.find(e.key)
+            assert got >= 0, f"{e.key!r} was not loaded"
+            e.check(fresh, got)
+        if adopt and len(self.held) == len(self.visible) and self.context is None:
+            self.index = fresh
+            self.held = {}
+            for e in self.visible.values():
+                e.id = fresh.find(e.key)
+                self.held[e.id] = e
+            self.serials = {e.serial for e in self.visible.values()}
+            self.evictions, self.gone = 0, []
+
+    # ---- invariants -------------------------------------------------------------------------------
+    @invariant()
+    def entries_are_what_the_model_holds(self):
+        if self.index is None:
+            return
+        index = self.index
+        assert index.entries == len(self.visible)
+        assert index.live() == sorted(e.id for e in self.visible.values())
+        assert index.evictions == self.evictions
+        cap = index.max_entries
+        assert cap is None or len(self.visible) + len(self.reserved()) <= cap
+        for e in self.held.values():
+            e.check(index, e.id)
+            if e.state == "visible":
+                assert index.find(e.key) == e.id and index.is_live(e.id, e.key)
+            else:  # reserved or dead: never visible
+                assert index.find(e.key) == (self.visible[e.key].id if e.key in self.visible else -1)
+                assert not index.is_live(e.id, e.key)
+
+    @invariant()
+    def pages_are_disjoint_and_counted(self):
+        if self.index is None:
+            return
+        index = self.index
+        assert index.num_pages <= index.max_pages
+        assert index.held_pages == sum(e.pages for e in self.held.values())
+        used = set()
+        for e in self.held.values():
+            rows = np.asarray(index.token_rows(e.id))
+            assert rows.shape == (e.ntokens,)
+            offsets = np.arange(e.ntokens)
+            assert (rows % PAGE == offsets % PAGE).all(), "a token is not at its offset in its page"
+            pages = rows // PAGE
+            assert (pages[offsets % PAGE != 0] == pages[np.maximum(offsets - 1, 0)][offsets % PAGE != 0]).all()
+            distinct = set(pages.tolist())
+            assert len(distinct) == e.pages and all(0 <= p < index.num_pages for p in distinct)
+            assert not used & distinct, f"entry {e.id} shares a page"
+            used |= distinct
+
+    @invariant()
+    def visible_chains_are_walked(self):
+        """A visible entry whose whole prefix is visible is reached by walking its chain."""
+        if self.index is None:
+            return
+        for e in self.visible.values():
+            chain = e.chain()
+            if all(c.state == "visible" for c in chain):
+                tokens = [c.token for c in chain]
+                assert self.index.walk(len(tokens), lambda i, s, t=tokens: key_of(t[i], s)) == [c.id for c in chain]
+
+
+TestExactIndex = ExactIndexMachine.TestCase
+TestExactIndex.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.xfail(strict=True, reason="ExactIndex.state_dict keeps a visible page whose parent page is dead "
+                                       "(its copy lost a commit race, or it was evicted): load_state_dict refuses "
+                                       "the state with ValueError, so llmcache.save then load fails")
+def test_a_page_whose_parent_lost_its_commit_saves_and_loads():
+    index = ExactIndex(PAGE, 8, None)
+    first, second = index.reserve(b"p", PAGE), index.reserve(b"p", PAGE)  # two forwards store one page
+    child = index.reserve(key_of(0, index.describe(second).serial), PAGE, second)  # ... and its next page
+    assert index.commit(first) and not index.commit(second) and index.commit(child)
+    fresh = ExactIndex(PAGE, 8, None)
+    fresh.load_state_dict(index.state_dict())  # ValueError: "a page whose prefix page it does not hold"
+    assert fresh.find(b"p") >= 0
