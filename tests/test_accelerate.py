@@ -194,7 +194,7 @@ def test_semantic_tier_serves_near_duplicates(gen):
     near = {k: v.clone() for k, v in inputs.items()}
     near["input_ids"][:, 5] = (near["input_ids"][:, 5] + 1) % VOCAB  # one token changed
     with torch.inference_mode():
-        llmcache.accelerate(model, threshold=0.5)
+        llmcache.accelerate(model, layerwise=llmcache.Layerwise(threshold=0.5))
         output(model, inputs)
         output(model, near)
         st = llmcache.stats(model)
@@ -205,12 +205,12 @@ def test_max_tokens_limits_the_semantic_tier_only(gen):
     model = tiny_model("bert")
     inputs = batch("bert", [10, 4], gen)
     with torch.inference_mode():
-        llmcache.accelerate(model, max_tokens=6, threshold=0.99)
+        llmcache.accelerate(model, layerwise=llmcache.Layerwise(threshold=0.99, max_tokens=6))
         output(model, inputs)
         output(model, inputs)
         st = llmcache.stats(model)
         llmcache.disable(model)
-        llmcache.accelerate(model, max_tokens=6, padding="masked")
+        llmcache.accelerate(model, padding="masked")
         output(model, inputs)
         output(model, inputs)
     # Semantic tier: per-layer banks of max_tokens positions, only the 4-token row is cacheable.
@@ -235,10 +235,11 @@ def test_residual_mode_matches_within_rounding(gen):
     inputs = batch("roberta", [7, 7], gen)
     with torch.inference_mode():
         want = output(model, inputs)
-        llmcache.accelerate(model, mode="residual")
+        llmcache.accelerate(model, layerwise=llmcache.Layerwise(threshold=1.0, mode="residual"))
         output(model, inputs)
         got = output(model, inputs)
-    assert llmcache.stats(model).hits == 2
+    st = llmcache.stats(model)
+    assert st.hits == 2 * len(st.layers) and st.exact_hits == st.hits  # both rows, at every block
     torch.testing.assert_close(got, want, **CLOSE)
 
 
@@ -253,12 +254,35 @@ def test_a_module_that_is_no_transformers_model_is_refused_saying_what_is_accele
 
 @pytest.mark.parametrize(
     "field,value",
-    [("threshold", 1.5), ("threshold", 0.0), ("num_bits", 100), ("capacity", 0), ("eviction", "fifo"),
-     ("mode", "delta"), ("layers", [7]), ("fingerprint", "ids"), ("max_tokens", 0)],
+    [("num_bits", 100), ("capacity", 0), ("eviction", "fifo"), ("layers", [7])],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"CacheConfig.{field}"):
         llmcache.accelerate(tiny_model("bert"), **{field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("threshold", 1.5), ("threshold", 0.0), ("mode", "delta"), ("fingerprint", "ids"), ("max_tokens", 0),
+     ("eviction", "fifo"), ("staleness_half_life", 0)],
+)
+def test_bad_layerwise_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"Layerwise.{field}"):
+        llmcache.Layerwise(**{"threshold": 0.9, field: value})
+
+
+def test_a_threshold_per_layer_must_fit_the_cached_layers():
+    with pytest.raises(ValueError, match="Layerwise.threshold"):
+        llmcache.accelerate(tiny_model("bert"), layerwise=llmcache.Layerwise(threshold=(0.9, 0.95)), layers=[0, 1, 2])
+
+
+@pytest.mark.parametrize("field", ["threshold", "mode", "max_tokens"])
+def test_a_per_block_field_given_flat_says_where_it_moved(field):
+    value = {"threshold": 0.9, "mode": "residual", "max_tokens": 8}[field]
+    with pytest.raises(TypeError, match=f"{field}: moved to the per-block tier's own section.*Layerwise"):
+        llmcache.accelerate(tiny_model("bert"), **{field: value})
+    with pytest.raises(TypeError, match="threshold"):
+        llmcache.CacheConfig(threshold=0.9)
 
 
 def test_cached_context_manager_and_reset(gen):
@@ -330,7 +354,7 @@ def test_semantic_tier_keeps_one_bank_per_layer(gen):
     model = tiny_model("bert")
     inputs = batch("bert", [6, 6], gen)
     with torch.inference_mode():
-        llmcache.accelerate(model, threshold=0.99, layers=[0, 2])
+        llmcache.accelerate(model, layerwise=llmcache.Layerwise(threshold=0.99), layers=[0, 2])
         output(model, inputs)
         output(model, inputs)
     held = llmcache.held(model)

@@ -66,7 +66,7 @@ def test_semantic_tier_threads_get_single_thread_outputs(gen):
     with torch.inference_mode():
         want = [[output(model, b) for b in thread] for thread in work]
     # threshold 1.0: only identical fingerprints reuse, so every output stays the uncached one.
-    llmcache.accelerate(model, threshold=1.0, capacity=16)
+    llmcache.accelerate(model, layerwise=llmcache.Layerwise(threshold=1.0), capacity=16)
     errors = []
 
     def run(t):

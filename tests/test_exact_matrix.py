@@ -819,7 +819,7 @@ def test_rows_with_non_finite_states_are_computed_and_never_served(family, gen, 
 
 
 # ---- configuration, stats, reset ---------------------------------------------------------------
-@pytest.mark.parametrize("field,value", [("threshold", 1.5), ("threshold", 0.0), ("backend", "nonsense"),
+@pytest.mark.parametrize("field,value", [("padding", "zeros"), ("layerwise", 0.9), ("backend", "nonsense"),
                                          ("num_bits", 63), ("max_bytes", 0), ("page_tokens", 0),
                                          ("num_bits", 100), ("eviction", "fifo"), ("capacity", 1.5)])
 def test_config_errors_come_at_construction(field, value):

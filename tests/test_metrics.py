@@ -253,7 +253,7 @@ def test_credentials_never_scraped(scraper, gen, url):
 
 def test_semantic_tiers_export(scraper, gen):
     verified = llmcache.accelerate(tiny_model("bert"), semantic=llmcache.Semantic(tolerance=0.9, max_error=0.05))
-    threshold = llmcache.accelerate(tiny_model("bert", seed=1), threshold=0.95)  # CacheStats.tier == "semantic"
+    threshold = llmcache.accelerate(tiny_model("bert", seed=1), layerwise=llmcache.Layerwise(threshold=0.95))  # CacheStats.tier == "semantic"
     metrics.register(verified, "verified", scraper.registry)
     metrics.register(threshold, "threshold", scraper.registry)
     ids = torch.randint(5, VOCAB, (1, 12), generator=gen).repeat(4, 1)

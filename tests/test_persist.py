@@ -99,11 +99,11 @@ def test_load_refuses_damaged_files(damage, tmp_path, gen):
 
 
 def test_semantic_tier_round_trip(tmp_path, gen):
-    model, inputs = filled(gen=gen, threshold=0.99)
+    model, inputs = filled(gen=gen, layerwise=llmcache.Layerwise(threshold=0.99))
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     fresh = tiny_model("bert")
-    llmcache.accelerate(fresh, threshold=0.99)
+    llmcache.accelerate(fresh, layerwise=llmcache.Layerwise(threshold=0.99))
     llmcache.load(fresh, path)
     assert llmcache.held(fresh).layers == llmcache.held(model).layers == {0: 3, 1: 3, 2: 3}
     with torch.inference_mode():
@@ -165,11 +165,11 @@ def test_load_refuses_edited_entries(change, tmp_path, gen):
 
 
 def test_semantic_banks_are_checksummed_too(tmp_path, gen):
-    model, _ = filled(gen=gen, threshold=0.99)
+    model, _ = filled(gen=gen, layerwise=llmcache.Layerwise(threshold=0.99))
     path = tmp_path / "banks.safetensors"
     llmcache.save(model, path)
     _edit_file(path, lambda tensors: tensors["layer1.values"][0].view(-1).__setitem__(9, 3.0))
-    fresh = llmcache.accelerate(tiny_model("bert"), threshold=0.99)
+    fresh = llmcache.accelerate(tiny_model("bert"), layerwise=llmcache.Layerwise(threshold=0.99))
     with pytest.raises(ValueError, match="checksum"):
         llmcache.load(fresh, path)
     assert llmcache.held(fresh).layers == {0: 0, 1: 0, 2: 0}

@@ -66,7 +66,7 @@ def test_minilm_mixed_batch_matches_uncached_rows(encoder):
 def test_minilm_namespaces_on_identical_texts(encoder):
     model, tok = encoder
     enc = tok(SENTENCES[:2], padding=True, return_tensors="pt")
-    with torch.inference_mode(), llmcache.cached(model, threshold=0.8):
+    with torch.inference_mode(), llmcache.cached(model, layerwise=llmcache.Layerwise(threshold=0.8)):
         with llmcache.namespace("a"):
             model(**enc)
         with llmcache.namespace("b"):

@@ -363,7 +363,7 @@ def test_refusals_name_what_to_do():
     with pytest.raises(ValueError, match="decoder"):
         llmcache.accelerate(tiny_model("gpt2"), shared="redis://127.0.0.1:1/0")
     with pytest.raises(ValueError, match="CacheConfig.shared"):
-        llmcache.CacheConfig(shared="redis://127.0.0.1:1/0", threshold=0.9)
+        llmcache.CacheConfig(shared="redis://127.0.0.1:1/0", layerwise=llmcache.Layerwise(threshold=0.9))
     with pytest.raises(ValueError, match="Shared.url") as err:
         llmcache.Shared("http://u:pw-x@localhost")
     assert "pw-x" not in str(err.value)

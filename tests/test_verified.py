@@ -193,7 +193,7 @@ def test_decoder_takes_next_token_only(family):
 
 
 def decoder_prior(max_distance: int = WIDE) -> tuple:
-    return ((1000, 1000, 0),) * len(llmcache.verified.bands(max_distance))
+    return ((1000, 1000, 0),) * len(llmcache.tiers.verified.bands(max_distance))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -813,7 +813,7 @@ def test_sentence_transformer_pooled_serving_gives_the_neighbours_embedding():
     st = st_pkg.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
     texts = ["How do I reset my password?", "How can I reset my password?", "Completely unrelated words here."]
     ref = st.encode(texts, convert_to_tensor=True)
-    bands = len(llmcache.verified.bands(CacheConfig().num_bits // 4))
+    bands = len(llmcache.tiers.verified.bands(CacheConfig().num_bits // 4))
     semantic = Semantic(tolerance=agree_all, evidence=((1000, 1000, 0),) * bands, serve="pooled", explore=0.01,
                         max_distance=CacheConfig().num_bits // 4)
     llmcache.accelerate(st, semantic=semantic)

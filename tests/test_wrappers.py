@@ -213,7 +213,7 @@ def test_vit_semantic_tier_keys_pixels_and_fingerprints_patches(gen):
     other = torch.randn(3, 3, 32, 32, generator=gen)
     with torch.inference_mode():
         want, want_other = model(pixel_values=images).logits, model(pixel_values=other).logits
-    llmcache.accelerate(model, threshold=0.9)
+    llmcache.accelerate(model, layerwise=llmcache.Layerwise(threshold=0.9))
     try:
         with torch.inference_mode():
             model(pixel_values=images)

@@ -5,7 +5,7 @@ models' rows are looked up whole (`route.py`), decoders' page by page (`prefix.p
 a `plan.Plan` for the block splice below, or for decoders with cached prefixes a
 `suffix.SuffixPlan` that the router runs through `suffix.suffix_forward`.
 
-The splice (`block_forward`, on every block of the span first..last cached layer): the first
+The splice (`blocks.BlockSplice.forward`, on every block of the span first..last cached layer): the first
 block drops the served rows and the span runs on the M computing rows only, each block getting
 its batch-major arguments sliced to those rows; the last block merges the served rows' stored
 output, the computed rows and the in-batch repeats back to [B, T, D] and stores the computed
