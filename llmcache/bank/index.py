@@ -265,9 +265,16 @@ class ExactIndex:
         return [e for e in range(len(self.meta)) if self.meta.valid[e]]
 
     def state_dict(self) -> dict:
-        """The live entries, a page after the page it extends (by serial): "entries" (their ids,
-        for the caller to read their token rows), "keys" (bytes) and each of `FIELDS` (int64)."""
-        live = sorted(self.live(), key=lambda e: int(self.meta.serial[e]))
+        """The live entries a walk can reach, a page after the page it extends (by serial):
+        "entries" (their ids, for the caller to read their token rows), "keys" (bytes) and each
+        of `FIELDS` (int64)."""
+        live, kept = [], set()
+        for e in sorted(self.live(), key=lambda e: int(self.meta.serial[e])):
+            # (A page under a dead parent, e.g. one whose copy lost a commit race, is unreachable:
+            # no walk gets past its parent. It is left out, and so is everything under it.)
+            if self.meta.parent_serial[e] < 0 or int(self.meta.parent_serial[e]) in kept:
+                live.append(e)
+                kept.add(int(self.meta.serial[e]))
         state = {"entries": live, "keys": [self.meta.keys[e] for e in live]}
         for name in self.FIELDS:
             state[name] = getattr(self.meta, name)[live].copy()
