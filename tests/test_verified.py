@@ -165,14 +165,14 @@ def test_label_tolerance_needs_a_classification_head():
 def test_semantic_with_threshold_or_without_exact_refused():
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="CacheConfig.semantic"):
-        llmcache.accelerate(model, semantic=Semantic(), threshold=0.9)
+        llmcache.accelerate(model, semantic=Semantic(), layerwise=llmcache.Layerwise(threshold=0.9))
     with pytest.raises(ValueError, match="CacheConfig.semantic"):
-        llmcache.accelerate(model, semantic=Semantic(), exact=False)
+        llmcache.accelerate(model, semantic=Semantic(), layerwise=llmcache.Layerwise(threshold=1.0, exact=False))
     assert not llmcache.is_accelerated(model)
     with pytest.raises(ValueError, match="CacheConfig.semantic"):
         CacheConfig(semantic="x")
     with pytest.raises(ValueError, match="CacheConfig.semantic"):
-        CacheConfig(semantic=Semantic(), threshold=0.95)
+        CacheConfig(semantic=Semantic(), layerwise=llmcache.Layerwise(threshold=0.95))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
