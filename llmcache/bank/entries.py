@@ -71,10 +71,6 @@ class PagePool:
         self.num_pages = 0
 
     @property
-    def free(self) -> int:
-        return len(self.free_pages)
-
-    @property
     def held(self) -> int:
         return self.num_pages - len(self.free_pages)
 
@@ -88,6 +84,13 @@ class PagePool:
         grown = min(self.max_pages, max(2 * self.num_pages, self.num_pages + need - len(self.free_pages), 16))
         self.free_pages.extend(range(grown - 1, self.num_pages - 1, -1))
         self.num_pages = grown
+        return True
+
+    def make_room(self, need: int, evict) -> bool:
+        """At least `need` free pages, growing or calling `evict()` (False: nothing to evict)."""
+        while len(self.free_pages) < need:
+            if not self.grow(need) and not evict():
+                return False
         return True
 
     def take(self, need: int, ntokens: int) -> tuple[np.ndarray, np.ndarray]:

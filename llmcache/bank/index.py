@@ -125,8 +125,9 @@ class ExactIndex:
         return self.table.get(key, -1) == entry
 
     def describe(self, entry: int) -> EntryInfo:
-        return EntryInfo(self.meta.keys[entry], int(self.meta.ntokens[entry]), len(self.meta.pages[entry]), int(self.meta.hits[entry]),
-                         int(self.meta.serial[entry]), int(self.meta.parent_serial[entry]))
+        m = self.meta
+        return EntryInfo(m.keys[entry], int(m.ntokens[entry]), len(m.pages[entry]), int(m.hits[entry]),
+                         int(m.serial[entry]), int(m.parent_serial[entry]))
 
     @contextlib.contextmanager
     def pinned(self):
@@ -177,15 +178,10 @@ class ExactIndex:
 
     def _make_room(self, need: int) -> bool:
         """Free pages (and an entry slot) for `need` pages, growing the arena's page count or evicting."""
-        if need > self.max_pages:
-            return False
         full = self.max_entries is not None and self.entries + len(self.reserved) >= self.max_entries
-        if full and not self._evict_one():
+        if need > self.max_pages or (full and not self._evict_one()):
             return False
-        while self.pool.free < need:
-            if not self.pool.grow(need) and not self._evict_one():
-                return False
-        return True
+        return self.pool.make_room(need, self._evict_one)
 
     def commit(self, entry: int) -> bool:
         """Make a reserved entry visible (its states are written). False (and the entry released)
@@ -265,20 +261,16 @@ class ExactIndex:
         return [e for e in range(len(self.meta)) if self.meta.valid[e]]
 
     def state_dict(self) -> dict:
-        """The live entries a walk can reach, a page after the page it extends (by serial):
-        "entries" (their ids, for the caller to read their token rows), "keys" (bytes) and each
-        of `FIELDS` (int64)."""
-        live, kept = [], set()
+        """The live entries a walk can reach (not a page under a dead parent, e.g. one whose copy
+        lost a commit race), a page after the page it extends (by serial): "entries" (their ids,
+        for the caller to read their token rows), "keys" (bytes) and each of `FIELDS` (int64)."""
+        live, kept = [], {-1}
         for e in sorted(self.live(), key=lambda e: int(self.meta.serial[e])):
-            # (A page under a dead parent, e.g. one whose copy lost a commit race, is unreachable:
-            # no walk gets past its parent. It is left out, and so is everything under it.)
-            if self.meta.parent_serial[e] < 0 or int(self.meta.parent_serial[e]) in kept:
+            if int(self.meta.parent_serial[e]) in kept:  # (under a dead parent: no walk gets to it)
                 live.append(e)
                 kept.add(int(self.meta.serial[e]))
-        state = {"entries": live, "keys": [self.meta.keys[e] for e in live]}
-        for name in self.FIELDS:
-            state[name] = getattr(self.meta, name)[live].copy()
-        return state
+        state = {name: getattr(self.meta, name)[live].copy() for name in self.FIELDS}
+        return {"entries": live, "keys": [self.meta.keys[e] for e in live], **state}
 
     def load_state_dict(self, state: dict) -> list[int]:
         """Insert the entries of a `state_dict` into this empty index; their new ids, in order.
