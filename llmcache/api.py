@@ -135,7 +135,7 @@ def _exact_tiers(owner: ModelCache, model: nn.Module, base: nn.Module, adapter, 
     _check_budget(config, geometry, weight.element_size())
     store = Store(config, geometry.features, weight.dtype, weight.device)
     near = _verified_tier(owner, model, base, adapter, embedding, store) if config.semantic is not None else None
-    remote = Remote(config.shared, base, span) if config.shared is not None else None
+    remote = Remote(config.shared) if config.shared is not None else None
     exact = ExactTier(owner, base, blocks, span, geometry, store, near, remote)
     owner.tiers = [t for t in (exact, near, remote) if t is not None]
     if near is not None and near.read_top:

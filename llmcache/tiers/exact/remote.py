@@ -19,25 +19,17 @@ from .plan import Plan
 class Remote(Tier):
     """The shared tier of one exact tier (`CacheConfig.shared`)."""
 
-    def __init__(self, settings, base, span: list[int]):
+    def __init__(self, settings):
         try:
             from ...shared import SharedTier
         except ImportError as err:
             raise ImportError("CacheConfig.shared needs the redis client: pip install redis") from err
         self.client = SharedTier(settings)
-        self.base, self.span = base, span
-        self.model_fingerprint = None  # bytes, made at the first lookup (again after the weights change)
 
-    def _fingerprint(self, store) -> bytes:
-        if self.model_fingerprint is None:
-            from ...state import model_fingerprint
-
-            self.model_fingerprint = model_fingerprint(self.base, self.span, store.arena.features, store.arena.dtype)
-        return self.model_fingerprint
-
-    def warm(self, store, row_keys: list) -> None:
+    def warm(self, store, row_keys: list, fingerprint: bytes) -> None:
         """Look the rows of `row_keys` [(key or None, start, ntokens)] that miss the index up in
-        Redis (one round trip) and copy what it serves into the store (pinned)."""
+        Redis (one round trip) and copy what it serves into the store (pinned). `fingerprint`:
+        the model's (`ExactTier.fingerprint`), which every value must carry."""
         wanted, seen = [], set()
         for key, _, n in row_keys:
             if key is not None and store.index.find(key) < 0 and key not in seen:
@@ -46,10 +38,10 @@ class Remote(Tier):
         if not wanted:
             return
         prefix = self.client.settings.key_prefix(rows.current_namespace())
-        found = self.client.fetch(prefix, self._fingerprint(store), wanted, store.arena.features, store.arena.dtype)
+        found = self.client.fetch(prefix, fingerprint, wanted, store.arena.features, store.arena.dtype)
         store.insert([(key, held) for (key, _), held in zip(wanted, found) if held is not None])
 
-    def share(self, store, entries: list, ntokens: list, parts: list) -> None:
+    def share(self, store, entries: list, ntokens: list, parts: list, fingerprint: bytes) -> None:
         """Hand the committed `entries` (-1: not committed) to the writer; `parts` their states."""
         # One copy of the batch's stored tokens (the forward's tensors may be reused after it);
         # the queue holds views of it.
@@ -61,7 +53,7 @@ class Remote(Tier):
             at += n
         if items:
             prefix = self.client.settings.key_prefix(rows.current_namespace())
-            self.client.put(prefix, self._fingerprint(store), items, store.arena.dtype)
+            self.client.put(prefix, fingerprint, items, store.arena.dtype)
 
     def finish(self, call, output, top: bool) -> None:
         """A forward the block splice routed computed its tokens: what a shared hit saves."""
@@ -74,9 +66,6 @@ class Remote(Tier):
     # ---- the Tier verbs -------------------------------------------------------------------
     def clear(self) -> None:
         """(Its entries stay in Redis: other replicas serve them, and this one warms from them again.)"""
-
-    def invalidate(self, dtype, device) -> None:
-        self.model_fingerprint = None  # (hashed again, from the new weights, at the next lookup)
 
     def report(self, counters) -> dict:
         return {"shared": self.client.snapshot()}

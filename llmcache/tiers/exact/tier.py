@@ -48,7 +48,7 @@ class ExactTier(Tier):
 
     def __init__(self, owner, base: nn.Module, blocks, span: list[int], geometry, store: Store, near=None,
                  remote=None):
-        self.owner, self.span, self.geometry, self.store = owner, span, geometry, store
+        self.owner, self.base, self.span, self.geometry, self.store = owner, base, span, geometry, store
         self.near, self.remote = near, remote
         self.splice = BlockSplice(self, [blocks[i].forward for i in span])
         self.kv_layout: dict = {}  # decoders: span position -> (kv heads, head dim, layer_idx)
@@ -61,6 +61,7 @@ class ExactTier(Tier):
         self.use_cache_default = bool(getattr(base.config, "use_cache", True))
         self.takes_cache_position = "cache_position" in inspect.signature(base.forward).parameters
         self.taken: list = []  # the pending batches whose flags this forward's payload carries
+        self.shared_fingerprint = None  # the shared tier's: made at its first lookup, again after a change
 
     def layer_idx(self, position: int) -> int:
         """The KV cache layer of span block `position`."""
@@ -101,7 +102,7 @@ class ExactTier(Tier):
                                         self.geometry.final_norm is not None, near, call.padding)
                 keys = encoder.row_keys(call.header, call.host, ids_before, call.counts, call.padding)
             if self.remote is not None:
-                self.remote.warm(store, keys)
+                self.remote.warm(store, keys, self._shared_fingerprint())
             return encoder.route(store, keys, call.seq, call.device, call.counts, near,
                                  self.near.pooling if self.near is not None else "mean")
 
@@ -117,7 +118,7 @@ class ExactTier(Tier):
             committed = self.store.commit(plan.entries, plan.store_n, dst, parts)
             self.owner.counters.inserted += sum(e >= 0 for e in committed)
             if self.remote is not None:
-                self.remote.share(self.store, committed, plan.store_n, parts)
+                self.remote.share(self.store, committed, plan.store_n, parts, self._shared_fingerprint())
         plan.entries = []
 
     def release(self, plan) -> None:
@@ -138,6 +139,7 @@ class ExactTier(Tier):
     def invalidate(self, dtype: torch.dtype, device: torch.device) -> None:
         self.store.clear(dtype, device)
         self.kv_dtypes.clear()
+        self.shared_fingerprint = None  # (hashed again, from the new weights, at the next lookup)
 
     def report(self, counters) -> dict:
         c = counters
@@ -174,6 +176,13 @@ class ExactTier(Tier):
     def fingerprint(self, base) -> bytes:
         arena = self.store.arena
         return model_fingerprint(base, self.span, arena.features, arena.dtype)
+
+    def _shared_fingerprint(self) -> bytes:
+        """`fingerprint`, kept between forwards for the shared tier (every forward checks the
+        model's state first, which drops it when the function changed)."""
+        if self.shared_fingerprint is None:
+            self.shared_fingerprint = self.fingerprint(self.base)
+        return self.shared_fingerprint
 
     def state_dict(self, fingerprint: bytes) -> tuple[dict, dict]:
         self.resolve_pending()
