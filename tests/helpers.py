@@ -115,6 +115,10 @@ def computed_rows(blocks):
 EXACT = {"rtol": 0.0, "atol": 0.0}
 CLOSE = {"rtol": 1e-5, "atol": 1e-5}
 PREFIX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+# Rows of the real 30-block SmolLM2 computed in another batch composition: the uncached model itself
+# gives up to 6.5e-5 between a row computed alone and in a batch of two (right-padded rows of 6
+# tokens, one with a mask gap, 12 seeds, |logits| up to 35: beyond CLOSE for 8 of them).
+CLOSE_DEEP = {"atol": 1e-4, "rtol": 1e-4}
 _KV = re.compile(r"\.layers\[\d+\]\.(keys|values)$")
 
 
@@ -140,7 +144,7 @@ def leaves(out, path: str = "out"):
 
 def assert_outputs(got, want, mask: torch.Tensor | None = None, *, rows=None, close_rows=(), close=(),
                    tolerance: dict | None = None, full: bool = False, served: bool = False, kv: bool = True,
-                   equal_nan: bool = False) -> None:
+                   equal_nan: bool = False, close_tolerance: dict | None = None) -> None:
     """`got` (an accelerated model's output: a tensor, a ModelOutput, a tuple, ...) equals `want`
     (the uncached model's), tensor by tensor (`leaves`: KV caches included) and row by row.
 
@@ -151,9 +155,10 @@ def assert_outputs(got, want, mask: torch.Tensor | None = None, *, rows=None, cl
       their path, e.g. "pooler_output"): computed in another batch composition than `want`'s (a
       sub-batch of the misses or of in-batch repeats, another padded width, threads sharing the
       OpenMP pool, a pooler run on more rows), hence through matrix products of other shapes whose
-      blocking can change the order of the float sums: a few ulps per product, far below 1e-5
-      after 3 to 30 fp32 blocks. A wrongly served entry is off in every digit (0.1 to 3.3 in
-      issue 12's measurements).
+      blocking can change the order of the float sums: a few ulps per product, below 1e-5 after
+      the tiny configs' 2-4 fp32 blocks and MiniLM's 6; SmolLM2's 30 blocks reach 6.5e-5 on its
+      logits uncached, so its rows are held to CLOSE_DEEP (1e-4), passed as `close_tolerance`.
+      A wrongly served entry is off in every digit (0.1 to 3.3 in issue 12's measurements).
     - PREFIX_TOLERANCE (1e-4), passed as `tolerance`: rows computed against cached K/V (prefix
       reuse, tests/test_prefix.py) run their suffix as a shorter sequence than the uncached full
       prefill, so their products cover other row counts (as in vLLM's prefix caching). Measured:
@@ -186,7 +191,7 @@ def assert_outputs(got, want, mask: torch.Tensor | None = None, *, rows=None, cl
         approx = path.rsplit(".", 1)[-1] in close
         if w.dim() == 0 or (real is not None and rows is None and w.shape[0] != real.shape[0]):
             # a loss, or anything not batch-major
-            whole = tolerance or (CLOSE if approx or close_rows else EXACT)
+            whole = tolerance or ((close_tolerance or CLOSE) if approx or close_rows else EXACT)
             torch.testing.assert_close(g, w, equal_nan=equal_nan, msg=path, **whole)
             continue
         per_token = real is not None and not full and w.dim() >= 2 and w.shape[1] == real.shape[1]
@@ -202,6 +207,6 @@ def assert_outputs(got, want, mask: torch.Tensor | None = None, *, rows=None, cl
                 a, b = g[r][keep], w[r][keep]
             else:
                 a, b = g[r], w[r]
-            tol = tolerance or (CLOSE if approx or r in close_rows else EXACT)
+            tol = tolerance or ((close_tolerance or CLOSE) if approx or r in close_rows else EXACT)
             torch.testing.assert_close(a, b, equal_nan=equal_nan, msg=lambda m, p=path, r=r: f"{p} row {r}: {m}",
                                        **tol)

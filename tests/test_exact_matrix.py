@@ -23,7 +23,7 @@ import threading
 
 import pytest
 import torch
-from helpers import EXACT, assert_outputs, batch, computed_rows, leaves
+from helpers import CLOSE_DEEP, EXACT, assert_outputs, batch, computed_rows, leaves
 from models import (
     DECODERS,
     FAMILIES,
@@ -49,6 +49,7 @@ class Subject:
     layout: str  # the family whose padding convention `helpers.batch` follows
     decoder: bool
     takes_types: bool  # its forward takes token_type_ids
+    close: dict | None = None  # its bound for rows computed in another batch composition (helpers.CLOSE by default)
 
 
 _REAL: dict = {}
@@ -73,7 +74,8 @@ def subject(request):
     else:
         model, layout = _real(name), ("bert" if name == "minilm" else "llama")
     attention = model.config._attn_implementation
-    yield Subject(name, model, layout, layout in DECODERS, layout in ("bert", "roberta", "gpt2"))
+    yield Subject(name, model, layout, layout in DECODERS, layout in ("bert", "roberta", "gpt2"),
+                  CLOSE_DEEP if name == "smollm2" else None)
     # The real models are shared by the tests: leave them as they were found.
     if llmcache.is_accelerated(model):
         llmcache.disable(model)
@@ -253,8 +255,9 @@ def test_forward_pattern(subject, pattern, gen):
     st = llmcache.stats(model)
     n_blocks = len(blocks_of(model))
     full = case.reason is not None or not case.approx_first
-    assert_outputs(first, want, case.mask, close_rows=case.approx_first, full=full)
-    assert_outputs(again, want, case.mask, close_rows=case.approx_repeat, full=case.reason is not None, served=True)
+    assert_outputs(first, want, case.mask, close_rows=case.approx_first, full=full, close_tolerance=subject.close)
+    assert_outputs(again, want, case.mask, close_rows=case.approx_repeat, full=case.reason is not None, served=True,
+                   close_tolerance=subject.close)
     assert st.rows == 2 * batch_size and st.forwards == 2
     if case.reason is not None:
         assert st.not_cached == {case.reason: 2 * batch_size}

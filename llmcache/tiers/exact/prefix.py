@@ -20,7 +20,7 @@ cache gets every row's K/V in the batch's own layout, and the new pages are writ
 
 A suffix computed against cached K/V is not bit-identical to a full prefill: matrix products
 over a different number of rows may round differently (vLLM users see the same). The tests
-bound it (`tests/test_prefix.py`, PREFIX_TOLERANCE) and `generate` tokens stay identical.
+bound it (PREFIX_TOLERANCE in `tests/helpers.py`) and `generate` tokens stay identical.
 """
 
 from __future__ import annotations
