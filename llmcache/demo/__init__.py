@@ -85,7 +85,7 @@ def _calibrate(model, tokenizer, args, rows: int):
 
 def _promise(stats, served: list, off_rows: torch.Tensor, on_rows: torch.Tensor, args, calibration) -> dict:
     """What the verified semantic tier promised, what it served, and how many served rows broke it."""
-    from . import bound
+    from .. import bound
 
     s = stats.semantic
     rows = torch.tensor(served, dtype=torch.long)
