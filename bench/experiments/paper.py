@@ -321,8 +321,7 @@ def hitrate(args, device: str) -> dict:
     for name in ("minilm", "smollm2", "t5-base"):  # T5: its encoder's blocks
         model, tok = load_model(name, device)
         for dataset, (stream, kinds, origins) in hitrate_streams(args, name).items():
-            config = llmcache.CacheConfig(layerwise=llmcache.Layerwise(threshold=HITRATE_TAU), capacity=len(stream),
-                                           max_bytes=None)
+            config = cache_config(HITRATE_TAU, capacity=len(stream))
             encoded = e2e.batches(tok, stream, BATCH, device)
             lengths = [int(n) for enc in encoded for n in enc["attention_mask"].sum(1)]
             _, base, _ = llmcache.adapters.resolve(model)  # hidden states, not logits: hit rates are the same
@@ -410,6 +409,13 @@ def plot_hitrate(results: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------- sweep
 
 
+def cache_config(tau: float | None, mode: str = "state", capacity: int | None = None) -> llmcache.CacheConfig:
+    """The config of one run: the per-block tier at threshold `tau` (None: the default, exact tier
+    only), entries bounded by `capacity` alone."""
+    layerwise = llmcache.Layerwise(threshold=tau, mode=mode) if tau is not None else None
+    return llmcache.CacheConfig(layerwise=layerwise, capacity=capacity, max_bytes=None)
+
+
 def sweep_configs() -> list[tuple[str, float | None, str]]:
     """(label, tau, mode): the exact-only default first, then every (tau, mode)."""
     return [("exact only", None, "state")] + [(f"tau {t:.2f}", t, m) for m in SWEEP_MODES for t in SWEEP_TAUS]
@@ -424,8 +430,7 @@ def sweep_task(model, encoded: list[dict], device: str, readout: Callable, capac
         off_first, reference = timed_pass(model, encoded, device, readout)
         runs = []
         for label, tau, mode in sweep_configs():
-            config = llmcache.CacheConfig(layerwise=llmcache.Layerwise(threshold=tau, mode=mode), capacity=capacity,
-                                           max_bytes=None)
+            config = cache_config(tau, mode, capacity=capacity)
             seconds, outputs, stats = cached_pass(model, encoded, device, readout, config)
             runs.append({"label": label, "tau": tau, "mode": mode, "on_s": seconds, "outputs": outputs,
                          "hit_rate": stats.hit_rate, "exact_rate": stats.exact_hits / max(stats.lookups, 1),
@@ -629,7 +634,7 @@ def heldout(args, device: str) -> dict:
                 model(**enc)
             off_s, reference = timed_pass(model, encoded, device, mean_pooled)
             for label, tau in configs:
-                config = llmcache.CacheConfig(layerwise=llmcache.Layerwise(threshold=tau), capacity=rows, max_bytes=None)
+                config = cache_config(tau, capacity=rows)
                 on_s, outputs, stats = cached_pass(model, encoded, device, mean_pooled, config)
                 fidelity = torch.nn.functional.cosine_similarity(outputs.double(), reference.double(), dim=1)
                 below = float((fidelity < 0.99).double().mean())
