@@ -49,14 +49,14 @@ class ForwardContext:
         return self.mask.shape[0]
 
     def zero_codes(self, words: int) -> torch.Tensor:
-        """int64 [B, words] of zeros: the codes stored when the semantic tier is off."""
+        """int64 [B, words] of zeros: the codes stored when nothing fingerprints."""
         if self._zero_codes is None or self._zero_codes.shape[1] != words:
             self._zero_codes = torch.zeros(self.batch, words, dtype=torch.int64, device=self.mask.device)
         return self._zero_codes
 
 
 def token_context(owner, header: bytes, ids, mask, positions, types, kv_cache) -> ForwardContext:
-    """The per-forward context of the semantic tier (ids, mask, positions, types: [B, T] on the
+    """The per-forward context of the per-block tier (ids, mask, positions, types: [B, T] on the
     device; `header`: the forward's `rows.key_header`, namespace and model state)."""
     batch, seq = ids.shape
     ntokens = (mask != 0).sum(1)
@@ -75,7 +75,7 @@ def token_context(owner, header: bytes, ids, mask, positions, types, kv_cache) -
 def pixel_context(owner, header: bytes, hashes: torch.Tensor, hidden: torch.Tensor, codes) -> ForwardContext:
     """The context of a pixel model's forward, made at its first cached block: `hashes` int64 [B, 2]
     (`rows.pixel_hashes` of the images), `hidden` [B, T, D] the block's input, `codes` the SimHash
-    of each image's mean patch embedding (`ModelCache.fingerprint`; None when not fingerprinted).
+    of each image's mean patch embedding (`LayerwiseTier.embed`; None when not fingerprinted).
     Every image of one model has the same T, so the tag is the header (namespace and state) and T."""
     batch, seq = hidden.shape[:2]
     mask = torch.ones(batch, seq, dtype=torch.int64, device=hidden.device)

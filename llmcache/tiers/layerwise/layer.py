@@ -9,7 +9,7 @@ DynamicCache.
 
 The raw `threshold` tier is an experts' tool: semantic hits change outputs and it keeps no error
 bound (nothing measures or limits how far a served state is from the true one). The bounded tier
-is `llmcache.Semantic` (llmcache/verified.py).
+is `llmcache.Semantic` (llmcache/tiers/verified.py).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class LayerStats:
 
 
 class CachedLayer:
-    """The semantic tier's cached forward of one block; `module.forward` points at `self.forward`."""
+    """The per-block tier's cached forward of one block; `module.forward` points at `self.forward`."""
 
     def __init__(self, owner, index: int, position: int, module: nn.Module):
         self.owner = owner

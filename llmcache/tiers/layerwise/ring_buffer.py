@@ -4,7 +4,7 @@ All tensors are allocated once, on the model's device, and overwritten in place:
 evicts, it never grows. Per slot it keeps the SimHash code, the exact-tier key, the match tag
 (token count, namespace, padding side), the stored states and the eviction metadata.
 Lookups run `hamming_topk`; reads run the fused `gather_with_mask`, which also stamps
-last_used and counts hits. It is the semantic tier's bank (`llmcache.semantic`); the exact tier
+last_used and counts hits. It is the per-block tier's bank (`llmcache.tiers.layerwise`); the exact tier
 keeps its entries in pages (`llmcache.bank`).
 """
 
