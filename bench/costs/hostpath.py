@@ -1,20 +1,29 @@
 """The host path of a forward on tiny-dims twins: what the cache's own work costs when arithmetic
 is negligible (as a GPU forward looks from the host).
 
-    python -m bench.costs.hostpath [--rounds 9] [--threads 1] [--out FILE]
+    python -m bench.costs.hostpath [--grid default|full] [--rounds 9] [--threads 1] [--device cpu|cuda]
+                                   [--out FILE]
 
-Twins: MiniLM's shape (BertModel, 6 blocks, hidden 48) at 1 x 16, 32 x 16 and 256 x 16 tokens, and
-a Llama (16 blocks, hidden 64) at 1 x 128 and 8 x 128, random weights. Per round and config, back
-to back: the forward uncached (`llmcache.bypass`), the same batch again (every row served) and a
-batch of new rows (every row computes and is stored); medians over `--rounds` rounds, ms per
-forward, and the ratios to uncached. It uses only `accelerate`, `bypass` and `stats`, so the same
-file times an older checkout of the package (PYTHONPATH) for a before/after comparison. Writes
-JSON to `--out` (default: stdout only); nothing asserts.
+Twins (random weights, the real models' op graph with tiny widths): MiniLM's shape (BertModel, 6
+blocks, hidden 48), BERT-base's (12 blocks, hidden 48) and a Llama (16 blocks, hidden 64). The
+default grid: MiniLM at 1 x 16, 32 x 16 and 256 x 16 tokens, BERT-base at 32 x 128, Llama at
+1 x 128 and 8 x 128; `--grid full` runs every twin at B in {1, 8, 32, 256} and T in {16, 128,
+512} (Llama to B = 32). Per round and config, back to back: the forward uncached (`llmcache.bypass`),
+a batch of new rows (a miss: every row computes and is stored), the same batch again (a whole-row
+hit), and for the Llama twin a batch whose first 90 % of tokens were cached by an earlier batch (a
+prefix hit) and one decode step after a prefill (`past_key_values` of T tokens, one new token:
+uncached and cached, alternating which goes first). Medians over `--rounds` rounds, ms per forward, and the ratios to the uncached
+forward of the same shape. It uses only `accelerate`, `bypass` and `stats`, so the same file times
+an older checkout of the package (PYTHONPATH) for a before/after comparison. On CUDA every timed
+call is bracketed by a synchronisation. Writes JSON to `--out` (default: stdout only); nothing
+asserts.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import sys
 import time
 
@@ -24,66 +33,113 @@ import transformers
 import llmcache
 from bench.report import median, print_table, write_json
 
-CONFIGS = [("minilm", 1, 16), ("minilm", 32, 16), ("minilm", 256, 16), ("llama", 1, 128), ("llama", 8, 128)]
+DEFAULT_GRID = [("minilm", 1, 16), ("minilm", 32, 16), ("minilm", 256, 16), ("bert-base", 32, 128),
+                ("llama", 1, 128), ("llama", 8, 128)]
 
 
-def twin(name: str) -> torch.nn.Module:
+def full_grid() -> list[tuple[str, int, int]]:
+    return [(name, b, t) for name in ("minilm", "bert-base", "llama") for t in (16, 128, 512)
+            for b in (1, 8, 32, 256) if not (name == "llama" and b > 32)]
+
+
+def twin(name: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "minilm":
-        config = transformers.BertConfig(vocab_size=1000, hidden_size=48, num_hidden_layers=6, num_attention_heads=4,
-                                         intermediate_size=96, max_position_embeddings=512)
-        return transformers.BertModel(config).eval()
+    if name in ("minilm", "bert-base"):
+        config = transformers.BertConfig(vocab_size=1000, hidden_size=48, num_hidden_layers=6 if name == "minilm" else 12,
+                                         num_attention_heads=4, intermediate_size=96, max_position_embeddings=512)
+        return transformers.BertModel(config).eval().to(device)
     config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=16, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128)
-    return transformers.LlamaForCausalLM(config).eval()
+                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024)
+    return transformers.LlamaForCausalLM(config).eval().to(device)
 
 
-def clock(model, batch: dict) -> float:
+def clock(model, batch: dict, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     model(**batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator) -> dict:
-    model = llmcache.accelerate(twin(name))
-    new = lambda: {"input_ids": torch.randint(5, 1000, (rows, tokens), generator=gen)}
-    times = {"uncached": [], "hit": [], "miss": []}
+def decode_inputs(model, ids: torch.Tensor) -> dict:
+    """One decode step after a prefill of `ids`: the next token with the prefill's KV cache, under
+    the name the model takes it (`cache`, or `past_key_values` in older transformers)."""
+    with llmcache.bypass(model):
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    mask = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long, device=ids.device)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {"input_ids": ids[:, -1:], "attention_mask": mask, name: cache}
+
+
+def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator, device: str) -> dict:
+    model = llmcache.accelerate(twin(name, device))
+    decoder = name == "llama"
+    new = lambda: torch.randint(5, 1000, (rows, tokens), generator=gen).to(device)
+    times: dict = {"uncached": [], "hit": [], "miss": []}
+    if decoder:
+        times.update({"prefix_hit": [], "decode_uncached": [], "decode": []})
     with torch.inference_mode():
         for _ in range(3):  # warm-up: shapes, arena
-            batch = new()
-            model(**batch)
-            model(**batch)
+            ids = new()
+            model(input_ids=ids)
+            model(input_ids=ids)
         for _ in range(rounds):
-            batch = new()
+            ids = new()
             with llmcache.bypass(model):
-                times["uncached"].append(clock(model, batch))
-            times["miss"].append(clock(model, batch))
-            times["hit"].append(clock(model, batch))
+                times["uncached"].append(clock(model, {"input_ids": ids}, device))
+            times["miss"].append(clock(model, {"input_ids": ids}, device))
+            times["hit"].append(clock(model, {"input_ids": ids}, device))
+            if not decoder:
+                continue
+            cached = max(1, int(0.9 * tokens))
+            prefix = torch.cat([ids[:, :cached], new()[:, cached:]], dim=1)  # the first 90 % cached
+            times["prefix_hit"].append(clock(model, {"input_ids": prefix}, device))
+            step = decode_inputs(model, ids)
+            # (A step extends the cache it is given: each call its own copy; which goes first alternates.)
+            copies = [{k: copy.deepcopy(v) if k in ("cache", "past_key_values") else v for k, v in step.items()}
+                      for _ in range(2)]
+            for uncached in (True, False) if len(times["decode"]) % 2 else (False, True):
+                if uncached:
+                    with llmcache.bypass(model):
+                        times["decode_uncached"].append(clock(model, copies[0], device))
+                else:
+                    times["decode"].append(clock(model, copies[1], device))
     ms = {k: 1e3 * median(v) for k, v in times.items()}
+    row = {"model": name, "rows": rows, "tokens": tokens, **{f"{k}_ms": v for k, v in ms.items()},
+           "hit_over_uncached": ms["hit"] / ms["uncached"], "miss_over_uncached": ms["miss"] / ms["uncached"]}
+    if decoder:
+        row["prefix_hit_over_uncached"] = ms["prefix_hit"] / ms["uncached"]
+        row["decode_over_uncached"] = ms["decode"] / ms["decode_uncached"]
     s = llmcache.stats(model)
-    return {"model": name, "rows": rows, "tokens": tokens, **{f"{k}_ms": v for k, v in ms.items()},
-            "hit_over_uncached": ms["hit"] / ms["uncached"], "miss_over_uncached": ms["miss"] / ms["uncached"],
-            "hits": s.hits, "rows_seen": s.rows}
+    return {**row, "hits": s.hits, "rows_seen": s.rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=("default", "full"), default="default")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(1)
-    rows = [measure(name, b, t, args.rounds, gen) for name, b, t in CONFIGS]
+    grid = DEFAULT_GRID if args.grid == "default" else full_grid()
+    rows = [measure(name, b, t, args.rounds, gen, args.device) for name, b, t in grid]
     print(f"llmcache from {llmcache.__file__}")
+    fmt = lambda v: "-" if v is None else v
     print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "uncached ms": r["uncached_ms"],
                   "hit ms": r["hit_ms"], "miss ms": r["miss_ms"], "hit/unc": r["hit_over_uncached"],
-                  "miss/unc": r["miss_over_uncached"]} for r in rows],
-                {"uncached ms": ".2f", "hit ms": ".2f", "miss ms": ".2f", "hit/unc": ".3f", "miss/unc": ".3f"},
-                "lrrrrrr")
+                  "miss/unc": r["miss_over_uncached"], "prefix/unc": fmt(r.get("prefix_hit_over_uncached")),
+                  "decode/unc": fmt(r.get("decode_over_uncached"))} for r in rows],
+                {"uncached ms": ".2f", "hit ms": ".2f", "miss ms": ".2f", "hit/unc": ".3f", "miss/unc": ".3f",
+                 "prefix/unc": ".3f", "decode/unc": ".3f"},
+                "lrrrrrrrr")
     if args.out:
         write_json(args.out, {"llmcache": llmcache.__file__, "torch": torch.__version__, "threads": args.threads,
-                              "rows": rows})
+                              "device": args.device, "grid": args.grid, "rows": rows})
     return 0
 
 
