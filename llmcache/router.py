@@ -224,11 +224,11 @@ class ModelCache:
         c.looked_up += batch.shape[-2] if batch.dim() == 3 else batch.shape[0]
         route = route if route is not None else Route()
         c.served += route.served
-        c.semantic_served += route.semantic_served
+        c.semantic_served += len(route.semantic_rows)
         c.repeats += route.repeats
         c.prefix_rows += route.prefix_rows
         c.last_tokens = route.tokens
-        c.last_semantic_rows = tuple(call.near.pending.served_rows) if call.near is not None else ()
+        c.last_semantic_rows = route.semantic_rows
         c.tokens_served += route.tokens[0]
         c.tokens_computed += route.tokens[1]
         c.lookup_s += time.perf_counter() - start

@@ -24,8 +24,7 @@ class Route:
     """How a tier routes one forward; what the router counts for it."""
 
     served: int = 0  # rows served from the bank (whole rows, semantic hits included)
-    semantic_served: int = 0  # of them, rows served a neighbour's entry by the verified tier
-    semantic_rows: tuple = ()  # those rows
+    semantic_rows: tuple = ()  # of them, the rows served a neighbour's entry by the verified tier
     repeats: int = 0  # rows repeating an earlier row of their batch (computed once, copied)
     prefix_rows: int = 0  # decoder rows that compute only the tokens after their cached prefix
     tokens: tuple = (0, 0)  # (real tokens served, real tokens computed)

@@ -234,7 +234,7 @@ class SemanticTier(Tier):
     def finish(self, call: Call, output, top: bool) -> None:
         """Judge the forward's checks on `output` (the base model's, or with `top` the wrapper's,
         which `read_top` says the tier reads: the base forward's part waits for it)."""
-        near = getattr(call, "near", None)
+        near = call.near
         if near is None:
             return
         if top != self.read_top:

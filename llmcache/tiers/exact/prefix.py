@@ -208,5 +208,5 @@ def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near)
     semantic = near.pending.served_rows if near is not None else []
     return plans.build(store, rows_.batch, seq, device, served, compute, repeats, entries,
                        [(r, int(start[r]) + at, n) for r, at, n in writes], served=len(served),
-                       semantic_served=len(semantic), semantic_rows=tuple(semantic), repeats=len(repeats),
+                       semantic_rows=tuple(semantic), repeats=len(repeats),
                        tokens=(sum(real[r] for r, _, _ in served), sum(real[r] for r in compute)))

@@ -82,7 +82,7 @@ def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=
     tokens = (sum(keys[r][2] for r, _, _ in served + pooled), sum(keys[r][2] for r in compute))
     semantic = near.pending.served_rows if near is not None else []
     plan = plans.build(store, len(keys), seq, device, [(r, s, index.token_rows(e)) for r, s, e in served], compute,
-                       repeats, entries, writes, served=len(served) + len(pooled), semantic_served=len(semantic),
+                       repeats, entries, writes, served=len(served) + len(pooled),
                        semantic_rows=tuple(semantic), repeats=len(repeats), tokens=tokens)
     if pooled:
         _place_pooled(store, plan, pooled, keys, pooling, device)
