@@ -113,9 +113,32 @@ at::Tensor gather_with_mask_cpu(const at::Tensor& values, const at::Tensor& slot
   return out;
 }
 
+at::Tensor chain_hash_cpu(const at::Tensor& seeds, const at::Tensor& tokens, const at::Tensor& start,
+                          const at::Tensor& count, int64_t page, int64_t pages) {
+  TORCH_CHECK(tokens.dim() == 3 && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
+              "chain_hash: tokens int64 [C, B, T] contiguous expected");
+  const int64_t C = tokens.size(0), B = tokens.size(1), T = tokens.size(2);
+  TORCH_CHECK(seeds.scalar_type() == at::kByte && seeds.is_contiguous() && seeds.dim() == 2 && seeds.size(0) == B &&
+                  seeds.size(1) == cpu::kChainDigest,
+              "chain_hash: seeds uint8 [B, 32] expected");
+  TORCH_CHECK(start.scalar_type() == at::kLong && count.scalar_type() == at::kLong && start.is_contiguous() &&
+                  count.is_contiguous() && start.numel() == B && count.numel() == B,
+              "chain_hash: start and count int64 [B] expected");
+  TORCH_CHECK(page > 0 && pages >= 0, "chain_hash: page must be positive and pages non-negative");
+  const int64_t* s = start.data_ptr<int64_t>();
+  const int64_t* n = count.data_ptr<int64_t>();
+  for (int64_t r = 0; r < B; ++r)
+    TORCH_CHECK(s[r] >= 0 && n[r] >= 0 && s[r] + n[r] <= T, "chain_hash: row ", r, "'s span leaves [0, T)");
+  auto out = at::empty({B, pages, cpu::kChainDigest}, seeds.options());
+  cpu::chain_hash(seeds.data_ptr<uint8_t>(), tokens.data_ptr<int64_t>(), C, B, T, s, n, page, pages,
+                  out.data_ptr<uint8_t>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmcache, CPU, m) {
+  m.impl("chain_hash", &chain_hash_cpu);
   m.impl("simhash", &simhash_cpu);
   m.impl("simhash_pooled", &simhash_pooled_cpu);
   m.impl("hamming_topk", &hamming_topk_cpu);

@@ -59,5 +59,19 @@ void gather_with_mask(const uint8_t* values, int64_t N, int64_t Tv, const int64_
                       int64_t inner_bytes, int64_t* last_used, int64_t* hit_count, int64_t tick,
                       bool align_end, uint8_t* out);
 
+// ---- chain_hash.cpp ----
+// BLAKE2b (RFC 7693, no key) of n bytes, an `outlen`-byte digest (1..64).
+void blake2b(const uint8_t* data, int64_t n, uint8_t* out, int outlen);
+
+// Content-addressed page keys, kChainDigest bytes each: for every row r of tokens int64 [C, B, T]
+// (channels, rows, positions), the span start[r] .. start[r] + count[r] in pages of `page` tokens;
+// out [B, P, kChainDigest], page j = BLAKE2b(previous page's digest, seeds[r] for page 0, 32 bytes
+// || its token count as uint32 LE || uint8 width || per token its C channels LE, as int32 (width 4)
+// where every value of the page fits one, else as int64 (width 8)). Pages past a row's
+// span (or past P) are zero. seeds: uint8 [B, kChainDigest].
+constexpr int kChainDigest = 32;
+void chain_hash(const uint8_t* seeds, const int64_t* tokens, int64_t C, int64_t B, int64_t T,
+                const int64_t* start, const int64_t* count, int64_t page, int64_t P, uint8_t* out);
+
 }  // namespace cpu
 }  // namespace llmcache

@@ -6,6 +6,7 @@ Every op runs on CPU (C++), CUDA (.cu), Triton, or the pure-PyTorch `reference`;
 
 from . import reference
 from ._library import BACKENDS, available_backends
+from .chain_hash import chain_hash
 from .gather_with_mask import gather_with_mask
 from .hamming_topk import hamming_radius, hamming_topk
 from .simhash import random_planes, simhash, simhash_pooled
@@ -13,6 +14,7 @@ from .simhash import random_planes, simhash, simhash_pooled
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "chain_hash",
     "gather_with_mask",
     "hamming_radius",
     "hamming_topk",

@@ -167,3 +167,38 @@ def gather_with_mask(
     last_used[hit_slots] = tick
     hit_count.index_add_(0, hit_slots, torch.ones_like(hit_slots))
     return out
+
+
+CHAIN_DIGEST = 32  # bytes of a chain_hash key (BLAKE2b-256)
+
+
+def chain_hash(seeds: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, count: torch.Tensor, page: int,
+               pages: int) -> torch.Tensor:
+    """Content-addressed keys of token pages, chained over each row: uint8 [B, pages, 32].
+
+    Row r's span `start[r] .. start[r] + count[r]` of `tokens` int64 [C, B, T] is cut into pages
+    of `page` tokens (the last may be shorter); page j's key is the 32-byte BLAKE2b digest
+    (RFC 7693, `hashlib.blake2b(digest_size=32)`) of: the key of page j - 1 (page 0: `seeds[r]`,
+    uint8 [B, 32]), the page's token count as uint32 little-endian, a width byte, and its tokens
+    in order, each as its C channels, little-endian: as int32 (width 4) where every value of the
+    page fits one, else as int64 (width 8). So a key names its page and everything before it,
+    and the same prefix has the same key in every process. Pages past a row's span are zero.
+    """
+    import hashlib
+
+    import numpy as np
+
+    data = tokens.cpu().numpy()
+    out = np.zeros((tokens.shape[1], pages, CHAIN_DIGEST), dtype=np.uint8)
+    for r in range(tokens.shape[1]):
+        prev = bytes(seeds[r].cpu().numpy())
+        s, n = int(start[r]), int(count[r])
+        for j in range(min(pages, -(-n // page))):
+            a, b = s + j * page, s + min(n, (j + 1) * page)
+            page_tokens = np.ascontiguousarray(data[:, r, a:b].T)
+            narrow = bool(((page_tokens >= -(1 << 31)) & (page_tokens < (1 << 31))).all())
+            body = page_tokens.astype("<i4" if narrow else "<i8").tobytes()
+            message = prev + (b - a).to_bytes(4, "little") + (4 if narrow else 8).to_bytes(1, "little") + body
+            prev = hashlib.blake2b(message, digest_size=CHAIN_DIGEST).digest()
+            out[r, j] = np.frombuffer(prev, dtype=np.uint8)
+    return torch.from_numpy(out)
