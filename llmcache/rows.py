@@ -1,16 +1,22 @@
 """What identifies a row: namespaces, the exact tier's keys, and the semantic tier's tags and hashes.
 
-Exact key (`exact_key`): the bytes of everything that decides a row's output, read on the host
-once per forward: a header (layout version, namespace, the model's state: dtype, autocast,
-attention implementation, adapters and the other switches of `llmcache.state`) and
-the row's real token ids, their position ids and token type ids, in order, and the ids of any left
-padding. Trailing padding (mask == 0) is not part of it; the positions are, so a row moved by
-padding to other positions (absolute or rotary embeddings) is another row. The bytes themselves are the key, not a hash: no two rows
-that differ can collide.
+Exact keys (`row_keys`, `page_keys`): content-addressed, 32 bytes each: the BLAKE2b-256 digest
+(`ops.chain_hash`, one host call for a whole batch) of everything that decides a row's output:
+a seed holding the header (layout version, namespace, the model's state: dtype, autocast,
+attention implementation, adapters and the other switches of `llmcache.state`) and what the
+row's span holds besides its tokens (padding the caller sees, ids before it that decide
+positions), then the row's real token ids, their position ids and token type ids, in order.
+Trailing padding (mask == 0) is not part of it; the positions are, so a row moved by padding to
+other positions (absolute or rotary embeddings) is another row. Finding two rows with one key is
+a 2^128 search: no collision can be crafted, and none happens by chance.
 
-A decoder row is keyed page by page (`page_key`): each page's key holds its tokens and the serial
-number of the entry holding the page before it, so a key names the whole prefix up to it and the
-longest cached prefix of a row is found by walking its pages (`llmcache.tiers.exact.prefix`).
+A decoder row is keyed page by page (`page_keys`): each page's key is the digest of the key of
+the page before it and its own tokens, so a key names the whole prefix up to it, the longest
+cached prefix of a row is its longest run of pages found from its start
+(`llmcache.tiers.exact.prefix`), and the same prefix has the same key in every process.
+
+An entry keeps a `label` beside its key, what the key was made from (`describe_label`), for
+`llmcache.held` and `llmcache.save`.
 
 Semantic tier (per-layer banks, `llmcache.tiers.layerwise`): a 64-bit hash of the same fields
 (`token_keys`) and an int64 tag packing namespace, first position, token count and padding side.
@@ -20,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-LAYOUT_VERSION = 4  # of exact keys and of what an entry stores; part of every key (4: the state header)
+LAYOUT_VERSION = 5  # of exact keys and of what an entry stores; part of every key (5: content-addressed)
 
 # A context variable, not a thread-local: asyncio runs many requests on one thread, and each task
 # (and each `contextvars.copy_context()`, as `asyncio.to_thread` and `loop.run_in_executor` with a
@@ -105,21 +112,88 @@ def spans(mask: np.ndarray, padding: tuple[bool, bool] = (False, False), counts:
     return Spans(start, count, keyed, lead, trail)
 
 
-def exact_key(header: bytes, ids: np.ndarray, positions: np.ndarray, types: np.ndarray, before: np.ndarray,
-              pads: tuple[int, int] | None = None) -> bytes:
-    """The key of one row from its real tokens' ids, positions and token types (int64 [n] each),
-    and the ids before its first real token (left padding: RoBERTa-style embeddings derive
-    positions from every id of the row, padding included). `pads` = (leading, trailing): the
-    tokens are the row's span with that much padding (mask 0) on either side, kept with it."""
-    return b"".join([header, padding_mark(pads), b"R", len(ids).to_bytes(4, "little"), ids.tobytes(),
-                     positions.tobytes(), types.tobytes(), before.tobytes()])
-
-
 def padding_mark(pads: tuple[int, int] | None) -> bytes:
-    """What a key adds when its tokens include padding: b"M", then the leading and trailing counts."""
+    """What a header adds when a row's tokens include padding: b"M", then the leading and trailing counts."""
     if pads is None:
         return b""
     return b"M" + pads[0].to_bytes(4, "little") + pads[1].to_bytes(4, "little")
+
+
+def marked_header(header: bytes, lead: int, trail: int, before: int) -> bytes:
+    """The header of one row's key: `header`, the padding its span holds (`padding_mark`), and how
+    many ids before its span its key covers (b"B" and the count: RoBERTa-style positions)."""
+    mark = padding_mark((lead, trail)) if lead or trail else b""
+    return header + mark + (b"B" + before.to_bytes(4, "little") if before else b"")
+
+
+@functools.lru_cache(maxsize=4096)
+def _seed(kind: bytes, header: bytes) -> bytes:
+    return hashlib.blake2b(kind + header, digest_size=32).digest()
+
+
+def _seeds(kind: bytes, headers: list) -> torch.Tensor:
+    """uint8 [B, 32]: the chain seed of each row's (marked) header."""
+    return torch.frombuffer(bytearray(b"".join([_seed(kind, h) for h in headers])), dtype=torch.uint8).view(-1, 32)
+
+
+def marked_headers(header: bytes, lead: np.ndarray, trail: np.ndarray, before: np.ndarray) -> list:
+    """`marked_header` of every row (int64 [B] each); one header shared where none has a mark."""
+    if not (lead.any() or trail.any() or before.any()):
+        return [header] * len(lead)
+    return [marked_header(header, a, b, c) for a, b, c in zip(lead.tolist(), trail.tolist(), before.tolist())]
+
+
+def chain_keys(kind: bytes, headers: list, host: np.ndarray, start: np.ndarray, count: np.ndarray,
+               page: int) -> np.ndarray:
+    """uint8 [B, P, 32]: the keys of the pages of `page` tokens of each row's span start..start+count
+    of `host` int64 [4, B, T] (ids, mask, positions, types), chained from the seed of its header
+    (`kind`: b"R" a whole row, b"P" a decoder's page). Rows with count 0 get zero keys."""
+    from .ops.chain_hash import chain_hash_unchecked
+
+    longest = int(count.max()) if len(count) else 0
+    pages = -(-longest // page) if longest else 0
+    tokens = torch.from_numpy(np.ascontiguousarray(host[[0, 2, 3]]))
+    keys = chain_hash_unchecked(_seeds(kind, headers), tokens, torch.from_numpy(np.ascontiguousarray(start)),
+                                torch.from_numpy(np.ascontiguousarray(count)), page, pages)
+    return keys.numpy()
+
+
+def split_keys(keys: np.ndarray) -> list:
+    """The 32-byte keys of a uint8 [..., 32] array, flattened, as bytes."""
+    blob = keys.tobytes()
+    return [blob[i : i + 32] for i in range(0, len(blob), 32)]
+
+
+def label_bytes(label: tuple) -> bytes:
+    """An entry's label (marked header, host tokens [3 or 4, B, T], row, first position, count)
+    as bytes (`llmcache.save`); `parse_label` reads it back."""
+    header, tokens, r, s, n = label
+    fields = np.ascontiguousarray(tokens[[0, -2, -1], r, s : s + n]) if len(tokens) == 4 \
+        else np.ascontiguousarray(tokens[:, r, s : s + n])
+    return len(header).to_bytes(4, "little") + header + fields.astype(np.int64).tobytes()
+
+
+def parse_label(blob: bytes) -> tuple:
+    size = int.from_bytes(blob[:4], "little")
+    fields = np.frombuffer(blob[4 + size :], dtype=np.int64).reshape(3, 1, -1)
+    return blob[4 : 4 + size], fields, 0, 0, fields.shape[2]
+
+
+def describe_label(label: tuple) -> dict:
+    """The fields of an entry's label: namespace, dtype, switches (the rest of the state header,
+    as text), `pads` (leading, trailing padding among its tokens), ids, positions, types."""
+    header, tokens, r, s, n = label
+    fields = tokens[[0, -2, -1], r, s : s + n] if len(tokens) == 4 else tokens[:, r, s : s + n]
+    ns_len = int.from_bytes(header[2:6], "little")
+    at = 6 + ns_len
+    switches_len = int.from_bytes(header[at + 16 : at + 20], "little")
+    rest = header[at + 20 + switches_len :]
+    pads = (0, 0)
+    if rest[:1] == b"M":
+        pads = (int.from_bytes(rest[1:5], "little"), int.from_bytes(rest[5:9], "little"))
+    return {"namespace": header[6:at].decode(), "dtype": header[at : at + 16].decode().strip(),
+            "switches": header[at + 20 : at + 20 + switches_len].decode(), "pads": pads,
+            "ids": fields[0], "positions": fields[1], "types": fields[2]}
 
 
 def near_keys(header: bytes, host: np.ndarray, ids_before: bool, any_length: bool = False,
@@ -146,15 +220,6 @@ def near_keys(header: bytes, host: np.ndarray, ids_before: bool, any_length: boo
         out.append(b"".join([header, b"N", positions[r, s : s + n].tobytes(), types[r, s : s + n].tobytes(),
                              before.tobytes()]))
     return out
-
-
-def page_key(header: bytes, parent_serial: int, ids: np.ndarray, positions: np.ndarray, types: np.ndarray) -> bytes:
-    """The key of one page of a decoder row: its tokens' ids, positions and token types (int64
-    [n] each, n <= page_tokens) after the prefix that the entry numbered `parent_serial` (-1: the
-    row's start) names. In a causal model a token's states depend only on the tokens before it,
-    so the chain of page keys from the row's start names exactly what decides each page."""
-    return b"".join([header, b"P", parent_serial.to_bytes(8, "little", signed=True), len(ids).to_bytes(4, "little"),
-                     ids.tobytes(), positions.tobytes(), types.tobytes()])
 
 
 _PIXEL_WEIGHTS: dict = {}  # (words per image, device) -> int64 [2, words] random odd weights
@@ -248,30 +313,3 @@ def first_index(keys: torch.Tensor) -> torch.Tensor:
 def first_of_key(keys: torch.Tensor) -> torch.Tensor:
     """bool [M]: True at the first occurrence of each value of `keys` (int64 [M])."""
     return first_index(keys) == torch.arange(keys.numel(), device=keys.device)
-
-
-def parse_key(key: bytes) -> dict:
-    """The fields of an exact key: namespace, dtype, switches (the rest of the state header, as
-    text), ids, positions, types (int64 arrays), `pads` (leading, trailing padding among those
-    tokens), and for a decoder's page the serial of the entry it extends (`parent`, -1: none)."""
-    ns_len = int.from_bytes(key[2:6], "little")
-    namespace_name = key[6 : 6 + ns_len].decode()
-    at = 6 + ns_len
-    dtype = key[at : at + 16].decode().strip()
-    switches_len = int.from_bytes(key[at + 16 : at + 20], "little")
-    switches = key[at + 20 : at + 20 + switches_len].decode()
-    at += 20 + switches_len
-    pads = (0, 0)
-    if key[at : at + 1] == b"M":
-        pads = (int.from_bytes(key[at + 1 : at + 5], "little"), int.from_bytes(key[at + 5 : at + 9], "little"))
-        at += 9
-    parent = -1
-    if key[at : at + 1] == b"P":
-        parent = int.from_bytes(key[at + 1 : at + 9], "little", signed=True)
-        at += 8
-    at += 1
-    n = int.from_bytes(key[at : at + 4], "little")
-    at += 4
-    fields = np.frombuffer(key[at : at + 24 * n], dtype=np.int64).reshape(3, n)
-    return {"namespace": namespace_name, "dtype": dtype, "switches": switches, "ids": fields[0],
-            "positions": fields[1], "types": fields[2], "parent": parent, "pads": pads}

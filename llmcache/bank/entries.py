@@ -14,7 +14,7 @@ ARRAYS = {
     "ntokens": np.int64,
     "ref": np.int64,  # CLOCK reference count
     "hits": np.int64,  # rows served
-    "serial": np.int64,  # never reused: what a child's key names
+    "serial": np.int64,  # never reused: orders pages after the pages they extend
     "parent_serial": np.int64,  # -1: a root entry
     "parent": np.int64,  # the parent's entry id, -1: none
     "kids": np.int64,  # children reserved or visible
@@ -24,11 +24,13 @@ ARRAYS = {
 
 
 class EntryTable:
-    """Per-entry fields: `keys`, `pages` (block table), `rows` (flat arena row of each token) as
-    lists, and the numpy arrays of `ARRAYS`."""
+    """Per-entry fields: `keys`, `labels` (what each key was made from: `rows.describe_label`),
+    `pages` (block table), `rows` (flat arena row of each token) as lists, and the numpy arrays
+    of `ARRAYS`."""
 
     def __init__(self):
         self.keys: list[bytes | None] = []
+        self.labels: list = []
         self.pages: list[np.ndarray | None] = []
         self.rows: list[np.ndarray | None] = []
         for name, dtype in ARRAYS.items():
@@ -44,6 +46,7 @@ class EntryTable:
             return self.free_entries.pop()
         entry = len(self.keys)
         self.keys.append(None)
+        self.labels.append(None)
         self.pages.append(None)
         self.rows.append(None)
         for name in ARRAYS:
@@ -54,7 +57,7 @@ class EntryTable:
 
     def free(self, entry: int) -> int:
         """Forget the entry's key, pages and parent link and free its id; returns its parent (-1: none)."""
-        self.keys[entry] = self.pages[entry] = self.rows[entry] = None
+        self.keys[entry] = self.labels[entry] = self.pages[entry] = self.rows[entry] = None
         self.free_entries.append(entry)
         parent = int(self.parent[entry])
         self.parent[entry] = -1

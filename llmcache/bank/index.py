@@ -1,28 +1,30 @@
 """`ExactIndex`: the host-side index of the exact tier: which entry holds which key, in which pages.
 
-Keys are the full bytes of what decides a row's output (`llmcache.rows.exact_key`), not a hash of
-them, so two different rows can never share an entry. Per entry the index keeps its token count,
-its pages (a block table) and its CLOCK reference count; free pages are a stack. Everything is
-host memory and plain Python/numpy, so a lookup costs no device work and no synchronisation; the
-arena beside it (`PagedArena`) holds the states.
+Keys are content-addressed (`llmcache.rows`: a 256-bit BLAKE2b digest of what decides a row's
+output), so no two different rows share an entry. Per entry the index keeps its token count, its
+pages (a block table), its CLOCK reference count and its label (what its key was made from, for
+`held` and `save`); free pages are a stack. Everything is host memory and plain Python/numpy, so
+a lookup costs no device work and no synchronisation; the arena beside it (`PagedArena`) holds
+the states.
 
-Decoders chain their entries: each is one page of a row's tokens whose key names its parent
-entry by serial number (`rows.page_key`), so a key stands for the whole prefix up to it and a
-prefix shared by many rows is held once (a radix tree over pages, as SGLang's). An entry with
-children (`kids`) is never evicted: CLOCK takes leaves first, and a parent becomes a leaf when its
-last child goes. Serial numbers are never reused, so a key naming a dead parent can never match.
+Decoders chain their entries: each is one page of a row's tokens whose key is chained over the
+pages before it, so a key stands for the whole prefix up to it and a prefix shared by many rows
+is held once (a radix tree over pages, as SGLang's). An entry names the entry it extends
+(`parent`); one with children (`kids`) is never evicted: CLOCK takes leaves first, and a parent
+becomes a leaf when its last child goes.
 
-Callers use the verbs (vLLM's block pool is the model): `find`/`lookup`/`touch` to read, `walk` to
-follow a chain of pages, `reserve`/`commit`/`release`/`insert` to write, `pinned()` (a context in
-which `pin`ned entries are never evicted), `is_live`/`discard`, `describe`, and
-`state_dict`/`load_state_dict` for `llmcache.save`/`load`. Nothing outside `bank/` reads a field.
+Callers use the verbs (vLLM's block pool is the model): `find`/`find_many`/`lookup`/`touch` to
+read, `reserve`/`commit`/`release`/`insert`
+to write, `pinned()` (a context in which `pin`ned entries are never evicted), `is_live`/
+`discard`, `describe`, and `state_dict`/`load_state_dict` for `llmcache.save`/`load`. Nothing
+outside `bank/` reads a field.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -40,6 +42,7 @@ class EntryInfo:
     hits: int
     serial: int
     parent_serial: int
+    label: object = None  # what the key was made from (`rows.describe_label`), or None
 
 
 class ExactIndex:
@@ -100,25 +103,12 @@ class ExactIndex:
             self.meta.ref[entry] = eviction.on_hit(self.policy, int(self.meta.ref[entry]))
             self.meta.hits[entry] += 1
 
-    def walk(self, pages: int, key_of: Callable[[int, int], bytes]) -> list[int]:
-        """The entries of a chain of pages, found from its start: `key_of(i, parent_serial)` is
-        the key of page i after the page with that serial (-1: the first page). Stops at the
-        first page not held; counts nothing."""
-        found, serial = [], -1
-        for i in range(pages):
-            entry = self.table.get(key_of(i, serial), -1)
-            if entry < 0:
-                break
-            found.append(entry)
-            serial = int(self.meta.serial[entry])
-        return found
+    def find_many(self, keys: list) -> np.ndarray:
+        """int64 [len(keys)]: `find` of each key (one pass, no Python call per key)."""
+        return np.fromiter(map(self.table.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
 
     def key(self, entry: int) -> bytes | None:
         return self.meta.keys[entry]
-
-    def serial_of(self, entry: int) -> int:
-        """The entry's serial number (never reused: what a child's key names); -1 for entry -1."""
-        return int(self.meta.serial[entry]) if entry >= 0 else -1
 
     def is_live(self, entry: int, key: bytes) -> bool:
         """The entry is visible and still holds `key` (not evicted, its slot not reused)."""
@@ -127,7 +117,7 @@ class ExactIndex:
     def describe(self, entry: int) -> EntryInfo:
         m = self.meta
         return EntryInfo(m.keys[entry], int(m.ntokens[entry]), len(m.pages[entry]), int(m.hits[entry]),
-                         int(m.serial[entry]), int(m.parent_serial[entry]))
+                         int(m.serial[entry]), int(m.parent_serial[entry]), m.labels[entry])
 
     @contextlib.contextmanager
     def pinned(self):
@@ -146,12 +136,13 @@ class ExactIndex:
         return self.meta.rows[entry]
 
     # ---- writing -------------------------------------------------------------------------
-    def reserve(self, key: bytes, ntokens: int, parent: int = -1) -> int:
+    def reserve(self, key: bytes, ntokens: int, parent: int = -1, label=None) -> int:
         """Pages for a new entry for `key` of `ntokens` tokens, evicting by CLOCK as needed; -1 if
         it cannot fit without evicting another reserved entry. A reserved entry is invisible to
         lookups and never evicted until `commit` (its states are written in between) or
         `release`. `parent`: the entry this one extends (a chained page), kept alive while this
-        one lives. The caller grows the arena to `num_pages` before writing."""
+        one lives. `label`: what the key was made from (kept for `describe`). The caller grows
+        the arena to `num_pages` before writing."""
         if key in self.table:
             return -1
         if parent >= 0:
@@ -163,6 +154,7 @@ class ExactIndex:
             return -1
         entry = self.meta.new()
         self.meta.keys[entry] = key
+        self.meta.labels[entry] = label
         self.meta.pages[entry], self.meta.rows[entry] = self.pool.take(need, ntokens)
         self.meta.ntokens[entry] = ntokens
         self.meta.ref[entry] = 0
@@ -201,9 +193,9 @@ class ExactIndex:
             self.reserved.discard(entry)
             self._drop(entry)
 
-    def insert(self, key: bytes, ntokens: int, parent: int = -1) -> int:
+    def insert(self, key: bytes, ntokens: int, parent: int = -1, label=None) -> int:
         """Reserve and commit at once (states written by the caller right after); -1 if it cannot fit."""
-        entry = self.reserve(key, ntokens, parent)
+        entry = self.reserve(key, ntokens, parent, label)
         if entry >= 0:
             self.commit(entry)
         return entry
@@ -263,14 +255,15 @@ class ExactIndex:
     def state_dict(self) -> dict:
         """The live entries a walk can reach (not a page under a dead parent, e.g. one whose copy
         lost a commit race), a page after the page it extends (by serial): "entries" (their ids,
-        for the caller to read their token rows), "keys" (bytes) and each of `FIELDS` (int64)."""
+        for the caller to read their token rows), "keys" (bytes), "labels" and each of `FIELDS` (int64)."""
         live, kept = [], {-1}
         for e in sorted(self.live(), key=lambda e: int(self.meta.serial[e])):
             if int(self.meta.parent_serial[e]) in kept:  # (under a dead parent: no walk gets to it)
                 live.append(e)
                 kept.add(int(self.meta.serial[e]))
         state = {name: getattr(self.meta, name)[live].copy() for name in self.FIELDS}
-        return {"entries": live, "keys": [self.meta.keys[e] for e in live], **state}
+        return {"entries": live, "keys": [self.meta.keys[e] for e in live],
+                "labels": [self.meta.labels[e] for e in live], **state}
 
     def load_state_dict(self, state: dict) -> list[int]:
         """Insert the entries of a `state_dict` into this empty index; their new ids, in order.
@@ -281,7 +274,8 @@ class ExactIndex:
             parent = by_serial.get(int(state["parent_serial"][i]), -1)
             if state["parent_serial"][i] >= 0 and parent < 0:
                 raise ValueError("the file holds a page whose prefix page it does not hold")
-            entry = self.insert(key, int(state["ntokens"][i]), parent)
+            labels = state.get("labels")
+            entry = self.insert(key, int(state["ntokens"][i]), parent, labels[i] if labels is not None else None)
             if entry < 0 or self.evictions:
                 raise ValueError("the file holds more (or longer) entries than this config's budget fits")
             for name in self.FIELDS:

@@ -2,11 +2,12 @@
 
 In a causal model a token's hidden states and K/V at every layer depend only on the tokens
 before it, so a prefix's states are the same whatever follows. Each page of a decoder row (its
-real tokens, `page_tokens` at a time) is one entry of the exact tier's index, keyed by its tokens
-and the serial number of the entry holding the page before it (`rows.page_key`); an entry holds
-the last block's output and every block's K and V at its tokens. Routing (`route`, once per
-forward, on the host) walks each row's pages through the index: the pages found are its cached
-prefix; the pages after it are reserved for this forward to write.
+real tokens, `page_tokens` at a time) is one entry of the exact tier's index, keyed by a digest
+chained over its tokens and the pages before it (`rows.chain_keys`: every page of the batch in
+one call); an entry holds the last block's output and every block's K and V at its tokens.
+Routing (`route`, once per forward, on the host) looks every page of the batch up at once: a
+row's longest run of pages found from its start is its cached prefix; the pages after it are
+reserved for this forward to write.
 
 Three kinds of row: *whole* (every token cached: served, no block runs, bit-identical),
 *prefix* (its first P tokens cached, P a multiple of the page size) and *miss*. A batch without
@@ -33,13 +34,15 @@ from . import plan as plans
 from . import suffix
 
 
-def _walk(index, header: bytes, ids, positions, types, page: int):
-    """(entries found from the row's start, tokens they cover)."""
-    n = len(ids)
-    found = index.walk(-(-n // page), lambda i, serial: rows.page_key(
-        header, serial, ids[i * page : (i + 1) * page], positions[i * page : (i + 1) * page],
-        types[i * page : (i + 1) * page]))
-    return found, min(len(found) * page, n)
+def _longest_runs(index, keys: list, count: np.ndarray, page: int) -> tuple[list, list]:
+    """Per row (`keys`: its pages' keys, row after row, as many per row), the entries of its longest
+    run of pages held from its start, and the tokens they cover (`count`: the row's tokens)."""
+    batch = len(count)
+    pages = len(keys) // batch if batch else 0
+    hit = index.find_many(keys).reshape(batch, pages)
+    present = (hit >= 0) & (np.arange(pages)[None, :] < (-(-count // page))[:, None])
+    run = np.cumprod(present, axis=1).sum(1)
+    return [hit[r, : run[r]].tolist() for r in range(batch)], np.minimum(run * page, count).tolist()
 
 
 def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict, prefixes: bool,
@@ -56,9 +59,9 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     served where it comes again with as much padding. Call inside `store.index.pinned()`, under
     the owner's lock."""
     index, page = store.index, store.config.page_tokens
-    ids, mask, positions, types = host
+    mask = host[1]
     spans = rows.spans(mask, padding, counts)
-    batch = ids.shape[0]
+    batch = mask.shape[0]
     keyed = spans.keyed.tolist()
     # Padding the caller sees: a row's leading padding is keyed and stored with it (its pages
     # start at position 0, under a header that says how much padding they begin with), its
@@ -67,21 +70,16 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     trailing = spans.trail.tolist()
     pads = spans.lead
     start, count = spans.start - pads, spans.count + pads  # (from here on: the span each row keys)
-    headers = [header + rows.padding_mark((int(pads[r]), 0)) if leading[r] else header for r in range(batch)]
-    found, covered = [], []
-    for r in range(batch):
-        s, n = int(start[r]), int(count[r])
-        if not keyed[r]:
-            found.append([])
-            covered.append(0)
-            continue
-        f, c = _walk(index, headers[r], ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n], page)
-        found.append(f)
-        covered.append(c)
+    # (A row that cannot be keyed has no pages.)
+    headers = rows.marked_headers(header, pads, np.zeros_like(pads), np.zeros_like(pads))
+    keyed_count = np.where(spans.keyed, count, 0)
+    keys = rows.chain_keys(b"P", headers, host, start, keyed_count, page)
+    flat = rows.split_keys(keys)
+    found, covered = _longest_runs(index, flat, keyed_count, page)
+    page_keys = [flat[r * keys.shape[1] : (r + 1) * keys.shape[1]] for r in range(batch)]
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
     index.pin(e for f in found for e in f)
-    rows_ = _Rows(headers, ids, positions, types, start, [int(c) for c in count], found, covered, keyed, leading,
-                  trailing, pads)
+    rows_ = _Rows(headers, host, page_keys, start, count.tolist(), found, covered, keyed, leading, trailing, pads)
     chains = None
     if near is not None:
         chains = _near(near, index, rows_, prefixes)
@@ -95,8 +93,9 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
 class _Rows:
     """What routing knows of each row of a decoder batch (lists and arrays indexed by row)."""
 
-    def __init__(self, headers, ids, positions, types, start, n_real, found, covered, keyed, leading, trailing, pads):
-        self.headers, self.ids, self.positions, self.types = headers, ids, positions, types
+    def __init__(self, headers, host, keys, start, n_real, found, covered, keyed, leading, trailing, pads):
+        self.headers, self.host, self.keys = headers, host, keys  # keys: per row, its pages' keys
+        self.ids, self.positions, self.types = host[0], host[2], host[3]
         self.start, self.n_real, self.found, self.covered, self.keyed = start, n_real, found, covered, keyed
         self.leading, self.trailing, self.pads = leading, trailing, pads
         self.batch = len(n_real)
@@ -136,23 +135,21 @@ def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) 
         s, n = int(rows_.start[r]), rows_.n_real[r]
         found = rows_.found[r]
         parent = found[-1] if found else -1
-        serial = index.serial_of(parent)
         at = rows_.covered[r]
         chain = list(found)
         while at < n:
             end = min(at + page, n)
-            key = rows.page_key(rows_.headers[r], serial, rows_.ids[r, s + at : s + end],
-                                rows_.positions[r, s + at : s + end], rows_.types[r, s + at : s + end])
+            key = rows_.keys[r][at // page]
             entry = reserved.get(key, -1)
             if entry < 0:
-                entry = index.reserve(key, end - at, parent)
+                entry = index.reserve(key, end - at, parent, (rows_.headers[r], rows_.host, r, s + at, end - at))
                 if entry < 0:
                     counts["too_long"] = counts.get("too_long", 0) + 1
                     break
                 reserved[key] = entry
                 entries.append(entry)
                 writes.append((r, at, end - at))
-            serial, parent, at = index.serial_of(entry), entry, end
+            parent, at = entry, end
             chain.append(entry)
         if chains is not None and at == n:  # every page of the row cached or written: a neighbour for later rows
             chains[r] = tuple(chain)

@@ -27,11 +27,11 @@ class Remote(Tier):
         self.client = SharedTier(settings)
 
     def warm(self, store, row_keys: list, fingerprint: bytes) -> None:
-        """Look the rows of `row_keys` [(key or None, start, ntokens)] that miss the index up in
+        """Look the rows of `row_keys` [(key or None, start, ntokens, label)] that miss the index up in
         Redis (one round trip) and copy what it serves into the store (pinned). `fingerprint`:
         the model's (`ExactTier.fingerprint`), which every value must carry."""
         wanted, seen = [], set()
-        for key, _, n in row_keys:
+        for key, _, n, _ in row_keys:
             if key is not None and store.index.find(key) < 0 and key not in seen:
                 seen.add(key)
                 wanted.append((key, n))

@@ -1,13 +1,15 @@
 """The exact tier's routing of a forward whose rows are stored whole (encoders, pixel models).
 
-Each row's key (`rows.exact_key`: its real tokens, positions, token types, the model state and
-namespace, and where the caller sees it its padding) is looked up in the index. A row that hits
+Each row's key (`rows.chain_keys`: a digest of its real tokens, positions, token types, the model
+state and namespace, and where the caller sees it its padding) is looked up in the index. A row that hits
 is served; a row repeating an earlier row of the batch copies that row's result; a row that
 misses may be served a neighbour's entry by the verified semantic tier (`Neighbours`), or else
 computes, and is reserved an entry to store its states in.
 """
 
 from __future__ import annotations
+
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -18,31 +20,27 @@ from . import plan as plans
 
 def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
              padding: tuple[bool, bool] = (False, False)) -> list:
-    """(key or None, start, ntokens) per row of a batch whose ids/mask/positions/types are
-    `host` int64 [4, B, T]; None for a row that cannot be keyed (no real token, gaps).
-    `ids_before`: the ids left of a row's first real token decide its positions. `padding`:
-    whether the caller sees a row's (leading, trailing) padding: such a row is keyed and stored
-    with it (`rows.exact_key`'s `pads`), all T positions, so that what it serves at its padding
-    is what the uncached model computes there."""
-    ids, mask, positions, types = host
-    spans = rows.spans(mask, padding, counts)
-    out = []
-    for r in range(ids.shape[0]):
-        n, s = int(spans.count[r]), int(spans.start[r])
-        if not spans.keyed[r]:
-            out.append((None, s, n))
-            continue
-        lead, trail = int(spans.lead[r]), int(spans.trail[r])
-        if lead or trail:
-            s, n = s - lead, n + lead + trail
-        before = ids[r, :s] if ids_before else ids[r, :0]
-        out.append((rows.exact_key(header, ids[r, s : s + n], positions[r, s : s + n], types[r, s : s + n],
-                                   before, (lead, trail) if lead or trail else None), s, n))
-    return out
+    """(key or None, start, ntokens, label) per row of a batch whose ids/mask/positions/types are
+    `host` int64 [4, B, T], all keyed in one call (`rows.chain_keys`); None for a row that cannot
+    be keyed (no real token, gaps). `ids_before`: the ids left of a row's first real token decide
+    its positions (its key covers them). `padding`: whether the caller sees a row's (leading,
+    trailing) padding: such a row is keyed and stored with it, so that what it serves at its
+    padding is what the uncached model computes there."""
+    spans = rows.spans(host[1], padding, counts)
+    start = spans.start - spans.lead
+    count = np.where(spans.keyed, spans.count + spans.lead + spans.trail, 0)
+    before = start if ids_before else np.zeros_like(start)
+    headers = rows.marked_headers(header, spans.lead, spans.trail, before)
+    keys = rows.split_keys(rows.chain_keys(b"R", headers, host, start - before, count + before, host.shape[2])[:, 0]) \
+        if len(count) and count.any() else [None] * len(count)
+    keys = [k if keyed else None for k, keyed in zip(keys, spans.keyed.tolist())]
+    starts, counts_ = start.tolist(), count.tolist()
+    return list(zip(keys, starts, counts_, zip(headers, repeat(host), range(len(keys)), starts, counts_)))
 
 
 def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean"):
-    """The `plan.Plan` of a forward, `keys` from `row_keys` (`seq`: T of its hidden states), or
+    """The `plan.Plan` of a forward, `keys` from `row_keys` (`seq`: T of its hidden states; a
+    pixel model's rows have no label), or
     None (every row computes, none stores). `near`: the verified tier's `Neighbours`, which may
     serve a row that misses (with `Semantic.serve == "pooled"`: its pooled state, by `pooling`).
     Call inside `store.index.pinned()`, under the owner's lock."""
@@ -50,7 +48,7 @@ def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=
     served, compute, repeats, pooled, entries, writes = [], [], [], [], [], []
     first_row: dict[bytes, int] = {}
     serve_pooled = near is not None and near.tier.semantic.serve == "pooled"
-    for r, (key, s, n) in enumerate(keys):
+    for r, (key, s, n, label) in enumerate(keys):
         if key is None:
             compute.append(r)
             continue
@@ -68,7 +66,7 @@ def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=
             (pooled if serve_pooled else served).append((r, s, entry))
             continue
         first_row[key] = r
-        entry = index.reserve(key, n)
+        entry = index.reserve(key, n, label=label)
         if entry >= 0:
             if near is not None:
                 near.stored(r, entry, key)
@@ -95,7 +93,7 @@ def _place_pooled(store, plan, pooled: list, keys: list, pooling: str, device) -
     stored output, so the caller's pooling of the row gives the entry's pooled output."""
     vectors, dst = [], []
     for r, _, entry in pooled:
-        _, s, n = keys[r]
+        _, s, n, _ = keys[r]
         states = store.arena.read(torch.from_numpy(store.index.token_rows(entry)).to(device))
         vector = states[:1] if pooling == "cls" else states.float().mean(0, keepdim=True).to(states.dtype)
         vectors.append(vector.expand(n, -1))

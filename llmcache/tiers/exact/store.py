@@ -16,8 +16,17 @@ import threading
 import numpy as np
 import torch
 
+from ... import rows
 from ...bank import ExactIndex, PagedArena
 from ...integrity import checksum, raw
+
+
+def _split(blob: torch.Tensor, lengths: torch.Tensor) -> list:
+    """The byte strings of a concatenated uint8 `blob`, `lengths` int64 [n] each."""
+    if int(lengths.sum()) != blob.numel() or bool((lengths < 0).any()):
+        raise ValueError("the entry keys or labels are corrupt")
+    data, offsets = blob.numpy().tobytes(), np.concatenate([[0], np.cumsum(lengths.numpy())]).tolist()
+    return [data[offsets[i] : offsets[i + 1]] for i in range(len(lengths))]
 
 
 class Store:
@@ -141,20 +150,23 @@ class Store:
 
     # ---- save / load ----------------------------------------------------------------------
     def state_dict(self, fingerprint: bytes) -> dict:
-        """The live entries as tensors: keys (bytes, concatenated, and their lengths), the
+        """The live entries as tensors: keys and labels (bytes, concatenated, and their lengths), the
         index's per-entry fields, their tokens' states [sum n, F] and a checksum per entry."""
         state = self.index.state_dict()  # (a decoder page after the page it extends)
         live, keys = state.pop("entries"), state.pop("keys")
+        labels = [rows.label_bytes(label) if label is not None else b"" for label in state.pop("labels")]
         if not live:
             return {}
-        rows = torch.from_numpy(self.token_rows(live)).to(self.arena.device)
-        states = self.arena.read(rows).cpu().contiguous()
+        token_rows = torch.from_numpy(self.token_rows(live)).to(self.arena.device)
+        states = self.arena.read(token_rows).cpu().contiguous()
         data, at, sums = raw(states), 0, []
-        for key, n in zip(keys, state["ntokens"].tolist()):
-            sums.append(checksum(fingerprint, key, data[at : at + n].tobytes()))
+        for key, label, n in zip(keys, labels, state["ntokens"].tolist()):
+            sums.append(checksum(fingerprint, key + label, data[at : at + n].tobytes()))
             at += n
         tensors = {"states": states, "keys": torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).copy()),
                    "key_lengths": torch.tensor([len(k) for k in keys], dtype=torch.int64),
+                   "labels": torch.from_numpy(np.frombuffer(b"".join(labels), dtype=np.uint8).copy()),
+                   "label_lengths": torch.tensor([len(b) for b in labels], dtype=torch.int64),
                    "checksums": torch.from_numpy(np.stack(sums))}
         tensors.update({name: torch.from_numpy(values) for name, values in state.items()})
         return tensors
@@ -176,21 +188,24 @@ class Store:
         checksums = saved["checksums"].numpy()
         if checksums.shape != (len(counts), 16):
             raise ValueError("the file holds no checksum for some entries")
-        blob = saved["keys"].numpy().tobytes()
-        offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
-        data = raw(states)
-        keys, start = [], 0
+        keys = _split(saved["keys"], lengths)
+        labels = _split(saved.get("labels", torch.zeros(0, dtype=torch.uint8)),
+                        saved.get("label_lengths", torch.zeros(len(counts), dtype=torch.int64)))
+        if len(labels) != len(keys):
+            raise ValueError("the entry labels are corrupt")
+        data, start = raw(states), 0
         for i, n in enumerate(counts.tolist()):
-            keys.append(blob[offsets[i] : offsets[i + 1]])
-            if not np.array_equal(checksum(fingerprint, keys[-1], data[start : start + n].tobytes()), checksums[i]):
+            if not np.array_equal(checksum(fingerprint, keys[i] + labels[i], data[start : start + n].tobytes()),
+                                  checksums[i]):
                 raise ValueError(f"entry {i} does not match its checksum (a corrupted or edited file)")
             start += n
-        entries = index.load_state_dict({"keys": keys, **{name: saved[name].numpy() for name in ExactIndex.FIELDS}})
+        labels = [rows.parse_label(b) if b else None for b in labels]
+        entries = index.load_state_dict({"keys": keys, "labels": labels, **{name: saved[name].numpy() for name in ExactIndex.FIELDS}})
         if not bool(torch.isfinite(states).all()):
             raise ValueError("the file holds non-finite cached states")
         arena.grow(index.num_pages)
-        rows = torch.from_numpy(np.concatenate([index.token_rows(e) for e in entries])).to(arena.device)
-        arena.write(rows, states.to(arena.device))
+        token_rows = torch.from_numpy(np.concatenate([index.token_rows(e) for e in entries])).to(arena.device)
+        arena.write(token_rows, states.to(arena.device))
         return index, arena
 
     def adopt(self, index: ExactIndex, arena: PagedArena) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,7 +93,7 @@ class ExactTier(Tier):
             self.taken = []
             near = None
             if call.pixels is not None:
-                keys = [(rows.pixel_key(call.header, row, call.seq), 0, call.seq) for row in call.host]
+                keys = [(rows.pixel_key(call.header, row, call.seq), 0, call.seq, None) for row in call.host]
             else:
                 # RoBERTa-style embeddings number positions from the ids, padding included.
                 ids_before = call.arguments.get("position_ids") is None and self.positions_from_ids
@@ -160,11 +161,14 @@ class ExactTier(Tier):
         entries, index = [], self.store.index
         for e in index.live():
             info = index.describe(e)
-            key = rows.parse_key(info.key)
-            entries.append(HeldEntry(tuple(key["ids"].tolist()), tuple(key["positions"].tolist()),
-                                     tuple(key["types"].tolist()), key["namespace"], info.pages,
-                                     info.pages * self.store.arena.page_bytes, info.hits, info.serial, key["parent"],
-                                     f"{key['dtype']};{key['switches']}"))
+            if info.label is None:  # (a pixel model's row: its key is a digest of its pixels)
+                key = {"ids": (), "positions": (), "types": (), "namespace": "", "dtype": "", "switches": ""}
+            else:
+                key = rows.describe_label(info.label)
+            entries.append(HeldEntry(tuple(np.asarray(key["ids"]).tolist()), tuple(np.asarray(key["positions"]).tolist()),
+                                     tuple(np.asarray(key["types"]).tolist()), key["namespace"], info.pages,
+                                     info.pages * self.store.arena.page_bytes, info.hits, info.serial,
+                                     info.parent_serial, f"{key['dtype']};{key['switches']}"))
         return entries
 
     def resolve_pending(self) -> None:
