@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...splice import CacheParam, KVStandIn, give_kv, kv_split, per_position
+from ...splice import CacheParam, KVStandIn, give_kv, kv_rows, kv_split, per_position
 from .plan import Plan
 
 
@@ -122,7 +122,7 @@ class BlockSplice:
             return
         pieces = [out]
         if self.tier.geometry.decoder:  # per block, K then V as [M, T, heads * head dim]
-            pieces += [per_position(x) for kv in plan.kv for x in kv]
+            pieces.append(kv_rows(plan.kv))
         features = sum(p.shape[-1] for p in pieces)
         if features != self.tier.store.arena.features or out.dtype != self.tier.store.arena.dtype:
             self.tier.owner.count_reasons({"layout_changed": len(plan.entries)})

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ...adapters import KV_CACHE_NAMES, kv_cache
+from ...splice import kv_rows
 from . import plan as plans
 
 
@@ -188,7 +189,8 @@ def suffix_forward(tier, plan: SuffixPlan, call, forward):
         else:
             src = plan.dev["store_src"]
             parts = [last.reshape(batch * smax, -1).index_select(0, src)]
-            parts += [t.index_select(0, src) for kv in suffix_kv for t in kv]
+            kv = [(layer.keys[:, :, plan.prefix :], layer.values[:, :, plan.prefix :]) for layer in layers]
+            parts.append(kv_rows(kv).reshape(batch * smax, -1).index_select(0, src))
             tier.commit(plan, plan.dev["store_dst"], parts)
     if isinstance(result, tuple):
         return (full, cache) + tuple(result[2:]) if len(result) > 1 else (full,)
