@@ -2,7 +2,7 @@
 is negligible (as a GPU forward looks from the host).
 
     python -m bench.costs.hostpath [--grid default|full] [--rounds 9] [--threads 1] [--device cpu|cuda]
-                                   [--out FILE]
+                                   [--stages] [--out FILE]
 
 Twins (random weights, the real models' op graph with tiny widths): MiniLM's shape (BertModel, 6
 blocks, hidden 48), BERT-base's (12 blocks, hidden 48) and a Llama (16 blocks, hidden 64). The
@@ -15,7 +15,9 @@ prefix hit) and one decode step after a prefill (`past_key_values` of T tokens, 
 uncached and cached, alternating which goes first). Medians over `--rounds` rounds, ms per forward, and the ratios to the uncached
 forward of the same shape. It uses only `accelerate`, `bypass` and `stats`, so the same file times
 an older checkout of the package (PYTHONPATH) for a before/after comparison. On CUDA every timed
-call is bracketed by a synchronisation. Writes JSON to `--out` (default: stdout only); nothing
+call is bracketed by a synchronisation. `--stages` adds the cache's own microseconds per
+forward by stage (`bench.costs.stages`: it wraps internal functions, so it times this checkout
+only; on the CPU the arena writes and reads are device work too). Writes JSON to `--out` (default: stdout only); nothing
 asserts.
 """
 
@@ -73,7 +75,27 @@ def decode_inputs(model, ids: torch.Tensor) -> dict:
     return {"input_ids": ids[:, -1:], "attention_mask": mask, name: cache}
 
 
-def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator, device: str) -> dict:
+def stage_times(model, new, rows: int, tokens: int, rounds: int, decoder: bool) -> dict:
+    """The cache's own microseconds per forward by stage (`bench.costs.stages`), per scenario."""
+    from bench.costs import stages
+
+    fixed, out = new(), {}
+    with torch.inference_mode():
+        model(input_ids=fixed)
+        cached = max(1, int(0.9 * tokens))
+        batches = {"miss": lambda: new(), "hit": lambda: fixed}
+        if decoder:
+            batches["prefix_hit"] = lambda: torch.cat([fixed[:, :cached], new()[:, cached:]], dim=1)
+        for scenario, batch in batches.items():
+            with stages.timed(model) as timer:
+                for _ in range(rounds):
+                    model(input_ids=batch())
+            out[scenario] = timer.per_forward(rounds)
+    return out
+
+
+def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator, device: str,
+            with_stages: bool = False) -> dict:
     model = llmcache.accelerate(twin(name, device))
     decoder = name == "llama"
     new = lambda: torch.randint(5, 1000, (rows, tokens), generator=gen).to(device)
@@ -113,7 +135,10 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
         row["prefix_hit_over_uncached"] = ms["prefix_hit"] / ms["uncached"]
         row["decode_over_uncached"] = ms["decode"] / ms["decode_uncached"]
     s = llmcache.stats(model)
-    return {**row, "hits": s.hits, "rows_seen": s.rows}
+    row.update({"hits": s.hits, "rows_seen": s.rows})
+    if with_stages:
+        row["stages_us"] = stage_times(model, new, rows, tokens, rounds, decoder)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--stages", action="store_true", help="also time the cache's own work by stage (bench.costs.stages)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(1)
     grid = DEFAULT_GRID if args.grid == "default" else full_grid()
-    rows = [measure(name, b, t, args.rounds, gen, args.device) for name, b, t in grid]
+    rows = [measure(name, b, t, args.rounds, gen, args.device, args.stages) for name, b, t in grid]
     print(f"llmcache from {llmcache.__file__}")
     fmt = lambda v: "-" if v is None else v
     print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "uncached ms": r["uncached_ms"],
@@ -137,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 {"uncached ms": ".2f", "hit ms": ".2f", "miss ms": ".2f", "hit/unc": ".3f", "miss/unc": ".3f",
                  "prefix/unc": ".3f", "decode/unc": ".3f"},
                 "lrrrrrrrr")
+    if args.stages:
+        names = ["watch", "router", "host_copy", "keys", "index", "upload", "splice", "merge", "commit", "suffix"]
+        print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "case": case, "own us": v["own"],
+                      **{n: v[n] for n in names}} for r in rows for case, v in r["stages_us"].items()],
+                    {n: ".0f" for n in ["own us"] + names}, "lll" + "r" * (len(names) + 1))
     if args.out:
         write_json(args.out, {"llmcache": llmcache.__file__, "torch": torch.__version__, "threads": args.threads,
                               "device": args.device, "grid": args.grid, "rows": rows})
