@@ -1,6 +1,6 @@
 """What identifies a row: namespaces, the exact tier's keys, and the semantic tier's tags and hashes.
 
-Exact keys (`row_keys`, `page_keys`): content-addressed, 32 bytes each: the BLAKE2b-256 digest
+Exact keys (`chain_keys`): content-addressed, 32 bytes each: the BLAKE2b-256 digest
 (`ops.chain_hash`, one host call for a whole batch) of everything that decides a row's output:
 a seed holding the header (layout version, namespace, the model's state: dtype, autocast,
 attention implementation, adapters and the other switches of `llmcache.state`) and what the
@@ -10,7 +10,7 @@ Trailing padding (mask == 0) is not part of it; the positions are, so a row move
 other positions (absolute or rotary embeddings) is another row. Finding two rows with one key is
 a 2^128 search: no collision can be crafted, and none happens by chance.
 
-A decoder row is keyed page by page (`page_keys`): each page's key is the digest of the key of
+A decoder row is keyed page by page (`chain_keys` with kind b"P"): each page's key is the digest of the key of
 the page before it and its own tokens, so a key names the whole prefix up to it, the longest
 cached prefix of a row is its longest run of pages found from its start
 (`llmcache.tiers.exact.prefix`), and the same prefix has the same key in every process.
