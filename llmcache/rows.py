@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .ops.chain_hash import chain_hash_unchecked
+
 LAYOUT_VERSION = 5  # of exact keys and of what an entry stores; part of every key (5: content-addressed)
 
 # A context variable, not a thread-local: asyncio runs many requests on one thread, and each task
@@ -148,8 +150,6 @@ def chain_keys(kind: bytes, headers: list, host: np.ndarray, start: np.ndarray, 
     """uint8 [B, P, 32]: the keys of the pages of `page` tokens of each row's span start..start+count
     of `host` int64 [4, B, T] (ids, mask, positions, types), chained from the seed of its header
     (`kind`: b"R" a whole row, b"P" a decoder's page). Rows with count 0 get zero keys."""
-    from .ops.chain_hash import chain_hash_unchecked
-
     longest = int(count.max()) if len(count) else 0
     pages = -(-longest // page) if longest else 0
     tokens = torch.from_numpy(np.ascontiguousarray(host[[0, 2, 3]]))
@@ -164,13 +164,17 @@ def split_keys(keys: np.ndarray) -> list:
     return [blob[i : i + 32] for i in range(0, len(blob), 32)]
 
 
+def _label_fields(label: tuple) -> np.ndarray:
+    """int64 [3, n]: the ids, positions and token types a label names (of a [4, B, T] host batch
+    with its mask, or of a [3, 1, n] array that `parse_label` read)."""
+    _, tokens, r, s, n = label
+    return tokens[[0, 2, 3] if len(tokens) == 4 else [0, 1, 2], r, s : s + n]
+
+
 def label_bytes(label: tuple) -> bytes:
     """An entry's label (marked header, host tokens [3 or 4, B, T], row, first position, count)
     as bytes (`llmcache.save`); `parse_label` reads it back."""
-    header, tokens, r, s, n = label
-    fields = np.ascontiguousarray(tokens[[0, -2, -1], r, s : s + n]) if len(tokens) == 4 \
-        else np.ascontiguousarray(tokens[:, r, s : s + n])
-    return len(header).to_bytes(4, "little") + header + fields.astype(np.int64).tobytes()
+    return len(label[0]).to_bytes(4, "little") + label[0] + _label_fields(label).astype(np.int64).tobytes()
 
 
 def parse_label(blob: bytes) -> tuple:
@@ -182,8 +186,7 @@ def parse_label(blob: bytes) -> tuple:
 def describe_label(label: tuple) -> dict:
     """The fields of an entry's label: namespace, dtype, switches (the rest of the state header,
     as text), `pads` (leading, trailing padding among its tokens), ids, positions, types."""
-    header, tokens, r, s, n = label
-    fields = tokens[[0, -2, -1], r, s : s + n] if len(tokens) == 4 else tokens[:, r, s : s + n]
+    header, fields = label[0], _label_fields(label)
     ns_len = int.from_bytes(header[2:6], "little")
     at = 6 + ns_len
     switches_len = int.from_bytes(header[at + 16 : at + 20], "little")

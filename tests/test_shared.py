@@ -69,6 +69,9 @@ def test_replica_serves_what_another_computed(redis_server):
     assert torch.equal(out, want)
     assert (s.shared.lookups, s.shared.hits, s.hits, s.tokens_computed) == (5, 5, 5, 0)
     assert s.shared.bytes_read > 0 and s.shared.round_trips == 1
+    # What b holds from Redis is shown as the rows it answers, as what a computed itself.
+    rows_of = lambda m: sorted((e.ids, e.positions) for e in llmcache.held(m).entries)
+    assert rows_of(b) == rows_of(a) and all(e.ids for e in llmcache.held(b).entries)
     # Served from Redis once, then from the device bank: no second round trip.
     assert torch.equal(run(b, ids, mask), want)
     assert llmcache.stats(b).shared.round_trips == 1

@@ -31,15 +31,16 @@ class Remote(Tier):
         Redis (one round trip) and copy what it serves into the store (pinned). `fingerprint`:
         the model's (`ExactTier.fingerprint`), which every value must carry."""
         wanted, seen = [], set()
-        for key, _, n, _ in row_keys:
+        for key, _, n, label in row_keys:
             if key is not None and store.index.find(key) < 0 and key not in seen:
                 seen.add(key)
-                wanted.append((key, n))
+                wanted.append((key, n, label))
         if not wanted:
             return
         prefix = self.client.settings.key_prefix(rows.current_namespace())
-        found = self.client.fetch(prefix, fingerprint, wanted, store.arena.features, store.arena.dtype)
-        store.insert([(key, held) for (key, _), held in zip(wanted, found) if held is not None])
+        found = self.client.fetch(prefix, fingerprint, [(key, n) for key, n, _ in wanted], store.arena.features,
+                                  store.arena.dtype)
+        store.insert([(key, held, label) for (key, _, label), held in zip(wanted, found) if held is not None])
 
     def share(self, store, entries: list, ntokens: list, parts: list, fingerprint: bytes) -> None:
         """Hand the committed `entries` (-1: not committed) to the writer; `parts` their states."""

@@ -127,11 +127,11 @@ class Store:
         return [e for e, _, _ in committed]
 
     def insert(self, items: list) -> list:
-        """Store whole entries [(key, states [n, F])] at once (from the shared tier), pinned for
-        the routing under way; per item its entry, -1 where there was no room."""
+        """Store whole entries [(key, states [n, F], label)] at once (from the shared tier), pinned
+        for the routing under way; per item its entry, -1 where there was no room."""
         entries, dst, states = [], [], []
-        for key, held in items:
-            entry = self.index.insert(key, held.shape[0])
+        for key, held, label in items:
+            entry = self.index.insert(key, held.shape[0], label=label)
             entries.append(entry)
             if entry >= 0:
                 self.index.pin((entry,))  # (a later insert must not evict it before routing reads it)
