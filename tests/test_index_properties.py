@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -401,3 +401,41 @@ def test_a_page_whose_parent_lost_its_commit_is_left_out_of_a_save():
     fresh = ExactIndex(PAGE, 8, None)
     fresh.load_state_dict(index.state_dict())  # (the orphan, which no walk can reach, is not saved)
     assert fresh.find(b"p") >= 0 and fresh.entries == 1
+
+
+def snapshot(index: ExactIndex, entries: list) -> list:
+    """What each of `entries` is, with the pages and token rows it was given (-1: none)."""
+    return [None if e < 0 else (index.describe(e), index.token_rows(e).tolist()) for e in entries]
+
+
+@given(st.lists(st.tuples(st.integers(1, 3 * PAGE), st.integers(-3, 8)), min_size=1, max_size=12),
+       st.integers(2, 12), st.sampled_from([None, 3, 6]), st.lists(st.integers(1, 2 * PAGE), max_size=6))
+@settings(max_examples=150, deadline=None)
+def test_reserve_many_does_what_reserve_does_key_by_key(batch, max_pages, max_entries, earlier):
+    """`reserve_many` (one pass where everything fits, else one by one) gives every key the entry,
+    pages, serial and parent that `reserve` called key by key gives it, from the same index."""
+    twins = [ExactIndex(PAGE, max_pages, max_entries) for _ in range(2)]
+    for index in twins:  # the same history: some visible entries, one reserved
+        for i, n in enumerate(earlier):
+            entry = index.reserve(f"old{i}".encode(), n)
+            if entry >= 0 and i:
+                index.commit(entry)
+    keys, ntokens, parents = [], [], []
+    for i, (n, parent) in enumerate(batch):
+        keys.append(f"new{i}".encode())
+        ntokens.append(n)
+        # parent >= 0: an earlier key of this call (-2 - j), else none
+        parents.append(-2 - (parent % i) if parent >= 0 and i else -1)
+    got = twins[0].reserve_many(keys, ntokens, parents)
+    want: list[int] = []
+    for key, n, parent in zip(keys, ntokens, parents):
+        if parent <= -2:
+            parent = want[-2 - parent]
+            if parent < 0:  # (the page it extends got no entry: neither does it)
+                want.append(-1)
+                continue
+        want.append(twins[1].reserve(key, n, parent))
+    assert snapshot(twins[0], got) == snapshot(twins[1], want)
+    assert twins[0].num_pages <= max_pages
+    assert twins[0].commit_many([e for e in got if e >= 0]) == [True] * sum(e >= 0 for e in got)
+    assert all(twins[0].find(k) == e for k, e in zip(keys, got) if e >= 0)

@@ -2,7 +2,8 @@
 and `PagePool` (the arena's pages: how many exist, which are free).
 
 An entry id is a row of every array; freed ids are reused (its serial number is not: see
-`ExactIndex`). Arrays grow by doubling, so reserving an entry costs no Python loop over fields.
+`ExactIndex`). Arrays grow by doubling, and ids and pages are handed out for many entries at
+once (`new`, `take`), so reserving a batch's entries costs no Python loop over fields or pages.
 """
 
 from __future__ import annotations
@@ -40,20 +41,20 @@ class EntryTable:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def new(self) -> int:
-        """A free entry id (its fields to be set by the caller)."""
-        if self.free_entries:
-            return self.free_entries.pop()
-        entry = len(self.keys)
-        self.keys.append(None)
-        self.labels.append(None)
-        self.pages.append(None)
-        self.rows.append(None)
-        for name in ARRAYS:
-            array = getattr(self, name)
-            if entry >= len(array):
-                setattr(self, name, np.concatenate([array, np.zeros(max(16, len(array)), dtype=array.dtype)]))
-        return entry
+    def new(self, n: int) -> list[int]:
+        """`n` free entry ids (their fields to be set by the caller): freed ones first, most
+        recently freed first, then new rows."""
+        reused = [self.free_entries.pop() for _ in range(min(n, len(self.free_entries)))]
+        first, fresh = len(self.keys), n - len(reused)
+        if fresh:
+            for column in (self.keys, self.labels, self.pages, self.rows):
+                column.extend([None] * fresh)
+            for name in ARRAYS:
+                array = getattr(self, name)
+                if first + fresh > len(array):
+                    grown = max(16, len(array), first + fresh - len(array))
+                    setattr(self, name, np.concatenate([array, np.zeros(grown, dtype=array.dtype)]))
+        return reused + list(range(first, first + fresh))
 
     def free(self, entry: int) -> int:
         """Forget the entry's key, pages and parent link and free its id; returns its parent (-1: none)."""
@@ -96,11 +97,21 @@ class PagePool:
                 return False
         return True
 
-    def take(self, need: int, ntokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """(pages int64 [need], the flat arena row of each of `ntokens` tokens in them)."""
-        pages = np.array([self.free_pages.pop() for _ in range(need)], dtype=np.int64)
-        offsets = np.arange(ntokens, dtype=np.int64)
-        return pages, pages[offsets // self.page_tokens] * self.page_tokens + offsets % self.page_tokens
+    def take(self, ntokens: np.ndarray) -> tuple[list, list]:
+        """Pages for entries of `ntokens` int64 [E] tokens, taken from the free stack (enough must
+        be free): per entry its pages int64 [need] and the flat arena row of each of its tokens."""
+        pt = self.page_tokens
+        need = -(-ntokens // pt)
+        total = int(need.sum())
+        taken = np.array(self.free_pages[len(self.free_pages) - total :][::-1], dtype=np.int64)
+        del self.free_pages[len(self.free_pages) - total :]
+        first_page = np.concatenate([[0], np.cumsum(need)])
+        first_token = np.concatenate([[0], np.cumsum(ntokens)])
+        offset = np.arange(first_token[-1], dtype=np.int64) - np.repeat(first_token[:-1], ntokens)
+        rows = taken[np.repeat(first_page[:-1], ntokens) + offset // pt] * pt + offset % pt
+        a, b = first_page.tolist(), first_token.tolist()
+        return ([taken[a[i] : a[i + 1]] for i in range(len(ntokens))],
+                [rows[b[i] : b[i + 1]] for i in range(len(ntokens))])
 
     def give(self, pages: np.ndarray) -> None:
         self.free_pages.extend(pages.tolist())

@@ -9,14 +9,18 @@ hit long ago does not). New entries start at zero: they earn their place by bein
 
 from __future__ import annotations
 
+import numpy as np
+
 GCLOCK_MAX = 8
 
 
-def on_hit(policy: str, count: int) -> int:
-    """The reference count of an entry after a hit."""
+def on_hits(policy: str, ref: np.ndarray, entries: np.ndarray) -> None:
+    """Count a hit on each of `entries` (int64, repeats hit again) in the reference counts `ref`."""
     if policy == "staleness":
-        return min(count + 1, GCLOCK_MAX)
-    return 1
+        np.add.at(ref, entries, 1)
+        ref[entries] = np.minimum(ref[entries], GCLOCK_MAX)
+    else:
+        ref[entries] = 1
 
 
 def on_sweep(count: int) -> int:

@@ -14,7 +14,7 @@ is held once (a radix tree over pages, as SGLang's). An entry names the entry it
 becomes a leaf when its last child goes.
 
 Callers use the verbs (vLLM's block pool is the model): `find`/`find_many`/`lookup`/`touch` to
-read, `reserve`/`commit`/`release`/`insert`
+read, `reserve`/`reserve_many`/`commit`/`commit_many`/`release`/`insert`
 to write, `pinned()` (a context in which `pin`ned entries are never evicted), `is_live`/
 `discard`, `describe`, and `state_dict`/`load_state_dict` for `llmcache.save`/`load`. Nothing
 outside `bank/` reads a field.
@@ -98,10 +98,11 @@ class ExactIndex:
         return entry
 
     def touch(self, entries) -> None:
-        """Count a hit on each of `entries` (found earlier, e.g. by `walk`)."""
-        for entry in entries:
-            self.meta.ref[entry] = eviction.on_hit(self.policy, int(self.meta.ref[entry]))
-            self.meta.hits[entry] += 1
+        """Count a hit on each of `entries` (found earlier, e.g. by `find_many`)."""
+        entries = np.asarray(entries, dtype=np.int64)
+        if len(entries):
+            eviction.on_hits(self.policy, self.meta.ref, entries)
+            np.add.at(self.meta.hits, entries, 1)
 
     def find_many(self, keys: list) -> np.ndarray:
         """int64 [len(keys)]: `find` of each key (one pass, no Python call per key)."""
@@ -147,26 +148,56 @@ class ExactIndex:
             return -1
         if parent >= 0:
             self.meta.kids[parent] += 1  # first: the evictions below must spare it
-        need = self.pool.pages_for(ntokens)
-        if not self._make_room(need):
+        if not self._make_room(self.pool.pages_for(ntokens)):
             if parent >= 0:
                 self._drop_kid(parent)
             return -1
-        entry = self.meta.new()
-        self.meta.keys[entry] = key
-        self.meta.labels[entry] = label
-        self.meta.pages[entry], self.meta.rows[entry] = self.pool.take(need, ntokens)
-        self.meta.ntokens[entry] = ntokens
-        self.meta.ref[entry] = 0
-        self.meta.hits[entry] = 0
-        self.meta.serial[entry] = self.next_serial
-        self.next_serial += 1
-        self.meta.parent[entry] = parent
-        self.meta.parent_serial[entry] = self.meta.serial[parent] if parent >= 0 else -1
-        self.meta.kids[entry] = 0
-        self.meta.dead[entry] = False
-        self.reserved.add(entry)
-        return entry
+        return self._fill([key], np.array([ntokens], dtype=np.int64), np.array([parent], dtype=np.int64), [label])[0]
+
+    def reserve_many(self, keys: list, ntokens, parents=None, labels=None) -> list[int]:
+        """`reserve` of each of `keys` (distinct) in order: in one pass where they all fit without
+        evicting, else one by one. `parents[i]`: the entry key i extends, -1 none, or -2 - j for
+        the entry this call reserves for key j < i (key i gets -1 when key j got -1)."""
+        count = len(keys)
+        ntokens = np.asarray(ntokens, dtype=np.int64)
+        parents = np.full(count, -1, dtype=np.int64) if parents is None else np.asarray(parents, dtype=np.int64)
+        labels = [None] * count if labels is None else labels
+        need = int((-(-ntokens // self.page_tokens)).sum())
+        fits = (self.max_entries is None or self.entries + len(self.reserved) + count <= self.max_entries) \
+            and need <= self.max_pages and self.pool.make_room(need, lambda: False)
+        if fits and not any(map(self.table.__contains__, keys)):
+            np.add.at(self.meta.kids, parents[parents >= 0], 1)
+            return self._fill(keys, ntokens, parents, labels)
+        out: list[int] = []
+        for key, n, parent, label in zip(keys, ntokens.tolist(), parents.tolist(), labels):
+            if parent <= -2:
+                parent = out[-2 - parent]
+                if parent < 0:  # (the page it extends got no entry)
+                    out.append(-1)
+                    continue
+            out.append(self.reserve(key, n, parent, label))
+        return out
+
+    def _fill(self, keys: list, ntokens: np.ndarray, parents: np.ndarray, labels: list) -> list[int]:
+        """New reserved entries for `keys` (room made, outer parents' kids counted); `parents` as
+        `reserve_many` takes them."""
+        m, count = self.meta, len(keys)
+        entries = m.new(count)
+        ids = np.asarray(entries, dtype=np.int64)
+        pages, rows = self.pool.take(ntokens)
+        for e, key, label, page_list, token_rows in zip(entries, keys, labels, pages, rows):
+            m.keys[e], m.labels[e], m.pages[e], m.rows[e] = key, label, page_list, token_rows
+        inner = parents <= -2
+        if inner.any():
+            parents = np.where(inner, ids[np.maximum(-2 - parents, 0)], parents)
+        m.ntokens[ids], m.ref[ids], m.hits[ids], m.kids[ids], m.dead[ids] = ntokens, 0, 0, 0, False
+        m.serial[ids] = np.arange(self.next_serial, self.next_serial + count)
+        self.next_serial += count
+        m.parent[ids] = parents
+        m.parent_serial[ids] = np.where(parents >= 0, m.serial[np.maximum(parents, 0)], -1)
+        np.add.at(m.kids, parents[inner], 1)
+        self.reserved.update(entries)
+        return entries
 
     def _make_room(self, need: int) -> bool:
         """Free pages (and an entry slot) for `need` pages, growing the arena's page count or evicting."""
@@ -186,6 +217,16 @@ class ExactIndex:
         self.meta.valid[entry] = True
         self.table[key] = entry
         return True
+
+    def commit_many(self, entries: list) -> list[bool]:
+        """`commit` of each entry: in one pass where no key is taken meanwhile."""
+        keys = [self.meta.keys[e] for e in entries]
+        if len(set(keys)) < len(keys) or any(map(self.table.__contains__, keys)):
+            return [self.commit(e) for e in entries]
+        self.reserved.difference_update(entries)
+        self.meta.valid[entries] = True
+        self.table.update(zip(keys, entries))
+        return [True] * len(entries)
 
     def release(self, entry: int) -> None:
         """Give back a reserved entry that will not be written (its forward failed)."""

@@ -125,33 +125,45 @@ def _near(near, index, rows_: _Rows, prefixes: bool) -> list:
 
 
 def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) -> tuple[list, list]:
-    """Reserve the pages each computing row adds (one copy of a page that two rows of this batch
-    share): (entries, writes as (row, token offset in the row's span, ntokens))."""
-    reserved: dict[bytes, int] = {}
-    entries, writes = [], []
+    """Reserve the pages each computing row adds, all in one `reserve_many` (one copy of a page
+    that two rows of this batch share): (entries, writes as (row, token offset in the row's
+    span, ntokens))."""
+    planned: dict[bytes, int] = {}  # page key -> its place in this call
+    keys, ntokens, parents, labels, places = [], [], [], [], []  # per page reserved; per row its pages
     for r in range(rows_.batch):
         if not rows_.keyed[r] or whole[r]:
+            places.append(None)
             continue
-        s, n = int(rows_.start[r]), rows_.n_real[r]
-        found = rows_.found[r]
-        parent = found[-1] if found else -1
-        at = rows_.covered[r]
-        chain = list(found)
-        while at < n:
-            end = min(at + page, n)
+        s, n, found = int(rows_.start[r]), rows_.n_real[r], rows_.found[r]
+        parent, mine = (found[-1] if found else -1), []
+        for at in range(rows_.covered[r], n, page):
             key = rows_.keys[r][at // page]
-            entry = reserved.get(key, -1)
-            if entry < 0:
-                entry = index.reserve(key, end - at, parent, (rows_.headers[r], rows_.host, r, s + at, end - at))
-                if entry < 0:
-                    counts["too_long"] = counts.get("too_long", 0) + 1
-                    break
-                reserved[key] = entry
-                entries.append(entry)
-                writes.append((r, at, end - at))
-            parent, at = entry, end
-            chain.append(entry)
-        if chains is not None and at == n:  # every page of the row cached or written: a neighbour for later rows
+            if key not in planned:
+                planned[key] = len(keys)
+                keys.append(key)
+                ntokens.append(min(page, n - at))
+                parents.append(parent)
+                labels.append((rows_.headers[r], rows_.host, r, s + at, min(page, n - at)))
+            mine.append((at, planned[key]))
+            parent = -2 - planned[key]
+        places.append(mine)
+    got = index.reserve_many(keys, ntokens, parents, labels) if keys else []
+    entries, writes, written = [], [], set()
+    for r, mine in enumerate(places):
+        if mine is None:
+            continue
+        chain, complete = list(rows_.found[r]), True
+        for at, place in mine:
+            if got[place] < 0:
+                counts["too_long"] = counts.get("too_long", 0) + 1
+                complete = False
+                break
+            if place not in written:
+                written.add(place)
+                entries.append(got[place])
+                writes.append((r, at, ntokens[place]))
+            chain.append(got[place])
+        if chains is not None and complete:  # every page of the row cached or written: a neighbour for later rows
             chains[r] = tuple(chain)
     return entries, writes
 

@@ -45,17 +45,20 @@ def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=
     serve a row that misses (with `Semantic.serve == "pooled"`: its pooled state, by `pooling`).
     Call inside `store.index.pinned()`, under the owner's lock."""
     index = store.index
-    served, compute, repeats, pooled, entries, writes = [], [], [], [], [], []
+    # Every row's lookup at once; the hits are pinned (the reservations below must not evict
+    # them before they are read) and counted.
+    found = index.find_many([key if key is not None else b"" for key, _, _, _ in keys])
+    hit = np.flatnonzero(found >= 0)
+    index.touch(found[hit])
+    index.pin(found[hit].tolist())
+    served = [(r, keys[r][1], e) for r, e in zip(hit.tolist(), found[hit].tolist())]
+    compute, repeats, pooled, misses = [], [], [], []
     first_row: dict[bytes, int] = {}
     serve_pooled = near is not None and near.tier.semantic.serve == "pooled"
-    for r, (key, s, n, label) in enumerate(keys):
+    for r in np.flatnonzero(found < 0).tolist():
+        key, s = keys[r][0], keys[r][1]
         if key is None:
             compute.append(r)
-            continue
-        entry = index.lookup(key)
-        if entry >= 0:
-            index.pin((entry,))  # a later row's reservation must not evict it before it is read
-            served.append((r, s, entry))
             continue
         if key in first_row:
             repeats.append((r, first_row[key]))
@@ -66,7 +69,13 @@ def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=
             (pooled if serve_pooled else served).append((r, s, entry))
             continue
         first_row[key] = r
-        entry = index.reserve(key, n, label=label)
+        misses.append(r)
+        compute.append(r)
+    reserved = index.reserve_many([keys[r][0] for r in misses], [keys[r][2] for r in misses],
+                                  labels=[keys[r][3] for r in misses]) if misses else []
+    entries, writes = [], []
+    for r, entry in zip(misses, reserved):
+        key, s, n, _ = keys[r]
         if entry >= 0:
             if near is not None:
                 near.stored(r, entry, key)
@@ -74,7 +83,6 @@ def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=
             writes.append((r, s, n))
         elif index.find(key) < 0:
             counts["too_long"] = counts.get("too_long", 0) + 1
-        compute.append(r)
     if not served and not repeats and not entries and not pooled:
         return None
     tokens = (sum(keys[r][2] for r, _, _ in served + pooled), sum(keys[r][2] for r in compute))

@@ -97,12 +97,15 @@ class Store:
 
     def check_pending(self, batches: list, flags: np.ndarray | None, counts: dict) -> None:
         """Drop entries whose written tokens were not all finite (counted as "non_finite")."""
-        at = 0
-        for batch in batches:
-            for entry, key, n in batch:
-                if not flags[at : at + n].all() and self.index.discard(entry, key):
-                    counts["non_finite"] = counts.get("non_finite", 0) + 1
-                at += n
+        written = [item for batch in batches for item in batch]
+        if not written:
+            return
+        sizes = np.array([n for _, _, n in written], dtype=np.int64)
+        finite = np.minimum.reduceat(np.asarray(flags[: int(sizes.sum())]), np.cumsum(sizes) - sizes)
+        for i in np.flatnonzero(finite == 0).tolist():  # (nearly always none)
+            entry, key, _ = written[i]
+            if self.index.discard(entry, key):
+                counts["non_finite"] = counts.get("non_finite", 0) + 1
 
     def resolve_pending(self, counts: dict) -> None:
         """Check the pending flags now (a host read: for `save` and `held`, not the hot path)."""
@@ -119,10 +122,9 @@ class Store:
         finite = torch.isfinite(sum(p.float().sum(1) for p in parts)).long()
         self.arena.grow(self.index.num_pages)
         self.arena.write(dst, parts)
-        committed = []
-        for entry, n in zip(entries, ntokens):
-            key = self.index.key(entry)
-            committed.append((entry if self.index.commit(entry) else -1, key, n))
+        keys = [self.index.key(entry) for entry in entries]
+        published = self.index.commit_many(entries)
+        committed = [(entry if ok else -1, key, n) for entry, ok, key, n in zip(entries, published, keys, ntokens)]
         self.pending.append((committed, finite))
         return [e for e, _, _ in committed]
 
