@@ -4,6 +4,11 @@
 
 #include "cpu/kernels.h"
 
+namespace llmcache {
+pybind11::bytes watch_tree(const pybind11::list& filled, const pybind11::list& containers);
+pybind11::bytes watch_tensors(const pybind11::list& tensors);
+}  // namespace llmcache
+
 #ifndef LLMCACHE_CUDA_ARCHS
 #define LLMCACHE_CUDA_ARCHS ""
 #endif
@@ -46,6 +51,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("cpu_kernel", &llmcache::cpu::cpu_kernel_name);
+  m.def("watch_tree", &llmcache::watch_tree, "ids of the dicts' values, then the containers' lengths (int64 bytes)");
+  m.def("watch_tensors", &llmcache::watch_tensors, "version counter and data pointer per tensor (int64 bytes)");
   m.def("popcount_peak_rate", &llmcache::cpu::popcount_peak_rate, pybind11::arg("seconds") = 0.2,
         "64-bit popcounts per second on all OpenMP threads with the CPU lookup's popcount path");
 }

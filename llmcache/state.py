@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import rows
+from .ops._library import extension
 
 _VERSION = attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
@@ -152,12 +153,18 @@ class ModelState:
         self.tuners = [m for m in modules if _is_tuner_layer(m)]
 
     def _look(self) -> tuple:
-        """Everything the watch compares between forwards."""
-        return ((list(map(id, _chain(map(dict.values, self.filled)))), list(map(len, self.containers))),
-                [id(d.get(name)) for d, name in self.opaque],
-                list(map(_VERSION, self.tensors)),
-                list(map(_DATA_PTR, self.tensors)),
-                list(map(list, map(_MERGED, self.tuners))))
+        """Everything the watch compares between forwards: the tree (the ids of its dicts' values,
+        their lengths), opaque attributes, every tensor's version counter and data pointer, the
+        merged adapters. One C++ pass each over the tree and the tensors where the extension is
+        built (`watch.cpp`: the same values as words of one bytes object), else Python maps."""
+        ext = extension()
+        if ext is not None:
+            tree, tensors = ext.watch_tree(self.filled, self.containers), ext.watch_tensors(self.tensors)
+        else:
+            tree = (list(map(id, _chain(map(dict.values, self.filled)))), list(map(len, self.containers)))
+            tensors = (list(map(_VERSION, self.tensors)), list(map(_DATA_PTR, self.tensors)))
+        return (tree, [id(d.get(name)) for d, name in self.opaque], tensors,
+                list(map(list, map(_MERGED, self.tuners))) if self.tuners else ())
 
     # ---- per forward ---------------------------------------------------------------------
     def check(self) -> Observed:
