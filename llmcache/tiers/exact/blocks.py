@@ -86,16 +86,21 @@ class BlockSplice:
             real.update(keys, values, layer_idx)
             return
         width = 2 * heads * head_dim
-        full = out.new_zeros((plan.batch, plan.seq, width))
-        if plan.m:
-            flat = torch.cat([per_position(keys), per_position(values)], dim=-1).to(out.dtype)
-            full.index_copy_(0, plan.compute, flat)
-            if plan.repeat_rows is not None:
-                full.index_copy_(0, plan.repeat_rows, flat.index_select(0, plan.repeat_src))
-        if plan.served:
+        served = None
+        if plan.served:  # the served tokens' K|V of this block, stored after the output
             hidden = plan.served_states.shape[1] - len(self.tier.span) * width
-            cols = plan.served_states[:, hidden + position * width : hidden + (position + 1) * width]
-            full.view(-1, width).index_copy_(0, plan.served_dst, cols.to(full.dtype))
+            served = plan.served_states[:, hidden + position * width : hidden + (position + 1) * width].to(out.dtype)
+        if plan.served_all:  # every position served, in order: the stored K|V as they are
+            full = served.reshape(plan.batch, plan.seq, width)
+        else:
+            full = out.new_zeros((plan.batch, plan.seq, width))
+            if plan.m:
+                flat = torch.cat([per_position(keys), per_position(values)], dim=-1).to(out.dtype)
+                full.index_copy_(0, plan.compute, flat)
+                if plan.repeat_rows is not None:
+                    full.index_copy_(0, plan.repeat_rows, flat.index_select(0, plan.repeat_src))
+            if served is not None:
+                full.view(-1, width).index_copy_(0, plan.served_dst, served)
         give_kv(real, *kv_split(full, heads), layer_idx, self.tier.kv_dtype(switches))
 
     def _merge(self, plan: Plan, out: torch.Tensor) -> torch.Tensor:
@@ -103,6 +108,8 @@ class BlockSplice:
         if plan.compute is None:
             return out
         hidden = out.shape[-1]
+        if plan.served_all:
+            return plan.served_states[:, :hidden].to(out.dtype).reshape(plan.batch, plan.seq, hidden)
         merged = out.new_zeros((plan.batch, plan.seq, hidden))
         if plan.m:
             merged.index_copy_(0, plan.compute, out)

@@ -33,6 +33,7 @@ class Plan(Route):
     store_src: torch.Tensor | None = None  # int64 [W] flat rows (among computing rows) of tokens to write
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
+    served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
     near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward
@@ -54,6 +55,13 @@ class Plan(Route):
 def every_token(src: np.ndarray, total: int) -> bool:
     """`src` is 0..total-1 in order (a plan stores every computed token: no selection needed)."""
     return len(src) == total and bool((src == np.arange(total)).all())
+
+
+def runs(starts: list, lengths: list) -> np.ndarray:
+    """int64: start, start + 1, ..., start + length - 1 for each (start, length), one after another."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
 
 
 def upload(parts: dict, device: torch.device) -> dict:
@@ -86,14 +94,13 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
     parts = {"compute": computing if len(computing) < batch else None}
     if serving:
         parts["served_src"] = np.concatenate([src for _, _, src in serving])
-        parts["served_dst"] = np.concatenate([r * seq + s + np.arange(len(src), dtype=np.int64)
-                                              for r, s, src in serving])
+        parts["served_dst"] = runs([r * seq + s for r, s, _ in serving], [len(src) for _, _, src in serving])
+        plan.served_all = every_token(parts["served_dst"], batch * seq)
     if copying:
         parts["repeat_rows"] = [r for r, _ in copying]
         parts["repeat_src"] = [position[src] for _, src in copying]
     if entries:
-        parts["store_src"] = np.concatenate([position[r] * seq + s + np.arange(n, dtype=np.int64)
-                                             for r, s, n in writes])
+        parts["store_src"] = runs([position[r] * seq + s for r, s, _ in writes], [n for _, _, n in writes])
         parts["store_dst"] = np.concatenate([store.index.token_rows(e) for e in entries])
         plan.store_all = every_token(parts["store_src"], len(computing) * seq)
     on_device = upload(parts, device)
