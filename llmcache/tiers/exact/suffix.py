@@ -179,9 +179,12 @@ def suffix_forward(tier, plan: SuffixPlan, call, forward):
     if use_cache is None:
         use_cache = tier.use_cache_default
     real = kv_cache(call.arguments)
-    cache = real if real is not None else (DynamicCache() if use_cache else None)
-    if cache is not None:
-        _fill_cache(tier, plan, cache, layers, suffix_kv)
+    if real is None and use_cache and plan.uniform:
+        cache = stand_in  # (uniform: it holds every row's K/V in the call's own layout already)
+    else:
+        cache = real if real is not None else (DynamicCache() if use_cache else None)
+        if cache is not None:
+            _fill_cache(tier, plan, cache, layers, suffix_kv)
     if plan.entries:
         last = captured[-1] if captured else None
         if last is None or last.shape[:2] != (batch, smax):
