@@ -11,7 +11,8 @@ default grid: MiniLM at 1 x 16, 32 x 16 and 256 x 16 tokens, BERT-base at 32 x 1
 512} (Llama to B = 32). Per round and config, back to back: the forward uncached (`llmcache.bypass`),
 a batch of new rows (a miss: every row computes and is stored), the same batch again (a whole-row
 hit), and for the Llama twin a batch whose first 90 % of tokens were cached by an earlier batch (a
-prefix hit) and one decode step after a prefill (`past_key_values` of T tokens, one new token:
+prefix hit) beside its ideal (the suffix alone, uncached, against a copy of the prefix's own KV cache:
+transformers' prompt-cache recipe without the copy) and one decode step after a prefill (`past_key_values` of T tokens, one new token:
 uncached and cached, alternating which goes first). Medians over `--rounds` rounds, ms per forward, and the ratios to the uncached
 forward of the same shape. It uses only `accelerate`, `bypass` and `stats`, so the same file times
 an older checkout of the package (PYTHONPATH) for a before/after comparison. On CUDA every timed
@@ -101,7 +102,7 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
     new = lambda: torch.randint(5, 1000, (rows, tokens), generator=gen).to(device)
     times: dict = {"uncached": [], "hit": [], "miss": []}
     if decoder:
-        times.update({"prefix_hit": [], "decode_uncached": [], "decode": []})
+        times.update({"prefix_hit": [], "prefix_ideal": [], "decode_uncached": [], "decode": []})
     with torch.inference_mode():
         for _ in range(3):  # warm-up: shapes, arena
             ids = new()
@@ -118,6 +119,12 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
             cached = max(1, int(0.9 * tokens))
             prefix = torch.cat([ids[:, :cached], new()[:, cached:]], dim=1)  # the first 90 % cached
             times["prefix_hit"].append(clock(model, {"input_ids": prefix}, device))
+            # Its ideal: the suffix alone against a copy of the prefix's own KV cache, uncached
+            # (what the prompt-cache recipe of transformers runs, the copy made beforehand).
+            with llmcache.bypass(model):
+                cache = model(input_ids=ids[:, :cached], use_cache=True).past_key_values
+                name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                times["prefix_ideal"].append(clock(model, {"input_ids": prefix[:, cached:], name: cache}, device))
             step = decode_inputs(model, ids)
             # (A step extends the cache it is given: each call its own copy; which goes first alternates.)
             copies = [{k: copy.deepcopy(v) if k in ("cache", "past_key_values") else v for k, v in step.items()}
@@ -133,6 +140,7 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
            "hit_over_uncached": ms["hit"] / ms["uncached"], "miss_over_uncached": ms["miss"] / ms["uncached"]}
     if decoder:
         row["prefix_hit_over_uncached"] = ms["prefix_hit"] / ms["uncached"]
+        row["prefix_ideal_over_uncached"] = ms["prefix_ideal"] / ms["uncached"]
         row["decode_over_uncached"] = ms["decode"] / ms["decode_uncached"]
     s = llmcache.stats(model)
     row.update({"hits": s.hits, "rows_seen": s.rows})
@@ -159,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "uncached ms": r["uncached_ms"],
                   "hit ms": r["hit_ms"], "miss ms": r["miss_ms"], "hit/unc": r["hit_over_uncached"],
                   "miss/unc": r["miss_over_uncached"], "prefix/unc": fmt(r.get("prefix_hit_over_uncached")),
+                  "ideal/unc": fmt(r.get("prefix_ideal_over_uncached")),
                   "decode/unc": fmt(r.get("decode_over_uncached"))} for r in rows],
                 {"uncached ms": ".2f", "hit ms": ".2f", "miss ms": ".2f", "hit/unc": ".3f", "miss/unc": ".3f",
-                 "prefix/unc": ".3f", "decode/unc": ".3f"},
-                "lrrrrrrrr")
+                 "prefix/unc": ".3f", "ideal/unc": ".3f", "decode/unc": ".3f"},
+                "lrrrrrrrrr")
     if args.stages:
         names = ["watch", "router", "host_copy", "keys", "index", "upload", "splice", "merge", "commit", "suffix"]
         print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "case": case, "own us": v["own"],
