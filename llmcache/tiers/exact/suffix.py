@@ -80,14 +80,15 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
                       uniform=uniform, prefix_states=states)
 
 
-def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype):
-    """A DynamicCache holding every span block's cached prefix K/V, [B, heads, Pmax, head dim],
-    zeros where a row's prefix is shorter than Pmax (those slots are masked)."""
+def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
+    """A DynamicCache (`cache`, empty, or a new one) holding every span block's cached prefix K/V,
+    [B, heads, Pmax, head dim], zeros where a row's prefix is shorter than Pmax (those slots are
+    masked)."""
     from transformers import DynamicCache
 
     g, dev = tier.geometry, plan.dev
     batch, pmax, half = plan.batch, plan.prefix, g.kv_width // 2
-    cache = DynamicCache()
+    cache = DynamicCache() if cache is None else cache
     for position in range(g.blocks):
         both = []
         for which in (0, 1):
@@ -160,6 +161,15 @@ def _fill_cache(tier, plan: SuffixPlan, cache, layers: list, suffix_kv: list) ->
         cache.update(both[0], both[1], tier.layer_idx(position))
 
 
+def _plain_and_empty(cache) -> bool:
+    """`cache` is an empty DynamicCache of full-attention layers (none that keeps a window only)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return (type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+            and cache.get_seq_length() == 0)
+
+
 def suffix_forward(tier, plan: SuffixPlan, call, forward):
     """Run the model on every row's suffix against its cached prefix; return what the uncached
     call returns (hidden states of every position, the caller's KV cache filled). `call`: the
@@ -167,23 +177,26 @@ def suffix_forward(tier, plan: SuffixPlan, call, forward):
     from transformers import DynamicCache
 
     batch, smax, half = plan.batch, plan.suffix, tier.geometry.kv_width // 2
-    stand_in = _prefix_cache(tier, plan, tier.kv_dtype(call.switches))
+    real = kv_cache(call.arguments)
+    # The caller's own empty cache (generate's prefill) runs as the stand-in where the rows share
+    # one layout: it ends up holding what the uncached call leaves in it, with no copy after.
+    adopt = plan.uniform and _plain_and_empty(real)
+    stand_in = _prefix_cache(tier, plan, tier.kv_dtype(call.switches), real if adopt else None)
     result, captured = _run(tier, plan, call, forward, stand_in)
     out = result[0] if isinstance(result, tuple) else result.last_hidden_state
     full = _outputs(tier, plan, out)
     layers = [stand_in.layers[tier.layer_idx(p)] for p in range(tier.geometry.blocks)]
-    # The computed tokens' K and V per block, [B * S, half] each (slots after the prefix).
-    suffix_kv = [[t[:, :, plan.prefix :].transpose(1, 2).reshape(batch * smax, half) for t in (layer.keys, layer.values)]
-                 for layer in layers]
     use_cache = call.arguments.get("use_cache")
     if use_cache is None:
         use_cache = tier.use_cache_default
-    real = kv_cache(call.arguments)
-    if real is None and use_cache and plan.uniform:
+    if adopt or (real is None and use_cache and plan.uniform):
         cache = stand_in  # (uniform: it holds every row's K/V in the call's own layout already)
     else:
         cache = real if real is not None else (DynamicCache() if use_cache else None)
         if cache is not None:
+            # The computed tokens' K and V per block, [B * S, half] each (slots after the prefix).
+            suffix_kv = [[t[:, :, plan.prefix :].transpose(1, 2).reshape(batch * smax, half)
+                          for t in (layer.keys, layer.values)] for layer in layers]
             _fill_cache(tier, plan, cache, layers, suffix_kv)
     if plan.entries:
         last = captured[-1] if captured else None
