@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh OUTDIR             on the GPU machine, with bench/.data carried beside the tree
 #   ... [--steps build,tests,kernels,e2e]      only these steps (env and the extension check always run)
 # OUTDIR gets results.md (a section appended after each step, so a killed run keeps what it did), check.log
-# (every step's full output) and the benchmarks' JSON/CSV rows: six files. The exit status is 1, with the
+# (every step's full output) and the benchmarks' JSON/CSV rows: seven files. The exit status is 1, with the
 # reasons at the end of results.md, when the build fails, llmcache._C lacks CUDA kernels for this card or
 # dispatch would not pick them, any GPU test fails or is skipped, a step fails or outruns its budget.
 # Step budgets add to 540 s (the lent machine runs one command for at most 600 s); on the GPU no step
@@ -38,8 +38,9 @@ if [[ $mode == prepare ]]; then exec $PY -m bench.gpu_check prepare --data "$dat
 mkdir -p "$out"
 tmp=$(mktemp -d)
 
-order=(env build ext tests kernels e2e-bert-base e2e-gpt2)
-declare -A budget=([env]=15 [build]=150 [ext]=15 [tests]=135 [kernels]=105 [e2e-bert-base]=60 [e2e-gpt2]=60)
+order=(env build ext tests kernels hostpath e2e-bert-base e2e-gpt2)
+declare -A budget=([env]=15 [build]=150 [ext]=15 [tests]=135 [kernels]=90 [hostpath]=30 [e2e-bert-base]=55
+                   [e2e-gpt2]=50)
 total=0
 for name in "${order[@]}"; do total=$((total + budget[$name])); done
 ((total <= 540)) || { echo "step budgets add to $total s, over 540" >&2; exit 2; }
@@ -56,13 +57,13 @@ if [[ $mode == gpu ]]; then
     MAX_JOBS="${MAX_JOBS:-16}" $PY setup.py build_ext --inplace)
   dry=() device=(--device cuda) skips=()
   $PY -c "import xdist" 2>/dev/null && tests="-n 4 $tests"  # Triton compiles on 4 cores at once
-  sizes=() e2e_sizes=(--rows 1024 --batch 64) scale=1
+  sizes=() e2e_sizes=(--rows 1024 --batch 64) host_rounds=(--rounds 7) scale=1
 else
   card="no GPU: dry run on $(uname -m), $(nproc) cores"
   cmd_build=(ls -l llmcache/_C*.so)  # the dry run reuses the in-place build (pip install -e . made it)
   dry=(--dry-run) device=(--device cpu) skips=(--allow-skips)
   [[ ${GPU_CHECK_STRICT_SKIPS:-0} == 1 ]] && skips=()
-  sizes=(--quick) e2e_sizes=(--size tiny --rows 64 --batch 16 --repeats 1) scale=10
+  sizes=(--quick) e2e_sizes=(--size tiny --rows 64 --batch 16 --repeats 1) host_rounds=(--rounds 2) scale=10
 fi
 
 extract() {  # what of a step's stdout goes into results.md
@@ -143,6 +144,9 @@ step ext $PY -m bench.gpu_check ext "${dry[@]}" || exit 1
 # shellcheck disable=SC2086  # $tests is a word list: files and pytest options
 want tests && step tests $PY -m bench.gpu_check tests --xml "$tmp/tests.xml" "${skips[@]}" -- $tests
 want kernels && step kernels $PY -m bench.micro.kernels "${device[@]}" "${sizes[@]}" --out "$out"
+# The host path on tiny-dims twins (#24): on the GPU, the table the CPU can only project.
+want hostpath && step hostpath $PY -m bench.costs.hostpath "${device[@]}" "${host_rounds[@]}" --stages \
+  --out "$out/hostpath-${device[1]}.json"
 for model in bert-base gpt2; do
   want "e2e-$model" && step "e2e-$model" $PY -m bench.experiments.e2e --model $model "${device[@]}" --dtype bf16 \
     "${e2e_sizes[@]}" --data "$data" --out "$out"

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # `bench` is a top-level folder of the repository
 from bench import gpu_check
 
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ("env", "build", "ext", "tests", "kernels", "e2e-bert-base", "e2e-gpt2")
+STEPS = ("env", "build", "ext", "tests", "kernels", "hostpath", "e2e-bert-base", "e2e-gpt2")
 needs_ext = pytest.mark.skipif(
     os.environ.get("LLMCACHE_SKIP_EXT") == "1",
     reason="LLMCACHE_SKIP_EXT=1: the dry run checks the compiled extension; it runs in the extension pass",
@@ -66,7 +66,7 @@ def test_dry_run_passes_and_writes_every_step(tmp_path, data):
 
     # At most 8 files, no folder: what the device tool brings back whole.
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["results.md", "check.log", "kernels-cpu.json", "kernels-cpu.csv",
+    assert files == sorted(["results.md", "check.log", "kernels-cpu.json", "kernels-cpu.csv", "hostpath-cpu.json",
                             "e2e-bert-base-cpu-bf16.json", "e2e-gpt2-cpu-bf16.json"])
     kernels = json.loads((out / "kernels-cpu.json").read_text())
     assert {r["op"] for r in kernels["rows"]} == {"hamming_topk", "simhash_pooled", "gather_with_mask"}
