@@ -123,8 +123,8 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
             # (what the prompt-cache recipe of transformers runs, the copy made beforehand).
             with llmcache.bypass(model):
                 cache = model(input_ids=ids[:, :cached], use_cache=True).past_key_values
-                name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-                times["prefix_ideal"].append(clock(model, {"input_ids": prefix[:, cached:], name: cache}, device))
+                given = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                times["prefix_ideal"].append(clock(model, {"input_ids": prefix[:, cached:], given: cache}, device))
             step = decode_inputs(model, ids)
             # (A step extends the cache it is given: each call its own copy; which goes first alternates.)
             copies = [{k: copy.deepcopy(v) if k in ("cache", "past_key_values") else v for k, v in step.items()}
