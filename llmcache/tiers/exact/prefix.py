@@ -184,9 +184,8 @@ def _plan(store, rows_: _Rows, seq: int, device, counts: dict, prefixes: bool, c
             counts["padding"] = counts.get("padding", 0) + sum(held)
         whole = [whole[r] and not held[r] for r in range(batch)]
     entries, writes = _reserve(index, rows_, whole, store.config.page_tokens, counts, chains)
-    for r in range(batch):
-        if whole[r] or (suffix_mode and partial[r]):
-            index.touch(rows_.found[r])  # hits: bump their reference counts
+    # Hits: bump their reference counts.
+    index.touch([e for r in range(batch) if whole[r] or (suffix_mode and partial[r]) for e in rows_.found[r]])
     if suffix_mode:
         return suffix.plan(store, rows_, whole, entries, writes, seq, device)
     return _splice_plan(store, rows_, whole, entries, writes, seq, device, near)
@@ -198,14 +197,14 @@ def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near)
     span holds is not counted as tokens served or computed."""
     served, compute, repeats = [], [], []
     first_row: dict[bytes, int] = {}
-    start = rows_.start
+    start, page = rows_.start, store.config.page_tokens
     for r in range(rows_.batch):
         s, n = int(start[r]), rows_.n_real[r]
         if whole[r]:
             served.append((r, s, store.token_rows(rows_.found[r])))
             continue
         if rows_.keyed[r] and not rows_.padded(r):
-            tokens = b"".join(a[r, s : s + n].tobytes() for a in (rows_.ids, rows_.positions, rows_.types))
+            tokens = rows_.keys[r][(n - 1) // page]  # (its last page's key names every token of it)
             if tokens in first_row:
                 repeats.append((r, first_row[tokens]))
                 continue

@@ -45,29 +45,33 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
     suffix_len = [real_len[r] + int(trailing[r]) for r in range(batch)]
     pmax, smax = max(cached), max(max(suffix_len), 1)
     width = pmax + smax
-    parts = {name: np.zeros((batch, smax), dtype=np.int64) for name in ("ids", "positions", "types")}
-    parts["mask"] = np.zeros((batch, width), dtype=np.int64)
-    lists = {name: [] for name in ("prefix_src", "prefix_slot", "prefix_dst", "suffix_src", "suffix_dst")}
-    uniform = seq == width and all(int(start[r]) == 0 and cached[r] == pmax and suffix_len[r] == smax
-                                   for r in range(batch))
-    for r in range(batch):
-        s, p, k = int(start[r]), cached[r], suffix_len[r]
-        if k:
-            for name, source in (("ids", rows_.ids), ("positions", rows_.positions), ("types", rows_.types)):
-                parts[name][r, :k] = source[r, s + p : s + p + k]
-            parts["ids"][r, k:] = parts["ids"][r, k - 1]
-            parts["positions"][r, k:] = parts["positions"][r, k - 1] + 1 + np.arange(smax - k)
-        parts["mask"][r, pmax - p : pmax + real_len[r]] = 1
-        if p:
-            lists["prefix_src"].append(store.token_rows(rows_.found[r])[:p])
-            lists["prefix_slot"].append(r * pmax + pmax - p + np.arange(p))
-            lists["prefix_dst"].append(r * seq + s + np.arange(p))
-        lists["suffix_src"].append(r * smax + np.arange(k))
-        lists["suffix_dst"].append(r * seq + s + p + np.arange(k))
-    parts.update({name: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64) for name, xs in lists.items()})
+    s, p, k = (np.asarray(x, dtype=np.int64) for x in (start, cached, suffix_len))
+    uniform = bool(seq == width and not s.any() and (p == pmax).all() and (k == smax).all())
+    # Row r's suffix: its tokens from s + p on, k of them; after them (up to S) its last id again
+    # and positions counting on (masked slots), types 0.
+    col = np.arange(smax)[None, :]
+    at = (s + p)[:, None] + np.minimum(col, np.maximum(k - 1, 0)[:, None])
+    live, some = col < k[:, None], (k > 0)[:, None]
+    take = lambda a: np.take_along_axis(a, at, axis=1)
+    last_position = np.take_along_axis(rows_.positions, (s + p + np.maximum(k - 1, 0))[:, None], axis=1)
+    parts = {"ids": np.where(some, take(rows_.ids), 0),
+             "positions": np.where(some, np.where(live, take(rows_.positions), last_position + col - k[:, None] + 1), 0),
+             "types": np.where(live, take(rows_.types), 0)}
+    cols = np.arange(width)[None, :]
+    parts["mask"] = ((cols >= (pmax - p)[:, None]) & (cols < (pmax + np.asarray(real_len))[:, None])).astype(np.int64)
+    rows = np.arange(batch, dtype=np.int64)
+    covered = np.asarray([len(rows_.found[r]) and rows_.covered[r] for r in range(batch)], dtype=np.int64)
+    found = [e for r in range(batch) if p[r] for e in rows_.found[r]]
+    held = store.token_rows(found) if found else np.zeros(0, dtype=np.int64)
+    first = np.cumsum(np.where(p > 0, covered, 0)) - np.where(p > 0, covered, 0)
+    parts["prefix_src"] = held[plans.runs(first[p > 0], p[p > 0])] if found else held
+    parts["prefix_slot"] = plans.runs(rows * pmax + pmax - p, p)
+    parts["prefix_dst"] = plans.runs(rows * seq + s, p)
+    parts["suffix_src"] = plans.runs(rows * smax, k)
+    parts["suffix_dst"] = plans.runs(rows * seq + s + p, k)
     if entries:
         # A reserved page of row r covers its tokens [at, at + n), all at or after the row's cached prefix.
-        parts["store_src"] = np.concatenate([r * smax + at - cached[r] + np.arange(n) for r, at, n in writes])
+        parts["store_src"] = plans.runs([r * smax + at - cached[r] for r, at, _ in writes], [n for _, _, n in writes])
         parts["store_dst"] = store.token_rows(entries)
     dev = plans.upload(parts, device)
     for name in ("ids", "positions", "types"):
