@@ -56,6 +56,24 @@ class EntryTable:
                     setattr(self, name, np.concatenate([array, np.zeros(grown, dtype=array.dtype)]))
         return reused + list(range(first, first + fresh))
 
+    def add(self, keys: list, labels: list, pages: list, rows: list, ntokens: np.ndarray, parents: np.ndarray,
+            first_serial: int) -> list[int]:
+        """New entries (`new`) for `keys`, their fields set: serials from `first_serial` on; `parents`
+        [i]: an entry id, -1 none, or -2 - j for the entry added here for key j (its kids counted)."""
+        entries = self.new(len(keys))
+        ids = np.asarray(entries, dtype=np.int64)
+        for e, key, label, page_list, token_rows in zip(entries, keys, labels, pages, rows):
+            self.keys[e], self.labels[e], self.pages[e], self.rows[e] = key, label, page_list, token_rows
+        inner = parents <= -2
+        if inner.any():
+            parents = np.where(inner, ids[np.maximum(-2 - parents, 0)], parents)
+        self.ntokens[ids], self.ref[ids], self.hits[ids], self.kids[ids], self.dead[ids] = ntokens, 0, 0, 0, False
+        self.serial[ids] = np.arange(first_serial, first_serial + len(keys))
+        self.parent[ids] = parents
+        self.parent_serial[ids] = np.where(parents >= 0, self.serial[np.maximum(parents, 0)], -1)
+        np.add.at(self.kids, parents[inner], 1)
+        return entries
+
     def free(self, entry: int) -> int:
         """Forget the entry's key, pages and parent link and free its id; returns its parent (-1: none)."""
         self.keys[entry] = self.labels[entry] = self.pages[entry] = self.rows[entry] = None

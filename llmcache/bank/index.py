@@ -181,21 +181,9 @@ class ExactIndex:
     def _fill(self, keys: list, ntokens: np.ndarray, parents: np.ndarray, labels: list) -> list[int]:
         """New reserved entries for `keys` (room made, outer parents' kids counted); `parents` as
         `reserve_many` takes them."""
-        m, count = self.meta, len(keys)
-        entries = m.new(count)
-        ids = np.asarray(entries, dtype=np.int64)
         pages, rows = self.pool.take(ntokens)
-        for e, key, label, page_list, token_rows in zip(entries, keys, labels, pages, rows):
-            m.keys[e], m.labels[e], m.pages[e], m.rows[e] = key, label, page_list, token_rows
-        inner = parents <= -2
-        if inner.any():
-            parents = np.where(inner, ids[np.maximum(-2 - parents, 0)], parents)
-        m.ntokens[ids], m.ref[ids], m.hits[ids], m.kids[ids], m.dead[ids] = ntokens, 0, 0, 0, False
-        m.serial[ids] = np.arange(self.next_serial, self.next_serial + count)
-        self.next_serial += count
-        m.parent[ids] = parents
-        m.parent_serial[ids] = np.where(parents >= 0, m.serial[np.maximum(parents, 0)], -1)
-        np.add.at(m.kids, parents[inner], 1)
+        entries = self.meta.add(keys, labels, pages, rows, ntokens, parents, self.next_serial)
+        self.next_serial += len(keys)
         self.reserved.update(entries)
         return entries
 
