@@ -1,4 +1,4 @@
-"""Smoke test of the paper's sweep: `bench.experiments.paper sweep --quick` runs and writes sane rows.
+"""Smoke tests of the experiments: the paper's sweep (`bench.experiments.paper sweep --quick`), the system-prompt and embedding-service benches.
 
 The quick sizes make the numbers meaningless; only their shape and two invariants are checked:
 the exact-only configuration is lossless, and hit rates are rates. Nothing timed is asserted on.
