@@ -142,6 +142,19 @@ def _exact_tiers(owner: ModelCache, model: nn.Module, base: nn.Module, adapter, 
         owner.patched.append(patch(model, near.wrap_top(model.forward), owner))
     for position, index in enumerate(span):
         owner.patched.append(patch(blocks[index], functools.partial(exact.splice.forward, position), owner))
+    if adapter.decoder and callable(getattr(model, "generate", None)):
+        owner.patched.append(patch(model, _generating(exact, model.generate), owner, name="generate"))
+
+
+def _generating(exact: ExactTier, generate):
+    """`model.generate` that stores, when it returns, the pages its decode steps completed."""
+
+    @functools.wraps(generate)
+    def run(*args, **kwargs):
+        with exact.generating():
+            return generate(*args, **kwargs)
+
+    return run
 
 
 def _verified_tier(owner: ModelCache, model: nn.Module, base: nn.Module, adapter, embedding, store) -> SemanticTier:

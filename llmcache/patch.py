@@ -2,8 +2,9 @@
 
 Every module the cache patches (the base model, each cached block, and where the semantic tiers
 read them the input embedding and the accelerated wrapper) gets one instance attribute,
-`forward`, holding a `Patch`: weights, state_dict and module tree stay untouched, and `disable`
-removes exactly these attributes.
+`forward`, holding a `Patch` (a decoder's wrapper also `generate`, so that the pages its decode
+steps computed are stored when it returns): weights, state_dict and module tree stay untouched,
+and `disable` removes exactly these attributes.
 
 - **Tracers record the model, not the cache.** Under `torch.export`, `torch.jit.trace` and
   `torch.fx` symbolic tracing a `Patch` calls the module's own forward, so an exported or traced
@@ -57,8 +58,8 @@ class Patch:
     """`module.forward` while accelerated: `cached(*args, **kwargs)`, or, while a tracer records,
     `original(*args, **kwargs)` (the forward the module had before). `owner` is the cache."""
 
-    def __init__(self, module: nn.Module, original: Callable, cached: Callable, owner):
-        self.module, self.original, self.cached, self.owner = module, original, cached, owner
+    def __init__(self, module: nn.Module, original: Callable, cached: Callable, owner, name: str = "forward"):
+        self.module, self.original, self.cached, self.owner, self.name = module, original, cached, owner, name
         functools.update_wrapper(self, original)  # inspect.signature(module.forward) stays the model's
         if hasattr(original, "__code__"):  # (torch.export reads the forward's code object for its argument names)
             self.__code__ = original.__code__
@@ -71,18 +72,19 @@ class Patch:
     def __reduce__(self):
         # A copy (deepcopy, pickle) of the module gets its own class's forward: at the time this
         # is called while loading, the new module's __dict__ is still empty.
-        return getattr, (self.module, "forward")
+        return getattr, (self.module, self.name)
 
 
-def patch(module: nn.Module, cached: Callable, owner) -> nn.Module:
-    """Point `module.forward` at `cached` (`unpatch` undoes it); returns the module."""
-    module.forward = Patch(module, module.forward, cached, owner)
+def patch(module: nn.Module, cached: Callable, owner, name: str = "forward") -> nn.Module:
+    """Point `module.<name>` (its forward) at `cached` (`unpatch` undoes it); returns the module."""
+    setattr(module, name, Patch(module, getattr(module, name), cached, owner, name))
     return module
 
 
 def unpatch(module: nn.Module) -> None:
-    if isinstance(vars(module).get("forward"), Patch):
-        del module.forward
+    """Remove every `Patch` the cache put on `module`."""
+    for name in [name for name, value in vars(module).items() if isinstance(value, Patch)]:
+        delattr(module, name)
 
 
 def patched(module: nn.Module) -> Patch | None:

@@ -29,6 +29,8 @@ class CacheStats:
     bank, not computed either (the first occurrence's result is copied); hits + repeats rows
     skipped the cached blocks.
     prefix_rows: decoder rows that computed only their tokens after a cached prefix.
+    decode_pages: pages of tokens that decode steps computed (generate's answers), stored for the
+    prompts that repeat them (a chat's next turn).
     last_semantic_rows: the rows of the last routed forward served a neighbour's output.
     tokens_served / tokens_computed: real tokens whose states came from the bank / were computed
     in cached forwards, in total; last_tokens: (served, computed) of the last cached forward.
@@ -63,6 +65,7 @@ class CacheStats:
     layers: list = field(default_factory=list)
     repeats: int = 0
     prefix_rows: int = 0
+    decode_pages: int = 0
     tokens_served: int = 0
     tokens_computed: int = 0
     last_tokens: tuple = (0, 0)

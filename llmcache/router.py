@@ -32,6 +32,7 @@ class Counters:
     forwards: int = 0
     rows: int = 0  # every row of every forward the cache saw, cached or not (decode steps apart)
     decode_steps: int = 0  # generate()'s steps after the prefill: never cached, not counted in rows
+    decode_pages: int = 0  # pages of decode steps' tokens stored (a chat's answers, for its next turn)
     looked_up: int = 0  # rows looked up in the exact tier
     served: int = 0  # rows served from the exact tier (semantic hits included)
     semantic_served: int = 0  # of them, rows served a neighbour's entry by the verified semantic tier
@@ -134,7 +135,7 @@ class ModelCache:
             self.counters.forwards += 1
             if reason == "decode_step":
                 self.counters.decode_steps += 1
-                return None
+                return self._decode_step(arguments)
             self.counters.rows += batch
             observed = self.state.check()
             if observed.epoch != self.weights_epoch:
@@ -160,6 +161,24 @@ class ModelCache:
         types = torch.zeros_like(ids) if types is None else types.expand_as(ids)
         call.batch = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
         self._route(call, call.batch)
+        return call
+
+    def _decode_step(self, arguments: dict) -> Call | None:
+        """A decode step on a KV cache a tier follows (its prefill was routed): the model runs as
+        it would, the tier records what it computes (`Tier.step`). Under the lock."""
+        kv_cache = adapters.kv_cache(arguments)
+        tier = next((t for t in self.tiers if t.follows(kv_cache)), None)
+        if tier is None:
+            return None
+        observed = self.state.check()
+        if observed.epoch != self.weights_epoch:
+            self._invalidate(observed.epoch)
+            return None
+        call = Call(arguments, kv_cache, observed.switches, b"")
+        call.route = tier.step(call, observed.reason)
+        if call.route is None:
+            return None
+        call.capture = []
         return call
 
     def padding_visible(self, kv_cache) -> tuple[bool, bool]:

@@ -133,6 +133,11 @@ def _seed(kind: bytes, header: bytes) -> bytes:
     return hashlib.blake2b(kind + header, digest_size=32).digest()
 
 
+def chain_seed(kind: bytes, header: bytes) -> bytes:
+    """The key a row's chain starts from (what its first page's key is chained on)."""
+    return _seed(kind, header)
+
+
 def _seeds(kind: bytes, headers: list) -> torch.Tensor:
     """uint8 [B, 32]: the chain seed of each row's (marked) header."""
     return torch.frombuffer(bytearray(b"".join([_seed(kind, h) for h in headers])), dtype=torch.uint8).view(-1, 32)
@@ -146,14 +151,16 @@ def marked_headers(header: bytes, lead: np.ndarray, trail: np.ndarray, before: n
 
 
 def chain_keys(kind: bytes, headers: list, host: np.ndarray, start: np.ndarray, count: np.ndarray,
-               page: int) -> np.ndarray:
+               page: int, after: np.ndarray | None = None) -> np.ndarray:
     """uint8 [B, P, 32]: the keys of the pages of `page` tokens of each row's span start..start+count
     of `host` int64 [4, B, T] (ids, mask, positions, types), chained from the seed of its header
-    (`kind`: b"R" a whole row, b"P" a decoder's page). Rows with count 0 get zero keys."""
+    (`kind`: b"R" a whole row, b"P" a decoder's page), or with `after` (uint8 [B, 32]) from those
+    keys: the pages go on a chain that ends in them. Rows with count 0 get zero keys."""
     longest = int(count.max()) if len(count) else 0
     pages = -(-longest // page) if longest else 0
     tokens = torch.from_numpy(np.ascontiguousarray(host[[0, 2, 3]]))
-    keys = chain_hash_unchecked(_seeds(kind, headers), tokens, torch.from_numpy(np.ascontiguousarray(start)),
+    seeds = _seeds(kind, headers) if after is None else torch.from_numpy(np.ascontiguousarray(after, dtype=np.uint8))
+    keys = chain_hash_unchecked(seeds, tokens, torch.from_numpy(np.ascontiguousarray(start)),
                                 torch.from_numpy(np.ascontiguousarray(count)), page, pages)
     return keys.numpy()
 

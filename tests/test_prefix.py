@@ -141,18 +141,23 @@ def test_generate_with_prefix_hits_gives_the_uncached_tokens(family, how, tokens
 
 
 def test_a_multi_turn_chat_hits_every_earlier_turn(tokens):
-    """Each turn's prompt is the conversation so far: the prefill computes from the last cached page."""
+    """Each turn's prompt is the conversation so far: the prefill computes from the last cached
+    page, the previous answer included (generate's decode steps stored their full pages)."""
     model, ref = build("qwen2")
-    conversation, previous = tokens(11), 0
+    conversation, fed, pages = tokens(11), 0, 0
     with torch.inference_mode():
         for _ in range(4):
             inputs = {"input_ids": conversation[None], "attention_mask": torch.ones(1, len(conversation), dtype=torch.long)}
             want = ref.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
             got = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
             assert torch.equal(got, want)
-            served, computed = llmcache.stats(model).last_tokens
-            assert served == previous // PAGE * PAGE and served + computed == len(conversation)
-            previous = len(conversation)
+            s = llmcache.stats(model)
+            served, computed = s.last_tokens
+            assert served == fed // PAGE * PAGE and served + computed == len(conversation)
+            # The prompt and 4 of its 5 new tokens ran through the model (the last one is only sampled).
+            fed = len(conversation) + 4
+            assert s.decode_pages == pages + fed // PAGE - len(conversation) // PAGE
+            pages = s.decode_pages
             conversation = torch.cat([got[0], tokens(6)])  # the reply, then the user's next message
 
 

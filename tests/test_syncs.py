@@ -245,7 +245,10 @@ def test_a_cached_forward_adds_at_most_one_sync(family, device, gen):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(DECODERS))
 def test_generate_adds_at_most_one_sync(family, device, gen):
-    """Only generate's prefill is routed (decode steps run uncached): one sync at most in all."""
+    """Only generate's prefill is routed (decode steps run as they would): one sync for it, and
+    one for the decode steps' tokens when their full pages are written (here once, when generate
+    returns: 3 new tokens). Generate itself waits for every step's tokens (15 syncs uncached
+    here), so that copy costs a transfer, not a wait."""
     model = tiny_model(family).to(device)
     first, _ = batches(family, gen, device)
     inputs = {k: v for k, v in first.items() if k != "position_ids"}
@@ -258,12 +261,12 @@ def test_generate_adds_at_most_one_sync(family, device, gen):
         for case in ("cold", "warm"):
             extra, report = added(model, counter, inputs, generate, device)
             reports.append(f"{family} {device} generate {case}: {report}")
-            if extra > ADDED_SYNCS_MAX:
+            if extra > ADDED_SYNCS_MAX + 1:
                 failures.append(case)
         assert torch.equal(generate(inputs), want)
     assert llmcache.stats(model).hits > 0
     print("\n".join(reports))
-    assert not failures, f"more than {ADDED_SYNCS_MAX} added sync(s) per generate in {failures}:\n" + "\n".join(reports)
+    assert not failures, f"more than {ADDED_SYNCS_MAX + 1} added sync(s) per generate in {failures}:\n" + "\n".join(reports)
 
 
 def test_the_counter_sees_a_sync_on_a_device_tensor_and_not_on_the_host():

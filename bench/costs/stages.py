@@ -29,6 +29,7 @@ from collections import defaultdict
 
 from llmcache import rows
 from llmcache.bank.arena import PagedArena
+from llmcache.patch import patched
 from llmcache.router import ModelCache
 from llmcache.state import ModelState
 from llmcache.tiers.exact import plan as plans
@@ -103,9 +104,11 @@ def timed(model):
     originals = [list(s.originals) for s in splices]
     for s in splices:
         s.originals = [timer.wrap("blocks", f) for f in s.originals]
-    patches = [m.forward for m in owner.patched]  # (`patch.Patch`: the base model's call, the blocks' splice)
+    # (`patch.Patch`es of forwards: the base model's call, the blocks' splice; a decoder's generate apart)
+    modules = list({id(m): m for m in owner.patched if patched(m) is not None}.values())
+    patches = [patched(m) for m in modules]
     cached = [p.cached for p in patches]
-    for m, p in zip(owner.patched, patches):
+    for m, p in zip(modules, patches):
         p.cached = timer.wrap("call" if m is owner.base else "splice", p.cached)
     try:
         yield timer

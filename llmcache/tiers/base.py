@@ -48,7 +48,8 @@ class Call:
     pixels: torch.Tensor | None = None  # int64 [B, 2]: a pixel model's image hashes (routed at its first block)
     route: Route | None = None
     near: object | None = None  # verified.Neighbours: the verified tier's part of this forward
-    capture: list | None = None  # the last block's outputs, recorded during a suffix call
+    capture: list | None = None  # the last block's outputs, recorded during a suffix call or a decode step
+    track: object | None = None  # a decoder's prefill: the following of its KV cache it started (`exact.extend`)
     elapsed: float = 0.0  # seconds the model's own forward took
 
 
@@ -71,6 +72,15 @@ class Tier:
         """Run a forward whose route this tier made and runs itself (None: the model's own
         forward runs, through the patched blocks). `forward(**kwargs)`: the model's own."""
         return
+
+    def follows(self, cache) -> bool:
+        """Whether this tier follows the KV cache `cache` through decode steps."""
+        return False
+
+    def step(self, call: Call, reason: str | None) -> Route | None:
+        """The route of a decode step on a cache it follows (`reason`: why the model's state
+        rules caching out, or None), or None: the step runs unrecorded and the following ends."""
+        return None
 
     def finish(self, call: Call, output, top: bool) -> None:
         """The forward ran: `output` is the base model's (`top`: the accelerated wrapper's)."""

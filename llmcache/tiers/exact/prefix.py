@@ -46,7 +46,7 @@ def _longest_runs(index, keys: list, count: np.ndarray, page: int) -> tuple[list
 
 
 def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict, prefixes: bool,
-          near=None, padding: tuple[bool, bool] = (False, False)):
+          near=None, padding: tuple[bool, bool] = (False, False), follow=None):
     """The route of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
     a `plan.Plan` for the block splice, a `suffix.SuffixPlan`, or None (nothing served, nothing
     stored). `prefixes`: prefix rows may compute their suffix only (else they compute whole).
@@ -56,7 +56,8 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     padding is then computed after the row's cached tokens (a suffix that attends to them and
     not to itself, as the uncached model's padding does); leading padding, which the uncached
     model computes attending to no token at all, is keyed and stored with the row, so the row is
-    served where it comes again with as much padding. Call inside `store.index.pinned()`, under
+    served where it comes again with as much padding. `follow(rows)`: called with what routing
+    knew of the rows (`_Rows`), once reserved (`extend.Tracks.start`). Call inside `store.index.pinned()`, under
     the owner's lock."""
     index, page = store.index, store.config.page_tokens
     mask = host[1]
@@ -87,6 +88,8 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     for r, chain in enumerate(chains or ()):
         if chain is not None:
             near.stored(r, chain, tuple(index.key(e) for e in chain))
+    if follow is not None:
+        follow(rows_)
     return result
 
 

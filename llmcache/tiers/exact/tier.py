@@ -32,6 +32,7 @@ from ..base import Call, Route, Tier
 from . import prefix
 from . import route as encoder
 from .blocks import BlockSplice
+from .extend import Step, Tracks
 from .plan import Plan
 from .store import Store
 from .suffix import SuffixPlan, suffix_forward
@@ -63,6 +64,7 @@ class ExactTier(Tier):
         self.takes_cache_position = "cache_position" in inspect.signature(base.forward).parameters
         self.taken: list = []  # the pending batches whose flags this forward's payload carries
         self.shared_fingerprint = None  # the shared tier's: made at its first lookup, again after a change
+        self.tracks = Tracks(self)  # decoders: the KV caches whose decode steps are stored as pages
 
     def layer_idx(self, position: int) -> int:
         """The KV cache layer of span block `position`."""
@@ -99,8 +101,10 @@ class ExactTier(Tier):
                 ids_before = call.arguments.get("position_ids") is None and self.positions_from_ids
                 near = self.near.neighbours(call, ids_before and not self.geometry.decoder) if self.near else None
                 if self.geometry.decoder:
+                    def follow(rows_):
+                        call.track = self.tracks.start(call, rows_, call.seq)
                     return prefix.route(store, call.header, call.host, call.seq, call.device, call.counts,
-                                        self.geometry.final_norm is not None, near, call.padding)
+                                        self.geometry.final_norm is not None, near, call.padding, follow)
                 keys = encoder.row_keys(call.header, call.host, ids_before, call.counts, call.padding)
             if self.remote is not None:
                 self.remote.warm(store, keys, self._shared_fingerprint())
@@ -110,8 +114,27 @@ class ExactTier(Tier):
     def run(self, call: Call, forward):
         """Run a forward this tier routed with a route of its own making (a suffix), or None."""
         if isinstance(call.route, SuffixPlan):
-            return suffix_forward(self, call.route, call, forward)
+            output = suffix_forward(self, call.route, call, forward)
+            if call.track is not None:
+                self.tracks.ran(call.track)
+            return output
         return None
+
+    def follows(self, cache) -> bool:
+        return self.tracks.follows(cache) is not None
+
+    def step(self, call: Call, reason: str | None) -> Route | None:
+        return self.tracks.step(call, reason) if self.geometry.decoder else None
+
+    def finish(self, call: Call, output, top: bool) -> None:
+        if not top and isinstance(call.route, Step):
+            self.tracks.stepped(call)
+        elif not top and call.track is not None:
+            self.tracks.ran(call.track)
+
+    def generating(self):
+        """The scope of one `generate` call (`extend.Tracks.generating`)."""
+        return self.tracks.generating()
 
     def commit(self, plan, dst: torch.Tensor, parts: list) -> None:
         """Write and publish the entries `plan` reserved: `parts` [W, F_i] at arena rows `dst`."""
@@ -136,10 +159,12 @@ class ExactTier(Tier):
     def clear(self) -> None:
         self.store.clear()
         self.kv_dtypes.clear()
+        self.tracks.clear()
 
     def invalidate(self, dtype: torch.dtype, device: torch.device) -> None:
         self.store.clear(dtype, device)
         self.kv_dtypes.clear()
+        self.tracks.clear()
         self.shared_fingerprint = None  # (hashed again, from the new weights, at the next lookup)
 
     def report(self, counters) -> dict:
@@ -152,6 +177,7 @@ class ExactTier(Tier):
         return {"tier": "exact", "layers": layers, "lookups": c.looked_up, "hits": c.served,
                 "exact_hits": c.served - c.semantic_served, "semantic_hits": c.semantic_served,
                 "insertions": c.inserted, "evictions": c.evicted, "entries": self.store.index.entries,
+                "decode_pages": c.decode_pages,
                 "bytes": self.store.held_bytes, "bytes_reserved": self.store.arena.reserved_bytes}
 
     def held(self) -> list:
