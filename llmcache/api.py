@@ -82,9 +82,6 @@ def accelerate(model: nn.Module, config: CacheConfig | None = None, **overrides)
     layer_ids = config.validate(len(blocks))
     embedding = base.get_input_embeddings()
     weight = next(base.parameters())
-    if config.shared is not None and adapter.decoder:
-        raise ValueError(f"CacheConfig.shared: {type(model).__name__} is a decoder, whose entries are chained prefix "
-                         "pages that the shared tier does not hold yet: accelerate it without shared=")
     planes = ops.random_planes(adapters.hidden_size(base), config.num_bits, seed=config.seed, device=weight.device)
     owner = ModelCache(config=config, adapter=adapter, model=model, base=base, layer_ids=layer_ids, planes=planes)
     if config.layerwise is None:

@@ -22,7 +22,8 @@ class CacheConfig:
         shared: a Redis URL ("redis://host:6379/0") or a `llmcache.Shared(url, ttl=..., ...)`: a
             shared tier behind the exact tier's device bank, so that replicas of one model (and
             a restarted process) serve what any of them computed (llmcache/shared/). Exact
-            entries only; encoders and pixel models (a decoder's prefix pages stay local).
+            entries only: encoders' and pixel models' rows, decoders' prefix pages (generated
+            tokens' included), looked up as chains.
             None (the default): off.
         layerwise: a `llmcache.Layerwise(threshold=...)`: experts only, keeps no error bound: the
             paper's per-block tier instead of the exact one (its own fields: threshold,

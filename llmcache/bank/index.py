@@ -111,6 +111,11 @@ class ExactIndex:
     def key(self, entry: int) -> bytes | None:
         return self.meta.keys[entry]
 
+    def parent_key(self, entry: int) -> bytes:
+        """The key of the entry `entry` extends (a decoder page's previous page), b"" for none."""
+        parent = int(self.meta.parent[entry])
+        return self.meta.keys[parent] if parent >= 0 else b""
+
     def is_live(self, entry: int, key: bytes) -> bool:
         """The entry is visible and still holds `key` (not evicted, its slot not reused)."""
         return self.table.get(key, -1) == entry

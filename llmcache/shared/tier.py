@@ -1,10 +1,13 @@
 """The shared tier's client: one batched lookup per forward, a background writer, a circuit breaker.
 
 `SharedTier.fetch` (under the model cache's lock, at routing) sends one MGET for the rows that
-missed the device bank and returns, per row, the checked states or None; a value that fails
-`values.decode` is refused, counted by reason and recomputed. `put` hands computed entries to a
-daemon writer (bounded queue, in items and bytes; what does not fit is dropped and counted),
-which writes them in pipelines with the TTL.
+missed the device bank and returns, per row, the checked states or None; `fetch_pages` looks a
+decoder batch's missing pages up as chains (`reads`). A value that fails `values.decode` is
+refused, counted by reason and recomputed. `put` hands computed entries to a daemon writer
+(bounded queue, in items and bytes; what does not fit is dropped and counted), which writes
+them in pipelines with the TTL and `SET NX` (a key is content-addressed: what another replica
+wrote there is the same; a key whose value was refused is overwritten). A page whose parent was
+dropped is dropped too: no page is written before the page it extends.
 
 Never fails a forward: a connection error or a timeout (`Shared.timeout`) counts an error and
 opens the breaker; while it is open the tier neither reads nor writes (rows compute, entries are
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import values
+from . import reads, values
 from .settings import Shared
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -51,15 +54,18 @@ class SharedStats:
     """The shared tier's counters since `accelerate` (or `reset`).
 
     state: "up", "down" (breaker open: no reads or writes until `retry_in_s`), "probing".
-    lookups / hits: rows looked up in Redis / served from it (copied into the device bank).
-    round_trips: lookups sent (one per forward at most); latency_s: their total wall time
-    (the MGET and the checks of what it returned),
+    lookups / hits: entries (an encoder's rows, a decoder's pages) looked up in Redis / served
+    from it (copied into the device bank); tokens_served: the tokens of those served.
+    round_trips: requests sent (one per forward for rows, two at most for pages: which pages
+    are held, then the runs of them); latency_s: their total wall time (with the checks of
+    what they returned),
     latency_p50_s / latency_p99_s over the last 1024, latency_max_s.
-    skipped: rows not looked up, by reason ("down": breaker open, "not_worth": a round trip
+    skipped: entries not looked up, by reason ("down": breaker open, "not_worth": a round trip
     costs more than the rows could save, by the measured estimate).
     refused: values found and not served, by reason (`llmcache.shared.values.REASONS`).
     bytes_read / bytes_written: value bytes received / sent. writes: entries written.
-    write_drops: computed entries not written, by reason ("queue_full", "down", "non_finite").
+    write_drops: computed entries not written, by reason ("queue_full", "down", "non_finite",
+    "parent": the page it extends was not written, "exists": another replica wrote it first).
     errors: failed round trips, by kind ("connection", "timeout", "oom", "permission", "other");
     last_error: the last one's message (credentials masked). queued: entries waiting now.
     compute_s_per_token / round_trip_s: the estimates "auto" lookups decide by (None: unmeasured):
@@ -72,6 +78,7 @@ class SharedStats:
     retry_in_s: float = 0.0
     lookups: int = 0
     hits: int = 0
+    tokens_served: int = 0
     round_trips: int = 0
     latency_s: float = 0.0
     latency_max_s: float = 0.0
@@ -217,59 +224,58 @@ class SharedTier:
         self.lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue()
         self.queued_bytes = 0
+        self.dropped: collections.OrderedDict = collections.OrderedDict()  # keys of pages not written (recent)
+        self.overwrite: collections.OrderedDict = collections.OrderedDict()  # Redis keys whose value was refused
         # (The thread holds the tier weakly: a tier nobody holds any more ends its writer.)
         self.writer = threading.Thread(target=SharedTier._write_loop, args=(weakref.ref(self), self.queue),
                                        name="llmcache-shared-writer", daemon=True)
         self.writer.start()
 
-    # ---- reading ----------------------------------------------------------------------
+    # ---- reading (`reads`) ---------------------------------------------------------------
     def fetch(self, key_prefix: bytes, fingerprint: bytes, wanted: list, features: int, dtype) -> list:
         """Per (row key, ntokens) of `wanted`, its checked host states [ntokens, features] from
         Redis or None. One MGET; never raises."""
+        return reads.fetch_rows(self, key_prefix, fingerprint, wanted, features, dtype)
+
+    def fetch_pages(self, key_prefix: bytes, fingerprint: bytes, pages: dict, chains: list, features: int,
+                    dtype) -> dict:
+        """Decoder pages (`pages`: page key -> (parent key, ntokens); `chains`: per row, the page
+        keys it lacks, in order): page key -> checked host states, for the longest run of each
+        chain held in Redis from its first page. Two round trips at most; never raises."""
+        return reads.fetch_pages(self, key_prefix, fingerprint, pages, chains, features, dtype)
+
+    def usable(self, wanted: int, tokens: int) -> bool:
+        """Whether a lookup of `wanted` entries (`tokens` tokens) goes to the server: the breaker
+        is closed and, with lookup="auto", it is worth a round trip (else counted as skipped)."""
         s = self.stats
-        tokens = sum(n for _, n in wanted)
         if not self.breaker.usable():
-            self._skip("down", len(wanted))
-            return [None] * len(wanted)
+            self._skip("down", wanted)
+            return False
         self.forwards += 1
         if self.settings.lookup == "auto" and self.breaker.failures == 0 and self.forwards % self.settings.probe_every \
                 and not worth_looking_up(tokens, self.recent_hits, s.compute_s_per_token, s.round_trip_s):
-            self._skip("not_worth", len(wanted))
-            return [None] * len(wanted)
-        keys = [values.redis_key(key_prefix, fingerprint, k) for k, _ in wanted]
-        start = time.perf_counter()
-        try:
-            found = self.client.mget(keys)
-        except Exception as err:  # noqa: BLE001 (any failure of the server: the rows compute)
-            self.breaker.failed(err)
-            return [None] * len(wanted)
-        self.breaker.succeeded()
-        out, hits, read, refused = [], 0, 0, []
-        for (row_key, n), value in zip(wanted, found):
-            if value is None:
-                out.append(None)
-                continue
-            read += len(value)
-            states = values.decode(value, fingerprint, row_key, n, features, dtype)
-            if isinstance(states, str):
-                refused.append(states)
-                out.append(None)
-                continue
-            hits += 1
-            out.append(states)
-        elapsed = time.perf_counter() - start  # (the round trip and the checks: what a lookup costs)
-        with self.lock:
-            self._count(elapsed, len(wanted), hits, read, refused)
-        return out
+            self._skip("not_worth", wanted)
+            return False
+        return True
 
-    def _count(self, elapsed: float, looked_up: int, hits: int, read: int, refused: list) -> None:
+    def refused(self, redis_keys: list) -> None:
+        """Values refused at these keys: the next write of each replaces what is there."""
+        with self.lock:
+            for key in redis_keys:
+                self.overwrite[key] = None
+                if len(self.overwrite) > 4096:
+                    self.overwrite.popitem(last=False)
+
+    def _count(self, elapsed: float, looked_up: int, hits: int, read: int, refused: list, tokens: int,
+               trips: int = 1) -> None:
         s = self.stats
         for reason in refused:
             s.refused[reason] = s.refused.get(reason, 0) + 1
         s.bytes_read += read
         s.lookups += looked_up
         s.hits += hits
-        s.round_trips += 1
+        s.tokens_served += tokens
+        s.round_trips += trips
         s.latency_s += elapsed
         s.latency_max_s = max(s.latency_max_s, elapsed)
         self.latencies.append(elapsed)
@@ -289,22 +295,32 @@ class SharedTier:
 
     # ---- writing ----------------------------------------------------------------------
     def put(self, key_prefix: bytes, fingerprint: bytes, items: list, dtype) -> None:
-        """Queue computed entries [(row key, states [n, F] on any device, not written to again:
-        the caller's copy)] for the writer; those that do not fit in the queue, or while the
-        server is down, are dropped and counted."""
+        """Queue computed entries [(key, states [n, F] on any device, not written to again: the
+        caller's copy, parent key: b"" but for a page after another)] for the writer, parents
+        before children; those that do not fit in the queue, or while the server is down, are
+        dropped and counted, and so are the pages after them."""
         with self.lock:
-            for row_key, states in items:
+            for row_key, states, parent in items:
                 size = states.numel() * states.element_size()
                 reason = None
                 if self.breaker.is_open():
                     reason = "down"
+                elif parent and parent in self.dropped:
+                    reason = "parent"
                 elif self.queue.qsize() >= self.settings.queue or self.queued_bytes + size > self.settings.queue_bytes:
                     reason = "queue_full"
                 if reason is not None:
                     self.stats.write_drops[reason] = self.stats.write_drops.get(reason, 0) + 1
+                    self._forget(row_key)
                     continue
                 self.queued_bytes += size
-                self.queue.put((key_prefix, fingerprint, row_key, states, dtype, size))
+                self.queue.put((key_prefix, fingerprint, row_key, states, dtype, size, parent))
+
+    def _forget(self, key: bytes) -> None:
+        """`key` was not written: neither are the pages after it (under the lock)."""
+        self.dropped[key] = None
+        if len(self.dropped) > 4096:
+            self.dropped.popitem(last=False)
 
     @staticmethod
     def _write_loop(ref: weakref.ref, pending: queue.Queue) -> None:
@@ -345,20 +361,28 @@ class SharedTier:
         pipe = self.client.pipeline(transaction=False)
         sizes, written = [], 0
         ttl = self.settings.ttl
-        dropped = 0
-        for key_prefix, fingerprint, row_key, states, dtype, _ in batch:
+        dropped = {"non_finite": 0, "parent": 0}
+        for key_prefix, fingerprint, row_key, states, dtype, _, parent in batch:
             host = states.cpu()
-            if not bool(host.isfinite().all()):
-                dropped += 1
+            reason = "parent" if parent and parent in self.dropped else None
+            if reason is None and not bool(host.isfinite().all()):
+                reason = "non_finite"
+            if reason is not None:
+                dropped[reason] += 1
+                with self.lock:
+                    self._forget(row_key)
                 continue
-            value = values.encode(fingerprint, row_key, values.host_bytes(host), dtype)
-            pipe.set(values.redis_key(key_prefix, fingerprint, row_key), value,
-                     px=int(ttl * 1000) if ttl is not None else None)
+            value = values.encode(fingerprint, row_key, values.host_bytes(host), dtype, parent)
+            key = values.redis_key(key_prefix, fingerprint, row_key)
+            with self.lock:
+                replace = self.overwrite.pop(key, 1) is None
+            pipe.set(key, value, px=int(ttl * 1000) if ttl is not None else None, nx=not replace)
             sizes.append(len(value))
             written += 1
-        if dropped:
-            with self.lock:
-                self.stats.write_drops["non_finite"] = self.stats.write_drops.get("non_finite", 0) + dropped
+        with self.lock:
+            for reason, n in dropped.items():
+                if n:
+                    self.stats.write_drops[reason] = self.stats.write_drops.get(reason, 0) + n
         if not written:
             return
         if self.breaker.is_open():
@@ -375,12 +399,15 @@ class SharedTier:
         failed = [r for r in replies if isinstance(r, Exception)]
         for err in failed[:1]:
             self.breaker.failed(err)
+        exists = sum(r is None for r in replies)  # (SET NX: another replica wrote it first)
         with self.lock:
             if failed:
                 kind = _kind(failed[0])
                 self.stats.write_drops[kind] = self.stats.write_drops.get(kind, 0) + len(failed)
-            self.stats.writes += written - len(failed)
-            self.stats.bytes_written += sum(n for n, r in zip(sizes, replies) if not isinstance(r, Exception))
+            if exists:
+                self.stats.write_drops["exists"] = self.stats.write_drops.get("exists", 0) + exists
+            self.stats.writes += written - len(failed) - exists
+            self.stats.bytes_written += sum(n for n, r in zip(sizes, replies) if r is True)
 
     # ---- lifetime ---------------------------------------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:

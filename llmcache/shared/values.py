@@ -1,20 +1,25 @@
 """What the shared tier writes to Redis: keys that say which model and row, values that describe
 themselves and are checked before anything is served.
 
-Key: b"<prefix>:<namespace>:" + hex(blake2b(model fingerprint + exact row key, 20 bytes)).
+Key: b"<prefix>:<namespace>:" + hex(blake2b(model fingerprint + entry key, 20 bytes)).
 Value (little-endian):
 
     magic b"LLMC" | version u16 | dtype code u16 | ntokens u32 | features u32 | key length u32 |
-    payload length u64 | model fingerprint 32 B | checksum 16 B | exact row key | payload
+    parent length u32 | payload length u64 | model fingerprint 32 B | checksum 16 B | entry key |
+    parent key | payload
 
-The payload is the entry's states [ntokens, features] in the model's dtype (what the device
-bank holds: the last cached block's output at the row's real tokens). The checksum is blake2b
-over the fingerprint, the row key and the payload. The full row key is in the value, so a
-digest collision cannot serve another row. `decode` returns the states or the reason it refuses
-them: "format" (not an llmcache value, or shorter than its header), "layout" (another value
-version: a newer writer's), "model" (another model, weights, dtype or cached span), "key"
-(another row), "shape" (other token count, width or dtype), "truncated" (payload shorter or
-longer than its header says), "checksum", "non_finite".
+An entry is a whole row (an encoder's) or one page of a decoder row, whose key is chained over
+the pages before it (`rows.chain_keys`) and whose parent key is the page before it (empty for a
+row's first page and for whole rows). The payload is the entry's states [ntokens, features] in
+the model's dtype (what the device bank holds: the last cached block's output at its tokens and,
+for decoders, every cached block's K and V). The checksum is blake2b over the fingerprint, the
+keys and the payload. The full keys are in the value, so a digest collision cannot serve another
+entry. `decode` returns the states or the reason it refuses them: "format" (not an llmcache
+value, or shorter than its header), "layout" (another value version: an older or newer
+writer's), "model" (another model, weights, dtype or cached span), "key" (another entry),
+"parent" (another page before it), "shape" (other token count, width or dtype), "truncated"
+(payload shorter or longer than its header says), "checksum", "non_finite". ("orphan", counted
+by the reader: a page held whose chain is broken before it, never read.)
 """
 
 from __future__ import annotations
@@ -25,42 +30,43 @@ import struct
 import numpy as np
 import torch
 
-VERSION = 1  # of the value layout below; a reader refuses every other
+VERSION = 2  # of the value layout below; a reader refuses every other
 MAGIC = b"LLMC"
-_HEAD = struct.Struct("<4sHHIIIQ32s16s")
+_HEAD = struct.Struct("<4sHHIIIIQ32s16s")
 HEAD_BYTES = _HEAD.size
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-REASONS = ("format", "layout", "model", "key", "shape", "truncated", "checksum", "non_finite")
+REASONS = ("format", "layout", "model", "key", "parent", "shape", "truncated", "checksum", "non_finite", "orphan")
 
 
 def redis_key(key_prefix: bytes, fingerprint: bytes, row_key: bytes) -> bytes:
     return key_prefix + hashlib.blake2b(fingerprint + row_key, digest_size=20).hexdigest().encode()
 
 
-def _checksum(fingerprint: bytes, row_key: bytes, payload) -> bytes:
+def _checksum(fingerprint: bytes, row_key: bytes, parent: bytes, payload) -> bytes:
     digest = hashlib.blake2b(fingerprint, digest_size=16)
-    digest.update(row_key)
+    digest.update(len(row_key).to_bytes(4, "little") + row_key)
+    digest.update(len(parent).to_bytes(4, "little") + parent)
     digest.update(payload)
     return digest.digest()
 
 
-def encode(fingerprint: bytes, row_key: bytes, states: np.ndarray, dtype: torch.dtype) -> bytes:
+def encode(fingerprint: bytes, row_key: bytes, states: np.ndarray, dtype: torch.dtype, parent: bytes = b"") -> bytes:
     """The value of one entry: `states` [ntokens, features], the raw bytes of `dtype` values
-    (a uint8/int16 view for dtypes numpy lacks)."""
+    (a uint8/int16 view for dtypes numpy lacks); `parent`: the key of the page it extends."""
     payload = np.ascontiguousarray(states).tobytes()
     ntokens, features = states.shape
-    head = _HEAD.pack(MAGIC, VERSION, DTYPES.index(dtype), ntokens, features, len(row_key), len(payload),
-                      fingerprint, _checksum(fingerprint, row_key, payload))
-    return b"".join([head, row_key, payload])
+    head = _HEAD.pack(MAGIC, VERSION, DTYPES.index(dtype), ntokens, features, len(row_key), len(parent),
+                      len(payload), fingerprint, _checksum(fingerprint, row_key, parent, payload))
+    return b"".join([head, row_key, parent, payload])
 
 
 def decode(value: bytes, fingerprint: bytes, row_key: bytes, ntokens: int, features: int,
-           dtype: torch.dtype) -> torch.Tensor | str:
-    """The states [ntokens, features] of `dtype` (host) that `value` holds for this row, or the
-    reason it is refused (one of REASONS)."""
+           dtype: torch.dtype, parent: bytes = b"") -> torch.Tensor | str:
+    """The states [ntokens, features] of `dtype` (host) that `value` holds for this entry (a
+    page: after the page `parent`), or the reason it is refused (one of REASONS)."""
     if len(value) < HEAD_BYTES:
         return "format"
-    magic, version, code, n, f, key_len, payload_len, fp, checksum = _HEAD.unpack_from(value)
+    magic, version, code, n, f, key_len, parent_len, payload_len, fp, checksum = _HEAD.unpack_from(value)
     if magic != MAGIC:
         return "format"
     if version != VERSION:
@@ -69,14 +75,16 @@ def decode(value: bytes, fingerprint: bytes, row_key: bytes, ntokens: int, featu
         return "model"
     if value[HEAD_BYTES : HEAD_BYTES + key_len] != row_key:
         return "key"
+    if value[HEAD_BYTES + key_len : HEAD_BYTES + key_len + parent_len] != parent:
+        return "parent"
     if n != ntokens or f != features or code >= len(DTYPES) or DTYPES[code] != dtype:
         return "shape"
     itemsize = torch.empty((), dtype=dtype).element_size()
-    start = HEAD_BYTES + key_len
+    start = HEAD_BYTES + key_len + parent_len
     if payload_len != n * f * itemsize or len(value) != start + payload_len:
         return "truncated"
     payload = memoryview(value)[start:]
-    if _checksum(fingerprint, row_key, payload) != checksum:
+    if _checksum(fingerprint, row_key, parent, payload) != checksum:
         return "checksum"
     states = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).view(dtype).reshape(n, f)
     if not bool(torch.isfinite(states).all()):

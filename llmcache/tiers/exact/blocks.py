@@ -74,9 +74,7 @@ class BlockSplice:
             layout = (keys.shape[1], keys.shape[3], stand_in.layer_idx)
             self.tier.kv_dtypes[switches] = keys.dtype
         else:  # no row computes: everything comes from the entries
-            computed, layout = None, self.tier.kv_layout.get(position)
-        if layout is None:
-            return
+            computed, layout = None, self.tier.layout(position)
         self.tier.kv_layout[position] = layout
         plan.kv.append(computed)
         if real is None:

@@ -230,9 +230,9 @@ class Tracks:
         track.states = torch.cat([track.states, new], 1)
         full = np.where(track.active, track.lens // page, 0)
         if full.any():
-            reserved = self._reserve(track, full)
+            reserved = _reserve(self.tier, track, full)
             if reserved is not None:
-                self._store(track, cache, full, *reserved)
+                _store(self.tier, track, cache, full, *reserved)
         lens = np.where(track.active, track.lens - full * page, 0)
         width = int(lens.max())
         track.host, track.lens = track.host[:, :, track.host.shape[2] - width :], lens
@@ -270,68 +270,69 @@ class Tracks:
                                                        read.to(like.dtype))
         return states
 
-    def _reserve(self, track: Track, full: np.ndarray):
-        """Keys of the new full pages (flattened row after row: `row`, `j` its page in the row),
-        which of them the index holds (`found`), and entries reserved for the others (`got`, one
-        per distinct new key, `place` saying whose)."""
-        index, page = self.tier.store.index, self.tier.store.config.page_tokens
-        batch, width = track.lens.shape[0], track.host.shape[2]
-        start = width - track.lens
-        host = np.stack([track.host[0], np.ones_like(track.host[0]), track.host[1], track.host[2]])
-        parent_of_row = np.full(batch, -1, dtype=np.int64)
-        linked = np.flatnonzero(track.linked & (full > 0))
-        if len(linked):
-            parent_of_row[linked] = index.find_many(rows.split_keys(track.after[linked]))
-            gone = linked[parent_of_row[linked] < 0]  # (the page it extends was evicted: its pages could not be found)
-            track.active[gone], full[gone] = False, 0
-        if not full.any():
-            return None
-        keys = rows.chain_keys(b"P", track.headers, host, start, full * page, page, after=track.after)
-        row = np.repeat(np.arange(batch), full)
-        j = np.arange(len(row)) - np.repeat(np.cumsum(full) - full, full)
-        flat_keys = np.ascontiguousarray(keys[row, j])
-        flat = rows.split_keys(flat_keys)
-        found = index.find_many(flat)
-        # Each new key reserved once (two rows that generated the same tokens share its page).
-        missing = np.flatnonzero(found < 0)
-        place = np.full(len(flat), -1, dtype=np.int64)
-        new = missing[:0]
-        if len(missing):
-            _, first, inverse = np.unique(flat_keys[missing].view("V32").ravel(), return_index=True, return_inverse=True)
-            order = np.argsort(first)
-            rank = np.empty_like(order)
-            rank[order] = np.arange(len(order))
-            place[missing] = rank[inverse.ravel()]
-            new = missing[np.sort(first)]
-        parent = np.where(j == 0, parent_of_row[row], 0)
-        later = np.flatnonzero(j > 0)
-        prev = later - 1
-        parent[later] = np.where(found[prev] >= 0, found[prev], -2 - place[prev])
-        labels = [(track.headers[row[i]], host, int(row[i]), int(start[row[i]] + j[i] * page), page) for i in new.tolist()]
-        got = index.reserve_many([flat[i] for i in new.tolist()], [page] * len(new), parent[new], labels) if len(new) else []
-        return keys, row, j, found, place, new, np.asarray(got, dtype=np.int64)
 
-    def _store(self, track: Track, cache, full, keys, row, j, found, place, new, got) -> None:
-        """Write the reserved pages' states and publish them; each row's chain moves on to its last page."""
-        tier, page = self.tier, self.tier.store.config.page_tokens
-        batch, width = len(full), track.host.shape[2]
-        entry = np.where(found >= 0, found, np.append(got, -1)[place])
-        broken = np.zeros(batch, dtype=bool)
-        np.logical_or.at(broken, row, entry < 0)  # (a page that got no room: the row's chain stops here)
-        track.active &= ~broken
-        moved = np.flatnonzero((full > 0) & ~broken)
-        track.after[moved], track.linked[moved] = keys[moved, full[moved] - 1], True
-        written = new[got >= 0]
-        if not len(written):
-            return
-        start = width - track.lens
-        src = plans.runs(row[written] * width + start[row[written]] + j[written] * page, np.full(len(written), page))
-        entries = got[got >= 0].tolist()
-        dev = plans.upload({"src": src, "dst": tier.store.token_rows(entries)}, track.states.device)
-        src = dev["src"]
-        layers = [cache.layers[tier.layer_idx(p)] for p in range(tier.geometry.blocks)]
-        kv = kv_rows([(layer.keys[:, :, -width:], layer.values[:, :, -width:]) for layer in layers])
-        parts = [track.states.reshape(-1, track.states.shape[-1]).index_select(0, src),
-                 kv.reshape(-1, kv.shape[-1]).index_select(0, src)]
-        tier.commit(_Pages(entries, [page] * len(entries)), dev["dst"], parts)
-        tier.owner.counters.decode_pages += len(entries)
+def _reserve(tier, track: Track, full: np.ndarray):
+    """Keys of the new full pages (flattened row after row: `row`, `j` its page in the row),
+    which of them the index holds (`found`), and entries reserved for the others (`got`, one
+    per distinct new key, `place` saying whose)."""
+    index, page = tier.store.index, tier.store.config.page_tokens
+    batch, width = track.lens.shape[0], track.host.shape[2]
+    start = width - track.lens
+    host = np.stack([track.host[0], np.ones_like(track.host[0]), track.host[1], track.host[2]])
+    parent_of_row = np.full(batch, -1, dtype=np.int64)
+    linked = np.flatnonzero(track.linked & (full > 0))
+    if len(linked):
+        parent_of_row[linked] = index.find_many(rows.split_keys(track.after[linked]))
+        gone = linked[parent_of_row[linked] < 0]  # (the page it extends was evicted: its pages could not be found)
+        track.active[gone], full[gone] = False, 0
+    if not full.any():
+        return None
+    keys = rows.chain_keys(b"P", track.headers, host, start, full * page, page, after=track.after)
+    row = np.repeat(np.arange(batch), full)
+    j = np.arange(len(row)) - np.repeat(np.cumsum(full) - full, full)
+    flat_keys = np.ascontiguousarray(keys[row, j])
+    flat = rows.split_keys(flat_keys)
+    found = index.find_many(flat)
+    # Each new key reserved once (two rows that generated the same tokens share its page).
+    missing = np.flatnonzero(found < 0)
+    place = np.full(len(flat), -1, dtype=np.int64)
+    new = missing[:0]
+    if len(missing):
+        _, first, inverse = np.unique(flat_keys[missing].view("V32").ravel(), return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        place[missing] = rank[inverse.ravel()]
+        new = missing[np.sort(first)]
+    parent = np.where(j == 0, parent_of_row[row], 0)
+    later = np.flatnonzero(j > 0)
+    prev = later - 1
+    parent[later] = np.where(found[prev] >= 0, found[prev], -2 - place[prev])
+    labels = [(track.headers[row[i]], host, int(row[i]), int(start[row[i]] + j[i] * page), page) for i in new.tolist()]
+    got = index.reserve_many([flat[i] for i in new.tolist()], [page] * len(new), parent[new], labels) if len(new) else []
+    return keys, row, j, found, place, new, np.asarray(got, dtype=np.int64)
+
+def _store(tier, track: Track, cache, full, keys, row, j, found, place, new, got) -> None:
+    """Write the reserved pages' states and publish them; each row's chain moves on to its last page."""
+    page = tier.store.config.page_tokens
+    batch, width = len(full), track.host.shape[2]
+    entry = np.where(found >= 0, found, np.append(got, -1)[place])
+    broken = np.zeros(batch, dtype=bool)
+    np.logical_or.at(broken, row, entry < 0)  # (a page that got no room: the row's chain stops here)
+    track.active &= ~broken
+    moved = np.flatnonzero((full > 0) & ~broken)
+    track.after[moved], track.linked[moved] = keys[moved, full[moved] - 1], True
+    written = new[got >= 0]
+    if not len(written):
+        return
+    start = width - track.lens
+    src = plans.runs(row[written] * width + start[row[written]] + j[written] * page, np.full(len(written), page))
+    entries = got[got >= 0].tolist()
+    dev = plans.upload({"src": src, "dst": tier.store.token_rows(entries)}, track.states.device)
+    src = dev["src"]
+    layers = [cache.layers[tier.layer_idx(p)] for p in range(tier.geometry.blocks)]
+    kv = kv_rows([(layer.keys[:, :, -width:], layer.values[:, :, -width:]) for layer in layers])
+    parts = [track.states.reshape(-1, track.states.shape[-1]).index_select(0, src),
+             kv.reshape(-1, kv.shape[-1]).index_select(0, src)]
+    tier.commit(_Pages(entries, [page] * len(entries)), dev["dst"], parts)
+    tier.owner.counters.decode_pages += len(entries)

@@ -46,7 +46,7 @@ def _longest_runs(index, keys: list, count: np.ndarray, page: int) -> tuple[list
 
 
 def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict, prefixes: bool,
-          near=None, padding: tuple[bool, bool] = (False, False), follow=None):
+          near=None, padding: tuple[bool, bool] = (False, False), follow=None, warm=None):
     """The route of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
     a `plan.Plan` for the block splice, a `suffix.SuffixPlan`, or None (nothing served, nothing
     stored). `prefixes`: prefix rows may compute their suffix only (else they compute whole).
@@ -57,7 +57,9 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     not to itself, as the uncached model's padding does); leading padding, which the uncached
     model computes attending to no token at all, is keyed and stored with the row, so the row is
     served where it comes again with as much padding. `follow(rows)`: called with what routing
-    knew of the rows (`_Rows`), once reserved (`extend.Tracks.start`). Call inside `store.index.pinned()`, under
+    knew of the rows (`_Rows`), once reserved (`extend.Tracks.start`). `warm(flat keys, pages per
+    row, keyed counts, headers, host, start, page)`: the shared tier brings the pages it holds of
+    them into the bank first (`remote.Remote.warm_pages`). Call inside `store.index.pinned()`, under
     the owner's lock."""
     index, page = store.index, store.config.page_tokens
     mask = host[1]
@@ -76,6 +78,8 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     keyed_count = np.where(spans.keyed, count, 0)
     keys = rows.chain_keys(b"P", headers, host, start, keyed_count, page)
     flat = rows.split_keys(keys)
+    if warm is not None:
+        warm(flat, keys.shape[1], keyed_count, headers, host, start, page)
     found, covered = _longest_runs(index, flat, keyed_count, page)
     page_keys = [flat[r * keys.shape[1] : (r + 1) * keys.shape[1]] for r in range(batch)]
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.

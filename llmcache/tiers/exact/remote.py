@@ -1,6 +1,9 @@
 """The shared tier behind the exact tier's device bank: rows that miss the index are looked up in
 Redis (one round trip per forward) and copied into the bank, so routing serves them as local
-hits; committed entries are handed to the shared client's background writer.
+hits; a decoder's pages that miss it are looked up as chains (each row's pages after its longest
+local run: two round trips per forward at most) and copied in before routing, so a prefix that
+another replica computed is a local prefix hit. Committed entries (pages with the key of the page
+they extend) are handed to the shared client's background writer.
 
 The Redis client itself (batched reads, the writer, the breaker, `SharedStats`) is
 `llmcache.shared`; this is the exact tier's side of it, and a `Tier` for `stats`, `reset` and
@@ -9,6 +12,7 @@ The Redis client itself (batched reads, the writer, the breaker, `SharedStats`) 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ... import rows
@@ -40,7 +44,35 @@ class Remote(Tier):
         prefix = self.client.settings.key_prefix(rows.current_namespace())
         found = self.client.fetch(prefix, fingerprint, [(key, n) for key, n, _ in wanted], store.arena.features,
                                   store.arena.dtype)
-        store.insert([(key, held, label) for (key, _, label), held in zip(wanted, found) if held is not None])
+        store.insert([(key, held, label, b"") for (key, _, label), held in zip(wanted, found) if held is not None])
+
+    def warm_pages(self, store, fingerprint: bytes, flat: list, pages: int, count, headers: list, host, start,
+                   page: int) -> None:
+        """Look a decoder batch's pages that miss the index up in Redis as chains (each row's pages
+        after its longest run held locally; `flat`: every row's `pages` page keys, row after row;
+        `count`: each row's keyed tokens from `start`) and insert the runs it serves into the
+        store (pinned), parents before children."""
+        batch = len(count)
+        if not batch or not pages:
+            return
+        npages = -(-np.asarray(count) // page)
+        present = (store.index.find_many(flat).reshape(batch, pages) >= 0) & (np.arange(pages)[None] < npages[:, None])
+        local = np.cumprod(present, axis=1).sum(1)
+        if not (local < npages).any():
+            return
+        wanted, chains = {}, []
+        for r in np.flatnonzero(local < npages).tolist():  # (rows that miss pages: per page, its key and parent)
+            chain = []
+            for j in range(int(local[r]), int(npages[r])):
+                key = flat[r * pages + j]
+                n = min(page, int(count[r]) - j * page)
+                wanted[key] = (flat[r * pages + j - 1] if j else b"", n, (headers[r], host, r, int(start[r]) + j * page, n))
+                chain.append(key)
+            chains.append(chain)
+        prefix = self.client.settings.key_prefix(rows.current_namespace())
+        found = self.client.fetch_pages(prefix, fingerprint, {k: v[:2] for k, v in wanted.items()}, chains,
+                                        store.arena.features, store.arena.dtype)
+        store.insert([(key, found[key], wanted[key][2], wanted[key][0]) for key in wanted if key in found])
 
     def share(self, store, entries: list, ntokens: list, parts: list, fingerprint: bytes) -> None:
         """Hand the committed `entries` (-1: not committed) to the writer; `parts` their states."""
@@ -50,7 +82,7 @@ class Remote(Tier):
         items, at = [], 0
         for entry, n in zip(entries, ntokens):
             if entry >= 0:
-                items.append((store.index.key(entry), full[at : at + n]))
+                items.append((store.index.key(entry), full[at : at + n], store.index.parent_key(entry)))
             at += n
         if items:
             prefix = self.client.settings.key_prefix(rows.current_namespace())
@@ -60,6 +92,10 @@ class Remote(Tier):
         """A forward the block splice routed computed its tokens: what a shared hit saves."""
         if not top and isinstance(call.route, Plan):
             self.client.computed(call.elapsed, call.route.tokens[1])
+
+    def computed(self, seconds: float, tokens: int) -> None:
+        """A forward computed `tokens` tokens in `seconds` (a decoder's suffix run)."""
+        self.client.computed(seconds, tokens)
 
     def flush(self, timeout: float) -> bool:
         return self.client.flush(timeout)

@@ -129,11 +129,16 @@ class Store:
         return [e for e, _, _ in committed]
 
     def insert(self, items: list) -> list:
-        """Store whole entries [(key, states [n, F], label)] at once (from the shared tier), pinned
-        for the routing under way; per item its entry, -1 where there was no room."""
+        """Store whole entries [(key, states [n, F], label, parent key: b"" or the page it
+        extends, inserted or held before it)] at once (from the shared tier), pinned for the
+        routing under way; per item its entry, -1 where there was no room (or no parent)."""
         entries, dst, states = [], [], []
-        for key, held, label in items:
-            entry = self.index.insert(key, held.shape[0], label=label)
+        for key, held, label, parent_key in items:
+            parent = self.index.find(parent_key) if parent_key else -1
+            if parent_key and parent < 0:
+                entries.append(-1)
+                continue
+            entry = self.index.insert(key, held.shape[0], parent, label=label)
             entries.append(entry)
             if entry >= 0:
                 self.index.pin((entry,))  # (a later insert must not evict it before routing reads it)

@@ -21,6 +21,7 @@ arena (`store.Store`). Served rows are zero at padding positions (mask == 0) of 
 from __future__ import annotations
 
 import inspect
+import time
 
 import numpy as np
 import torch
@@ -68,8 +69,17 @@ class ExactTier(Tier):
 
     def layer_idx(self, position: int) -> int:
         """The KV cache layer of span block `position`."""
+        return self.layout(position)[2]
+
+    def layout(self, position: int) -> tuple[int, int, int]:
+        """(kv heads, head dim, KV cache layer) of span block `position`: as a forward that computed
+        it saw them, else as the geometry says (a replica whose forwards so far were all served
+        from the bank or a suffix: its entries came from Redis or a file)."""
         layout = self.kv_layout.get(position)
-        return layout[2] if layout is not None else self.span[position]
+        if layout is None:
+            g = self.geometry
+            layout = (g.kv_heads, g.kv_width // 2 // g.kv_heads, self.span[position])
+        return layout
 
     def kv_dtype(self, switches: bytes) -> torch.dtype:
         """The dtype of the K/V the blocks compute under the model state `switches`."""
@@ -103,8 +113,13 @@ class ExactTier(Tier):
                 if self.geometry.decoder:
                     def follow(rows_):
                         call.track = self.tracks.start(call, rows_, call.seq)
+
+                    warm = None
+                    if self.remote is not None:
+                        def warm(*args):
+                            self.remote.warm_pages(store, self._shared_fingerprint(), *args)
                     return prefix.route(store, call.header, call.host, call.seq, call.device, call.counts,
-                                        self.geometry.final_norm is not None, near, call.padding, follow)
+                                        self.geometry.final_norm is not None, near, call.padding, follow, warm)
                 keys = encoder.row_keys(call.header, call.host, ids_before, call.counts, call.padding)
             if self.remote is not None:
                 self.remote.warm(store, keys, self._shared_fingerprint())
@@ -114,7 +129,10 @@ class ExactTier(Tier):
     def run(self, call: Call, forward):
         """Run a forward this tier routed with a route of its own making (a suffix), or None."""
         if isinstance(call.route, SuffixPlan):
+            start = time.perf_counter()
             output = suffix_forward(self, call.route, call, forward)
+            if self.remote is not None:
+                self.remote.computed(time.perf_counter() - start, call.route.tokens[1])
             if call.track is not None:
                 self.tracks.ran(call.track)
             return output

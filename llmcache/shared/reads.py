@@ -1,0 +1,95 @@
+"""The shared tier's lookups: whole rows (one MGET) and decoder pages as chains (one pipeline of
+EXISTS over every page a batch lacks, then one MGET of the runs found), checked by
+`values.decode` before anything is served. Both count into the one `SharedTier`'s stats and
+answer its breaker; neither raises.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import values
+
+
+def fetch_rows(tier, key_prefix: bytes, fingerprint: bytes, wanted: list, features: int, dtype) -> list:
+    """`SharedTier.fetch`."""
+    if not tier.usable(len(wanted), sum(n for _, n in wanted)):
+        return [None] * len(wanted)
+    keys = [values.redis_key(key_prefix, fingerprint, k) for k, _ in wanted]
+    start = time.perf_counter()
+    try:
+        found = tier.client.mget(keys)
+    except Exception as err:  # noqa: BLE001 (any failure of the server: the rows compute)
+        tier.breaker.failed(err)
+        return [None] * len(wanted)
+    tier.breaker.succeeded()
+    out, read, refused, bad = [], 0, [], []
+    for (row_key, n), key, value in zip(wanted, keys, found):
+        states = None
+        if value is not None:
+            read += len(value)
+            states = values.decode(value, fingerprint, row_key, n, features, dtype)
+            if isinstance(states, str):
+                refused.append(states)
+                bad.append(key)
+                states = None
+        out.append(states)
+    served = [s for s in out if s is not None]
+    tier.refused(bad)
+    with tier.lock:  # (the round trip and the checks: what a lookup costs)
+        tier._count(time.perf_counter() - start, len(wanted), len(served), read, refused,
+                    sum(s.shape[0] for s in served))
+    return out
+
+
+def fetch_pages(tier, key_prefix: bytes, fingerprint: bytes, pages: dict, chains: list, features: int,
+                dtype) -> dict:
+    """`SharedTier.fetch_pages`: a chain's run stops at its first page that is missing or refused;
+    pages held after it are orphans (counted, not read)."""
+    names = list(pages)
+    if not names or not tier.usable(len(names), sum(n for _, n in pages.values())):
+        return {}
+    keys = {name: values.redis_key(key_prefix, fingerprint, name) for name in names}
+    start = time.perf_counter()
+    try:
+        pipe = tier.client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(keys[name])
+        held = dict(zip(names, (bool(h) for h in pipe.execute())))
+        runs = [_run(chain, held) for chain in chains]
+        wanted = list(dict.fromkeys(name for run in runs for name in run))
+        found = dict(zip(wanted, tier.client.mget([keys[n] for n in wanted]))) if wanted else {}
+    except Exception as err:  # noqa: BLE001 (any failure of the server: the pages compute)
+        tier.breaker.failed(err)
+        return {}
+    tier.breaker.succeeded()
+    checked, read, refused, bad = {}, 0, [], []
+    for name, value in found.items():
+        if value is None:  # (expired between the two round trips)
+            continue
+        read += len(value)
+        parent, n = pages[name]
+        states = values.decode(value, fingerprint, name, n, features, dtype, parent)
+        if isinstance(states, str):
+            refused.append(states)
+            bad.append(keys[name])
+        else:
+            checked[name] = states
+    out = {}
+    for chain, run in zip(chains, runs):
+        good = _run(run, {name: True for name in run if name in checked})
+        out.update((name, checked[name]) for name in good)
+        refused += ["orphan"] * sum(held[name] for name in chain[len(good) + 1 :] if name not in out)
+    tier.refused(bad)
+    with tier.lock:
+        tier._count(time.perf_counter() - start, len(names), len(out), read, refused,
+                    sum(s.shape[0] for s in out.values()))
+    return out
+
+
+def _run(chain: list, present) -> list:
+    """The leading names of `chain` that `present` holds (truthy)."""
+    for i, name in enumerate(chain):
+        if not present.get(name):
+            return chain[:i]
+    return chain
