@@ -113,6 +113,15 @@ def pages(lengths, page: int = PAGE_TOKENS) -> int:
     return sum(-(-n // page) for n in lengths)
 
 
+def decoded_pages(lengths, fed: int, page: int = PAGE_TOKENS) -> int:
+    """Pages `generate` stores from its decode steps for prompts of these real-token counts when
+    `fed` new tokens ran through the model (max_new_tokens - 1): the whole pages they complete,
+    and when it returns each row's last partial page."""
+    if fed <= 0:
+        return 0
+    return sum((n + fed) // page - n // page + ((n + fed) % page > 0) for n in lengths)
+
+
 def real_rows(inputs: dict) -> list[tuple]:
     """(ids, positions, token types) of the real tokens of each cacheable row (a contiguous,
     non-empty mask) of a call. Positions: the call's position_ids, else 0..T-1 (as the model

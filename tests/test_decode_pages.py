@@ -59,16 +59,19 @@ def decode(model, ids: torch.Tensor, steps: int, between=None) -> tuple[torch.Te
 
 @pytest.mark.parametrize("family", sorted(SIZES))
 def test_the_next_turn_prefills_from_the_end_of_the_last_answer(family, tokens):
+    """The answer's whole pages, and (when generate returns) its last partial page, which the next
+    prompt continues: it computes from the answer's last token on, as a kept KV cache would."""
     model, ref = build(family)
     prompt = tokens(13)
     with torch.inference_mode():
-        out = model.generate(input_ids=prompt[None], max_new_tokens=12, **GREEDY)
-        assert torch.equal(out, ref.generate(input_ids=prompt[None], max_new_tokens=12, **GREEDY))
-    # 13 + 11 tokens ran through the model (the last new one is only chosen): three whole pages.
-    assert llmcache.stats(model).decode_pages == 3 - 1
+        out = model.generate(input_ids=prompt[None], max_new_tokens=11, **GREEDY)
+        assert torch.equal(out, ref.generate(input_ids=prompt[None], max_new_tokens=11, **GREEDY))
+    # 13 + 10 tokens ran through the model (the last new one is only chosen): a whole page after
+    # the prompt's first, then a partial page of 7.
+    assert llmcache.stats(model).decode_pages == 2
     turn = torch.cat([out[0], tokens(5)])
     assert_outputs(logits(model, turn), logits(ref, turn), tolerance=PREFIX_TOLERANCE)
-    assert llmcache.stats(model).last_tokens == (3 * PAGE, len(turn) - 3 * PAGE)
+    assert llmcache.stats(model).last_tokens == (23, len(turn) - 23)
     with torch.inference_mode():
         got = model.generate(input_ids=turn[None], max_new_tokens=4, **GREEDY)
     assert torch.equal(got, ref.generate(input_ids=turn[None], max_new_tokens=4, **GREEDY))
@@ -86,7 +89,8 @@ def test_a_left_padded_batch_stores_every_rows_answer(tokens):
     for r, p in enumerate(prompts):
         turn = torch.cat([out[r, width - len(p) :], tokens(3)])
         assert_outputs(logits(model, turn), logits(ref, turn), tolerance=PREFIX_TOLERANCE)
-        assert llmcache.stats(model).last_tokens[0] == (len(p) + 9) // PAGE * PAGE
+        # Every token that ran through the model: its whole pages, then its last partial page.
+        assert llmcache.stats(model).last_tokens[0] == len(p) + 9
 
 
 def test_a_decode_loop_of_ones_own_stores_a_page_every_page_of_steps(tokens):
@@ -109,7 +113,7 @@ def test_a_step_under_another_state_ends_what_is_stored(tokens):
     autocast.__exit__(None, None, None)
     assert llmcache.stats(model).decode_pages == 0  # the first page was complete only after the switch
     assert_outputs(logits(model, seq), logits(ref, seq), tolerance=PREFIX_TOLERANCE)
-    assert llmcache.stats(model).last_tokens[0] == 0
+    assert llmcache.stats(model).last_tokens[0] == 4  # the prompt's own partial page, computed before it
 
 
 def test_weights_edited_mid_decode_store_nothing_stale(tokens):

@@ -29,6 +29,7 @@ from models import (
     FAMILIES,
     PAGE_TOKENS,
     VOCAB,
+    decoded_pages,
     decoder_pages,
     held_rows,
     minilm,
@@ -570,29 +571,21 @@ def test_generate_gives_the_uncached_tokens(family, how, gen):
     prefill_rows = len(lengths) * options.get("num_beams", 1)
     assert st.rows == 2 * prefill_rows  # decode steps are not rows
     assert after_first.hits == 0 and st.hits == prefill_rows  # the second prefill was served entirely
-    # Beams repeat their prompt: stored once. Greedy and sampled rows also keep the full pages of
-    # prompt + the 4 new tokens that ran through the model (beam search reorders its cache: not followed).
-    decoded = _continued(inputs, first, 4) if how != "beam" else []
-    assert st.decode_pages == sum(new for _, new in decoded)
+    # Beams repeat their prompt: stored once. Greedy and sampled rows also keep prompt + the 4 new
+    # tokens that ran through the model, in pages (beam search reorders its cache: not followed).
+    longer = _continued(inputs, first, 4) if how != "beam" else []
+    assert st.decode_pages == (decoded_pages(lengths, 4) if how != "beam" else 0)
     assert len(held.entries) == entries + st.decode_pages
-    longer = [row for row, _ in decoded]
     extended = lambda p: len(p[0]) % PAGE_TOKENS == 0 and any(row[0][: len(p[0])] == p[0] for row in longer)
     assert held_rows(held.entries) == sorted([p for p in prompts if not extended(p)] + longer)
 
 
 def _continued(inputs: dict, out: torch.Tensor, fed: int) -> list[tuple]:
-    """Per row whose prompt and first `fed` new tokens fill more whole pages than its prompt:
-    ((ids, positions, types) of those whole pages, how many pages its new tokens added)."""
+    """(ids, positions, types) of each row's prompt and its first `fed` new tokens."""
     seq = inputs["input_ids"].shape[1]
     mask = torch.cat([inputs["attention_mask"], torch.ones(out.shape[0], fed, dtype=torch.long)], 1)
-    whole = {"input_ids": out[:, : seq + fed], "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
-    rows = []
-    for ids, positions, types in real_rows(whole):
-        pages, before = len(ids) // PAGE_TOKENS, (len(ids) - fed) // PAGE_TOKENS
-        if pages > before:
-            n = pages * PAGE_TOKENS
-            rows.append(((ids[:n], positions[:n], types[:n]), pages - before))
-    return rows
+    return real_rows({"input_ids": out[:, : seq + fed], "attention_mask": mask,
+                      "position_ids": (mask.cumsum(1) - 1).clamp(min=0)})
 
 
 

@@ -28,9 +28,9 @@ from models import (
     ENCODER,
     HEADS,
     LAYERS,
-    PAGE_TOKENS,
     TINY,
     VOCAB,
+    decoded_pages,
     decoder_pages,
     held_rows,
     model_class,
@@ -213,10 +213,10 @@ def test_decoder_generate(family, gen):
             for call in range(2):
                 assert torch.equal(model.generate(**inputs, do_sample=False, **kw), greedy), f"greedy, call {call}"
             s = llmcache.stats(model)
-            # The second prefill is served; the first generate also stored the full pages its
-            # decode steps completed (5 of the 6 new tokens ran through the model), but for a
-            # cache of sliding-window layers (Mistral's), which is not followed.
-            decoded = 0 if family == "mistral" else sum((n + 5) // PAGE_TOKENS - n // PAGE_TOKENS for n in (5, 9, 7))
+            # The second prefill is served; the first generate also stored the pages its decode
+            # steps completed (5 of the 6 new tokens ran through the model), but for a cache of
+            # sliding-window layers (Mistral's), which is not followed.
+            decoded = 0 if family == "mistral" else decoded_pages((5, 9, 7), 5)
             assert s.hits == 3 and s.entries == entries + decoded and s.decode_pages == decoded, s
             for call in range(2):
                 torch.manual_seed(1234)

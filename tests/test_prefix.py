@@ -17,7 +17,7 @@ import threading
 import pytest
 import torch
 from helpers import PREFIX_TOLERANCE, assert_outputs, batch
-from models import smollm2, tiny_model
+from models import decoded_pages, smollm2, tiny_model
 
 import llmcache
 
@@ -71,6 +71,29 @@ def test_shared_prefixes_of_every_length_compute_only_their_suffix(family, side,
             else:
                 cached = shared // PAGE * PAGE  # whole pages only
                 assert (served, computed) == (cached, len(row) - cached), (shared, served, computed)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_prompt_continuing_a_partial_page_reuses_its_tokens(family, side, tokens):
+    """A row's last page is stored even when partial (13 tokens: a page and 5); a longer prompt
+    through it serves those 5 too, and the page it writes there (5 cached + 3 computed tokens) and
+    after serve the next prompt in turn; in a batch with other rows as well."""
+    model, ref = build(family)
+    first = tokens(13)
+    second = torch.cat([first, tokens(6)])
+    third = torch.cat([second, tokens(2)])
+    mixed = [torch.cat([second, tokens(4)]), tokens(9), first.clone()]
+    with torch.inference_mode():
+        for rows, served in (([first], [0]), ([second], [13]), ([third], [19]), (mixed, [19, 0, 13])):
+            inputs = batch(side, rows, positions=True)
+            assert_outputs(model(**inputs).logits, ref(**inputs).logits, inputs["attention_mask"],
+                           tolerance=PREFIX_TOLERANCE)
+            if len(rows) == 1:  # (a batch's tokens are counted together)
+                assert llmcache.stats(model).last_tokens == (served[0], len(rows[0]) - served[0])
+            else:
+                # (Leading padding the caller sees is keyed with its row: those rows start new chains.)
+                assert llmcache.stats(model).last_tokens[0] == (sum(served) if side == "right" else 0)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -141,8 +164,8 @@ def test_generate_with_prefix_hits_gives_the_uncached_tokens(family, how, tokens
 
 
 def test_a_multi_turn_chat_hits_every_earlier_turn(tokens):
-    """Each turn's prompt is the conversation so far: the prefill computes from the last cached
-    page, the previous answer included (generate's decode steps stored their full pages)."""
+    """Each turn's prompt is the conversation so far: the prefill computes from the previous
+    answer's last token on (generate's decode steps stored their pages, the last partial one too)."""
     model, ref = build("qwen2")
     conversation, fed, pages = tokens(11), 0, 0
     with torch.inference_mode():
@@ -153,10 +176,10 @@ def test_a_multi_turn_chat_hits_every_earlier_turn(tokens):
             assert torch.equal(got, want)
             s = llmcache.stats(model)
             served, computed = s.last_tokens
-            assert served == fed // PAGE * PAGE and served + computed == len(conversation)
+            assert served == fed and served + computed == len(conversation)
             # The prompt and 4 of its 5 new tokens ran through the model (the last one is only sampled).
             fed = len(conversation) + 4
-            assert s.decode_pages == pages + fed // PAGE - len(conversation) // PAGE
+            assert s.decode_pages == pages + decoded_pages([len(conversation)], 4)
             pages = s.decode_pages
             conversation = torch.cat([got[0], tokens(6)])  # the reply, then the user's next message
 

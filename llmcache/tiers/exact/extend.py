@@ -197,7 +197,7 @@ class Tracks:
             for track in scopes.pop():
                 with self.tier.owner.lock:
                     if self.tracks.get(id(track.strong)) is track:
-                        self.write(track)
+                        self.write(track, final=True)
                     self.end(track)
 
     def end(self, track: Track) -> None:
@@ -215,19 +215,24 @@ class Tracks:
             del self.tracks[key]
 
     # ---- writing ----------------------------------------------------------------------
-    def write(self, track: Track) -> None:
-        """Store the full pages the track's rows completed since its last write (under the lock)."""
+    def write(self, track: Track, final: bool = False) -> None:
+        """Store the full pages the track's rows completed since its last write (under the lock);
+        `final` (generate returned): also each row's last partial page, which the next turn's
+        prompt continues (`prefix._partial_pages` finds it)."""
         cache = track.ref()
         if cache is None or not self._unchanged(track, cache):
             self.end(track)
             return
         page = self.tier.store.config.page_tokens
-        if not (np.where(track.active, track.lens + track.since, 0) >= page).any():
+        pending = np.where(track.active, track.lens + track.since, 0)
+        tails = final and (track.since > 0 or track.states is not None) and bool(pending.any())
+        if not (pending >= page).any() and not tails:
             return  # (no page complete: nothing to copy to the host yet)
         new = self._take_steps(track)
-        if track.states is None:
-            track.states = self._tail_states(track, new)
-        track.states = torch.cat([track.states, new], 1)
+        if new is not None:
+            if track.states is None:
+                track.states = self._tail_states(track, new)
+            track.states = torch.cat([track.states, new], 1)
         full = np.where(track.active, track.lens // page, 0)
         if full.any():
             reserved = _reserve(self.tier, track, full)
@@ -237,6 +242,8 @@ class Tracks:
         width = int(lens.max())
         track.host, track.lens = track.host[:, :, track.host.shape[2] - width :], lens
         track.states = track.states[:, track.states.shape[1] - width :]
+        if tails:
+            _store_tails(self.tier, track, cache)
         if not track.active.any():
             self.end(track)
 
@@ -323,16 +330,46 @@ def _store(tier, track: Track, cache, full, keys, row, j, found, place, new, got
     moved = np.flatnonzero((full > 0) & ~broken)
     track.after[moved], track.linked[moved] = keys[moved, full[moved] - 1], True
     written = new[got >= 0]
-    if not len(written):
+    if len(written):
+        start = width - track.lens
+        _commit(tier, track, cache, got[got >= 0].tolist(), row[written] * width + start[row[written]] + j[written] * page,
+                np.full(len(written), page))
+
+
+def _store_tails(tier, track: Track, cache) -> None:
+    """Each active row's pending tokens (fewer than a page) as a partial page after its last page."""
+    index, page = tier.store.index, tier.store.config.page_tokens
+    lens, width = np.where(track.active, track.lens, 0), track.host.shape[2]
+    rows_ = np.flatnonzero(lens > 0)
+    if not len(rows_):
         return
-    start = width - track.lens
-    src = plans.runs(row[written] * width + start[row[written]] + j[written] * page, np.full(len(written), page))
-    entries = got[got >= 0].tolist()
+    start = width - lens
+    host = np.stack([track.host[0], np.ones_like(track.host[0]), track.host[1], track.host[2]])
+    keys = rows.split_keys(rows.chain_keys(b"P", track.headers, host, start, lens, page, after=track.after)[rows_, 0])
+    parents = np.where(track.linked[rows_], index.find_many(rows.split_keys(track.after[rows_])), -1)
+    new: dict[bytes, int] = {}  # key -> its row (two rows with one tail: stored once)
+    for key, r, parent, held in zip(keys, rows_.tolist(), parents.tolist(), index.find_many(keys).tolist()):
+        if held < 0 and (parent >= 0 or not track.linked[r]):
+            new.setdefault(key, r)
+    if not new:
+        return
+    owners = np.asarray(list(new.values()), dtype=np.int64)
+    labels = [(track.headers[r], host, r, int(start[r]), int(lens[r])) for r in owners.tolist()]
+    got = np.asarray(index.reserve_many(list(new), lens[owners], parents[np.searchsorted(rows_, owners)], labels))
+    if (got >= 0).any():
+        _commit(tier, track, cache, got[got >= 0].tolist(), (owners * width + start[owners])[got >= 0],
+                lens[owners][got >= 0])
+
+
+def _commit(tier, track: Track, cache, entries: list, first: np.ndarray, counts: np.ndarray) -> None:
+    """Write reserved `entries` from the pending tokens (flat [B * W] positions `first`, `counts`
+    of them each) and publish them."""
+    width = track.host.shape[2]
+    src = plans.runs(first, counts)
     dev = plans.upload({"src": src, "dst": tier.store.token_rows(entries)}, track.states.device)
-    src = dev["src"]
     layers = [cache.layers[tier.layer_idx(p)] for p in range(tier.geometry.blocks)]
     kv = kv_rows([(layer.keys[:, :, -width:], layer.values[:, :, -width:]) for layer in layers])
-    parts = [track.states.reshape(-1, track.states.shape[-1]).index_select(0, src),
-             kv.reshape(-1, kv.shape[-1]).index_select(0, src)]
-    tier.commit(_Pages(entries, [page] * len(entries)), dev["dst"], parts)
+    parts = [track.states.reshape(-1, track.states.shape[-1]).index_select(0, dev["src"]),
+             kv.reshape(-1, kv.shape[-1]).index_select(0, dev["src"])]
+    tier.commit(_Pages(entries, counts.tolist()), dev["dst"], parts)
     tier.owner.counters.decode_pages += len(entries)

@@ -45,6 +45,39 @@ def _longest_runs(index, keys: list, count: np.ndarray, page: int) -> tuple[list
     return [hit[r, : run[r]].tolist() for r in range(batch)], np.minimum(run * page, count).tolist()
 
 
+def _partial_pages(index, headers: list, host: np.ndarray, start: np.ndarray, count: np.ndarray, page: int,
+                   flat: list, found: list, covered: list) -> list:
+    """Per row whose run of whole pages stops inside its span, the longest partial page held
+    right after the run (k < page tokens: the last page of an earlier prompt or answer, whose
+    row went on otherwise), added to its `found` and `covered` (in place); per row, its k."""
+    batch = len(count)
+    partial = [0] * batch
+    short = [r for r in range(batch) if covered[r] < count[r]]
+    if not short or page == 1:
+        return partial
+    pages = len(flat) // batch
+    nxt = np.asarray([len(found[r]) for r in short], dtype=np.int64)
+    first = np.asarray(start)[short] + nxt * page
+    remaining = np.asarray(count)[short] - nxt * page
+    cols = np.minimum(first[:, None] + np.arange(page)[None, :], host.shape[2] - 1)
+    compact = host[:, np.asarray(short)[:, None], cols]  # [4, rows, page]: the tokens of each row's next page
+    after = np.frombuffer(b"".join(flat[r * pages + j - 1] if j else rows.chain_seed(b"P", headers[r])
+                                   for r, j in zip(short, nxt.tolist())), dtype=np.uint8).reshape(len(short), 32)
+    sizes = np.arange(1, page)
+    counts = np.where(sizes[None, :] < remaining[:, None], sizes[None, :], 0).ravel()  # (k = remaining: its own key)
+    keys = rows.chain_keys(b"P", [b""] * len(counts), np.repeat(compact, page - 1, axis=1), np.zeros_like(counts),
+                           counts, page, after=np.repeat(after, page - 1, axis=0))
+    hit = index.find_many(rows.split_keys(keys[:, 0])).reshape(len(short), page - 1)
+    hit = np.where(counts.reshape(hit.shape) > 0, hit, -1)
+    for i in np.flatnonzero((hit >= 0).any(1)).tolist():  # (rows that continue a partial page: a chat's turns)
+        k = int(np.flatnonzero(hit[i] >= 0)[-1]) + 1
+        r = short[i]
+        found[r].append(int(hit[i, k - 1]))
+        covered[r] += k
+        partial[r] = k
+    return partial
+
+
 def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict, prefixes: bool,
           near=None, padding: tuple[bool, bool] = (False, False), follow=None, warm=None):
     """The route of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
@@ -81,10 +114,13 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     if warm is not None:
         warm(flat, keys.shape[1], keyed_count, headers, host, start, page)
     found, covered = _longest_runs(index, flat, keyed_count, page)
+    partial = _partial_pages(index, headers, host, start, keyed_count, page, flat, found, covered) \
+        if near is None else [0] * batch
     page_keys = [flat[r * keys.shape[1] : (r + 1) * keys.shape[1]] for r in range(batch)]
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
     index.pin(e for f in found for e in f)
-    rows_ = _Rows(headers, host, page_keys, start, count.tolist(), found, covered, keyed, leading, trailing, pads)
+    rows_ = _Rows(headers, host, page_keys, start, count.tolist(), found, covered, keyed, leading, trailing, pads,
+                  partial)
     chains = None
     if near is not None:
         chains = _near(near, index, rows_, prefixes)
@@ -100,8 +136,9 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
 class _Rows:
     """What routing knows of each row of a decoder batch (lists and arrays indexed by row)."""
 
-    def __init__(self, headers, host, keys, start, n_real, found, covered, keyed, leading, trailing, pads):
+    def __init__(self, headers, host, keys, start, n_real, found, covered, keyed, leading, trailing, pads, partial):
         self.headers, self.host, self.keys = headers, host, keys  # keys: per row, its pages' keys
+        self.partial = partial  # per row: tokens of the partial page that ends its cached prefix (0: none)
         self.ids, self.positions, self.types = host[0], host[2], host[3]
         self.start, self.n_real, self.found, self.covered, self.keyed = start, n_real, found, covered, keyed
         self.leading, self.trailing, self.pads = leading, trailing, pads
@@ -142,8 +179,9 @@ def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) 
             places.append(None)
             continue
         s, n, found = int(rows_.start[r]), rows_.n_real[r], rows_.found[r]
-        parent, mine = (found[-1] if found else -1), []
-        for at in range(rows_.covered[r], n, page):
+        full = found[:-1] if rows_.partial[r] else found  # (a partial page ends the prefix: the next page replaces it)
+        parent, mine = (full[-1] if full else -1), []
+        for at in range(len(full) * page, n, page):
             key = rows_.keys[r][at // page]
             if key not in planned:
                 planned[key] = len(keys)

@@ -32,6 +32,7 @@ class SuffixPlan(plans.Route):
     dev: dict = field(default_factory=dict)  # device index tensors (see `plan`)
     uniform: bool = False  # every row starts at 0 with the same cached and computed lengths
     prefix_states: torch.Tensor | None = None  # [sum P, F]: the rows' cached prefix tokens, read at routing
+    straddle: bool = False  # a page written holds cached tokens too (it replaces a partial page)
 
 
 def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, device) -> SuffixPlan:
@@ -69,9 +70,18 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
     parts["prefix_dst"] = plans.runs(rows * seq + s, p)
     parts["suffix_src"] = plans.runs(rows * smax, k)
     parts["suffix_dst"] = plans.runs(rows * seq + s + p, k)
+    straddle = False
     if entries:
-        # A reserved page of row r covers its tokens [at, at + n), all at or after the row's cached prefix.
-        parts["store_src"] = plans.runs([r * smax + at - cached[r] for r, at, _ in writes], [n for _, _, n in writes])
+        # A reserved page of row r covers its tokens [at, at + n): computed ones, and where it
+        # replaces a partial page that ended the row's cached prefix, cached ones before them
+        # (`store_src` then indexes the prefix states first, then the computed tokens).
+        w_r, w_at, w_n = (np.asarray(x, dtype=np.int64) for x in zip(*writes))
+        token, row = plans.runs(w_at, w_n), np.repeat(w_r, w_n)
+        before = token < p[row]
+        straddle = bool(before.any())
+        computed = row * smax + token - p[row]
+        parts["store_src"] = np.where(before, (np.cumsum(p) - p)[row] + token, computed + int(p.sum())) \
+            if straddle else computed
         parts["store_dst"] = store.token_rows(entries)
     dev = plans.upload(parts, device)
     for name in ("ids", "positions", "types"):
@@ -81,7 +91,7 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
     prefix_rows = sum(1 for r in range(batch) if cached[r] and not whole[r])
     return SuffixPlan(served=sum(whole), prefix_rows=prefix_rows, tokens=(sum(cached), sum(real_len)), batch=batch,
                       seq=seq, prefix=pmax, suffix=smax, entries=entries, store_n=[n for _, _, n in writes], dev=dev,
-                      uniform=uniform, prefix_states=states)
+                      uniform=uniform, prefix_states=states, straddle=straddle)
 
 
 def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
@@ -208,9 +218,14 @@ def suffix_forward(tier, plan: SuffixPlan, call, forward):
             tier.release(plan)
         else:
             src = plan.dev["store_src"]
-            parts = [last.reshape(batch * smax, -1).index_select(0, src)]
             kv = [(layer.keys[:, :, plan.prefix :], layer.values[:, :, plan.prefix :]) for layer in layers]
-            parts.append(kv_rows(kv).reshape(batch * smax, -1).index_select(0, src))
+            computed = [last.reshape(batch * smax, -1), kv_rows(kv).reshape(batch * smax, -1)]
+            if plan.straddle:
+                dtype = plan.prefix_states.dtype
+                source = torch.cat([plan.prefix_states, torch.cat([c.to(dtype) for c in computed], -1)])
+                parts = [source.index_select(0, src)]
+            else:
+                parts = [c.index_select(0, src) for c in computed]
             tier.commit(plan, plan.dev["store_dst"], parts)
     if isinstance(result, tuple):
         return (full, cache) + tuple(result[2:]) if len(result) > 1 else (full,)
