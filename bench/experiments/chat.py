@@ -191,9 +191,10 @@ def run(args) -> int:
             f"turns 2-{TURNS}. The recipe's timed call includes copy.deepcopy of its kept cache (median "
             f"{1e3 * median(copies):.1f} ms, measured apart; a chat that does not branch could pass the cache itself); "
             "its cache holds the prompt and all but the last answer token, so it prefills that token and the question "
-            f"(median {computed['recipe']} tokens). llmcache stores full pages only "
-            f"({llmcache.CacheConfig().page_tokens} tokens): its prefill starts at the last full page of the previous "
-            f"answer, so it computes up to a page more (median {computed['llmcache']} tokens).")
+            f"(median {computed['recipe']} tokens). llmcache stores the answer's pages when generate returns, its "
+            "last partial page too, and the next prompt continues that page: it computes from the answer's last "
+            f"token on as well (median {computed['llmcache']} tokens); what it pays beyond is reading the history's "
+            "states from its bank (the last block's output and every block's K/V per token) into a fresh cache.")
     write_json(Path(args.out) / "chat-smollm2-cpu.json",
                {"header": header(args), "conversations": args.conversations, "turns": TURNS,
                 "answer_tokens": n_new, "system_tokens": len(systems[0]), "threads": args.threads,

@@ -176,8 +176,7 @@ class Tracks:
             positions = torch.arange(track.columns, track.columns + k, device=ids.device) if positions is None \
                 else positions
         types = args.get("token_type_ids")
-        track.steps.append((ids, positions.expand_as(ids), torch.zeros_like(ids) if types is None else types.expand_as(ids),
-                            out))
+        track.steps.append((ids, positions, types, out))  # (broadcast to [B, k] when written)
         track.columns += k
         track.since += k
         self.ran(track)
@@ -252,7 +251,10 @@ class Tracks:
         steps, track.steps, track.since = track.steps, [], 0
         if not steps:
             return None
-        tokens = torch.stack([torch.cat([s[i] for s in steps], 1).long() for i in range(3)]).cpu().numpy()
+        ids = torch.cat([s[0] for s in steps], 1)
+        fields = [ids] + [torch.cat([ids.new_zeros(()).expand_as(s[0]) if s[i] is None else s[i].expand_as(s[0])
+                                     for s in steps], 1) for i in (1, 2)]
+        tokens = torch.stack([f.long() for f in fields]).cpu().numpy()
         track.host = np.concatenate([track.host, tokens], axis=2)
         track.lens = np.where(track.active, track.lens + tokens.shape[2], 0)
         return torch.cat([s[3] for s in steps], 1)
