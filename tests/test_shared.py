@@ -145,7 +145,7 @@ def _tamper(value: bytes, how: str, other_value: bytes) -> bytes:
     if how == "layout":
         return value[:4] + (values.VERSION + 1).to_bytes(2, "little") + value[6:]
     if how == "model":  # the same row written by another model
-        return value[:head - 48] + bytes(32) + value[head - 16 :]
+        return value[:head - 36] + bytes(32) + value[head - 4 :]
     if how == "key":  # another row's value under this key
         return other_value
     raise AssertionError(how)

@@ -10,7 +10,6 @@ recomputed, and the recomputed page replaces the bad one.
 from __future__ import annotations
 
 import copy
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
 def chain(server) -> list[bytes]:
     """The Redis keys of the one chain of pages the server holds, first page first."""
     client = server.client()
-    head = struct.Struct("<4sHHIIIIQ32s16s")
+    head = values.HEAD
     pages = {}
     for key in client.keys("llmcache:*"):
         value = client.get(key)
@@ -169,18 +168,22 @@ def _tamper(client, keys: list, how: str) -> None:
         client.set(bad, value[:-5])
     elif how == "key":  # another page's value under its key
         client.set(bad, client.get(keys[3]))
-    elif how == "parent":  # its own key and states, checksummed, after another page
-        head = struct.Struct("<4sHHIIIIQ32s16s").unpack_from(value)
+    elif how in ("parent", "non_finite"):  # checksummed: after another page / holding a NaN
+        head = values.HEAD.unpack_from(value)
         n, f, key_len, parent_len, fingerprint = head[3], head[4], head[5], head[6], head[8]
         at = values.HEAD_BYTES
-        page_key, states = value[at : at + key_len], value[at + key_len + parent_len :]
-        raw = torch.frombuffer(bytearray(states), dtype=torch.int32).view(n, f).numpy()
-        client.set(bad, values.encode(fingerprint, page_key, raw, torch.float32, bytes(32)))
+        page_key, parent = value[at : at + key_len], value[at + key_len : at + key_len + parent_len]
+        states = torch.frombuffer(bytearray(value[at + key_len + parent_len :]), dtype=torch.float32).view(n, f)
+        if how == "non_finite":
+            states[3, 5] = float("nan")
+        else:
+            parent = bytes(32)
+        client.set(bad, values.encode(fingerprint, page_key, values.host_bytes(states), torch.float32, parent))
     elif how == "orphan":  # gone: the pages after it have no parent
         client.delete(bad)
 
 
-@pytest.mark.parametrize("how", ["checksum", "truncated", "key", "parent", "orphan"])
+@pytest.mark.parametrize("how", ["checksum", "truncated", "key", "parent", "non_finite", "orphan"])
 def test_bad_pages_are_refused_counted_recomputed_and_replaced(redis_server, how):
     ref = plain()
     a, b, c = (replica(redis_server.url, copy.deepcopy(ref)) for _ in range(3))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from . import values
 
 
@@ -63,18 +65,8 @@ def fetch_pages(tier, key_prefix: bytes, fingerprint: bytes, pages: dict, chains
         tier.breaker.failed(err)
         return {}
     tier.breaker.succeeded()
-    checked, read, refused, bad = {}, 0, [], []
-    for name, value in found.items():
-        if value is None:  # (expired between the two round trips)
-            continue
-        read += len(value)
-        parent, n = pages[name]
-        states = values.decode(value, fingerprint, name, n, features, dtype, parent)
-        if isinstance(states, str):
-            refused.append(states)
-            bad.append(keys[name])
-        else:
-            checked[name] = states
+    checked, read, refused, bad = _decode_pages(found, pages, fingerprint, features, dtype)
+    bad = [keys[name] for name in bad]
     out = {}
     for chain, run in zip(chains, runs):
         good = _run(run, {name: True for name in run if name in checked})
@@ -85,6 +77,34 @@ def fetch_pages(tier, key_prefix: bytes, fingerprint: bytes, pages: dict, chains
         tier._count(time.perf_counter() - start, len(names), len(out), read, refused,
                     sum(s.shape[0] for s in out.values()))
     return out
+
+
+def _decode_pages(found: dict, pages: dict, fingerprint: bytes, features: int, dtype) -> tuple:
+    """Check the values `found` (page key -> value or None) into one host buffer (one copy of
+    each payload, one finiteness pass over all): (page key -> states, bytes read, refusal
+    reasons, refused page keys)."""
+    present = [name for name, value in found.items() if value is not None]  # (None: expired since EXISTS)
+    counts = [pages[name][1] for name in present]
+    buffer = torch.empty((sum(counts), features), dtype=dtype)
+    checked, refused, bad, read, at = {}, [], [], 0, 0
+    for name, n in zip(present, counts):
+        value = found[name]
+        read += len(value)
+        states = values.decode(value, fingerprint, name, n, features, dtype, pages[name][0], out=buffer[at : at + n])
+        if isinstance(states, str):
+            refused.append(states)
+            bad.append(name)
+        else:
+            checked[name] = (states, at)
+        at += n
+    if checked:
+        finite = values.finite_rows(buffer).numpy()
+        for name in [name for name, (states, first) in checked.items()
+                     if not finite[first : first + states.shape[0]].all()]:
+            del checked[name]
+            refused.append("non_finite")
+            bad.append(name)
+    return {name: states for name, (states, _) in checked.items()}, read, refused, bad
 
 
 def _run(chain: list, present) -> list:
