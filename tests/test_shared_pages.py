@@ -105,6 +105,7 @@ def test_generated_pages_travel_too(redis_server):
     assert_outputs(logits(b, turn), logits(ref, turn), tolerance=PREFIX_TOLERANCE)
     # 21 + 19 tokens ran through a's model: five whole pages, all from Redis.
     assert llmcache.stats(b).last_tokens[0] == 5 * PAGE == llmcache.stats(b).shared.tokens_served
+    assert llmcache.stats(b).shared.round_trips == 2  # which pages Redis holds, then the run of them
 
 
 @pytest.mark.parametrize("other", ["weights", "dtype", "namespace", "autocast", "adapter"])

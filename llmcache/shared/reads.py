@@ -75,7 +75,7 @@ def fetch_pages(tier, key_prefix: bytes, fingerprint: bytes, pages: dict, chains
     tier.refused(bad)
     with tier.lock:
         tier._count(time.perf_counter() - start, len(names), len(out), read, refused,
-                    sum(s.shape[0] for s in out.values()))
+                    sum(s.shape[0] for s in out.values()), trips=2 if wanted else 1)
     return out
 
 
