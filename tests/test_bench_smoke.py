@@ -178,3 +178,47 @@ def test_shared_tier_bench_quick_run_writes_every_part(tmp_path):
     assert soak["failures"] == 0 and soak["mismatches"] == 0 and soak["checked"] > 0
     assert soak["requests"] >= 2000 and soak["shared_writes"] > 0
     assert soak["rss_start"] > 0 and soak["server_maxmemory"] == 8 * 1024 * 1024
+
+
+@pytest.mark.slow
+def test_shared_pages_bench_quick_run_writes_every_variant(tmp_path):
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
+    pytest.importorskip("redis")
+    from bench.experiments import shared
+
+    assert shared.main(["pages", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "shared" / "pages-tiny.md").exists()
+    report = json.loads((tmp_path / "shared" / "pages-tiny.json").read_text())
+    assert {"date", "command", "machine", "versions", "args"} <= report["header"].keys()
+    assert report["model"] == "tiny" and report["big"] is None  # --quick: no 1B model
+
+    fleet = {r["k"]: r for r in report["fleet"]["runs"]}
+    assert set(fleet) == {1, 2}
+    for r in fleet.values():
+        assert {"local", "shared", "predicted"} <= r.keys()
+        assert r["shared"]["served"] > 0 and r["local"]["served"] > 0
+        assert r["shared"]["errors"] == {} and r["shared"]["refused"] == 0 and r["shared"]["flushed"]
+    # One process without Redis serves exactly what the stream's pages allow (a deterministic count).
+    assert fleet[1]["local"]["served"] == fleet[1]["predicted"]["single"] == fleet[1]["single_served"]
+    assert fleet[1]["shared"]["served"] == fleet[1]["local"]["served"] and fleet[1]["shared"]["redis_served"] == 0
+
+    rows = {r["prefix_tokens"]: r for r in report["breakeven"]}
+    assert set(rows) == {8, 32}
+    for r in rows.values():
+        assert {"remote_s", "local_s", "compute_s", "remote_over_local", "compute_over_remote"} <= r.keys()
+        assert r["served_from_redis"] and r["local_prefix_hit"]  # B's remote calls got every prefix page from Redis
+        assert r["bytes_per_page"] > 0
+    assert [r["prefix_tokens"] for r in report["ttft"]] == [32]
+    autos = {a["prefix_tokens"]: a for a in report["auto"]}
+    assert set(autos) == {8, 32}
+    assert all(a["looked_up"] + a["skipped_not_worth"] == a["forwards"] > 0 for a in autos.values())
+    assert all(a["decision"] in ("look up", "skip") and isinstance(a["agrees"], bool) for a in autos.values())
+
+    restart = report["restart"]
+    assert restart["new_redis_tokens"] > 0  # the new process was served what the exited one computed
+    assert restart["new_rate"] > restart["new_local_only_rate"]
+    assert restart["warm_flushed"] and restart["errors"] == {}
+    assert {t["target"].split(":")[0] for t in report["targets"]} >= {"fleet K=1", "fleet K=2", "restart"}

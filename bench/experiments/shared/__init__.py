@@ -1,8 +1,9 @@
 """The shared tier on a real redis-server: a fleet of replicas, where a round trip pays, a soak.
 
-    python -m bench.experiments.shared {fleet,breakeven,soak,all} [--quick] [--out DIR] [--repeats 3] [--threads 1]
-                                       [--suffix S] [--rows 2048] [--replicas 1,2,4] [--soak-requests 100000]
-                                       [--data DIR]
+    python -m bench.experiments.shared {fleet,breakeven,soak,pages,all} [--quick] [--out DIR] [--repeats 3]
+                                       [--threads 1] [--suffix S] [--rows 2048] [--replicas 1,2,4]
+                                       [--soak-requests 100000] [--data DIR] [--prompts 32] [--system-tokens 500]
+                                       [--rounds 5] [--uncached 3] [--big-layers 16] [--big-dtype bfloat16]
 
 Every part starts its own redis-server (`--save "" --appendonly no`, a free loopback port) and
 stops it at the end; results go to DIR/shared/shared-<part>.json and .md (default DIR:
@@ -53,8 +54,16 @@ are sampled. Reported: RSS after warm-up, max, end, the least-squares slope over
 half (bytes per 1000 requests), failures, mismatches, server used_memory (max of the samples
 and its own used_memory_peak) vs maxmemory, evicted keys, client write drops and errors.
 
+pages: the decoder's KV pages through Redis, on SmolLM2 (and a ~1B random Llama): a fleet of K
+replicas on a chat-like stream sharing a system prompt (tokens served vs one process), the time to
+first token of a prompt whose 512-token prefix another process computed (vs a local prefix hit and
+vs computing it), the break-even prefix length and what lookup="auto" decides, and a restarted
+process's hit rate on a warm Redis; results in DIR/shared/pages-smollm2.json and .md
+(bench/experiments/shared/pages.py says how each is measured).
+
 --quick: a smoke run (fleet 256 rows, K = 1, 2, one repeat; breakeven tiny and MiniLM at 8
-and 32 tokens; soak 2,000 requests).
+and 32 tokens; soak 2,000 requests; pages on a random tiny Llama, K = 1, 2, 12 prompts, no 1B model:
+pages-tiny.json).
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ import torch
 from .breakeven import breakeven
 from .common import PARTS, header, write_report
 from .fleet import fleet
+from .pages import pages
 from .soak import soak
 
 
@@ -87,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-every", type=int, default=500, help="soak: forwards between samples")
     p.add_argument("--data", default=None, help="data directory (default $LLMCACHE_DATA or ../shared/data)")
     p.add_argument("--suffix", default="", help="added to the result files' names (shared-<part><suffix>.json)")
+    p.add_argument("--prompts", type=int, default=32, help="pages: prompts of the fleet's (and restart's) stream")
+    p.add_argument("--system-tokens", type=int, default=500, help="pages: system prompt + few-shot block tokens")
+    p.add_argument("--rounds", type=int, default=5, help="pages: timed rounds of remote / local / compute")
+    p.add_argument("--uncached", type=int, default=3, help="pages: prompts per replica timed uncached")
+    p.add_argument("--big-layers", type=int, default=16, help="pages: blocks of the ~1B Llama (0: skip it)")
+    p.add_argument("--big-dtype", default="bfloat16", choices=["float32", "bfloat16"], help="pages: the ~1B's dtype")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         run_args = copy.copy(args)
         if args.quick and part == "fleet":
             run_args.rows, run_args.replicas = min(args.rows, 256), "1,2"
+        if args.quick and part == "pages":
+            run_args.replicas, run_args.prompts, run_args.system_tokens = "1,2", min(args.prompts, 12), 64
+            run_args.rounds, run_args.uncached = min(args.rounds, 2), min(args.uncached, 1)
         if run_args.repeats is None:
             run_args.repeats = 1 if args.quick and part == "fleet" else 3
         head = header(run_args, command)
         t0 = time.perf_counter()
-        result = {"fleet": fleet, "breakeven": breakeven, "soak": soak}[part](run_args, head)
+        result = {"fleet": fleet, "breakeven": breakeven, "soak": soak, "pages": pages}[part](run_args, head)
         result["record"]["wall_s"] = time.perf_counter() - t0
-        write_report(out, part, head, result["record"], result["tables"], result["notes"], args.suffix)
+        write_report(out, part, head, result["record"], result["tables"], result["notes"], args.suffix,
+                     stem=result.get("stem"))
     return 0

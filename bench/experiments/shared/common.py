@@ -16,7 +16,7 @@ from pathlib import Path
 from bench import report
 
 BATCH = 32
-PARTS = ("fleet", "breakeven", "soak")
+PARTS = ("fleet", "breakeven", "soak", "pages")
 
 
 # ---------------------------------------------------------------- the server
@@ -107,8 +107,9 @@ def header(args: argparse.Namespace, command: str) -> dict:
 
 
 def write_report(out: Path, part: str, head: dict, record: dict, tables: list[tuple[str, list[dict]]],
-                 notes: list[str], suffix: str = "") -> Path:
-    """DIR/shared/shared-<part><suffix>.json (header + record) and .md (header, tables, notes)."""
+                 notes: list[str], suffix: str = "", stem: str | None = None) -> Path:
+    """DIR/shared/<stem><suffix>.json (header + record) and .md (header, tables, notes); stem
+    defaults to shared-<part>."""
     head = {**head, "machine": {**head["machine"], "loadavg_end": list(os.getloadavg())}}
     m, v = head["machine"], head["versions"]
     fmt = lambda la: " / ".join(f"{x:.2f}" for x in la)
@@ -121,7 +122,7 @@ def write_report(out: Path, part: str, head: dict, record: dict, tables: list[tu
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"args: `{json.dumps(head['args'])}`",
     ]
-    return report.write_report(Path(out) / "shared", f"shared-{part}{suffix}", head, record, tables, notes,
+    return report.write_report(Path(out) / "shared", f"{stem or 'shared-' + part}{suffix}", head, record, tables, notes,
                                title=f"llmcache shared tier: {part}", lines=lines, notes_heading=True)
 
 
