@@ -105,7 +105,7 @@ class Tracks:
         lens = np.where(active, n - full * page, 0)
         width = int(lens.max())
         cols = seq - width + np.arange(width)
-        host = rows_.host[[0, 2, 3]][:, :, cols] if width else np.zeros((3, rows_.batch, 0), dtype=np.int64)
+        host = rows_.host[:, :, cols][[0, 2, 3]] if width else np.zeros((3, rows_.batch, 0), dtype=np.int64)
         after = np.zeros((rows_.batch, 32), dtype=np.uint8)
         tail_keys = []
         for r in range(rows_.batch):  # (per row of a prefill, once: its chain's last key and tail page)
