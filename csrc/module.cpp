@@ -53,6 +53,26 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernel", &llmcache::cpu::cpu_kernel_name);
   m.def("watch_tree", &llmcache::watch_tree, "ids of the dicts' values, then the containers' lengths (int64 bytes)");
   m.def("watch_tensors", &llmcache::watch_tensors, "version counter and data pointer per tensor (int64 bytes)");
+  m.def("cpu_kernel_paths", []() {
+    const auto c = llmcache::cpu::cpu_kernel_choice();
+    pybind11::dict few, many, d;
+    few["path"] = c.few;
+    few["why"] = c.few_why;
+    many["path"] = c.many;
+    many["why"] = c.many_why;
+    d["few_queries"] = few;  // B < 8
+    d["many_queries"] = many;
+    return d;
+  });
   m.def("popcount_peak_rate", &llmcache::cpu::popcount_peak_rate, pybind11::arg("seconds") = 0.2,
-        "64-bit popcounts per second on all OpenMP threads with the CPU lookup's popcount path");
+        pybind11::arg("path") = "",
+        "64-bit popcounts per second on all OpenMP threads with a path's popcount (default: the many-query path)");
+  m.def(
+      "read_rate",
+      [](const at::Tensor& data, double seconds) {
+        TORCH_CHECK(data.device().is_cpu() && data.is_contiguous(), "read_rate: a contiguous CPU tensor");
+        return llmcache::cpu::read_rate(data.data_ptr(), data.numel() * data.element_size(), seconds);
+      },
+      pybind11::arg("data"), pybind11::arg("seconds") = 0.2,
+      "bytes per second all OpenMP threads read from this tensor's memory (where it lives now)");
 }

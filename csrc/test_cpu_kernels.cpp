@@ -1,5 +1,5 @@
 // ctest binary for the CPU kernels, without torch or Python: every popcount path against a
-// naive loop on random codes (run under LLMCACHE_CPU_ISA=avx2|scalar by ctest too), SimHash
+// naive loop on random codes (run by ctest under LLMCACHE_CPU_ISA=<each path> too), SimHash
 // against a double-precision projection, and the gather's copies and counters.
 #include <algorithm>
 #include <cmath>
@@ -169,12 +169,33 @@ int main() {
   test_blake2b();
   std::mt19937_64 rng(std::random_device{}());
   std::printf("cpu kernel path: %s\n", cpu_kernel_name().c_str());
-  const int64_t sizes[][4] = {{1, 1, 1, 1},    {3, 0, 2, 1},    {1, 4097, 3, 1},  {5, 1000, 4, 5},
-                              {7, 3001, 16, 3}, {4, 50, 2, 80},  {9, 20000, 4, 1}, {2, 777, 9, 16}};
+  const int64_t sizes[][4] = {{1, 1, 1, 1},     {3, 0, 2, 1},     {1, 4097, 3, 1},  {5, 1000, 4, 5},
+                              {7, 3001, 16, 3},  {4, 50, 2, 80},   {9, 20000, 4, 1}, {2, 777, 9, 16},
+                              {17, 5003, 4, 2},  {8, 255, 4, 1},   {12, 999, 1, 3},  {1, 70001, 4, 1}};
   for (const auto& s : sizes)
     for (int v = 0; v < 2; ++v)
       for (int t = 0; t < 2; ++t)
         for (int low = 0; low < 2; ++low) test_hamming(rng, s[0], s[1], s[2], s[3], v, t, low);
+  // The only eligible answers 255 and 256 bits away (17 copies of one query, W = 4, k = 2): exact
+  // on every path, though the table path's byte counters saturate at 255.
+  {
+    const int64_t B = 17, W = 4, N = 700, k = 2;
+    std::vector<int64_t> q(B * W), bank(N * W);
+    for (int64_t w = 0; w < W; ++w) q[w] = static_cast<int64_t>(rng());
+    for (int64_t b = 1; b < B; ++b) std::copy(q.begin(), q.begin() + W, q.begin() + b * W);
+    for (auto& v : bank) v = static_cast<int64_t>(rng());
+    for (int64_t w = 0; w < W; ++w) bank[600 * W + w] = bank[601 * W + w] = ~q[w];
+    bank[601 * W] ^= 1;
+    std::vector<uint8_t> valid(N, 0);
+    valid[600] = valid[601] = 1;
+    std::vector<int32_t> dist(B * k);
+    std::vector<int64_t> idx(B * k);
+    hamming_topk(q.data(), B, bank.data(), N, W, k, valid.data(), nullptr, nullptr, dist.data(), idx.data());
+    for (int64_t b = 0; b < B; ++b)
+      EXPECT(dist[b * k] == 255 && idx[b * k] == 601 && dist[b * k + 1] == 256 && idx[b * k + 1] == 600,
+             "far answers of query %lld: (%d, %lld), (%d, %lld)", (long long)b, dist[b * k], (long long)idx[b * k],
+             dist[b * k + 1], (long long)idx[b * k + 1]);
+  }
   // All slots invalid: every answer missing.
   {
     std::vector<int64_t> q(4, 1), bank(40, 1);

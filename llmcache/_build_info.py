@@ -15,7 +15,9 @@ def build_info() -> dict:
     Keys: version, torch (the runtime version), built_with_torch (the version the extension was
     compiled against, None without it), extension (bool), extension_error (why it is missing),
     cuda (bool: CUDA kernels compiled in), cuda_archs (list of 'X.Y'), cpu_features (detected
-    now: avx512_vpopcntdq, avx2, popcnt), cpu_kernel (the popcount path the CPU lookup uses),
+    now: avx512_vpopcntdq, avx2, popcnt), cpu_kernel (the popcount path the CPU lookup uses with
+    8 or more queries), cpu_kernel_paths ({"few_queries": {"path", "why"}, "many_queries": ...}:
+    the path per regime and why it was picked, see csrc/cpu/hamming_topk.cpp),
     openmp_threads, triton (bool: importable), cuda_device (name of GPU 0 or None).
     """
     ext = extension()
@@ -29,6 +31,7 @@ def build_info() -> dict:
         "cuda_archs": ext.cuda_archs() if ext else [],
         "cpu_features": ext.cpu_features() if ext else {},
         "cpu_kernel": ext.cpu_kernel() if ext else "reference",
+        "cpu_kernel_paths": ext.cpu_kernel_paths() if ext else {},
         "openmp_threads": torch.get_num_threads(),
         "triton": triton_error() is None,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -96,14 +96,74 @@ def test_hamming_topk_cpp(B, N, W, k, filtering, sparse, gen):
     assert got[0].dtype == torch.int32 and got[1].dtype == torch.int64
 
 
+CPU_PATHS = ["portable", "scalar", "avx2", "avx2_harley_seal", "avx2_tables", "avx512_vpopcntdq"]
+PATH_CASES = [  # B, N, W, k: below and above the few-query regime (8), tile and block edges, W = 4's own paths
+    (1, 1, 4, 1), (1, 4097, 4, 1), (7, 3001, 4, 3), (8, 257, 4, 1), (9, 20001, 4, 2), (17, 5000, 4, 5),
+    (13, 1029, 1, 2), (9, 999, 2, 1), (3, 2000, 3, 4), (12, 700, 5, 1), (8, 300, 16, 3),
+]
+
+
+def forced_path(monkeypatch, path: str) -> None:
+    """Force a popcount path, or skip where this CPU cannot run it (the switch then falls back)."""
+    monkeypatch.setenv("LLMCACHE_CPU_ISA", path)
+    active = llmcache.build_info()["cpu_kernel_paths"]
+    if active["many_queries"]["path"] != path:
+        pytest.skip(f"this CPU does not run the {path} path")
+    assert active["few_queries"]["path"] == path and "forced" in active["many_queries"]["why"]
+
+
+@needs_ext
+@pytest.mark.parametrize("filtering", ["none", "valid", "tags"])
+@pytest.mark.parametrize("B,N,W,k", PATH_CASES, ids=[f"B{b}-N{n}-W{w}-k{k}" for b, n, w, k in PATH_CASES])
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_hamming_topk_every_path(path, B, N, W, k, filtering, gen, monkeypatch):
+    forced_path(monkeypatch, path)
+    q, bank = random_codes(B, W, gen, sparse=True), random_codes(N, W, gen, sparse=True)
+    valid = (torch.rand(N, generator=gen) > 0.25) if filtering != "none" else None
+    tags = {}
+    if filtering == "tags":
+        tags = {"query_tag": torch.randint(0, 3, (B,), generator=gen), "bank_tag": torch.randint(0, 3, (N,), generator=gen)}
+    got = ops.hamming_topk(q, bank, k, valid, backend="cpp", **tags)
+    want = reference.hamming_topk(q, bank, k, valid, **tags)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_ext
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_hamming_topk_every_path_far_codes(path, gen, monkeypatch):
+    """The only eligible answers 255 and 256 bits away (the query's complement, and it with one bit
+    flipped back) are exact on every path, though the table path's byte counters saturate at 255."""
+    forced_path(monkeypatch, path)
+    q = random_codes(1, 4, gen).repeat(9, 1)
+    near = ~q[:1]
+    near[0, 0] ^= 1
+    bank = torch.cat([random_codes(600, 4, gen), ~q[:1], near])
+    valid = torch.zeros(len(bank), dtype=torch.bool)
+    valid[600:] = True
+    dist, idx = ops.hamming_topk(q, bank, 2, valid, backend="cpp")
+    assert dist.tolist() == [[255, 256]] * 9 and idx.tolist() == [[601, 600]] * 9
+
+
+@needs_ext
+def test_cpu_kernel_paths_are_explained():
+    """build_info names the path each regime runs and why (the CPU's only one, or the calibration)."""
+    paths = llmcache.build_info()["cpu_kernel_paths"]
+    assert set(paths) == {"few_queries", "many_queries"}
+    for regime in paths.values():
+        assert regime["path"] in CPU_PATHS and regime["why"]
+    assert llmcache.build_info()["cpu_kernel"] == paths["many_queries"]["path"]
+
+
 @needs_ext
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_hamming_topk_every_isa_path(isa, gen, monkeypatch):
+def test_simhash_pooled_every_projection(isa, gen, monkeypatch):
+    """The AVX2 and plain projections (forced by the same switch) agree with the reference."""
     monkeypatch.setenv("LLMCACHE_CPU_ISA", isa)
-    q, bank = random_codes(9, 4, gen, sparse=True), random_codes(5000, 4, gen, sparse=True)
-    got = ops.hamming_topk(q, bank, 3, backend="cpp")
-    want = reference.hamming_topk(q, bank, 3)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    embeds = torch.randn(7, 19, 384, generator=gen)
+    mask = torch.rand(7, 19, generator=gen) > 0.3
+    planes = torch.randn(384, 256, generator=gen)
+    codes = ops.simhash_pooled(embeds, mask.long(), planes, backend="cpp")
+    assert_codes_match(codes, reference.masked_mean(embeds, mask), planes)
 
 
 @needs_ext

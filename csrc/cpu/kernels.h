@@ -19,9 +19,16 @@ struct CpuFeatures {
 };
 CpuFeatures cpu_features();
 
-// The popcount path hamming_topk uses: "avx512_vpopcntdq", "avx2" or "scalar".
-// LLMCACHE_CPU_ISA=avx2|scalar caps it (for testing every path on one machine).
+// The popcount path hamming_topk uses with many queries (B >= 8): "avx512_vpopcntdq", "avx2",
+// "avx2_harley_seal", "avx2_tables", "scalar" (the POPCNT instruction) or "portable" (x86-64 without POPCNT).
+// LLMCACHE_CPU_ISA=<path> forces one the CPU runs (for testing every path on one machine).
 std::string cpu_kernel_name();
+
+// The path per regime (few queries, B < 8; many) and why it was picked (hamming_topk.cpp).
+struct KernelChoice {
+  std::string few, few_why, many, many_why;
+};
+KernelChoice cpu_kernel_choice();
 
 // Elements the kernels read: fp32, IEEE fp16 or bfloat16 as raw bits.
 enum class Dtype { F32, F16, BF16 };
@@ -45,9 +52,13 @@ void hamming_topk(const int64_t* queries, int64_t B, const int64_t* bank, int64_
                   int64_t k, const uint8_t* valid, const int64_t* query_tag,
                   const int64_t* bank_tag, int32_t* dist, int64_t* idx);
 
-// 64-bit popcounts per second that this process can issue on all its threads with the kernel
-// path above, measured by a register-resident loop: the floor hamming_topk is judged against.
-double popcount_peak_rate(double seconds);
+// ---- floors.cpp: what the hardware allows, for the benchmark's floors ----
+// 64-bit popcounts per second on all OpenMP threads with `path`'s popcount instruction(s) (a
+// register-resident loop of independent chains; "" = the path hamming_topk picks for many queries).
+double popcount_peak_rate(double seconds, const std::string& path);
+// Bytes per second that all OpenMP threads read from `data` (`bytes` long, each thread its slice),
+// repeated for about `seconds`: the bandwidth of wherever that buffer lives (DRAM, L3, ...).
+double read_rate(const void* data, int64_t bytes, double seconds);
 
 // ---- gather_with_mask.cpp ----
 // out[r] = slot[r] >= 0 ? values[slot[r]] : computed[row[r]], rows of `row_bytes` bytes laid out

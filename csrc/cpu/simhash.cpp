@@ -8,14 +8,17 @@
 // load feeds 4 * rows FMAs and the [d, nbits] planes (384 KiB at d = 384, nbits = 256: L2, not
 // L1) are read once per block instead of once per row. At B = 64, T = 128, d = 384 the
 // projection was the larger half of the time before this blocking.
-// Without AVX-512 the projection falls back to one row at a time, looping over planes innermost
-// so the compiler vectorises it along the contiguous nbits axis of `planes` (row-major [d, nbits]).
+// On AVX2 + FMA the same blocking runs 16 planes per pass (project_rows_avx2: 4 rows x 2 ymm
+// accumulators); without either, the projection goes one row at a time, looping over planes
+// innermost so the compiler vectorises it along the contiguous nbits axis of `planes`.
 // The accumulation loops and that fallback are cloned for AVX-512, AVX2+FMA and baseline x86-64
 // (GCC target_clones: the loader picks one per CPU), so a portable build still runs wide
-// vectors; the blocked AVX-512 kernel is compiled with `#pragma GCC target` and picked at run
-// time from cpu_features().
+// vectors; the blocked kernels are compiled with `#pragma GCC target` and picked at run time
+// from cpu_features(), capped by LLMCACHE_CPU_ISA (simd_level).
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -150,20 +153,70 @@ void project_rows_avx512(const float* v, int64_t d, const float* planes, int64_t
   }
 }
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// The same blocking on AVX2: R rows x 16 planes per pass, 2R ymm accumulators (8 at R = 4: the
+// 16 ymm registers leave no room for 64 planes), so each pair of plane loads feeds 2R FMAs.
+template <int R>
+void project_rows_avx2(const float* v, int64_t d, const float* planes, int64_t nbits, int64_t* codes) {
+  const int64_t words = nbits / 64;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t w = 0; w < words; ++w) codes[r * words + w] = 0;
+  for (int64_t j0 = 0; j0 < nbits; j0 += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const float* p = planes + j0;
+    for (int64_t i = 0; i < d; ++i, p += nbits) {
+      const __m256 p0 = _mm256_loadu_ps(p), p1 = _mm256_loadu_ps(p + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 vi = _mm256_broadcast_ss(v + r * d + i);
+        acc[r][0] = _mm256_fmadd_ps(vi, p0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(vi, p1, acc[r][1]);
+      }
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const uint64_t bits = static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[r][0], zero, _CMP_GE_OQ))) |
+                            static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[r][1], zero, _CMP_GE_OQ))) << 8;
+      codes[r * words + j0 / 64] |= static_cast<int64_t>(bits << (j0 % 64));
+    }
+  }
+}
+#pragma GCC pop_options
 #endif
+
+// The widest projection the CPU runs, capped by LLMCACHE_CPU_ISA (the switch that forces the
+// Hamming path: any non-AVX-512 value also keeps this op off AVX-512, "scalar"/"portable" off AVX2).
+int simd_level() {
+  static const CpuFeatures f = cpu_features();
+  const char* cap = std::getenv("LLMCACHE_CPU_ISA");
+  const std::string forced = cap ? cap : "";
+  const bool plain = forced == "scalar" || forced == "portable";
+  if (f.avx512f && (forced.empty() || forced.rfind("avx512", 0) == 0)) return 512;
+  return f.avx2 && !plain ? 256 : 0;
+}
 
 // codes for `rows` (<= kBlockRows) rows of v ([rows, d]); proj is scratch of nbits floats.
 void project_rows(const float* v, int64_t rows, int64_t d, const float* planes, int64_t nbits, float* proj,
                   int64_t* codes) {
   const int64_t words = nbits / 64;
 #ifdef LLMCACHE_X86
-  static const bool avx512 = cpu_features().avx512f;
-  if (avx512) {
+  const int level = simd_level();
+  if (level == 512) {
     switch (rows) {
       case 4: return project_rows_avx512<4>(v, d, planes, nbits, codes);
       case 3: return project_rows_avx512<3>(v, d, planes, nbits, codes);
       case 2: return project_rows_avx512<2>(v, d, planes, nbits, codes);
       case 1: return project_rows_avx512<1>(v, d, planes, nbits, codes);
+      default: break;
+    }
+  } else if (level == 256) {
+    switch (rows) {
+      case 4: return project_rows_avx2<4>(v, d, planes, nbits, codes);
+      case 3: return project_rows_avx2<3>(v, d, planes, nbits, codes);
+      case 2: return project_rows_avx2<2>(v, d, planes, nbits, codes);
+      case 1: return project_rows_avx2<1>(v, d, planes, nbits, codes);
       default: break;
     }
   }

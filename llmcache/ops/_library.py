@@ -127,12 +127,15 @@ def check(cond: bool, message: str) -> None:
 
 
 def check_tensor(name: str, t, *, dtypes=None, ndim: int | None = None, device=None) -> None:
-    """Validate one tensor argument, naming it in the error."""
-    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None:
-        check(t.dtype in dtypes, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if ndim is not None:
-        check(t.dim() == ndim, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if device is not None:
-        check(t.device == device, f"{name} is on {t.device} but the other arguments are on {device}; move it")
-    check(t.is_contiguous(), f"{name} must be contiguous; call .contiguous() on it")
+    """Validate one tensor argument, naming it in the error. The messages are built only on failure:
+    ops are called per forward, where formatting them every time cost more than the op."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004 (ops raise ValueError)
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other arguments are on {device}; move it")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() on it")

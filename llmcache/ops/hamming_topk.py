@@ -75,18 +75,22 @@ def hamming_topk(
     device = queries.device
     check_tensor("bank", bank, dtypes=(torch.int64,), ndim=2, device=device)
     words = queries.shape[1]
-    check(1 <= words <= MAX_WORDS, f"queries.shape[1] (words) must be in 1..{MAX_WORDS}, got {words}")
-    check(bank.shape[1] == words, f"bank must have shape [N, W={words}], got {tuple(bank.shape)}")
-    check(isinstance(k, int) and k >= 1, f"k must be an int >= 1, got {k!r}")
+    if not (1 <= words <= MAX_WORDS and bank.shape[1] == words and isinstance(k, int) and k >= 1):
+        check(1 <= words <= MAX_WORDS, f"queries.shape[1] (words) must be in 1..{MAX_WORDS}, got {words}")
+        check(bank.shape[1] == words, f"bank must have shape [N, W={words}], got {tuple(bank.shape)}")
+        check(isinstance(k, int) and k >= 1, f"k must be an int >= 1, got {k!r}")
     if valid is not None:
         check_tensor("valid", valid, dtypes=(torch.bool,), ndim=1, device=device)
-        check(valid.shape[0] == bank.shape[0], f"valid must have shape [N={bank.shape[0]}], got {tuple(valid.shape)}")
+        if valid.shape[0] != bank.shape[0]:
+            check(False, f"valid must have shape [N={bank.shape[0]}], got {tuple(valid.shape)}")
     check((query_tag is None) == (bank_tag is None), "query_tag and bank_tag go together: pass both or neither")
     if query_tag is not None:
         check_tensor("query_tag", query_tag, dtypes=(torch.int64,), ndim=1, device=device)
         check_tensor("bank_tag", bank_tag, dtypes=(torch.int64,), ndim=1, device=device)
-        check(query_tag.shape[0] == queries.shape[0], f"query_tag must have shape [B={queries.shape[0]}]")
-        check(bank_tag.shape[0] == bank.shape[0], f"bank_tag must have shape [N={bank.shape[0]}]")
+        if query_tag.shape[0] != queries.shape[0]:
+            check(False, f"query_tag must have shape [B={queries.shape[0]}]")
+        if bank_tag.shape[0] != bank.shape[0]:
+            check(False, f"bank_tag must have shape [N={bank.shape[0]}]")
     return hamming_topk_unchecked(queries, bank, k, valid, query_tag, bank_tag, backend=backend)
 
 
