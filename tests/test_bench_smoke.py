@@ -41,6 +41,10 @@ def test_quick_run_writes_rows_for_every_op_and_matches_faiss(tmp_path):
     assert all(r["faiss_match"] is True for r in checked), [r["shape"] for r in checked if not r["faiss_match"]]
     default = kernels.default_backend(kernels.torch.device(report["header"]["device"]))
     assert {r["backend"] for r in checked} >= {default}
+    # Every popcount path this CPU runs has its own rows (forced), each judged against its own floor.
+    forced = {r["backend"] for r in checked if r["backend"].startswith("cpp/")}
+    assert forced == {f"cpp/{path}" for path in kernels.runnable_cpu_paths()}
+    assert all(r["path"] and r["popcount_floor_ms"] for r in checked if r["backend"].startswith("cpp"))
 
     # The tensor-core route: an int8 row beside the popcount kernel at every B >= 64, exact, and one
     # route record per such size naming the faster of the two.

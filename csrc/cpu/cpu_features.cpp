@@ -1,4 +1,9 @@
 // Run-time CPU feature detection (cpuid + xgetbv), so the build never needs -march=native.
+// LLMCACHE_CPU_CAP=avx2 (or =scalar) hides the wider features, so one machine can stand in for an
+// AVX2-only (or pre-AVX2) one: the dispatch and build_info() then see that machine.
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -32,6 +37,10 @@ CpuFeatures cpu_features() {
     f.avx512_vpopcntdq = zmm_os && ((c >> 14) & 1);
   }
 #endif
+  const char* cap = std::getenv("LLMCACHE_CPU_CAP");
+  if (cap && (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0))
+    f.avx512f = f.avx512bw = f.avx512_vpopcntdq = false;
+  if (cap && std::strcmp(cap, "scalar") == 0) f.avx2 = false;
   return f;
 }
 

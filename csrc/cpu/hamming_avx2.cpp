@@ -7,13 +7,17 @@
 // a lane-wise running minimum. No branch per row: only a query whose minimum ends a tile below its
 // k-th rescans that tile exactly (rescan_scalar), a handful of tiles per query for k = 1.
 //
-// Harley-Seal variant (W = 4 only, other W run the plain lookup): the four xor words are first
+// Few queries (B < 8) with W = 4 stream the rows instead (stream_w4): half of each 8 rows through
+// the lookup, half through the scalar POPCNT units, which run alongside (1.5x the scalar path
+// alone on an L2-resident bank on Zen 4 with AVX-512 hidden).
+//
+// Harley-Seal variant (W = 4 only, other W run the plain lookup; no stream): the four xor words are first
 // reduced by carry-save adders to ones/twos/fours (a half adder, a full adder, a half adder:
 // 9 logic ops), then counted with three lookups whose tables hold 1x, 2x and 4x the nibble's
 // popcount: 3 lookups instead of 4, i.e. 9 shuffles/shifts instead of 12 per 4 rows and query,
 // for 3 more logic ops. It pays where vpshufb and the shifts, not the logic ops, bind (they
 // share two of the four vector pipes on AMD Zen); dispatch measures which.
-// Compiled with `#pragma GCC target("avx2")`, picked at run time only where the CPU has AVX2.
+// Compiled with `#pragma GCC target("avx2,popcnt")`, picked at run time only where the CPU has AVX2.
 #include <algorithm>
 #include <vector>
 
@@ -56,7 +60,7 @@ struct Tile {
 };
 
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,popcnt")
 
 struct Lut {
   __m256i ones, twos, fours, low;
@@ -146,9 +150,63 @@ void tiles(const Scan& s, int64_t begin, int64_t end, TopK& top) {
   }
 }
 
+// Few queries, W = 4: each query streams the rows as stored, 8 at a time: rows 0-3 through the
+// vector pipes (a 4x4 transpose in registers, then the nibble lookup and one vpsadbw), rows 4-7
+// through the scalar POPCNT units, which the vector code leaves idle, so the core runs both at
+// once. Candidates are offered in row order (the vector lanes first), the tail row by row.
+void stream_w4(const Scan& s, int64_t b, int64_t begin, int64_t end, TopK& top) {
+  const Lut lut;
+  const int64_t* q = s.queries + b * 4;
+  const uint64_t q0 = static_cast<uint64_t>(q[0]), q1 = static_cast<uint64_t>(q[1]);
+  const uint64_t q2 = static_cast<uint64_t>(q[2]), q3 = static_cast<uint64_t>(q[3]);
+  const __m256i qv0 = _mm256_set1_epi64x(q[0]), qv1 = _mm256_set1_epi64x(q[1]);
+  const __m256i qv2 = _mm256_set1_epi64x(q[2]), qv3 = _mm256_set1_epi64x(q[3]);
+  const __m256i zero = _mm256_setzero_si256();
+  int32_t worst = top.worst(b);
+  __m256i worst_v = _mm256_set1_epi64x(worst);
+  alignas(32) int64_t lanes[4];
+  int64_t n = begin;
+  for (; n + 8 <= end; n += 8) {
+    const int64_t* r = s.bank + n * 4;
+    const __m256i r0 = load4(r), r1 = load4(r + 4), r2 = load4(r + 8), r3 = load4(r + 12);
+    const __m256i t0 = _mm256_unpacklo_epi64(r0, r1), t1 = _mm256_unpackhi_epi64(r0, r1);
+    const __m256i t2 = _mm256_unpacklo_epi64(r2, r3), t3 = _mm256_unpackhi_epi64(r2, r3);
+    __m256i bytes = count_bytes(_mm256_xor_si256(_mm256_permute2x128_si256(t0, t2, 0x20), qv0), lut.ones, lut.low);
+    bytes = _mm256_add_epi8(bytes, count_bytes(_mm256_xor_si256(_mm256_permute2x128_si256(t1, t3, 0x20), qv1),
+                                               lut.ones, lut.low));
+    bytes = _mm256_add_epi8(bytes, count_bytes(_mm256_xor_si256(_mm256_permute2x128_si256(t0, t2, 0x31), qv2),
+                                               lut.ones, lut.low));
+    bytes = _mm256_add_epi8(bytes, count_bytes(_mm256_xor_si256(_mm256_permute2x128_si256(t1, t3, 0x31), qv3),
+                                               lut.ones, lut.low));
+    const __m256i d = _mm256_sad_epu8(bytes, zero);
+    const uint64_t* u = reinterpret_cast<const uint64_t*>(r + 16);
+    int32_t ds[4];
+    for (int l = 0; l < 4; ++l)
+      ds[l] = __builtin_popcountll(q0 ^ u[4 * l]) + __builtin_popcountll(q1 ^ u[4 * l + 1]) +
+              __builtin_popcountll(q2 ^ u[4 * l + 2]) + __builtin_popcountll(q3 ^ u[4 * l + 3]);
+    const int mask = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(worst_v, d)));
+    const bool scalar_hit = (ds[0] < worst) | (ds[1] < worst) | (ds[2] < worst) | (ds[3] < worst);
+    if (__builtin_expect(mask == 0 && !scalar_hit, 1)) continue;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), d);
+    for (int l = 0; l < 4; ++l)
+      if (lanes[l] < top.worst(b)) s.offer(top, b, static_cast<int32_t>(lanes[l]), n + l);
+    for (int l = 0; l < 4; ++l)
+      if (ds[l] < top.worst(b)) s.offer(top, b, ds[l], n + 4 + l);
+    worst = top.worst(b);
+    worst_v = _mm256_set1_epi64x(worst);
+  }
+  if (n < end) rescan_scalar(s, b, n, end, top);
+}
+
 template <bool HarleySeal>
 void dispatch(const Scan& s, int64_t begin, int64_t end, TopK& top) {
   const bool tags = s.query_tag != nullptr;
+  if (!HarleySeal && s.W == 4 && s.B < 8) {  // few queries: stream (16 KiB tiles: B > 1 rereads them from L1)
+    const int64_t rows = tile_rows(4);
+    for (int64_t start = begin; start < end; start += rows)
+      for (int64_t b = 0; b < s.B; ++b) stream_w4(s, b, start, std::min(end, start + rows), top);
+    return;
+  }
   for_words(s.W, [&](auto w) {
     if (tags) return tiles<w(), true, HarleySeal>(s, begin, end, top);
     tiles<w(), false, HarleySeal>(s, begin, end, top);

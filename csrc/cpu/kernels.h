@@ -17,6 +17,7 @@ struct CpuFeatures {
   bool avx512bw = false;
   bool avx512_vpopcntdq = false;
 };
+// Detected now; LLMCACHE_CPU_CAP=avx2|scalar hides wider ones (the kernels read them once, at first use).
 CpuFeatures cpu_features();
 
 // The popcount path hamming_topk uses with many queries (B >= 8): "avx512_vpopcntdq", "avx2",
