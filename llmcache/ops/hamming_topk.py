@@ -1,8 +1,9 @@
 """Hamming top-k lookup of SimHash codes in a bank, and the cosine-threshold -> radius map.
 
 Distances are popcount(q XOR b) summed over the W 64-bit words. Ties go to the smaller bank
-index so every backend returns the same integers. Kernels: csrc/cpu/hamming_topk.cpp (CPU,
-AVX-512 VPOPCNTDQ / AVX2 / scalar chosen at run time), kernels/hamming_topk.cu (CUDA),
+index so every backend returns the same integers. Kernels: csrc/cpu/hamming_topk.cpp (CPU: five
+popcount paths in csrc/cpu/hamming_*.cpp, the fastest the CPU runs picked at first use, see
+build_info()["cpu_kernel_paths"]), kernels/hamming_topk.cu (CUDA),
 llmcache/ops/triton_kernels/hamming_topk.py (Triton), reference.hamming_topk (specification).
 """
 
