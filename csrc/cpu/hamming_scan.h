@@ -104,6 +104,7 @@ void scan_avx512(const Scan& s, int64_t begin, int64_t end, TopK& top);
 // Register-resident loops of each path's popcount: 64-bit words counted per call of `iters`.
 double popcount_loop_scalar(int64_t iters);
 double popcount_loop_avx2(int64_t iters);
+double popcount_loop_avx2_tables(int64_t iters);
 double popcount_loop_avx512(int64_t iters);
 // The loop of a path by name (hamming_topk.cpp).
 double popcount_loop(const std::string& path, int64_t iters);

@@ -145,6 +145,7 @@ KernelChoice cpu_kernel_choice() {
 namespace hamming {
 double popcount_loop(const std::string& path, int64_t iters) {
   if (path == "avx512_vpopcntdq") return popcount_loop_avx512(iters);
+  if (path == "avx2_tables") return popcount_loop_avx2_tables(iters);
   if (path.rfind("avx2", 0) == 0) return popcount_loop_avx2(iters);
   return popcount_loop_scalar(iters);
 }
@@ -162,8 +163,10 @@ void hamming_topk(const int64_t* queries, int64_t B, const int64_t* bank, int64_
   const int64_t tile_rows = hamming::tile_rows(W);
   int threads = 1;
 #ifdef _OPENMP
-  // No thread gets less than a tile: small banks stay on one thread.
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), N / tile_rows)));
+  // No thread gets less than a tile, nor less than ~64 K word comparisons (about the cost of
+  // entering a parallel region on a VM): small lookups stay on one thread.
+  const int64_t work = std::min(N / tile_rows, N * B * W / (int64_t{1} << 16));
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), work)));
 #endif
   if (threads == 1) {  // small banks: no parallel region to enter, no merge
     TopK top(B, k, missing);
