@@ -65,8 +65,7 @@ struct Tile {
 struct Lut {
   __m256i ones, twos, fours, low;
   Lut() {
-    ones = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2,
-                            3, 3, 4);
+    ones = nibble_popcounts();
     twos = _mm256_add_epi8(ones, ones);
     fours = _mm256_add_epi8(twos, twos);
     low = _mm256_set1_epi8(0x0f);

@@ -124,8 +124,7 @@ void make_tables(const int64_t* query, uint8_t* tables, int64_t stride) {
   std::memcpy(q, query, 32);
   const __m256i iota = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5,
                                         6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m256i popcount = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2,
-                                            3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i popcount = nibble_popcounts();
   for (int j = 0; j < 16; ++j) {
     const uint8_t lo = q[o.sigma[j]], hi = q[16 + o.sigma[j]];
     const __m256i lows = _mm256_setr_m128i(_mm_set1_epi8(static_cast<char>(lo & 15)), _mm_set1_epi8(static_cast<char>(hi & 15)));
@@ -201,8 +200,7 @@ void scan_avx2_tables(const Scan& s, int64_t begin, int64_t end, TopK& top) {
 // Eight independent lookup-and-add chains on registers: this path's rate (one vpshufb and one byte
 // add count 32 nibbles of one pair, i.e. 2 of its 64-bit words).
 double popcount_loop_avx2_tables(int64_t iters) {
-  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
-                                         2, 3, 2, 3, 3, 4);
+  const __m256i table = nibble_popcounts();
   __m256i a0 = table, a1 = table, a2 = table, a3 = table, a4 = table, a5 = table, a6 = table, a7 = table;
   __m256i x0 = _mm256_set1_epi8(3), x1 = _mm256_set1_epi8(5), x2 = _mm256_set1_epi8(6), x3 = _mm256_set1_epi8(9);
   for (int64_t i = 0; i < iters; ++i) {

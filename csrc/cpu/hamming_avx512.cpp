@@ -36,8 +36,6 @@ namespace hamming {
 #ifdef LLMCACHE_X86
 namespace {
 
-using Query = Scan;
-
 // A tile of the bank in word-major order, rows padded to a multiple of 8 (pad rows not live).
 struct Tile {
   int64_t rows = 0, padded = 0, first = 0;
@@ -51,7 +49,7 @@ struct Tile {
 
 // Exact pass of one query over a tile: every lane below the running k-th enters the top-k.
 template <int W>
-void rescan_avx512(const Query& q, int64_t b, const Tile& t, TopK& top) {
+void rescan_avx512(const Scan& q, int64_t b, const Tile& t, TopK& top) {
   __m512i qv[W];
   for (int w = 0; w < W; ++w) qv[w] = _mm512_set1_epi64(q.queries[b * W + w]);
   const __m512i qtag = _mm512_set1_epi64(q.query_tag ? q.query_tag[b] : 0);
@@ -80,7 +78,7 @@ void rescan_avx512(const Query& q, int64_t b, const Tile& t, TopK& top) {
 // vpminuq per query and 8 rows, no branch. Only a query whose min ends below its k-th goes
 // through the exact pass (rescan_avx512); for k = 1 that is O(log tiles) tiles per query.
 template <int W, int G, bool Tags>
-void scan_group_avx512(const Query& q, int64_t b0, const Tile& t, TopK& top) {
+void scan_group_avx512(const Scan& q, int64_t b0, const Tile& t, TopK& top) {
   __m512i qv[G][W];
   __m512i best[G];
   __m512i qtag[G];
@@ -172,7 +170,7 @@ void load_tile_avx512(Tile& t, const int64_t* bank, int64_t start, int64_t count
 }
 
 template <int W, int G, bool Tags>
-void scan_tile_avx512(const Query& q, const Tile& t, TopK& top, const int64_t* next, int64_t next_lines) {
+void scan_tile_avx512(const Scan& q, const Tile& t, TopK& top, const int64_t* next, int64_t next_lines) {
   // Spread prefetches of the next tile's rows over the groups, so its loads overlap this scan.
   const int64_t groups = (q.B + G - 1) / G;
   const int64_t per = (next_lines + groups - 1) / groups;
@@ -188,7 +186,7 @@ void scan_tile_avx512(const Query& q, const Tile& t, TopK& top, const int64_t* n
 }
 
 template <int W, int G, bool Tags>
-void scan_range_avx512(const Query& q, const int64_t* bank, int64_t begin, int64_t end, int64_t tile_rows,
+void scan_range_avx512(const Scan& q, const int64_t* bank, int64_t begin, int64_t end, int64_t tile_rows,
                        const uint8_t* valid, const int64_t* bank_tag, TopK& top) {
   Tile tile;
   for (int64_t start = begin; start < end; start += tile_rows) {
@@ -200,7 +198,7 @@ void scan_range_avx512(const Query& q, const int64_t* bank, int64_t begin, int64
 }
 
 template <int W>
-void range_avx512_w(const Query& q, const int64_t* bank, int64_t begin, int64_t end, int64_t tile_rows,
+void range_avx512_w(const Scan& q, const int64_t* bank, int64_t begin, int64_t end, int64_t tile_rows,
                     const uint8_t* valid, const int64_t* bank_tag, TopK& top) {
   // Queries per pass such that G * W broadcast query words, G accumulators and G running minima
   // stay within the 32 zmm registers (W = 4: G = 4 uses 24 + the bank vector).
@@ -238,7 +236,7 @@ inline void transpose8(const int64_t* rows, __m512i* t) {
 // offered to the top-k (eligibility checked there); the rows past the last multiple of 8 are
 // scored one by one.
 template <int W>
-void stream_avx512(const Query& q, int64_t begin, int64_t end, TopK& top) {
+void stream_avx512(const Scan& q, int64_t begin, int64_t end, TopK& top) {
   constexpr int kMaxB = 7;
   __m512i qv[kMaxB][W], worst[kMaxB];
   for (int64_t b = 0; b < q.B; ++b) {

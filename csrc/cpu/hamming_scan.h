@@ -23,6 +23,19 @@
 namespace llmcache {
 namespace cpu {
 namespace hamming {
+#ifdef LLMCACHE_X86
+// popcount(x) for x = 0..15 in both 128-bit lanes: the table of the AVX2 paths' vpshufb lookups.
+__attribute__((target("avx2"))) inline __m256i nibble_popcounts() {
+  return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+}
+#endif
+}  // namespace hamming
+}  // namespace cpu
+}  // namespace llmcache
+
+namespace llmcache {
+namespace cpu {
+namespace hamming {
 
 // One thread's running answers: k (dist, idx) pairs per query, ascending.
 struct TopK {

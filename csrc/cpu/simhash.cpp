@@ -197,12 +197,12 @@ int simd_level() {
   return f.avx2 && !plain ? 256 : 0;
 }
 
-// codes for `rows` (<= kBlockRows) rows of v ([rows, d]); proj is scratch of nbits floats.
+// codes for `rows` (<= kBlockRows) rows of v ([rows, d]); proj is scratch of nbits floats; `level`
+// is simd_level(), read once per call of the op.
 void project_rows(const float* v, int64_t rows, int64_t d, const float* planes, int64_t nbits, float* proj,
-                  int64_t* codes) {
+                  int64_t* codes, int level) {
   const int64_t words = nbits / 64;
 #ifdef LLMCACHE_X86
-  const int level = simd_level();
   if (level == 512) {
     switch (rows) {
       case 4: return project_rows_avx512<4>(v, d, planes, nbits, codes);
@@ -221,6 +221,7 @@ void project_rows(const float* v, int64_t rows, int64_t d, const float* planes, 
     }
   }
 #endif
+  (void)level;  // (off x86-64: one projection)
   for (int64_t r = 0; r < rows; ++r) project_and_pack(v + r * d, d, planes, nbits, proj, codes + r * words);
 }
 
@@ -228,6 +229,7 @@ void project_rows(const float* v, int64_t rows, int64_t d, const float* planes, 
 
 void simhash(const void* x, Dtype dtype, int64_t B, int64_t d, const float* planes, int64_t nbits,
              int64_t* codes) {
+  const int level = simd_level();
   const int64_t words = nbits / 64;
   const auto* base = static_cast<const uint8_t*>(x);
   const int64_t row_bytes = d * element_size(dtype);
@@ -240,13 +242,14 @@ void simhash(const void* x, Dtype dtype, int64_t B, int64_t d, const float* plan
       const int64_t b0 = blk * kBlockRows, rows = std::min(kBlockRows, B - b0);
       std::fill(v.begin(), v.end(), 0.0f);
       for (int64_t r = 0; r < rows; ++r) accumulate(base + (b0 + r) * row_bytes, dtype, d, v.data() + r * d);
-      project_rows(v.data(), rows, d, planes, nbits, proj.data(), codes + b0 * words);
+      project_rows(v.data(), rows, d, planes, nbits, proj.data(), codes + b0 * words, level);
     }
   }
 }
 
 void simhash_pooled(const void* embeds, Dtype dtype, const uint8_t* mask, int64_t B, int64_t T,
                     int64_t d, const float* planes, int64_t nbits, int64_t* codes) {
+  const int level = simd_level();
   const int64_t words = nbits / 64;
   const auto* base = static_cast<const uint8_t*>(embeds);
   const int64_t token_bytes = d * element_size(dtype);
@@ -275,7 +278,7 @@ void simhash_pooled(const void* embeds, Dtype dtype, const uint8_t* mask, int64_
         const float denom = count > 0 ? static_cast<float>(count) : 1.0f;
         for (int64_t i = 0; i < d; ++i) vr[i] /= denom;
       }
-      project_rows(v.data(), rows, d, planes, nbits, proj.data(), codes + b0 * words);
+      project_rows(v.data(), rows, d, planes, nbits, proj.data(), codes + b0 * words, level);
     }
   }
 }
