@@ -1,7 +1,7 @@
 """A real redis-server for the tests: started on a free loopback port, stopped after.
 
 Needs Debian's `redis-server` on PATH (`scripts/install.sh` installs it); tests that use it
-skip where it is absent. The server itself is the benchmarks' (`bench.experiments.shared.common.RedisServer`).
+skip where it is absent. The server itself is the package's (`llmcache.shared.server.RedisServer`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from bench.experiments.shared.common import RedisServer, free_port
+from llmcache.shared.server import RedisServer, free_port
 
 __all__ = ["RedisServer", "free_port", "needs_redis", "redis_server"]
 
