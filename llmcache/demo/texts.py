@@ -1,39 +1,42 @@
-"""The demo's query stream: a corpus with repeats, encoded in batches, run with the cache off and on."""
+"""The demo's text: the bundled corpus, STS-Benchmark where it is found, and the streams drawn from them.
+
+The bundled corpus (`llmcache/data/demo_corpus.txt`, everyday queries written for this project:
+base queries, their close paraphrases, unrelated sentences) is always there. STS-B is read from
+`--data DIR`, else $LLMCACHE_DATA, else `../shared/data` (a folder holding `stsbenchmark/`); when
+none holds it the demo runs on the bundled corpus and says so.
+"""
 
 from __future__ import annotations
 
-import math
+import os
 import random
-import sys
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
-
-import llmcache
-
-REPEAT, PARAPHRASE = 0.4, 0.2
-MAX_LENGTH = 256  # tokens a row is truncated to (rows over CacheConfig.max_tokens run uncached)
-LOW_FIDELITY = 0.99
+REPEAT, PARAPHRASE = 0.4, 0.2  # the semantic part's held-out stream
+ZIPF = 1.0  # the embedding service's query popularity: P(rank k) ~ 1 / k^ZIPF
 
 
-# ---- the stream ----------------------------------------------------------------------------
 @dataclass
 class Corpus:
-    """The demo corpus: base queries by id, their paraphrases by base id, unrelated sentences."""
+    """Base queries by id, their close paraphrases by base id, unrelated sentences; `source` names it."""
 
     base: dict[str, str]
     paraphrases: dict[str, list[str]]
     other: list[str]
+    source: str = "bundled corpus"
+
+    def sentences(self) -> list[str]:
+        """Every distinct sentence, in corpus order."""
+        texts = list(self.base.values()) + [p for ps in self.paraphrases.values() for p in ps] + self.other
+        return list(dict.fromkeys(texts))
 
 
 @dataclass
 class Query:
-    """One row of the stream. kind: "new", "repeat", "para" (corpus stream) or "file" (--data).
-    source: the stream index of the earlier row it repeats ("repeat") or whose paraphrase it is
-    ("para": the first row holding its base query); None otherwise."""
+    """One row of a stream. kind: "new", "repeat" or "para". source: the stream index of the earlier
+    row it repeats ("repeat") or whose paraphrase it is ("para": the first row holding its base)."""
 
     text: str
     kind: str
@@ -65,10 +68,85 @@ def load_corpus(path: str | Path | None = None) -> Corpus:
     return corpus
 
 
+def sts_folder(data: str | os.PathLike | None = None) -> Path | None:
+    """The `stsbenchmark` folder: under `data` (an error when it is not there), else under
+    $LLMCACHE_DATA or ../shared/data, else None."""
+    if data is not None:
+        folder = Path(data) / "stsbenchmark"
+        if not (folder / "sts-test.csv").is_file():
+            raise FileNotFoundError(f"--data {data}: no stsbenchmark/sts-test.csv there")
+        return folder
+    for root in (os.environ.get("LLMCACHE_DATA"), "../shared/data"):
+        if root and (Path(root) / "stsbenchmark" / "sts-test.csv").is_file():
+            return Path(root) / "stsbenchmark"
+    return None
+
+
+def sts_corpus(folder: Path, split: str) -> Corpus:
+    """A Corpus of one STS-B split (tab-separated: score column 5, sentences 6 and 7): each pair's
+    first sentence a base, its second a paraphrase when scored >= 4, an unrelated-enough sentence
+    when scored < 2, left out otherwise."""
+    corpus = Corpus(base={}, paraphrases={}, other=[], source=f"STS-B {split} ({folder})")
+    seen: set[str] = set()
+    for line in (folder / f"sts-{split}.csv").read_text(encoding="utf-8").splitlines():
+        fields = line.split("\t")
+        if len(fields) < 7:
+            continue
+        score, first, second = float(fields[4]), fields[5].strip(), fields[6].strip()
+        if not first or not second or first in seen or second in seen:
+            continue
+        ident = f"s{len(corpus.base)}"
+        corpus.base[ident] = first
+        seen.add(first)
+        if score >= 4.0 or score < 2.0:
+            (corpus.paraphrases.setdefault(ident, []) if score >= 4.0 else corpus.other).append(second)
+            seen.add(second)
+    return corpus
+
+
+def corpora(data: str | None = None) -> tuple[Corpus, Corpus]:
+    """(calibration, evaluation) corpora that share no sentence: STS-B train and test where found,
+    else the bundled corpus split in two (alternate base queries and unrelated sentences)."""
+    folder = sts_folder(data)
+    if folder is not None:
+        return sts_corpus(folder, "train"), sts_corpus(folder, "test")
+    whole = load_corpus()
+    halves = []
+    for half in (0, 1):
+        base = {k: v for i, (k, v) in enumerate(whole.base.items()) if i % 2 == half}
+        halves.append(Corpus(base, {k: v for k, v in whole.paraphrases.items() if k in base}, whole.other[half::2],
+                             f"bundled corpus, half {half + 1} of 2 (STS-B not found)"))
+    return halves[0], halves[1]
+
+
+def zipf_stream(sentences: list[str], rows: int, exponent: float = ZIPF, seed: int = 0) -> list[str]:
+    """`rows` queries drawn independently from `sentences` (popularity ranks in a seeded order),
+    P(rank k) proportional to 1 / k^exponent: a few queries are asked often, most once."""
+    if rows < 1 or not sentences:
+        raise ValueError(f"need rows >= 1 and a sentence, got {rows} rows, {len(sentences)} sentences")
+    rng = random.Random(seed)
+    ranked = rng.sample(sentences, len(sentences))
+    weights = [1.0 / (k + 1) ** exponent for k in range(len(ranked))]
+    return rng.choices(ranked, weights=weights, k=rows)
+
+
+def repeats(stream: list[str]) -> list[bool]:
+    """Per row: does its text occur earlier in the stream (what a perfect lossless cache skips)."""
+    seen: set[str] = set()
+    out = []
+    for text in stream:
+        out.append(text in seen)
+        seen.add(text)
+    return out
+
+
 def build_stream(
     corpus: Corpus, rows: int, repeat: float = REPEAT, paraphrase: float = PARAPHRASE, seed: int = 0
 ) -> list[Query]:
-    """`rows` queries drawn as the module docstring describes (seeded, reproducible)."""
+    """`rows` queries, each independently: with probability `repeat` an exact repeat of an earlier
+    row (uniform); with `paraphrase` an unused paraphrase of a base already in the stream; else new
+    (the next base or unrelated sentence in a seeded order). A kind that cannot be drawn falls back
+    to new, then paraphrase, then repeat; the first row is always new."""
     if rows < 1 or not 0 <= repeat <= 1 or not 0 <= paraphrase <= 1 - repeat:
         raise ValueError(f"need rows >= 1 and repeat + paraphrase <= 1, got {rows}, {repeat}, {paraphrase}")
     rng = random.Random(seed)
@@ -104,105 +182,5 @@ def build_stream(
     return stream
 
 
-def read_queries(path: str | Path, rows: int | None = None) -> list[Query]:
-    """The non-empty lines of a text file, in order (the first `rows` of them)."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    queries = [Query(line, "file") for line in lines if line]
-    if not queries:
-        raise ValueError(f"{path} has no non-empty line")
-    return queries[:rows] if rows else queries
-
-
-def stream_counts(stream: list[Query]) -> dict[str, int]:
-    counts = {"rows": len(stream), "distinct": len({q.text for q in stream})}
-    for q in stream:
-        counts[q.kind] = counts.get(q.kind, 0) + 1
-    return counts
-
-
-# ---- running the stream --------------------------------------------------------------------
-def encode(tokenizer, texts: list[str], batch_size: int, device: str) -> list[dict]:
-    """Tokenised batches on `device`; left-padded ones get position_ids that skip the padding."""
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                        max_length=MAX_LENGTH, return_tensors="pt")
-        batch = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-        if tokenizer.padding_side == "left":
-            batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
-        batches.append(batch)
-    return batches
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _row_result(decoder: bool, output, batch: dict) -> torch.Tensor:
-    """MiniLM: [B, H] mean-pooled embeddings. SmolLM2: [B, 2] (summed NLL, predicted tokens)."""
-    mask = batch["attention_mask"]
-    if not decoder:
-        hidden = output.last_hidden_state.double()
-        weights = mask.unsqueeze(-1).double()
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    logits = output.logits[:, :-1].float()
-    targets = batch["input_ids"][:, 1:]
-    real = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)  # a real token predicted from a real one
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    nll = (nll * real).double()
-    return torch.stack([nll.sum(1), real.sum(1).double()], dim=1)
-
-
-def run_stream(model, batches: list[dict], decoder: bool, device: str, label: str,
-               served: list | None = None) -> tuple[float, torch.Tensor]:
-    """(seconds of model forward time, per-row results on the CPU) over every batch in order;
-    `served` collects the stream rows the verified semantic tier served."""
-    from tqdm import tqdm
-
-    seconds, results, at = 0.0, [], 0
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc=f"{label:>12}", unit="batch", file=sys.stderr, leave=False):
-            _sync(device)
-            start = time.perf_counter()
-            output = model(**batch)
-            _sync(device)
-            seconds += time.perf_counter() - start
-            results.append(_row_result(decoder, output, batch).cpu())
-            if served is not None:
-                served += [at + r for r in llmcache.stats(model).last_semantic_rows]
-            at += batch["input_ids"].shape[0]
-    return seconds, torch.cat(results)
-
-
-# ---- what the runs show --------------------------------------------------------------------
-def _summary(values: torch.Tensor, low: torch.Tensor) -> dict:
-    return {"rows": int(values.numel()), "mean": float(values.mean()), "min": float(values.min()),
-            "below_0.99": float(low.double().mean())}
-
-
-def fidelity(decoder: bool, off: torch.Tensor, on: torch.Tensor, stream: list[Query]) -> dict:
-    """How far the cached run's per-row results are from the uncached ones (see the docstring)."""
-    kind_of = [q.kind for q in stream]
-    rows_of = {k: torch.tensor([i for i, q in enumerate(kind_of) if q == k]) for k in sorted(set(kind_of))}
-    if not decoder:
-        cosine = torch.nn.functional.cosine_similarity(on, off, dim=1)
-        low = cosine < LOW_FIDELITY
-        worst = torch.argsort(cosine)[:10].tolist()
-        return {
-            "metric": "cosine",
-            **_summary(cosine, low),
-            "by_kind": {k: _summary(cosine[rows], low[rows]) for k, rows in rows_of.items()},
-            "worst": [{"row": i, "kind": kind_of[i], "cosine": float(cosine[i]), "text": stream[i].text}
-                      for i in worst],
-            "cosines": [round(float(c), 9) for c in cosine],
-        }
-    nll_off, nll_on, tokens = off[:, 0], on[:, 0], off[:, 1].clamp_min(1.0)
-    ppl_off = math.exp(float(nll_off.sum() / off[:, 1].sum().clamp_min(1.0)))
-    ppl_on = math.exp(float(nll_on.sum() / off[:, 1].sum().clamp_min(1.0)))
-    moved = ((nll_on - nll_off) / tokens).abs() > 0.01 * (nll_off / tokens).abs().clamp_min(1e-6)
-    return {"metric": "perplexity", "ppl_off": ppl_off, "ppl_on": ppl_on, "ppl_change": ppl_on / ppl_off - 1.0,
-            "rows_nll_moved_1pct": float(moved.double().mean()),
-            "by_kind": {k: float(moved[rows].double().mean()) for k, rows in rows_of.items()}}
-
-
+__all__ = ["PARAPHRASE", "REPEAT", "ZIPF", "Corpus", "Query", "build_stream", "corpora", "load_corpus", "repeats",
+           "sts_corpus", "sts_folder", "zipf_stream"]
