@@ -19,13 +19,16 @@ Each part writes a figure into --out; the tour prints one table and writes `READ
 cannot run (a model package or redis-server missing) is skipped with the command that installs
 it. --rows sets the embedding stream and the shared part's (a quarter of it) and the semantic
 held-out stream (a third; calibration on twice that). Timings are one run on whatever else the
-machine is doing: read the ratios, measured side by side, not the absolute times.
+machine is doing: read the ratios, measured side by side, not the absolute times. On a CPU the
+demo leaves the cores that other processes keep busy alone (--threads overrides): a PyTorch
+thread that waits for a busy core stalls every op of the forward.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 import warnings
@@ -57,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=None,
                    help="a folder holding stsbenchmark/ (default: $LLMCACHE_DATA, else ../shared/data; "
                         "without it the bundled corpus)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: its own choice less the cores other processes keep "
+                        "busy, by the load average: threads that wait on a busy core slow every op)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stream")
     args = p.parse_args(argv)
     args.part = [x.strip() for x in args.part.split(",") if x.strip()]
@@ -119,14 +124,22 @@ def _note(part: str) -> str:
     return " ".join(MODULES[part].__doc__.split())
 
 
+def _free_threads() -> int:
+    """PyTorch's thread count less the cores the 1-minute load average says are busy (at least 1)."""
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+
+
 @contextmanager
 def _quiet(threads: int | None):
     """torch's threads set, library warnings and transformers' notices silenced; all put back after."""
     import transformers
 
     before_threads, before_verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or _free_threads())
     transformers.logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():

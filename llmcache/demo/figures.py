@@ -98,6 +98,8 @@ def semantic(r: dict, path: Path) -> None:
         color = IDEAL if c["upper95"] <= r["max_error"] else BAD
         right.errorbar(i, 100 * c["error"], yerr=[[0], [100 * (c["upper95"] - c["error"])]], fmt="o", color=color,
                        capsize=4)
+        right.annotate(f"{c['wrong']} of {c['served']}", (i, 100 * c["error"]), textcoords="offset points",
+                       xytext=(0, -14), ha="center", fontsize=8, color=color)
     right.set_xticks(range(len(configs)), labels)
     right.set_xlim(-0.5, len(configs) - 0.5)
     right.set_ylim(0, 105)
