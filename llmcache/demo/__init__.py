@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "without it the bundled corpus)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: its own choice less the cores other processes keep "
-                        "busy, by the load average: threads that wait on a busy core slow every op)")
+                        "busy, sampled at the start: a thread that waits on a busy core stalls every op)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stream")
     args = p.parse_args(argv)
     args.part = [x.strip() for x in args.part.split(",") if x.strip()]
@@ -124,13 +124,24 @@ def _note(part: str) -> str:
     return " ".join(MODULES[part].__doc__.split())
 
 
-def _free_threads() -> int:
-    """PyTorch's thread count less the cores the 1-minute load average says are busy (at least 1)."""
+def _busy_cores(seconds: float = 0.3) -> float:
+    """Cores other processes keep busy now: /proc/stat sampled twice (Linux; elsewhere 0)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # user..steal, idle + iowait
+
     try:
-        busy = round(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def _free_threads() -> int:
+    """PyTorch's thread count less the cores other processes keep busy now (at least 1)."""
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(_busy_cores())))
 
 
 @contextmanager

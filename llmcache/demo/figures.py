@@ -54,14 +54,15 @@ def chat(r: dict, path: Path) -> None:
     ax.bar(x - 0.2, [1000 * p["off_s"] for p in prompts], 0.4, color=OFF, label="cache off")
     ax.bar(x + 0.2, [1000 * p["on_s"] for p in prompts], 0.4, color=ON, label="cache on")
     ax.scatter(x + 0.2, [1000 * p["ideal_s"] for p in prompts], marker="_", s=260, color=IDEAL, zorder=3,
-               label="ideal (off x share of tokens left to compute)")
+               label="ideal (the uncached model on the tokens left to compute alone)")
     for i, p in enumerate(prompts):
         ax.annotate(f"{100 * p['served'] / p['prompt_tokens']:.0f} %\nserved", (i + 0.2, 1000 * p["on_s"]),
                     textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7.5)
     ax.set_xticks(x, [f"chat {p['conversation']}\nturn {p['turn']}\n{p['prompt_tokens']} tok" for p in prompts],
                   fontsize=8)
     ax.set_ylabel("time to first token (ms)")
-    ax.legend(loc="upper left", fontsize=9)
+    ax.set_ylim(0, 1000 * max(max(p["off_s"], p["on_s"]) for p in prompts) * 1.3)
+    ax.legend(loc="upper center", fontsize=9, ncols=3)
     ax.set_title(f"Chat with a shared system prompt: TTFT {r['speedup']:.1f}x faster (median), "
                  f"{100 * r['served_share']:.0f} % of prompt tokens from cached prefixes, "
                  f"{r['identical']}/{len(prompts)} answers identical", fontsize=10)
