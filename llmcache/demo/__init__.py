@@ -27,9 +27,11 @@ thread that waits for a busy core stalls every op of the forward.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -163,6 +165,10 @@ def _quiet(threads: int | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        print("llmcache demo draws its figures with matplotlib: pip install matplotlib "
+              "(or everything the tour uses: pip install 'llmcache[demo]')", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with _quiet(args.threads):
