@@ -80,3 +80,7 @@ def test_unknown_or_unavailable_backend_says_why(monkeypatch):
     monkeypatch.setenv("LLMCACHE_BACKEND", "tpu")
     with pytest.raises(RuntimeError, match="unknown backend"):
         ops.hamming_topk(Q, BANK)
+    monkeypatch.setenv("LLMCACHE_BACKEND", "reference")  # read on every call, set or unset
+    assert ops.hamming_topk(Q, BANK)[1].tolist() == ops.reference.hamming_topk(Q, BANK, 1)[1].tolist()
+    monkeypatch.delenv("LLMCACHE_BACKEND")
+    ops.hamming_topk(Q, BANK)

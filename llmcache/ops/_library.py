@@ -92,9 +92,25 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
 
 
+# os.environ.get of an unset variable raises and catches a KeyError inside (~0.8 us here, more than
+# a small lookup's whole scan); the mapping behind os.environ answers a miss without one. It is
+# CPython's own (POSIX: bytes keys, Windows: upper-case str keys), kept in step by os.environ's
+# setters; where it is missing the public path runs.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_BACKEND_KEY = (os.environ.encodekey("LLMCACHE_BACKEND") if _ENV_DATA is not None and hasattr(os.environ, "encodekey")
+                else None)
+
+
+def _forced_backend() -> str | None:
+    if _BACKEND_KEY is None:
+        return os.environ.get("LLMCACHE_BACKEND")
+    value = _ENV_DATA.get(_BACKEND_KEY)
+    return None if value is None else os.environ.decodevalue(value)
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend an op call uses: the forced one (argument, then LLMCACHE_BACKEND) or 'auto'."""
-    name = backend or os.environ.get("LLMCACHE_BACKEND") or "auto"
+    """The backend an op call uses: the forced one (argument, then LLMCACHE_BACKEND, read per call) or 'auto'."""
+    name = backend or _forced_backend() or "auto"
     if name == "auto":
         return "auto"
     why = _why_unavailable(name, device)
