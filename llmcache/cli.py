@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("llmcache.demo", "a query stream through a real model, cache off and on: speed, hits, fidelity"),
+    "demo": ("llmcache.demo", "a tour on real models, cache off vs on vs ideal: embeddings, chat, semantic, Redis"),
 }
 
 
