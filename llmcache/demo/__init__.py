@@ -172,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with _quiet(args.threads):
+        tour, results, started = _Tour(args), {}, time.perf_counter()
         title = (f"llmcache demo: {args.device}, {torch.get_num_threads()} threads, "
                  f"{platform.processor() or platform.machine()}, llmcache {llmcache.__version__}, "
-                 f"torch {torch.__version__}")
-        tour, results, started = _Tour(args), {}, time.perf_counter()
+                 f"torch {torch.__version__}; text: {tour.source}")
         for part in args.part:
             try:
                 results[part] = getattr(tour, part)()
