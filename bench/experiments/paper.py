@@ -1,6 +1,7 @@
 """The paper's experiments: latency, hit rate by layer depth, and the threshold sweep.
 
     python -m bench.experiments.paper [latency|hitrate|sweep|heldout|all] [--data DIR] [--out DIR] [--quick]
+                                      [--padding auto|exact|masked] [--models a,b]   (latency only)
                                       [--device cpu|cuda] [--threads N]
 
 Each experiment writes DIR/experiments-<name>.json (a header: date, machine, versions,
@@ -259,9 +260,10 @@ def latency(args, device: str) -> dict:
     rows_per_model = QUICK["latency_rows"] if args.quick else LATENCY_ROWS
     repeats = 1 if args.quick else args.repeats
     sentences = sts_sentences(args.data)
-    config = llmcache.CacheConfig()
+    config = llmcache.CacheConfig(padding=args.padding)
     results, table = [], []
-    for name, rows in rows_per_model.items():
+    wanted = args.models.split(",") if args.models else list(rows_per_model)
+    for name, rows in ((n, r) for n, r in rows_per_model.items() if n in wanted):
         model, tok = load_model(name, device)
         stream = streams.repeat_stream(sentences, rows, REPEAT_RATE, seed=1)
         encoded = e2e.batches(tok, stream, BATCH, device, model)
@@ -282,8 +284,9 @@ def latency(args, device: str) -> dict:
         print(f"latency {name}: {r['wall_s']:.0f} s", flush=True)
         del model
     notes = [(f"stream: repeat_stream over STS-B test sentences, {100 * REPEAT_RATE:.0f}% exact repeats, seed 1; "
-             f"batch {BATCH}; median of {repeats} off/on pairs; default CacheConfig (exact tier)")]
-    write_report(Path(args.out), "latency", header(args, device), {"config": repr(config), "results": results},
+             f"batch {BATCH}; median of {repeats} off/on pairs; CacheConfig(padding={args.padding!r}) (exact tier)")]
+    name = "latency" if args.padding == "auto" else f"latency-padding-{args.padding}"
+    write_report(Path(args.out), name, header(args, device), {"config": repr(config), "results": results},
                  table, notes)
     return {"results": results}
 
@@ -671,6 +674,9 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is much faster on a shared, busy machine)")
+    p.add_argument("--padding", default="auto", choices=["auto", "exact", "masked"],
+                   help="latency: CacheConfig.padding (not auto: written as experiments-latency-padding-<it>)")
+    p.add_argument("--models", default=None, help="latency: a comma-separated subset of its models")
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
     args.data = str(streams.data_dir(args.data))
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
