@@ -24,15 +24,10 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def load_sts(split: str = "test", path: str | os.PathLike | None = None) -> list[tuple[float, str, str]]:
-    """[(score 0-5, sentence1, sentence2)] of an STS-B split."""
-    file = data_dir(path) / "stsbenchmark" / f"sts-{split}.csv"
-    rows = []
-    with open(file, encoding="utf-8") as f:
-        for line in f:
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) >= 7:
-                rows.append((float(cols[4]), cols[5], cols[6]))
-    return rows
+    """[(score 0-5, sentence1, sentence2)] of an STS-B split (`llmcache.demo.texts.read_sts`)."""
+    from llmcache.demo.texts import read_sts
+
+    return read_sts(data_dir(path) / "stsbenchmark", split)
 
 
 def load_wikitext(path: str | os.PathLike | None = None, min_words: int = 8) -> list[str]:

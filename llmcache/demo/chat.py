@@ -19,12 +19,13 @@ import copy
 import json
 import time
 from importlib import resources
+from statistics import median
 
 import torch
 
 import llmcache
 
-from .common import median, progress, sync
+from .common import progress, sync
 
 ANSWER_TOKENS = 24
 

@@ -36,12 +36,6 @@ def progress(iterable, desc: str, total: int | None = None):
                 dynamic_ncols=True)
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
 def load(loader, device: str):
     """`loader(device)` from llmcache.models, a missing package turned into Skipped (its message
     names the pip command)."""
@@ -51,4 +45,4 @@ def load(loader, device: str):
         raise Skipped(str(error)) from error
 
 
-__all__ = ["Skipped", "load", "median", "progress", "sync", "timed"]
+__all__ = ["Skipped", "load", "progress", "sync", "timed"]

@@ -73,9 +73,9 @@ def run(model, rows: int, device: str, data: str | None = None, seed: int = 0) -
     for label, config in configs:
         p = _pass(model, batches, device, config, label)
         cosine = torch.nn.functional.cosine_similarity(p["rows"].double(), truth["rows"].double(), dim=1)
-        moved = [i for i in range(rows) if float(cosine[i]) < 1 - 1e-6]
+        moved = (cosine < 1 - 1e-6).nonzero().flatten().tolist()
         served = p["served"] if "semantic" in config else moved
-        wrong = sum(float(cosine[i]) < TOLERANCE for i in served)
+        wrong = int((cosine[served] < TOLERANCE).sum())
         s = p["stats"]
         results.append({
             "label": label, "kind": "verified" if "semantic" in config else "raw" if config else "exact",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Skipped, timed
+from .common import Skipped, progress, timed
 from .texts import zipf_stream
 
 REQUEST = 32
@@ -64,8 +64,6 @@ def run(model, sentences: list[str], rows: int, device: str, seed: int = 0) -> d
     accelerated) gives the uncached embeddings the replicas' are checked against."""
     available()
     from llmcache.shared.server import redis_server
-
-    from .common import progress
 
     work = Path(tempfile.mkdtemp(prefix="llmcache-demo-"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

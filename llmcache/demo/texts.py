@@ -82,17 +82,24 @@ def sts_folder(data: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+def read_sts(folder: str | os.PathLike, split: str) -> list[tuple[float, str, str]]:
+    """[(score 0-5, sentence1, sentence2)] of `folder`/sts-<split>.csv: rows `genre, file, year, id,
+    score, sentence1, sentence2[, extra...]`, tab-separated without quoting (the benchmarks read it here too)."""
+    rows = []
+    for line in (Path(folder) / f"sts-{split}.csv").read_text(encoding="utf-8").splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 7:
+            rows.append((float(cols[4]), cols[5], cols[6]))
+    return rows
+
+
 def sts_corpus(folder: Path, split: str) -> Corpus:
-    """A Corpus of one STS-B split (tab-separated: score column 5, sentences 6 and 7): each pair's
-    first sentence a base, its second a paraphrase when scored >= 4, an unrelated-enough sentence
-    when scored < 2, left out otherwise."""
+    """A Corpus of one STS-B split: each pair's first sentence a base, its second a paraphrase when
+    scored >= 4, an unrelated-enough sentence when scored < 2, left out otherwise."""
     corpus = Corpus(base={}, paraphrases={}, other=[], source=f"STS-B {split} ({folder})")
     seen: set[str] = set()
-    for line in (folder / f"sts-{split}.csv").read_text(encoding="utf-8").splitlines():
-        fields = line.split("\t")
-        if len(fields) < 7:
-            continue
-        score, first, second = float(fields[4]), fields[5].strip(), fields[6].strip()
+    for score, first, second in read_sts(folder, split):
+        first, second = first.strip(), second.strip()
         if not first or not second or first in seen or second in seen:
             continue
         ident = f"s{len(corpus.base)}"
@@ -182,5 +189,5 @@ def build_stream(
     return stream
 
 
-__all__ = ["PARAPHRASE", "REPEAT", "ZIPF", "Corpus", "Query", "build_stream", "corpora", "load_corpus", "repeats",
-           "sts_corpus", "sts_folder", "zipf_stream"]
+__all__ = ["PARAPHRASE", "REPEAT", "ZIPF", "Corpus", "Query", "build_stream", "corpora", "load_corpus", "read_sts",
+           "repeats", "sts_corpus", "sts_folder", "zipf_stream"]
