@@ -76,6 +76,9 @@ class ModelCache:
         self.pools_with_mask = adapters.is_sentence_transformer(self.model)
         self.original_forward = self.base.forward
         self.signature = inspect.signature(self.original_forward)
+        params = self.signature.parameters.values()
+        self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.keywords = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
     # ---- counting ------------------------------------------------------------------
     def count_reasons(self, counts: dict) -> None:
@@ -124,8 +127,7 @@ class ModelCache:
 
     @torch.compiler.disable
     def _begin(self, args, kwargs) -> Call | None:
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        arguments = {**bound.pop("kwargs", {}), **bound}
+        arguments = self._bind(args, kwargs)
         ids = arguments.get("input_ids")
         keyed = next((arguments.get(n) for n in ("input_ids", "pixel_values", "inputs_embeds")
                       if isinstance(arguments.get(n), torch.Tensor)), None)
@@ -162,6 +164,15 @@ class ModelCache:
         call.batch = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
         self._route(call, call.batch)
         return call
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by name (a `**kwargs` parameter's flattened in): by the positional
+        parameters' names where that is all binding does, else by `inspect.Signature.bind_partial`."""
+        if len(args) <= len(self.positional) and self.keywords.issuperset(kwargs) \
+                and not any(map(kwargs.__contains__, self.positional[: len(args)])):
+            return {**dict(zip(self.positional, args)), **kwargs}
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        return {**bound.pop("kwargs", {}), **bound}
 
     def _decode_step(self, arguments: dict) -> Call | None:
         """A decode step on a KV cache a tier follows (its prefill was routed): the model runs as

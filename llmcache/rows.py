@@ -99,6 +99,10 @@ class Spans:
 def spans(mask: np.ndarray, padding: tuple[bool, bool] = (False, False), counts: dict | None = None) -> Spans:
     """The `Spans` of a host mask [B, T] (no loop over rows); rows that cannot be keyed are added
     to `counts` (reason -> rows) when given."""
+    if mask.all():  # (no padding anywhere: the common case, in a few array ops)
+        zeros = np.zeros(mask.shape[0], dtype=np.int64)
+        return Spans(zeros, np.full(mask.shape[0], mask.shape[1], dtype=np.int64), np.ones(mask.shape[0], dtype=bool),
+                     zeros, zeros)
     real = mask != 0
     count = real.sum(1)
     seq = mask.shape[1]

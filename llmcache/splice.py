@@ -101,12 +101,14 @@ def per_position(x: torch.Tensor) -> torch.Tensor:
 def kv_rows(kv: list) -> torch.Tensor:
     """Every block's (K, V) [B, heads, T, head dim] as [B, T, blocks x 2 x heads x head dim]: per
     position K then V of each block in order, each as `per_position` lays it out; one copy where
-    the blocks' K/V share a shape (one stack and one permute instead of a copy per tensor)."""
+    the blocks' K/V share a shape (one stack of transposed views instead of a copy per tensor)."""
     flat = [x for pair in kv for x in pair]
     if any(x.shape != flat[0].shape or x.dtype != flat[0].dtype for x in flat):
         return torch.cat([per_position(x) for x in flat], dim=-1)
     b, _, t, _ = flat[0].shape
-    return torch.stack(flat).permute(1, 3, 0, 2, 4).reshape(b, t, -1)
+    # (Stacked as [B, T, 2 x blocks, heads, head dim] from transposed views: one gather copy,
+    # several times faster on the CPU than permuting a stack of them afterwards.)
+    return torch.stack([x.transpose(1, 2) for x in flat], dim=2).reshape(b, t, -1)
 
 
 def kv_split(flat: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,5 +121,6 @@ def kv_split(flat: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def give_kv(cache, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, dtype: torch.dtype) -> None:
-    """Hand the model's KV cache a block's K, V [B, heads, T, head dim] in `dtype`."""
-    cache.update(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), layer_idx)
+    """Hand the model's KV cache a block's K, V [B, heads, T, head dim] in `dtype` (views, as a
+    block's own values are: the cache copies what it keeps)."""
+    cache.update(keys.to(dtype), values.to(dtype), layer_idx)

@@ -3,8 +3,10 @@
 An entry of n tokens occupies ceil(n / page_tokens) pages of `page_tokens` rows of F features
 each (vLLM's block tables are the model): no entry reserves positions it does not hold, and the
 only length limit is the budget. The arena is one tensor [pages, page_tokens, F] on the model's
-device, grown in chunks (doubling, capped) as entries arrive and never beyond `max_pages`; which
-page holds what is the host index's business (`bank.index`). Reads and writes move whole token
+device, grown in chunks (doubling, capped) as entries arrive and never beyond `max_pages`; on the
+CPU its first growth reserves address space for up to `RESERVE_BYTES` at once (the OS commits a
+page of memory at its first write), so growing within it copies nothing. Which page holds what is
+the host index's business (`bank.index`). Reads and writes move whole token
 rows through one flat view [pages * page_tokens, F], addressed by token row numbers that the
 index computes on the host, so a forward's reads are one `index_select` and its writes one
 `index_copy_`.
@@ -13,6 +15,8 @@ index computes on the host, so a forward's reads are one `index_select` and its 
 from __future__ import annotations
 
 import torch
+
+RESERVE_BYTES = 1 << 30  # CPU: address space the first growth reserves (never more than the budget)
 
 
 class PagedArena:
@@ -31,7 +35,8 @@ class PagedArena:
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_pages = max_pages
-        self.pages = self._empty(0)
+        self.pages = self._empty(0)  # [capacity, page_tokens, F]: the first `num_pages` in use
+        self.used = 0
 
     @property
     def page_bytes(self) -> int:
@@ -39,7 +44,7 @@ class PagedArena:
 
     @property
     def num_pages(self) -> int:
-        return self.pages.shape[0]
+        return self.used
 
     @property
     def reserved_bytes(self) -> int:
@@ -56,11 +61,22 @@ class PagedArena:
         if pages <= self.num_pages:
             return self.num_pages
         target = min(self.max_pages, max(pages, 2 * self.num_pages, 16))
-        bigger = self._empty(target)
-        with torch.no_grad():
-            bigger[: self.num_pages].copy_(self.pages)
-        self.pages = bigger
+        if target > self.pages.shape[0]:
+            capacity = target
+            if self._reserves():
+                capacity = max(target, min(self.max_pages, RESERVE_BYTES // self.page_bytes))
+            bigger = self._empty(capacity)
+            with torch.no_grad():
+                bigger[: self.used].copy_(self.pages[: self.used])
+            self.pages = bigger
+        self.used = target
         return self.num_pages
+
+    def _reserves(self) -> bool:
+        """Whether an allocation costs memory only where it is written: the CPU's, unless
+        deterministic mode fills fresh tensors (it would write every reserved byte)."""
+        fills = torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory
+        return self.device.type == "cpu" and not fills
 
     def read(self, token_rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[S, F] the states at flat token rows int64 [S] (page * page_tokens + offset); into
@@ -87,3 +103,4 @@ class PagedArena:
     def clear(self) -> None:
         """Free the memory (the index forgets every entry beside this)."""
         self.pages = self._empty(0)
+        self.used = 0

@@ -8,6 +8,8 @@ once (`new`, `take`), so reserving a batch's entries costs no Python loop over f
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import numpy as np
 
 # name -> dtype of the per-entry numpy arrays
@@ -65,13 +67,16 @@ class EntryTable:
         for e, key, label, page_list, token_rows in zip(entries, keys, labels, pages, rows):
             self.keys[e], self.labels[e], self.pages[e], self.rows[e] = key, label, page_list, token_rows
         inner = parents <= -2
-        if inner.any():
+        nested = inner.any()
+        if nested:
             parents = np.where(inner, ids[np.maximum(-2 - parents, 0)], parents)
         self.ntokens[ids], self.ref[ids], self.hits[ids], self.kids[ids], self.dead[ids] = ntokens, 0, 0, 0, False
         self.serial[ids] = np.arange(first_serial, first_serial + len(keys))
         self.parent[ids] = parents
-        self.parent_serial[ids] = np.where(parents >= 0, self.serial[np.maximum(parents, 0)], -1)
-        np.add.at(self.kids, parents[inner], 1)
+        linked = parents >= 0
+        self.parent_serial[ids] = np.where(linked, self.serial[np.maximum(parents, 0)], -1) if linked.any() else -1
+        if nested:
+            np.add.at(self.kids, parents[inner], 1)
         return entries
 
     def free(self, entry: int) -> int:
@@ -119,17 +124,16 @@ class PagePool:
         """Pages for entries of `ntokens` int64 [E] tokens, taken from the free stack (enough must
         be free): per entry its pages int64 [need] and the flat arena row of each of its tokens."""
         pt = self.page_tokens
-        need = -(-ntokens // pt)
-        total = int(need.sum())
+        counts = ntokens.tolist()
+        need = [-(-n // pt) for n in counts]
+        total = sum(need)
         taken = np.array(self.free_pages[len(self.free_pages) - total :][::-1], dtype=np.int64)
         del self.free_pages[len(self.free_pages) - total :]
-        first_page = np.concatenate([[0], np.cumsum(need)])
-        first_token = np.concatenate([[0], np.cumsum(ntokens)])
-        offset = np.arange(first_token[-1], dtype=np.int64) - np.repeat(first_token[:-1], ntokens)
-        rows = taken[np.repeat(first_page[:-1], ntokens) + offset // pt] * pt + offset % pt
-        a, b = first_page.tolist(), first_token.tolist()
-        return ([taken[a[i] : a[i + 1]] for i in range(len(ntokens))],
-                [rows[b[i] : b[i + 1]] for i in range(len(ntokens))])
+        # Every taken page's token rows in order; an entry's tokens are the first n of its pages'.
+        slots = (taken[:, None] * pt + np.arange(pt, dtype=np.int64)).ravel()
+        first = list(accumulate(need, initial=0))
+        return ([taken[first[i] : first[i + 1]] for i in range(len(counts))],
+                [slots[first[i] * pt : first[i] * pt + n] for i, n in enumerate(counts)])
 
     def give(self, pages: np.ndarray) -> None:
         self.free_pages.extend(pages.tolist())

@@ -164,14 +164,16 @@ class ExactIndex:
         evicting, else one by one. `parents[i]`: the entry key i extends, -1 none, or -2 - j for
         the entry this call reserves for key j < i (key i gets -1 when key j got -1)."""
         count = len(keys)
+        outer = parents is not None
         ntokens = np.asarray(ntokens, dtype=np.int64)
-        parents = np.full(count, -1, dtype=np.int64) if parents is None else np.asarray(parents, dtype=np.int64)
+        parents = np.asarray(parents, dtype=np.int64) if outer else np.full(count, -1, dtype=np.int64)
         labels = [None] * count if labels is None else labels
-        need = int((-(-ntokens // self.page_tokens)).sum())
+        need = sum(map(self.pool.pages_for, ntokens.tolist()))
         fits = (self.max_entries is None or self.entries + len(self.reserved) + count <= self.max_entries) \
             and need <= self.max_pages and self.pool.make_room(need, lambda: False)
         if fits and not any(map(self.table.__contains__, keys)):
-            np.add.at(self.meta.kids, parents[parents >= 0], 1)
+            if outer:
+                np.add.at(self.meta.kids, parents[parents >= 0], 1)
             return self._fill(keys, ntokens, parents, labels)
         out: list[int] = []
         for key, n, parent, label in zip(keys, ntokens.tolist(), parents.tolist(), labels):

@@ -134,7 +134,6 @@ class BlockSplice:
             self.tier.release(plan)
             return
         # (Every computed token stored, in order: the pieces as they are, no selection.)
-        everything = plan.store_src.numel() == out.shape[0] * out.shape[1] and plan.store_all
-        parts = [p.reshape(-1, p.shape[-1]) if everything else p.reshape(-1, p.shape[-1]).index_select(0, plan.store_src)
+        parts = [p.reshape(-1, p.shape[-1]) if plan.store_all else p.reshape(-1, p.shape[-1]).index_select(0, plan.store_src)
                  for p in pieces]
         self.tier.commit(plan, plan.store_dst, parts)

@@ -26,11 +26,11 @@ class Plan(Route):
     entries: list = field(default_factory=list)  # reserved entries this forward writes
     store_n: list = field(default_factory=list)  # their token counts
     compute: torch.Tensor | None = None  # int64 [M] rows that run the span; None: all rows, unsliced
-    served_dst: torch.Tensor | None = None  # int64 [S]: flat output rows (row * T + t) of served tokens
+    served_dst: torch.Tensor | None = None  # int64 [S]: flat output rows (row * T + t) of served tokens (None: served_all)
     served_states: torch.Tensor | None = None  # [S, F] their stored states, read at routing
     repeat_rows: torch.Tensor | None = None  # int64 [R] rows that copy an earlier computing row
     repeat_src: torch.Tensor | None = None  # int64 [R] that row, among the computing rows
-    store_src: torch.Tensor | None = None  # int64 [W] flat rows (among computing rows) of tokens to write
+    store_src: torch.Tensor | None = None  # int64 [W] flat rows (among computing rows) of tokens to write (None: store_all)
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
     served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
@@ -50,11 +50,6 @@ class Plan(Route):
         else:
             self.served_states = torch.cat([self.served_states, states])
             self.served_dst = torch.cat([self.served_dst, dst])
-
-
-def every_token(src: np.ndarray, total: int) -> bool:
-    """`src` is 0..total-1 in order (a plan stores every computed token: no selection needed)."""
-    return len(src) == total and bool((src == np.arange(total)).all())
 
 
 def runs(starts: list, lengths: list) -> np.ndarray:
@@ -94,15 +89,21 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
     parts = {"compute": computing if len(computing) < batch else None}
     if serving:
         parts["served_src"] = np.concatenate([src for _, _, src in serving])
-        parts["served_dst"] = runs([r * seq + s for r, s, _ in serving], [len(src) for _, _, src in serving])
-        plan.served_all = every_token(parts["served_dst"], batch * seq)
+        # (Every position of every row served, in order: nothing to place, the states are the output.)
+        plan.served_all = len(serving) == batch and all(r == i and s == 0 and len(src) == seq
+                                                        for i, (r, s, src) in enumerate(serving))
+        if not plan.served_all:
+            parts["served_dst"] = runs([r * seq + s for r, s, _ in serving], [len(src) for _, _, src in serving])
     if copying:
         parts["repeat_rows"] = [r for r, _ in copying]
         parts["repeat_src"] = [position[src] for _, src in copying]
     if entries:
-        parts["store_src"] = runs([position[r] * seq + s for r, s, _ in writes], [n for _, _, n in writes])
         parts["store_dst"] = np.concatenate([store.index.token_rows(e) for e in entries])
-        plan.store_all = every_token(parts["store_src"], len(computing) * seq)
+        # (Every token of every computing row written, in order: the block's output as it is.)
+        plan.store_all = len(writes) == len(computing) and all(position[r] == i and s == 0 and n == seq
+                                                               for i, (r, s, n) in enumerate(writes))
+        if not plan.store_all:
+            parts["store_src"] = runs([position[r] * seq + s for r, s, _ in writes], [n for _, _, n in writes])
     on_device = upload(parts, device)
     plan.compute = on_device.get("compute")
     plan.served_dst = on_device.get("served_dst")

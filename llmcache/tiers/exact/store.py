@@ -86,20 +86,20 @@ class Store:
     # ---- finiteness ---------------------------------------------------------------------
     def take_pending(self) -> tuple[list, torch.Tensor | None]:
         """Entries written since the last routing whose finiteness the host does not know yet,
-        with their per-token flags (int64 [W] on the device); the caller brings the flags to the
+        with their per-token flags (bool [W] on the device); the caller brings the flags to the
         host in the same copy as the batch and hands both to `check_pending`."""
         if not self.pending:
             return [], None
         batches = [batch for batch, _ in self.pending]
-        flags = torch.cat([f for _, f in self.pending])
+        flags = self.pending[0][1] if len(self.pending) == 1 else torch.cat([f for _, f in self.pending])
         self.pending.clear()
         return batches, flags
 
     def check_pending(self, batches: list, flags: np.ndarray | None, counts: dict) -> None:
         """Drop entries whose written tokens were not all finite (counted as "non_finite")."""
-        written = [item for batch in batches for item in batch]
-        if not written:
+        if not batches or np.asarray(flags).all():  # (nearly always: every token finite)
             return
+        written = [item for batch in batches for item in batch]
         sizes = np.array([n for _, _, n in written], dtype=np.int64)
         finite = np.minimum.reduceat(np.asarray(flags[: int(sizes.sum())]), np.cumsum(sizes) - sizes)
         for i in np.flatnonzero(finite == 0).tolist():  # (nearly always none)
@@ -119,7 +119,10 @@ class Store:
         order) at arena rows `dst` and publish the entries (parents before children); their
         finiteness is checked at the next routing. Returns the entries committed, -1 where
         another thread stored the same row meanwhile (its copy stays). Call under the lock."""
-        finite = torch.isfinite(sum(p.float().sum(1) for p in parts)).long()
+        total = parts[0].sum(1, dtype=torch.float32)
+        for p in parts[1:]:
+            total = total + p.sum(1, dtype=torch.float32)
+        finite = torch.isfinite(total)
         self.arena.grow(self.index.num_pages)
         self.arena.write(dst, parts)
         keys = [self.index.key(entry) for entry in entries]
