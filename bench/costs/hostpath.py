@@ -13,8 +13,10 @@ a batch of new rows (a miss: every row computes and is stored), the same batch a
 hit), and for the Llama twin a batch whose first 90 % of tokens were cached by an earlier batch (a
 prefix hit) beside its ideal (the suffix alone, uncached, against a copy of the prefix's own KV cache:
 transformers' prompt-cache recipe without the copy) and one decode step after a prefill (`past_key_values` of T tokens, one new token:
-uncached and cached, alternating which goes first). Medians over `--rounds` rounds, ms per forward, and the ratios to the uncached
-forward of the same shape. It uses only `accelerate`, `bypass` and `stats`, so the same file times
+uncached and cached, alternating which goes first). Then, as a long-running server's bank is, a
+full bank: the twin accelerated again with a budget of four batches, warmed past it, and per round
+the forward uncached beside a batch of new rows (a miss whose entries evict older ones). Medians over `--rounds` rounds, ms per forward, and the ratios to the uncached
+forward of the same shape. It uses only `accelerate`, `disable`, `bypass` and `stats`, so the same file times
 an older checkout of the package (PYTHONPATH) for a before/after comparison. On CUDA every timed
 call is bracketed by a synchronisation. `--stages` adds the cache's own microseconds per
 forward by stage (`bench.costs.stages`: it wraps internal functions, so it times this checkout
@@ -146,7 +148,32 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
     row.update({"hits": s.hits, "rows_seen": s.rows})
     if with_stages:
         row["stages_us"] = stage_times(model, new, rows, tokens, rounds, decoder)
+    row.update(full_bank(llmcache.disable(model), new, rounds, device))
     return row
+
+
+def full_bank(model, new, rounds: int, device: str) -> dict:
+    """A miss into a full bank (each batch's entries evict older ones) beside the uncached
+    forward: `model` accelerated again with a budget of four batches' entries."""
+    with torch.inference_mode():
+        llmcache.accelerate(model)
+        model(input_ids=new())
+        per_batch = llmcache.stats(model).bytes
+        llmcache.disable(model)
+        llmcache.accelerate(model, max_bytes=4 * per_batch)
+        for _ in range(6):
+            model(input_ids=new())
+        times: dict = {"uncached": [], "miss": []}
+        for _ in range(rounds):
+            ids = new()
+            with llmcache.bypass(model):
+                times["uncached"].append(clock(model, {"input_ids": ids}, device))
+            times["miss"].append(clock(model, {"input_ids": ids}, device))
+        evictions = llmcache.stats(model).evictions
+        llmcache.disable(model)
+    ms = {k: 1e3 * median(v) for k, v in times.items()}
+    return {"full_uncached_ms": ms["uncached"], "full_miss_ms": ms["miss"],
+            "full_miss_over_uncached": ms["miss"] / ms["uncached"], "full_evictions": evictions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     fmt = lambda v: "-" if v is None else v
     print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "uncached ms": r["uncached_ms"],
                   "hit ms": r["hit_ms"], "miss ms": r["miss_ms"], "hit/unc": r["hit_over_uncached"],
-                  "miss/unc": r["miss_over_uncached"], "prefix/unc": fmt(r.get("prefix_hit_over_uncached")),
+                  "miss/unc": r["miss_over_uncached"], "full miss/unc": r["full_miss_over_uncached"],
+                  "prefix/unc": fmt(r.get("prefix_hit_over_uncached")),
                   "ideal/unc": fmt(r.get("prefix_ideal_over_uncached")),
                   "decode/unc": fmt(r.get("decode_over_uncached"))} for r in rows],
                 {"uncached ms": ".2f", "hit ms": ".2f", "miss ms": ".2f", "hit/unc": ".3f", "miss/unc": ".3f",
+                 "full miss/unc": ".3f",
                  "prefix/unc": ".3f", "ideal/unc": ".3f", "decode/unc": ".3f"},
-                "lrrrrrrrrr")
+                "lrrrrrrrrrr")
     if args.stages:
         names = ["watch", "router", "host_copy", "keys", "index", "upload", "splice", "merge", "commit", "suffix"]
         print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "case": case, "own us": v["own"],

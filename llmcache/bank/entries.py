@@ -59,10 +59,11 @@ class EntryTable:
         return reused + list(range(first, first + fresh))
 
     def add(self, keys: list, labels: list, pages: list, rows: list, ntokens: np.ndarray, parents: np.ndarray,
-            first_serial: int) -> list[int]:
-        """New entries (`new`) for `keys`, their fields set: serials from `first_serial` on; `parents`
-        [i]: an entry id, -1 none, or -2 - j for the entry added here for key j (its kids counted)."""
-        entries = self.new(len(keys))
+            first_serial: int, entries: list | None = None) -> list[int]:
+        """New entries for `keys` (`entries`, handed out by `new` earlier, or new ones), their
+        fields set: serials from `first_serial` on; `parents` [i]: an entry id, -1 none, or -2 - j
+        for the entry added here for key j (its kids counted)."""
+        entries = self.new(len(keys)) if entries is None else entries
         ids = np.asarray(entries, dtype=np.int64)
         for e, key, label, page_list, token_rows in zip(entries, keys, labels, pages, rows):
             self.keys[e], self.labels[e], self.pages[e], self.rows[e] = key, label, page_list, token_rows
@@ -123,12 +124,20 @@ class PagePool:
     def take(self, ntokens: np.ndarray) -> tuple[list, list]:
         """Pages for entries of `ntokens` int64 [E] tokens, taken from the free stack (enough must
         be free): per entry its pages int64 [need] and the flat arena row of each of its tokens."""
+        return self.layout(self.pop(sum(map(self.pages_for, ntokens.tolist()))), ntokens)
+
+    def pop(self, total: int) -> list[int]:
+        """`total` pages off the free stack (enough must be free), in the order `take` hands them out."""
+        taken = self.free_pages[len(self.free_pages) - total :][::-1]
+        del self.free_pages[len(self.free_pages) - total :]
+        return taken
+
+    def layout(self, taken: list, ntokens: np.ndarray) -> tuple[list, list]:
+        """`take`'s result for pages `taken` (from `pop`: each entry's pages after the previous one's)."""
         pt = self.page_tokens
         counts = ntokens.tolist()
         need = [-(-n // pt) for n in counts]
-        total = sum(need)
-        taken = np.array(self.free_pages[len(self.free_pages) - total :][::-1], dtype=np.int64)
-        del self.free_pages[len(self.free_pages) - total :]
+        taken = np.array(taken, dtype=np.int64)
         # Every taken page's token rows in order; an entry's tokens are the first n of its pages'.
         slots = (taken[:, None] * pt + np.arange(pt, dtype=np.int64)).ravel()
         first = list(accumulate(need, initial=0))

@@ -175,21 +175,57 @@ class ExactIndex:
             if outer:
                 np.add.at(self.meta.kids, parents[parents >= 0], 1)
             return self._fill(keys, ntokens, parents, labels)
+        # Key by key as `reserve` does it (the same evictions, pages and ids), the new entries'
+        # fields set in one pass at the end.
         out: list[int] = []
-        for key, n, parent, label in zip(keys, ntokens.tolist(), parents.tolist(), labels):
+        made: list[int] = []  # per key: its place among the entries made (-1: none)
+        kept, taken = [], []  # the keys given entries (index into keys); their pages, one after another
+        codes = []  # their parents: an entry id, -1, or -2 - (place of an entry made here)
+        for i, (key, n, parent) in enumerate(zip(keys, ntokens.tolist(), parents.tolist())):
+            code = parent
             if parent <= -2:
+                code = -2 - made[-2 - parent]
                 parent = out[-2 - parent]
                 if parent < 0:  # (the page it extends got no entry)
                     out.append(-1)
+                    made.append(-1)
                     continue
-            out.append(self.reserve(key, n, parent, label))
+            entry = self._allocate(key, n, parent if code >= 0 else -1, taken)
+            out.append(entry)
+            made.append(len(kept) if entry >= 0 else -1)
+            if entry >= 0:
+                kept.append(i)
+                codes.append(code)
+        if kept:
+            self._fill([keys[i] for i in kept], ntokens[kept], np.asarray(codes, dtype=np.int64),
+                       [labels[i] for i in kept], taken, [out[i] for i in kept])
         return out
 
-    def _fill(self, keys: list, ntokens: np.ndarray, parents: np.ndarray, labels: list) -> list[int]:
+    def _allocate(self, key: bytes, ntokens: int, parent: int, taken: list) -> int:
+        """`reserve`'s evictions and allocation for one key, its fields left to `_fill`: an entry
+        id (reserved) with its pages appended to `taken`, or -1. `parent`: an entry visible
+        before this call (-1: none or one made in this call, whose kids `_fill` counts)."""
+        if key in self.table:
+            return -1
+        if parent >= 0:
+            self.meta.kids[parent] += 1  # first: the evictions below must spare it
+        need = self.pool.pages_for(ntokens)
+        if not self._make_room(need):
+            if parent >= 0:
+                self._drop_kid(parent)
+            return -1
+        entry = self.meta.new(1)[0]
+        self.reserved.add(entry)
+        taken.extend(self.pool.pop(need))
+        return entry
+
+    def _fill(self, keys: list, ntokens: np.ndarray, parents: np.ndarray, labels: list, taken: list | None = None,
+              entries: list | None = None) -> list[int]:
         """New reserved entries for `keys` (room made, outer parents' kids counted); `parents` as
-        `reserve_many` takes them."""
-        pages, rows = self.pool.take(ntokens)
-        entries = self.meta.add(keys, labels, pages, rows, ntokens, parents, self.next_serial)
+        `reserve_many` takes them; or the fields of the `entries` that `_allocate` made, with the
+        pages it `taken`."""
+        pages, rows = self.pool.take(ntokens) if taken is None else self.pool.layout(taken, ntokens)
+        entries = self.meta.add(keys, labels, pages, rows, ntokens, parents, self.next_serial, entries)
         self.next_serial += len(keys)
         self.reserved.update(entries)
         return entries

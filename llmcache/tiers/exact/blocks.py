@@ -43,9 +43,9 @@ class BlockSplice:
         stand_in = real = None
         if self.tier.geometry.decoder:
             real = self.cache_params[position].given(args, kwargs)  # the model's own KV cache, if any
-        args = plan.slice(args)
-        kwargs = {k: plan.slice(v) for k, v in kwargs.items()}
         if plan.m:
+            args = plan.slice(args)
+            kwargs = {k: plan.slice(v) for k, v in kwargs.items()}
             if self.tier.geometry.decoder:
                 stand_in = KVStandIn(real)
                 args, kwargs = self.cache_params[position].hand(stand_in, args, kwargs)
@@ -84,22 +84,31 @@ class BlockSplice:
             real.update(keys, values, layer_idx)
             return
         width = 2 * heads * head_dim
-        served = None
+        if plan.served_all:  # every position served, in order: the stored K|V as they are (views)
+            keys, values = self._served_kv(plan, heads, width, out.dtype)
+            give_kv(real, keys[position], values[position], layer_idx, self.tier.kv_dtype(switches))
+            return
+        full = out.new_zeros((plan.batch, plan.seq, width))
+        if plan.m:
+            flat = torch.cat([per_position(keys), per_position(values)], dim=-1).to(out.dtype)
+            full.index_copy_(0, plan.compute, flat)
+            if plan.repeat_rows is not None:
+                full.index_copy_(0, plan.repeat_rows, flat.index_select(0, plan.repeat_src))
         if plan.served:  # the served tokens' K|V of this block, stored after the output
             hidden = plan.served_states.shape[1] - len(self.tier.span) * width
-            served = plan.served_states[:, hidden + position * width : hidden + (position + 1) * width].to(out.dtype)
-        if plan.served_all:  # every position served, in order: the stored K|V as they are
-            full = served.reshape(plan.batch, plan.seq, width)
-        else:
-            full = out.new_zeros((plan.batch, plan.seq, width))
-            if plan.m:
-                flat = torch.cat([per_position(keys), per_position(values)], dim=-1).to(out.dtype)
-                full.index_copy_(0, plan.compute, flat)
-                if plan.repeat_rows is not None:
-                    full.index_copy_(0, plan.repeat_rows, flat.index_select(0, plan.repeat_src))
-            if served is not None:
-                full.view(-1, width).index_copy_(0, plan.served_dst, served)
+            served = plan.served_states[:, hidden + position * width : hidden + (position + 1) * width]
+            full.view(-1, width).index_copy_(0, plan.served_dst, served.to(out.dtype))
         give_kv(real, *kv_split(full, heads), layer_idx, self.tier.kv_dtype(switches))
+
+    def _served_kv(self, plan: Plan, heads: int, width: int, dtype: torch.dtype):
+        """Every span block's stored K and V of a batch served whole, [blocks, B, heads, T, head
+        dim] each: views of the states read, made once per forward."""
+        if plan.served_kv is None:
+            blocks = len(self.tier.span)
+            flat = plan.served_states[:, plan.served_states.shape[1] - blocks * width :].to(dtype)
+            both = flat.view(plan.batch, plan.seq, blocks, 2, heads, -1).permute(3, 2, 0, 4, 1, 5)
+            plan.served_kv = (both[0], both[1])
+        return plan.served_kv
 
     def _merge(self, plan: Plan, out: torch.Tensor) -> torch.Tensor:
         """[B, T, D]: computed rows, served rows' stored output (zeros at padding), repeats."""

@@ -34,6 +34,7 @@ class Plan(Route):
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
     served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
+    served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
     near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward

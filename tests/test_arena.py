@@ -1,0 +1,49 @@
+"""`PagedArena`, the exact tier's pages of token states: what it holds survives every growth, on
+the CPU's reserving path (address space taken at the first growth, nothing copied after) and on
+the doubling path (what CUDA and deterministic fill take), and it never counts more pages than
+asked for nor grows past its budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmcache.bank import PagedArena
+
+PAGE, F = 4, 3
+
+
+@pytest.fixture(params=["reserving", "doubling"])
+def fill_mode(request):
+    """The doubling path: deterministic mode with fill, which would write every reserved byte."""
+    if request.param == "reserving":
+        yield request.param
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield request.param
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=8), st.integers(8, 64))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_growth_keeps_every_written_page(fill_mode, asks, max_pages):
+    arena = PagedArena(PAGE, F, torch.float32, torch.device("cpu"), max_pages)
+    written: dict[int, torch.Tensor] = {}
+    for ask in asks:
+        before = arena.num_pages
+        pages = arena.grow(min(ask, max_pages))
+        assert pages >= min(ask, max_pages) and pages >= before and pages <= max_pages
+        assert arena.num_pages == pages and arena.reserved_bytes == pages * PAGE * F * 4
+        rows = torch.arange(pages * PAGE)[torch.randperm(pages * PAGE)[: PAGE + 1]]
+        states = torch.randn(len(rows), F)
+        arena.write(rows, states)
+        written.update({int(r): s for r, s in zip(rows, states)})
+        keys = sorted(written)
+        assert torch.equal(arena.read(torch.tensor(keys)), torch.stack([written[k] for k in keys]))
+    arena.clear()
+    assert arena.num_pages == 0 and arena.reserved_bytes == 0
