@@ -8,6 +8,7 @@ are read from the arena right away (so a later eviction cannot touch them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -100,11 +101,13 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
         parts["repeat_src"] = [position[src] for _, src in copying]
     if entries:
         parts["store_dst"] = np.concatenate([store.index.token_rows(e) for e in entries])
-        # (Every token of every computing row written, in order: the block's output as it is.)
-        plan.store_all = len(writes) == len(computing) and all(position[r] == i and s == 0 and n == seq
-                                                               for i, (r, s, n) in enumerate(writes))
+        starts, lengths = [position[r] * seq + s for r, s, _ in writes], [n for _, _, n in writes]
+        # (Every token of every computing row written, in order, e.g. a row's pages one after
+        # another: the block's output as it is.)
+        ends = list(accumulate(lengths))
+        plan.store_all = ends[-1] == len(computing) * seq and starts == [0] + ends[:-1]
         if not plan.store_all:
-            parts["store_src"] = runs([position[r] * seq + s for r, s, _ in writes], [n for _, _, n in writes])
+            parts["store_src"] = runs(starts, lengths)
     on_device = upload(parts, device)
     plan.compute = on_device.get("compute")
     plan.served_dst = on_device.get("served_dst")
