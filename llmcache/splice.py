@@ -37,6 +37,38 @@ def slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
     return value
 
 
+def positions_cut(value, seq: int) -> bool:
+    """Whether every tensor in `value` (a tensor, or a tuple/list of them) keeps its meaning when
+    cut to its first W of `seq` positions by `cut_positions`: one with no dimension of `seq`
+    (after the batch), or an attention mask [B | 1, seq] or [B | 1, heads | 1, seq | 1, seq]."""
+    if isinstance(value, torch.Tensor):
+        dims = [d for d in range(1, value.dim()) if value.shape[d] == seq]
+        return not dims or (value.dim() == 2 and dims == [1]) or (value.dim() == 4 and dims in ([3], [2, 3]))
+    if isinstance(value, (tuple, list)):
+        return all(positions_cut(v, seq) for v in value)
+    return True
+
+
+def cut_positions(value, width: int, seq: int, memo: dict):
+    """`value` with every attention mask (`positions_cut`) cut to its first `width` positions
+    (queries and keys); memoised per forward in `memo` as `slice_rows` is."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() not in (2, 4) or value.shape[-1] != seq:
+            return value
+        seen = memo.get(id(value))
+        if seen is None or seen[0] is not value:
+            cut = value[..., :width]
+            if value.dim() == 4 and value.shape[2] == seq:
+                cut = cut[:, :, :width]
+            seen = memo[id(value)] = (value, cut)
+        return seen[1]
+    if isinstance(value, tuple):
+        return tuple(cut_positions(v, width, seq, memo) for v in value)
+    if isinstance(value, list):
+        return [cut_positions(v, width, seq, memo) for v in value]
+    return value
+
+
 class KVStandIn:
     """Stands in for the model's KV cache while a block runs on the computing rows: records K, V."""
 

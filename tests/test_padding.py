@@ -206,6 +206,64 @@ def test_an_encoders_default_is_masked(gen):
     assert torch.all(again[~inputs["attention_mask"].bool()] == 0)
 
 
+def _first_block(model):
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+
+
+def _seen_widths(model):
+    """(list of the [rows, positions] the first Linear of the first block sees, its hook handle)."""
+    seen = []
+    linear = next(m for m in _first_block(model).modules() if isinstance(m, torch.nn.Linear))
+    return seen, linear.register_forward_pre_hook(lambda _, a: seen.append(tuple(a[0].shape[:2])))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_an_encoders_computing_rows_run_only_to_their_last_real_token(family, gen):
+    """With the default (masked) padding, rows that compute beside a longer row that is served run
+    over their own positions only (the uncached call pads them to the longest row): the first
+    block sees [2, 6] of the [3, 9] batch (6: the longer of the two); at real tokens they equal the
+    uncached model, at the positions cut off they hold zeros, as a served row does at its padding."""
+    model = tiny_model(family)
+    ref = copy.deepcopy(model)
+    llmcache.accelerate(model)
+    inputs = batch(family, [9, 4, 6], gen)
+    with torch.inference_mode():
+        want = output(ref, inputs)
+        output(model, {k: v[:1] for k, v in inputs.items()})  # the long row, cached
+        seen, hook = _seen_widths(model)
+        got = output(model, inputs)
+        hook.remove()
+    assert seen == [(2, 6)] and llmcache.stats(model).hits == 1
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], **CLOSE)
+    assert torch.all(got[1:, 6:] == 0)
+
+
+def test_rows_run_every_position_when_a_block_argument_has_positions_that_are_not_a_mask(gen):
+    """An argument the cut cannot read (here a [B, T, 5] tensor every block is handed) keeps the
+    computing rows at the batch's width, this call and every later one, and the outputs right."""
+    model = tiny_model("bert")
+    ref = copy.deepcopy(model)
+    llmcache.accelerate(model)
+
+    def extra(module, args, kwargs):  # (BertLayer hands unknown keywords on to attention, which ignores them)
+        return args, {**kwargs, "extra": torch.zeros(args[0].shape[0], args[0].shape[1], 5)}
+
+    for block in next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
+        block.register_forward_pre_hook(extra, with_kwargs=True)
+    inputs = batch("bert", [9, 4, 6], gen)
+    with torch.inference_mode():
+        want = output(ref, inputs)
+        output(model, {k: v[:1] for k, v in inputs.items()})
+        seen, hook = _seen_widths(model)
+        first, again = output(model, inputs), output(model, {k: v[1:] for k, v in inputs.items()})
+        hook.remove()
+    assert seen == [(2, 9)]  # (the second call: every row served)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(first[real], want[real], **CLOSE)
+    torch.testing.assert_close(again[real[1:]], want[1:][real[1:]], **CLOSE)
+
+
 def test_feature_extraction_pipeline_with_batches(gen):
     from test_wrappers import UNIQUE_TEXTS, minilm_path, minilm_tokenizer
 

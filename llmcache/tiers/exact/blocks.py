@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...splice import CacheParam, KVStandIn, give_kv, kv_rows, kv_split, per_position
+from ...splice import CacheParam, KVStandIn, give_kv, kv_rows, kv_split, per_position, positions_cut
 from .plan import Plan
 
 
@@ -38,8 +38,14 @@ class BlockSplice:
             if call is not None and call.capture is not None and last:
                 call.capture.append(output[0] if isinstance(output, tuple) else output)  # suffix.suffix_forward
             return output
-        if position == 0 and plan.compute is not None:
-            hidden_states = hidden_states.index_select(0, plan.compute)
+        if position == 0:
+            if plan.width < plan.seq and not (positions_cut(args, plan.seq) and positions_cut(tuple(kwargs.values()), plan.seq)):
+                plan.untrim()  # (an argument with positions that is not a mask: never cut this model's rows again)
+                self.tier.cuts_positions = False
+            if plan.width < plan.seq:
+                hidden_states = hidden_states[:, : plan.width]
+            if plan.compute is not None:
+                hidden_states = hidden_states.index_select(0, plan.compute)
         stand_in = real = None
         if self.tier.geometry.decoder:
             real = self.cache_params[position].given(args, kwargs)  # the model's own KV cache, if any
@@ -112,18 +118,21 @@ class BlockSplice:
 
     def _merge(self, plan: Plan, out: torch.Tensor) -> torch.Tensor:
         """[B, T, D]: computed rows, served rows' stored output (zeros at padding), repeats."""
-        if plan.compute is None:
+        if plan.compute is None and plan.width == plan.seq:
             return out
         hidden = out.shape[-1]
         if plan.served_all:
             return plan.served_states[:, :hidden].to(out.dtype).reshape(plan.batch, plan.seq, hidden)
         merged = out.new_zeros((plan.batch, plan.seq, hidden))
-        if plan.m:
-            merged.index_copy_(0, plan.compute, out)
+        computed = merged[:, : plan.width]  # (the computing rows' positions after `width` are padding: zeros)
+        if plan.compute is None:
+            computed.copy_(out)
+        elif plan.m:
+            computed.index_copy_(0, plan.compute, out)
         if plan.served:
             merged.view(-1, hidden).index_copy_(0, plan.served_dst, plan.served_states[:, :hidden].to(out.dtype))
         if plan.repeat_rows is not None:
-            merged.index_copy_(0, plan.repeat_rows, out.index_select(0, plan.repeat_src))
+            computed.index_copy_(0, plan.repeat_rows, out.index_select(0, plan.repeat_src))
         return merged
 
     @torch.compiler.disable

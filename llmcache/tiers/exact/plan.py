@@ -13,7 +13,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from ...splice import slice_rows
+from ...splice import cut_positions, slice_rows
 from ..base import Route
 
 
@@ -23,6 +23,7 @@ class Plan(Route):
 
     batch: int = 0
     seq: int = 0
+    width: int = 0  # positions the computing rows run (< seq: the padding after their last real token cut off)
     m: int = 0  # rows that run the span
     entries: list = field(default_factory=list)  # reserved entries this forward writes
     store_n: list = field(default_factory=list)  # their token counts
@@ -31,19 +32,32 @@ class Plan(Route):
     served_states: torch.Tensor | None = None  # [S, F] their stored states, read at routing
     repeat_rows: torch.Tensor | None = None  # int64 [R] rows that copy an earlier computing row
     repeat_src: torch.Tensor | None = None  # int64 [R] that row, among the computing rows
-    store_src: torch.Tensor | None = None  # int64 [W] flat rows (among computing rows) of tokens to write (None: store_all)
+    store_src: torch.Tensor | None = None  # int64 [W] flat rows (row * width + t, computing rows) of tokens to write (None: store_all)
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
     served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
     served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
+    cut: dict = field(default_factory=dict)  # id(argument) -> (argument, cut to `width` positions)
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
     near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward
 
     @torch.compiler.disable
     def slice(self, value):
-        """`value` with every batch-major tensor cut to the computing rows."""
-        return value if self.compute is None else slice_rows(value, self.compute, self.batch, self.sliced)
+        """`value` with every batch-major tensor cut to the computing rows (and masks to `width`)."""
+        if self.compute is not None:
+            value = slice_rows(value, self.compute, self.batch, self.sliced)
+        return value if self.width == self.seq else cut_positions(value, self.width, self.seq, self.cut)
+
+    def untrim(self) -> None:
+        """Run the computing rows over all `seq` positions after all (a block's arguments cannot be cut)."""
+        if self.width == self.seq:
+            return
+        if self.entries:
+            src = self.store_src if self.store_src is not None else \
+                torch.arange(self.m * self.width, device=self.store_dst.device)
+            self.store_src, self.store_all = src // self.width * self.seq + src % self.width, False
+        self.width = self.seq
 
     def add_served(self, states: torch.Tensor, dst: torch.Tensor) -> None:
         """More served tokens: `states` [S, F] at flat output rows `dst` int64 [S]."""
@@ -81,13 +95,16 @@ def upload(parts: dict, device: torch.device) -> dict:
 
 
 def build(store, batch: int, seq: int, device: torch.device, serving: list, computing: list, copying: list,
-          entries: list, writes: list, **route) -> Plan:
+          entries: list, writes: list, width: int | None = None, **route) -> Plan:
     """The plan of a forward of `batch` rows of `seq` positions. `serving`: (row, first position,
-    int64 [n] arena rows of its stored tokens); `computing`: the rows that run, ascending;
-    `copying`: (row, the computing row it repeats); `entries`: reserved entries, written from
-    `writes` (computing row, first position, ntokens) each; `route`: the `Route` counts."""
+    int64 [n] arena rows of its stored tokens); `computing`: the rows that run, ascending, over
+    their first `width` positions (default all); `copying`: (row, the computing row it repeats);
+    `entries`: reserved entries, written from `writes` (computing row, first position, ntokens)
+    each; `route`: the `Route` counts."""
     position = {r: i for i, r in enumerate(computing)}
-    plan = Plan(batch=batch, seq=seq, m=len(computing), entries=entries, store_n=[n for _, _, n in writes], **route)
+    width = seq if width is None else width
+    plan = Plan(batch=batch, seq=seq, width=width, m=len(computing), entries=entries,
+                store_n=[n for _, _, n in writes], **route)
     parts = {"compute": computing if len(computing) < batch else None}
     if serving:
         parts["served_src"] = np.concatenate([src for _, _, src in serving])
@@ -101,11 +118,11 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
         parts["repeat_src"] = [position[src] for _, src in copying]
     if entries:
         parts["store_dst"] = np.concatenate([store.index.token_rows(e) for e in entries])
-        starts, lengths = [position[r] * seq + s for r, s, _ in writes], [n for _, _, n in writes]
+        starts, lengths = [position[r] * width + s for r, s, _ in writes], [n for _, _, n in writes]
         # (Every token of every computing row written, in order, e.g. a row's pages one after
         # another: the block's output as it is.)
         ends = list(accumulate(lengths))
-        plan.store_all = ends[-1] == len(computing) * seq and starts == [0] + ends[:-1]
+        plan.store_all = ends[-1] == len(computing) * width and starts == [0] + ends[:-1]
         if not plan.store_all:
             parts["store_src"] = runs(starts, lengths)
     on_device = upload(parts, device)

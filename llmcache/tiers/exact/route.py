@@ -38,11 +38,15 @@ def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
     return list(zip(keys, starts, counts_, zip(headers, repeat(host), range(len(keys)), starts, counts_)))
 
 
-def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean"):
+def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean",
+          mask: np.ndarray | None = None):
     """The `plan.Plan` of a forward, `keys` from `row_keys` (`seq`: T of its hidden states; a
     pixel model's rows have no label), or
     None (every row computes, none stores). `near`: the verified tier's `Neighbours`, which may
     serve a row that misses (with `Semantic.serve == "pooled"`: its pooled state, by `pooling`).
+    `mask` (host [B, T], where the caller sees no padding): the computing rows run only up to the
+    last real token among them, the padding after it cut off (where the padding is, the model
+    computes nothing a caller reads: the uncached call pads these rows to a longer row of the batch).
     Call inside `store.index.pinned()`, under the owner's lock."""
     index = store.index
     # Every row's lookup at once; the hits are pinned (the reservations below must not evict
@@ -83,12 +87,16 @@ def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=
             writes.append((r, s, n))
         elif index.find(key) < 0:
             counts["too_long"] = counts.get("too_long", 0) + 1
-    if not served and not repeats and not entries and not pooled:
+    width = seq
+    if mask is not None and compute:
+        real = mask[compute] != 0
+        width = int((seq - real[:, ::-1].argmax(1)).max())  # (a row with no real token keeps every position)
+    if not served and not repeats and not entries and not pooled and width == seq:
         return None
     tokens = (sum(keys[r][2] for r, _, _ in served + pooled), sum(keys[r][2] for r in compute))
     semantic = near.pending.served_rows if near is not None else []
     plan = plans.build(store, len(keys), seq, device, [(r, s, index.token_rows(e)) for r, s, e in served], compute,
-                       repeats, entries, writes, served=len(served) + len(pooled),
+                       repeats, entries, writes, width, served=len(served) + len(pooled),
                        semantic_rows=tuple(semantic), repeats=len(repeats), tokens=tokens)
     if pooled:
         _place_pooled(store, plan, pooled, keys, pooling, device)

@@ -66,6 +66,7 @@ class ExactTier(Tier):
         self.taken: list = []  # the pending batches whose flags this forward's payload carries
         self.shared_fingerprint = None  # the shared tier's: made at its first lookup, again after a change
         self.tracks = Tracks(self)  # decoders: the KV caches whose decode steps are stored as pages
+        self.cuts_positions = True  # encoders: computing rows may skip their trailing padding (`route.route`)
 
     def layer_idx(self, position: int) -> int:
         """The KV cache layer of span block `position`."""
@@ -123,8 +124,9 @@ class ExactTier(Tier):
                 keys = encoder.row_keys(call.header, call.host, ids_before, call.counts, call.padding)
             if self.remote is not None:
                 self.remote.warm(store, keys, self._shared_fingerprint())
+            cut = self.cuts_positions and call.pixels is None and call.padding == (False, False)
             return encoder.route(store, keys, call.seq, call.device, call.counts, near,
-                                 self.near.pooling if self.near is not None else "mean")
+                                 self.near.pooling if self.near is not None else "mean", call.host[1] if cut else None)
 
     def run(self, call: Call, forward):
         """Run a forward this tier routed with a route of its own making (a suffix), or None."""
