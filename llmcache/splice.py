@@ -19,22 +19,28 @@ import torch
 from .adapters import BLOCK_CACHE_NAMES
 
 
-def slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
-    """`value` (a tensor, or a tuple/list of them) with every batch-major tensor (ndim >= 2,
-    size(0) == batch) cut to `rows` int64 [M]. `memo` (id -> (tensor, its slice)) keeps each
-    slice for the forward."""
+def _each_tensor(value, cut, memo: dict):
+    """`value` (a tensor, or a tuple/list of them) with `cut(tensor)` in place of each tensor (None:
+    the tensor as it is); memoised in `memo` (id -> (tensor, its cut)) for the forward: the blocks
+    of one forward get the same masks and position embeddings."""
     if isinstance(value, torch.Tensor):
-        if value.dim() < 2 or value.shape[0] != batch:
-            return value
         seen = memo.get(id(value))
         if seen is None or seen[0] is not value:
-            seen = memo[id(value)] = (value, value.index_select(0, rows))
+            made = cut(value)
+            seen = memo[id(value)] = (value, value if made is None else made)
         return seen[1]
     if isinstance(value, tuple):
-        return tuple(slice_rows(v, rows, batch, memo) for v in value)
+        return tuple(_each_tensor(v, cut, memo) for v in value)
     if isinstance(value, list):
-        return [slice_rows(v, rows, batch, memo) for v in value]
+        return [_each_tensor(v, cut, memo) for v in value]
     return value
+
+
+def slice_rows(value, rows: torch.Tensor, batch: int, memo: dict):
+    """`value` (a tensor, or a tuple/list of them) with every batch-major tensor (ndim >= 2,
+    size(0) == batch) cut to `rows` int64 [M], memoised in `memo`."""
+    return _each_tensor(value, lambda t: t.index_select(0, rows) if t.dim() >= 2 and t.shape[0] == batch else None,
+                        memo)
 
 
 def positions_cut(value, seq: int) -> bool:
@@ -51,22 +57,13 @@ def positions_cut(value, seq: int) -> bool:
 
 def cut_positions(value, width: int, seq: int, memo: dict):
     """`value` with every attention mask (`positions_cut`) cut to its first `width` positions
-    (queries and keys); memoised per forward in `memo` as `slice_rows` is."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() not in (2, 4) or value.shape[-1] != seq:
-            return value
-        seen = memo.get(id(value))
-        if seen is None or seen[0] is not value:
-            cut = value[..., :width]
-            if value.dim() == 4 and value.shape[2] == seq:
-                cut = cut[:, :, :width]
-            seen = memo[id(value)] = (value, cut)
-        return seen[1]
-    if isinstance(value, tuple):
-        return tuple(cut_positions(v, width, seq, memo) for v in value)
-    if isinstance(value, list):
-        return [cut_positions(v, width, seq, memo) for v in value]
-    return value
+    (queries and keys), memoised in `memo`."""
+    def cut(t):
+        if t.dim() not in (2, 4) or t.shape[-1] != seq:
+            return None
+        return t[:, :, :width, :width] if t.dim() == 4 and t.shape[2] == seq else t[..., :width]
+
+    return _each_tensor(value, cut, memo)
 
 
 class KVStandIn:
