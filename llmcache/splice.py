@@ -150,6 +150,16 @@ def kv_split(flat: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def give_kv(cache, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, dtype: torch.dtype) -> None:
-    """Hand the model's KV cache a block's K, V [B, heads, T, head dim] in `dtype` (views, as a
-    block's own values are: the cache copies what it keeps)."""
-    cache.update(keys.to(dtype), values.to(dtype), layer_idx)
+    """Hand the model's KV cache a block's K, V [B, heads, T, head dim] in `dtype`. An empty
+    DynamicLayer takes them as they are (views of the states read: its update would copy them
+    onto its empty tensors, and its next update copies them anyway); other caches update."""
+    from transformers.cache_utils import DynamicLayer
+
+    keys, values = keys.to(dtype), values.to(dtype)
+    cache.update(keys[:, :, :0], values[:, :, :0], layer_idx)  # (the layer made and initialised)
+    layers = getattr(cache, "layers", ())
+    layer = layers[layer_idx] if layer_idx < len(layers) else None
+    if type(layer) is DynamicLayer and layer.keys.shape[-2] == 0:
+        layer.keys, layer.values = keys, values
+    else:
+        cache.update(keys, values, layer_idx)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ...adapters import KV_CACHE_NAMES, kv_cache
-from ...splice import kv_rows
+from ...splice import give_kv, kv_rows
 from . import plan as plans
 
 
@@ -115,23 +115,9 @@ def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
             if not plan.uniform:  # (uniform: the cached K/V are views of the states read)
                 cols = cols.new_zeros((batch * pmax, half)).index_copy_(0, dev["prefix_slot"], cols)
             both.append(cols.view(batch, pmax, g.kv_heads, -1).transpose(1, 2))
-        _seed(cache, tier.layer_idx(position), both[0], both[1])
+        # (Views of the read buffer: the suffix's own update replaces them with its concatenation.)
+        give_kv(cache, both[0], both[1], tier.layer_idx(position), kv_dtype)
     return cache
-
-
-def _seed(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """`cache.update(keys, values, layer_idx)` on an empty layer, without the copy a DynamicLayer's
-    update makes there (a concatenation onto its empty tensors): the layer holds `keys` and
-    `values` as they are (views of the states read), and its next update (the suffix's tokens)
-    makes the one copy every update makes."""
-    from transformers.cache_utils import DynamicLayer
-
-    cache.update(keys[:, :, :0], values[:, :, :0], layer_idx)  # (the layer made and initialised)
-    layer = cache.layers[layer_idx] if layer_idx < len(getattr(cache, "layers", ())) else None
-    if type(layer) is DynamicLayer and layer.keys.shape[-2] == 0:
-        layer.keys, layer.values = keys, values
-    else:
-        cache.update(keys, values, layer_idx)
 
 
 def _run(tier, plan: SuffixPlan, call, forward, stand_in):
