@@ -34,7 +34,8 @@ class CacheConfig:
         capacity: at most this many entries (None, the default: the byte budget alone decides;
             the per-block tier's banks then hold up to 1024 entries each).
         max_bytes: budget in bytes over all banks (default 1 GiB). The exact tier's arena grows
-            in chunks as entries arrive and never past it; an entry of n tokens takes
+            in chunks as entries arrive and never past it (on the CPU it reserves address space
+            for up to 1 GiB of it at once: memory is used as pages are written); an entry of n tokens takes
             ceil(n / page_tokens) pages. `accelerate` refuses a budget that cannot hold one page.
             The per-block tier splits it equally between its layers' banks. None: no byte limit.
         padding: what a served row holds at its padding positions (mask == 0), in its output and

@@ -21,7 +21,7 @@ and the same three for time-to-first-token (`generate(max_new_tokens=1)`). Repor
 over uncached, and cached as a share of the ideal (target >= 90 %). Memory: bytes held against
 the bytes of the distinct pages the prompts have (one copy of a prefix however many prompts
 extend it: ratio 1). A stream without shared prefixes: cached over uncached time (target <= 2 %
-slower; the median over prompts of each prompt's ratio), from an empty cache (cold: its arena grows, copying at each doubling) and from one at
+slower; the median over prompts of each prompt's ratio), from an empty cache (cold: its arena grows; on the CPU within address space reserved at its first growth, elsewhere copying at each doubling) and from one at
 its budget, evicting (steady). Writes DIR/prefix-<model>-cpu.json (default bench/out/experiments).
 """
 
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                   "pages_held": sum(e.pages for e in held), "distinct_pages": len(distinct)}
         memory["ratio"] = memory["bytes_held"] / memory["bytes_distinct_pages"]
         # No shared prefixes: every prompt new, against a cache in its steady state — its arena
-        # grown to a budget of about `--prompts` prompts and evicting (growing from empty copies
-        # the arena at each doubling: a one-off the cold figure shows).
+        # grown to a budget of about `--prompts` prompts and evicting (growing from empty costs the
+        # first writes into fresh pages, and on CUDA a copy at each doubling: the cold figure).
         def unique_ids() -> torch.Tensor:
             ids = take(int(torch.randint(128, 384, (1,), generator=gen)))[None].clone()
             ids[0, 0] = int(torch.randint(3, ref.config.vocab_size, (1,), generator=gen))
