@@ -92,9 +92,12 @@ def soak(args, head: dict) -> dict:
                     want = reference(**enc).last_hidden_state
                     m = enc["attention_mask"][..., None].to(want.dtype)
                     checked += 1
-                    if not torch.equal(out * m, want * m):
+                    diff = float((out * m - want * m).abs().max())
+                    max_diff = max(max_diff, diff)
+                    # (Rows computed at another padded width, e.g. a miss run over its own length
+                    # only, round differently in the last bits: a wrong entry is far outside this.)
+                    if not torch.allclose(out * m, want * m, rtol=1e-5, atol=1e-5):
                         mismatches += 1
-                        max_diff = max(max_diff, float((out * m - want * m).abs().max()))
                 if (step + 1) % rss_every == 0:
                     rss_trace.append(((step + 1) * BATCH, vm_rss()))
                 if (step + 1) % sample_every == 0 or step + 1 == forwards or step + 1 == warmup:
@@ -154,16 +157,17 @@ def soak(args, head: dict) -> dict:
                      "shared hits": s["shared_hits"], "queued": s["queued"]} for s in samples]
     notes = [
         (f"model: the tiny BERT (random weights, 2 blocks of width 64): {forwards} forwards finish in minutes on 2 "
-        "busy cores, and on CPU its outputs do not depend on the sub-batch, so a cached forward is comparable bit "
-        "for bit with an uncached one at the same padded width (32); MiniLM's are not (the last bits move with the "
-        "batch size), so it could not be checked this way."),
+        "busy cores."),
         (f"stream: rows of 4-32 synthetic tokens, half repeat an earlier distinct row at a geometric distance (mean "
         f"1500), {stream.distinct} distinct rows; batches of {BATCH}; local bank max_bytes {max_bytes >> 20} MiB; "
         "Shared(lookup='always') with its defaults (timeout 50 ms, queue 1024)."),
         (f"RSS = VmRSS of this process (not trimmed), sampled with the server every {sample_every} forwards "
         f"(table below) and alone every {rss_every} forwards; start = after {warmup} warm-up forwards; slope = "
         f"least squares over the {len(second)} RSS readings of the second half."),
-        f"outputs of every {check_every}th forward compared with an uncached deep copy (torch.equal of output x mask).",
+        (f"outputs of every {check_every}th forward compared with an uncached deep copy at real tokens, within 1e-5 + "
+         "1e-5 |x| (rows computed at another padded width round differently in the last bits: the exact tier runs "
+         "a miss over its own positions where a longer row of its batch is served); the largest difference is "
+         "recorded (max_abs_diff)."),
         ("server: redis-server --maxmemory 8mb --maxmemory-policy allkeys-lru; used_memory sampled with the RSS, "
         "used_memory_peak is the server's own maximum."),
     ]
