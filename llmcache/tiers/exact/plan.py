@@ -34,7 +34,7 @@ class Plan(Route):
     repeat_src: torch.Tensor | None = None  # int64 [R] that row, among the computing rows
     store_src: torch.Tensor | None = None  # int64 [W] flat rows (row * width + t, computing rows) of tokens to write (None: store_all)
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
-    store_all: bool = False  # store_src is every computed token in order (0..M*T-1)
+    store_all: bool = False  # every computed token is stored, in order (0..M*width-1): no store_src
     served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
     served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)

@@ -163,7 +163,7 @@ def _fill_cache(tier, plan: SuffixPlan, cache, layers: list, suffix_kv: list) ->
     half = g.kv_width // 2
     for position, layer in enumerate(layers):
         if plan.uniform:
-            cache.update(layer.keys, layer.values, tier.layer_idx(position))
+            give_kv(cache, layer.keys, layer.values, tier.layer_idx(position), layer.keys.dtype)
             continue
         both = []
         for which in (0, 1):
@@ -172,8 +172,8 @@ def _fill_cache(tier, plan: SuffixPlan, cache, layers: list, suffix_kv: list) ->
                 lo = g.hidden + position * g.kv_width + which * half
                 flat.index_copy_(0, dev["prefix_dst"], plan.prefix_states[:, lo : lo + half].to(flat.dtype))
             flat.index_copy_(0, dev["suffix_dst"], suffix_kv[position][which].index_select(0, dev["suffix_src"]))
-            both.append(flat.view(plan.batch, plan.seq, g.kv_heads, -1).transpose(1, 2).contiguous())
-        cache.update(both[0], both[1], tier.layer_idx(position))
+            both.append(flat.view(plan.batch, plan.seq, g.kv_heads, -1).transpose(1, 2))
+        give_kv(cache, both[0], both[1], tier.layer_idx(position), both[0].dtype)
 
 
 def _plain_and_empty(cache) -> bool:
