@@ -3,12 +3,12 @@ and `PagePool` (the arena's pages: how many exist, which are free).
 
 An entry id is a row of every array; freed ids are reused (its serial number is not: see
 `ExactIndex`). Arrays grow by doubling, and ids and pages are handed out for many entries at
-once (`new`, `take`), so reserving a batch's entries costs no Python loop over fields or pages.
+once (`new`, `take`). An entry's pages are a row of one block table (`pages`, [entries, widest
+entry's pages]), so reserving a batch's entries and reading their token rows (`token_rows`) are
+numpy operations over the batch, not a Python loop over entries or pages.
 """
 
 from __future__ import annotations
-
-from itertools import accumulate
 
 import numpy as np
 
@@ -27,15 +27,19 @@ ARRAYS = {
 
 
 class EntryTable:
-    """Per-entry fields: `keys`, `labels` (what each key was made from: `rows.describe_label`),
-    `pages` (block table), `rows` (flat arena row of each token) as lists, and the numpy arrays
-    of `ARRAYS`."""
+    """Per-entry fields: `keys`, `labels` (what each key was made from: `rows.describe_label`) as
+    lists, the block table `pages` (int64 [capacity, widest entry's pages]: entry e's pages are
+    `pages[e, :pages_for(ntokens[e])]`), and the numpy arrays of `ARRAYS`.
 
-    def __init__(self):
+    Args:
+        page_tokens: tokens per page (an entry's token rows are its pages' first ntokens slots).
+    """
+
+    def __init__(self, page_tokens: int):
+        self.page_tokens = page_tokens
         self.keys: list[bytes | None] = []
         self.labels: list = []
-        self.pages: list[np.ndarray | None] = []
-        self.rows: list[np.ndarray | None] = []
+        self.pages = np.zeros((0, 1), dtype=np.int64)
         for name, dtype in ARRAYS.items():
             setattr(self, name, np.zeros(0, dtype=dtype))
         self.free_entries: list[int] = []
@@ -49,24 +53,36 @@ class EntryTable:
         reused = [self.free_entries.pop() for _ in range(min(n, len(self.free_entries)))]
         first, fresh = len(self.keys), n - len(reused)
         if fresh:
-            for column in (self.keys, self.labels, self.pages, self.rows):
-                column.extend([None] * fresh)
+            self.keys.extend([None] * fresh)
+            self.labels.extend([None] * fresh)
             for name in ARRAYS:
                 array = getattr(self, name)
                 if first + fresh > len(array):
                     grown = max(16, len(array), first + fresh - len(array))
                     setattr(self, name, np.concatenate([array, np.zeros(grown, dtype=array.dtype)]))
+            if first + fresh > len(self.pages):
+                grown = max(16, len(self.pages), first + fresh - len(self.pages))
+                self.pages = np.concatenate([self.pages, np.zeros((grown, self.pages.shape[1]), dtype=np.int64)])
         return reused + list(range(first, first + fresh))
 
-    def add(self, keys: list, labels: list, pages: list, rows: list, ntokens: np.ndarray, parents: np.ndarray,
+    def add(self, keys: list, labels: list, pages: np.ndarray, ntokens: np.ndarray, parents: np.ndarray,
             first_serial: int, entries: list | None = None) -> list[int]:
         """New entries for `keys` (`entries`, handed out by `new` earlier, or new ones), their
-        fields set: serials from `first_serial` on; `parents` [i]: an entry id, -1 none, or -2 - j
-        for the entry added here for key j (its kids counted)."""
+        fields set: `pages` int64 [E, widest] (`PagePool.take`), serials from `first_serial` on;
+        `parents` [i]: an entry id, -1 none, or -2 - j for the entry added here for key j (its
+        kids counted)."""
         entries = self.new(len(keys)) if entries is None else entries
         ids = np.asarray(entries, dtype=np.int64)
-        for e, key, label, page_list, token_rows in zip(entries, keys, labels, pages, rows):
-            self.keys[e], self.labels[e], self.pages[e], self.rows[e] = key, label, page_list, token_rows
+        if len(entries) == 1:
+            self.keys[entries[0]], self.labels[entries[0]] = keys[0], labels[0]
+        else:
+            for e, key, label in zip(entries, keys, labels):
+                self.keys[e], self.labels[e] = key, label
+        if pages.shape[1] > self.pages.shape[1]:  # (a longer entry than any before: widen the block table)
+            wider = np.zeros((len(self.pages), max(pages.shape[1], 2 * self.pages.shape[1])), dtype=np.int64)
+            wider[:, : self.pages.shape[1]] = self.pages
+            self.pages = wider
+        self.pages[ids, : pages.shape[1]] = pages
         inner = parents <= -2
         nested = inner.any()
         if nested:
@@ -80,9 +96,27 @@ class EntryTable:
             np.add.at(self.kids, parents[inner], 1)
         return entries
 
+    def page_list(self, entry: int) -> np.ndarray:
+        """int64 [pages]: the entry's pages."""
+        return self.pages[entry, : -(-int(self.ntokens[entry]) // self.page_tokens)]
+
+    def token_rows(self, entries) -> np.ndarray:
+        """int64: the flat arena rows (page * page_tokens + offset) of the entries' tokens, one
+        entry after another (one numpy pass over the batch)."""
+        ids = np.asarray(entries, dtype=np.int64)
+        pt = self.page_tokens
+        counts = self.ntokens[ids]
+        if not len(ids):
+            return np.zeros(0, dtype=np.int64)
+        width = -(-int(counts.max()) // pt)
+        slots = (self.pages[ids, :width, None] * pt + np.arange(pt, dtype=np.int64)).reshape(len(ids), -1)
+        if (counts == width * pt).all():
+            return slots.ravel()
+        return slots[np.arange(width * pt)[None, :] < counts[:, None]]
+
     def free(self, entry: int) -> int:
-        """Forget the entry's key, pages and parent link and free its id; returns its parent (-1: none)."""
-        self.keys[entry] = self.labels[entry] = self.pages[entry] = self.rows[entry] = None
+        """Forget the entry's key and parent link and free its id; returns its parent (-1: none)."""
+        self.keys[entry] = self.labels[entry] = None
         self.free_entries.append(entry)
         parent = int(self.parent[entry])
         self.parent[entry] = -1
@@ -121,10 +155,10 @@ class PagePool:
                 return False
         return True
 
-    def take(self, ntokens: np.ndarray) -> tuple[list, list]:
+    def take(self, ntokens: np.ndarray) -> np.ndarray:
         """Pages for entries of `ntokens` int64 [E] tokens, taken from the free stack (enough must
-        be free): per entry its pages int64 [need] and the flat arena row of each of its tokens."""
-        return self.layout(self.pop(sum(map(self.pages_for, ntokens.tolist()))), ntokens)
+        be free): int64 [E, most pages an entry takes], each entry's pages first in its row."""
+        return self.layout(self.pop(int((-(-ntokens // self.page_tokens)).sum())), ntokens)
 
     def pop(self, total: int) -> list[int]:
         """`total` pages off the free stack (enough must be free), in the order `take` hands them out."""
@@ -132,17 +166,16 @@ class PagePool:
         del self.free_pages[len(self.free_pages) - total :]
         return taken
 
-    def layout(self, taken: list, ntokens: np.ndarray) -> tuple[list, list]:
+    def layout(self, taken: list, ntokens: np.ndarray) -> np.ndarray:
         """`take`'s result for pages `taken` (from `pop`: each entry's pages after the previous one's)."""
-        pt = self.page_tokens
-        counts = ntokens.tolist()
-        need = [-(-n // pt) for n in counts]
-        taken = np.array(taken, dtype=np.int64)
-        # Every taken page's token rows in order; an entry's tokens are the first n of its pages'.
-        slots = (taken[:, None] * pt + np.arange(pt, dtype=np.int64)).ravel()
-        first = list(accumulate(need, initial=0))
-        return ([taken[first[i] : first[i + 1]] for i in range(len(counts))],
-                [slots[first[i] * pt : first[i] * pt + n] for i, n in enumerate(counts)])
+        need = -(-ntokens // self.page_tokens)
+        taken = np.asarray(taken, dtype=np.int64)
+        width = int(need.max()) if len(need) else 1
+        if (need == width).all():
+            return taken.reshape(len(need), width)
+        first = np.cumsum(need) - need
+        cols = np.arange(width, dtype=np.int64)[None, :]
+        return np.where(cols < need[:, None], taken[np.minimum(first[:, None] + cols, len(taken) - 1)], 0)
 
     def give(self, pages: np.ndarray) -> None:
         self.free_pages.extend(pages.tolist())

@@ -63,7 +63,7 @@ class ExactIndex:
 
     def clear(self) -> None:
         self.table: dict[bytes, int] = {}
-        self.meta = EntryTable()  # per-entry fields
+        self.meta = EntryTable(self.page_tokens)  # per-entry fields
         self.next_serial = 0
         self.reserved: set[int] = set()  # entries whose states are being written
         self.pins: set[int] = set()  # entries a routing is reading (`pinned`): not evicted until unpinned
@@ -122,7 +122,7 @@ class ExactIndex:
 
     def describe(self, entry: int) -> EntryInfo:
         m = self.meta
-        return EntryInfo(m.keys[entry], int(m.ntokens[entry]), len(m.pages[entry]), int(m.hits[entry]),
+        return EntryInfo(m.keys[entry], int(m.ntokens[entry]), len(m.page_list(entry)), int(m.hits[entry]),
                          int(m.serial[entry]), int(m.parent_serial[entry]), m.labels[entry])
 
     @contextlib.contextmanager
@@ -137,9 +137,14 @@ class ExactIndex:
     def pin(self, entries) -> None:
         self.pins.update(entries)
 
-    def token_rows(self, entry: int) -> np.ndarray:
-        """int64 [n]: the flat arena rows (page * page_tokens + offset) of the entry's n tokens."""
-        return self.meta.rows[entry]
+    def token_counts(self, entries) -> np.ndarray:
+        """int64 [len(entries)]: each entry's token count."""
+        return self.meta.ntokens[np.asarray(entries, dtype=np.int64)]
+
+    def token_rows(self, entries) -> np.ndarray:
+        """int64: the flat arena rows (page * page_tokens + offset) of the tokens of an entry (an
+        int) or of several (a sequence: one after another, in one numpy pass)."""
+        return self.meta.token_rows((entries,) if isinstance(entries, (int, np.integer)) else entries)
 
     # ---- writing -------------------------------------------------------------------------
     def reserve(self, key: bytes, ntokens: int, parent: int = -1, label=None) -> int:
@@ -168,7 +173,7 @@ class ExactIndex:
         ntokens = np.asarray(ntokens, dtype=np.int64)
         parents = np.asarray(parents, dtype=np.int64) if outer else np.full(count, -1, dtype=np.int64)
         labels = [None] * count if labels is None else labels
-        need = sum(map(self.pool.pages_for, ntokens.tolist()))
+        need = int((-(-ntokens // self.page_tokens)).sum())
         fits = (self.max_entries is None or self.entries + len(self.reserved) + count <= self.max_entries) \
             and need <= self.max_pages and self.pool.make_room(need, lambda: False)
         if fits and not any(map(self.table.__contains__, keys)):
@@ -224,8 +229,8 @@ class ExactIndex:
         """New reserved entries for `keys` (room made, outer parents' kids counted); `parents` as
         `reserve_many` takes them; or the fields of the `entries` that `_allocate` made, with the
         pages it `taken`."""
-        pages, rows = self.pool.take(ntokens) if taken is None else self.pool.layout(taken, ntokens)
-        entries = self.meta.add(keys, labels, pages, rows, ntokens, parents, self.next_serial, entries)
+        pages = self.pool.take(ntokens) if taken is None else self.pool.layout(taken, ntokens)
+        entries = self.meta.add(keys, labels, pages, ntokens, parents, self.next_serial, entries)
         self.next_serial += len(keys)
         self.reserved.update(entries)
         return entries
@@ -251,7 +256,7 @@ class ExactIndex:
 
     def commit_many(self, entries: list) -> list[bool]:
         """`commit` of each entry: in one pass where no key is taken meanwhile."""
-        keys = [self.meta.keys[e] for e in entries]
+        keys = list(map(self.meta.keys.__getitem__, entries))
         if len(set(keys)) < len(keys) or any(map(self.table.__contains__, keys)):
             return [self.commit(e) for e in entries]
         self.reserved.difference_update(entries)
@@ -297,7 +302,7 @@ class ExactIndex:
         return False
 
     def _free(self, entry: int) -> None:
-        self.pool.give(self.meta.pages[entry])
+        self.pool.give(self.meta.page_list(entry))
         parent = self.meta.free(entry)
         if parent >= 0:
             self._drop_kid(parent)

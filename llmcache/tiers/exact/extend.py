@@ -270,7 +270,7 @@ class Tracks:
         track.active[gone] = False
         tails = [(r, entry) for r, entry in tails if entry >= 0]
         if tails:
-            src = np.concatenate([index.token_rows(entry) for _, entry in tails])
+            src = index.token_rows([entry for _, entry in tails])
             counts = np.asarray([len(index.token_rows(entry)) for _, entry in tails], dtype=np.int64)
             at = np.asarray([r for r, _ in tails], dtype=np.int64)
             dst = plans.runs(at * width + width - counts, counts)
@@ -368,7 +368,7 @@ def _commit(tier, track: Track, cache, entries: list, first: np.ndarray, counts:
     of them each) and publish them."""
     width = track.host.shape[2]
     src = plans.runs(first, counts)
-    dev = plans.upload({"src": src, "dst": tier.store.token_rows(entries)}, track.states.device)
+    dev = plans.upload({"src": src, "dst": tier.store.index.token_rows(entries)}, track.states.device)
     layers = [cache.layers[tier.layer_idx(p)] for p in range(tier.geometry.blocks)]
     kv = kv_rows([(layer.keys[:, :, -width:], layer.values[:, :, -width:]) for layer in layers])
     parts = [track.states.reshape(-1, track.states.shape[-1]).index_select(0, dev["src"]),

@@ -96,8 +96,9 @@ def upload(parts: dict, device: torch.device) -> dict:
 
 def build(store, batch: int, seq: int, device: torch.device, serving: list, computing: list, copying: list,
           entries: list, writes: list, width: int | None = None, **route) -> Plan:
-    """The plan of a forward of `batch` rows of `seq` positions. `serving`: (row, first position,
-    int64 [n] arena rows of its stored tokens); `computing`: the rows that run, ascending, over
+    """The plan of a forward of `batch` rows of `seq` positions. `serving`: (rows served, ascending,
+    their first positions, the entries holding their tokens (row after row, in order), how many
+    entries each row takes (None: one each)); `computing`: the rows that run, ascending, over
     their first `width` positions (default all); `copying`: (row, the computing row it repeats);
     `entries`: reserved entries, written from `writes` (computing row, first position, ntokens)
     each; `route`: the `Route` counts."""
@@ -106,18 +107,21 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
     plan = Plan(batch=batch, seq=seq, width=width, m=len(computing), entries=entries,
                 store_n=[n for _, _, n in writes], **route)
     parts = {"compute": computing if len(computing) < batch else None}
-    if serving:
-        parts["served_src"] = np.concatenate([src for _, _, src in serving])
+    served_rows, served_starts, held, sizes = serving
+    if served_rows:
+        parts["served_src"] = store.index.token_rows(held)
+        lengths = store.index.token_counts(held)
+        if sizes is not None:
+            lengths = np.add.reduceat(lengths, np.cumsum(sizes) - sizes)
         # (Every position of every row served, in order: nothing to place, the states are the output.)
-        plan.served_all = len(serving) == batch and all(r == i and s == 0 and len(src) == seq
-                                                        for i, (r, s, src) in enumerate(serving))
+        plan.served_all = len(served_rows) == batch and not any(served_starts) and (lengths == seq).all()
         if not plan.served_all:
-            parts["served_dst"] = runs([r * seq + s for r, s, _ in serving], [len(src) for _, _, src in serving])
+            parts["served_dst"] = runs(np.asarray(served_rows, dtype=np.int64) * seq + served_starts, lengths)
     if copying:
         parts["repeat_rows"] = [r for r, _ in copying]
         parts["repeat_src"] = [position[src] for _, src in copying]
     if entries:
-        parts["store_dst"] = np.concatenate([store.index.token_rows(e) for e in entries])
+        parts["store_dst"] = store.index.token_rows(entries)
         starts, lengths = [position[r] * width + s for r, s, _ in writes], [n for _, _, n in writes]
         # (Every token of every computing row written, in order, e.g. a row's pages one after
         # another: the block's output as it is.)

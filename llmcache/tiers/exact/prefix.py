@@ -26,6 +26,8 @@ bound it (PREFIX_TOLERANCE in `tests/helpers.py`) and `generate` tokens stay ide
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import numpy as np
 import torch
 
@@ -119,7 +121,7 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     page_keys = [flat[r * keys.shape[1] : (r + 1) * keys.shape[1]] for r in range(batch)]
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
     index.pin(e for f in found for e in f)
-    rows_ = _Rows(headers, host, page_keys, start, count.tolist(), found, covered, keyed, leading, trailing, pads,
+    rows_ = _Rows(headers, host, page_keys, flat, start, count.tolist(), found, covered, keyed, leading, trailing, pads,
                   partial)
     chains = None
     if near is not None:
@@ -136,8 +138,10 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
 class _Rows:
     """What routing knows of each row of a decoder batch (lists and arrays indexed by row)."""
 
-    def __init__(self, headers, host, keys, start, n_real, found, covered, keyed, leading, trailing, pads, partial):
+    def __init__(self, headers, host, keys, flat, start, n_real, found, covered, keyed, leading, trailing, pads,
+                 partial):
         self.headers, self.host, self.keys = headers, host, keys  # keys: per row, its pages' keys
+        self.flat = flat  # every row's pages' keys, row after row (as many per row)
         self.partial = partial  # per row: tokens of the partial page that ends its cached prefix (0: none)
         self.ids, self.positions, self.types = host[0], host[2], host[3]
         self.start, self.n_real, self.found, self.covered, self.keyed = start, n_real, found, covered, keyed
@@ -171,45 +175,47 @@ def _near(near, index, rows_: _Rows, prefixes: bool) -> list:
 def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) -> tuple[list, list]:
     """Reserve the pages each computing row adds, all in one `reserve_many` (one copy of a page
     that two rows of this batch share): (entries, writes as (row, token offset in the row's
-    span, ntokens))."""
-    planned: dict[bytes, int] = {}  # page key -> its place in this call
-    keys, ntokens, parents, labels, places = [], [], [], [], []  # per page reserved; per row its pages
-    for r in range(rows_.batch):
-        if not rows_.keyed[r] or whole[r]:
-            places.append(None)
-            continue
-        s, n, found = int(rows_.start[r]), rows_.n_real[r], rows_.found[r]
-        full = found[:-1] if rows_.partial[r] else found  # (a partial page ends the prefix: the next page replaces it)
-        parent, mine = (full[-1] if full else -1), []
-        for at in range(len(full) * page, n, page):
-            key = rows_.keys[r][at // page]
-            if key not in planned:
-                planned[key] = len(keys)
-                keys.append(key)
-                ntokens.append(min(page, n - at))
-                parents.append(parent)
-                labels.append((rows_.headers[r], rows_.host, r, s + at, min(page, n - at)))
-            mine.append((at, planned[key]))
-            parent = -2 - planned[key]
-        places.append(mine)
-    got = index.reserve_many(keys, ntokens, parents, labels) if keys else []
-    entries, writes, written = [], [], set()
-    for r, mine in enumerate(places):
-        if mine is None:
-            continue
-        chain, complete = list(rows_.found[r]), True
-        for at, place in mine:
-            if got[place] < 0:
-                counts["too_long"] = counts.get("too_long", 0) + 1
-                complete = False
-                break
-            if place not in written:
-                written.add(place)
-                entries.append(got[place])
-                writes.append((r, at, ntokens[place]))
-            chain.append(got[place])
-        if chains is not None and complete:  # every page of the row cached or written: a neighbour for later rows
-            chains[r] = tuple(chain)
+    span, ntokens)). Numpy over the batch's pages: no Python loop over rows or pages."""
+    batch, per_row = rows_.batch, len(rows_.flat) // max(rows_.batch, 1)
+    n_real = np.asarray(rows_.n_real, dtype=np.int64)
+    todo = [r for r in range(batch) if rows_.keyed[r] and not whole[r]]
+    if not todo:
+        return [], []
+    # (A partial page ends the prefix: the next page replaces it.)
+    full = [rows_.found[r][:-1] if rows_.partial[r] else rows_.found[r] for r in todo]
+    first = np.asarray([len(f) for f in full], dtype=np.int64)
+    need = -(-n_real[todo] // page) - first
+    row = np.repeat(np.asarray(todo, dtype=np.int64), need)  # per candidate page: its row, its page number
+    number = plans.runs(first, need)
+    if not len(row):
+        return [], []
+    at = number * page
+    ntokens = np.minimum(page, n_real[row] - at)
+    where = (row * per_row + number).tolist()
+    keys = [rows_.flat[i] for i in where]
+    # One reservation per distinct key, at its first place in the batch (its parent page is
+    # before it there: a key is chained over the pages before it, so they come with it).
+    firsts = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))
+    order = np.sort(np.fromiter(firsts.values(), dtype=np.int64, count=len(firsts)))
+    place = np.searchsorted(order, np.fromiter(map(firsts.__getitem__, keys), dtype=np.int64, count=len(keys)))
+    opens = np.repeat(np.asarray([f[-1] if f else -1 for f in full], dtype=np.int64), need)
+    parents = np.where(number == np.repeat(first, need), opens, -2 - np.roll(place, 1))[order]
+    o_row, o_at, o_n = row[order], at[order], ntokens[order]
+    starts = rows_.start[o_row] + o_at
+    labels = list(zip(map(rows_.headers.__getitem__, o_row.tolist()), repeat(rows_.host), o_row.tolist(),
+                      starts.tolist(), o_n.tolist()))
+    got = np.asarray(index.reserve_many([keys[i] for i in order.tolist()], o_n, parents, labels), dtype=np.int64)
+    ok = got >= 0
+    failed = np.unique(row[~ok[place]])
+    if len(failed):
+        counts["too_long"] = counts.get("too_long", 0) + len(failed)
+    entries = got[ok].tolist()
+    writes = list(zip(o_row[ok].tolist(), o_at[ok].tolist(), o_n[ok].tolist()))
+    if chains is not None:  # every page of the row cached or written: a neighbour for later rows
+        mine = np.split(got[place], np.cumsum(need)[:-1])
+        for r, pages in zip(todo, mine):
+            if r not in failed:
+                chains[r] = tuple(rows_.found[r]) + tuple(pages.tolist())
     return entries, writes
 
 
@@ -244,9 +250,9 @@ def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near)
     first_row: dict[bytes, int] = {}
     start, page = rows_.start, store.config.page_tokens
     for r in range(rows_.batch):
-        s, n = int(start[r]), rows_.n_real[r]
+        n = rows_.n_real[r]
         if whole[r]:
-            served.append((r, s, store.token_rows(rows_.found[r])))
+            served.append(r)
             continue
         if rows_.keyed[r] and not rows_.padded(r):
             tokens = rows_.keys[r][(n - 1) // page]  # (its last page's key names every token of it)
@@ -259,7 +265,9 @@ def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near)
         return None
     real = [rows_.n_real[r] - int(rows_.pads[r]) for r in range(rows_.batch)]
     semantic = near.pending.served_rows if near is not None else []
-    return plans.build(store, rows_.batch, seq, device, served, compute, repeats, entries,
+    serving = (served, start[served].tolist(), [e for r in served for e in rows_.found[r]],
+               [len(rows_.found[r]) for r in served])
+    return plans.build(store, rows_.batch, seq, device, serving, compute, repeats, entries,
                        [(r, int(start[r]) + at, n) for r, at, n in writes], served=len(served),
                        semantic_rows=tuple(semantic), repeats=len(repeats),
-                       tokens=(sum(real[r] for r, _, _ in served), sum(real[r] for r in compute)))
+                       tokens=(sum(real[r] for r in served), sum(real[r] for r in compute)))

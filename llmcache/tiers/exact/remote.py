@@ -30,15 +30,15 @@ class Remote(Tier):
             raise ImportError("CacheConfig.shared needs the redis client: pip install redis") from err
         self.client = SharedTier(settings)
 
-    def warm(self, store, row_keys: list, fingerprint: bytes) -> None:
-        """Look the rows of `row_keys` [(key or None, start, ntokens, label)] that miss the index up in
-        Redis (one round trip) and copy what it serves into the store (pinned). `fingerprint`:
-        the model's (`ExactTier.fingerprint`), which every value must carry."""
+    def warm(self, store, keyed, fingerprint: bytes) -> None:
+        """Look the rows of `keyed` (`route.RowKeys`) that miss the index up in Redis (one round
+        trip) and copy what it serves into the store (pinned). `fingerprint`: the model's
+        (`ExactTier.fingerprint`), which every value must carry."""
         wanted, seen = [], set()
-        for key, _, n, label in row_keys:
+        for r, key in enumerate(keyed.keys):
             if key is not None and store.index.find(key) < 0 and key not in seen:
                 seen.add(key)
-                wanted.append((key, n, label))
+                wanted.append((key, int(keyed.count[r]), keyed.label(r)))
         if not wanted:
             return
         prefix = self.client.settings.key_prefix(rows.current_namespace())

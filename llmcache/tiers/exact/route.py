@@ -9,6 +9,7 @@ computes, and is reserved an entry to store its states in.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
@@ -18,14 +19,35 @@ from ... import rows
 from . import plan as plans
 
 
+@dataclass
+class RowKeys:
+    """Each row's key (None: a row that cannot be keyed), its span (`start`, `count`) and what its
+    key was made from (`label`, for `held` and `save`: None for pixel rows)."""
+
+    keys: list
+    start: np.ndarray  # int64 [B]
+    count: np.ndarray  # int64 [B]
+    headers: list | None = None  # per row its key header; None: the rows carry no label
+    host: np.ndarray | None = None  # the [4, B, T] batch the labels name
+
+    def label(self, r: int):
+        return None if self.headers is None else (self.headers[r], self.host, r, int(self.start[r]), int(self.count[r]))
+
+    def labels(self, selected: list) -> list:
+        if self.headers is None:
+            return [None] * len(selected)
+        return list(zip(map(self.headers.__getitem__, selected), repeat(self.host), selected,
+                        self.start[selected].tolist(), self.count[selected].tolist()))
+
+
 def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
-             padding: tuple[bool, bool] = (False, False)) -> list:
-    """(key or None, start, ntokens, label) per row of a batch whose ids/mask/positions/types are
-    `host` int64 [4, B, T], all keyed in one call (`rows.chain_keys`); None for a row that cannot
-    be keyed (no real token, gaps). `ids_before`: the ids left of a row's first real token decide
-    its positions (its key covers them). `padding`: whether the caller sees a row's (leading,
-    trailing) padding: such a row is keyed and stored with it, so that what it serves at its
-    padding is what the uncached model computes there."""
+             padding: tuple[bool, bool] = (False, False)) -> RowKeys:
+    """The `RowKeys` of a batch whose ids/mask/positions/types are `host` int64 [4, B, T], all
+    keyed in one call (`rows.chain_keys`); None for a row that cannot be keyed (no real token,
+    gaps). `ids_before`: the ids left of a row's first real token decide its positions (its key
+    covers them). `padding`: whether the caller sees a row's (leading, trailing) padding: such a
+    row is keyed and stored with it, so that what it serves at its padding is what the uncached
+    model computes there."""
     spans = rows.spans(host[1], padding, counts)
     start = spans.start - spans.lead
     count = np.where(spans.keyed, spans.count + spans.lead + spans.trail, 0)
@@ -33,83 +55,115 @@ def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
     headers = rows.marked_headers(header, spans.lead, spans.trail, before)
     keys = rows.split_keys(rows.chain_keys(b"R", headers, host, start - before, count + before, host.shape[2])[:, 0]) \
         if len(count) and count.any() else [None] * len(count)
-    keys = [k if keyed else None for k, keyed in zip(keys, spans.keyed.tolist())]
-    starts, counts_ = start.tolist(), count.tolist()
-    return list(zip(keys, starts, counts_, zip(headers, repeat(host), range(len(keys)), starts, counts_)))
+    if not spans.keyed.all():
+        keys = [k if keyed else None for k, keyed in zip(keys, spans.keyed.tolist())]
+    return RowKeys(keys, start, count, headers, host)
 
 
-def route(store, keys: list, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean",
+def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean",
           mask: np.ndarray | None = None):
-    """The `plan.Plan` of a forward, `keys` from `row_keys` (`seq`: T of its hidden states; a
-    pixel model's rows have no label), or
+    """The `plan.Plan` of a forward, `keyed` from `row_keys` (`seq`: T of its hidden states), or
     None (every row computes, none stores). `near`: the verified tier's `Neighbours`, which may
     serve a row that misses (with `Semantic.serve == "pooled"`: its pooled state, by `pooling`).
     `mask` (host [B, T], where the caller sees no padding): the computing rows run only up to the
     last real token among them, the padding after it cut off (where the padding is, the model
     computes nothing a caller reads: the uncached call pads these rows to a longer row of the batch).
     Call inside `store.index.pinned()`, under the owner's lock."""
-    index = store.index
+    index, keys = store.index, keyed.keys
     # Every row's lookup at once; the hits are pinned (the reservations below must not evict
     # them before they are read) and counted.
-    found = index.find_many([key if key is not None else b"" for key, _, _, _ in keys])
+    found = index.find_many([b"" if key is None else key for key in keys])
     hit = np.flatnonzero(found >= 0)
     index.touch(found[hit])
     index.pin(found[hit].tolist())
-    served = [(r, keys[r][1], e) for r, e in zip(hit.tolist(), found[hit].tolist())]
-    compute, repeats, pooled, misses = [], [], [], []
-    first_row: dict[bytes, int] = {}
-    serve_pooled = near is not None and near.tier.semantic.serve == "pooled"
-    for r in np.flatnonzero(found < 0).tolist():
-        key, s = keys[r][0], keys[r][1]
-        if key is None:
-            compute.append(r)
-            continue
-        if key in first_row:
-            repeats.append((r, first_row[key]))
-            continue
-        entry = near.consider(r, index) if near is not None else None
-        if entry is not None:  # a neighbour's entry, served by the verified semantic tier
-            index.pin((entry,))
-            (pooled if serve_pooled else served).append((r, s, entry))
-            continue
-        first_row[key] = r
-        misses.append(r)
-        compute.append(r)
-    reserved = index.reserve_many([keys[r][0] for r in misses], [keys[r][2] for r in misses],
-                                  labels=[keys[r][3] for r in misses]) if misses else []
-    entries, writes = [], []
-    for r, entry in zip(misses, reserved):
-        key, s, n, _ = keys[r]
-        if entry >= 0:
-            if near is not None:
-                near.stored(r, entry, key)
-            entries.append(entry)
-            writes.append((r, s, n))
-        elif index.find(key) < 0:
+    served, pooled = hit.tolist(), []
+    held = found[hit].tolist()
+    miss = np.flatnonzero(found < 0).tolist()
+    if near is None:
+        compute, repeats, misses = _first_rows(keys, miss)
+    else:
+        compute, repeats, misses = _near_rows(keys, miss, near, index, served, held, pooled)
+    reserved = np.asarray(index.reserve_many([keys[r] for r in misses], keyed.count[misses],
+                                             labels=keyed.labels(misses)) if misses else [], dtype=np.int64)
+    ok = reserved >= 0
+    stored = np.asarray(misses, dtype=np.int64)[ok]
+    entries = reserved[ok].tolist()
+    writes = list(zip(stored.tolist(), keyed.start[stored].tolist(), keyed.count[stored].tolist()))
+    for r in np.asarray(misses, dtype=np.int64)[~ok].tolist():  # (nearly always none)
+        if index.find(keys[r]) < 0:
             counts["too_long"] = counts.get("too_long", 0) + 1
+    if near is not None:
+        for r, entry in zip(stored.tolist(), entries):
+            near.stored(r, entry, keys[r])
     width = seq
     if mask is not None and compute:
         real = mask[compute] != 0
         width = int((seq - real[:, ::-1].argmax(1)).max())  # (a row with no real token keeps every position)
     if not served and not repeats and not entries and not pooled and width == seq:
         return None
-    tokens = (sum(keys[r][2] for r, _, _ in served + pooled), sum(keys[r][2] for r in compute))
+    tokens = (int(keyed.count[served + [r for r, _ in pooled]].sum()), int(keyed.count[compute].sum()))
     semantic = near.pending.served_rows if near is not None else []
-    plan = plans.build(store, len(keys), seq, device, [(r, s, index.token_rows(e)) for r, s, e in served], compute,
+    plan = plans.build(store, len(keys), seq, device, (served, keyed.start[served].tolist(), held, None), compute,
                        repeats, entries, writes, width, served=len(served) + len(pooled),
                        semantic_rows=tuple(semantic), repeats=len(repeats), tokens=tokens)
     if pooled:
-        _place_pooled(store, plan, pooled, keys, pooling, device)
+        _place_pooled(store, plan, pooled, keyed, pooling, device)
     return plan
 
 
-def _place_pooled(store, plan, pooled: list, keys: list, pooling: str, device) -> None:
+def _first_rows(keys: list, miss: list) -> tuple[list, list, list]:
+    """(rows that compute, (row, earlier row of the batch it repeats), rows to store) of the rows
+    that `miss`: a key's first row computes and is stored, its repeats copy it."""
+    mine = [keys[r] for r in miss]
+    first = dict(zip(reversed(mine), reversed(miss)))  # key -> its first row
+    if len(first) == len(miss) and None not in first:  # (no repeats, every row keyed: nearly always)
+        return miss, [], miss
+    first.pop(None, None)
+    misses = sorted(first.values())
+    repeats = [(r, first[keys[r]]) for r in miss if keys[r] is not None and first[keys[r]] != r]
+    copied = {r for r, _ in repeats}
+    return [r for r in miss if r not in copied], repeats, misses
+
+
+def _near_rows(keys: list, miss: list, near, index, served: list, held: list, pooled: list) -> tuple[list, list, list]:
+    """`_first_rows` where the verified semantic tier may serve a row a neighbour's entry (added
+    to `served`/`held`, or to `pooled` as (row, start, entry) when it serves pooled states)."""
+    compute, repeats, misses = [], [], []
+    first_row: dict[bytes, int] = {}
+    serve_pooled = near.tier.semantic.serve == "pooled"
+    for r in miss:
+        key = keys[r]
+        if key is None:
+            compute.append(r)
+            continue
+        if key in first_row:
+            repeats.append((r, first_row[key]))
+            continue
+        entry = near.consider(r, index)
+        if entry is not None:  # a neighbour's entry, served by the verified semantic tier
+            index.pin((entry,))
+            if serve_pooled:
+                pooled.append((r, entry))
+            else:
+                served.append(r)
+                held.append(entry)
+            continue
+        first_row[key] = r
+        misses.append(r)
+        compute.append(r)
+    if served and sorted(served) != served:  # (the plan takes served rows in row order)
+        order = sorted(range(len(served)), key=served.__getitem__)
+        served[:], held[:] = [served[i] for i in order], [held[i] for i in order]
+    return compute, repeats, misses
+
+
+def _place_pooled(store, plan, pooled: list, keyed: RowKeys, pooling: str, device) -> None:
     """Add to the plan's served tokens rows served a neighbour's pooled state: each real token
     of row r holds the mean (pooling "mean") or the first token (pooling "cls") of the entry's
     stored output, so the caller's pooling of the row gives the entry's pooled output."""
     vectors, dst = [], []
-    for r, _, entry in pooled:
-        _, s, n, _ = keys[r]
+    for r, entry in pooled:
+        s, n = int(keyed.start[r]), int(keyed.count[r])
         states = store.arena.read(torch.from_numpy(store.index.token_rows(entry)).to(device))
         vector = states[:1] if pooling == "cls" else states.float().mean(0, keepdim=True).to(states.dtype)
         vectors.append(vector.expand(n, -1))

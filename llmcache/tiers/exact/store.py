@@ -41,7 +41,7 @@ class Store:
         self.config = config
         self.arena = self.new_arena(features, dtype, device)
         self.index = self.new_index()
-        self.pending: list = []  # (committed [(entry, key, ntokens)], per-token finite flags on the device)
+        self.pending: list = []  # ((entries committed, their keys, their ntokens), per-token finite flags on the device)
         self.local = threading.local()
 
     def new_arena(self, features: int, dtype: torch.dtype, device: torch.device) -> PagedArena:
@@ -79,10 +79,6 @@ class Store:
             self.local.buffer = buf
         return buf
 
-    def token_rows(self, entries) -> np.ndarray:
-        """int64: the arena rows of the entries' tokens, one after another."""
-        return np.concatenate([self.index.token_rows(e) for e in entries])
-
     # ---- finiteness ---------------------------------------------------------------------
     def take_pending(self) -> tuple[list, torch.Tensor | None]:
         """Entries written since the last routing whose finiteness the host does not know yet,
@@ -99,7 +95,7 @@ class Store:
         """Drop entries whose written tokens were not all finite (counted as "non_finite")."""
         if not batches or np.asarray(flags).all():  # (nearly always: every token finite)
             return
-        written = [item for batch in batches for item in batch]
+        written = [item for batch in batches for item in zip(*batch)]
         sizes = np.array([n for _, _, n in written], dtype=np.int64)
         finite = np.minimum.reduceat(np.asarray(flags[: int(sizes.sum())]), np.cumsum(sizes) - sizes)
         for i in np.flatnonzero(finite == 0).tolist():  # (nearly always none)
@@ -125,11 +121,11 @@ class Store:
         finite = torch.isfinite(total)
         self.arena.grow(self.index.num_pages)
         self.arena.write(dst, parts)
-        keys = [self.index.key(entry) for entry in entries]
+        keys = list(map(self.index.key, entries))
         published = self.index.commit_many(entries)
-        committed = [(entry if ok else -1, key, n) for entry, ok, key, n in zip(entries, published, keys, ntokens)]
-        self.pending.append((committed, finite))
-        return [e for e, _, _ in committed]
+        committed = list(entries) if all(published) else [e if ok else -1 for e, ok in zip(entries, published)]
+        self.pending.append(((committed, keys, ntokens), finite))
+        return committed
 
     def insert(self, items: list) -> list:
         """Store whole entries [(key, states [n, F], label, parent key: b"" or the page it
@@ -167,7 +163,7 @@ class Store:
         labels = [rows.label_bytes(label) if label is not None else b"" for label in state.pop("labels")]
         if not live:
             return {}
-        token_rows = torch.from_numpy(self.token_rows(live)).to(self.arena.device)
+        token_rows = torch.from_numpy(self.index.token_rows(live)).to(self.arena.device)
         states = self.arena.read(token_rows).cpu().contiguous()
         data, at, sums = raw(states), 0, []
         for key, label, n in zip(keys, labels, state["ntokens"].tolist()):
@@ -214,7 +210,7 @@ class Store:
         if not bool(torch.isfinite(states).all()):
             raise ValueError("the file holds non-finite cached states")
         arena.grow(index.num_pages)
-        token_rows = torch.from_numpy(np.concatenate([index.token_rows(e) for e in entries])).to(arena.device)
+        token_rows = torch.from_numpy(index.token_rows(entries)).to(arena.device)
         arena.write(token_rows, states.to(arena.device))
         return index, arena
 

@@ -106,7 +106,9 @@ class ExactTier(Tier):
             self.taken = []
             near = None
             if call.pixels is not None:
-                keys = [(rows.pixel_key(call.header, row, call.seq), 0, call.seq, None) for row in call.host]
+                batch = len(call.host)
+                keys = encoder.RowKeys([rows.pixel_key(call.header, row, call.seq) for row in call.host],
+                                       np.zeros(batch, dtype=np.int64), np.full(batch, call.seq, dtype=np.int64))
             else:
                 # RoBERTa-style embeddings number positions from the ids, padding included.
                 ids_before = call.arguments.get("position_ids") is None and self.positions_from_ids
@@ -160,7 +162,7 @@ class ExactTier(Tier):
         """Write and publish the entries `plan` reserved: `parts` [W, F_i] at arena rows `dst`."""
         with self.owner.lock:
             committed = self.store.commit(plan.entries, plan.store_n, dst, parts)
-            self.owner.counters.inserted += sum(e >= 0 for e in committed)
+            self.owner.counters.inserted += len(committed) - committed.count(-1)
             if self.remote is not None:
                 self.remote.share(self.store, committed, plan.store_n, parts, self._shared_fingerprint())
         plan.entries = []
