@@ -63,7 +63,7 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
     rows = np.arange(batch, dtype=np.int64)
     covered = np.asarray([len(rows_.found[r]) and rows_.covered[r] for r in range(batch)], dtype=np.int64)
     found = [e for r in range(batch) if p[r] for e in rows_.found[r]]
-    held = store.token_rows(found) if found else np.zeros(0, dtype=np.int64)
+    held = store.index.token_rows(found) if found else np.zeros(0, dtype=np.int64)
     first = np.cumsum(np.where(p > 0, covered, 0)) - np.where(p > 0, covered, 0)
     parts["prefix_src"] = held[plans.runs(first[p > 0], p[p > 0])] if found else held
     parts["prefix_slot"] = plans.runs(rows * pmax + pmax - p, p)
@@ -82,7 +82,7 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
         computed = row * smax + token - p[row]
         parts["store_src"] = np.where(before, (np.cumsum(p) - p)[row] + token, computed + int(p.sum())) \
             if straddle else computed
-        parts["store_dst"] = store.token_rows(entries)
+        parts["store_dst"] = store.index.token_rows(entries)
     dev = plans.upload(parts, device)
     for name in ("ids", "positions", "types"):
         dev[name] = dev[name].view(batch, smax)
@@ -103,20 +103,17 @@ def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
     g, dev = tier.geometry, plan.dev
     batch, pmax, half = plan.batch, plan.prefix, g.kv_width // 2
     cache = DynamicCache() if cache is None else cache
+    if pmax:  # every block's K and V [B, heads, Pmax, head dim]: views of one [B * Pmax, blocks x K|V] block
+        flat = plan.prefix_states[:, g.hidden : g.hidden + g.blocks * g.kv_width].to(kv_dtype)
+        if not plan.uniform:  # (uniform: the cached K/V are views of the states read)
+            flat = flat.new_zeros((batch * pmax, flat.shape[1])).index_copy_(0, dev["prefix_slot"], flat)
+        kv = flat.view(batch, pmax, g.blocks, 2, g.kv_heads, -1).permute(2, 3, 0, 4, 1, 5)
+    else:
+        empty = torch.zeros(batch, g.kv_heads, 0, half // g.kv_heads, dtype=kv_dtype, device=dev["ids"].device)
+        kv = [(empty, empty)] * g.blocks
     for position in range(g.blocks):
-        both = []
-        for which in (0, 1):
-            if not pmax:
-                both.append(torch.zeros(batch, g.kv_heads, 0, half // g.kv_heads, dtype=kv_dtype,
-                                        device=dev["ids"].device))
-                continue
-            lo = g.hidden + position * g.kv_width + which * half
-            cols = plan.prefix_states[:, lo : lo + half].to(kv_dtype)
-            if not plan.uniform:  # (uniform: the cached K/V are views of the states read)
-                cols = cols.new_zeros((batch * pmax, half)).index_copy_(0, dev["prefix_slot"], cols)
-            both.append(cols.view(batch, pmax, g.kv_heads, -1).transpose(1, 2))
         # (Views of the read buffer: the suffix's own update replaces them with its concatenation.)
-        give_kv(cache, both[0], both[1], tier.layer_idx(position), kv_dtype)
+        give_kv(cache, kv[position][0], kv[position][1], tier.layer_idx(position), kv_dtype)
     return cache
 
 
