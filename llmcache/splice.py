@@ -157,15 +157,13 @@ def give_kv(cache, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, dty
 
     keys, values = keys.to(dtype), values.to(dtype)
     layers = getattr(cache, "layers", None)
-    if layers is not None and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer \
-            and not getattr(cache, "offloading", False):
-        while len(layers) <= layer_idx:  # (as its update makes the layers up to layer_idx)
-            layers.append(DynamicLayer())
-    else:  # (another cache: its update makes and initialises the layer)
-        cache.update(keys[:, :, :0], values[:, :, :0], layer_idx)
-    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
-    if type(layer) is DynamicLayer and (not layer.is_initialized or layer.keys.numel() == 0):
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    else:
-        cache.update(keys, values, layer_idx)
+    if layers is not None and not getattr(cache, "offloading", False):
+        if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+            while len(layers) <= layer_idx:  # (as its update makes the layers up to layer_idx)
+                layers.append(DynamicLayer())
+        layer = layers[layer_idx] if layer_idx < len(layers) else None
+        if type(layer) is DynamicLayer and (not layer.is_initialized or layer.keys.numel() == 0):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            return
+    cache.update(keys, values, layer_idx)

@@ -87,7 +87,7 @@ class BlockSplice:
             return
         heads, head_dim, layer_idx = layout
         if plan.compute is None:  # every row computed: the real cache takes the block's own K, V
-            real.update(keys, values, layer_idx)
+            give_kv(real, keys, values, layer_idx, keys.dtype)
             return
         width = 2 * heads * head_dim
         if plan.served_all:  # every position served, in order: the stored K|V as they are (views)
