@@ -155,7 +155,8 @@ def give_kv(cache, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, dty
     onto its empty tensors, and its next update copies them anyway); other caches update."""
     from transformers.cache_utils import DynamicLayer
 
-    keys, values = keys.to(dtype), values.to(dtype)
+    if keys.dtype != dtype or values.dtype != dtype:  # (`to` costs a dispatch even where it changes nothing)
+        keys, values = keys.to(dtype), values.to(dtype)
     layers = getattr(cache, "layers", None)
     if layers is not None and not getattr(cache, "offloading", False):
         if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:

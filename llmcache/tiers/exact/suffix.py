@@ -74,14 +74,17 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
     if entries:
         # A reserved page of row r covers its tokens [at, at + n): computed ones, and where it
         # replaces a partial page that ended the row's cached prefix, cached ones before them
-        # (`store_src` then indexes the prefix states first, then the computed tokens).
+        # (`store_src` then indexes those cached tokens first, `store_prefix` their rows among
+        # the prefix states read, then the computed tokens).
         w_r, w_at, w_n = (np.asarray(x, dtype=np.int64) for x in zip(*writes))
         token, row = plans.runs(w_at, w_n), np.repeat(w_r, w_n)
         before = token < p[row]
         straddle = bool(before.any())
         computed = row * smax + token - p[row]
-        parts["store_src"] = np.where(before, (np.cumsum(p) - p)[row] + token, computed + int(p.sum())) \
-            if straddle else computed
+        if straddle:
+            parts["store_prefix"] = ((np.cumsum(p) - p)[row] + token)[before]
+            computed = np.where(before, np.cumsum(before) - 1, computed + int(before.sum()))
+        parts["store_src"] = computed
         parts["store_dst"] = store.index.token_rows(entries)
     dev = plans.upload(parts, device)
     for name in ("ids", "positions", "types"):
@@ -218,9 +221,10 @@ def suffix_forward(tier, plan: SuffixPlan, call, forward):
             src = plan.dev["store_src"]
             kv = [(layer.keys[:, :, plan.prefix :], layer.values[:, :, plan.prefix :]) for layer in layers]
             computed = [last.reshape(batch * smax, -1), kv_rows(kv).reshape(batch * smax, -1)]
-            if plan.straddle:
+            if plan.straddle:  # (the cached tokens of the partial pages these pages replace, then the computed ones)
                 dtype = plan.prefix_states.dtype
-                source = torch.cat([plan.prefix_states, torch.cat([c.to(dtype) for c in computed], -1)])
+                cached = plan.prefix_states.index_select(0, plan.dev["store_prefix"])
+                source = torch.cat([cached, torch.cat([c.to(dtype) for c in computed], -1)])
                 parts = [source.index_select(0, src)]
             else:
                 parts = [c.index_select(0, src) for c in computed]
