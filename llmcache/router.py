@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,23 @@ class Counters:
     not_cached: dict = field(default_factory=dict)  # reason -> rows
     fingerprint_s: float = 0.0
     lookup_s: float = 0.0
+
+
+def _fill_defaults(given: np.ndarray, present: list) -> np.ndarray:
+    """int64 [4, B, T] from the inputs given ([n, B, T], in order) and which of ids, mask,
+    positions, types they are: a mask of ones, positions 0..T-1 and types 0 where not given."""
+    if all(present):
+        return given
+    host = np.empty((4, *given.shape[1:]), dtype=np.int64)
+    defaults = (None, 1, np.arange(given.shape[2], dtype=np.int64), 0)
+    at = 0
+    for i, here in enumerate(present):
+        if here:
+            host[i] = given[at]
+            at += 1
+        else:
+            host[i] = defaults[i]
+    return host
 
 
 @dataclass
@@ -154,15 +172,10 @@ class ModelCache:
             call.pixels = rows.pixel_hashes(arguments["pixel_values"])
             self._route(call, None)
             return call
-        mask = arguments.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.expand_as(ids)
-        positions = arguments.get("position_ids")
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids) if positions is None \
-            else positions.expand_as(ids)
-        types = arguments.get("token_type_ids")
-        types = torch.zeros_like(ids) if types is None else types.expand_as(ids)
-        call.batch = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
-        self._route(call, call.batch)
+        call.inputs = tuple(t if isinstance(t, torch.Tensor) else None for t in
+                            (ids, arguments.get("attention_mask"), arguments.get("position_ids"),
+                             arguments.get("token_type_ids")))
+        self._route(call, call.inputs)
         return call
 
     def _bind(self, args: tuple, kwargs: dict) -> dict:
@@ -214,10 +227,10 @@ class ModelCache:
         self._route(call, call.pixels)
         call.pixels = None
 
-    def _route(self, call: Call, batch: torch.Tensor | None) -> None:
-        """Bring `batch` (int64 [4, B, T], or a pixel model's [B, 2] hashes) and each tier's payload
-        to the host in one copy, then route the call through the tiers in order. `batch` None: a
-        pixel model before its first block (only tiers that route on the device route it now)."""
+    def _route(self, call: Call, batch) -> None:
+        """Bring `batch` (the call's `inputs`, or a pixel model's [B, 2] hashes) and each tier's
+        payload to the host in one copy, then route the call through the tiers in order. `batch`
+        None: a pixel model before its first block (only tiers that route on the device route it now)."""
         start = time.perf_counter()
         with self.lock:
             if batch is not None and any(t.host for t in self.tiers):
@@ -231,27 +244,35 @@ class ModelCache:
             if batch is not None and self.tiers[0].host:
                 self._count(call, batch, start)
 
-    def _host_copy(self, call: Call, batch: torch.Tensor) -> None:
-        """The forward's one host synchronisation: `batch` and every tier's payload."""
+    def _host_copy(self, call: Call, batch) -> None:
+        """The forward's one host synchronisation: `batch` (the inputs given: ids, mask, positions,
+        types, None where not given; or pixel hashes) and every tier's payload. A token batch
+        lands in `call.host` as int64 [4, B, T], what was not given filled in on the host."""
+        given = [t for t in batch if t is not None] if isinstance(batch, tuple) else [batch]
+        shape = given[0].shape
+        given = [t if t.dtype == torch.int64 else t.long() for t in given]
         payloads = [(tier, tier.payload(call)) for tier in self.tiers if tier.host]
         payloads = [(tier, p.flatten()) for tier, p in payloads if p is not None]
-        flat = torch.cat([batch.flatten()] + [p.to(batch.device) for _, p in payloads]) if payloads \
-            else batch.flatten()
-        host = flat.cpu().numpy()
-        call.host = host[: batch.numel()].reshape(batch.shape)
-        at = batch.numel()
+        device = given[0].device
+        flat = [t.expand(shape).flatten() for t in given] + [p.to(device) for _, p in payloads]
+        host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
+        at = len(given) * given[0].numel()
+        if isinstance(batch, tuple):
+            call.host = _fill_defaults(host[:at].reshape(len(given), *shape), [t is not None for t in batch])
+        else:
+            call.host = host[:at].reshape(shape)
         for tier, p in payloads:
             call.parts[tier] = host[at : at + p.numel()]
             at += p.numel()
-        call.device = batch.device
+        call.device = device
         if call.pixels is None:
-            call.seq = batch.shape[-1]
+            call.seq = shape[-1]
 
-    def _count(self, call: Call, batch: torch.Tensor, start: float) -> None:
+    def _count(self, call: Call, batch, start: float) -> None:
         route, c = call.route, self.counters
         self.count_reasons(call.counts)
         call.counts = {}
-        c.looked_up += batch.shape[-2] if batch.dim() == 3 else batch.shape[0]
+        c.looked_up += batch[0].shape[0] if isinstance(batch, tuple) else batch.shape[0]
         route = route if route is not None else Route()
         c.served += route.served
         c.semantic_served += len(route.semantic_rows)

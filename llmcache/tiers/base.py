@@ -41,7 +41,8 @@ class Call:
     padding: tuple = (False, False)  # whether the caller sees a row's (leading, trailing) padding
     seq: int = 0  # T: positions of the hidden states the blocks see
     device: torch.device | None = None  # where the batch is
-    batch: torch.Tensor | None = None  # int64 [4, B, T]: ids, mask, positions, token types (None: pixels)
+    inputs: tuple | None = None  # (ids, mask, positions, token types) as given, None where not (None: pixels)
+    batch: torch.Tensor | None = None  # `device_batch()`'s, once made
     host: np.ndarray | None = None  # the same on the host, once the router has copied it
     parts: dict = field(default_factory=dict)  # tier -> its payload's host copy
     counts: dict = field(default_factory=dict)  # reason -> rows not cached, found while routing
@@ -51,6 +52,20 @@ class Call:
     capture: list | None = None  # the last block's outputs, recorded during a suffix call or a decode step
     track: object | None = None  # a decoder's prefill: the following of its KV cache it started (`exact.extend`)
     elapsed: float = 0.0  # seconds the model's own forward took
+
+
+    def device_batch(self) -> torch.Tensor | None:
+        """int64 [4, B, T] on the batch's device: ids, mask (1 where not given), position ids (0..T-1
+        where not given) and token types (0 where not given); None for a pixel model. Made on first
+        use (the exact tier routes on the host copy and never asks for it)."""
+        if self.batch is None and self.inputs is not None:
+            ids, mask, positions, types = self.inputs
+            mask = torch.ones_like(ids) if mask is None else mask.expand_as(ids)
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids) if positions is None \
+                else positions.expand_as(ids)
+            types = torch.zeros_like(ids) if types is None else types.expand_as(ids)
+            self.batch = torch.stack([ids.long(), mask.long(), positions.long(), types.long()])
+        return self.batch
 
 
 class Tier:

@@ -215,10 +215,11 @@ class SemanticTier(Tier):
     # ---- the Tier verbs -------------------------------------------------------------------
     def payload(self, call: Call) -> torch.Tensor | None:
         """int64 [B, W]: SimHash of each row's mean input token embedding (its real tokens')."""
-        if call.batch is None:
+        batch = call.device_batch()
+        if batch is None:
             return None
         start = time.perf_counter()
-        ids, mask = call.batch[0], call.batch[1]
+        ids, mask = batch[0], batch[1]
         codes = simhash_pooled_unchecked(self.embedding(ids), mask, self.planes, backend=self.backend)
         self.fingerprint_s += time.perf_counter() - start
         return codes
@@ -228,7 +229,7 @@ class SemanticTier(Tier):
         pooled = self.semantic.serve == "pooled"
         groups = rows.near_keys(call.header, call.host, ids_before, pooled, call.padding)
         codes = call.parts[self].reshape(len(groups), -1).view(np.uint64)
-        call.near = Neighbours(self, Pending(call.batch[1]), groups, codes)
+        call.near = Neighbours(self, Pending(call.device_batch()[1]), groups, codes)
         return call.near
 
     def finish(self, call: Call, output, top: bool) -> None:

@@ -37,7 +37,7 @@ class LayerwiseTier(Tier):
     def route(self, call: Call) -> LayerwiseRoute:
         if call.pixels is not None:  # (its context is made at its first block)
             return LayerwiseRoute()
-        ids, mask, positions, types = call.batch
+        ids, mask, positions, types = call.device_batch()
         return LayerwiseRoute(context=token_context(self.owner, call.header, ids, mask, positions, types,
                                                     call.kv_cache))
 
