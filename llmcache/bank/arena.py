@@ -93,11 +93,12 @@ class PagedArena:
         flat = self.pages.view(-1, self.features)
         with torch.no_grad():
             if isinstance(states, torch.Tensor):
-                flat.index_copy_(0, token_rows, states.detach().to(self.dtype))
+                flat.index_copy_(0, token_rows, states if states.dtype == self.dtype else states.to(self.dtype))
                 return
             at = 0
             for part in states:
-                flat[:, at : at + part.shape[1]].index_copy_(0, token_rows, part.detach().to(self.dtype))
+                part = part if part.dtype == self.dtype else part.to(self.dtype)
+                flat[:, at : at + part.shape[1]].index_copy_(0, token_rows, part)
                 at += part.shape[1]
 
     def clear(self) -> None:

@@ -103,8 +103,11 @@ class EntryTable:
     def token_rows(self, entries) -> np.ndarray:
         """int64: the flat arena rows (page * page_tokens + offset) of the entries' tokens, one
         entry after another (one numpy pass over the batch)."""
-        ids = np.asarray(entries, dtype=np.int64)
         pt = self.page_tokens
+        if len(entries) == 1:  # (one entry: its pages' slots, cut to its tokens)
+            n = int(self.ntokens[entries[0]])
+            return (self.pages[entries[0], : -(-n // pt), None] * pt + np.arange(pt, dtype=np.int64)).ravel()[:n]
+        ids = np.asarray(entries, dtype=np.int64)
         counts = self.ntokens[ids]
         if not len(ids):
             return np.zeros(0, dtype=np.int64)

@@ -81,6 +81,8 @@ def upload(parts: dict, device: torch.device) -> dict:
     names = [n for n, a in parts.items() if a is not None]
     if not names:
         return {}
+    if device.type == "cpu":  # (no copy to make: each array as a tensor)
+        return {n: torch.from_numpy(np.ascontiguousarray(parts[n], dtype=np.int64).ravel()) for n in names}
     flat = torch.from_numpy(np.concatenate([np.asarray(parts[n], dtype=np.int64).ravel() for n in names]))
     if device.type == "cuda":
         flat = flat.pin_memory().to(device, non_blocking=True)
