@@ -226,3 +226,28 @@ def test_shared_pages_bench_quick_run_writes_every_variant(tmp_path):
     assert restart["new_rate"] > restart["new_local_only_rate"]
     assert restart["warm_flushed"] and restart["errors"] == {}
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {"fleet K=1", "fleet K=2", "restart"}
+
+
+def test_op_counter_tells_views_from_kernels():
+    from bench.costs import ops
+
+    a = torch.randn(4, 5)
+    with ops.counted() as count:
+        a.view(20)
+        a.t()
+        a + 1  # (an op that computes)
+        a.add_(1)  # (in place: a kernel although its output is its input)
+        a.sum()
+    assert (count.kernels, count.views) == (3, 2)
+    assert count.by_name == {"add": 1, "add_": 1, "sum": 1}
+
+
+def test_hostpath_op_counts_show_a_hit_dispatching_fewer_kernels_than_the_uncached_forward():
+    import llmcache
+    from bench.costs import hostpath
+
+    gen = torch.Generator().manual_seed(0)
+    model = llmcache.accelerate(hostpath.twin("minilm", "cpu"))
+    counts = hostpath.op_counts(model, lambda: torch.randint(5, 1000, (4, 16), generator=gen), 16, decoder=False)
+    assert set(counts) == {"uncached", "miss", "hit"}
+    assert counts["hit"]["kernels"] < counts["uncached"]["kernels"] <= counts["miss"]["kernels"]

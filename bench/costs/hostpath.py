@@ -2,7 +2,7 @@
 is negligible (as a GPU forward looks from the host).
 
     python -m bench.costs.hostpath [--grid default|full] [--rounds 9] [--threads 1] [--device cpu|cuda]
-                                   [--stages] [--out FILE]
+                                   [--stages] [--ops] [--out FILE]
 
 Twins (random weights, the real models' op graph with tiny widths): MiniLM's shape (BertModel, 6
 blocks, hidden 48), BERT-base's (12 blocks, hidden 48) and a Llama (16 blocks, hidden 64). The
@@ -20,13 +20,15 @@ forward of the same shape. It uses only `accelerate`, `disable`, `bypass` and `s
 an older checkout of the package (PYTHONPATH) for a before/after comparison. On CUDA every timed
 call is bracketed by a synchronisation. `--stages` adds the cache's own microseconds per
 forward by stage (`bench.costs.stages`: it wraps internal functions, so it times this checkout
-only; on the CPU the arena writes and reads are device work too). Writes JSON to `--out` (default: stdout only); nothing
-asserts.
+only; on the CPU the arena writes and reads are device work too). `--ops` adds the torch ops one forward
+of each scenario dispatches (`bench.costs.ops`: kernels, i.e. a launch each on a GPU, and views), exact
+on any machine. Writes JSON to `--out` (default: stdout only); nothing asserts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import sys
@@ -97,8 +99,27 @@ def stage_times(model, new, rows: int, tokens: int, rounds: int, decoder: bool) 
     return out
 
 
+def op_counts(model, new, tokens: int, decoder: bool) -> dict:
+    """Ops one forward dispatches per scenario (`bench.costs.ops`): {scenario: {"kernels", "views"}}."""
+    from bench.costs import ops
+
+    fixed, out = new(), {}
+    with torch.inference_mode():
+        model(input_ids=fixed)
+        cached = max(1, int(0.9 * tokens))
+        batches = {"uncached": fixed, "miss": new(), "hit": fixed}
+        if decoder:
+            batches["prefix_hit"] = torch.cat([fixed[:, :cached], new()[:, cached:]], dim=1)
+        for scenario, batch in batches.items():
+            with (llmcache.bypass(model) if scenario == "uncached" else contextlib.nullcontext()), \
+                    ops.counted() as count:
+                model(input_ids=batch)
+            out[scenario] = {"kernels": count.kernels, "views": count.views}
+    return out
+
+
 def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator, device: str,
-            with_stages: bool = False) -> dict:
+            with_stages: bool = False, with_ops: bool = False) -> dict:
     model = llmcache.accelerate(twin(name, device))
     decoder = name == "llama"
     new = lambda: torch.randint(5, 1000, (rows, tokens), generator=gen).to(device)
@@ -148,6 +169,8 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
     row.update({"hits": s.hits, "rows_seen": s.rows})
     if with_stages:
         row["stages_us"] = stage_times(model, new, rows, tokens, rounds, decoder)
+    if with_ops:
+        row["ops"] = op_counts(model, new, tokens, decoder)
     row.update(full_bank(llmcache.disable(model), new, rounds, device))
     return row
 
@@ -184,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--stages", action="store_true", help="also time the cache's own work by stage (bench.costs.stages)")
+    p.add_argument("--ops", action="store_true", help="also count the ops each scenario dispatches (bench.costs.ops)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(1)
     grid = DEFAULT_GRID if args.grid == "default" else full_grid()
-    rows = [measure(name, b, t, args.rounds, gen, args.device, args.stages) for name, b, t in grid]
+    rows = [measure(name, b, t, args.rounds, gen, args.device, args.stages, args.ops) for name, b, t in grid]
     print(f"llmcache from {llmcache.__file__}")
     fmt = lambda v: "-" if v is None else v
     print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "uncached ms": r["uncached_ms"],
@@ -206,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "case": case, "own us": v["own"],
                       **{n: v[n] for n in names}} for r in rows for case, v in r["stages_us"].items()],
                     {n: ".0f" for n in ["own us"] + names}, "lll" + "r" * (len(names) + 1))
+    if args.ops:
+        print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "case": case, "kernels": v["kernels"],
+                      "views": v["views"], "kernels - uncached": v["kernels"] - r["ops"]["uncached"]["kernels"]}
+                     for r in rows for case, v in r["ops"].items()], {}, "lllrrr")
     if args.out:
         write_json(args.out, {"llmcache": llmcache.__file__, "torch": torch.__version__, "threads": args.threads,
                               "device": args.device, "grid": args.grid, "rows": rows})
