@@ -73,11 +73,8 @@ class EntryTable:
         kids counted)."""
         entries = self.new(len(keys)) if entries is None else entries
         ids = np.asarray(entries, dtype=np.int64)
-        if len(entries) == 1:
-            self.keys[entries[0]], self.labels[entries[0]] = keys[0], labels[0]
-        else:
-            for e, key, label in zip(entries, keys, labels):
-                self.keys[e], self.labels[e] = key, label
+        for e, key, label in zip(entries, keys, labels):
+            self.keys[e], self.labels[e] = key, label
         if pages.shape[1] > self.pages.shape[1]:  # (a longer entry than any before: widen the block table)
             wider = np.zeros((len(self.pages), max(pages.shape[1], 2 * self.pages.shape[1])), dtype=np.int64)
             wider[:, : self.pages.shape[1]] = self.pages

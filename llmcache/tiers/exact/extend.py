@@ -109,10 +109,9 @@ class Tracks:
         after = np.zeros((rows_.batch, 32), dtype=np.uint8)
         tail_keys = []
         for r in range(rows_.batch):  # (per row of a prefill, once: its chain's last key and tail page)
-            keys = rows_.keys[r]
-            last = keys[full[r] - 1] if active[r] and full[r] else rows.chain_seed(b"P", rows_.headers[r])
+            last = rows_.page_key(r, full[r] - 1) if active[r] and full[r] else rows.chain_seed(b"P", rows_.headers[r])
             after[r] = np.frombuffer(last, dtype=np.uint8)
-            tail_keys.append(keys[full[r]] if active[r] and lens[r] else None)
+            tail_keys.append(rows_.page_key(r, full[r]) if active[r] and lens[r] else None)
         track = Track(cache, call.switches, rows_.headers, after, active & (full > 0), host, lens, tail_keys, active,
                       seq)
         self._prune()

@@ -118,11 +118,10 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     found, covered = _longest_runs(index, flat, keyed_count, page)
     partial = _partial_pages(index, headers, host, start, keyed_count, page, flat, found, covered) \
         if near is None else [0] * batch
-    page_keys = [flat[r * keys.shape[1] : (r + 1) * keys.shape[1]] for r in range(batch)]
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
     index.pin(e for f in found for e in f)
-    rows_ = _Rows(headers, host, page_keys, flat, start, count.tolist(), found, covered, keyed, leading, trailing, pads,
-                  partial)
+    rows_ = _Rows(headers, host, flat, keys.shape[1], start, count.tolist(), found, covered, keyed, leading, trailing,
+                  pads, partial)
     chains = None
     if near is not None:
         chains = _near(near, index, rows_, prefixes)
@@ -138,15 +137,19 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
 class _Rows:
     """What routing knows of each row of a decoder batch (lists and arrays indexed by row)."""
 
-    def __init__(self, headers, host, keys, flat, start, n_real, found, covered, keyed, leading, trailing, pads,
+    def __init__(self, headers, host, flat, per_row, start, n_real, found, covered, keyed, leading, trailing, pads,
                  partial):
-        self.headers, self.host, self.keys = headers, host, keys  # keys: per row, its pages' keys
-        self.flat = flat  # every row's pages' keys, row after row (as many per row)
+        self.headers, self.host = headers, host
+        self.flat, self.per_row = flat, per_row  # every row's pages' keys, row after row, `per_row` each
         self.partial = partial  # per row: tokens of the partial page that ends its cached prefix (0: none)
         self.ids, self.positions, self.types = host[0], host[2], host[3]
         self.start, self.n_real, self.found, self.covered, self.keyed = start, n_real, found, covered, keyed
         self.leading, self.trailing, self.pads = leading, trailing, pads
         self.batch = len(n_real)
+
+    def page_key(self, r: int, j: int) -> bytes:
+        """The key of row r's page j (chained over the row's pages before it)."""
+        return self.flat[r * self.per_row + j]
 
     def padded(self, r: int) -> bool:
         """The caller sees this row's padding."""
@@ -176,7 +179,7 @@ def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) 
     """Reserve the pages each computing row adds, all in one `reserve_many` (one copy of a page
     that two rows of this batch share): (entries, writes as (row, token offset in the row's
     span, ntokens)). Numpy over the batch's pages: no Python loop over rows or pages."""
-    batch, per_row = rows_.batch, len(rows_.flat) // max(rows_.batch, 1)
+    batch, per_row = rows_.batch, rows_.per_row
     n_real = np.asarray(rows_.n_real, dtype=np.int64)
     todo = [r for r in range(batch) if rows_.keyed[r] and not whole[r]]
     if not todo:
@@ -255,7 +258,7 @@ def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near)
             served.append(r)
             continue
         if rows_.keyed[r] and not rows_.padded(r):
-            tokens = rows_.keys[r][(n - 1) // page]  # (its last page's key names every token of it)
+            tokens = rows_.page_key(r, (n - 1) // page)  # (its last page's key names every token of it)
             if tokens in first_row:
                 repeats.append((r, first_row[tokens]))
                 continue
