@@ -33,8 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .ops._library import extension, resolve_backend
 from .ops.chain_hash import chain_hash_unchecked
 
+_CPU = torch.device("cpu")
 LAYOUT_VERSION = 5  # of exact keys and of what an entry stores; part of every key (5: content-addressed)
 
 # A context variable, not a thread-local: asyncio runs many requests on one thread, and each task
@@ -167,6 +169,41 @@ def chain_keys(kind: bytes, headers: list, host: np.ndarray, start: np.ndarray, 
     keys = chain_hash_unchecked(seeds, tokens, torch.from_numpy(np.ascontiguousarray(start)),
                                 torch.from_numpy(np.ascontiguousarray(count)), page, pages)
     return keys.numpy()
+
+
+def row_keys(header: bytes, host: np.ndarray, padding: tuple[bool, bool] = (False, False), ids_before: bool = False,
+             counts: dict | None = None, *, backend: str | None = None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """The exact tier's whole-row keys of a batch, `host` int64 [4, B, T] (ids, mask, positions,
+    types): (keys, start, count, marks). Row r's key covers its real tokens (`spans`) and the
+    padding the caller sees (`padding`: leading, trailing), from `start[r]`, `count[r]` tokens (0
+    where it cannot be keyed: its key is None and it is added to `counts` by reason); with
+    `ids_before` the ids left of that span too (they decide positions). `marks` int64 [3, B]: each
+    row's (lead, trail, before), what its key header adds (`marked_header`). One host call where
+    the extension is built (`csrc/cpu/row_keys.cpp`); `_row_keys_reference` is the contract."""
+    ext = extension()
+    if ext is None or resolve_backend(backend, _CPU) == "reference":
+        return _row_keys_reference(header, host, padding, ids_before, counts)
+    keys, blob, no_tokens, gaps = ext.row_keys(np.ascontiguousarray(host, dtype=np.int64), header, padding[0],
+                                               padding[1], ids_before)
+    if counts is not None and (no_tokens or gaps):
+        for reason, n in (("no_tokens", no_tokens), ("mask_gaps", gaps)):
+            if n:
+                counts[reason] = counts.get(reason, 0) + n
+    arrays = np.frombuffer(blob, dtype=np.int64).reshape(5, -1)
+    return keys, arrays[0], arrays[1], arrays[2:]
+
+
+def _row_keys_reference(header: bytes, host: np.ndarray, padding: tuple[bool, bool], ids_before: bool,
+                        counts: dict | None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    found = spans(host[1], padding, counts)
+    start = found.start - found.lead
+    count = np.where(found.keyed, found.count + found.lead + found.trail, 0)
+    before = start if ids_before else np.zeros_like(start)
+    headers = marked_headers(header, found.lead, found.trail, before)
+    keys = split_keys(chain_keys(b"R", headers, host, start - before, count + before, host.shape[2])[:, 0]) \
+        if len(count) and count.any() else [None] * len(count)
+    keys = [k if keyed and n else None for k, keyed, n in zip(keys, found.keyed.tolist(), count.tolist())]
+    return keys, start, count, np.stack([found.lead, found.trail, before])
 
 
 def split_keys(keys: np.ndarray) -> list:

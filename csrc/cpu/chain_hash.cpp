@@ -114,6 +114,13 @@ void blake2b(const uint8_t* data, int64_t n, uint8_t* out, int outlen) {
 
 void chain_hash(const uint8_t* seeds, const int64_t* tokens, int64_t C, int64_t B, int64_t T,
                 const int64_t* start, const int64_t* count, int64_t page, int64_t P, uint8_t* out) {
+  std::vector<const int64_t*> channels(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) channels[c] = tokens + c * B * T;
+  chain_hash_channels(seeds, channels.data(), C, T, B, start, count, page, P, out);
+}
+
+void chain_hash_channels(const uint8_t* seeds, const int64_t* const* channels, int64_t C, int64_t T, int64_t B,
+                         const int64_t* start, const int64_t* count, int64_t page, int64_t P, uint8_t* out) {
   std::memset(out, 0, static_cast<size_t>(B * P * kChainDigest));
   std::vector<uint8_t> msg;  // one page's message, gathered token-major, then hashed at once
   for (int64_t r = 0; r < B; ++r) {
@@ -124,7 +131,7 @@ void chain_hash(const uint8_t* seeds, const int64_t* tokens, int64_t C, int64_t 
       // Narrow: every value of the page fits int32 (ids, positions, token types nearly always do).
       bool narrow = true;
       for (int64_t c = 0; c < C && narrow; ++c) {
-        const int64_t* channel = tokens + (c * B + r) * T + a;
+        const int64_t* channel = channels[c] + r * T + a;
         for (int64_t t = 0; t < n; ++t) narrow = narrow && channel[t] == static_cast<int32_t>(channel[t]);
       }
       const int64_t width = narrow ? 4 : 8;
@@ -136,7 +143,7 @@ void chain_hash(const uint8_t* seeds, const int64_t* tokens, int64_t C, int64_t 
       p[kChainDigest + 4] = static_cast<uint8_t>(width);
       uint8_t* body = p + kChainDigest + 5;
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t* channel = tokens + (c * B + r) * T + a;
+        const int64_t* channel = channels[c] + r * T + a;
         if (narrow) {
           int32_t* words = reinterpret_cast<int32_t*>(body);
           for (int64_t t = 0; t < n; ++t) {

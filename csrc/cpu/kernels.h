@@ -84,6 +84,26 @@ void blake2b(const uint8_t* data, int64_t n, uint8_t* out, int outlen);
 constexpr int kChainDigest = 32;
 void chain_hash(const uint8_t* seeds, const int64_t* tokens, int64_t C, int64_t B, int64_t T,
                 const int64_t* start, const int64_t* count, int64_t page, int64_t P, uint8_t* out);
+// The same with channel c of row r at channels[c] + r * T (channels that are not one block).
+void chain_hash_channels(const uint8_t* seeds, const int64_t* const* channels, int64_t C, int64_t T, int64_t B,
+                         const int64_t* start, const int64_t* count, int64_t page, int64_t P, uint8_t* out);
+
+// ---- row_keys.cpp ----
+// The exact tier's whole-row keys of a batch in one pass (llmcache.rows.row_keys states the
+// contract; its Python composition is the reference). host: int64 [4, B, T] (ids, mask,
+// positions, types). Per row: its real tokens (mask != 0) start s and count n; keyed when n > 0
+// and they have no gap; lead = s and trail = T - s - n where the caller sees that padding
+// (`lead_visible`, `trail_visible`; 0 elsewhere and on rows not keyed); the key's span starts
+// at s - lead (start[r]) and holds n + lead + trail tokens (count[r], 0 when not keyed);
+// before = that start where `ids_before` (the ids left of it decide positions), else 0. The key
+// is chain_hash's one page over tokens start - before .. start + count of channels ids,
+// positions, types, seeded by BLAKE2b-256("R" || header || marks), marks = "M" lead trail
+// (uint32 LE each) where either is non-zero, then "B" before (uint32 LE) where it is.
+// Writes start, count, marks [3, B] (lead, trail, before), keys [B, 32] (zero where not keyed),
+// keyed [B]; returns the rows with no real token in *no_tokens and those with gaps in *gaps.
+void row_keys(const int64_t* host, int64_t B, int64_t T, const uint8_t* header, int64_t header_len,
+              bool lead_visible, bool trail_visible, bool ids_before, int64_t* start, int64_t* count,
+              int64_t* marks, uint8_t* keys, uint8_t* keyed, int64_t* no_tokens, int64_t* gaps);
 
 }  // namespace cpu
 }  // namespace llmcache

@@ -105,7 +105,7 @@ class ExactIndex:
             np.add.at(self.meta.hits, entries, 1)
 
     def find_many(self, keys: list) -> np.ndarray:
-        """int64 [len(keys)]: `find` of each key (one pass, no Python call per key)."""
+        """int64 [len(keys)]: `find` of each key (one pass, no Python call per key; None finds nothing)."""
         return np.fromiter(map(self.table.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
 
     def key(self, entry: int) -> bytes | None:

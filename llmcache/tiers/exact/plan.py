@@ -8,7 +8,6 @@ are read from the arena right away (so a later eviction cannot touch them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 import numpy as np
 import torch
@@ -97,18 +96,18 @@ def upload(parts: dict, device: torch.device) -> dict:
 
 
 def build(store, batch: int, seq: int, device: torch.device, serving: list, computing: list, copying: list,
-          entries: list, writes: list, width: int | None = None, **route) -> Plan:
+          entries: list, writes: tuple, width: int | None = None, **route) -> Plan:
     """The plan of a forward of `batch` rows of `seq` positions. `serving`: (rows served, ascending,
     their first positions, the entries holding their tokens (row after row, in order), how many
     entries each row takes (None: one each)); `computing`: the rows that run, ascending, over
     their first `width` positions (default all); `copying`: (row, the computing row it repeats);
-    `entries`: reserved entries, written from `writes` (computing row, first position, ntokens)
-    each; `route`: the `Route` counts."""
-    position = {r: i for i, r in enumerate(computing)}
+    `entries`: reserved entries, written from `writes` (int64 arrays, one value per entry: its
+    computing row, first position, ntokens); `route`: the `Route` counts."""
     width = seq if width is None else width
+    computing_rows = np.asarray(computing, dtype=np.int64)
     plan = Plan(batch=batch, seq=seq, width=width, m=len(computing), entries=entries,
-                store_n=[n for _, _, n in writes], **route)
-    parts = {"compute": computing if len(computing) < batch else None}
+                store_n=writes[2].tolist() if entries else [], **route)
+    parts = {"compute": computing_rows if len(computing) < batch else None}
     served_rows, served_starts, held, sizes = serving
     if served_rows:
         parts["served_src"] = store.index.token_rows(held)
@@ -121,14 +120,16 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
             parts["served_dst"] = runs(np.asarray(served_rows, dtype=np.int64) * seq + served_starts, lengths)
     if copying:
         parts["repeat_rows"] = [r for r, _ in copying]
-        parts["repeat_src"] = [position[src] for _, src in copying]
+        parts["repeat_src"] = np.searchsorted(computing_rows, [src for _, src in copying])
     if entries:
         parts["store_dst"] = store.index.token_rows(entries)
-        starts, lengths = [position[r] * width + s for r, s, _ in writes], [n for _, _, n in writes]
+        # (position among the computing rows: they are ascending)
+        rows, first, lengths = writes
+        starts = np.searchsorted(computing_rows, rows) * width + first
         # (Every token of every computing row written, in order, e.g. a row's pages one after
         # another: the block's output as it is.)
-        ends = list(accumulate(lengths))
-        plan.store_all = ends[-1] == len(computing) * width and starts == [0] + ends[:-1]
+        ends = np.cumsum(lengths)
+        plan.store_all = bool(ends[-1] == len(computing) * width and starts[0] == 0 and (starts[1:] == ends[:-1]).all())
         if not plan.store_all:
             parts["store_src"] = runs(starts, lengths)
     on_device = upload(parts, device)

@@ -175,15 +175,17 @@ def _near(near, index, rows_: _Rows, prefixes: bool) -> list:
     return chains
 
 
-def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) -> tuple[list, list]:
+def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) -> tuple[list, tuple]:
     """Reserve the pages each computing row adds, all in one `reserve_many` (one copy of a page
-    that two rows of this batch share): (entries, writes as (row, token offset in the row's
-    span, ntokens)). Numpy over the batch's pages: no Python loop over rows or pages."""
+    that two rows of this batch share): (entries, writes: int64 arrays (rows, token offsets in
+    the row's span, ntokens), a value per entry). Numpy over the batch's pages: no Python loop
+    over rows or pages."""
     batch, per_row = rows_.batch, rows_.per_row
     n_real = np.asarray(rows_.n_real, dtype=np.int64)
     todo = [r for r in range(batch) if rows_.keyed[r] and not whole[r]]
+    none = (np.zeros(0, dtype=np.int64),) * 3
     if not todo:
-        return [], []
+        return [], none
     # (A partial page ends the prefix: the next page replaces it.)
     full = [rows_.found[r][:-1] if rows_.partial[r] else rows_.found[r] for r in todo]
     first = np.asarray([len(f) for f in full], dtype=np.int64)
@@ -191,7 +193,7 @@ def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) 
     row = np.repeat(np.asarray(todo, dtype=np.int64), need)  # per candidate page: its row, its page number
     number = plans.runs(first, need)
     if not len(row):
-        return [], []
+        return [], none
     at = number * page
     ntokens = np.minimum(page, n_real[row] - at)
     where = (row * per_row + number).tolist()
@@ -213,7 +215,7 @@ def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) 
     if len(failed):
         counts["too_long"] = counts.get("too_long", 0) + len(failed)
     entries = got[ok].tolist()
-    writes = list(zip(o_row[ok].tolist(), o_at[ok].tolist(), o_n[ok].tolist()))
+    writes = (o_row[ok], o_at[ok], o_n[ok])
     if chains is not None:  # every page of the row cached or written: a neighbour for later rows
         mine = np.split(got[place], np.cumsum(need)[:-1])
         for r, pages in zip(todo, mine):
@@ -271,6 +273,6 @@ def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near)
     serving = (served, start[served].tolist(), [e for r in served for e in rows_.found[r]],
                [len(rows_.found[r]) for r in served])
     return plans.build(store, rows_.batch, seq, device, serving, compute, repeats, entries,
-                       [(r, int(start[r]) + at, n) for r, at, n in writes], served=len(served),
+                       (writes[0], start[writes[0]] + writes[1], writes[2]), served=len(served),
                        semantic_rows=tuple(semantic), repeats=len(repeats),
                        tokens=(sum(real[r] for r in served), sum(real[r] for r in compute)))

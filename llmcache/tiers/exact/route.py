@@ -22,42 +22,39 @@ from . import plan as plans
 @dataclass
 class RowKeys:
     """Each row's key (None: a row that cannot be keyed), its span (`start`, `count`) and what its
-    key was made from (`label`, for `held` and `save`: None for pixel rows)."""
+    key was made from (`label`, for `held` and `save`): the forward's `header` (None for pixel
+    rows, which carry no label) with each row's `marks` (`rows.row_keys`) and the `host` batch."""
 
     keys: list
     start: np.ndarray  # int64 [B]
     count: np.ndarray  # int64 [B]
-    headers: list | None = None  # per row its key header; None: the rows carry no label
+    header: bytes | None = None
+    marks: np.ndarray | None = None  # int64 [3, B]: per row (lead, trail, before)
     host: np.ndarray | None = None  # the [4, B, T] batch the labels name
 
     def label(self, r: int):
-        return None if self.headers is None else (self.headers[r], self.host, r, int(self.start[r]), int(self.count[r]))
+        return self.labels([r])[0]
 
     def labels(self, selected: list) -> list:
-        if self.headers is None:
+        if self.header is None:
             return [None] * len(selected)
-        return list(zip(map(self.headers.__getitem__, selected), repeat(self.host), selected,
-                        self.start[selected].tolist(), self.count[selected].tolist()))
+        marks = self.marks[:, selected]
+        headers = [rows.marked_header(self.header, *m) for m in marks.T.tolist()] if marks.any() \
+            else repeat(self.header)
+        return list(zip(headers, repeat(self.host), selected, self.start[selected].tolist(),
+                        self.count[selected].tolist()))
 
 
 def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
              padding: tuple[bool, bool] = (False, False)) -> RowKeys:
     """The `RowKeys` of a batch whose ids/mask/positions/types are `host` int64 [4, B, T], all
-    keyed in one call (`rows.chain_keys`); None for a row that cannot be keyed (no real token,
+    keyed in one call (`rows.row_keys`); None for a row that cannot be keyed (no real token,
     gaps). `ids_before`: the ids left of a row's first real token decide its positions (its key
     covers them). `padding`: whether the caller sees a row's (leading, trailing) padding: such a
     row is keyed and stored with it, so that what it serves at its padding is what the uncached
     model computes there."""
-    spans = rows.spans(host[1], padding, counts)
-    start = spans.start - spans.lead
-    count = np.where(spans.keyed, spans.count + spans.lead + spans.trail, 0)
-    before = start if ids_before else np.zeros_like(start)
-    headers = rows.marked_headers(header, spans.lead, spans.trail, before)
-    keys = rows.split_keys(rows.chain_keys(b"R", headers, host, start - before, count + before, host.shape[2])[:, 0]) \
-        if len(count) and count.any() else [None] * len(count)
-    if not spans.keyed.all():
-        keys = [k if keyed else None for k, keyed in zip(keys, spans.keyed.tolist())]
-    return RowKeys(keys, start, count, headers, host)
+    keys, start, count, marks = rows.row_keys(header, host, padding, ids_before, counts)
+    return RowKeys(keys, start, count, header, marks, host)
 
 
 def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean",
@@ -72,7 +69,7 @@ def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, n
     index, keys = store.index, keyed.keys
     # Every row's lookup at once; the hits are pinned (the reservations below must not evict
     # them before they are read) and counted.
-    found = index.find_many([b"" if key is None else key for key in keys])
+    found = index.find_many(keys)  # (None finds nothing)
     hit = np.flatnonzero(found >= 0)
     index.touch(found[hit])
     index.pin(found[hit].tolist())
@@ -88,7 +85,7 @@ def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, n
     ok = reserved >= 0
     stored = np.asarray(misses, dtype=np.int64)[ok]
     entries = reserved[ok].tolist()
-    writes = list(zip(stored.tolist(), keyed.start[stored].tolist(), keyed.count[stored].tolist()))
+    writes = (stored, keyed.start[stored], keyed.count[stored])
     for r in np.asarray(misses, dtype=np.int64)[~ok].tolist():  # (nearly always none)
         if index.find(keys[r]) < 0:
             counts["too_long"] = counts.get("too_long", 0) + 1

@@ -35,7 +35,7 @@ class SuffixPlan(plans.Route):
     straddle: bool = False  # a page written holds cached tokens too (it replaces a partial page)
 
 
-def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, device) -> SuffixPlan:
+def plan(store, rows_, whole: list, entries: list, writes: tuple, seq: int, device) -> SuffixPlan:
     """Every row computes from its cached prefix on (a whole row: its last token, or its
     trailing padding), and then its trailing padding positions, which attend to the row's
     tokens but not to themselves (their mask is 0, as in the uncached call)."""
@@ -76,7 +76,7 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
         # replaces a partial page that ended the row's cached prefix, cached ones before them
         # (`store_src` then indexes those cached tokens first, `store_prefix` their rows among
         # the prefix states read, then the computed tokens).
-        w_r, w_at, w_n = (np.asarray(x, dtype=np.int64) for x in zip(*writes))
+        w_r, w_at, w_n = writes
         token, row = plans.runs(w_at, w_n), np.repeat(w_r, w_n)
         before = token < p[row]
         straddle = bool(before.any())
@@ -93,7 +93,7 @@ def plan(store, rows_, whole: list, entries: list, writes: list, seq: int, devic
     states = store.arena.read(dev["prefix_src"], store.read_buffer(len(dev["prefix_src"]))) if pmax else None
     prefix_rows = sum(1 for r in range(batch) if cached[r] and not whole[r])
     return SuffixPlan(served=sum(whole), prefix_rows=prefix_rows, tokens=(sum(cached), sum(real_len)), batch=batch,
-                      seq=seq, prefix=pmax, suffix=smax, entries=entries, store_n=[n for _, _, n in writes], dev=dev,
+                      seq=seq, prefix=pmax, suffix=smax, entries=entries, store_n=writes[2].tolist(), dev=dev,
                       uniform=uniform, prefix_states=states, straddle=straddle)
 
 

@@ -1,0 +1,72 @@
+"""`rows.row_keys`: the exact tier's whole-row keys of a batch, the C++ host op against its Python
+reference (spans, marked headers, chain_hash) on awkward masks, and against the written contract."""
+
+import hashlib
+import itertools
+
+import numpy as np
+import pytest
+
+import llmcache
+from llmcache import rows
+
+HAS_EXT = llmcache.build_info()["extension"]
+HEADER = rows.key_header("tenant", rows.switches_bytes("torch.float32", "autocast=None"))
+
+
+def batch(masks: list[list[int]], high: int = 1000, seed: int = 0) -> np.ndarray:
+    """int64 [4, B, T]: random ids and types, the given masks, positions counted over real tokens."""
+    g = np.random.default_rng(seed)
+    mask = np.asarray(masks, dtype=np.int64).reshape(len(masks), -1)
+    b, t = mask.shape
+    ids = g.integers(-high, high, (b, t))
+    positions = np.cumsum(mask, 1) - 1
+    types = g.integers(0, 2, (b, t))
+    return np.ascontiguousarray(np.stack([ids, mask, positions, types]))
+
+
+MASKS = {
+    "B1-T1": [[1]],
+    "B3-T5-whole": [[1] * 5] * 3,
+    "B4-T6-left": [[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1], [0, 1, 1, 1, 1, 1]],
+    "B3-T7-right": [[1, 1, 1, 0, 0, 0, 0], [1] * 7, [1, 0, 0, 0, 0, 0, 0]],
+    "B5-T6-gaps-empty": [[1, 0, 1, 1, 0, 0], [0] * 6, [0, 1, 1, 0, 0, 0], [1] * 6, [0, 0, 1, 0, 1, 0]],
+    "B2-T3-empty": [[0, 0, 0], [0, 0, 0]],
+    "B17-T33": (np.random.default_rng(3).random((17, 33)) > 0.2).astype(int).tolist(),
+}
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="the C++ host op needs the extension")
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("lead,trail,before", list(itertools.product([False, True], repeat=3)))
+def test_the_host_op_equals_the_reference(name, lead, trail, before):
+    for high in (1000, 2**40):  # (ids past int32: the wide form of the key's tokens)
+        host = batch(MASKS[name], high)
+        counts_cpp, counts_ref = {}, {}
+        got = rows.row_keys(HEADER, host, (lead, trail), before, counts_cpp)
+        want = rows.row_keys(HEADER, host, (lead, trail), before, counts_ref, backend="reference")
+        assert got[0] == want[0]
+        for a, b in zip(got[1:], want[1:]):
+            np.testing.assert_array_equal(a, b)
+        assert counts_cpp == counts_ref
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_keys_follow_the_contract(backend):
+    """Row 0 (left padding seen, positions from the ids): its seed is BLAKE2b-256 of "R", the header and
+    its marks; its key is chain_hash's one page over every id from position 0 on."""
+    host = batch([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 1, 0, 0]])
+    counts = {}
+    keys, start, count, marks = rows.row_keys(HEADER, host, (True, False), True, counts, backend=backend)
+    assert keys[2] is None and keys[3] is None and counts == {"no_tokens": 1, "mask_gaps": 1}
+    assert start.tolist()[:2] == [0, 0] and count.tolist() == [5, 3, 0, 0]
+    assert marks[:, 0].tolist() == [2, 0, 0]  # lead 2; before = start = 0
+    seed = hashlib.blake2b(b"R" + HEADER + b"M" + (2).to_bytes(4, "little") + (0).to_bytes(4, "little"),
+                           digest_size=32).digest()
+    tokens = np.ascontiguousarray(host[[0, 2, 3], 0, :].T).astype("<i4").tobytes()
+    want = hashlib.blake2b(seed + (5).to_bytes(4, "little") + bytes([4]) + tokens, digest_size=32).digest()
+    assert keys[0] == want
+    # Row 1 (trailing padding not seen): its real tokens only, under the plain header.
+    seed = hashlib.blake2b(b"R" + HEADER, digest_size=32).digest()
+    tokens = np.ascontiguousarray(host[[0, 2, 3], 1, :3].T).astype("<i4").tobytes()
+    assert keys[1] == hashlib.blake2b(seed + (3).to_bytes(4, "little") + bytes([4]) + tokens, digest_size=32).digest()
