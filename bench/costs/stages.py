@@ -39,7 +39,7 @@ from llmcache.tiers.exact.tier import ExactTier
 # (timer name, owner, attribute): inclusive timers
 TARGETS = [("begin", ModelCache, "_begin"), ("watch", ModelState, "check"),
            ("host_copy", ModelCache, "_host_copy"), ("route", ExactTier, "route"), ("keys", rows, "chain_keys"),
-           ("spans", rows, "spans"), ("upload", plans, "upload"), ("read", PagedArena, "read"),
+           ("spans", rows, "spans"), ("row_keys", rows, "row_keys"), ("upload", plans, "upload"), ("read", PagedArena, "read"),
            ("merge", BlockSplice, "_merge"), ("kv", BlockSplice, "_kv"), ("commit", BlockSplice, "_insert")]
 
 
@@ -69,9 +69,9 @@ class Timer:
         """Exclusive microseconds per forward of each stage, and `own` (their sum)."""
         t = {k: 1e6 * v / forwards for k, v in self.total.items()}
         g = lambda k: t.get(k, 0.0)
-        route_rest = g("route") - g("keys") - g("spans") - g("upload") - g("read")
+        route_rest = g("route") - g("keys") - g("spans") - g("row_keys") - g("upload") - g("read")
         out = {"watch": g("watch"), "router": g("begin") - g("watch") - g("host_copy") - g("route"),
-               "host_copy": g("host_copy"), "keys": g("keys") + g("spans"), "index": route_rest,
+               "host_copy": g("host_copy"), "keys": g("keys") + g("spans") + g("row_keys"), "index": route_rest,
                "upload": g("upload") + g("read"),
                "splice": g("splice") - g("blocks") - g("merge") - g("kv") - g("commit"),
                "merge": g("merge") + g("kv"), "commit": g("commit"),
