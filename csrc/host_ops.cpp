@@ -45,4 +45,32 @@ py::tuple row_keys(const py::buffer& host, const py::bytes& header, bool lead_vi
                         gaps);
 }
 
+bool contiguous(const py::buffer_info& b) {
+  py::ssize_t expect = b.itemsize;
+  for (py::ssize_t d = b.ndim - 1; d >= 0; --d) {
+    if (b.shape[d] != 1 && b.strides[d] != expect) return false;
+    expect *= b.shape[d];
+  }
+  return true;
+}
+
+// zlib.crc32(src, crc), the bytes copied into `dst` (a writable buffer of at least as many bytes,
+// or None) in the same pass. The GIL is released for large buffers.
+uint32_t crc32_copy(const py::buffer& src, const py::object& dst, uint32_t crc) {
+  const py::buffer_info in = src.request();
+  TORCH_CHECK(contiguous(in), "crc32_copy: src must be a contiguous buffer");
+  const int64_t n = in.size * in.itemsize;
+  uint8_t* out = nullptr;
+  py::buffer_info target;
+  if (!dst.is_none()) {
+    target = py::reinterpret_borrow<py::buffer>(dst).request(true);
+    TORCH_CHECK(contiguous(target) && target.size * target.itemsize >= n,
+                "crc32_copy: dst must be a contiguous writable buffer of at least as many bytes as src");
+    out = static_cast<uint8_t*>(target.ptr);
+  }
+  py::gil_scoped_release free;
+  return cpu::crc32_copy(crc, static_cast<const uint8_t*>(in.ptr), out, n);
+}
+
 }  // namespace llmcache
+

@@ -9,6 +9,7 @@ pybind11::bytes watch_tree(const pybind11::list& filled, const pybind11::list& c
 pybind11::bytes watch_tensors(const pybind11::list& tensors);
 pybind11::tuple row_keys(const pybind11::buffer& host, const pybind11::bytes& header, bool lead_visible,
                          bool trail_visible, bool ids_before);
+uint32_t crc32_copy(const pybind11::buffer& src, const pybind11::object& dst, uint32_t crc);
 }  // namespace llmcache
 
 #ifndef LLMCACHE_CUDA_ARCHS
@@ -58,6 +59,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("row_keys", &llmcache::row_keys, pybind11::arg("host"), pybind11::arg("header"),
         pybind11::arg("lead_visible"), pybind11::arg("trail_visible"), pybind11::arg("ids_before"),
         "the exact tier's whole-row keys of a batch (llmcache.rows.row_keys)");
+  m.def("crc32_copy", &llmcache::crc32_copy, pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("crc") = 0,
+        "zlib.crc32(src, crc), src's bytes copied into dst (a writable buffer, or None) in the same pass");
   m.def("cpu_kernel_paths", []() {
     const auto c = llmcache::cpu::cpu_kernel_choice();
     pybind11::dict few, many, d;

@@ -19,6 +19,7 @@ CpuFeatures cpu_features() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   f.popcnt = (c >> 23) & 1;
+  f.pclmul = ((c >> 1) & 1) && ((c >> 19) & 1);
   const bool osxsave = (c >> 27) & 1;
   const bool avx = (c >> 28) & 1;
   unsigned long long xcr0 = 0;
@@ -40,7 +41,7 @@ CpuFeatures cpu_features() {
   const char* cap = std::getenv("LLMCACHE_CPU_CAP");
   if (cap && (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0))
     f.avx512f = f.avx512bw = f.avx512_vpopcntdq = false;
-  if (cap && std::strcmp(cap, "scalar") == 0) f.avx2 = false;
+  if (cap && std::strcmp(cap, "scalar") == 0) f.avx2 = f.pclmul = false;
   return f;
 }
 

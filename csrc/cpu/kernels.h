@@ -16,6 +16,7 @@ struct CpuFeatures {
   bool avx512f = false;
   bool avx512bw = false;
   bool avx512_vpopcntdq = false;
+  bool pclmul = false;  // PCLMULQDQ and SSE4.1 (crc32_copy's folding)
 };
 // Detected now; LLMCACHE_CPU_CAP=avx2|scalar hides wider ones (the kernels read them once, at first use).
 CpuFeatures cpu_features();
@@ -87,6 +88,11 @@ void chain_hash(const uint8_t* seeds, const int64_t* tokens, int64_t C, int64_t 
 // The same with channel c of row r at channels[c] + r * T (channels that are not one block).
 void chain_hash_channels(const uint8_t* seeds, const int64_t* const* channels, int64_t C, int64_t T, int64_t B,
                          const int64_t* start, const int64_t* count, int64_t page, int64_t P, uint8_t* out);
+
+// ---- crc32.cpp ----
+// zlib's crc32 (CRC-32/ISO-HDLC) of n bytes at src, continuing from `crc` (0 to start), and the
+// bytes copied to dst in the same pass (dst nullptr: none).
+uint32_t crc32_copy(uint32_t crc, const uint8_t* src, uint8_t* dst, int64_t n);
 
 // ---- row_keys.cpp ----
 // The exact tier's whole-row keys of a batch in one pass (llmcache.rows.row_keys states the

@@ -14,6 +14,7 @@ index computes on the host, so a forward's reads are one `index_select` and its 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 RESERVE_BYTES = 1 << 30  # CPU: address space the first growth reserves (never more than the budget)
@@ -91,15 +92,35 @@ class PagedArena:
         """Store states [S, F] at flat token rows int64 [S]; or a list of parts [S, F_i] whose
         widths add up to F, each written to its columns (no concatenated copy)."""
         flat = self.pages.view(-1, self.features)
+        first = self._run(token_rows)
+        if first is not None:  # (one run of rows: a slice copy, several times faster than index_copy_ on the CPU)
+            flat = flat[first : first + token_rows.numel()]
         with torch.no_grad():
             if isinstance(states, torch.Tensor):
-                flat.index_copy_(0, token_rows, states if states.dtype == self.dtype else states.to(self.dtype))
+                states = states if states.dtype == self.dtype else states.to(self.dtype)
+                if first is not None:
+                    flat.copy_(states)
+                else:
+                    flat.index_copy_(0, token_rows, states)
                 return
             at = 0
             for part in states:
                 part = part if part.dtype == self.dtype else part.to(self.dtype)
-                flat[:, at : at + part.shape[1]].index_copy_(0, token_rows, part)
+                columns = flat[:, at : at + part.shape[1]]
+                if first is not None:
+                    columns.copy_(part)
+                else:
+                    columns.index_copy_(0, token_rows, part)
                 at += part.shape[1]
+
+    def _run(self, token_rows: torch.Tensor) -> int | None:
+        """The first row where `token_rows` (on the CPU) are first, first + 1, ... (pages handed
+        out one after another: a new arena's, and a batch's when the free stack is in order), else None."""
+        if self.device.type != "cpu" or token_rows.numel() == 0:
+            return None
+        rows = token_rows.numpy()
+        first = int(rows[0])
+        return first if int(rows[-1]) - first == len(rows) - 1 and (np.diff(rows) == 1).all() else None
 
     def clear(self) -> None:
         """Free the memory (the index forgets every entry beside this)."""

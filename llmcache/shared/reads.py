@@ -6,11 +6,26 @@ answer its breaker; neither raises.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
 from . import values
+
+_local = threading.local()  # per thread: the host buffer fetched pages are decoded into
+
+
+def _staging(rows: int, features: int, dtype) -> torch.Tensor:
+    """This thread's host buffer [rows, features] of `dtype` (grown, kept: a fresh one of a
+    fetch's size costs more in page faults than the copy into it)."""
+    size = rows * features * torch.empty((), dtype=dtype).element_size()
+    buf = getattr(_local, "buffer", None)
+    if buf is None or buf.numel() < size:
+        with torch.inference_mode(False), torch.no_grad():
+            buf = torch.empty(max(size, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.uint8)
+        _local.buffer = buf
+    return buf[:size].view(dtype).view(rows, features)
 
 
 def fetch_rows(tier, key_prefix: bytes, fingerprint: bytes, wanted: list, features: int, dtype) -> list:
@@ -47,7 +62,8 @@ def fetch_rows(tier, key_prefix: bytes, fingerprint: bytes, wanted: list, featur
 def fetch_pages(tier, key_prefix: bytes, fingerprint: bytes, pages: dict, chains: list, features: int,
                 dtype) -> dict:
     """`SharedTier.fetch_pages`: a chain's run stops at its first page that is missing or refused;
-    pages held after it are orphans (counted, not read)."""
+    pages held after it are orphans (counted, not read). The states are views of this thread's
+    staging buffer, valid until its next fetch of pages."""
     names = list(pages)
     if not names or not tier.usable(len(names), sum(n for _, n in pages.values())):
         return {}
@@ -85,7 +101,7 @@ def _decode_pages(found: dict, pages: dict, fingerprint: bytes, features: int, d
     reasons, refused page keys)."""
     present = [name for name, value in found.items() if value is not None]  # (None: expired since EXISTS)
     counts = [pages[name][1] for name in present]
-    buffer = torch.empty((sum(counts), features), dtype=dtype)
+    buffer = _staging(sum(counts), features, dtype)
     checked, refused, bad, read, at = {}, [], [], 0, 0
     for name, n in zip(present, counts):
         value = found[name]

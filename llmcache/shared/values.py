@@ -32,6 +32,8 @@ import zlib
 import numpy as np
 import torch
 
+from ..ops._library import extension
+
 VERSION = 3  # of the value layout below; a reader refuses every other
 MAGIC = b"LLMC"
 HEAD = struct.Struct("<4sHHIIIIQ32sI")
@@ -44,9 +46,18 @@ def redis_key(key_prefix: bytes, fingerprint: bytes, row_key: bytes) -> bytes:
     return key_prefix + hashlib.blake2b(fingerprint + row_key, digest_size=20).hexdigest().encode()
 
 
-def _checksum(fingerprint: bytes, row_key: bytes, parent: bytes, payload) -> int:
+def _checksum(fingerprint: bytes, row_key: bytes, parent: bytes, payload, into: torch.Tensor | None = None) -> int:
+    """CRC-32 (zlib's) over the fingerprint, the keys and the payload; with `into` (a contiguous
+    host tensor of the payload's size), the payload is copied there in the same pass over it
+    (`csrc/cpu/crc32.cpp`, where the extension is built; zlib and a copy otherwise)."""
     head = zlib.crc32(fingerprint + len(row_key).to_bytes(4, "little") + row_key + len(parent).to_bytes(4, "little")
                       + parent)
+    target = None if into is None else into.view(-1).view(torch.uint8).numpy()
+    ext = extension()
+    if ext is not None:
+        return ext.crc32_copy(payload, target, head)
+    if target is not None:
+        target[:] = np.frombuffer(payload, dtype=np.uint8)
     return zlib.crc32(payload, head)
 
 
@@ -85,11 +96,9 @@ def decode(value: bytes, fingerprint: bytes, row_key: bytes, ntokens: int, featu
     start = HEAD_BYTES + key_len + parent_len
     if payload_len != n * f * itemsize or len(value) != start + payload_len:
         return "truncated"
-    payload = memoryview(value)[start:]
-    if _checksum(fingerprint, row_key, parent, payload) != checksum:
-        return "checksum"
     states = torch.empty((n, f), dtype=dtype) if out is None else out
-    states.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+    if _checksum(fingerprint, row_key, parent, memoryview(value)[start:], into=states) != checksum:
+        return "checksum"
     if out is None and not bool(finite_rows(states).all()):
         return "non_finite"
     return states

@@ -131,7 +131,7 @@ class Store:
         """Store whole entries [(key, states [n, F], label, parent key: b"" or the page it
         extends, inserted or held before it)] at once (from the shared tier), pinned for the
         routing under way; per item its entry, -1 where there was no room (or no parent)."""
-        entries, dst, states = [], [], []
+        entries, states = [], []
         for key, held, label, parent_key in items:
             parent = self.index.find(parent_key) if parent_key else -1
             if parent_key and parent < 0:
@@ -141,12 +141,12 @@ class Store:
             entries.append(entry)
             if entry >= 0:
                 self.index.pin((entry,))  # (a later insert must not evict it before routing reads it)
-                dst.append(self.index.token_rows(entry))
                 states.append(held)
         if states:
             self.arena.grow(self.index.num_pages)
             device = self.arena.device
-            self.arena.write(torch.from_numpy(np.concatenate(dst)).to(device), torch.cat(states).to(device))
+            dst = self.index.token_rows([e for e in entries if e >= 0])
+            self.arena.write(torch.from_numpy(dst).to(device), _joined(states).to(device))
         return entries
 
     def release(self, entries: list) -> None:
@@ -218,3 +218,17 @@ class Store:
         """Swap in what `load_state_dict` built (under the owner's lock)."""
         self.index, self.arena = index, arena
         self.pending.clear()
+
+
+def _joined(parts: list) -> torch.Tensor:
+    """`parts` ([n_i, F] each) one after another: a view where they already lie so in one buffer
+    (the shared tier decodes a fetch's pages into one), else a concatenated copy."""
+    first = parts[0]
+    at, size = first.data_ptr(), first.element_size()
+    storage = first.untyped_storage().data_ptr()
+    for part in parts:
+        if not part.is_contiguous() or part.data_ptr() != at or part.untyped_storage().data_ptr() != storage:
+            return torch.cat(parts)
+        at += part.numel() * size
+    rows = sum(part.shape[0] for part in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
