@@ -49,20 +49,28 @@ def test_growth_keeps_every_written_page(fill_mode, asks, max_pages):
     assert arena.num_pages == 0 and arena.reserved_bytes == 0
 
 
-@pytest.mark.parametrize("rows", [[5, 6, 7, 8], [9], [8, 7, 6, 5], [0, 2, 3, 4], [3, 4, 10, 11]],
-                         ids=["run", "one", "descending", "gap", "two-runs"])
+ROWS = {"short": [5, 6, 7, 8], "run": list(range(20, 100)), "descending": list(range(99, 19, -1)),
+        "two-runs": [*range(40), *range(70, 110)], "many-runs": [r for r in range(128) if r % 3],
+        "from-zero-to-end": list(range(128))}
+
+
+@pytest.mark.parametrize("rows", list(ROWS.values()), ids=list(ROWS))
 @pytest.mark.parametrize("parts", [False, True], ids=["whole", "parts"])
-def test_writes_land_at_their_rows(rows, parts):
-    """A write puts each state at its token row, whether the rows are one run (written as a slice)
-    or not, whole or as parts of the features, and touches no other row."""
-    arena = PagedArena(PAGE, F, torch.float32, torch.device("cpu"), 8)
-    arena.grow(4)
-    everywhere = torch.arange(16, dtype=torch.int64)
-    arena.write(everywhere, torch.zeros(16, F))
+def test_moves_land_at_their_rows(rows, parts):
+    """A write puts each state at its token row, whether the rows run in a few slices (moved as
+    slice copies on the CPU) or not, whole or as parts of the features, and touches no other row;
+    a read (into a fresh tensor or a given buffer) gives them back in order."""
+    arena = PagedArena(PAGE, F, torch.float32, torch.device("cpu"), 64)
+    arena.grow(32)
+    everywhere = torch.arange(128, dtype=torch.int64)
+    arena.write(everywhere, torch.zeros(128, F))
     states = torch.arange(len(rows) * F, dtype=torch.float32).view(len(rows), F) + 1
     index = torch.tensor(rows, dtype=torch.int64)
     arena.write(index, [states[:, :1], states[:, 1:]] if parts else states)
     got = arena.read(everywhere)
     assert torch.equal(got[index], states)
-    others = [r for r in range(16) if r not in rows]
+    others = [r for r in range(128) if r not in rows]
     assert not got[others].any()
+    assert torch.equal(arena.read(index), states)
+    buffer = torch.full((len(rows) + 5, F), -1.0)
+    assert torch.equal(arena.read(index, buffer), states) and torch.equal(buffer[: len(rows)], states)
