@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "cpu/kernels.h"
+#include "torch_cpu.h"
 
 namespace llmcache {
 namespace {
@@ -49,38 +50,6 @@ at::Tensor simhash_pooled_cpu(const at::Tensor& embeds, const at::Tensor& mask, 
   return codes;
 }
 
-std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& bank,
-                                                    int64_t k, const std::optional<at::Tensor>& valid,
-                                                    const std::optional<at::Tensor>& query_tag,
-                                                    const std::optional<at::Tensor>& bank_tag) {
-  TORCH_CHECK(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
-              "hamming_topk: queries [B, W] and bank [N, W] expected");
-  TORCH_CHECK(queries.scalar_type() == at::kLong && bank.scalar_type() == at::kLong,
-              "hamming_topk: codes must be int64");
-  TORCH_CHECK(k >= 1, "hamming_topk: k must be >= 1");
-  TORCH_CHECK(query_tag.has_value() == bank_tag.has_value(), "hamming_topk: pass both tags or neither");
-  auto q = queries.contiguous();
-  auto b = bank.contiguous();
-  const int64_t B = q.size(0), N = b.size(0), W = q.size(1);
-  at::Tensor v, qt, bt;
-  if (valid.has_value()) {
-    TORCH_CHECK(valid->numel() == N, "hamming_topk: valid must have N entries");
-    v = valid->to(at::kByte).contiguous();
-  }
-  if (query_tag.has_value()) {
-    TORCH_CHECK(query_tag->numel() == B && bank_tag->numel() == N, "hamming_topk: tags must be [B] and [N]");
-    qt = query_tag->contiguous();
-    bt = bank_tag->contiguous();
-  }
-  auto dist = at::empty({B, k}, q.options().dtype(at::kInt));
-  auto idx = at::empty({B, k}, q.options().dtype(at::kLong));
-  cpu::hamming_topk(q.data_ptr<int64_t>(), B, b.data_ptr<int64_t>(), N, W, k,
-                    v.defined() ? v.data_ptr<uint8_t>() : nullptr,
-                    qt.defined() ? qt.data_ptr<int64_t>() : nullptr,
-                    bt.defined() ? bt.data_ptr<int64_t>() : nullptr, dist.data_ptr<int32_t>(),
-                    idx.data_ptr<int64_t>());
-  return {dist, idx};
-}
 
 at::Tensor gather_with_mask_cpu(const at::Tensor& values, const at::Tensor& slot, const at::Tensor& computed,
                                 const at::Tensor& row, at::Tensor& last_used, at::Tensor& hit_count,
@@ -136,6 +105,40 @@ at::Tensor chain_hash_cpu(const at::Tensor& seeds, const at::Tensor& tokens, con
 }
 
 }  // namespace
+
+// (Outside the anonymous namespace: host_ops.cpp binds it for eager CPU calls too.)
+std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& bank,
+                                                    int64_t k, const std::optional<at::Tensor>& valid,
+                                                    const std::optional<at::Tensor>& query_tag,
+                                                    const std::optional<at::Tensor>& bank_tag) {
+  TORCH_CHECK(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
+              "hamming_topk: queries [B, W] and bank [N, W] expected");
+  TORCH_CHECK(queries.scalar_type() == at::kLong && bank.scalar_type() == at::kLong,
+              "hamming_topk: codes must be int64");
+  TORCH_CHECK(k >= 1, "hamming_topk: k must be >= 1");
+  TORCH_CHECK(query_tag.has_value() == bank_tag.has_value(), "hamming_topk: pass both tags or neither");
+  auto q = queries.contiguous();
+  auto b = bank.contiguous();
+  const int64_t B = q.size(0), N = b.size(0), W = q.size(1);
+  at::Tensor v, qt, bt;
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->numel() == N, "hamming_topk: valid must have N entries");
+    v = valid->to(at::kByte).contiguous();
+  }
+  if (query_tag.has_value()) {
+    TORCH_CHECK(query_tag->numel() == B && bank_tag->numel() == N, "hamming_topk: tags must be [B] and [N]");
+    qt = query_tag->contiguous();
+    bt = bank_tag->contiguous();
+  }
+  auto dist = at::empty({B, k}, q.options().dtype(at::kInt));
+  auto idx = at::empty({B, k}, q.options().dtype(at::kLong));
+  cpu::hamming_topk(q.data_ptr<int64_t>(), B, b.data_ptr<int64_t>(), N, W, k,
+                    v.defined() ? v.data_ptr<uint8_t>() : nullptr,
+                    qt.defined() ? qt.data_ptr<int64_t>() : nullptr,
+                    bt.defined() ? bt.data_ptr<int64_t>() : nullptr, dist.data_ptr<int32_t>(),
+                    idx.data_ptr<int64_t>());
+  return {dist, idx};
+}
 
 TORCH_LIBRARY_IMPL(llmcache, CPU, m) {
   m.impl("chain_hash", &chain_hash_cpu);

@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import reference
-from ._library import LIB, check, check_tensor, fill_missing_kernels, resolve_backend
+from ._library import LIB, check, check_tensor, extension, fill_missing_kernels, resolve_backend
 
 MAX_WORDS = 16
 
@@ -112,6 +112,10 @@ def hamming_topk_unchecked(
         return _reference(queries, bank, k, valid, query_tag, bank_tag)
     if name == "triton":
         return _triton(queries, bank, k, valid, query_tag, bank_tag)
+    if queries.device.type == "cpu" and not torch.compiler.is_compiling():
+        ext = extension()
+        if ext is not None:  # (the same CPU kernel without the dispatcher's entry, which costs as much as a small scan)
+            return ext.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
     return torch.ops.llmcache.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
 
 
