@@ -228,3 +228,15 @@ def test_ops_trace_under_torch_compile(gen):
     bank = ops.simhash_pooled(embeds, mask, planes)
     dist, idx = fingerprint_and_lookup(embeds, mask, bank)
     assert idx.flatten().tolist() == [0, 1] and dist.eq(0).all()
+
+
+def test_hamming_topk_traces_under_fake_tensors():
+    """Fake tensors (what make_fx and export trace with) go through the dispatcher's op and its fake
+    kernel: an eager CPU call's shortcut to the C++ kernel must not take them."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        queries, bank = torch.empty(2, 4, dtype=torch.int64), torch.empty(100, 4, dtype=torch.int64)
+        dist, idx = ops.hamming_topk(queries, bank, 3)
+    assert isinstance(dist, FakeTensor) and isinstance(idx, FakeTensor)
+    assert dist.shape == (2, 3) and idx.shape == (2, 3) and dist.dtype == torch.int32 and idx.dtype == torch.int64

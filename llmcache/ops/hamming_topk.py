@@ -112,9 +112,13 @@ def hamming_topk_unchecked(
         return _reference(queries, bank, k, valid, query_tag, bank_tag)
     if name == "triton":
         return _triton(queries, bank, k, valid, query_tag, bank_tag)
-    if queries.device.type == "cpu" and not torch.compiler.is_compiling():
+    # Plain CPU tensors outside compile and export (not fake or functional subclasses, which only the
+    # dispatcher's op handles) take the same CPU kernel without the dispatcher's entry, which costs as
+    # much as a small scan.
+    if type(queries) is torch.Tensor and type(bank) is torch.Tensor and queries.device.type == "cpu" \
+            and not torch.compiler.is_compiling():
         ext = extension()
-        if ext is not None:  # (the same CPU kernel without the dispatcher's entry, which costs as much as a small scan)
+        if ext is not None:
             return ext.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
     return torch.ops.llmcache.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
 
