@@ -10,7 +10,7 @@ block is open, and restores them after. Stages (exclusive times, so they add up 
   router     the rest of the router's per-call work: argument binding, the gate, the key header,
              the [4, B, T] batch, the call stack, counters
   host_copy  the forward's one copy of the batch (and each tier's payload) to the host
-  keys       spans and content-addressed keys of every row / page (`rows.spans`, `rows.chain_keys`)
+  keys       spans and content-addressed keys of every row / page (`rows.row_keys`; `rows.spans`, `rows.chain_keys`)
   index      routing on the index: lookups, reservations, evictions, the plan's host arrays
   upload     the plan's index arrays to the device, and the served states read from the arena
   splice     the per-block wrapper around the span blocks: argument slicing, K/V stand-ins
