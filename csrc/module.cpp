@@ -64,8 +64,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("hamming_topk", &llmcache::hamming_topk_cpu, "llmcache::hamming_topk on CPU tensors, outside the dispatcher");
   m.def("crc32_copy", &llmcache::crc32_copy, pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("crc") = 0,
         "zlib.crc32(src, crc), src's bytes copied into dst (a writable buffer, or None) in the same pass");
-  m.def("cpu_kernel_paths", []() {
-    const auto c = llmcache::cpu::cpu_kernel_choice();
+  m.def("cpu_kernel_paths", [](int64_t words) {
+    TORCH_CHECK(words >= 1 && words <= 16, "cpu_kernel_paths: words must be in 1..16");
+    const auto c = llmcache::cpu::cpu_kernel_choice(words);
     pybind11::dict few, many, d;
     few["path"] = c.few;
     few["why"] = c.few_why;
@@ -74,7 +75,7 @@ PYBIND11_MODULE(_C, m) {
     d["few_queries"] = few;  // B < 8
     d["many_queries"] = many;
     return d;
-  });
+  }, pybind11::arg("words") = 4, "the popcount path per regime for codes of `words` 64-bit words, and why");
   m.def("popcount_peak_rate", &llmcache::cpu::popcount_peak_rate, pybind11::arg("seconds") = 0.2,
         pybind11::arg("path") = "",
         "64-bit popcounts per second on all OpenMP threads with a path's popcount (default: the many-query path)");

@@ -111,31 +111,39 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, c
                                                     int64_t k, const std::optional<at::Tensor>& valid,
                                                     const std::optional<at::Tensor>& query_tag,
                                                     const std::optional<at::Tensor>& bank_tag) {
+  // Every check of the Python wrapper's (llmcache/ops/hamming_topk.py), which calls this directly on
+  // CPU tensors and only explains, in its own words, a call refused here.
   TORCH_CHECK(queries.dim() == 2 && bank.dim() == 2 && queries.size(1) == bank.size(1),
               "hamming_topk: queries [B, W] and bank [N, W] expected");
+  TORCH_CHECK(queries.size(1) >= 1 && queries.size(1) <= 16, "hamming_topk: W must be in 1..16");
   TORCH_CHECK(queries.scalar_type() == at::kLong && bank.scalar_type() == at::kLong,
               "hamming_topk: codes must be int64");
+  TORCH_CHECK(queries.device().is_cpu() && bank.device().is_cpu() && queries.is_contiguous() && bank.is_contiguous(),
+              "hamming_topk: contiguous CPU tensors expected");
   TORCH_CHECK(k >= 1, "hamming_topk: k must be >= 1");
   TORCH_CHECK(query_tag.has_value() == bank_tag.has_value(), "hamming_topk: pass both tags or neither");
-  auto q = queries.contiguous();
-  auto b = bank.contiguous();
+  const at::Tensor& q = queries;
+  const at::Tensor& b = bank;
   const int64_t B = q.size(0), N = b.size(0), W = q.size(1);
-  at::Tensor v, qt, bt;
+  const uint8_t* v = nullptr;
   if (valid.has_value()) {
-    TORCH_CHECK(valid->numel() == N, "hamming_topk: valid must have N entries");
-    v = valid->to(at::kByte).contiguous();
+    TORCH_CHECK(valid->dim() == 1 && valid->numel() == N && valid->scalar_type() == at::kBool &&
+                    valid->device().is_cpu() && valid->is_contiguous(),
+                "hamming_topk: valid must be a contiguous bool [N] CPU tensor");
+    v = reinterpret_cast<const uint8_t*>(valid->data_ptr<bool>());
   }
+  const int64_t *qt = nullptr, *bt = nullptr;
   if (query_tag.has_value()) {
+    for (const at::Tensor* t : {&*query_tag, &*bank_tag})
+      TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu() && t->is_contiguous(),
+                  "hamming_topk: tags must be contiguous int64 CPU tensors");
     TORCH_CHECK(query_tag->numel() == B && bank_tag->numel() == N, "hamming_topk: tags must be [B] and [N]");
-    qt = query_tag->contiguous();
-    bt = bank_tag->contiguous();
+    qt = query_tag->data_ptr<int64_t>();
+    bt = bank_tag->data_ptr<int64_t>();
   }
   auto dist = at::empty({B, k}, q.options().dtype(at::kInt));
   auto idx = at::empty({B, k}, q.options().dtype(at::kLong));
-  cpu::hamming_topk(q.data_ptr<int64_t>(), B, b.data_ptr<int64_t>(), N, W, k,
-                    v.defined() ? v.data_ptr<uint8_t>() : nullptr,
-                    qt.defined() ? qt.data_ptr<int64_t>() : nullptr,
-                    bt.defined() ? bt.data_ptr<int64_t>() : nullptr, dist.data_ptr<int32_t>(),
+  cpu::hamming_topk(q.data_ptr<int64_t>(), B, b.data_ptr<int64_t>(), N, W, k, v, qt, bt, dist.data_ptr<int32_t>(),
                     idx.data_ptr<int64_t>());
   return {dist, idx};
 }

@@ -17,7 +17,8 @@ def build_info() -> dict:
     cuda (bool: CUDA kernels compiled in), cuda_archs (list of 'X.Y'), cpu_features (detected
     now: avx512_vpopcntdq, avx2, popcnt), cpu_kernel (the popcount path the CPU lookup uses with
     8 or more queries), cpu_kernel_paths ({"few_queries": {"path", "why"}, "many_queries": ...}:
-    the path per regime and why it was picked, see csrc/cpu/hamming_topk.cpp),
+    the path per regime for 256-bit codes and why it was picked; other widths calibrate on their
+    first call, see csrc/cpu/hamming_topk.cpp),
     openmp_threads, triton (bool: importable), cuda_device (name of GPU 0 or None).
     """
     ext = extension()

@@ -100,6 +100,7 @@ CPU_PATHS = ["portable", "scalar", "avx2", "avx2_harley_seal", "avx2_tables", "a
 PATH_CASES = [  # B, N, W, k: below and above the few-query regime (8), tile and block edges, W = 4's own paths
     (1, 1, 4, 1), (1, 4097, 4, 1), (7, 3001, 4, 3), (8, 257, 4, 1), (9, 20001, 4, 2), (17, 5000, 4, 5),
     (13, 1029, 1, 2), (9, 999, 2, 1), (3, 2000, 3, 4), (12, 700, 5, 1), (8, 300, 16, 3),
+    (2, 6000, 1, 3), (11, 4098, 1, 2),  # W = 1: whole tiles read in place, then a last one copied (4098)
 ]
 
 

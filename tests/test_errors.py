@@ -25,8 +25,17 @@ BANK = torch.zeros(10, 4, dtype=torch.int64)
         ({"query_tag": torch.zeros(2, dtype=torch.int64)}, "query_tag and bank_tag go together"),
         ({"queries": torch.zeros(2, 17, dtype=torch.int64), "bank": torch.zeros(3, 17, dtype=torch.int64)},
          "words"),
+        ({"k": 1.5}, "k must be an int"),
+        ({"query_tag": torch.zeros(2, dtype=torch.int32), "bank_tag": torch.zeros(10, dtype=torch.int32)},
+         "query_tag must have dtype"),
+        ({"query_tag": torch.zeros(3, dtype=torch.int64), "bank_tag": torch.zeros(10, dtype=torch.int64)},
+         "query_tag must have shape"),
+        ({"query_tag": torch.zeros(2, dtype=torch.int64), "bank_tag": torch.zeros(9, dtype=torch.int64)},
+         "bank_tag must have shape"),
+        ({"valid": torch.ones(10, 1, dtype=torch.bool)}, "valid must have 1 dimensions"),
     ],
-    ids=["dtype", "rank", "shape", "noncontiguous", "k", "valid-shape", "valid-dtype", "tags", "too-wide"],
+    ids=["dtype", "rank", "shape", "noncontiguous", "k", "valid-shape", "valid-dtype", "tags", "too-wide",
+         "k-float", "tag-dtype", "query-tag-shape", "bank-tag-shape", "valid-rank"],
 )
 def test_hamming_topk_rejects(kwargs, match):
     args = {"queries": Q, "bank": BANK, "k": 1, **kwargs}

@@ -32,16 +32,31 @@ namespace {
 
 constexpr int64_t kPenalty = 1 << 20;  // above any distance (64 * 16)
 
-// A tile of the bank, word-major: words[w * padded + r]; rows padded to a multiple of 4.
+// A tile of the bank, word-major: data[w * padded + r]; rows padded to a multiple of 4. With one
+// word per row the bank already is word-major: a tile of whole quads without tags reads it in
+// place (the copy cost more than the scan at W = 1), with a penalty only where `valid` is given.
 struct Tile {
   int64_t first = 0, rows = 0, padded = 0;
-  std::vector<int64_t> words, penalty, tag;
+  const int64_t* data = nullptr;  // words: the copy below, or the bank itself
+  const int64_t* pen = nullptr;   // penalty per row: kPenalty where ineligible or padding
+  std::vector<int64_t> words, penalty, tag, zeros;
   void load(const Scan& s, int64_t start, int64_t count, int64_t cap) {
     first = start;
     rows = count;
     padded = (count + 3) / 4 * 4;
-    words.resize(s.W * cap);
     penalty.resize(cap);
+    if (s.W == 1 && count == padded && !s.query_tag) {
+      data = s.bank + start;
+      if (s.valid) {
+        for (int64_t r = 0; r < count; ++r) penalty[r] = s.valid[start + r] ? 0 : kPenalty;
+        pen = penalty.data();
+      } else {
+        zeros.resize(cap, 0);
+        pen = zeros.data();
+      }
+      return;
+    }
+    words.resize(s.W * cap);
     const int64_t W = s.W, P = padded;
     const int64_t* src = s.bank + start * W;
     for (int64_t r = 0; r < count; ++r)
@@ -56,6 +71,8 @@ struct Tile {
       std::copy(s.bank_tag + start, s.bank_tag + start + count, tag.begin());
       std::fill(tag.begin() + count, tag.begin() + P, 0);
     }
+    data = words.data();
+    pen = penalty.data();
   }
 };
 
@@ -120,9 +137,9 @@ void group(const Scan& s, int64_t b0, const Tile& t, TopK& top, const Lut& lut) 
     qtag[g] = _mm256_set1_epi64x(Tags ? s.query_tag[b0 + g] : 0);
   }
   const __m256i zero = _mm256_setzero_si256(), penalty = _mm256_set1_epi64x(kPenalty);
-  const int64_t* words = t.words.data();
+  const int64_t* words = t.data;
   for (int64_t c = 0; c < t.padded; c += 4) {
-    const __m256i pen = load4(&t.penalty[c]);
+    const __m256i pen = load4(t.pen + c);
     const __m256i tags = Tags ? load4(&t.tag[c]) : zero;
     for (int g = 0; g < G; ++g) {
       __m256i d = _mm256_sad_epu8(distance_bytes<W, HarleySeal>(words, t.padded, c, s.queries + (b0 + g) * W, lut), zero);

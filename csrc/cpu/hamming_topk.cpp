@@ -9,8 +9,8 @@
 // Which path: every path the CPU can run is a candidate ("scalar" needs POPCNT on x86-64, "avx2",
 // "avx2_harley_seal" and "avx2_tables" AVX2, "avx512_vpopcntdq" AVX-512F/BW + VPOPCNTDQ). Where the features
 // leave more than one, the first call of each regime (few queries, B < 8: bound by reading the
-// bank; many queries: bound by popcounts) times every candidate once on a synthetic bank that
-// sits in L2 and keeps the fastest for the process: on AMD Zen the scalar POPCNT units beat the
+// bank; many queries: bound by popcounts) and code width W times every candidate once on a
+// synthetic bank that sits in L2 and keeps the fastest for the process: on AMD Zen the scalar POPCNT units beat the
 // AVX2 nibble lookup at few queries, and which AVX2 variant wins at many is the machine's call.
 // LLMCACHE_CPU_ISA=<path> forces one (read on every call, so tests can run every path).
 #include <algorithm>
@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "hamming_scan.h"
@@ -79,16 +80,19 @@ bool runs_here(int path) {
 }
 
 constexpr int64_t kFewQueries = 8;  // B below this: the "few" regime
+constexpr int64_t kMaxWords = 16;
 
 struct Choice {
   int path = 1;
   std::string why;
 };
 
-// Times every path the CPU runs on an L2-sized synthetic bank (W = 4, N = 8192), B = 1 or 32,
-// best of 3 calls each after a warm-up, and keeps the fastest.
-Choice calibrate(bool few) {
-  const int64_t W = 4, N = 8192, B = few ? 1 : 32;
+// Times every path the CPU runs on an L2-sized synthetic bank (256 KiB: N = 32768 / W rows of the
+// call's W), B = 1 or 32, best of 3 calls each after a warm-up, and keeps the fastest. Per W: which
+// path wins depends on it (on an Intel Xeon with AVX2 only, the scalar path is 3x the nibble lookup
+// at W = 1, B = 1, and 0.8x it at W = 4).
+Choice calibrate(bool few, int64_t W) {
+  const int64_t N = 32768 / W, B = few ? 1 : 32;
   std::vector<int64_t> bank(N * W), queries(B * W);
   uint64_t x = 0x9e3779b97f4a7c15ULL;
   for (auto* v : {&bank, &queries})
@@ -118,27 +122,32 @@ Choice calibrate(bool few) {
     if (fastest < best_s) best_s = fastest, best.path = p;
   }
   best.why = candidates == 1 ? "the only path this CPU runs"
-                             : "fastest at first use (B=" + std::to_string(B) + ", N=8192, W=4): " + timings;
+                             : "fastest at first use (B=" + std::to_string(B) + ", N=" + std::to_string(N) +
+                                   ", W=" + std::to_string(W) + "): " + timings;
   return best;
 }
 
-Choice choose(int64_t B) {
+// The path for a call of B queries of W words: forced, or calibrated once per (regime, W).
+Choice choose(int64_t B, int64_t W) {
   if (const char* forced = std::getenv("LLMCACHE_CPU_ISA")) {
     const std::string name = std::strcmp(forced, "avx512") == 0 ? "avx512_vpopcntdq" : forced;
     for (int p = 0; p < kPathCount; ++p)
       if (name == kPaths[p].name && runs_here(p)) return {p, std::string("forced by LLMCACHE_CPU_ISA=") + forced};
   }
-  static const Choice few = calibrate(true);  // C++11: initialised once, thread-safe
-  static const Choice many = calibrate(false);
-  return B < kFewQueries ? few : many;
+  static std::once_flag once[2][kMaxWords + 1];
+  static Choice choice[2][kMaxWords + 1];
+  const int few = B < kFewQueries ? 1 : 0;
+  const int64_t w = std::clamp<int64_t>(W, 1, kMaxWords);
+  std::call_once(once[few][w], [&] { choice[few][w] = calibrate(few, w); });
+  return choice[few][w];
 }
 
 }  // namespace
 
-std::string cpu_kernel_name() { return kPaths[choose(kFewQueries).path].name; }
+std::string cpu_kernel_name() { return kPaths[choose(kFewQueries, 4).path].name; }
 
-KernelChoice cpu_kernel_choice() {
-  const Choice few = choose(1), many = choose(kFewQueries);
+KernelChoice cpu_kernel_choice(int64_t W) {
+  const Choice few = choose(1, W), many = choose(kFewQueries, W);
   return {kPaths[few.path].name, few.why, kPaths[many.path].name, many.why};
 }
 
@@ -158,7 +167,7 @@ void hamming_topk(const int64_t* queries, int64_t B, const int64_t* bank, int64_
   std::fill(dist, dist + B * k, missing);
   std::fill(idx, idx + B * k, int64_t{-1});
   if (B == 0 || N == 0) return;
-  const RangeScan scan = kPaths[choose(B).path].scan;
+  const RangeScan scan = kPaths[choose(B, W).path].scan;
   const Scan s{queries, query_tag, B, W, bank, valid, bank_tag};
   const int64_t tile_rows = hamming::tile_rows(W);
   int threads = 1;

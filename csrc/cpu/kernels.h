@@ -30,7 +30,7 @@ std::string cpu_kernel_name();
 struct KernelChoice {
   std::string few, few_why, many, many_why;
 };
-KernelChoice cpu_kernel_choice();
+KernelChoice cpu_kernel_choice(int64_t W = 4);  // the paths for W-word codes
 
 // Elements the kernels read: fp32, IEEE fp16 or bfloat16 as raw bits.
 enum class Dtype { F32, F16, BF16 };

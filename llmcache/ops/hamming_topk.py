@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import reference
-from ._library import LIB, check, check_tensor, extension, fill_missing_kernels, resolve_backend
+from ._library import LIB, _forced_backend, check, check_tensor, extension, fill_missing_kernels, resolve_backend
 
 MAX_WORDS = 16
 
@@ -72,6 +72,23 @@ def hamming_topk(
         >>> hamming_topk(q, bank, k=2)
         (tensor([[1, 1]], dtype=torch.int32), tensor([[0, 1]]))
     """
+    # Plain CPU tensors go straight to the C++ kernel, which checks every argument itself (the checks
+    # below cost as much as scanning a few thousand codes); a call it refuses is explained below.
+    if (backend or _forced_backend() or "auto") in ("auto", "cpp") and type(queries) is torch.Tensor and type(bank) is torch.Tensor \
+            and queries.device.type == "cpu" and not torch.compiler.is_compiling():
+        ext = extension()
+        if ext is not None:
+            try:
+                return ext.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
+            except (RuntimeError, TypeError) as refused:
+                _check_arguments(queries, bank, k, valid, query_tag, bank_tag)
+                raise ValueError(str(refused)) from refused
+    _check_arguments(queries, bank, k, valid, query_tag, bank_tag)
+    return hamming_topk_unchecked(queries, bank, k, valid, query_tag, bank_tag, backend=backend)
+
+
+def _check_arguments(queries, bank, k, valid, query_tag, bank_tag) -> None:
+    """hamming_topk's argument checks, each failure named in a ValueError."""
     check_tensor("queries", queries, dtypes=(torch.int64,), ndim=2)
     device = queries.device
     check_tensor("bank", bank, dtypes=(torch.int64,), ndim=2, device=device)
@@ -92,7 +109,6 @@ def hamming_topk(
             check(False, f"query_tag must have shape [B={queries.shape[0]}]")
         if bank_tag.shape[0] != bank.shape[0]:
             check(False, f"bank_tag must have shape [N={bank.shape[0]}]")
-    return hamming_topk_unchecked(queries, bank, k, valid, query_tag, bank_tag, backend=backend)
 
 
 def hamming_topk_unchecked(
