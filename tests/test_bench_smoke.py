@@ -202,9 +202,10 @@ def test_shared_pages_bench_quick_run_writes_every_variant(tmp_path):
     fleet = {r["k"]: r for r in report["fleet"]["runs"]}
     assert set(fleet) == {1, 2}
     for r in fleet.values():
-        assert {"local", "shared", "predicted"} <= r.keys()
-        assert r["shared"]["served"] > 0 and r["local"]["served"] > 0
-        assert r["shared"]["errors"] == {} and r["shared"]["refused"] == 0 and r["shared"]["flushed"]
+        assert {"local", "shared", "waiting", "predicted"} <= r.keys()
+        assert r["shared"]["served"] > 0 and r["local"]["served"] > 0 and r["waiting"]["served"] > 0
+        for mode in ("shared", "waiting"):
+            assert r[mode]["errors"] == {} and r[mode]["refused"] == 0 and r[mode]["flushed"]
     # One process without Redis serves exactly what the stream's pages allow (a deterministic count).
     assert fleet[1]["local"]["served"] == fleet[1]["predicted"]["single"] == fleet[1]["single_served"]
     assert fleet[1]["shared"]["served"] == fleet[1]["local"]["served"] and fleet[1]["shared"]["redis_served"] == 0

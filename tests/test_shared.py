@@ -363,6 +363,8 @@ def test_refusals_name_what_to_do():
         llmcache.Shared("http://localhost:6379")
     with pytest.raises(ValueError, match="Shared.timeout"):
         llmcache.Shared("redis://localhost", timeout=0)
+    with pytest.raises(ValueError, match="Shared.wait"):
+        llmcache.Shared("redis://localhost", wait=-1)
     with pytest.raises(ValueError, match="CacheConfig.shared"):
         llmcache.CacheConfig(shared="redis://127.0.0.1:1/0", layerwise=llmcache.Layerwise(threshold=0.9))
     with pytest.raises(ValueError, match="Shared.url") as err:

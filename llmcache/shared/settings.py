@@ -55,6 +55,13 @@ class Shared:
         prefix: the first part of every key: "<prefix>:<namespace>:<digest>" (a namespace
             outside [A-Za-z0-9_.-] is written as "~" and its UTF-8 hex).
         probe_every: with lookup="auto", a forward looks up at least this often.
+        wait: seconds a decoder's forward may wait for pages another replica is computing
+            (0: never). With wait > 0, a forward about to compute two or more pages of a row
+            claims the first of them in Redis (`SET NX`, expiring after `wait`); a forward that
+            finds that claim held waits until the holder's pages are written (its writer drops
+            the claim with them) or `wait` passes, then reads what was written and computes only
+            the rest. For replicas that start on the same long prompt at once (a fleet's first
+            requests after a deploy); the wait holds the model cache's lock.
     """
 
     url: str = field(repr=False)
@@ -67,6 +74,7 @@ class Shared:
     backoff: tuple = (0.25, 30.0)
     prefix: str = "llmcache"
     probe_every: int = 32
+    wait: float = 0.0
 
     def __post_init__(self):
         def need(ok, name, allowed):
@@ -88,10 +96,11 @@ class Shared:
         need(isinstance(self.prefix, str) and bool(_SAFE_NAMESPACE.fullmatch(self.prefix)) and self.prefix != "",
              "prefix", "a non-empty str of [A-Za-z0-9_.-]")
         need(isinstance(self.probe_every, int) and self.probe_every > 0, "probe_every", "an int > 0")
+        need(number(self.wait) and self.wait >= 0, "wait", "seconds >= 0")
 
     def __repr__(self) -> str:
         return (f"Shared(url={mask(self.url)!r}, ttl={self.ttl}, timeout={self.timeout}, lookup={self.lookup!r}, "
-                f"queue={self.queue}, prefix={self.prefix!r})")
+                f"queue={self.queue}, prefix={self.prefix!r}, wait={self.wait})")
 
     @property
     def masked_url(self) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import reads, values
+from . import claims, reads, values
 from .settings import Shared
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -68,6 +68,8 @@ class SharedStats:
     "parent": the page it extends was not written, "exists": another replica wrote it first).
     errors: failed round trips, by kind ("connection", "timeout", "oom", "permission", "other");
     last_error: the last one's message (credentials masked). queued: entries waiting now.
+    claims / waits / wait_s (`Shared.wait`): pages this replica claimed before computing them;
+    forwards that waited on another replica's claim, and the seconds they waited.
     compute_s_per_token / round_trip_s: the estimates "auto" lookups decide by (None: unmeasured):
     seconds a computed token costs at the margin (`MarginalCost`), and an exponentially weighted
     mean of a lookup's round trip with its checks.
@@ -93,6 +95,9 @@ class SharedStats:
     errors: dict = field(default_factory=dict)
     last_error: str = ""
     queued: int = 0
+    claims: int = 0
+    waits: int = 0
+    wait_s: float = 0.0
     compute_s_per_token: float | None = None
     round_trip_s: float | None = None
 
@@ -247,6 +252,14 @@ class SharedTier:
         its next `fetch_pages`). Two round trips at most; never raises."""
         return reads.fetch_pages(self, key_prefix, fingerprint, pages, chains, features, dtype)
 
+    def claim(self, key_prefix: bytes, fingerprint: bytes, names: list) -> list:
+        """Claim pages this replica is about to compute (`claims.claim`): those another holds."""
+        return claims.claim(self, key_prefix, fingerprint, names)
+
+    def await_release(self, key_prefix: bytes, fingerprint: bytes, names: list) -> float:
+        """Wait for other replicas' claims on `names` to end (`claims.await_release`)."""
+        return claims.await_release(self, key_prefix, fingerprint, names)
+
     def usable(self, wanted: int, tokens: int) -> bool:
         """Whether a lookup of `wanted` entries (`tokens` tokens) goes to the server: the breaker
         is closed and, with lookup="auto", it is worth a round trip (else counted as skipped)."""
@@ -362,7 +375,7 @@ class SharedTier:
 
     def _write(self, batch: list) -> None:
         pipe = self.client.pipeline(transaction=False)
-        sizes, written = [], 0
+        sizes, written, claimed = [], 0, []
         ttl = self.settings.ttl
         dropped = {"non_finite": 0, "parent": 0}
         for key_prefix, fingerprint, row_key, states, dtype, _, parent in batch:
@@ -380,6 +393,7 @@ class SharedTier:
             with self.lock:
                 replace = self.overwrite.pop(key, 1) is None
             pipe.set(key, value, px=int(ttl * 1000) if ttl is not None else None, nx=not replace)
+            claimed.append(key + claims.SUFFIX)
             sizes.append(len(value))
             written += 1
         with self.lock:
@@ -388,6 +402,7 @@ class SharedTier:
                     self.stats.write_drops[reason] = self.stats.write_drops.get(reason, 0) + n
         if not written:
             return
+        pipe.delete(*claimed)  # (a claim on a page ends when the page is written, or already was)
         if self.breaker.is_open():
             with self.lock:
                 self.stats.write_drops["down"] = self.stats.write_drops.get("down", 0) + written
@@ -399,6 +414,7 @@ class SharedTier:
             with self.lock:
                 self.stats.write_drops["down"] = self.stats.write_drops.get("down", 0) + written
             return
+        replies = replies[:-1]  # (the DEL of the claims)
         failed = [r for r in replies if isinstance(r, Exception)]
         for err in failed[:1]:
             self.breaker.failed(err)

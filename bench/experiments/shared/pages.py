@@ -10,8 +10,10 @@ fleet: a chat-like stream of --prompts prompts: a shared --system-tokens system 
 few-shot block (SmolLM2 chat markup around WikiText-2 text and two STS-B pairs), then a user turn
 (an STS-B sentence); 30 % of the prompts continue an earlier prompt of the stream (that prompt +
 a ~30-token answer + a new user turn, concatenated as token ids). Dealt round-robin to K
-replicas that run concurrently, each its share twice: without the shared tier ("local") and with
-it (`Shared(lookup="always")`), the passes lined up at a barrier. Reported per K: prefill tokens
+replicas that run concurrently, each its share three times: without the shared tier ("local"), with
+it (`Shared(lookup="always")`) and with it waiting on the pages another replica is computing
+(`Shared(lookup="always", wait=30)`, "waiting"; Redis FLUSHALL-ed before), the passes lined up at a
+barrier. Reported per K: prefill tokens
 served (local bank + Redis) / tokens, against K = 1 without Redis (one process seeing the whole
 stream); the median prefill time per prompt; and what lockstep replicas could serve at best.
 
@@ -64,6 +66,8 @@ CONTINUE = 0.3
 RESTART_FIRST = 10
 AUTO_WARM, AUTO_MEASURED = 3, 5
 TIMEOUT = 1.0  # Shared.timeout: a 64-page read is ~25 MB, and K replicas share two cores
+WAIT = 30.0  # Shared.wait of the "waiting" pass: longer than any prefill here
+MODES = ("local", "shared", "waiting")
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 4096}
 BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -241,8 +245,8 @@ def timed(model, ids: list[int]) -> dict:
             "shared": delta(shared_counts(st.shared), before) if st.shared is not None else {}}
 
 
-def shared_tier(url: str, lookup: str = "always"):
-    return llmcache.Shared(url, lookup=lookup, timeout=TIMEOUT)
+def shared_tier(url: str, lookup: str = "always", wait: float = 0.0):
+    return llmcache.Shared(url, lookup=lookup, timeout=TIMEOUT, wait=wait)
 
 
 def warm_ids(vocab: int, seed: int, n: int = 24) -> list[int]:
@@ -260,8 +264,16 @@ def _replica(index: int, k: int, url: str, model_name: str, prompts: list[tuple[
     record = {"index": index, "prompts": len(prompts), "rss_model": rss_bytes()}
     with torch.inference_mode():
         prefill(model, warm_ids(vocab, index))
-        for mode in ("local", "shared"):
-            llmcache.accelerate(model, shared=shared_tier(url) if mode == "shared" else None)
+        for mode in MODES:
+            if mode == "waiting":  # (a fresh Redis: what the "shared" pass wrote is gone)
+                barrier.wait(timeout=1800)
+                if index == 0:
+                    import redis
+
+                    redis.Redis.from_url(url).flushall()
+                barrier.wait(timeout=1800)
+            llmcache.accelerate(model, shared=shared_tier(url, wait=WAIT if mode == "waiting" else 0.0)
+                                if mode != "local" else None)
             prefill(model, warm_ids(vocab, 100 + index))
             llmcache.flush(model, 30)
             barrier.wait(timeout=1800)
@@ -275,7 +287,9 @@ def _replica(index: int, k: int, url: str, model_name: str, prompts: list[tuple[
             record[mode] = {"calls": calls, "flushed": flushed,
                             "shared": shared_counts(st.shared) if st.shared is not None else None,
                             "write_drops": dict(st.shared.write_drops) if st.shared is not None else None,
-                            "errors": dict(st.shared.errors) if st.shared is not None else None}
+                            "errors": dict(st.shared.errors) if st.shared is not None else None,
+                            "waits": st.shared.waits if st.shared is not None else 0,
+                            "wait_s": st.shared.wait_s if st.shared is not None else 0.0}
             llmcache.disable(model)
         barrier.wait(timeout=1800)
         record["uncached_s"] = [prefill(model, ids) for _, ids in prompts[:uncached]]
@@ -431,14 +445,16 @@ def fleet_part(args, texts: Texts, url: str, client) -> dict:
                                              "uncached": args.uncached} for j in range(k)], args.threads, barrier=True)
         row = {"k": k, "prompts": len(prompts), "tokens": total, "wall_s": time.perf_counter() - t0,
                "redis_keys": client.dbsize(), "replicas": records}
-        for mode in ("local", "shared"):
+        for mode in MODES:
             calls = [c for r in records for c in r[mode]["calls"]]
             m = {"served": sum(c["served"] for c in calls), "computed": sum(c["computed"] for c in calls),
                  "redis_served": sum(c["shared"].get("tokens_served", 0) for c in calls),
                  "prefill_s_median": median(c["s"] for c in calls),
                  "prefill_s_median_after_first": median(c["s"] for r in records for c in r[mode]["calls"][1:])}
             m["served_rate"] = m["served"] / total
-            if mode == "shared":
+            if mode != "local":
+                m["waits"] = sum(r[mode]["waits"] for r in records)
+                m["wait_s"] = sum(r[mode]["wait_s"] for r in records)
                 m["flushed"] = all(r[mode]["flushed"] for r in records)
                 for name in ("write_drops", "errors"):
                     merged: dict = {}
@@ -454,7 +470,7 @@ def fleet_part(args, texts: Texts, url: str, client) -> dict:
             single = row["local"]["served"]
             single_at = {c["at"]: c["served"] for c in records[0]["local"]["calls"]}
         row["single_served"] = single
-        for mode in ("local", "shared"):
+        for mode in MODES:
             row[mode]["vs_single"] = row[mode]["served"] / single if single else None
             # (After each replica's first prompt: without the cold start, when K replicas that start
             # together each compute the system prompt.)
@@ -471,8 +487,9 @@ def fleet_part(args, texts: Texts, url: str, client) -> dict:
             "shared_lockstep": sum(predicted_served(prompts, lambda i, j, k=k: j // k < i // k or j % k == i % k)),
         }
         runs.append(row)
-        sh, lo = row["shared"], row["local"]
+        sh, lo, wa = row["shared"], row["local"], row["waiting"]
         print(f"[pages fleet] K={k}: served shared {sh['served_rate']:.3f} ({sh['vs_single']:.3f} of single; "
+              f"waiting {wa['vs_single']:.3f}, {wa['waits']} waits, {wa['wait_s']:.2f} s; "
               f"{sh['redis_served']} tokens from Redis), local-only {lo['served_rate']:.3f} ({lo['vs_single']:.3f}); "
               f"median prefill shared {fmt_ms(sh['prefill_s_median'], 1)} ms, local-only "
               f"{fmt_ms(lo['prefill_s_median'], 1)} ms, uncached {fmt_ms(row['uncached_s_median'], 1)} ms; "
@@ -722,7 +739,7 @@ def report(args, texts: Texts, fleet: dict, ab: dict, big: dict | None, restart:
     model = args.model
     fleet_table = []
     for r in fleet["runs"]:
-        sh, lo = r["shared"], r["local"]
+        sh, lo, wa = r["shared"], r["local"], r["waiting"]
         fleet_table.append({
             "K": r["k"], "prompts": r["prompts"], "tokens": r["tokens"],
             "served single (K=1, no Redis)": r["single_served"],
@@ -733,6 +750,9 @@ def report(args, texts: Texts, fleet: dict, ab: dict, big: dict | None, restart:
             "local-only / single": f"{lo['vs_single']:.3f}",
             "lockstep bound / single": f"{r['predicted']['shared_lockstep'] / r['predicted']['single']:.3f}",
             "shared / single after each replica's 1st prompt": _ratio(sh["vs_single_after_first"]),
+            "waiting: shared + wait / single": f"{wa['vs_single']:.3f}",
+            "waits (s waited)": f"{wa['waits']} ({wa['wait_s']:.2f})",
+            "median prefill ms waiting": fmt_ms(wa["prefill_s_median"], 1),
             "median prefill ms shared": fmt_ms(sh["prefill_s_median"], 1),
             "local-only": fmt_ms(lo["prefill_s_median"], 1),
             "uncached (sample)": fmt_ms(r["uncached_s_median"], 1),
@@ -793,6 +813,8 @@ def report(args, texts: Texts, fleet: dict, ab: dict, big: dict | None, restart:
     ]
     targets = [target(f"fleet K={r['k']}: served with Redis / single process", r["shared"]["vs_single"], 0.95,
                       "prefill tokens served, local + Redis", unit="x") for r in fleet["runs"]]
+    targets += [target(f"fleet K={r['k']}: served with Redis and Shared.wait / single process", r["waiting"]["vs_single"],
+                       0.95, "prefill tokens served, local + Redis", unit="x") for r in fleet["runs"]]
     for r in ttft_rows:
         targets.append(target(f"{r['model']} remote / local prefix hit ({r['prefix_tokens']}-token prefix)",
                               r["remote_over_local"], 1.3, "median of per-round ratios", below=True, unit="x"))

@@ -70,9 +70,28 @@ class Remote(Tier):
                 chain.append(key)
             chains.append(chain)
         prefix = self.client.settings.key_prefix(rows.current_namespace())
-        found = self.client.fetch_pages(prefix, fingerprint, {k: v[:2] for k, v in wanted.items()}, chains,
-                                        store.arena.features, store.arena.dtype)
+        pages_of = {k: v[:2] for k, v in wanted.items()}
+        found = self.client.fetch_pages(prefix, fingerprint, pages_of, chains, store.arena.features, store.arena.dtype)
         store.insert([(key, found[key], wanted[key][2], wanted[key][0]) for key in wanted if key in found])
+        if self.client.settings.wait > 0:
+            self._claim_or_wait(store, fingerprint, prefix, wanted, pages_of, chains, found)
+
+    def _claim_or_wait(self, store, fingerprint: bytes, prefix: bytes, wanted: dict, pages_of: dict, chains: list,
+                       found: dict) -> None:
+        """`Shared.wait`: each chain that still lacks two or more pages claims its first missing
+        one; where another replica holds that claim, wait for its pages, then read them."""
+        rest = {}  # first missing page -> the chain from it
+        for chain in chains:
+            held = next((i for i, key in enumerate(chain) if key not in found), len(chain))
+            if len(chain) - held >= 2:
+                rest.setdefault(chain[held], chain[held:])
+        lost = self.client.claim(prefix, fingerprint, list(rest))
+        if not lost:
+            return
+        self.client.await_release(prefix, fingerprint, lost)
+        more = self.client.fetch_pages(prefix, fingerprint, pages_of, [rest[key] for key in lost], store.arena.features,
+                                       store.arena.dtype)
+        store.insert([(key, more[key], wanted[key][2], wanted[key][0]) for key in wanted if key in more])
 
     def share(self, store, entries: list, ntokens: list, parts: list, fingerprint: bytes) -> None:
         """Hand the committed `entries` (-1: not committed) to the writer; `parts` their states."""
