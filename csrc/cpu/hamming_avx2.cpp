@@ -170,6 +170,8 @@ void tiles(const Scan& s, int64_t begin, int64_t end, TopK& top) {
 // vector pipes (a 4x4 transpose in registers, then the nibble lookup and one vpsadbw), rows 4-7
 // through the scalar POPCNT units, which the vector code leaves idle, so the core runs both at
 // once. Candidates are offered in row order (the vector lanes first), the tail row by row.
+constexpr int64_t kAhead = 256;  // words prefetched ahead of the stream
+
 void stream_w4(const Scan& s, int64_t b, int64_t begin, int64_t end, TopK& top) {
   const Lut lut;
   const int64_t* q = s.queries + b * 4;
@@ -184,6 +186,8 @@ void stream_w4(const Scan& s, int64_t b, int64_t begin, int64_t end, TopK& top) 
   int64_t n = begin;
   for (; n + 8 <= end; n += 8) {
     const int64_t* r = s.bank + n * 4;
+    for (int line = 0; line < 4; ++line)  // (2 KiB ahead: the bank streams from DRAM at B = 1)
+      _mm_prefetch(reinterpret_cast<const char*>(r + kAhead + 8 * line), _MM_HINT_T0);
     const __m256i r0 = load4(r), r1 = load4(r + 4), r2 = load4(r + 8), r3 = load4(r + 12);
     const __m256i t0 = _mm256_unpacklo_epi64(r0, r1), t1 = _mm256_unpackhi_epi64(r0, r1);
     const __m256i t2 = _mm256_unpacklo_epi64(r2, r3), t3 = _mm256_unpackhi_epi64(r2, r3);
