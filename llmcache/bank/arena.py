@@ -14,9 +14,6 @@ index computes on the host, so a forward's reads are one `index_select` and its 
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import numpy as np
 import torch
 
@@ -59,10 +56,7 @@ class PagedArena:
         # An ordinary tensor even when first used under inference mode, which could only be
         # written inside inference mode after; never part of an autograd graph.
         with torch.inference_mode(False), torch.no_grad():
-            out = torch.empty((pages, self.page_tokens, self.features), dtype=self.dtype, device=self.device)
-        if self.device.type == "cpu":
-            huge_pages(out)
-        return out
+            return torch.empty((pages, self.page_tokens, self.features), dtype=self.dtype, device=self.device)
 
     def grow(self, pages: int) -> int:
         """Make room for at least `pages` pages (capped at max_pages); returns the page count now."""
@@ -138,32 +132,3 @@ class PagedArena:
         """Free the memory (the index forgets every entry beside this)."""
         self.pages = self._empty(0)
         self.used = 0
-
-
-def huge_pages(t: torch.Tensor) -> None:
-    """Ask Linux to back a large fresh CPU tensor with transparent huge pages where it allows them
-    (`madvise(MADV_HUGEPAGE)` on its 2 MiB-aligned interior): a page's first write then faults once
-    per 2 MiB instead of once per 4 KiB (24 MiB of pages fetched from Redis went into fresh arena
-    memory in 5.6 ms instead of 8.9). Nothing happens elsewhere, or where the call fails."""
-    global _MADVISE
-    size = t.numel() * t.element_size()
-    if size < 4 * _HUGE or not sys.platform.startswith("linux"):
-        return
-    if _MADVISE is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _MADVISE = libc.madvise
-        except (OSError, AttributeError):
-            _MADVISE = False
-    if not _MADVISE:
-        return
-    first = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-    last = (t.data_ptr() + size) & ~(_HUGE - 1)
-    if last > first:
-        _MADVISE(first, last - first, _MADV_HUGEPAGE)
-
-
-_HUGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_MADVISE = None  # libc's madvise, once found (False: none)
