@@ -5,16 +5,12 @@ asked for nor grows past its budget."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmcache.bank import PagedArena, prefault
-from llmcache.bank.arena import PREFAULT_BYTES
+from llmcache.bank import PagedArena
 
 PAGE, F = 4, 3
 
@@ -78,26 +74,3 @@ def test_moves_land_at_their_rows(rows, parts):
     assert torch.equal(arena.read(index), states)
     buffer = torch.full((len(rows) + 5, F), -1.0)
     assert torch.equal(arena.read(index, buffer), states) and torch.equal(buffer[: len(rows)], states)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
-def test_fresh_pages_ahead_of_those_in_use_are_populated_and_writes_meanwhile_are_kept():
-    """The CPU arena has the memory after its pages in use faulted in ahead of their first writes
-    (up to PREFAULT_BYTES, on a background thread), and what is written meanwhile stays written."""
-    arena = PagedArena(PAGE, 1024, torch.float32, "cpu", max_pages=20000)  # 16 KiB pages, a 320 MiB reserve
-    before = _rss()
-    arena.grow(4)
-    states = torch.randn(4 * PAGE, 1024)
-    rows = torch.arange(4 * PAGE)
-    arena.write(rows, states)  # (while the window after it is populated)
-    assert prefault.drain()
-    grown = _rss() - before
-    if grown < PREFAULT_BYTES // 2:
-        pytest.skip("this kernel does not populate (MADV_POPULATE_WRITE is Linux 5.14+)")
-    assert grown <= PREFAULT_BYTES + 8 * 2**20  # (the window, not the reserve)
-    assert torch.equal(arena.read(rows), states)

@@ -17,10 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import prefault
-
 RESERVE_BYTES = 1 << 30  # CPU: address space the first growth reserves (never more than the budget)
-PREFAULT_BYTES = 32 << 20  # CPU: fresh arena memory populated ahead of the pages in use (`prefault`)
 RUN_ROWS, MAX_RUNS = 64, 16  # CPU: moves of at least RUN_ROWS rows in at most MAX_RUNS runs are slice copies
 
 
@@ -42,8 +39,6 @@ class PagedArena:
         self.max_pages = max_pages
         self.pages = self._empty(0)  # [capacity, page_tokens, F]: the first `num_pages` in use
         self.used = 0
-        self.populated = 0  # pages up to which fresh memory was handed to `prefault`
-        self.ahead = max(1, PREFAULT_BYTES // self.page_bytes) if self.device.type == "cpu" else 0
 
     @property
     def page_bytes(self) -> int:
@@ -66,7 +61,6 @@ class PagedArena:
     def grow(self, pages: int) -> int:
         """Make room for at least `pages` pages (capped at max_pages); returns the page count now."""
         if pages <= self.num_pages:
-            self._prefault(pages)
             return self.num_pages
         target = min(self.max_pages, max(pages, 2 * self.num_pages, 16))
         if target > self.pages.shape[0]:
@@ -77,21 +71,8 @@ class PagedArena:
             with torch.no_grad():
                 bigger[: self.used].copy_(self.pages[: self.used])
             self.pages = bigger
-            self.populated = self.used  # (the copy wrote those; the rest of the new tensor is fresh)
         self.used = target
-        self._prefault(pages)
         return self.num_pages
-
-    def _prefault(self, pages: int) -> None:
-        """On the CPU, keep the arena's pages after the `pages` in use populated up to
-        PREFAULT_BYTES ahead (a background thread), so that their first writes do not fault in a
-        forward; requested half a window at a time."""
-        if pages + self.ahead // 2 < self.populated or not self.ahead or not self._reserves():
-            return
-        start, stop = max(self.populated, pages), min(self.pages.shape[0], pages + self.ahead)
-        if stop > start:
-            prefault.populate(self.pages, start * self.page_bytes, (stop - start) * self.page_bytes)
-            self.populated = stop
 
     def _reserves(self) -> bool:
         """Whether an allocation costs memory only where it is written: the CPU's, unless
@@ -151,4 +132,3 @@ class PagedArena:
         """Free the memory (the index forgets every entry beside this)."""
         self.pages = self._empty(0)
         self.used = 0
-        self.populated = 0
