@@ -51,9 +51,9 @@ def test_a_replica_waits_for_the_pages_another_is_computing(redis_server):
     b = replica(redis_server.url, copy.deepcopy(ref), wait=30.0)
     prompt, turn = ids(40, 1), torch.cat([ids(40, 1), ids(3, 2)])
     started, since = threading.Event(), []
-    # a claims its pages at routing and then computes for a second (its first block held): b,
+    # a claims its pages at routing and then computes for three seconds (its first block held): b,
     # routed meanwhile, finds the claim on its chain's first page and waits for a's pages.
-    _held(a, started, release=lambda: since and time.monotonic() - since[0] > 1.0)
+    _held(a, started, release=lambda: since and time.monotonic() - since[0] > 3.0)
     worker, out = _in_thread(lambda: logits(a, prompt))
     assert started.wait(30)
     since.append(time.monotonic())
