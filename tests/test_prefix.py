@@ -73,6 +73,19 @@ def test_shared_prefixes_of_every_length_compute_only_their_suffix(family, side,
                 assert (served, computed) == (cached, len(row) - cached), (shared, served, computed)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_prompt_one_token_past_its_cached_pages(family, tokens):
+    """Whole cached pages and then a single token: there is no partial page to look for after the run
+    (a page of k < 1 tokens), and the row computes that one token."""
+    model, ref = build(family)
+    base = tokens(2 * PAGE + 1)
+    with torch.inference_mode():
+        model(input_ids=base[None, : 2 * PAGE])
+        got = model(input_ids=base[None]).logits
+        assert llmcache.stats(model).last_tokens == (2 * PAGE, 1)
+        assert_outputs(got, ref(input_ids=base[None]).logits, tolerance=PREFIX_TOLERANCE)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_prompt_continuing_a_partial_page_reuses_its_tokens(family, side, tokens):

@@ -67,6 +67,8 @@ def _partial_pages(index, headers: list, host: np.ndarray, start: np.ndarray, co
                                    for r, j in zip(short, nxt.tolist())), dtype=np.uint8).reshape(len(short), 32)
     sizes = np.arange(1, page)
     counts = np.where(sizes[None, :] < remaining[:, None], sizes[None, :], 0).ravel()  # (k = remaining: its own key)
+    if not counts.any():  # (every short row has one token after its run: no partial page can precede it)
+        return partial
     keys = rows.chain_keys(b"P", [b""] * len(counts), np.repeat(compact, page - 1, axis=1), np.zeros_like(counts),
                            counts, page, after=np.repeat(after, page - 1, axis=0))
     hit = index.find_many(rows.split_keys(keys[:, 0])).reshape(len(short), page - 1)
