@@ -93,7 +93,8 @@ def test_chat_bench_serves_each_turn_its_history_and_keeps_the_tokens(tmp_path):
 
     assert chat.main(["--quick", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "chat-smollm2-cpu.json").read_text())
-    assert set(out["ms"]) == {"plain", "recipe", "llmcache"}
+    assert set(out["ms"]) == {"plain", "recipe", "llmcache", "ideal"}
+    assert {"watch", "index", "upload", "suffix", "own"} <= set(out["llmcache_own_us"])  # (the stage timer ran)
     assert out["tokens_equal"] and out["answers_equal"]  # llmcache's first tokens and answers: plain's
     assert out["decode_pages"] > 0  # (the answers' pages, stored by generate's decode steps)
     calls = out["llmcache_calls"]
