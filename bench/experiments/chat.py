@@ -133,12 +133,11 @@ def run(args) -> int:
 
     def first_token(name: str, prompt: list[int], kept) -> tuple[int, float]:
         """(the first token, seconds to it)"""
-        given = copy.deepcopy(kept) if name == "ideal" else None  # (before the clock starts)
+        given = copy.deepcopy(kept) if name == "ideal" else None  # (the ideal's copy: before the clock starts)
         start = time.perf_counter()
-        if name in ("recipe", "ideal"):
-            out = generate(plain, prompt, 1, cache=copy.deepcopy(kept) if name == "recipe" else given)
-        else:
-            out = generate(plain if name == "plain" else cached, prompt, 1)
+        if name == "recipe":
+            given = copy.deepcopy(kept)
+        out = generate(cached if name == "llmcache" else plain, prompt, 1, **({"cache": given} if given is not None else {}))
         return int(out[0, -1]), time.perf_counter() - start
 
     try:
