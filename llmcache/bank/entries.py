@@ -114,6 +114,19 @@ class EntryTable:
             return slots.ravel()
         return slots[np.arange(width * pt)[None, :] < counts[:, None]]
 
+    def free_many(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`free` of each of `entries` (int64, distinct) in one pass: (their pages, one entry's
+        after another's, as `page_list` gives them; their parents, -1 for none)."""
+        counts = -(-self.ntokens[entries] // self.page_tokens)
+        width = int(counts.max()) if len(entries) else 0
+        pages = self.pages[entries, :width][np.arange(width)[None, :] < counts[:, None]]
+        for e in entries.tolist():
+            self.keys[e] = self.labels[e] = None
+        self.free_entries.extend(entries.tolist())
+        parents = self.parent[entries].copy()
+        self.parent[entries] = -1
+        return pages, parents
+
     def free(self, entry: int) -> int:
         """Forget the entry's key and parent link and free its id; returns its parent (-1: none)."""
         self.keys[entry] = self.labels[entry] = None

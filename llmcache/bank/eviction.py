@@ -45,3 +45,33 @@ def sweep(meta, hand: int, pins: set) -> tuple[int, int]:
             continue
         return entry, hand
     return -1, hand
+
+
+def sweep_many(meta, hand: int, pins: set, pages: int, entries: int, page_tokens: int) -> tuple[np.ndarray, int]:
+    """One turn of the hand from `hand` as `sweep` makes it victim after victim, in one numpy
+    pass: (the victims, in the order the hand meets them, the hand after the last), enough that
+    their pages number at least `pages` and they are at least `entries`; fewer (every victim of
+    the turn, the hand back where it started) when the turn does not hold that many. Spared
+    counts the hand passes are lowered as `sweep` lowers them. An entry that becomes a leaf when
+    its last child goes waits for the next turn (`sweep` may take it in this one)."""
+    total = len(meta)
+    ring = np.arange(hand, hand + total, dtype=np.int64) % total
+    leaf = meta.valid[ring] & (meta.kids[ring] == 0)
+    if pins:
+        leaf &= ~np.isin(ring, np.fromiter(pins, dtype=np.int64, count=len(pins)))
+    passed = np.flatnonzero(leaf)
+    zero = meta.ref[ring[passed]] == 0
+    victims = passed[zero]
+    size = -(-meta.ntokens[ring[victims]] // page_tokens)
+    enough = np.flatnonzero(np.cumsum(size) >= pages) if pages > 0 else np.zeros(1, dtype=np.int64) - 1
+    take = max(int(enough[0]) + 1 if len(enough) else len(victims) + 1, entries)
+    if take > len(victims):  # (short: every victim of the turn, the hand comes back round)
+        take, spared, hand_after = len(victims), passed[~zero], hand
+    elif take == 0:
+        return victims[:0], hand
+    else:
+        last = victims[take - 1]
+        spared, hand_after = passed[~zero & (passed < last)], int((hand + last + 1) % total)
+    spared = ring[spared]
+    meta.ref[spared] = np.maximum(meta.ref[spared] - 1, 0)  # (`on_sweep` of each)
+    return ring[victims[:take]], hand_after

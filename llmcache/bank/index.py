@@ -165,8 +165,9 @@ class ExactIndex:
         return self._fill([key], np.array([ntokens], dtype=np.int64), np.array([parent], dtype=np.int64), [label])[0]
 
     def reserve_many(self, keys: list, ntokens, parents=None, labels=None) -> list[int]:
-        """`reserve` of each of `keys` (distinct) in order: in one pass where they all fit without
-        evicting, else one by one. `parents[i]`: the entry key i extends, -1 none, or -2 - j for
+        """`reserve` of each of `keys` (distinct) in order: in one pass where there is room for
+        all of them (evicting for the whole batch at once where the bank is full), else one by
+        one. The batch's own parents are never its victims. `parents[i]`: the entry key i extends, -1 none, or -2 - j for
         the entry this call reserves for key j < i (key i gets -1 when key j got -1)."""
         count = len(keys)
         outer = parents is not None
@@ -176,12 +177,22 @@ class ExactIndex:
         need = int((-(-ntokens // self.page_tokens)).sum())
         fits = (self.max_entries is None or self.entries + len(self.reserved) + count <= self.max_entries) \
             and need <= self.max_pages and self.pool.make_room(need, lambda: False)
-        if fits and not any(map(self.table.__contains__, keys)):
-            if outer:
-                np.add.at(self.meta.kids, parents[parents >= 0], 1)
+        # The batch's parents are spared by its evictions (counted as their children first).
+        spared = parents[parents >= 0]
+        np.add.at(self.meta.kids, spared, 1)
+        # Room for all of them at once: a full bank's evictions in a few numpy passes (the
+        # victims `reserve` key by key would take, their pages and ids handed out in another order).
+        if not any(map(self.table.__contains__, keys)) and (fits or self._make_room_many(need, count)):
             return self._fill(keys, ntokens, parents, labels)
-        # Key by key as `reserve` does it (the same evictions, pages and ids), the new entries'
-        # fields set in one pass at the end.
+        try:
+            return self._reserve_each(keys, ntokens, parents, labels)
+        finally:
+            for parent in spared.tolist():
+                self._drop_kid(parent)
+
+    def _reserve_each(self, keys: list, ntokens: np.ndarray, parents: np.ndarray, labels: list) -> list[int]:
+        """`reserve_many` key by key as `reserve` does it (some keys may still fit), the new
+        entries' fields set in one pass at the end."""
         out: list[int] = []
         made: list[int] = []  # per key: its place among the entries made (-1: none)
         kept, taken = [], []  # the keys given entries (index into keys); their pages, one after another
@@ -241,6 +252,46 @@ class ExactIndex:
         if need > self.max_pages or (full and not self._evict_one()):
             return False
         return self.pool.make_room(need, self._evict_one)
+
+    def _make_room_many(self, pages: int, entries: int) -> bool:
+        """`_make_room` for `entries` new entries of `pages` pages in all, at once: the arena's
+        page count grown, then turns of the CLOCK hand (`eviction.sweep_many`) until there is room.
+        False when there is none to make (what was evicted stays evicted)."""
+        if pages > self.max_pages:
+            return False
+        pool = self.pool
+        while len(pool.free_pages) < pages and pool.grow(pages):
+            pass
+        idle = 0  # turns without a victim: each lowers every spared count, so a few find one if any can
+        while idle <= eviction.GCLOCK_MAX + 1:
+            short = pages - len(pool.free_pages)
+            slots = 0 if self.max_entries is None else self.entries + len(self.reserved) + entries - self.max_entries
+            if short <= 0 and slots <= 0:
+                return True
+            if self.entries == 0:
+                return False
+            victims, self.hand = eviction.sweep_many(self.meta, self.hand, self.pins, short, slots, self.page_tokens)
+            idle = 0 if len(victims) else idle + 1
+            self._evict_leaves(victims)
+        return False
+
+    def _evict_leaves(self, victims: np.ndarray) -> None:
+        """`evict` of each of `victims` (visible leaves, distinct: each freed now) in one pass."""
+        if not len(victims):
+            return
+        for key in map(self.meta.keys.__getitem__, victims.tolist()):
+            del self.table[key]
+        self.meta.valid[victims] = False
+        pages, parents = self.meta.free_many(victims)
+        self.pool.give(pages)
+        self.evictions += len(victims)
+        linked = parents[parents >= 0]
+        if len(linked):
+            np.subtract.at(self.meta.kids, linked, 1)
+            orphaned = np.unique(linked[self.meta.dead[linked] & (self.meta.kids[linked] == 0)])
+            for parent in orphaned.tolist():  # (dead parents whose last child went: nearly always none)
+                self.meta.dead[parent] = False
+                self._free(parent)
 
     def commit(self, entry: int) -> bool:
         """Make a reserved entry visible (its states are written). False (and the entry released)
