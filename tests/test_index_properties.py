@@ -490,3 +490,30 @@ def test_reserve_many_does_what_reserve_does_key_by_key(batch, max_pages, max_en
     assert twins[0].num_pages <= max_pages
     assert twins[0].commit_many([e for e in got if e >= 0]) == [True] * sum(e >= 0 for e in got)
     assert all(twins[0].find(k) == e for k, e in zip(keys, got) if e >= 0)
+
+
+@given(st.integers(300, 1200), st.integers(0, 1199), st.integers(8, 40), st.sampled_from(["lru", "staleness"]))
+@settings(max_examples=20, deadline=None)
+def test_a_large_full_bank_evicts_for_a_batch_what_reserve_evicts_key_by_key(entries, hits, batch, policy):
+    """Where the hand must pass many spared entries (more than one look ahead of it holds), the
+    batch evicts what `reserve` key by key evicts, and lowers the counts it passes as `reserve`
+    does: batch after batch, past the hand's first full turn, the same entries go."""
+    twins = [ExactIndex(PAGE, entries, None, policy) for _ in range(2)]
+    for index in twins:
+        for i in range(entries):
+            index.commit(index.reserve(f"old{i}".encode(), PAGE))
+        index.touch(list(range(min(hits, entries))))  # (hit entries are spared: a second chance)
+    for round_ in range(2 * entries // batch + 1):
+        keys = [f"new{round_}-{i}".encode() for i in range(batch)]
+        got = twins[0].reserve_many(keys, [PAGE] * batch)
+        want = [twins[1].reserve(k, PAGE) for k in keys]
+        assert all(e >= 0 for e in got) and all(e >= 0 for e in want)
+        assert twins[0].evictions == twins[1].evictions
+        for index, made in zip(twins, (got, want)):
+            index.commit_many(made)
+            index.touch(made[::3])  # (some of the new entries are hit too)
+        if round_ % 8 == 0:
+            live = [sorted(index.describe(e).key for e in index.live()) for index in twins]
+            assert live[0] == live[1], round_
+    live = [sorted(index.describe(e).key for e in index.live()) for index in twins]
+    assert live[0] == live[1]

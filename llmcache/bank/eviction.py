@@ -55,16 +55,21 @@ def sweep_many(meta, hand: int, pins: set, pages: int, entries: int, page_tokens
     counts the hand passes are lowered as `sweep` lowers them. An entry that becomes a leaf when
     its last child goes waits for the next turn (`sweep` may take it in this one)."""
     total = len(meta)
-    ring = np.arange(hand, hand + total, dtype=np.int64) % total
-    leaf = meta.valid[ring] & (meta.kids[ring] == 0)
-    if pins:
-        leaf &= ~np.isin(ring, np.fromiter(pins, dtype=np.int64, count=len(pins)))
-    passed = np.flatnonzero(leaf)
-    zero = meta.ref[ring[passed]] == 0
-    victims = passed[zero]
-    size = -(-meta.ntokens[ring[victims]] // page_tokens)
-    enough = np.flatnonzero(np.cumsum(size) >= pages) if pages > 0 else np.zeros(1, dtype=np.int64) - 1
-    take = max(int(enough[0]) + 1 if len(enough) else len(victims) + 1, entries)
+    window = min(total, max(256, 8 * (pages + entries)))  # (the hand's next entries: widened while short)
+    while True:
+        ring = np.arange(hand, hand + window, dtype=np.int64) % total
+        leaf = meta.valid[ring] & (meta.kids[ring] == 0)
+        if pins:
+            leaf &= ~np.isin(ring, np.fromiter(pins, dtype=np.int64, count=len(pins)))
+        passed = np.flatnonzero(leaf)
+        zero = meta.ref[ring[passed]] == 0
+        victims = passed[zero]
+        size = -(-meta.ntokens[ring[victims]] // page_tokens)
+        enough = np.flatnonzero(np.cumsum(size) >= pages) if pages > 0 else np.zeros(1, dtype=np.int64) - 1
+        take = max(int(enough[0]) + 1 if len(enough) else len(victims) + 1, entries)
+        if take <= len(victims) or window == total:
+            break
+        window = min(total, 4 * window)
     if take > len(victims):  # (short: every victim of the turn, the hand comes back round)
         take, spared, hand_after = len(victims), passed[~zero], hand
     elif take == 0:

@@ -282,7 +282,9 @@ class ExactIndex:
         for key in map(self.meta.keys.__getitem__, victims.tolist()):
             del self.table[key]
         self.meta.valid[victims] = False
-        pages, parents = self.meta.free_many(victims)
+        # (Freed last victim first: the batch's first keys then get the first victims' ids and
+        # pages off the free stacks, as they do key by key, so the hand meets them in that order.)
+        pages, parents = self.meta.free_many(victims[::-1])
         self.pool.give(pages)
         self.evictions += len(victims)
         linked = parents[parents >= 0]
