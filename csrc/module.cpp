@@ -64,6 +64,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("hamming_topk", &llmcache::hamming_topk_cpu, "llmcache::hamming_topk on CPU tensors, outside the dispatcher");
   m.def("crc32_copy", &llmcache::crc32_copy, pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("crc") = 0,
         "zlib.crc32(src, crc), src's bytes copied into dst (a writable buffer, or None) in the same pass");
+  // (The dispatcher's CPU write_rows, bound for eager calls: one per forward, where entering the dispatcher costs µs.)
+  m.def("write_rows", &llmcache::write_rows_cpu, pybind11::arg("arena"), pybind11::arg("dst"), pybind11::arg("src"),
+        pybind11::arg("pieces"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "llmcache::write_rows on CPU tensors, outside the dispatcher");
   m.def("cpu_kernel_paths", [](int64_t words) {
     TORCH_CHECK(words >= 1 && words <= 16, "cpu_kernel_paths: words must be in 1..16");
     const auto c = llmcache::cpu::cpu_kernel_choice(words);

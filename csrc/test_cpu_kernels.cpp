@@ -180,9 +180,40 @@ static void test_crc32() {
   }
 }
 
+// write_rows: rows gathered from two strided pieces into the arena, tokens picked by src, the
+// row holding an inf flagged (float32), the rows not written untouched.
+static void test_write_rows() {
+  const int64_t M = 2, T = 3, A = 2, C = 3, D = 4, F = D + A * C, R = 8;
+  std::vector<float> hidden(M * T * D), kv(M * A * (T + 1) * C), arena(R * F, -1.0f);
+  for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = static_cast<float>(i);
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = 1000.0f + static_cast<float>(i);
+  kv[(1 * A + 1) * (T + 1) * C + 2 * C + 1] = INFINITY;  // m 1, a 1, t 2: token 5
+  const RowPiece pieces[2] = {
+      {reinterpret_cast<const uint8_t*>(hidden.data()), T * D * 4, 0, D * 4, 1, D},
+      {reinterpret_cast<const uint8_t*>(kv.data()), A * (T + 1) * C * 4, (T + 1) * C * 4, C * 4, A, C}};  // t < T of T + 1
+  const int64_t src[3] = {5, 0, 4}, dst[3] = {6, 1, 3};
+  uint8_t finite[3] = {9, 9, 9};
+  write_rows(reinterpret_cast<uint8_t*>(arena.data()), F * 4, dst, src, 0, 3, pieces, 2, T, 4, 0x7f800000u, finite);
+  for (int i = 0; i < 3; ++i) {
+    const int64_t m = src[i] / T, t = src[i] % T;
+    const float* row = arena.data() + dst[i] * F;
+    bool same = true;
+    for (int64_t d = 0; d < D; ++d) same &= row[d] == hidden[(m * T + t) * D + d];
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t c = 0; c < C; ++c) {
+        const float want = kv[((m * A + a) * (T + 1) + t) * C + c];
+        same &= std::isinf(want) ? std::isinf(row[D + a * C + c]) : row[D + a * C + c] == want;
+      }
+    EXPECT(same, "write_rows: row %d holds token %lld", i, static_cast<long long>(src[i]));
+    EXPECT(finite[i] == (i == 0 ? 0 : 1), "write_rows: row %d finite flag %d", i, finite[i]);
+  }
+  for (int64_t r : {0, 2, 4, 5, 7}) EXPECT(arena[r * F] == -1.0f, "write_rows: row %lld untouched", static_cast<long long>(r));
+}
+
 int main() {
   test_blake2b();
   test_crc32();
+  test_write_rows();
   std::mt19937_64 rng(std::random_device{}());
   std::printf("cpu kernel path: %s\n", cpu_kernel_name().c_str());
   const int64_t sizes[][4] = {{1, 1, 1, 1},     {3, 0, 2, 1},     {1, 4097, 3, 1},  {5, 1000, 4, 5},

@@ -3,6 +3,7 @@
 // the TORCH_CHECKs here guard direct torch.ops calls.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "cpu/kernels.h"
 #include "torch_cpu.h"
@@ -148,12 +149,78 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, c
   return {dist, idx};
 }
 
+// llmcache::write_rows's CPU kernel (schema and contract: llmcache/ops/write_rows.py): arena [R, F]
+// (rows contiguous), dst int64 [S], src int64 [S] or None, pieces [M, A, T, C] of the arena's dtype
+// (C contiguous). Returns finite bool [S]. (Outside the anonymous namespace: module.cpp binds it too.)
+at::Tensor write_rows_cpu(const at::Tensor& arena, const at::Tensor& dst, const std::optional<at::Tensor>& src,
+                          const std::vector<at::Tensor>& pieces) {
+  TORCH_CHECK(arena.device().is_cpu() && arena.dim() == 2 && arena.stride(1) == 1 && arena.stride(0) == arena.size(1),
+              "write_rows: arena must be a CPU [R, F] tensor with contiguous rows");
+  const auto dtype = arena.scalar_type();
+  uint64_t exponent = 0;
+  if (dtype == at::kHalf) exponent = 0x7c00;
+  else if (dtype == at::kBFloat16) exponent = 0x7f80;
+  else if (dtype == at::kFloat) exponent = 0x7f800000u;
+  else if (dtype == at::kDouble) exponent = 0x7ff0000000000000ull;
+  TORCH_CHECK(exponent, "write_rows: the arena must hold float16, bfloat16, float32 or float64");
+  auto check_index = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(),
+                "write_rows: ", name, " must be a contiguous CPU int64 [S] tensor");
+  };
+  check_index(dst, "dst");
+  const int64_t S = dst.size(0), F = arena.size(1), R = arena.size(0);
+  TORCH_CHECK(!pieces.empty(), "write_rows: no pieces");
+  const int64_t M = pieces[0].size(0), T = pieces[0].dim() == 4 ? pieces[0].size(2) : 0;
+  const int64_t elem = arena.element_size();
+  std::vector<cpu::RowPiece> spec;
+  int64_t width = 0;
+  for (const auto& p : pieces) {
+    TORCH_CHECK(p.device().is_cpu() && p.dim() == 4 && p.scalar_type() == dtype && p.size(0) == M && p.size(2) == T &&
+                    (p.stride(3) == 1 || p.size(3) == 1),
+                "write_rows: every piece must be a CPU [M, A, T, C] tensor of the arena's dtype, C contiguous");
+    spec.push_back({static_cast<const uint8_t*>(p.data_ptr()), p.stride(0) * elem, p.stride(1) * elem,
+                    p.stride(2) * elem, p.size(1), p.size(3)});
+    width += p.size(1) * p.size(3);
+  }
+  TORCH_CHECK(width == F, "write_rows: the pieces give ", width, " elements a row, the arena holds ", F);
+  const int64_t* src_ptr = nullptr;
+  if (src.has_value()) {
+    check_index(*src, "src");
+    TORCH_CHECK(src->size(0) == S, "write_rows: src and dst must have the same length");
+    src_ptr = src->data_ptr<int64_t>();
+    if (S) {
+      const auto [lo, hi] = at::aminmax(*src);
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < M * T, "write_rows: src out of [0, M * T)");
+    }
+  } else {
+    TORCH_CHECK(S <= M * T, "write_rows: more rows than the pieces hold tokens");
+  }
+  if (S) {
+    const auto [lo, hi] = at::aminmax(dst);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < R, "write_rows: dst out of the arena's rows");
+  }
+  at::Tensor finite = at::empty({S}, arena.options().dtype(at::kBool));
+  uint8_t* out = reinterpret_cast<uint8_t*>(finite.data_ptr<bool>());
+  uint8_t* base = static_cast<uint8_t*>(arena.data_ptr());
+  const int64_t* dst_ptr = dst.data_ptr<int64_t>();
+  {
+    // (~256 KiB of rows a task: small writes stay on the calling thread)
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, F * elem));
+    at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
+      cpu::write_rows(base, F * elem, dst_ptr, src_ptr, begin, end, spec.data(), static_cast<int64_t>(spec.size()), T,
+                      elem, exponent, out);
+    });
+  }
+  return finite;
+}
+
 TORCH_LIBRARY_IMPL(llmcache, CPU, m) {
   m.impl("chain_hash", &chain_hash_cpu);
   m.impl("simhash", &simhash_cpu);
   m.impl("simhash_pooled", &simhash_pooled_cpu);
   m.impl("hamming_topk", &hamming_topk_cpu);
   m.impl("gather_with_mask", &gather_with_mask_cpu);
+  m.impl("write_rows", &write_rows_cpu);
 }
 
 }  // namespace llmcache

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace llmcache {
 
@@ -13,5 +14,9 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, c
                                                     const std::optional<at::Tensor>& valid,
                                                     const std::optional<at::Tensor>& query_tag,
                                                     const std::optional<at::Tensor>& bank_tag);
+
+// llmcache::write_rows's CPU kernel (schema and contract: llmcache/ops/write_rows.py).
+at::Tensor write_rows_cpu(const at::Tensor& arena, const at::Tensor& dst, const std::optional<at::Tensor>& src,
+                          const std::vector<at::Tensor>& pieces);
 
 }  // namespace llmcache

@@ -254,7 +254,7 @@ class ModelCache:
         payloads = [(tier, tier.payload(call)) for tier in self.tiers if tier.host]
         payloads = [(tier, p.flatten()) for tier, p in payloads if p is not None]
         device = given[0].device
-        flat = [t.expand(shape).flatten() for t in given] + [p.to(device) for _, p in payloads]
+        flat = [t.expand(shape).flatten() for t in given] + [p if p.device == device else p.to(device) for _, p in payloads]
         host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
         at = len(given) * given[0].numel()
         if isinstance(batch, tuple):

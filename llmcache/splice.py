@@ -127,19 +127,6 @@ def per_position(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, -1)
 
 
-def kv_rows(kv: list) -> torch.Tensor:
-    """Every block's (K, V) [B, heads, T, head dim] as [B, T, blocks x 2 x heads x head dim]: per
-    position K then V of each block in order, each as `per_position` lays it out; one copy where
-    the blocks' K/V share a shape (one stack of transposed views instead of a copy per tensor)."""
-    flat = [x for pair in kv for x in pair]
-    if any(x.shape != flat[0].shape or x.dtype != flat[0].dtype for x in flat):
-        return torch.cat([per_position(x) for x in flat], dim=-1)
-    b, _, t, _ = flat[0].shape
-    # (Stacked as [B, T, 2 x blocks, heads, head dim] from transposed views: one gather copy,
-    # several times faster on the CPU than permuting a stack of them afterwards.)
-    return torch.stack([x.transpose(1, 2) for x in flat], dim=2).reshape(b, t, -1)
-
-
 def kv_split(flat: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K|V per position [B, T, 2 x heads x head dim] -> K, V [B, heads, T, head dim] (views)."""
     b, t, width = flat.shape

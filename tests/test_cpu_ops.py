@@ -215,6 +215,8 @@ def test_opcheck_every_op(gen):
     computed = torch.randn(1, 4, 8, generator=gen)
     last, hits = torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long)
     torch.library.opcheck(torch.ops.llmcache.gather_with_mask, (values, slot, computed, row, last, hits, 3, False))
+    arena, pieces = torch.zeros(9, 8), [torch.randn(2, 1, 3, 4, generator=gen), torch.randn(2, 2, 3, 2, generator=gen)]
+    torch.library.opcheck(torch.ops.llmcache.write_rows, (arena, torch.tensor([8, 0, 3]), torch.tensor([5, 0, 2]), pieces))
 
 
 def test_ops_trace_under_torch_compile(gen):
@@ -241,3 +243,49 @@ def test_hamming_topk_traces_under_fake_tensors():
         dist, idx = ops.hamming_topk(queries, bank, 3)
     assert isinstance(dist, FakeTensor) and isinstance(idx, FakeTensor)
     assert dist.shape == (2, 3) and idx.shape == (2, 3) and dist.dtype == torch.int32 and idx.dtype == torch.int64
+
+
+WRITE_CASES = [(1, 1, 1, 1, 1), (3, 5, 2, 4, 6), (4, 17, 3, 64, 48)]  # M, T, heads, head dim, hidden
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("M,T,H,hd,D", WRITE_CASES, ids=[f"M{m}-T{t}-H{h}-hd{d}-D{e}" for m, t, h, d, e in WRITE_CASES])
+@pytest.mark.parametrize("selected", [False, True])
+def test_write_rows(backend, dtype, M, T, H, hd, D, selected, gen):
+    """Each arena row written is token src[i] (or i) of every piece in order, the pieces taken as
+    strided views where the model left them (K/V cut from a longer cache), the other rows untouched;
+    a row holding an inf or a NaN, and only that row, is flagged."""
+    out = torch.randn(M, T, D, generator=gen).to(dtype)
+    cache = [torch.randn(M, H, T + 3, hd, generator=gen).to(dtype) for _ in range(4)]
+    pieces = [out.unsqueeze(1)] + [c[:, :, 2 : T + 2] for c in cache]
+    S = M * T if not selected else max(1, M * T // 2)
+    src = torch.randperm(M * T, generator=gen)[:S] if selected else None
+    rows = M * T + 7
+    dst = torch.randperm(rows, generator=gen)[:S]
+    if S > 1:
+        poisoned = int(src[1]) if selected else 1
+        cache[2][poisoned // T, H - 1, 2 + poisoned % T, hd - 1] = float("nan" if M % 2 else "inf")
+    arena = torch.full((rows, D + 4 * H * hd), 7.0, dtype=dtype)
+    finite = ops.write_rows(arena, dst, src, pieces, backend=backend)
+    tokens = src if selected else torch.arange(S)
+    want = torch.cat([p.transpose(1, 2).reshape(M * T, -1) for p in pieces], 1)[tokens]
+    torch.testing.assert_close(arena[dst], want, rtol=0, atol=0, equal_nan=True)  # (the poisoned row: NaN)
+    untouched = torch.ones(rows, dtype=torch.bool)
+    untouched[dst] = False
+    assert (arena[untouched] == 7).all()
+    assert finite.dtype == torch.bool and finite.tolist() == [i != 1 for i in range(S)] if S > 1 else finite.all()
+
+
+@needs_ext
+def test_write_rows_refuses_what_it_cannot_write(gen):
+    arena = torch.zeros(4, 6)
+    piece = torch.randn(2, 1, 3, 6, generator=gen)
+    with pytest.raises(RuntimeError, match="dst out of"):
+        ops.write_rows(arena, torch.tensor([0, 4]), None, [piece], backend="cpp")
+    with pytest.raises(RuntimeError, match="src out of"):
+        ops.write_rows(arena, torch.tensor([0, 1]), torch.tensor([0, 6]), [piece], backend="cpp")
+    with pytest.raises(RuntimeError, match="elements a row"):
+        ops.write_rows(arena, torch.tensor([0]), None, [piece[..., :5]], backend="cpp")
+    with pytest.raises(RuntimeError, match="float16, bfloat16"):
+        ops.write_rows(torch.zeros(4, 6, dtype=torch.int64), torch.tensor([0]), None, [piece.long()], backend="cpp")

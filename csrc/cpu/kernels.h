@@ -94,6 +94,22 @@ void chain_hash_channels(const uint8_t* seeds, const int64_t* const* channels, i
 // bytes copied to dst in the same pass (dst nullptr: none).
 uint32_t crc32_copy(uint32_t crc, const uint8_t* src, uint8_t* dst, int64_t n);
 
+// ---- write_rows.cpp ----
+// One piece of a token's row: [M, A, T, C] elements, C contiguous, strides in bytes.
+struct RowPiece {
+  const uint8_t* data;
+  int64_t stride_m, stride_a, stride_t;
+  int64_t A, C;
+};
+// Rows i in [begin, end): arena row dst[i] (row_bytes each) = token tok = src[i] (src null: i) of
+// every piece in order, tok = m * T + t giving piece[m, a, t, :] for a = 0..A-1; the pieces' A * C
+// elements add up to the row. finite[i] (if not null) = 1 unless an element of the row has every
+// bit of `exponent` set (inf or NaN: 0x7c00 half, 0x7f80 bfloat16, 0x7f800000 float, 0x7ff0...0
+// double; elem_bytes 2, 4 or 8). Rows dst[i] must be distinct for the rows to be well defined.
+void write_rows(uint8_t* arena, int64_t row_bytes, const int64_t* dst, const int64_t* src, int64_t begin,
+                int64_t end, const RowPiece* pieces, int64_t n_pieces, int64_t T, int64_t elem_bytes,
+                uint64_t exponent, uint8_t* finite);
+
 // ---- row_keys.cpp ----
 // The exact tier's whole-row keys of a batch in one pass (llmcache.rows.row_keys states the
 // contract; its Python composition is the reference). host: int64 [4, B, T] (ids, mask,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import ops
+
 RESERVE_BYTES = 1 << 30  # CPU: address space the first growth reserves (never more than the budget)
 RUN_ROWS, MAX_RUNS = 64, 16  # CPU: moves of at least RUN_ROWS rows in at most MAX_RUNS runs are slice copies
 
@@ -112,6 +114,13 @@ class PagedArena:
                     for first, src, count in runs:
                         columns[first : first + count].copy_(part[src : src + count])
                 at += part.shape[1]
+
+    def write_tokens(self, token_rows: torch.Tensor, pieces: list, src: torch.Tensor | None = None) -> torch.Tensor:
+        """Store tokens at flat token rows int64 [S] from where the model left them (`ops.write_rows`:
+        pieces [M, A, T, C] whose A * C add up to F, token src[i] or i of each); bool [S]: each row
+        finite."""
+        with torch.no_grad():
+            return ops.write_rows(self.pages.view(-1, self.features), token_rows, src, pieces)
 
     def _runs(self, token_rows: torch.Tensor) -> list | None:
         """On the CPU, where `token_rows` fall in a few runs of consecutive rows (pages handed out

@@ -10,6 +10,7 @@ from .chain_hash import chain_hash
 from .gather_with_mask import gather_with_mask
 from .hamming_topk import hamming_radius, hamming_topk
 from .simhash import random_planes, simhash, simhash_pooled
+from .write_rows import write_rows
 
 __all__ = [
     "BACKENDS",
@@ -22,4 +23,5 @@ __all__ = [
     "reference",
     "simhash",
     "simhash_pooled",
+    "write_rows",
 ]

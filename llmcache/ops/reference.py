@@ -202,3 +202,33 @@ def chain_hash(seeds: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, c
             prev = hashlib.blake2b(message, digest_size=CHAIN_DIGEST).digest()
             out[r, j] = np.frombuffer(prev, dtype=np.uint8)
     return torch.from_numpy(out)
+
+
+def write_rows(arena: torch.Tensor, dst: torch.Tensor, src: torch.Tensor | None, pieces: list) -> torch.Tensor:
+    """Write tokens into rows of `arena` [R, F]; bool [S]: whether each row written is finite.
+
+    Every piece is [M, A, T, C] (a block's K or V [M, heads, T, head dim]; a hidden state [M, 1, T, D]),
+    of the arena's dtype; token tok = m * T + t of a piece is its A vectors [m, a, t, :] one after
+    another. Arena row dst[i] gets token src[i] (src None: token i) of every piece, in the pieces'
+    order, A * C elements each, adding up to F. A row is finite when none of its F elements is inf or
+    NaN. Same-shaped pieces in a row of the list are gathered in one stack, as a forward's blocks' K
+    and V are (one copy where a copy per piece would cost a kernel each on a GPU).
+    """
+    batch, seq = pieces[0].shape[0], pieces[0].shape[2]
+    groups: list[list[torch.Tensor]] = []
+    for p in pieces:
+        if groups and p.shape == groups[-1][0].shape:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    parts = [g[0].transpose(1, 2).reshape(batch * seq, -1) if len(g) == 1 else
+             torch.stack([p.transpose(1, 2) for p in g], dim=2).reshape(batch * seq, -1) for g in groups]
+    parts = [p.index_select(0, src) if src is not None else p[: dst.shape[0]] for p in parts]
+    finite = torch.isfinite(parts[0]).all(1)
+    for p in parts[1:]:
+        finite &= torch.isfinite(p).all(1)
+    at = 0
+    for p in parts:
+        arena[:, at : at + p.shape[1]].index_copy_(0, dst, p)
+        at += p.shape[1]
+    return finite

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...splice import CacheParam, KVStandIn, give_kv, kv_rows, kv_split, per_position, positions_cut
+from ...splice import CacheParam, KVStandIn, give_kv, kv_split, per_position, positions_cut
 from .plan import Plan
 
 
@@ -143,15 +143,12 @@ class BlockSplice:
         if self.tier.geometry.decoder and (len(plan.kv) != len(self.tier.span) or any(kv is None for kv in plan.kv)):
             self.tier.release(plan)
             return
-        pieces = [out]
-        if self.tier.geometry.decoder:  # per block, K then V as [M, T, heads * head dim]
-            pieces.append(kv_rows(plan.kv))
-        features = sum(p.shape[-1] for p in pieces)
+        # A token's row: the output, then per block K then V [M, heads, T, head dim] (`ops.write_rows`).
+        pieces = [out.unsqueeze(1)] + ([x for pair in plan.kv for x in pair] if self.tier.geometry.decoder else [])
+        features = sum(p.shape[1] * p.shape[3] for p in pieces)
         if features != self.tier.store.arena.features or out.dtype != self.tier.store.arena.dtype:
             self.tier.owner.count_reasons({"layout_changed": len(plan.entries)})
             self.tier.release(plan)
             return
-        # (Every computed token stored, in order: the pieces as they are, no selection.)
-        parts = [p.reshape(-1, p.shape[-1]) if plan.store_all else p.reshape(-1, p.shape[-1]).index_select(0, plan.store_src)
-                 for p in pieces]
-        self.tier.commit(plan, plan.store_dst, parts)
+        # (store_all: every computed token stored, in order, no selection.)
+        self.tier.commit(plan, plan.store_dst, pieces, None if plan.store_all else plan.store_src)

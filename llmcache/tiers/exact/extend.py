@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from ... import rows
-from ...splice import kv_rows
 from ..base import Route
 from . import plan as plans
 
@@ -369,8 +368,7 @@ def _commit(tier, track: Track, cache, entries: list, first: np.ndarray, counts:
     src = plans.runs(first, counts)
     dev = plans.upload({"src": src, "dst": tier.store.index.token_rows(entries)}, track.states.device)
     layers = [cache.layers[tier.layer_idx(p)] for p in range(tier.geometry.blocks)]
-    kv = kv_rows([(layer.keys[:, :, -width:], layer.values[:, :, -width:]) for layer in layers])
-    parts = [track.states.reshape(-1, track.states.shape[-1]).index_select(0, dev["src"]),
-             kv.reshape(-1, kv.shape[-1]).index_select(0, dev["src"])]
-    tier.commit(_Pages(entries, counts.tolist()), dev["dst"], parts)
+    # A token's row: the output, then per block K then V [B, heads, W, head dim] (`ops.write_rows`).
+    pieces = [track.states.unsqueeze(1)] + [t[:, :, -width:] for layer in layers for t in (layer.keys, layer.values)]
+    tier.commit(_Pages(entries, counts.tolist()), dev["dst"], pieces, dev["src"])
     tier.owner.counters.decode_pages += len(entries)

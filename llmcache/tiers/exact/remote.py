@@ -93,11 +93,12 @@ class Remote(Tier):
                                        store.arena.dtype)
         store.insert([(key, more[key], wanted[key][2], wanted[key][0]) for key in wanted if key in more])
 
-    def share(self, store, entries: list, ntokens: list, parts: list, fingerprint: bytes) -> None:
-        """Hand the committed `entries` (-1: not committed) to the writer; `parts` their states."""
-        # One copy of the batch's stored tokens (the forward's tensors may be reused after it);
+    def share(self, store, entries: list, ntokens: list, dst: torch.Tensor, fingerprint: bytes) -> None:
+        """Hand the committed `entries` (-1: not committed) to the writer; their states are at
+        arena rows `dst`, just written (under the owner's lock, so no eviction has reused them)."""
+        # One copy of the batch's stored tokens (the arena's rows may be reused after this call);
         # the queue holds views of it.
-        full = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).detach().clone()
+        full = store.arena.read(dst)
         items, at = [], 0
         for entry, n in zip(entries, ntokens):
             if entry >= 0:

@@ -110,17 +110,14 @@ class Store:
             self.check_pending(batches, flags.cpu().numpy(), counts)
 
     # ---- writing ------------------------------------------------------------------------
-    def commit(self, entries: list, ntokens: list, dst: torch.Tensor, parts: list) -> list:
-        """Write `parts` ([W, F_i], widths adding up to F: the reserved `entries`' tokens, in
-        order) at arena rows `dst` and publish the entries (parents before children); their
-        finiteness is checked at the next routing. Returns the entries committed, -1 where
-        another thread stored the same row meanwhile (its copy stays). Call under the lock."""
-        total = parts[0].sum(1, dtype=torch.float32)
-        for p in parts[1:]:
-            total = total + p.sum(1, dtype=torch.float32)
-        finite = torch.isfinite(total)
+    def commit(self, entries: list, ntokens: list, dst: torch.Tensor, pieces: list, src: torch.Tensor | None) -> list:
+        """Write the reserved `entries`' tokens (in order: token src[i], or i, of `pieces`, as
+        `PagedArena.write_tokens` takes them) at arena rows `dst` and publish the entries (parents
+        before children); their finiteness is checked at the next routing. Returns the entries
+        committed, -1 where another thread stored the same row meanwhile (its copy stays). Call
+        under the lock."""
         self.arena.grow(self.index.num_pages)
-        self.arena.write(dst, parts)
+        finite = self.arena.write_tokens(dst, pieces, src)
         keys = list(map(self.index.key, entries))
         published = self.index.commit_many(entries)
         committed = list(entries) if all(published) else [e if ok else -1 for e, ok in zip(entries, published)]

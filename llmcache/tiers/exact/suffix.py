@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ...adapters import KV_CACHE_NAMES, kv_cache
-from ...splice import give_kv, kv_rows
+from ...splice import give_kv
 from . import plan as plans
 
 
@@ -219,16 +219,15 @@ def suffix_forward(tier, plan: SuffixPlan, call, forward):
             tier.release(plan)
         else:
             src = plan.dev["store_src"]
-            kv = [(layer.keys[:, :, plan.prefix :], layer.values[:, :, plan.prefix :]) for layer in layers]
-            computed = [last.reshape(batch * smax, -1), kv_rows(kv).reshape(batch * smax, -1)]
+            # A token's row: the output, then per block K then V [B, heads, S, head dim] (`ops.write_rows`).
+            pieces = [last.unsqueeze(1)] + [t[:, :, plan.prefix :] for layer in layers for t in (layer.keys, layer.values)]
             if plan.straddle:  # (the cached tokens of the partial pages these pages replace, then the computed ones)
                 dtype = plan.prefix_states.dtype
                 cached = plan.prefix_states.index_select(0, plan.dev["store_prefix"])
-                source = torch.cat([cached, torch.cat([c.to(dtype) for c in computed], -1)])
-                parts = [source.index_select(0, src)]
-            else:
-                parts = [c.index_select(0, src) for c in computed]
-            tier.commit(plan, plan.dev["store_dst"], parts)
+                computed = torch.cat([p.to(dtype).transpose(1, 2).reshape(batch * smax, -1) for p in pieces], -1)
+                source = torch.cat([cached, computed])
+                pieces = [source.view(source.shape[0], 1, 1, -1)]  # (token src[i] of [N, 1, 1, F]: row src[i])
+            tier.commit(plan, plan.dev["store_dst"], pieces, src)
     if isinstance(result, tuple):
         return (full, cache) + tuple(result[2:]) if len(result) > 1 else (full,)
     out_name = next((n for n in KV_CACHE_NAMES if n in result), "cache")

@@ -158,13 +158,14 @@ class ExactTier(Tier):
         """The scope of one `generate` call (`extend.Tracks.generating`)."""
         return self.tracks.generating()
 
-    def commit(self, plan, dst: torch.Tensor, parts: list) -> None:
-        """Write and publish the entries `plan` reserved: `parts` [W, F_i] at arena rows `dst`."""
+    def commit(self, plan, dst: torch.Tensor, pieces: list, src: torch.Tensor | None = None) -> None:
+        """Write and publish the entries `plan` reserved: token src[i] (or i) of `pieces` [M, A, T,
+        C] at arena row dst[i] (`PagedArena.write_tokens`)."""
         with self.owner.lock:
-            committed = self.store.commit(plan.entries, plan.store_n, dst, parts)
+            committed = self.store.commit(plan.entries, plan.store_n, dst, pieces, src)
             self.owner.counters.inserted += len(committed) - committed.count(-1)
             if self.remote is not None:
-                self.remote.share(self.store, committed, plan.store_n, parts, self._shared_fingerprint())
+                self.remote.share(self.store, committed, plan.store_n, dst, self._shared_fingerprint())
         plan.entries = []
 
     def release(self, plan) -> None:
