@@ -252,3 +252,24 @@ def test_hostpath_op_counts_show_a_hit_dispatching_fewer_kernels_than_the_uncach
     counts = hostpath.op_counts(model, lambda: torch.randint(5, 1000, (4, 16), generator=gen), 16, decoder=False)
     assert set(counts) == {"uncached", "miss", "hit"}
     assert counts["hit"]["kernels"] < counts["uncached"]["kernels"] <= counts["miss"]["kernels"]
+
+
+def test_ab_bench_runs_both_checkouts_in_turn_and_compares_them_pair_by_pair(tmp_path):
+    """Two runs of this checkout against itself, one pair: every ratio of the shape compared."""
+    from pathlib import Path
+
+    from bench.costs import ab
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ab.json"
+    assert ab.main(["--before", str(root), "--pairs", "1", "--rounds", "1", "--configs", "minilm:2:8",
+                    "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert len(record["runs"]["before"]) == len(record["runs"]["after"]) == 1
+    for side in ("before", "after"):  # (each side ran the shape asked for, with the package of its checkout)
+        (row,) = record["runs"][side][0]["rows"]
+        assert (row["model"], row["rows"], row["tokens"]) == ("minilm", 2, 8)
+        assert record["runs"][side][0]["llmcache"].startswith(str(root))
+    ratios = record["summary"]["minilm:2:8"]
+    assert {"miss_over_uncached", "full_miss_over_uncached", "hit_over_uncached"} <= set(ratios)
+    assert all(set(v) == {"before", "after", "after_over_before_pairwise_median", "min", "max"} for v in ratios.values())

@@ -1,8 +1,8 @@
 """The host path of a forward on tiny-dims twins: what the cache's own work costs when arithmetic
 is negligible (as a GPU forward looks from the host).
 
-    python -m bench.costs.hostpath [--grid default|full] [--rounds 9] [--threads 1] [--device cpu|cuda]
-                                   [--stages] [--ops] [--out FILE]
+    python -m bench.costs.hostpath [--grid default|full | --configs TWIN:B:T ...] [--rounds 9] [--threads 1]
+                                   [--device cpu|cuda] [--stages] [--ops] [--out FILE]
 
 Twins (random weights, the real models' op graph with tiny widths): MiniLM's shape (BertModel, 6
 blocks, hidden 48), BERT-base's (12 blocks, hidden 48) and a Llama (16 blocks, hidden 64). The
@@ -202,6 +202,8 @@ def full_bank(model, new, rounds: int, device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=("default", "full"), default="default")
+    p.add_argument("--configs", nargs="+", default=None, metavar="TWIN:B:T",
+                   help="only these shapes (e.g. llama:8:128 minilm:256:16), instead of a grid")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(1)
     grid = DEFAULT_GRID if args.grid == "default" else full_grid()
+    if args.configs:
+        grid = [(name, int(b), int(t)) for name, b, t in (c.split(":") for c in args.configs)]
     rows = [measure(name, b, t, args.rounds, gen, args.device, args.stages, args.ops) for name, b, t in grid]
     print(f"llmcache from {llmcache.__file__}")
     fmt = lambda v: "-" if v is None else v
