@@ -167,8 +167,9 @@ class ExactIndex:
     def reserve_many(self, keys: list, ntokens, parents=None, labels=None) -> list[int]:
         """`reserve` of each of `keys` (distinct) in order: in one pass where there is room for
         all of them (evicting for the whole batch at once where the bank is full), else one by
-        one. The batch's own parents are never its victims. `parents[i]`: the entry key i extends, -1 none, or -2 - j for
-        the entry this call reserves for key j < i (key i gets -1 when key j got -1)."""
+        one. The batch's own parents are never its victims. `parents[i]`: the entry key i
+        extends, -1 none, or -2 - j for the entry this call reserves for key j < i (key i gets -1
+        when key j got -1)."""
         count = len(keys)
         outer = parents is not None
         ntokens = np.asarray(ntokens, dtype=np.int64)
