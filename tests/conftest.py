@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh random generator per test (a new seed each run, printed on failure)."""
+"""Shared fixtures: a fresh random generator per test (a new seed each run, printed on failure;
+TEST_SEED=<seed> replays one)."""
 
 import os
 import random
@@ -16,7 +17,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture
 def gen(request):
-    seed = random.SystemRandom().randrange(2**31)
+    seed = int(os.environ.get("TEST_SEED") or random.SystemRandom().randrange(2**31))
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)

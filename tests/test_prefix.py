@@ -184,8 +184,8 @@ def test_a_multi_turn_chat_hits_every_earlier_turn(tokens):
     with torch.inference_mode():
         for _ in range(4):
             inputs = {"input_ids": conversation[None], "attention_mask": torch.ones(1, len(conversation), dtype=torch.long)}
-            want = ref.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
-            got = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}  # 5 steps
+            want, got = ref.generate(**inputs, **kw), model.generate(**inputs, **kw)
             assert torch.equal(got, want)
             s = llmcache.stats(model)
             served, computed = s.last_tokens
