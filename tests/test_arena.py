@@ -55,10 +55,9 @@ ROWS = {"short": [5, 6, 7, 8], "run": list(range(20, 100)), "descending": list(r
 
 
 @pytest.mark.parametrize("rows", list(ROWS.values()), ids=list(ROWS))
-@pytest.mark.parametrize("parts", [False, True], ids=["whole", "parts"])
-def test_moves_land_at_their_rows(rows, parts):
+def test_moves_land_at_their_rows(rows):
     """A write puts each state at its token row, whether the rows run in a few slices (moved as
-    slice copies on the CPU) or not, whole or as parts of the features, and touches no other row;
+    slice copies on the CPU) or not, and touches no other row;
     a read (into a fresh tensor or a given buffer) gives them back in order."""
     arena = PagedArena(PAGE, F, torch.float32, torch.device("cpu"), 64)
     arena.grow(32)
@@ -66,7 +65,7 @@ def test_moves_land_at_their_rows(rows, parts):
     arena.write(everywhere, torch.zeros(128, F))
     states = torch.arange(len(rows) * F, dtype=torch.float32).view(len(rows), F) + 1
     index = torch.tensor(rows, dtype=torch.int64)
-    arena.write(index, [states[:, :1], states[:, 1:]] if parts else states)
+    arena.write(index, states)
     got = arena.read(everywhere)
     assert torch.equal(got[index], states)
     others = [r for r in range(128) if r not in rows]

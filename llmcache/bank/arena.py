@@ -97,23 +97,18 @@ class PagedArena:
             out[at : at + count].copy_(flat[first : first + count])
         return out
 
-    def write(self, token_rows: torch.Tensor, states: torch.Tensor | list) -> None:
-        """Store states [S, F] at flat token rows int64 [S]; or a list of parts [S, F_i] whose
-        widths add up to F, each written to its columns (no concatenated copy)."""
+    def write(self, token_rows: torch.Tensor, states: torch.Tensor) -> None:
+        """Store states [S, F] at flat token rows int64 [S] (a forward's tokens go through
+        `write_tokens`; this moves whole rows: loads, the shared tier's pages)."""
         flat = self.pages.view(-1, self.features)
-        parts = [states] if isinstance(states, torch.Tensor) else states
+        states = states if states.dtype == self.dtype else states.to(self.dtype)
         runs = self._runs(token_rows)
         with torch.no_grad():
-            at = 0
-            for part in parts:
-                part = part if part.dtype == self.dtype else part.to(self.dtype)
-                columns = flat[:, at : at + part.shape[1]] if len(parts) > 1 else flat
-                if runs is None:
-                    columns.index_copy_(0, token_rows, part)
-                else:
-                    for first, src, count in runs:
-                        columns[first : first + count].copy_(part[src : src + count])
-                at += part.shape[1]
+            if runs is None:
+                flat.index_copy_(0, token_rows, states)
+                return
+            for first, src, count in runs:
+                flat[first : first + count].copy_(states[src : src + count])
 
     def write_tokens(self, token_rows: torch.Tensor, pieces: list, src: torch.Tensor | None = None) -> torch.Tensor:
         """Store tokens at flat token rows int64 [S] from where the model left them (`ops.write_rows`:
