@@ -45,7 +45,9 @@ class CacheConfig:
             (a decoder's leading padding, an encoder's) is kept with the row: the row is keyed
             and stored with it, and served where it comes again with as much padding. "masked":
             zeros there; a row is served whatever its padding, for callers that never read
-            padding (pooling with the mask, a classifier reading a real token). "auto" (the
+            padding (pooling with the mask, a classifier reading a real token); an encoder's
+            computed rows hold zeros at their padding too, so a call's output does not depend
+            on which of its rows were served. "auto" (the
             default): "exact" for a decoder, but for the leading padding of a call given a KV
             cache (generate's prefill: every later step masks it, generate reads the last
             position only, and keyed with its padding a prompt would share no prefix pages with

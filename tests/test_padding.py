@@ -198,12 +198,24 @@ def test_masked_lm_loss_with_labels_at_padded_positions(gen):
 
 
 def test_an_encoders_default_is_masked(gen):
-    model = llmcache.accelerate(tiny_model("bert"))
-    inputs = batch("bert", [7, 4], gen)
+    """An encoder's default: zeros at every padding position (mask == 0) of the output wherever
+    the cache routes the call, whether a row computed or was served, and for a row with gaps in its
+    mask (never cached) as much: the same call gives the same output each time (transformers'
+    test_determinism reads every position); at real tokens the uncached model's values."""
+    model = tiny_model("bert")
+    ref = copy.deepcopy(model)
+    llmcache.accelerate(model)
+    inputs = batch("bert", [7, 4, 5], gen)
+    inputs["attention_mask"][2] = torch.tensor([1, 0, 1, 1, 0, 1, 0])  # (gaps: computed each time)
+    pad = ~inputs["attention_mask"].bool()
     with torch.inference_mode():
-        _, again = (output(model, inputs) for _ in range(2))
-    assert llmcache.stats(model).hits == 2
-    assert torch.all(again[~inputs["attention_mask"].bool()] == 0)
+        want = output(ref, inputs)
+        first, again = (output(model, inputs) for _ in range(2))
+        alone = output(model, {k: v[2:] for k, v in inputs.items()})  # (the row with gaps, nothing else to route)
+    st = llmcache.stats(model)
+    assert st.hits == 2 and st.not_cached == {"mask_gaps": 3}
+    assert torch.all(first[pad] == 0) and torch.equal(again, first) and torch.all(alone[0][pad[2]] == 0)
+    torch.testing.assert_close(first[~pad], want[~pad], **CLOSE)
 
 
 def _first_block(model):

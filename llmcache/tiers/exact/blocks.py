@@ -68,6 +68,8 @@ class BlockSplice:
         if not last:
             return output
         merged = self._merge(plan, out)
+        if plan.zeros is not None:  # (an encoder's computing rows' padding: zeros, as served rows hold there)
+            merged = _zeroed(merged, plan.zeros)
         self._insert(plan, out)
         return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
 
@@ -152,3 +154,13 @@ class BlockSplice:
             return
         # (store_all: every computed token stored, in order, no selection.)
         self.tier.commit(plan, plan.store_dst, pieces, None if plan.store_all else plan.store_src)
+
+
+@torch.compiler.disable
+def _zeroed(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`states` [B, T, D] with zeros at flat rows `rows` (row * T + t): in place (a block's own
+    output or the merge's buffer, which nothing else reads), a copy if it is not contiguous."""
+    if states.is_contiguous():
+        states.view(-1, states.shape[-1]).index_fill_(0, rows, 0)
+        return states
+    return states.reshape(-1, states.shape[-1]).index_fill(0, rows, 0).view(states.shape)

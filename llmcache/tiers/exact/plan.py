@@ -33,6 +33,7 @@ class Plan(Route):
     repeat_src: torch.Tensor | None = None  # int64 [R] that row, among the computing rows
     store_src: torch.Tensor | None = None  # int64 [W] flat rows (row * width + t, computing rows) of tokens to write (None: store_all)
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
+    zeros: torch.Tensor | None = None  # int64 [Z]: flat output rows (row * T + t) that hold zeros (computing rows' padding)
     store_all: bool = False  # every computed token is stored, in order (0..M*width-1): no store_src
     served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
     served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
@@ -96,18 +97,19 @@ def upload(parts: dict, device: torch.device) -> dict:
 
 
 def build(store, batch: int, seq: int, device: torch.device, serving: list, computing: list, copying: list,
-          entries: list, writes: tuple, width: int | None = None, **route) -> Plan:
+          entries: list, writes: tuple, width: int | None = None, zeros: np.ndarray | None = None, **route) -> Plan:
     """The plan of a forward of `batch` rows of `seq` positions. `serving`: (rows served, ascending,
     their first positions, the entries holding their tokens (row after row, in order), how many
     entries each row takes (None: one each)); `computing`: the rows that run, ascending, over
     their first `width` positions (default all); `copying`: (row, the computing row it repeats);
     `entries`: reserved entries, written from `writes` (int64 arrays, one value per entry: its
-    computing row, first position, ntokens); `route`: the `Route` counts."""
+    computing row, first position, ntokens); `zeros`: flat output rows the output holds zeros at
+    (the padding of an encoder's computing rows, where the caller does not see it); `route`: the `Route` counts."""
     width = seq if width is None else width
     computing_rows = np.asarray(computing, dtype=np.int64)
     plan = Plan(batch=batch, seq=seq, width=width, m=len(computing), entries=entries,
                 store_n=writes[2].tolist() if entries else [], **route)
-    parts = {"compute": computing_rows if len(computing) < batch else None}
+    parts = {"compute": computing_rows if len(computing) < batch else None, "zeros": zeros}
     served_rows, served_starts, held, sizes = serving
     if served_rows:
         parts["served_src"] = store.index.token_rows(held)
@@ -137,6 +139,7 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
     plan.served_dst = on_device.get("served_dst")
     plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
     plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
+    plan.zeros = on_device.get("zeros")
     if "served_src" in on_device:
         plan.served_states = store.arena.read(on_device["served_src"])
     return plan

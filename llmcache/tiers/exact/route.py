@@ -92,20 +92,31 @@ def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, n
     if near is not None:
         for r, entry in zip(stored.tolist(), entries):
             near.stored(r, entry, keys[r])
-    width = seq
+    width, zeros = seq, None
     if mask is not None and compute:
         real = mask[compute] != 0
         width = int((seq - real[:, ::-1].argmax(1)).max())  # (a row with no real token keeps every position)
-    if not served and not repeats and not entries and not pooled and width == seq:
+        zeros = _padding(mask, compute, repeats, seq)
+    if not served and not repeats and not entries and not pooled and width == seq and zeros is None:
         return None
     tokens = (int(keyed.count[served + [r for r, _ in pooled]].sum()), int(keyed.count[compute].sum()))
     semantic = near.pending.served_rows if near is not None else []
     plan = plans.build(store, len(keys), seq, device, (served, keyed.start[served].tolist(), held, None), compute,
-                       repeats, entries, writes, width, served=len(served) + len(pooled),
+                       repeats, entries, writes, width, zeros, served=len(served) + len(pooled),
                        semantic_rows=tuple(semantic), repeats=len(repeats), tokens=tokens)
     if pooled:
         _place_pooled(store, plan, pooled, keyed, pooling, device)
     return plan
+
+
+def _padding(mask: np.ndarray, compute: list, repeats: list, seq: int) -> np.ndarray | None:
+    """int64: the flat output rows (row * seq + t) of the padding (mask == 0) of the rows that
+    compute or copy a computing row, where the output holds zeros as a served row's does: what a
+    caller gets at padding it does not see is the same however the row was reached (served or
+    computed, in a batch of any width); None where there is none."""
+    rows = np.asarray(compute + [r for r, _ in repeats], dtype=np.int64)
+    r, t = np.nonzero(mask[rows] == 0)
+    return rows[r] * seq + t if len(r) else None
 
 
 def _first_rows(keys: list, miss: list) -> tuple[list, list, list]:

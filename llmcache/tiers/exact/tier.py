@@ -15,7 +15,8 @@ rows' real tokens. For decoders each block also hands the model's KV cache the K
 
 An entry holds what serving it needs: the last cached block's output at the row's real tokens
 and, for decoders, every span block's K and V there, as [n, D + L * 2 * kv_dim] in pages of the
-arena (`store.Store`). Served rows are zero at padding positions (mask == 0) of the output.
+arena (`store.Store`). Served rows are zero at padding positions (mask == 0) of the output, and
+with masked padding an encoder's computed rows too (`route._padding`).
 """
 
 from __future__ import annotations
