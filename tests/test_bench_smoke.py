@@ -273,3 +273,24 @@ def test_ab_bench_runs_both_checkouts_in_turn_and_compares_them_pair_by_pair(tmp
     ratios = record["summary"]["minilm:2:8"]
     assert {"miss_over_uncached", "full_miss_over_uncached", "hit_over_uncached"} <= set(ratios)
     assert all(set(v) == {"before", "after", "after_over_before_pairwise_median", "min", "max"} for v in ratios.values())
+
+
+@pytest.mark.slow
+def test_peer_suite_runs_transformers_determinism_plain_and_accelerated(tmp_path):
+    """bench.peer.run on transformers' test_determinism and test_model_outputs_equivalence: each passes
+    plain, accelerated (the second call served from the cache) and with padding="exact"; skipped where
+    PyPI cannot be reached for the sdist."""
+    peer = pytest.importorskip("bench.peer.run")
+    try:
+        peer.assemble(tmp_path / "work")
+    except Exception as error:  # noqa: BLE001 (no network, no sdist: nothing to run)
+        pytest.skip(f"transformers' sdist unavailable: {error}")
+    status = peer.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                        "-k", "test_determinism or test_model_outputs_equivalence"])
+    report = json.loads((tmp_path / "out" / "peer.json").read_text())
+    assert status == 0 and set(report["runs"]) == set(peer.RUNS)
+    for name, run in report["runs"].items():
+        assert len(run["tests"]) == 6 and set(run["tests"].values()) == {"passed"}, (name, run["tests"])
+        assert run["pass_plain_fail_here"] == []
+    assert report["runs"]["accelerated"]["cache"]["hits"] > 0  # the repeats were served
+    assert (tmp_path / "out" / "peer.md").read_text().startswith("transformers ")
