@@ -27,6 +27,8 @@ from pathlib import Path
 
 import transformers
 
+from bench.report import about, header
+
 HERE = Path(__file__).parent
 RUNS = {"plain": {}, "accelerated": {"LLMCACHE_PEER": "1"},
         "accelerated, padding=exact": {"LLMCACHE_PEER": "1", "LLMCACHE_PEER_PADDING": "exact"}}
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         result["pass_plain_fail_here"] = sorted(t for t, o in result["tests"].items() if o == "failed" and plain.get(t) == "passed")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"transformers": transformers.__version__, "select": args.select, "runs": results}
+    summary = {"header": header(args), "transformers": transformers.__version__, "select": args.select, "runs": results}
     (out / "peer.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     (out / "peer.md").write_text(markdown(summary))
     print(markdown(summary))
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(summary: dict) -> str:
     lines = [f"transformers {summary['transformers']} common model tests on tiny BERT, GPT-2, Llama (`bench.peer.run`)", "",
+             *(f"- {line}" for line in about(summary["header"])), "",
              "| run | passed | failed | skipped | pass plain, fail here | rows | rows served | rows run uncached |",
              "|---|---|---|---|---|---|---|---|"]
     for name, result in summary["runs"].items():
