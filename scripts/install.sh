@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==${LLMCACHE_TORCH_VERSION:-2.14.1}"
 .venv/bin/python -m pip install -q "transformers>=5.17,<6" numpy safetensors ninja setuptools wheel \
   pytest hypothesis faiss-cpu triton matplotlib tqdm scipy gguf accelerate ruff sentence-transformers \
-  redis hiredis prometheus_client peft
+  redis hiredis prometheus_client peft parameterized
 # The shared tier's tests and benchmarks start their own Redis server: Debian's redis-server.
 if ! command -v redis-server > /dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then

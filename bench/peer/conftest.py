@@ -17,8 +17,9 @@ from collections import Counter
 
 import pytest
 
-MODELS = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification", "GPT2Model", "GPT2LMHeadModel",
-          "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification")
+MODELS = tuple(f"{family}{head}" for family in ("Bert", "Roberta", "DistilBert")
+               for head in ("Model", "ForMaskedLM", "ForSequenceClassification")) + (
+    "GPT2Model", "GPT2LMHeadModel", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification")
 _accelerated: list = []  # the models accelerated in the running test (kept until its teardown counts them)
 _counts: Counter = Counter()
 

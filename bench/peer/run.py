@@ -76,8 +76,11 @@ def run_once(run: Path, env: dict, select: str | None) -> tuple[dict, dict]:
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_peer_models.py",
                    f"--junitxml={report}"] + (["-k", select] if select else [])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLMCACHE_PEER_STATS": str(stats), **env}
-        subprocess.run(command, check=False, cwd=run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return outcomes(report), (json.loads(stats.read_text()) if stats.exists() else {})
+        done = subprocess.run(command, check=False, cwd=run, env=env, capture_output=True, text=True)
+        tests = outcomes(report) if report.exists() else {}
+        if not tests or any(t.startswith("::") for t in tests):  # (nothing ran: a collection error)
+            print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
+        return tests, (json.loads(stats.read_text()) if stats.exists() else {})
 
 
 def main(argv: list[str] | None = None) -> int:
