@@ -50,14 +50,17 @@ class EntryTable:
     def new(self, n: int) -> list[int]:
         """`n` free entry ids (their fields to be set by the caller): freed ones first, most
         recently freed first, then new rows."""
-        reused = [self.free_entries.pop() for _ in range(min(n, len(self.free_entries)))]
+        free = self.free_entries
+        cut = len(free) - min(n, len(free))
+        reused = free[cut:][::-1]
+        del free[cut:]
         first, fresh = len(self.keys), n - len(reused)
         if fresh:
             self.keys.extend([None] * fresh)
             self.labels.extend([None] * fresh)
-            for name in ARRAYS:
-                array = getattr(self, name)
-                if first + fresh > len(array):
+            if first + fresh > len(self.ntokens):  # (the arrays grow together)
+                for name in ARRAYS:
+                    array = getattr(self, name)
                     grown = max(16, len(array), first + fresh - len(array))
                     setattr(self, name, np.concatenate([array, np.zeros(grown, dtype=array.dtype)]))
             if first + fresh > len(self.pages):
@@ -80,16 +83,16 @@ class EntryTable:
             wider[:, : self.pages.shape[1]] = self.pages
             self.pages = wider
         self.pages[ids, : pages.shape[1]] = pages
-        inner = parents <= -2
-        nested = inner.any()
-        if nested:
+        low, high = (int(parents.min()), int(parents.max())) if len(parents) else (-1, -1)
+        inner = parents <= -2 if low <= -2 else None
+        if inner is not None:
             parents = np.where(inner, ids[np.maximum(-2 - parents, 0)], parents)
         self.ntokens[ids], self.ref[ids], self.hits[ids], self.kids[ids], self.dead[ids] = ntokens, 0, 0, 0, False
         self.serial[ids] = np.arange(first_serial, first_serial + len(keys))
         self.parent[ids] = parents
-        linked = parents >= 0
-        self.parent_serial[ids] = np.where(linked, self.serial[np.maximum(parents, 0)], -1) if linked.any() else -1
-        if nested:
+        linked = parents >= 0 if high >= 0 or inner is not None else None
+        self.parent_serial[ids] = np.where(linked, self.serial[np.maximum(parents, 0)], -1) if linked is not None else -1
+        if inner is not None:
             np.add.at(self.kids, parents[inner], 1)
         return entries
 

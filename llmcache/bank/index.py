@@ -171,16 +171,16 @@ class ExactIndex:
         extends, -1 none, or -2 - j for the entry this call reserves for key j < i (key i gets -1
         when key j got -1)."""
         count = len(keys)
-        outer = parents is not None
         ntokens = np.asarray(ntokens, dtype=np.int64)
-        parents = np.asarray(parents, dtype=np.int64) if outer else np.full(count, -1, dtype=np.int64)
+        parents = np.asarray(parents, dtype=np.int64) if parents is not None else np.full(count, -1, dtype=np.int64)
         labels = [None] * count if labels is None else labels
         need = int((-(-ntokens // self.page_tokens)).sum())
         fits = (self.max_entries is None or self.entries + len(self.reserved) + count <= self.max_entries) \
             and need <= self.max_pages and self.pool.make_room(need, lambda: False)
         # The batch's parents are spared by its evictions (counted as their children first).
         spared = parents[parents >= 0]
-        np.add.at(self.meta.kids, spared, 1)
+        if len(spared):
+            np.add.at(self.meta.kids, spared, 1)
         # Room for all of them at once: a full bank's evictions in a few numpy passes (the
         # victims `reserve` key by key would take, their pages and ids handed out in another order).
         if not any(map(self.table.__contains__, keys)) and (fits or self._make_room_many(need, count)):

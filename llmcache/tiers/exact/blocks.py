@@ -50,8 +50,8 @@ class BlockSplice:
         if self.tier.geometry.decoder:
             real = self.cache_params[position].given(args, kwargs)  # the model's own KV cache, if any
         if plan.m:
-            args = plan.slice(args)
-            kwargs = {k: plan.slice(v) for k, v in kwargs.items()}
+            if plan.cuts:
+                args, kwargs = plan.slice(args, kwargs)
             if self.tier.geometry.decoder:
                 stand_in = KVStandIn(real)
                 args, kwargs = self.cache_params[position].hand(stand_in, args, kwargs)

@@ -42,9 +42,19 @@ class Plan(Route):
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
     near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward
 
+    @property
+    def cuts(self) -> bool:
+        """Whether a block's arguments change for the computing rows (`slice`): some rows do not
+        run, or the positions after `width` are cut."""
+        return self.compute is not None or self.width != self.seq
+
     @torch.compiler.disable
-    def slice(self, value):
-        """`value` with every batch-major tensor cut to the computing rows (and masks to `width`)."""
+    def slice(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A block's arguments with every batch-major tensor cut to the computing rows (and masks
+        to `width`), in one call (each call out of a compiled frame costs microseconds)."""
+        return self._cut(args), {k: self._cut(v) for k, v in kwargs.items()}
+
+    def _cut(self, value):
         if self.compute is not None:
             value = slice_rows(value, self.compute, self.batch, self.sliced)
         return value if self.width == self.seq else cut_positions(value, self.width, self.seq, self.cut)

@@ -70,30 +70,33 @@ def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, n
     # Every row's lookup at once; the hits are pinned (the reservations below must not evict
     # them before they are read) and counted.
     found = index.find_many(keys)  # (None finds nothing)
-    hit = np.flatnonzero(found >= 0)
-    index.touch(found[hit])
-    index.pin(found[hit].tolist())
-    served, pooled = hit.tolist(), []
-    held = found[hit].tolist()
-    miss = np.flatnonzero(found < 0).tolist()
+    hits = found >= 0
+    served, pooled, held, miss = [], [], [], list(range(len(keys)))
+    if hits.any():
+        hit = np.flatnonzero(hits)
+        index.touch(found[hit])
+        served, held, miss = hit.tolist(), found[hit].tolist(), np.flatnonzero(~hits).tolist()
+        index.pin(held)
     if near is None:
         compute, repeats, misses = _first_rows(keys, miss)
     else:
         compute, repeats, misses = _near_rows(keys, miss, near, index, served, held, pooled)
-    reserved = np.asarray(index.reserve_many([keys[r] for r in misses], keyed.count[misses],
-                                             labels=keyed.labels(misses)) if misses else [], dtype=np.int64)
-    ok = reserved >= 0
-    stored = np.asarray(misses, dtype=np.int64)[ok]
-    entries = reserved[ok].tolist()
+    entries = index.reserve_many([keys[r] for r in misses], keyed.count[misses], labels=keyed.labels(misses)) \
+        if misses else []
+    stored = misses
+    if -1 in entries:  # (nearly always none)
+        for r, entry in zip(misses, entries):
+            if entry < 0 and index.find(keys[r]) < 0:
+                counts["too_long"] = counts.get("too_long", 0) + 1
+        stored = [r for r, entry in zip(misses, entries) if entry >= 0]
+        entries = [entry for entry in entries if entry >= 0]
+    stored = np.asarray(stored, dtype=np.int64)
     writes = (stored, keyed.start[stored], keyed.count[stored])
-    for r in np.asarray(misses, dtype=np.int64)[~ok].tolist():  # (nearly always none)
-        if index.find(keys[r]) < 0:
-            counts["too_long"] = counts.get("too_long", 0) + 1
     if near is not None:
         for r, entry in zip(stored.tolist(), entries):
             near.stored(r, entry, keys[r])
     width, zeros = seq, None
-    if mask is not None and compute:
+    if mask is not None and compute and not mask.all():  # (some padding: cut after the last real token)
         real = mask[compute] != 0
         width = int((seq - real[:, ::-1].argmax(1)).max())  # (a row with no real token keeps every position)
         zeros = _padding(mask, compute, repeats, seq)
