@@ -64,6 +64,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("hamming_topk", &llmcache::hamming_topk_cpu, "llmcache::hamming_topk on CPU tensors, outside the dispatcher");
   m.def("crc32_copy", &llmcache::crc32_copy, pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("crc") = 0,
         "zlib.crc32(src, crc), src's bytes copied into dst (a writable buffer, or None) in the same pass");
+  // (The dispatcher's CPU chain_hash, bound for the routing's eager calls: one or two a decoder forward.)
+  m.def("chain_hash", &llmcache::chain_hash_cpu, pybind11::arg("seeds"), pybind11::arg("tokens"),
+        pybind11::arg("start"), pybind11::arg("count"), pybind11::arg("page"), pybind11::arg("pages"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(), "llmcache::chain_hash on CPU tensors, outside the dispatcher");
   // (The dispatcher's CPU write_rows, bound for eager calls: one per forward, where entering the dispatcher costs µs.)
   m.def("write_rows", &llmcache::write_rows_cpu, pybind11::arg("arena"), pybind11::arg("dst"), pybind11::arg("src"),
         pybind11::arg("pieces"), pybind11::call_guard<pybind11::gil_scoped_release>(),

@@ -83,6 +83,10 @@ at::Tensor gather_with_mask_cpu(const at::Tensor& values, const at::Tensor& slot
   return out;
 }
 
+
+}  // namespace
+
+// (Outside the anonymous namespace: module.cpp binds it for eager CPU calls too.)
 at::Tensor chain_hash_cpu(const at::Tensor& seeds, const at::Tensor& tokens, const at::Tensor& start,
                           const at::Tensor& count, int64_t page, int64_t pages) {
   TORCH_CHECK(tokens.dim() == 3 && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
@@ -104,8 +108,6 @@ at::Tensor chain_hash_cpu(const at::Tensor& seeds, const at::Tensor& tokens, con
                   out.data_ptr<uint8_t>());
   return out;
 }
-
-}  // namespace
 
 // (Outside the anonymous namespace: host_ops.cpp binds it for eager CPU calls too.)
 std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& bank,

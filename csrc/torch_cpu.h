@@ -9,6 +9,10 @@
 
 namespace llmcache {
 
+// llmcache::chain_hash's CPU kernel (schema and contract: llmcache/ops/chain_hash.py).
+at::Tensor chain_hash_cpu(const at::Tensor& seeds, const at::Tensor& tokens, const at::Tensor& start,
+                          const at::Tensor& count, int64_t page, int64_t pages);
+
 // llmcache::hamming_topk's CPU kernel (schema and contract: llmcache/ops/hamming_topk.py).
 std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                                                     const std::optional<at::Tensor>& valid,

@@ -51,14 +51,20 @@ class Counters:
     lookup_s: float = 0.0
 
 
-def _fill_defaults(inputs: list, shape) -> np.ndarray:
-    """int64 [4, B, T] (`shape` [B, T]) from ids, mask, positions, types (host arrays, each
-    broadcast to [B, T], or None where not given): a mask of ones, positions 0..T-1 and types 0
-    where not given."""
-    host = np.empty((4, *shape), dtype=np.int64)
-    defaults = (None, 1, np.arange(shape[-1], dtype=np.int64), 0)
-    for i, given in enumerate(inputs):
-        host[i] = defaults[i] if given is None else given
+def _fill_defaults(given: np.ndarray, present: list) -> np.ndarray:
+    """int64 [4, B, T] from the inputs given ([n, B, T], in order) and which of ids, mask,
+    positions, types they are: a mask of ones, positions 0..T-1 and types 0 where not given."""
+    if all(present):
+        return given
+    host = np.empty((4, *given.shape[1:]), dtype=np.int64)
+    defaults = (None, 1, np.arange(given.shape[2], dtype=np.int64), 0)
+    at = 0
+    for i, here in enumerate(present):
+        if here:
+            host[i] = given[at]
+            at += 1
+        else:
+            host[i] = defaults[i]
     return host
 
 
@@ -244,28 +250,24 @@ class ModelCache:
         lands in `call.host` as int64 [4, B, T], what was not given filled in on the host."""
         given = [t for t in batch if t is not None] if isinstance(batch, tuple) else [batch]
         shape = given[0].shape
+        given = [t if t.dtype == torch.int64 else t.long() for t in given]
         payloads = [(tier, tier.payload(call)) for tier in self.tiers if tier.host]
         payloads = [(tier, p.flatten()) for tier, p in payloads if p is not None]
-        device = call.device = given[0].device
-        if call.pixels is None:
-            call.seq = shape[-1]
-        if device.type == "cpu" and isinstance(batch, tuple):  # (no copy to make: numpy views, filled in place)
-            call.host = _fill_defaults([None if t is None else t.numpy() for t in batch], shape)
-            for tier, p in payloads:
-                call.parts[tier] = p.numpy()
-            return
-        given = [t if t.dtype == torch.int64 else t.long() for t in given]
-        flat = [t.expand(shape).flatten() for t in given] + [p if p.device == device else p.to(device) for _, p in payloads]
+        device = given[0].device
+        flat = [t.reshape(-1) if t.shape == shape else t.expand(shape).flatten() for t in given] \
+            + [p if p.device == device else p.to(device) for _, p in payloads]
         host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
         at = len(given) * given[0].numel()
         if isinstance(batch, tuple):
-            parts = iter(host[:at].reshape(len(given), *shape))
-            call.host = _fill_defaults([None if t is None else next(parts) for t in batch], shape)
+            call.host = _fill_defaults(host[:at].reshape(len(given), *shape), [t is not None for t in batch])
         else:
             call.host = host[:at].reshape(shape)
         for tier, p in payloads:
             call.parts[tier] = host[at : at + p.numel()]
             at += p.numel()
+        call.device = device
+        if call.pixels is None:
+            call.seq = shape[-1]
 
     def _count(self, call: Call, batch, start: float) -> None:
         route, c = call.route, self.counters

@@ -22,7 +22,6 @@ outside `bank/` reads a field.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -43,6 +42,21 @@ class EntryInfo:
     serial: int
     parent_serial: int
     label: object = None  # what the key was made from (`rows.describe_label`), or None
+
+
+class _Pinned:
+    """`ExactIndex.pinned()` (a plain context manager: entered once per forward)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+    def __enter__(self):
+        return self.index.pin
+
+    def __exit__(self, *exc) -> None:
+        self.index.pins.clear()
 
 
 class ExactIndex:
@@ -125,14 +139,10 @@ class ExactIndex:
         return EntryInfo(m.keys[entry], int(m.ntokens[entry]), len(m.page_list(entry)), int(m.hits[entry]),
                          int(m.serial[entry]), int(m.parent_serial[entry]), m.labels[entry])
 
-    @contextlib.contextmanager
-    def pinned(self):
-        """Inside, entries handed to `pin` are never evicted (a routing reads them after
-        reserving others, which may evict); every pin is dropped on the way out."""
-        try:
-            yield self.pin
-        finally:
-            self.pins.clear()
+    def pinned(self) -> _Pinned:
+        """A context inside which entries handed to `pin` are never evicted (a routing reads
+        them after reserving others, which may evict); every pin is dropped on the way out."""
+        return _Pinned(self)
 
     def pin(self, entries) -> None:
         self.pins.update(entries)

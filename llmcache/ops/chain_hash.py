@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._library import LIB, check, check_tensor, fill_missing_kernels, resolve_backend
+from ._library import LIB, check, check_tensor, extension, fill_missing_kernels, resolve_backend
 
 DIGEST = reference.CHAIN_DIGEST
 
@@ -54,7 +54,13 @@ def chain_hash(seeds: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, c
 
 def chain_hash_unchecked(seeds, tokens, start, count, page: int, pages: int, *, backend: str | None = None):
     """`chain_hash` without the Python argument checks (the routing's own calls: valid by
-    construction; the C++ kernel still checks the spans)."""
-    if resolve_backend(backend, torch.device("cpu")) == "reference":
+    construction; the C++ kernel still checks the spans). Eager calls on plain tensors take the
+    kernel without the dispatcher (as `write_rows` does); fake and functional tensors the op."""
+    name = resolve_backend(backend, torch.device("cpu"))
+    if name == "reference":
         return reference.chain_hash(seeds, tokens, start, count, page, pages)
+    ext = extension() if name in ("auto", "cpp") and type(tokens) is torch.Tensor \
+        and not torch.compiler.is_compiling() else None
+    if ext is not None:
+        return ext.chain_hash(seeds, tokens, start, count, int(page), int(pages))
     return torch.ops.llmcache.chain_hash(seeds, tokens, start, count, int(page), int(pages))

@@ -111,7 +111,8 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     pads = spans.lead
     start, count = spans.start - pads, spans.count + pads  # (from here on: the span each row keys)
     # (A row that cannot be keyed has no pages.)
-    headers = rows.marked_headers(header, pads, np.zeros_like(pads), np.zeros_like(pads))
+    none = np.zeros(batch, dtype=np.int64)
+    headers = rows.marked_headers(header, pads, none, none)
     keyed_count = np.where(spans.keyed, count, 0)
     keys = rows.chain_keys(b"P", headers, host, start, keyed_count, page)
     flat = rows.split_keys(keys)
@@ -206,14 +207,15 @@ def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) 
     order = np.sort(np.fromiter(firsts.values(), dtype=np.int64, count=len(firsts)))
     place = np.searchsorted(order, np.fromiter(map(firsts.__getitem__, keys), dtype=np.int64, count=len(keys)))
     opens = np.repeat(np.asarray([f[-1] if f else -1 for f in full], dtype=np.int64), need)
-    parents = np.where(number == np.repeat(first, need), opens, -2 - np.roll(place, 1))[order]
+    before = place[np.arange(-1, len(place) - 1)]  # (the place of the page before, in the batch)
+    parents = np.where(number == np.repeat(first, need), opens, -2 - before)[order]
     o_row, o_at, o_n = row[order], at[order], ntokens[order]
     starts = rows_.start[o_row] + o_at
     labels = list(zip(map(rows_.headers.__getitem__, o_row.tolist()), repeat(rows_.host), o_row.tolist(),
                       starts.tolist(), o_n.tolist()))
     got = np.asarray(index.reserve_many([keys[i] for i in order.tolist()], o_n, parents, labels), dtype=np.int64)
     ok = got >= 0
-    failed = np.unique(row[~ok[place]])
+    failed = np.unique(row[~ok[place]]) if not ok.all() else ()
     if len(failed):
         counts["too_long"] = counts.get("too_long", 0) + len(failed)
     entries = got[ok].tolist()

@@ -53,8 +53,9 @@ def plan(store, rows_, whole: list, entries: list, writes: tuple, seq: int, devi
     col = np.arange(smax)[None, :]
     at = (s + p)[:, None] + np.minimum(col, np.maximum(k - 1, 0)[:, None])
     live, some = col < k[:, None], (k > 0)[:, None]
-    take = lambda a: np.take_along_axis(a, at, axis=1)
-    last_position = np.take_along_axis(rows_.positions, (s + p + np.maximum(k - 1, 0))[:, None], axis=1)
+    by_row = np.arange(batch)[:, None]
+    take = lambda a: a[by_row, at]  # (each row's suffix columns: plain indexing, not np.take_along_axis)
+    last_position = rows_.positions[by_row, (s + p + np.maximum(k - 1, 0))[:, None]]
     parts = {"ids": np.where(some, take(rows_.ids), 0),
              "positions": np.where(some, np.where(live, take(rows_.positions), last_position + col - k[:, None] + 1), 0),
              "types": np.where(live, take(rows_.types), 0)}
