@@ -19,7 +19,7 @@ from . import adapters, ops
 from .config import CacheConfig
 from .patch import patch, patched, unpatch
 from .router import ModelCache
-from .tiers.exact import ExactTier, Remote, Store
+from .tiers.exact import Embeddings, ExactTier, Remote, Store
 from .tiers.layerwise import LayerwiseTier
 from .tiers.verified import SemanticTier
 
@@ -139,6 +139,10 @@ def _exact_tiers(owner: ModelCache, model: nn.Module, base: nn.Module, adapter, 
         owner.patched.append(patch(model, near.wrap_top(model.forward), owner))
     for position, index in enumerate(span):
         owner.patched.append(patch(blocks[index], functools.partial(exact.splice.forward, position), owner))
+    embeddings = getattr(base, "embeddings", None)
+    if not adapter.decoder and near is None and span[0] == 0 and isinstance(embeddings, nn.Module):
+        exact.embeddings = Embeddings(exact, embeddings, embeddings.forward)  # (not computed where nothing reads them)
+        owner.patched.append(patch(embeddings, exact.embeddings.forward, owner))
     if adapter.decoder and callable(getattr(model, "generate", None)):
         owner.patched.append(patch(model, _generating(exact, model.generate), owner, name="generate"))
 

@@ -58,6 +58,33 @@ def test_all_hits_skip_every_block(family, gen):
     assert llmcache.stats(model).hits == 3
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "modernbert"])
+def test_a_batch_with_no_row_to_compute_skips_the_embeddings(family, gen):
+    """Where every row is served, nothing reads the embeddings: they are not computed (a hook
+    inside them does not fire) and the output is what computing them gives. A hook on the
+    embeddings module itself sees what the module computes, served batch or not."""
+    model = tiny_model(family)
+    inputs = batch(family, [6, 6, 4], gen)
+    inside, outside = [], []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: inside.append(out))
+    with torch.inference_mode():
+        llmcache.accelerate(model)
+        first = output(model, inputs)
+        ran = len(inside)
+        second = output(model, inputs)
+        assert len(inside) == ran == 1 and torch.equal(second, first)
+        assert llmcache.stats(model).hits == 3
+        other = batch(family, [6, 5], gen)  # (rows to compute: the embeddings run again)
+        output(model, other)
+        assert len(inside) == 2
+        hook = model.embeddings.register_forward_hook(lambda module, args, out: outside.append(out))
+        third = output(model, inputs)
+        hook.remove()
+    assert len(inside) == 3 and torch.equal(third, first)
+    with torch.inference_mode(), llmcache.bypass(model):
+        assert torch.equal(outside[0], model.embeddings(input_ids=inputs["input_ids"]))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_only_miss_rows_compute(family, gen):
     model = tiny_model(family)

@@ -68,6 +68,7 @@ class ExactTier(Tier):
         self.shared_fingerprint = None  # the shared tier's: made at its first lookup, again after a change
         self.tracks = Tracks(self)  # decoders: the KV caches whose decode steps are stored as pages
         self.cuts_positions = True  # encoders: computing rows may skip their trailing padding (`route.route`)
+        self.embeddings = None  # encoders: `embed.Embeddings`, the embeddings' forward (`api._exact_tiers` sets it)
 
     def layer_idx(self, position: int) -> int:
         """The KV cache layer of span block `position`."""
@@ -189,6 +190,8 @@ class ExactTier(Tier):
         self.store.clear(dtype, device)
         self.kv_dtypes.clear()
         self.tracks.clear()
+        if self.embeddings is not None:
+            self.embeddings.clear()
         self.shared_fingerprint = None  # (hashed again, from the new weights, at the next lookup)
 
     def report(self, counters) -> dict:
