@@ -56,7 +56,7 @@ ROWS = {"short": [5, 6, 7, 8], "run": list(range(20, 100)), "descending": list(r
 
 @pytest.mark.parametrize("rows", list(ROWS.values()), ids=list(ROWS))
 def test_moves_land_at_their_rows(rows):
-    """A write puts each state at its token row, whether the rows run in a few slices (moved as
+    """A write puts each state at its token row, whether the rows run in a few slices (written as
     slice copies on the CPU) or not, and touches no other row;
     a read (into a fresh tensor or a given buffer) gives them back in order."""
     arena = PagedArena(PAGE, F, torch.float32, torch.device("cpu"), 64)

@@ -9,7 +9,7 @@ page of memory at its first write), so growing within it copies nothing. Which p
 the host index's business (`bank.index`). Reads and writes move whole token
 rows through one flat view [pages * page_tokens, F], addressed by token row numbers that the
 index computes on the host, so a forward's reads are one `index_select` and its writes one
-`index_copy_`.
+`ops.write_rows`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from .. import ops
 
 RESERVE_BYTES = 1 << 30  # CPU: address space the first growth reserves (never more than the budget)
-RUN_ROWS, MAX_RUNS = 64, 16  # CPU: moves of at least RUN_ROWS rows in at most MAX_RUNS runs are slice copies
+RUN_ROWS, MAX_RUNS = 64, 16  # CPU: writes of at least RUN_ROWS rows in at most MAX_RUNS runs are slice copies
 
 
 class PagedArena:
@@ -85,17 +85,13 @@ class PagedArena:
     def read(self, token_rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[S, F] the states at flat token rows int64 [S] (page * page_tokens + offset); into
         `out` ([>= S, F], reused: on the CPU a fresh large tensor costs more in page faults than
-        the copy itself)."""
+        the copy itself). One `index_select` on every device: on the CPU it reads as fast as slice
+        copies of runs of rows or faster (16 to 512 rows of 192 B to 48 KB, one or two threads),
+        without the numpy pass that finds the runs."""
         flat = self.pages.view(-1, self.features)
-        runs = self._runs(token_rows)
-        if runs is None:
-            if out is None:
-                return flat.index_select(0, token_rows)
-            return torch.index_select(flat, 0, token_rows, out=out[: token_rows.numel()])
-        out = flat.new_empty((token_rows.numel(), self.features)) if out is None else out[: token_rows.numel()]
-        for first, at, count in runs:
-            out[at : at + count].copy_(flat[first : first + count])
-        return out
+        if out is None:
+            return flat.index_select(0, token_rows)
+        return torch.index_select(flat, 0, token_rows, out=out[: token_rows.numel()])
 
     def write(self, token_rows: torch.Tensor, states: torch.Tensor) -> None:
         """Store states [S, F] at flat token rows int64 [S] (a forward's tokens go through
@@ -120,8 +116,8 @@ class PagedArena:
     def _runs(self, token_rows: torch.Tensor) -> list | None:
         """On the CPU, where `token_rows` fall in a few runs of consecutive rows (pages handed out
         one after another: a batch's new pages, a conversation's history): (first row, place in
-        `token_rows`, rows) per run, moved as slice copies, several times faster than an
-        index_select / index_copy_ of large reads and writes. None elsewhere (small moves too)."""
+        `token_rows`, rows) per run, written as slice copies, faster than an index_copy_ of
+        large writes (24 MB: 2-4 ms against 5.7). None elsewhere (small writes too)."""
         if self.device.type != "cpu" or token_rows.numel() < RUN_ROWS:
             return None
         rows = token_rows.numpy()
