@@ -13,7 +13,8 @@ block is open, and restores them after. Stages (exclusive times, so they add up 
   keys       spans and content-addressed keys of every row / page (`rows.row_keys`; `rows.spans`, `rows.chain_keys`)
   index      routing on the index: lookups, reservations, evictions, the plan's host arrays
   upload     the plan's index arrays to the device, and the served states read from the arena
-  splice     the per-block wrapper around the span blocks: argument slicing, K/V stand-ins
+  splice     the per-block wrapper around the span blocks: argument slicing, K/V stand-ins (and
+             an encoder's embeddings wrapper, its own computation excluded)
   merge      the last block's merge of served and computed rows; decoders' K/V for the model's cache
   commit     writing the computed rows' entries and publishing them
   suffix     a prefix hit's own work around the model's forward over the suffix (the prefix's
@@ -104,6 +105,10 @@ def timed(model):
     originals = [list(s.originals) for s in splices]
     for s in splices:
         s.originals = [timer.wrap("blocks", f) for f in s.originals]
+    # (An encoder's embeddings, where they run, are the model's own work inside a patched forward.)
+    embeddings = [t.embeddings for t in owner.tiers if isinstance(t, ExactTier) and t.embeddings is not None]
+    for e in embeddings:
+        e.original = timer.wrap("blocks", e.original)
     # (`patch.Patch`es of forwards: the base model's call, the blocks' splice; a decoder's generate apart)
     modules = list({id(m): m for m in owner.patched if patched(m) is not None}.values())
     patches = [patched(m) for m in modules]
@@ -119,5 +124,7 @@ def timed(model):
         owner.original_forward = forward
         for s, o in zip(splices, originals):
             s.originals = o
+        for e in embeddings:
+            e.original = e.original.__wrapped__
         for p, c in zip(patches, cached):
             p.cached = c
