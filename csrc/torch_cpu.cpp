@@ -83,7 +83,6 @@ at::Tensor gather_with_mask_cpu(const at::Tensor& values, const at::Tensor& slot
   return out;
 }
 
-
 }  // namespace
 
 // (Outside the anonymous namespace: module.cpp binds it for eager CPU calls too.)
