@@ -83,15 +83,15 @@ class EntryTable:
             wider[:, : self.pages.shape[1]] = self.pages
             self.pages = wider
         self.pages[ids, : pages.shape[1]] = pages
-        low, high = (int(parents.min()), int(parents.max())) if len(parents) else (-1, -1)
-        inner = parents <= -2 if low <= -2 else None
+        # (min/max first: a batch without parents, an encoder's, skips the passes below)
+        inner = parents <= -2 if len(parents) and parents.min() <= -2 else None
         if inner is not None:
             parents = np.where(inner, ids[np.maximum(-2 - parents, 0)], parents)
         self.ntokens[ids], self.ref[ids], self.hits[ids], self.kids[ids], self.dead[ids] = ntokens, 0, 0, 0, False
         self.serial[ids] = np.arange(first_serial, first_serial + len(keys))
         self.parent[ids] = parents
-        linked = parents >= 0 if high >= 0 or inner is not None else None
-        self.parent_serial[ids] = np.where(linked, self.serial[np.maximum(parents, 0)], -1) if linked is not None else -1
+        linked = len(parents) and parents.max() >= 0
+        self.parent_serial[ids] = np.where(parents >= 0, self.serial[np.maximum(parents, 0)], -1) if linked else -1
         if inner is not None:
             np.add.at(self.kids, parents[inner], 1)
         return entries

@@ -44,6 +44,15 @@ def extension():
     return _ext
 
 
+def direct(*tensors) -> object | None:
+    """The extension, where its CPU kernels may be called without the dispatcher (whose entry
+    costs microseconds, as much as a small host op's work): every tensor a plain CPU tensor,
+    outside compile and export (fake and functional subclasses go through the op); else None."""
+    if all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors) and not torch.compiler.is_compiling():
+        return extension()
+    return None
+
+
 def extension_error() -> str | None:
     extension()
     return _ext_error

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._library import LIB, check, check_tensor, extension, fill_missing_kernels, resolve_backend
+from ._library import LIB, check, check_tensor, direct, fill_missing_kernels, resolve_backend
 
 DIGEST = reference.CHAIN_DIGEST
 
@@ -59,8 +59,7 @@ def chain_hash_unchecked(seeds, tokens, start, count, page: int, pages: int, *, 
     name = resolve_backend(backend, torch.device("cpu"))
     if name == "reference":
         return reference.chain_hash(seeds, tokens, start, count, page, pages)
-    ext = extension() if name in ("auto", "cpp") and type(tokens) is torch.Tensor \
-        and not torch.compiler.is_compiling() else None
+    ext = direct(tokens) if name in ("auto", "cpp") else None
     if ext is not None:
         return ext.chain_hash(seeds, tokens, start, count, int(page), int(pages))
     return torch.ops.llmcache.chain_hash(seeds, tokens, start, count, int(page), int(pages))

@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import reference
-from ._library import LIB, check, check_tensor, extension, fill_missing_kernels, resolve_backend
+from ._library import LIB, check, check_tensor, direct, fill_missing_kernels, resolve_backend
 
 MAX_WORDS = 16
 
@@ -74,7 +74,7 @@ def hamming_topk(
     """
     # Plain CPU tensors go straight to the C++ kernel, which checks every argument itself (the checks
     # below cost as much as scanning a few thousand codes); a call it refuses is explained below.
-    ext = _direct(queries, bank)
+    ext = direct(queries, bank)
     if ext is not None and resolve_backend(backend, queries.device) in ("auto", "cpp"):
         try:
             return ext.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
@@ -126,20 +126,10 @@ def hamming_topk_unchecked(
         return _reference(queries, bank, k, valid, query_tag, bank_tag)
     if name == "triton":
         return _triton(queries, bank, k, valid, query_tag, bank_tag)
-    ext = _direct(queries, bank)
+    ext = direct(queries, bank)
     if ext is not None:
         return ext.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
     return torch.ops.llmcache.hamming_topk(queries, bank, k, valid, query_tag, bank_tag)
-
-
-def _direct(queries, bank):
-    """The extension, where the CPU kernel may be called without the dispatcher, whose entry costs as
-    much as a small scan: plain CPU tensors outside compile and export (fake and functional
-    subclasses go through the op); else None."""
-    if type(queries) is torch.Tensor and type(bank) is torch.Tensor and queries.device.type == "cpu" \
-            and not torch.compiler.is_compiling():
-        return extension()
-    return None
 
 
 def hamming_radius(threshold: float, nbits: int) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._library import LIB, extension, fill_missing_kernels, resolve_backend
+from ._library import LIB, direct, fill_missing_kernels, resolve_backend
 
 LIB.define("write_rows(Tensor(a!) arena, Tensor dst, Tensor? src, Tensor[] pieces) -> Tensor")
 
@@ -44,8 +44,7 @@ def write_rows(arena: torch.Tensor, dst: torch.Tensor, src: torch.Tensor | None,
         return reference.write_rows(arena, dst, src, pieces)
     # (Plain CPU tensors outside compile and export call the kernel without the dispatcher; fake
     # and functional subclasses go through the op.)
-    direct = type(arena) is torch.Tensor and arena.device.type == "cpu" and not torch.compiler.is_compiling()
-    ext = extension() if direct and name in ("auto", "cpp") else None
+    ext = direct(arena) if name in ("auto", "cpp") else None
     if ext is not None:
         return ext.write_rows(arena, dst, src, pieces)
     return torch.ops.llmcache.write_rows(arena, dst, src, pieces)
