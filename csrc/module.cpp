@@ -72,6 +72,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_rows", &llmcache::write_rows_cpu, pybind11::arg("arena"), pybind11::arg("dst"), pybind11::arg("src"),
         pybind11::arg("pieces"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "llmcache::write_rows on CPU tensors, outside the dispatcher");
+  m.def("read_rows", &llmcache::read_rows_cpu, pybind11::arg("arena"), pybind11::arg("rows"), pybind11::arg("out"),
+        pybind11::arg("kv"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "llmcache::read_rows on CPU tensors, outside the dispatcher");
   m.def("cpu_kernel_paths", [](int64_t words) {
     TORCH_CHECK(words >= 1 && words <= 16, "cpu_kernel_paths: words must be in 1..16");
     const auto c = llmcache::cpu::cpu_kernel_choice(words);

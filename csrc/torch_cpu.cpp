@@ -220,6 +220,51 @@ at::Tensor write_rows_cpu(const at::Tensor& arena, const at::Tensor& dst, const 
   return finite;
 }
 
+// llmcache::read_rows's CPU kernel (schema and contract: llmcache/ops/read_rows.py): arena [R, F]
+// (rows contiguous), rows int64 [M * T], out [M, Tcap >= T, D] and kv [blocks, 2, M, heads, Tcap,
+// head dim] or None, of the arena's dtype (last dimension contiguous), written in place at t < T.
+// (Outside the anonymous namespace: module.cpp binds it too.)
+void read_rows_cpu(const at::Tensor& arena, const at::Tensor& rows, const at::Tensor& out,
+                   const std::optional<at::Tensor>& kv) {
+  TORCH_CHECK(arena.device().is_cpu() && arena.dim() == 2 && arena.stride(1) == 1 && arena.stride(0) == arena.size(1),
+              "read_rows: arena must be a CPU [R, F] tensor with contiguous rows");
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
+              "read_rows: rows must be a contiguous CPU int64 [S] tensor");
+  const auto dtype = arena.scalar_type();
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 3 && out.scalar_type() == dtype && (out.stride(2) == 1 || out.size(2) == 1),
+              "read_rows: out must be a CPU [M, Tcap, D] tensor of the arena's dtype, D contiguous");
+  const int64_t S = rows.size(0), F = arena.size(1), R = arena.size(0), M = out.size(0), Tcap = out.size(1);
+  TORCH_CHECK(M > 0 ? S % M == 0 : S == 0, "read_rows: ", S, " rows do not split over out's ", M, " rows");
+  const int64_t T = M > 0 ? S / M : 0, elem = arena.element_size();
+  TORCH_CHECK(T <= Tcap, "read_rows: ", T, " tokens a row, out holds ", Tcap);
+  std::vector<cpu::RowSlot> spec;
+  spec.push_back({static_cast<uint8_t*>(out.data_ptr()), out.stride(0) * elem, 0, out.stride(1) * elem, 1,
+                  out.size(2) * elem});
+  int64_t width = out.size(2);
+  if (kv.has_value()) {
+    const at::Tensor& k = *kv;
+    TORCH_CHECK(k.device().is_cpu() && k.dim() == 6 && k.scalar_type() == dtype && k.size(1) == 2 && k.size(2) == M &&
+                    k.size(4) == Tcap && (k.stride(5) == 1 || k.size(5) == 1),
+                "read_rows: kv must be a CPU [blocks, 2, M, heads, Tcap, head dim] tensor of the arena's dtype and "
+                "out's M and Tcap, head dim contiguous");
+    uint8_t* base = static_cast<uint8_t*>(k.data_ptr());
+    for (int64_t b = 0; b < k.size(0); ++b)
+      for (int64_t w = 0; w < 2; ++w)
+        spec.push_back({base + (b * k.stride(0) + w * k.stride(1)) * elem, k.stride(2) * elem, k.stride(3) * elem,
+                        k.stride(4) * elem, k.size(3), k.size(5) * elem});
+    width += k.size(0) * 2 * k.size(3) * k.size(5);
+  }
+  TORCH_CHECK(width == F, "read_rows: out and kv take ", width, " elements a row, the arena holds ", F);
+  TORCH_CHECK(within(rows.data_ptr<int64_t>(), S, R), "read_rows: rows out of the arena's rows");
+  const uint8_t* data = static_cast<const uint8_t*>(arena.data_ptr());
+  const int64_t* rows_ptr = rows.data_ptr<int64_t>();
+  // (~256 KiB of rows a task: small reads stay on the calling thread)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, F * elem));
+  at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
+    cpu::read_rows(data, F * elem, rows_ptr, begin, end, spec.data(), static_cast<int64_t>(spec.size()), T);
+  });
+}
+
 TORCH_LIBRARY_IMPL(llmcache, CPU, m) {
   m.impl("chain_hash", &chain_hash_cpu);
   m.impl("simhash", &simhash_cpu);
@@ -227,6 +272,7 @@ TORCH_LIBRARY_IMPL(llmcache, CPU, m) {
   m.impl("hamming_topk", &hamming_topk_cpu);
   m.impl("gather_with_mask", &gather_with_mask_cpu);
   m.impl("write_rows", &write_rows_cpu);
+  m.impl("read_rows", &read_rows_cpu);
 }
 
 }  // namespace llmcache

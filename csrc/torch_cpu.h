@@ -23,4 +23,8 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, c
 at::Tensor write_rows_cpu(const at::Tensor& arena, const at::Tensor& dst, const std::optional<at::Tensor>& src,
                           const std::vector<at::Tensor>& pieces);
 
+// llmcache::read_rows's CPU kernel (schema and contract: llmcache/ops/read_rows.py).
+void read_rows_cpu(const at::Tensor& arena, const at::Tensor& rows, const at::Tensor& out,
+                   const std::optional<at::Tensor>& kv);
+
 }  // namespace llmcache

@@ -217,6 +217,9 @@ def test_opcheck_every_op(gen):
     torch.library.opcheck(torch.ops.llmcache.gather_with_mask, (values, slot, computed, row, last, hits, 3, False))
     arena, pieces = torch.zeros(9, 8), [torch.randn(2, 1, 3, 4, generator=gen), torch.randn(2, 2, 3, 2, generator=gen)]
     torch.library.opcheck(torch.ops.llmcache.write_rows, (arena, torch.tensor([8, 0, 3]), torch.tensor([5, 0, 2]), pieces))
+    arena, out, kv = torch.randn(9, 12, generator=gen), torch.zeros(2, 4, 4), torch.zeros(2, 2, 2, 1, 4, 2)
+    torch.library.opcheck(torch.ops.llmcache.read_rows, (arena, torch.tensor([8, 0, 3, 3, 1, 5]), out, kv))
+    torch.library.opcheck(torch.ops.llmcache.read_rows, (arena, torch.tensor([8, 0]), torch.zeros(2, 1, 12), None))
 
 
 def test_ops_trace_under_torch_compile(gen):
@@ -275,6 +278,53 @@ def test_write_rows(backend, dtype, M, T, H, hd, D, selected, gen):
     untouched[dst] = False
     assert (arena[untouched] == 7).all()
     assert finite.dtype == torch.bool and finite.tolist() == [i != 1 for i in range(S)] if S > 1 else finite.all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("M,T,H,hd,D", WRITE_CASES, ids=[f"M{m}-T{t}-H{h}-hd{d}-D{e}" for m, t, h, d, e in WRITE_CASES])
+def test_read_rows(backend, dtype, M, T, H, hd, D, gen):
+    """Token m * T + t of out and of every block's K and V is arena row rows[m * T + t], split in
+    that order (rows repeating, in any order), positions after T untouched; reading back what
+    write_rows wrote from a forward's K/V gives that K/V; an encoder's rows read into out alone."""
+    rows = M * T + 7
+    arena = torch.randn(rows, D + 4 * H * hd, generator=gen).to(dtype)
+    picked = torch.randint(0, rows, (M * T,), generator=gen)
+    out = torch.full((M, T + 3, D), 7.0, dtype=dtype)
+    kv = torch.full((2, 2, M, H, T + 3, hd), 7.0, dtype=dtype)  # (two blocks, room for 3 more tokens)
+    ops.read_rows(arena, picked, out, kv, backend=backend)
+    pieces = [out[:, :T]] + [kv[b, w, :, :, :T].transpose(1, 2).reshape(M, T, -1) for b in range(2) for w in range(2)]
+    assert torch.equal(torch.cat(pieces, -1).reshape(M * T, -1), arena[picked])
+    assert (out[:, T:] == 7).all() and (kv[:, :, :, :, T:] == 7).all()
+
+    dst = torch.randperm(rows, generator=gen)[: M * T]
+    hidden, cache = torch.randn(M, T, D, generator=gen).to(dtype), torch.randn(2, 2, M, H, T, hd, generator=gen).to(dtype)
+    ops.write_rows(arena, dst, None, [hidden.unsqueeze(1)] + [cache[b, w] for b in range(2) for w in range(2)])
+    back_out, back_kv = torch.zeros_like(hidden), torch.zeros_like(cache)
+    ops.read_rows(arena, dst, back_out, back_kv, backend=backend)
+    assert torch.equal(back_out, hidden) and torch.equal(back_kv, cache)
+
+    whole = torch.zeros(M, T, D + 4 * H * hd, dtype=dtype)
+    ops.read_rows(arena, picked, whole, None, backend=backend)
+    assert torch.equal(whole.reshape(M * T, -1), arena[picked])
+
+
+@needs_ext
+def test_read_rows_refuses_what_it_cannot_read(gen):
+    arena = torch.zeros(4, 6)
+    out, kv = torch.zeros(2, 3, 2), torch.zeros(1, 2, 2, 1, 3, 2)
+    with pytest.raises(RuntimeError, match="rows out of"):
+        ops.read_rows(arena, torch.tensor([0, 4]), out, kv, backend="cpp")
+    with pytest.raises(RuntimeError, match="do not split"):
+        ops.read_rows(arena, torch.tensor([0, 1, 2]), out, kv, backend="cpp")
+    with pytest.raises(RuntimeError, match="out holds 3"):
+        ops.read_rows(arena, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), out, kv, backend="cpp")
+    with pytest.raises(RuntimeError, match="elements a row"):
+        ops.read_rows(arena, torch.tensor([0, 1]), out[..., :1], kv, backend="cpp")
+    with pytest.raises(RuntimeError, match="arena's dtype"):
+        ops.read_rows(arena, torch.tensor([0, 1]), out, kv.double(), backend="cpp")
+    with pytest.raises(RuntimeError, match="kv must be"):
+        ops.read_rows(arena, torch.tensor([0, 1]), out, kv[:, :, :1], backend="cpp")
 
 
 @needs_ext

@@ -110,6 +110,19 @@ void write_rows(uint8_t* arena, int64_t row_bytes, const int64_t* dst, const int
                 int64_t end, const RowPiece* pieces, int64_t n_pieces, int64_t T, int64_t elem_bytes,
                 uint64_t exponent, uint8_t* finite);
 
+// ---- read_rows.cpp ----
+// A piece a read writes: data at [0, 0, 0, 0], byte strides of its M, A and T dimensions, A runs of
+// `run` bytes a token (its C contiguous elements).
+struct RowSlot {
+  uint8_t* data;
+  int64_t stride_m, stride_a, stride_t;
+  int64_t A, run;
+};
+// Tokens i in [begin, end), i = m * T + t: arena row rows[i] (row_bytes each) split, in order,
+// over every piece's [m, a, t, :] for a = 0..A-1; the pieces' runs add up to the row.
+void read_rows(const uint8_t* arena, int64_t row_bytes, const int64_t* rows, int64_t begin, int64_t end,
+               const RowSlot* pieces, int64_t n_pieces, int64_t T);
+
 // ---- row_keys.cpp ----
 // The exact tier's whole-row keys of a batch in one pass (llmcache.rows.row_keys states the
 // contract; its Python composition is the reference). host: int64 [4, B, T] (ids, mask,

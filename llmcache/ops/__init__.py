@@ -9,6 +9,7 @@ from ._library import BACKENDS, available_backends
 from .chain_hash import chain_hash
 from .gather_with_mask import gather_with_mask
 from .hamming_topk import hamming_radius, hamming_topk
+from .read_rows import read_rows
 from .simhash import random_planes, simhash, simhash_pooled
 from .write_rows import write_rows
 
@@ -20,6 +21,7 @@ __all__ = [
     "hamming_radius",
     "hamming_topk",
     "random_planes",
+    "read_rows",
     "reference",
     "simhash",
     "simhash_pooled",

@@ -232,3 +232,21 @@ def write_rows(arena: torch.Tensor, dst: torch.Tensor, src: torch.Tensor | None,
         arena[:, at : at + p.shape[1]].index_copy_(0, dst, p)
         at += p.shape[1]
     return finite
+
+
+def read_rows(arena: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, kv: torch.Tensor | None) -> None:
+    """Read rows of `arena` [R, F] into `out` and `kv`, in place: the inverse of `write_rows` for a
+    stored token's row (the output D, then per block its K then its V, heads x head dim each).
+
+    `rows` int64 [M * T]: token i = m * T + t takes arena row rows[i]: out [M, Tcap, D] at [m, t],
+    then kv [blocks, 2, M, heads, Tcap, head dim] (None: an encoder's rows, the output only) at
+    [b, w, m, :, t] for each block b, K (w = 0) then V (w = 1). T <= Tcap; positions t >= T are
+    not written.
+    """
+    batch, hidden = out.shape[0], out.shape[2]
+    seq = rows.shape[0] // batch if batch else 0
+    states = arena.index_select(0, rows)
+    out[:, :seq].copy_(states[:, :hidden].view(batch, seq, hidden))
+    if kv is not None:
+        blocks, _, _, heads, _, dim = kv.shape
+        kv[:, :, :, :, :seq].copy_(states[:, hidden:].view(batch, seq, blocks, 2, heads, dim).permute(2, 3, 0, 4, 1, 5))
