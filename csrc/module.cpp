@@ -75,6 +75,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("read_rows", &llmcache::read_rows_cpu, pybind11::arg("arena"), pybind11::arg("rows"), pybind11::arg("out"),
         pybind11::arg("kv"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "llmcache::read_rows on CPU tensors, outside the dispatcher");
+  m.def("storage_use_count", [](const at::Tensor& t) { return static_cast<int64_t>(t.storage().use_count()); },
+        pybind11::arg("tensor"), "how many tensors (this one, its views) hold this tensor's storage");
   m.def("cpu_kernel_paths", [](int64_t words) {
     TORCH_CHECK(words >= 1 && words <= 16, "cpu_kernel_paths: words must be in 1..16");
     const auto c = llmcache::cpu::cpu_kernel_choice(words);

@@ -197,6 +197,50 @@ def test_a_multi_turn_chat_hits_every_earlier_turn(tokens):
             conversation = torch.cat([got[0], tokens(6)])  # the reply, then the user's next message
 
 
+
+def test_a_prefix_hit_hands_back_a_plain_cache_holding_the_uncached_calls_kv(tokens):
+    """The cached prefix is read into the K/V tensors that the caller's cache ends up holding, with
+    room for the suffix, which the model's cache update writes there in place of concatenating it:
+    the caller gets a plain DynamicCache of contiguous K/V, within the tolerance of the uncached
+    call's (bit for bit at the prefix, read back as stored), whose next updates concatenate as ever;
+    a forward that fails midway leaves nothing of the cache's own on the caller's cache."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    model, ref = build("llama")
+    prompt, more = tokens(3 * PAGE + 5), tokens(3)
+    caches = []
+    with torch.inference_mode():
+        model(input_ids=prompt[None, : 3 * PAGE])  # pages [0, 24) cached
+        for m in (model, ref):
+            cache = DynamicCache()
+            m(input_ids=prompt[None], past_key_values=cache, use_cache=True)
+            if m is model:
+                assert llmcache.stats(model).last_tokens == (3 * PAGE, 5)  # a prefix hit
+            out = m(input_ids=more[None], past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(len(prompt), len(prompt) + 3)[None])
+            caches.append((cache, out.logits))
+    (got, got_logits), (want, want_logits) = caches
+    assert_outputs(got_logits, want_logits, tolerance=PREFIX_TOLERANCE)
+    for mine, theirs in zip(got.layers, want.layers):
+        assert type(mine) is DynamicLayer and "update" not in vars(mine)
+        assert mine.keys.shape == theirs.keys.shape == (1, mine.keys.shape[1], len(prompt) + 3, mine.keys.shape[3])
+        assert mine.keys.is_contiguous() and mine.values.is_contiguous()
+        torch.testing.assert_close(mine.keys, theirs.keys, **PREFIX_TOLERANCE)
+        torch.testing.assert_close(mine.values, theirs.values, **PREFIX_TOLERANCE)
+
+    blocks = model.model.layers
+    handle = blocks[1].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("a block fails")))
+    try:
+        failed = DynamicCache()
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="a block fails"):
+            model(input_ids=torch.cat([prompt[: 3 * PAGE], tokens(4)])[None], past_key_values=failed, use_cache=True)
+    finally:
+        handle.remove()
+    assert llmcache.stats(model).last_tokens[0] == 3 * PAGE  # (it was a prefix hit)
+    assert failed.layers and not any("update" in vars(layer) for layer in failed.layers)
+
+
 # ---- memory, eviction, isolation, threads ----------------------------------------------------------
 def test_a_shared_prefix_is_held_once_however_many_prompts_extend_it(tokens):
     model, _ = build("llama")

@@ -8,7 +8,8 @@ CPU its first growth reserves address space for up to `RESERVE_BYTES` at once (t
 page of memory at its first write), so growing within it copies nothing. Which page holds what is
 the host index's business (`bank.index`). Reads and writes move whole token
 rows through one flat view [pages * page_tokens, F], addressed by token row numbers that the
-index computes on the host, so a forward's reads are one `index_select` and its writes one
+index computes on the host, so a forward's reads are one `index_select` (or one `ops.read_rows`,
+straight into the tensors a decoder's cached prefix is used as) and its writes one
 `ops.write_rows`.
 """
 
@@ -105,6 +106,12 @@ class PagedArena:
                 return
             for first, src, count in runs:
                 flat[first : first + count].copy_(states[src : src + count])
+
+    def read_tokens(self, token_rows: torch.Tensor, out: torch.Tensor, kv: torch.Tensor | None = None) -> None:
+        """The states at flat token rows int64 [M * T] into out [M, >= T, D] and a decoder's kv
+        [blocks, 2, M, heads, >= T, head dim], of the arena's dtype, in place (`ops.read_rows`)."""
+        with torch.no_grad():
+            ops.read_rows(self.pages.view(-1, self.features), token_rows, out, kv)
 
     def write_tokens(self, token_rows: torch.Tensor, pieces: list, src: torch.Tensor | None = None) -> torch.Tensor:
         """Store tokens at flat token rows int64 [S] from where the model left them (`ops.write_rows`:

@@ -82,11 +82,12 @@ def _partial_pages(index, headers: list, host: np.ndarray, start: np.ndarray, co
     return partial
 
 
-def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict, prefixes: bool,
+def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device, counts: dict, geometry,
           near=None, padding: tuple[bool, bool] = (False, False), follow=None, warm=None):
     """The route of a decoder forward whose ids/mask/positions/types are `host` int64 [4, B, T]:
     a `plan.Plan` for the block splice, a `suffix.SuffixPlan`, or None (nothing served, nothing
-    stored). `prefixes`: prefix rows may compute their suffix only (else they compute whole).
+    stored). `geometry`: the span's `adapters.Geometry`; where it has a final norm, prefix rows may
+    compute their suffix only (else they compute whole).
     `near`: the verified tier's `Neighbours`: in a batch that the splice serves, a row not
     wholly cached may be served a neighbour's whole chain of pages. `padding`: whether the
     caller sees a row's (leading, trailing) padding (`ModelCache.padding_visible`): trailing
@@ -126,9 +127,10 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     rows_ = _Rows(headers, host, flat, keys.shape[1], start, count.tolist(), found, covered, keyed, leading, trailing,
                   pads, partial)
     chains = None
+    prefixes = geometry.final_norm is not None
     if near is not None:
         chains = _near(near, index, rows_, prefixes)
-    result = _plan(store, rows_, seq, device, counts, prefixes, chains, near)
+    result = _plan(store, rows_, seq, device, counts, geometry, chains, near)
     for r, chain in enumerate(chains or ()):
         if chain is not None:
             near.stored(r, chain, tuple(index.key(e) for e in chain))
@@ -228,7 +230,7 @@ def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) 
     return entries, writes
 
 
-def _plan(store, rows_: _Rows, seq: int, device, counts: dict, prefixes: bool, chains, near):
+def _plan(store, rows_: _Rows, seq: int, device, counts: dict, geometry, chains, near):
     index, batch = store.index, rows_.batch
     n_real, covered, keyed, trailing = rows_.n_real, rows_.covered, rows_.keyed, rows_.trailing
     whole = [keyed[r] and covered[r] == n_real[r] for r in range(batch)]
@@ -236,7 +238,7 @@ def _plan(store, rows_: _Rows, seq: int, device, counts: dict, prefixes: bool, c
     # (A row with gaps in its mask, or none at all, computes in the call's own layout: the splice;
     # so does a batch with a row whose leading padding the caller sees: its suffix would attend to
     # that padding, which the uncached row does not.)
-    suffix_mode = (prefixes and all(keyed) and not any(rows_.leading)
+    suffix_mode = (geometry.final_norm is not None and all(keyed) and not any(rows_.leading)
                    and (any(partial) or any(whole[r] and trailing[r] for r in range(batch))))
     if not suffix_mode:  # the splice serves a whole row only where it holds what the caller sees of its padding
         held = [whole[r] and trailing[r] > 0 for r in range(batch)]
@@ -247,7 +249,7 @@ def _plan(store, rows_: _Rows, seq: int, device, counts: dict, prefixes: bool, c
     # Hits: bump their reference counts.
     index.touch([e for r in range(batch) if whole[r] or (suffix_mode and partial[r]) for e in rows_.found[r]])
     if suffix_mode:
-        return suffix.plan(store, rows_, whole, entries, writes, seq, device)
+        return suffix.plan(store, geometry, rows_, whole, entries, writes, seq, device)
     return _splice_plan(store, rows_, whole, entries, writes, seq, device, near)
 
 

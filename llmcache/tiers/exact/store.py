@@ -19,6 +19,7 @@ import torch
 from ... import rows
 from ...bank import ExactIndex, PagedArena
 from ...integrity import checksum, raw
+from ...ops import _library as ops_library
 
 
 def _split(blob: torch.Tensor, lengths: torch.Tensor) -> list:
@@ -77,6 +78,22 @@ class Store:
                 buf = torch.empty((max(rows_needed, 2 * (buf.shape[0] if buf is not None else 0)), arena.features),
                                   dtype=arena.dtype, device=arena.device)
             self.local.buffer = buf
+        return buf
+
+    def prefix_buffer(self, numel: int) -> torch.Tensor:
+        """This thread's flat buffer [>= numel] of the arena's dtype for a decoder's cached prefix
+        (`suffix`: its K/V, which the caller's KV cache goes on to hold, and outputs): the kept one
+        once no other tensor holds its storage (the caller dropped that cache, or its next update
+        replaced them), else a new one, kept from then on. Where a fresh large tensor costs page
+        faults (the CPU's), reusing it saves more than the read it holds costs."""
+        buf = getattr(self.local, "prefix", None)
+        arena = self.arena
+        ext = ops_library.extension()
+        if buf is None or buf.numel() < numel or buf.dtype != arena.dtype or buf.device != arena.device \
+                or ext is None or ext.storage_use_count(buf) != 1:
+            with torch.inference_mode(False), torch.no_grad():
+                buf = torch.empty(numel + numel // 4, dtype=arena.dtype, device=arena.device)  # (room to grow)
+            self.local.prefix = buf
         return buf
 
     # ---- finiteness ---------------------------------------------------------------------

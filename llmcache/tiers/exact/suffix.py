@@ -5,6 +5,13 @@ left-aligned in [B, S], and a KV cache of [B, Pmax] slots holding each row's cac
 right-aligned (the rest masked). `suffix_forward` runs the model's own forward on that with the
 rows' true position ids, then puts every position's output and K/V back in the call's layout and
 writes the new pages.
+
+Where every row has the same cached and computed lengths (`uniform`: a chat's next turn, a
+prompt after a shared system prompt), the prefix is read (`ops.read_rows`) straight into one
+[blocks, 2, B, heads, P + S, head dim] K/V tensor and a [B, P + S, D] output tensor, each block's
+K and V contiguous, with room after the prefix: the model's cache layers then take the suffix's
+K/V into that room (`_append_in_place`) instead of concatenating it onto a copy of the prefix,
+and the new pages are written from the same tensors.
 """
 
 from __future__ import annotations
@@ -32,13 +39,18 @@ class SuffixPlan(plans.Route):
     dev: dict = field(default_factory=dict)  # device index tensors (see `plan`)
     uniform: bool = False  # every row starts at 0 with the same cached and computed lengths
     prefix_states: torch.Tensor | None = None  # [sum P, F]: the rows' cached prefix tokens, read at routing
+    # (uniform: prefix_out [B, P + S, D] and prefix_kv [blocks, 2, B, heads, P + S, head dim] instead,
+    # the arena's dtype, positions < P read at routing)
+    prefix_out: torch.Tensor | None = None
+    prefix_kv: torch.Tensor | None = None
     straddle: bool = False  # a page written holds cached tokens too (it replaces a partial page)
 
 
-def plan(store, rows_, whole: list, entries: list, writes: tuple, seq: int, device) -> SuffixPlan:
+def plan(store, geometry, rows_, whole: list, entries: list, writes: tuple, seq: int, device) -> SuffixPlan:
     """Every row computes from its cached prefix on (a whole row: its last token, or its
     trailing padding), and then its trailing padding positions, which attend to the row's
-    tokens but not to themselves (their mask is 0, as in the uncached call)."""
+    tokens but not to themselves (their mask is 0, as in the uncached call). `geometry`: the
+    span's `adapters.Geometry`."""
     batch, n_real, trailing, start = rows_.batch, rows_.n_real, rows_.trailing, rows_.start
     cached = [min(rows_.covered[r], n_real[r] - (0 if trailing[r] else 1)) if rows_.keyed[r] and rows_.found[r]
               else 0 for r in range(batch)]
@@ -72,16 +84,18 @@ def plan(store, rows_, whole: list, entries: list, writes: tuple, seq: int, devi
     parts["suffix_src"] = plans.runs(rows * smax, k)
     parts["suffix_dst"] = plans.runs(rows * seq + s + p, k)
     straddle = False
+    into_kv = uniform and pmax > 0  # (the prefix read into per-block K/V with room for the suffix)
     if entries:
         # A reserved page of row r covers its tokens [at, at + n): computed ones, and where it
         # replaces a partial page that ended the row's cached prefix, cached ones before them
         # (`store_src` then indexes those cached tokens first, `store_prefix` their rows among
-        # the prefix states read, then the computed tokens).
+        # the prefix states read, then the computed tokens; with `into_kv`, token t of row r is
+        # r * (P + S) + t of the prefix tensors, which hold the computed tokens too by then).
         w_r, w_at, w_n = writes
         token, row = plans.runs(w_at, w_n), np.repeat(w_r, w_n)
         before = token < p[row]
-        straddle = bool(before.any())
-        computed = row * smax + token - p[row]
+        straddle = bool(before.any()) and not into_kv
+        computed = row * width + token if into_kv else row * smax + token - p[row]
         if straddle:
             parts["store_prefix"] = ((np.cumsum(p) - p)[row] + token)[before]
             computed = np.where(before, np.cumsum(before) - 1, computed + int(before.sum()))
@@ -91,11 +105,28 @@ def plan(store, rows_, whole: list, entries: list, writes: tuple, seq: int, devi
     for name in ("ids", "positions", "types"):
         dev[name] = dev[name].view(batch, smax)
     dev["mask"] = dev["mask"].view(batch, width)
-    states = store.arena.read(dev["prefix_src"], store.read_buffer(len(dev["prefix_src"]))) if pmax else None
+    states = out = kv = None
+    if into_kv:
+        out, kv = _prefix_tensors(store, geometry, batch, pmax, smax, dev["prefix_src"])
+    elif pmax:
+        states = store.arena.read(dev["prefix_src"], store.read_buffer(len(dev["prefix_src"])))
     prefix_rows = sum(1 for r in range(batch) if cached[r] and not whole[r])
     return SuffixPlan(served=sum(whole), prefix_rows=prefix_rows, tokens=(sum(cached), sum(real_len)), batch=batch,
                       seq=seq, prefix=pmax, suffix=smax, entries=entries, store_n=writes[2].tolist(), dev=dev,
-                      uniform=uniform, prefix_states=states, straddle=straddle)
+                      uniform=uniform, prefix_states=states, prefix_out=out, prefix_kv=kv, straddle=straddle)
+
+
+def _prefix_tensors(store, g, batch: int, pmax: int, smax: int, token_rows: torch.Tensor):
+    """(output [B, P + S, D], K/V [blocks, 2, B, heads, P + S, head dim]) in the arena's dtype, in
+    this thread's `store.prefix_buffer`, positions < P read from the arena's `token_rows` (int64
+    [B * P], row after row)."""
+    n_out = batch * (pmax + smax) * g.hidden
+    shape = (g.blocks, 2, batch, g.kv_heads, pmax + smax, g.kv_width // 2 // g.kv_heads)
+    n_kv = g.blocks * g.kv_width * batch * (pmax + smax)
+    buf = store.prefix_buffer(n_out + n_kv)
+    out, kv = buf[:n_out].view(batch, pmax + smax, g.hidden), buf[n_out : n_out + n_kv].view(shape)
+    store.arena.read_tokens(token_rows, out, kv)
+    return out, kv
 
 
 def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
@@ -107,6 +138,17 @@ def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
     g, dev = tier.geometry, plan.dev
     batch, pmax, half = plan.batch, plan.prefix, g.kv_width // 2
     cache = DynamicCache() if cache is None else cache
+    if plan.prefix_kv is not None:
+        from transformers.cache_utils import DynamicLayer
+
+        kv = plan.prefix_kv if plan.prefix_kv.dtype == kv_dtype else plan.prefix_kv.to(kv_dtype)
+        for position in range(g.blocks):
+            keys, values = kv[position, 0], kv[position, 1]
+            give_kv(cache, keys[:, :, :pmax], values[:, :, :pmax], tier.layer_idx(position), kv_dtype)
+            layer = cache.layers[tier.layer_idx(position)]
+            if type(layer) is DynamicLayer and layer.keys.data_ptr() == keys.data_ptr():
+                _append_in_place(layer, keys, values, pmax)
+        return cache
     if pmax:  # every block's K and V [B, heads, Pmax, head dim]: views of one [B * Pmax, blocks x K|V] block
         flat = plan.prefix_states[:, g.hidden : g.hidden + g.blocks * g.kv_width].to(kv_dtype)
         if not plan.uniform:  # (uniform: the cached K/V are views of the states read)
@@ -119,6 +161,36 @@ def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
         # (Views of the read buffer: the suffix's own update replaces them with its concatenation.)
         give_kv(cache, kv[position][0], kv[position][1], tier.layer_idx(position), kv_dtype)
     return cache
+
+
+def _append_in_place(layer, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+    """`layer` (a DynamicLayer holding keys/values[:, :, :filled]) takes its next update's K/V
+    into keys/values[:, :, filled:] in place of concatenating them onto a copy: the same tensor,
+    with no copy of the prefix. Once: the override (an attribute of this layer only) goes with
+    that update, or with `_plain_again` after the forward; K/V that do not fit the room
+    concatenate as ever."""
+
+    def update(key_states, value_states, *args, **kwargs):
+        del layer.update
+        end = filled + key_states.shape[-2]
+        fits = (layer.keys.data_ptr() == keys.data_ptr() and layer.keys.shape[-2] == filled
+                and key_states.dtype == keys.dtype and value_states.dtype == values.dtype
+                and key_states.shape[:2] == keys.shape[:2] and key_states.shape[3:] == keys.shape[3:]
+                and value_states.shape == key_states.shape and end <= keys.shape[-2])
+        if not fits:
+            return layer.update(key_states, value_states, *args, **kwargs)
+        keys[:, :, filled:end].copy_(key_states)
+        values[:, :, filled:end].copy_(value_states)
+        layer.keys, layer.values = keys[:, :, :end], values[:, :, :end]
+        return layer.keys, layer.values
+
+    layer.update = update
+
+
+def _plain_again(cache) -> None:
+    """Drop what `_append_in_place` left on the cache's layers (a layer the forward did not update)."""
+    for layer in getattr(cache, "layers", ()):
+        layer.__dict__.pop("update", None)
 
 
 def _run(tier, plan: SuffixPlan, call, forward, stand_in):
@@ -140,6 +212,7 @@ def _run(tier, plan: SuffixPlan, call, forward, stand_in):
         return forward(**kwargs), call.capture
     finally:
         call.capture = None
+        _plain_again(stand_in)
 
 
 def _outputs(tier, plan: SuffixPlan, out: torch.Tensor) -> torch.Tensor:
@@ -149,7 +222,7 @@ def _outputs(tier, plan: SuffixPlan, out: torch.Tensor) -> torch.Tensor:
     batch, pmax = plan.batch, plan.prefix
     norm = tier.geometry.final_norm
     if plan.uniform:
-        parts = [norm(plan.prefix_states[:, :hidden].to(out.dtype)).view(batch, pmax, -1)] if pmax else []
+        parts = [norm(plan.prefix_out[:, :pmax].to(out.dtype))] if pmax else []
         return torch.cat(parts + [out], dim=1)
     full = out.new_zeros((batch * plan.seq, out.shape[-1]))
     if pmax:
@@ -221,7 +294,11 @@ def suffix_forward(tier, plan: SuffixPlan, call, forward):
         else:
             src = plan.dev["store_src"]
             # A token's row: the output, then per block K then V [B, heads, S, head dim] (`ops.write_rows`).
-            pieces = [last.unsqueeze(1)] + [t[:, :, plan.prefix :] for layer in layers for t in (layer.keys, layer.values)]
+            if plan.prefix_out is not None:  # (the prefix tensors, the computed outputs after it: P + S tokens a row)
+                plan.prefix_out[:, plan.prefix :].copy_(last)
+                pieces = [plan.prefix_out.unsqueeze(1)] + [t for layer in layers for t in (layer.keys, layer.values)]
+            else:
+                pieces = [last.unsqueeze(1)] + [t[:, :, plan.prefix :] for layer in layers for t in (layer.keys, layer.values)]
             if plan.straddle:  # (the cached tokens of the partial pages these pages replace, then the computed ones)
                 dtype = plan.prefix_states.dtype
                 cached = plan.prefix_states.index_select(0, plan.dev["store_prefix"])

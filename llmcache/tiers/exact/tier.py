@@ -124,7 +124,7 @@ class ExactTier(Tier):
                         def warm(*args):
                             self.remote.warm_pages(store, self._shared_fingerprint(), *args)
                     return prefix.route(store, call.header, call.host, call.seq, call.device, call.counts,
-                                        self.geometry.final_norm is not None, near, call.padding, follow, warm)
+                                        self.geometry, near, call.padding, follow, warm)
                 keys = encoder.row_keys(call.header, call.host, ids_before, call.counts, call.padding)
             if self.remote is not None:
                 self.remote.warm(store, keys, self._shared_fingerprint())
