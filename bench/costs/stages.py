@@ -41,6 +41,7 @@ from llmcache.tiers.exact.tier import ExactTier
 TARGETS = [("begin", ModelCache, "_begin"), ("watch", ModelState, "check"),
            ("host_copy", ModelCache, "_host_copy"), ("route", ExactTier, "route"), ("keys", rows, "chain_keys"),
            ("spans", rows, "spans"), ("row_keys", rows, "row_keys"), ("upload", plans, "upload"), ("read", PagedArena, "read"),
+           ("read_tokens", PagedArena, "read_tokens"),
            ("merge", BlockSplice, "_merge"), ("kv", BlockSplice, "_kv"), ("commit", BlockSplice, "_insert")]
 
 
@@ -70,10 +71,10 @@ class Timer:
         """Exclusive microseconds per forward of each stage, and `own` (their sum)."""
         t = {k: 1e6 * v / forwards for k, v in self.total.items()}
         g = lambda k: t.get(k, 0.0)
-        route_rest = g("route") - g("keys") - g("spans") - g("row_keys") - g("upload") - g("read")
+        route_rest = g("route") - g("keys") - g("spans") - g("row_keys") - g("upload") - g("read") - g("read_tokens")
         out = {"watch": g("watch"), "router": g("begin") - g("watch") - g("host_copy") - g("route"),
                "host_copy": g("host_copy"), "keys": g("keys") + g("spans") + g("row_keys"), "index": route_rest,
-               "upload": g("upload") + g("read"),
+               "upload": g("upload") + g("read") + g("read_tokens"),
                "splice": g("splice") - g("blocks") - g("merge") - g("kv") - g("commit"),
                "merge": g("merge") + g("kv"), "commit": g("commit"),
                "suffix": g("run") - g("model_in_run") if g("run") else 0.0}
