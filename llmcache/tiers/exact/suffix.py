@@ -146,7 +146,7 @@ def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
             keys, values = kv[position, 0], kv[position, 1]
             give_kv(cache, keys[:, :, :pmax], values[:, :, :pmax], tier.layer_idx(position), kv_dtype)
             layer = cache.layers[tier.layer_idx(position)]
-            if type(layer) is DynamicLayer and layer.keys.data_ptr() == keys.data_ptr():
+            if type(layer) is DynamicLayer and layer.keys.data_ptr() == keys.data_ptr():  # (give_kv kept the view)
                 _append_in_place(layer, keys, values, pmax)
         return cache
     if pmax:  # every block's K and V [B, heads, Pmax, head dim]: views of one [B * Pmax, blocks x K|V] block
@@ -167,22 +167,20 @@ def _append_in_place(layer, keys: torch.Tensor, values: torch.Tensor, filled: in
     """`layer` (a DynamicLayer holding keys/values[:, :, :filled]) takes its next update's K/V
     into keys/values[:, :, filled:] in place of concatenating them onto a copy: the same tensor,
     with no copy of the prefix. Once: the override (an attribute of this layer only) goes with
-    that update, or with `_plain_again` after the forward; K/V that do not fit the room
-    concatenate as ever."""
+    that update, or with `_plain_again` after the forward; K/V of another shape or dtype, or a
+    layer whose K/V were replaced meanwhile, concatenate as ever."""
+    held = layer.keys
+    room = (*keys.shape[:2], keys.shape[2] - filled, keys.shape[3])  # (what the suffix's K and V must be)
 
     def update(key_states, value_states, *args, **kwargs):
         del layer.update
-        end = filled + key_states.shape[-2]
-        fits = (layer.keys.data_ptr() == keys.data_ptr() and layer.keys.shape[-2] == filled
-                and key_states.dtype == keys.dtype and value_states.dtype == values.dtype
-                and key_states.shape[:2] == keys.shape[:2] and key_states.shape[3:] == keys.shape[3:]
-                and value_states.shape == key_states.shape and end <= keys.shape[-2])
-        if not fits:
+        if not (key_states.shape == room and value_states.shape == room and layer.keys is held
+                and key_states.dtype == keys.dtype and value_states.dtype == values.dtype):
             return layer.update(key_states, value_states, *args, **kwargs)
-        keys[:, :, filled:end].copy_(key_states)
-        values[:, :, filled:end].copy_(value_states)
-        layer.keys, layer.values = keys[:, :, :end], values[:, :, :end]
-        return layer.keys, layer.values
+        keys[:, :, filled:].copy_(key_states)
+        values[:, :, filled:].copy_(value_states)
+        layer.keys, layer.values = keys, values
+        return keys, values
 
     layer.update = update
 
