@@ -241,6 +241,33 @@ def test_a_prefix_hit_hands_back_a_plain_cache_holding_the_uncached_calls_kv(tok
     assert failed.layers and not any("update" in vars(layer) for layer in failed.layers)
 
 
+
+def test_a_kept_cache_is_never_overwritten_by_a_later_prefix_hit(tokens):
+    """The K/V a prefix hit hands the caller's cache stay the caller's: a later prefix hit (the
+    same thread, the same shapes, another suffix) reads its prefix elsewhere while that cache is
+    held, and the kept cache goes on giving the uncached model's next token."""
+    from transformers import DynamicCache
+
+    model, ref = build("llama")
+    system = tokens(3 * PAGE)
+    with torch.inference_mode():
+        model(input_ids=system[None])
+        kept, first = DynamicCache(), torch.cat([system, tokens(5)])
+        model(input_ids=first[None], past_key_values=kept, use_cache=True)
+        assert llmcache.stats(model).last_tokens == (3 * PAGE, 5)
+        snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in kept.layers]
+        for _ in range(3):
+            model(input_ids=torch.cat([system, tokens(5)])[None], past_key_values=DynamicCache(), use_cache=True)
+            assert llmcache.stats(model).last_tokens == (3 * PAGE, 5)
+        assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+                   for layer, (k, v) in zip(kept.layers, snapshot))
+        step = tokens(1)
+        position = torch.tensor([[len(first)]])
+        got = model(input_ids=step[None], past_key_values=kept, use_cache=True, position_ids=position).logits
+        want = ref(input_ids=torch.cat([first, step])[None]).logits[:, -1:]
+    assert_outputs(got, want, tolerance=PREFIX_TOLERANCE)
+
+
 # ---- memory, eviction, isolation, threads ----------------------------------------------------------
 def test_a_shared_prefix_is_held_once_however_many_prompts_extend_it(tokens):
     model, _ = build("llama")
