@@ -67,33 +67,21 @@ class Store:
     def held_bytes(self) -> int:
         return self.index.held_pages * self.arena.page_bytes
 
-    def read_buffer(self, rows_needed: int) -> torch.Tensor:
-        """This thread's buffer for states read from the arena, [>= rows_needed, F] (grown, kept):
-        a forward's prefix states live in it until the forward ends."""
+    def read_buffer(self, numel: int) -> torch.Tensor:
+        """This thread's flat buffer [>= numel] of the arena's dtype for the states a decoder's
+        forward reads from the arena (`suffix`: its cached prefix, which the caller's KV cache may go
+        on to hold as K/V): the kept one once no other tensor holds its storage (the caller dropped
+        that cache, or its next update replaced them), else a new one, kept from then on. Where a
+        fresh large tensor costs page faults (the CPU's), reusing it saves more than the read itself
+        costs."""
         buf = getattr(self.local, "buffer", None)
-        arena = self.arena
-        if buf is None or buf.shape[0] < rows_needed or buf.dtype != arena.dtype or buf.device != arena.device \
-                or buf.shape[1] != arena.features:
-            with torch.inference_mode(False), torch.no_grad():
-                buf = torch.empty((max(rows_needed, 2 * (buf.shape[0] if buf is not None else 0)), arena.features),
-                                  dtype=arena.dtype, device=arena.device)
-            self.local.buffer = buf
-        return buf
-
-    def prefix_buffer(self, numel: int) -> torch.Tensor:
-        """This thread's flat buffer [>= numel] of the arena's dtype for a decoder's cached prefix
-        (`suffix`: its K/V, which the caller's KV cache goes on to hold, and outputs): the kept one
-        once no other tensor holds its storage (the caller dropped that cache, or its next update
-        replaced them), else a new one, kept from then on. Where a fresh large tensor costs page
-        faults (the CPU's), reusing it saves more than the read it holds costs."""
-        buf = getattr(self.local, "prefix", None)
         arena = self.arena
         ext = ops_library.extension()
         if buf is None or buf.numel() < numel or buf.dtype != arena.dtype or buf.device != arena.device \
                 or ext is None or ext.storage_use_count(buf) != 1:
             with torch.inference_mode(False), torch.no_grad():
                 buf = torch.empty(numel + numel // 4, dtype=arena.dtype, device=arena.device)  # (room to grow)
-            self.local.prefix = buf
+            self.local.buffer = buf
         return buf
 
     # ---- finiteness ---------------------------------------------------------------------

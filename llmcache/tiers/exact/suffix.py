@@ -109,7 +109,8 @@ def plan(store, geometry, rows_, whole: list, entries: list, writes: tuple, seq:
     if into_kv:
         out, kv = _prefix_tensors(store, geometry, batch, pmax, smax, dev["prefix_src"])
     elif pmax:
-        states = store.arena.read(dev["prefix_src"], store.read_buffer(len(dev["prefix_src"])))
+        n, features = len(dev["prefix_src"]), store.arena.features
+        states = store.arena.read(dev["prefix_src"], store.read_buffer(n * features)[: n * features].view(n, features))
     prefix_rows = sum(1 for r in range(batch) if cached[r] and not whole[r])
     return SuffixPlan(served=sum(whole), prefix_rows=prefix_rows, tokens=(sum(cached), sum(real_len)), batch=batch,
                       seq=seq, prefix=pmax, suffix=smax, entries=entries, store_n=writes[2].tolist(), dev=dev,
@@ -118,12 +119,12 @@ def plan(store, geometry, rows_, whole: list, entries: list, writes: tuple, seq:
 
 def _prefix_tensors(store, g, batch: int, pmax: int, smax: int, token_rows: torch.Tensor):
     """(output [B, P + S, D], K/V [blocks, 2, B, heads, P + S, head dim]) in the arena's dtype, in
-    this thread's `store.prefix_buffer`, positions < P read from the arena's `token_rows` (int64
+    this thread's `store.read_buffer`, positions < P read from the arena's `token_rows` (int64
     [B * P], row after row)."""
     n_out = batch * (pmax + smax) * g.hidden
     shape = (g.blocks, 2, batch, g.kv_heads, pmax + smax, g.kv_width // 2 // g.kv_heads)
     n_kv = g.blocks * g.kv_width * batch * (pmax + smax)
-    buf = store.prefix_buffer(n_out + n_kv)
+    buf = store.read_buffer(n_out + n_kv)
     out, kv = buf[:n_out].view(batch, pmax + smax, g.hidden), buf[n_out : n_out + n_kv].view(shape)
     store.arena.read_tokens(token_rows, out, kv)
     return out, kv
