@@ -3,9 +3,10 @@
 Keys are content-addressed (`llmcache.rows`: a 256-bit BLAKE2b digest of what decides a row's
 output), so no two different rows share an entry. Per entry the index keeps its token count, its
 pages (a block table), its CLOCK reference count and its label (what its key was made from, for
-`held` and `save`); free pages are a stack. Everything is host memory and plain Python/numpy, so
-a lookup costs no device work and no synchronisation; the arena beside it (`PagedArena`) holds
-the states.
+`held` and `save`); free pages are a stack. Everything is host memory, so a lookup costs no
+device work and no synchronisation; the arena beside it (`PagedArena`) holds the states. This is
+the reference, in Python and numpy; where the extension is built the exact tier uses the same
+verbs in C++ (`native.NativeIndex`), which the tests check against this one call by call.
 
 Decoders chain their entries: each is one page of a row's tokens whose key is chained over the
 pages before it, so a key stands for the whole prefix up to it and a prefix shared by many rows
@@ -56,7 +57,7 @@ class _Pinned:
         return self.index.pin
 
     def __exit__(self, *exc) -> None:
-        self.index.pins.clear()
+        self.index.unpin_all()
 
 
 class ExactIndex:
@@ -146,6 +147,9 @@ class ExactIndex:
 
     def pin(self, entries) -> None:
         self.pins.update(entries)
+
+    def unpin_all(self) -> None:
+        self.pins.clear()
 
     def token_counts(self, entries) -> np.ndarray:
         """int64 [len(entries)]: each entry's token count."""
@@ -393,35 +397,47 @@ class ExactIndex:
         """Live entry ids, in id order."""
         return [e for e in range(len(self.meta)) if self.meta.valid[e]]
 
-    def state_dict(self) -> dict:
+    def walkable(self) -> list[int]:
         """The live entries a walk can reach (not a page under a dead parent, e.g. one whose copy
-        lost a commit race), a page after the page it extends (by serial): "entries" (their ids,
-        for the caller to read their token rows), "keys" (bytes), "labels" and each of `FIELDS` (int64)."""
+        lost a commit race), a page after the page it extends (by serial)."""
         live, kept = [], {-1}
         for e in sorted(self.live(), key=lambda e: int(self.meta.serial[e])):
-            if int(self.meta.parent_serial[e]) in kept:  # (under a dead parent: no walk gets to it)
+            if int(self.meta.parent_serial[e]) in kept:
                 live.append(e)
                 kept.add(int(self.meta.serial[e]))
-        state = {name: getattr(self.meta, name)[live].copy() for name in self.FIELDS}
-        return {"entries": live, "keys": [self.meta.keys[e] for e in live],
-                "labels": [self.meta.labels[e] for e in live], **state}
+        return live
+
+    def field(self, name: str, entries: list) -> np.ndarray:
+        """int64 [len(entries)]: one of `FIELDS` of each entry."""
+        return getattr(self.meta, name)[np.asarray(entries, dtype=np.int64)].copy()
+
+    def restore(self, entry: int, ref: int, hits: int, serial: int, parent_serial: int) -> None:
+        """Set a loaded entry's fields as the file holds them."""
+        m = self.meta
+        m.ref[entry], m.hits[entry], m.serial[entry], m.parent_serial[entry] = ref, hits, serial, parent_serial
+
+    def state_dict(self) -> dict:
+        """The entries `walkable` gives: "entries" (their ids, for the caller to read their token
+        rows), "keys" (bytes), "labels" and each of `FIELDS` (int64)."""
+        live = self.walkable()
+        infos = [self.describe(e) for e in live]
+        return {"entries": live, "keys": [i.key for i in infos], "labels": [i.label for i in infos],
+                **{name: self.field(name, live) for name in self.FIELDS}}
 
     def load_state_dict(self, state: dict) -> list[int]:
         """Insert the entries of a `state_dict` into this empty index; their new ids, in order.
         Raises ValueError when one names a parent page it does not hold, or they do not fit."""
         by_serial: dict[int, int] = {}
         out = []
+        labels = state.get("labels")
         for i, key in enumerate(state["keys"]):
             parent = by_serial.get(int(state["parent_serial"][i]), -1)
             if state["parent_serial"][i] >= 0 and parent < 0:
                 raise ValueError("the file holds a page whose prefix page it does not hold")
-            labels = state.get("labels")
             entry = self.insert(key, int(state["ntokens"][i]), parent, labels[i] if labels is not None else None)
             if entry < 0 or self.evictions:
                 raise ValueError("the file holds more (or longer) entries than this config's budget fits")
-            for name in self.FIELDS:
-                if name != "ntokens":
-                    getattr(self.meta, name)[entry] = int(state[name][i])
+            self.restore(entry, *(int(state[name][i]) for name in ("ref", "hits", "serial", "parent_serial")))
             by_serial[int(state["serial"][i])] = entry
             self.next_serial = max(self.next_serial, int(state["serial"][i]) + 1)
             out.append(entry)
