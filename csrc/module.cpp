@@ -11,6 +11,7 @@ pybind11::bytes watch_tensors(const pybind11::list& tensors);
 pybind11::tuple row_keys(const pybind11::buffer& host, const pybind11::bytes& header, bool lead_visible,
                          bool trail_visible, bool ids_before);
 uint32_t crc32_copy(const pybind11::buffer& src, const pybind11::object& dst, uint32_t crc);
+void bind_exact_index(pybind11::module& m);
 }  // namespace llmcache
 
 #ifndef LLMCACHE_CUDA_ARCHS
@@ -77,6 +78,7 @@ PYBIND11_MODULE(_C, m) {
         "llmcache::read_rows on CPU tensors, outside the dispatcher");
   m.def("storage_use_count", [](const at::Tensor& t) { return static_cast<int64_t>(t.storage().use_count()); },
         pybind11::arg("tensor"), "how many tensors (this one, its views) hold this tensor's storage");
+  llmcache::bind_exact_index(m);  // (bank/native.py: the exact tier's host index)
   m.def("cpu_kernel_paths", [](int64_t words) {
     TORCH_CHECK(words >= 1 && words <= 16, "cpu_kernel_paths: words must be in 1..16");
     const auto c = llmcache::cpu::cpu_kernel_choice(words);

@@ -8,7 +8,9 @@ parent and hits, and which entry ids are pinned. It does not run CLOCK: after ea
 reads which visible entries went, and checks that the index was allowed to evict them (visible,
 unpinned, no child left, one `evictions` each, none while the reservation fitted without, no more
 than it needed) and that a refused reservation had nothing left to evict. Budgets are a few pages
-of 4 tokens, so eviction happens often.
+of 4 tokens, so eviction happens often. It runs on the Python reference (`ExactIndex`) and on the
+C++ index (`NativeIndex`, where the extension is built), and the C++ one is checked against the
+reference call by call.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from llmcache.bank import ExactIndex
+from llmcache.bank import ExactIndex, NativeIndex
+from llmcache.ops import _library
+
+native = pytest.mark.skipif(_library.extension() is None, reason="the C++ index needs the compiled extension")
+IMPLS = [ExactIndex, pytest.param(NativeIndex, marks=native)]
 
 PAGE = 4  # tokens per page
 TOKENS = 3  # distinct page contents: keys repeat, so reservations race for one key
@@ -85,6 +92,8 @@ class Entry:
 
 
 class ExactIndexMachine(RuleBasedStateMachine):
+    impl = ExactIndex  # the implementation under test
+
     def __init__(self):
         super().__init__()
         self.index: ExactIndex | None = None
@@ -142,7 +151,7 @@ class ExactIndexMachine(RuleBasedStateMachine):
     @initialize(max_pages=st.integers(1, 8), max_entries=st.none() | st.integers(1, 5),
                 policy=st.sampled_from(["lru", "staleness"]))
     def build(self, max_pages, max_entries, policy):
-        self.index = ExactIndex(PAGE, max_pages, max_entries, policy)
+        self.index = self.impl(PAGE, max_pages, max_entries, policy)
 
     def teardown(self):
         if self.context is not None:
@@ -359,7 +368,7 @@ class ExactIndexMachine(RuleBasedStateMachine):
         state = self.index.state_dict()
         saved = self.reachable()
         assert state["entries"] == [e.id for e in saved]
-        fresh = ExactIndex(PAGE, self.index.max_pages, self.index.max_entries, self.index.policy)
+        fresh = self.impl(PAGE, self.index.max_pages, self.index.max_entries, self.index.policy)
         ids = fresh.load_state_dict(state)
         assert len(ids) == len(set(ids)) == fresh.entries == len(saved)
         assert fresh.evictions == 0
@@ -429,17 +438,25 @@ class ExactIndexMachine(RuleBasedStateMachine):
                 assert walk(self.index, tokens) == [c.id for c in chain]
 
 
+class NativeIndexMachine(ExactIndexMachine):
+    impl = NativeIndex
+
+
+MACHINE_SETTINGS = settings(max_examples=100, stateful_step_count=40, deadline=None,
+                            suppress_health_check=[HealthCheck.too_slow])
 TestExactIndex = ExactIndexMachine.TestCase
-TestExactIndex.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
-                                   suppress_health_check=[HealthCheck.too_slow])
+TestExactIndex.settings = MACHINE_SETTINGS
+TestNativeIndex = native(NativeIndexMachine.TestCase)
+TestNativeIndex.settings = MACHINE_SETTINGS
 
 
-def test_a_page_whose_parent_lost_its_commit_is_left_out_of_a_save():
-    index = ExactIndex(PAGE, 8, None)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_page_whose_parent_lost_its_commit_is_left_out_of_a_save(impl):
+    index = impl(PAGE, 8, None)
     first, second = index.reserve(b"p", PAGE), index.reserve(b"p", PAGE)  # two forwards store one page
     child = index.reserve(key_of(0, index.describe(second).serial), PAGE, second)  # ... and its next page
     assert index.commit(first) and not index.commit(second) and index.commit(child)
-    fresh = ExactIndex(PAGE, 8, None)
+    fresh = impl(PAGE, 8, None)
     fresh.load_state_dict(index.state_dict())  # (the orphan, which no walk can reach, is not saved)
     assert fresh.find(b"p") >= 0 and fresh.entries == 1
 
@@ -517,3 +534,70 @@ def test_a_large_full_bank_evicts_for_a_batch_what_reserve_evicts_key_by_key(ent
             assert live[0] == live[1], round_
     live = [sorted(index.describe(e).key for e in index.live()) for index in twins]
     assert live[0] == live[1]
+
+
+@native
+@given(st.lists(st.tuples(st.sampled_from(["reserve", "batch", "commit", "release", "touch", "evict", "pin", "unpin"]),
+                          st.integers(0, 2 * PAGE + 1), st.integers(-4, 12)), min_size=8, max_size=60),
+       st.integers(1, 10), st.sampled_from([None, 2, 5]), st.sampled_from(["lru", "staleness"]))
+@settings(max_examples=200, deadline=None)
+def test_the_cpp_index_does_what_the_reference_does_key_by_key(steps, max_pages, max_entries, policy):
+    """Call for call, `NativeIndex` hands out the entries, pages and serials the reference does
+    key by key (`reserve`; a batch is `reserve_many`, which the C++ index makes key by key) and
+    evicts the same entries: the same CLOCK over the same ring, whatever the history."""
+    ref, cpp = ExactIndex(PAGE, max_pages, max_entries, policy), NativeIndex(PAGE, max_pages, max_entries, policy)
+    contexts = [None, None]
+    made: list[int] = []  # entries handed out (the same ids in both)
+    reserved: list[int] = []  # ... and not committed or released since (what `commit` may be handed)
+    for i, (verb, n, pick) in enumerate(steps):
+        target = made[pick % len(made)] if made and pick >= 0 else -1
+        if verb == "commit":
+            target = reserved.pop(pick % len(reserved)) if reserved and pick >= 0 else -1
+        if verb == "reserve":
+            got = [index.reserve(f"k{i}".encode(), n, target if target >= 0 and index.describe(target).key else -1)
+                   for index in (ref, cpp)]
+        elif verb == "batch":
+            keys, sizes = [f"k{i}.{j}".encode() for j in range(3)], [n, max(n - 1, 0), 1]
+            want = []
+            for key, size, parent in zip(keys, sizes, [-1, -2, -3]):
+                parent = want[-2 - parent] if parent <= -2 else parent
+                want.append(-1 if parent == -1 and key != keys[0] else ref.reserve(key, size, parent))
+            got = [want, cpp.reserve_many(keys, sizes, [-1, -2, -3])]
+        elif verb in ("commit", "release", "evict") and target >= 0:
+            got = [getattr(index, verb)(target) for index in (ref, cpp)]
+            reserved = [e for e in reserved if e != target]
+        elif verb == "touch" and target >= 0:
+            got = [index.touch([target, target]) for index in (ref, cpp)]
+        elif verb == "pin" and target >= 0:
+            for k, index in enumerate((ref, cpp)):
+                if contexts[k] is None:
+                    contexts[k] = index.pinned()
+                    contexts[k].__enter__()
+                index.pin([target])
+            got = [None, None]
+        elif verb == "unpin":
+            for k in range(2):
+                if contexts[k] is not None:
+                    contexts[k].__exit__(None, None, None)
+                    contexts[k] = None
+            got = [None, None]
+        else:
+            continue
+        assert got[0] == got[1], (i, verb)
+        if verb in ("reserve", "batch"):
+            new = [e for e in (got[0] if verb == "batch" else [got[0]]) if e >= 0]
+            made += new
+            reserved += new
+        assert (ref.entries, ref.held_pages, ref.num_pages, ref.evictions) == \
+            (cpp.entries, cpp.held_pages, cpp.num_pages, cpp.evictions), (i, verb)
+        assert ref.live() == cpp.live()
+        assert all(ref.field(name, ref.live()).tolist() == cpp.field(name, ref.live()).tolist()
+                   for name in ExactIndex.FIELDS), (i, verb)  # (the CLOCK counts too)
+        for e in ref.live():
+            assert ref.describe(e) == cpp.describe(e)
+            assert ref.token_rows(e).tolist() == cpp.token_rows(e).tolist()
+    keys = [ref.describe(e).key for e in ref.live()] + [b"absent", None]
+    assert ref.find_many(keys).tolist() == cpp.find_many(keys).tolist()
+    state = [index.state_dict() for index in (ref, cpp)]
+    assert state[0]["keys"] == state[1]["keys"] and state[0]["entries"] == state[1]["entries"]
+    assert all((state[0][name] == state[1][name]).all() for name in ExactIndex.FIELDS)

@@ -2,5 +2,6 @@
 
 from .arena import PagedArena
 from .index import ExactIndex
+from .native import NativeIndex, new_index
 
-__all__ = ["ExactIndex", "PagedArena"]
+__all__ = ["ExactIndex", "NativeIndex", "PagedArena", "new_index"]

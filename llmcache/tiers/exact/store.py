@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ... import rows
-from ...bank import ExactIndex, PagedArena
+from ...bank import ExactIndex, PagedArena, new_index
 from ...integrity import checksum, raw
 from ...ops import _library as ops_library
 
@@ -52,10 +52,10 @@ class Store:
         arena.max_pages = cfg.max_bytes // arena.page_bytes if cfg.max_bytes is not None else 1 << 40
         return arena
 
-    def new_index(self) -> ExactIndex:
-        """An empty index sized for the arena."""
+    def new_index(self, arena: PagedArena | None = None) -> ExactIndex:
+        """An empty index sized for the arena (`bank.new_index`: the C++ one where the extension is loaded)."""
         cfg = self.config
-        return ExactIndex(cfg.page_tokens, self.arena.max_pages, cfg.capacity, cfg.eviction)
+        return new_index(cfg.page_tokens, (arena or self.arena).max_pages, cfg.capacity, cfg.eviction)
 
     def clear(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         """Forget every entry; with `dtype`/`device` (the weights moved), store in those from now on."""
@@ -182,7 +182,7 @@ class Store:
     def load_state_dict(self, saved: dict, fingerprint: bytes) -> tuple[ExactIndex, PagedArena]:
         """A new (index, arena) holding what `state_dict` wrote, checked (ValueError saying why)."""
         arena = self.new_arena(self.arena.features, self.arena.dtype, self.arena.device)
-        index = ExactIndex(self.config.page_tokens, arena.max_pages, self.config.capacity, self.config.eviction)
+        index = self.new_index(arena)
         if "states" not in saved:
             return index, arena
         states, lengths, counts = saved["states"], saved["key_lengths"], saved["ntokens"]
