@@ -124,6 +124,16 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
     pin_list_.clear();
   }
 
+  // Whether a partial page (fewer than page_tokens tokens) extends each entry (-1: extends none).
+  py::array_t<bool> partial_after(const I64& entries) const {
+    py::array_t<bool> out(entries.size());
+    for (py::ssize_t i = 0; i < entries.size(); ++i) {
+      const int64_t e = entries.data()[i];
+      out.mutable_data()[i] = e >= 0 ? partial_kids_[checked(e)] > 0 : partial_roots_ > 0;
+    }
+    return out;
+  }
+
   py::array_t<int64_t> token_counts(const I64& entries) const {
     py::array_t<int64_t> out(entries.size());
     int64_t* o = out.mutable_data();
@@ -300,7 +310,8 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
       e = slots();
       keys_.emplace_back(py::none());
       labels_.emplace_back(py::none());
-      for (auto* f : {&ntokens_, &ref_, &hits_, &serial_, &parent_serial_, &parent_, &kids_}) f->push_back(0);
+      for (auto* f : {&ntokens_, &ref_, &hits_, &serial_, &parent_serial_, &parent_, &kids_, &partial_kids_})
+        f->push_back(0);
       for (auto* f : {&valid_, &dead_, &reserved_, &pinned_}) f->push_back(0);
       pages_.resize(pages_.size() + static_cast<size_t>(width_), 0);
     }
@@ -309,11 +320,12 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
     keys_[e] = key;
     labels_[e] = label;
     ntokens_[e] = ntokens;
-    ref_[e] = hits_[e] = kids_[e] = 0;
+    ref_[e] = hits_[e] = kids_[e] = partial_kids_[e] = 0;
     dead_[e] = valid_[e] = 0;
     serial_[e] = next_serial_++;
     parent_[e] = parent;
     parent_serial_[e] = parent >= 0 ? serial_[parent] : -1;
+    count_partial(e, 1);
     for (int64_t p = 0; p < need; ++p) {  // (off the top of the free stack)
       pages_[e * width_ + p] = free_pages_.back();
       free_pages_.pop_back();
@@ -380,9 +392,18 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
     keys_[e] = py::none();
     labels_[e] = py::none();
     free_entries_.push_back(e);
+    count_partial(e, -1);
     const int64_t parent = parent_[e];
     parent_[e] = -1;
     if (parent >= 0) drop_kid(parent);
+  }
+
+  void count_partial(int64_t e, int64_t sign) {  // (a partial page counted on what it extends)
+    if (ntokens_[e] >= page_tokens_) return;
+    if (parent_[e] >= 0)
+      partial_kids_[parent_[e]] += sign;
+    else
+      partial_roots_ += sign;
   }
 
   void drop_kid(int64_t parent) {
@@ -399,11 +420,12 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
   // key bytes -> entry; each view points into the bytes object keys_[entry] holds
   std::unordered_map<std::string_view, int64_t> table_;
   std::vector<py::object> keys_, labels_;
-  std::vector<int64_t> ntokens_, ref_, hits_, serial_, parent_serial_, parent_, kids_;
+  std::vector<int64_t> ntokens_, ref_, hits_, serial_, parent_serial_, parent_, kids_, partial_kids_;
   std::vector<uint8_t> valid_, dead_, reserved_, pinned_;
   std::vector<int64_t> pages_;  // block table [slots, width_]
   int64_t width_ = 1;
   std::vector<int64_t> free_entries_, free_pages_, pin_list_;
+  int64_t partial_roots_ = 0;
   int64_t num_pages_ = 0, reserved_count_ = 0, next_serial_ = 0, hand_ = 0, evictions_ = 0;
 };
 
@@ -426,6 +448,7 @@ void bind_exact_index(py::module& m) {
       .def("describe", &ExactIndexCore::describe)
       .def("pin", &ExactIndexCore::pin)
       .def("unpin_all", &ExactIndexCore::unpin_all)
+      .def("partial_after", &ExactIndexCore::partial_after)
       .def("token_counts", &ExactIndexCore::token_counts)
       .def("token_rows", &ExactIndexCore::token_rows)
       .def("live", &ExactIndexCore::live)

@@ -427,6 +427,17 @@ class ExactIndexMachine(RuleBasedStateMachine):
             used |= distinct
 
     @invariant()
+    def partial_pages_are_known_by_what_they_extend(self):
+        """`partial_after` says of each entry (and of -1, the start of a row) whether an entry of
+        fewer than PAGE tokens that the index has not freed extends it."""
+        if self.index is None:
+            return
+        held = sorted(self.held.values(), key=lambda e: e.serial)
+        want = [any(k.ntokens < PAGE for k in e.kids) for e in held]
+        want.append(any(e.parent is None and e.ntokens < PAGE for e in held))
+        assert self.index.partial_after([e.id for e in held] + [-1]).tolist() == want
+
+    @invariant()
     def visible_chains_are_walked(self):
         """A visible entry whose whole prefix is visible is reached by walking its chain."""
         if self.index is None:
@@ -593,6 +604,7 @@ def test_the_cpp_index_does_what_the_reference_does_key_by_key(steps, max_pages,
         assert ref.live() == cpp.live()
         assert all(ref.field(name, ref.live()).tolist() == cpp.field(name, ref.live()).tolist()
                    for name in ExactIndex.FIELDS), (i, verb)  # (the CLOCK counts too)
+        assert ref.partial_after(ref.live() + [-1]).tolist() == cpp.partial_after(ref.live() + [-1]).tolist()
         for e in ref.live():
             assert ref.describe(e) == cpp.describe(e)
             assert ref.token_rows(e).tolist() == cpp.token_rows(e).tolist()

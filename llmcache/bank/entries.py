@@ -21,6 +21,7 @@ ARRAYS = {
     "parent_serial": np.int64,  # -1: a root entry
     "parent": np.int64,  # the parent's entry id, -1: none
     "kids": np.int64,  # children reserved or visible
+    "partial_kids": np.int64,  # of which hold fewer than page_tokens tokens (a partial page)
     "valid": bool,  # visible (committed, not evicted)
     "dead": bool,  # evicted while it had children: freed with its last child
 }
@@ -43,6 +44,7 @@ class EntryTable:
         for name, dtype in ARRAYS.items():
             setattr(self, name, np.zeros(0, dtype=dtype))
         self.free_entries: list[int] = []
+        self.partial_roots = 0  # entries of fewer than page_tokens tokens that extend no entry
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -88,13 +90,23 @@ class EntryTable:
         if inner is not None:
             parents = np.where(inner, ids[np.maximum(-2 - parents, 0)], parents)
         self.ntokens[ids], self.ref[ids], self.hits[ids], self.kids[ids], self.dead[ids] = ntokens, 0, 0, 0, False
+        self.partial_kids[ids] = 0
         self.serial[ids] = np.arange(first_serial, first_serial + len(keys))
         self.parent[ids] = parents
         linked = len(parents) and parents.max() >= 0
         self.parent_serial[ids] = np.where(parents >= 0, self.serial[np.maximum(parents, 0)], -1) if linked else -1
         if inner is not None:
             np.add.at(self.kids, parents[inner], 1)
+        self._count_partial(ntokens, parents, 1)
         return entries
+
+    def _count_partial(self, ntokens: np.ndarray, parents: np.ndarray, sign: int) -> None:
+        """Count (sign 1) or uncount (-1) the partial pages among entries of `ntokens` extending `parents`."""
+        short = np.asarray(ntokens) < self.page_tokens
+        if short.any():
+            linked = np.asarray(parents)[short]
+            np.add.at(self.partial_kids, linked[linked >= 0], sign)
+            self.partial_roots += sign * int((linked < 0).sum())
 
     def page_list(self, entry: int) -> np.ndarray:
         """int64 [pages]: the entry's pages."""
@@ -128,6 +140,7 @@ class EntryTable:
         self.free_entries.extend(entries.tolist())
         parents = self.parent[entries].copy()
         self.parent[entries] = -1
+        self._count_partial(self.ntokens[entries], parents, -1)
         return pages, parents
 
     def free(self, entry: int) -> int:
@@ -136,6 +149,7 @@ class EntryTable:
         self.free_entries.append(entry)
         parent = int(self.parent[entry])
         self.parent[entry] = -1
+        self._count_partial(self.ntokens[entry : entry + 1], np.array([parent]), -1)
         return parent
 
 

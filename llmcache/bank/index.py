@@ -151,6 +151,17 @@ class ExactIndex:
     def unpin_all(self) -> None:
         self.pins.clear()
 
+    def partial_after(self, entries) -> np.ndarray:
+        """bool [len(entries)]: whether an entry of fewer than `page_tokens` tokens (a partial
+        page: a prompt's or an answer's last) extends each of `entries` (-1: extends none), reserved
+        or visible. Where it is False no partial page after that entry can be found, so a routing
+        need not make the keys to look one up."""
+        entries = np.asarray(entries, dtype=np.int64)
+        out = np.full(len(entries), self.meta.partial_roots > 0)
+        linked = entries >= 0
+        out[linked] = self.meta.partial_kids[entries[linked]] > 0
+        return out
+
     def token_counts(self, entries) -> np.ndarray:
         """int64 [len(entries)]: each entry's token count."""
         return self.meta.ntokens[np.asarray(entries, dtype=np.int64)]

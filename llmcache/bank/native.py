@@ -38,6 +38,7 @@ class NativeIndex:
             core.key, core.parent_key, core.is_live, core.release, core.evict
         self.commit, self.discard, self.live = core.commit, core.discard, core.live
         self.walkable, self.field, self.restore = core.walkable, core.field, core.restore
+        self.partial_after = core.partial_after
 
     # ---- reading ---------------------------------------------------------------------------
     @property

@@ -55,6 +55,9 @@ def _partial_pages(index, headers: list, host: np.ndarray, start: np.ndarray, co
     batch = len(count)
     partial = [0] * batch
     short = [r for r in range(batch) if covered[r] < count[r]]
+    if short and page > 1:  # (only where a partial page extends the row's last page found, or a row's start)
+        after = index.partial_after([found[r][-1] if found[r] else -1 for r in short])
+        short = [r for r, some in zip(short, after.tolist()) if some]
     if not short or page == 1:
         return partial
     pages = len(flat) // batch
