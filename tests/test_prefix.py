@@ -217,6 +217,8 @@ def test_a_prefix_hit_hands_back_a_plain_cache_holding_the_uncached_calls_kv(tok
             m(input_ids=prompt[None], past_key_values=cache, use_cache=True)
             if m is model:
                 assert llmcache.stats(model).last_tokens == (3 * PAGE, 5)  # a prefix hit
+                # (the suffix's K/V went into the room after the prefix read: every layer's are views of one buffer)
+                assert len({t.untyped_storage().data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)}) == 1
             out = m(input_ids=more[None], past_key_values=cache, use_cache=True,
                     position_ids=torch.arange(len(prompt), len(prompt) + 3)[None])
             caches.append((cache, out.logits))

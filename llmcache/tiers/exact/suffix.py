@@ -143,12 +143,14 @@ def _prefix_cache(tier, plan: SuffixPlan, kv_dtype: torch.dtype, cache=None):
         from transformers.cache_utils import DynamicLayer
 
         kv = plan.prefix_kv if plan.prefix_kv.dtype == kv_dtype else plan.prefix_kv.to(kv_dtype)
+        # (every block's views in four calls: indexing them block by block costs µs per view)
+        keys, values = kv[:, 0].unbind(0), kv[:, 1].unbind(0)
+        held_keys, held_values = kv[:, 0, :, :, :pmax].unbind(0), kv[:, 1, :, :, :pmax].unbind(0)
         for position in range(g.blocks):
-            keys, values = kv[position, 0], kv[position, 1]
-            give_kv(cache, keys[:, :, :pmax], values[:, :, :pmax], tier.layer_idx(position), kv_dtype)
+            give_kv(cache, held_keys[position], held_values[position], tier.layer_idx(position), kv_dtype)
             layer = cache.layers[tier.layer_idx(position)]
-            if type(layer) is DynamicLayer and layer.keys.data_ptr() == keys.data_ptr():  # (give_kv kept the view)
-                _append_in_place(layer, keys, values, pmax)
+            if type(layer) is DynamicLayer and layer.keys is held_keys[position]:  # (give_kv kept the view)
+                _append_in_place(layer, keys[position], values[position], pmax)
         return cache
     if pmax:  # every block's K and V [B, heads, Pmax, head dim]: views of one [B * Pmax, blocks x K|V] block
         flat = plan.prefix_states[:, g.hidden : g.hidden + g.blocks * g.kv_width].to(kv_dtype)
