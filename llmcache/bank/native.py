@@ -1,4 +1,4 @@
-"""`NativeIndex`: `ExactIndex`'s verbs on the extension's C++ index (`csrc/exact_index.cpp`).
+"""`NativeIndex`: `ExactIndex`'s verbs on the extension's C++ index (`csrc/exact_index.h`).
 
 The Python `ExactIndex` (index.py) is the reference: the contract, the fallback without the
 extension, and the oracle of the tests (tests/test_index_properties.py runs both). This one holds
@@ -39,6 +39,7 @@ class NativeIndex:
         self.commit, self.discard, self.live = core.commit, core.discard, core.live
         self.walkable, self.field, self.restore = core.walkable, core.field, core.restore
         self.partial_after = core.partial_after
+        self.route_rows = core.route_rows  # (tiers/exact/route.py: a forward of whole rows routed in one call)
 
     # ---- reading ---------------------------------------------------------------------------
     @property

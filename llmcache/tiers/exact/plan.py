@@ -144,6 +144,12 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
         plan.store_all = bool(ends[-1] == len(computing) * width and starts[0] == 0 and (starts[1:] == ends[:-1]).all())
         if not plan.store_all:
             parts["store_src"] = runs(starts, lengths)
+    return finish(store, plan, parts, device)
+
+
+def finish(store, plan: Plan, parts: dict, device: torch.device) -> Plan:
+    """`plan` with its index arrays `parts` (host int64, by field name; `served_src`: the arena rows
+    of the served tokens) on the device, and the served states read."""
     on_device = upload(parts, device)
     plan.compute = on_device.get("compute")
     plan.served_dst = on_device.get("served_dst")
