@@ -1,4 +1,5 @@
-// Python bindings of the exact tier's host index (exact_index.h) and its routing op (route_rows.cpp).
+// Python bindings of the exact tier's host index (exact_index.h) and its routing ops (route_rows.cpp,
+// route_pages.cpp).
 #include "exact_index.h"
 
 namespace llmcache {
@@ -37,7 +38,11 @@ void bind_exact_index(py::module& m) {
       .def("evict", &ExactIndexCore::evict)
       .def("discard", &ExactIndexCore::discard)
       .def("route_rows", &route_rows, py::arg("keys"), py::arg("start"), py::arg("count"), py::arg("seq"),
-           py::arg("header"), py::arg("host"), py::arg("mask"));
+           py::arg("header"), py::arg("host"), py::arg("mask"))
+      .def("longest_runs", &longest_runs, py::arg("keys"), py::arg("per_row"), py::arg("count"))
+      .def("reserve_pages", &reserve_pages, py::arg("keys"), py::arg("per_row"), py::arg("todo"), py::arg("first"),
+           py::arg("opens"), py::arg("n_real"), py::arg("start"), py::arg("headers"), py::arg("host"),
+           py::arg("chains"));
 }
 
 }  // namespace llmcache

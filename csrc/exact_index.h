@@ -155,6 +155,7 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
   }
 
   int64_t ntokens(int64_t e) const { return ntokens_[e]; }
+  int64_t page_tokens() const { return page_tokens_; }
 
   // Entry e's flat arena rows at o (ntokens(e) of them); past the last.
   int64_t* write_token_rows(int64_t e, int64_t* o) const {
@@ -221,12 +222,17 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
     const py::ssize_t n = PySequence_Fast_GET_SIZE(keys.ptr());
     TORCH_CHECK(labels.is_none() || PySequence_Fast_GET_SIZE(labels.ptr()) == n, "reserve_many: one label per key");
     TORCH_CHECK(ntokens.size() == n && parents.size() == n, "reserve_many: one ntokens and parent per key");
-    const int64_t* par = parents.data();
-    for (py::ssize_t i = 0; i < n; ++i)
+    return array_of(reserve_batch(n, PySequence_Fast_ITEMS(keys.ptr()), ntokens.data(), parents.data(),
+                                  labels.is_none() ? nullptr : PySequence_Fast_ITEMS(labels.ptr())));
+  }
+
+  // `reserve_many` of n keys (labels: nullptr for none).
+  std::vector<int64_t> reserve_batch(int64_t n, PyObject* const* keys, const int64_t* ntokens, const int64_t* par,
+                                     PyObject* const* labels) {
+    for (int64_t i = 0; i < n; ++i)
       if (par[i] >= 0) kids_[checked(par[i])] += 1;
     std::vector<int64_t> out(static_cast<size_t>(n), -1);
-    const py::object none = py::none();
-    for (py::ssize_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
       int64_t parent = par[i];
       if (parent <= -2) {
         const int64_t j = -2 - parent;
@@ -234,14 +240,12 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
         parent = out[j];
         if (parent < 0) continue;
       }
-      const py::object label =
-          labels.is_none() ? none : py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(labels.ptr(), i));
-      out[i] = reserve(py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(keys.ptr(), i)), ntokens.data()[i],
-                       parent, label);
+      const py::object label = labels ? py::reinterpret_borrow<py::object>(labels[i]) : py::none();
+      out[i] = reserve(py::reinterpret_borrow<py::object>(keys[i]), ntokens[i], parent, label);
     }
-    for (py::ssize_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i)
       if (par[i] >= 0) drop_kid(par[i]);
-    return array_of(out);
+    return out;
   }
 
   bool commit(int64_t entry) {
@@ -441,5 +445,11 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
 // The exact tier's routing of a forward of whole rows on this index (route_rows.cpp).
 py::object route_rows(ExactIndexCore& index, const py::handle& keys, const I64& start, const I64& count, int64_t seq,
                       const py::object& header, const py::object& host, const py::object& mask);
+
+// A decoder forward's page routing on this index (route_pages.cpp).
+py::tuple longest_runs(const ExactIndexCore& index, const py::handle& keys, int64_t per_row, const I64& count);
+py::tuple reserve_pages(ExactIndexCore& index, const py::handle& keys, int64_t per_row, const I64& todo,
+                        const I64& first, const I64& opens, const I64& n_real, const I64& start,
+                        const py::handle& headers, const py::object& host, bool chains);
 
 }  // namespace llmcache

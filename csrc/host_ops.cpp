@@ -45,6 +45,29 @@ py::tuple row_keys(const py::buffer& host, const py::bytes& header, bool lead_vi
                         gaps);
 }
 
+// rows.split_keys's kernel: the 32-byte keys of a C-contiguous uint8 buffer [..., 32], flattened,
+// as a list of bytes (a comprehension over every page of a batch in Python).
+py::list split_keys(const py::buffer& keys) {
+  const py::buffer_info info = keys.request();
+  TORCH_CHECK(info.itemsize == 1 && info.ndim >= 1 && info.shape[info.ndim - 1] == cpu::kChainDigest,
+              "split_keys: uint8 [..., 32] expected");
+  int64_t n = 1;
+  for (py::ssize_t d = 0; d + 1 < info.ndim; ++d) n *= info.shape[d];
+  py::ssize_t expect = 1;
+  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+    TORCH_CHECK(info.shape[d] == 1 || info.strides[d] == expect, "split_keys: keys must be C-contiguous");
+    expect *= info.shape[d];
+  }
+  const char* data = static_cast<const char*>(info.ptr);
+  py::list out(n);
+  for (int64_t i = 0; i < n; ++i) {
+    PyObject* key = PyBytes_FromStringAndSize(data + i * cpu::kChainDigest, cpu::kChainDigest);
+    if (key == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.ptr(), i, key);
+  }
+  return out;
+}
+
 bool contiguous(const py::buffer_info& b) {
   py::ssize_t expect = b.itemsize;
   for (py::ssize_t d = b.ndim - 1; d >= 0; --d) {

@@ -11,6 +11,7 @@ pybind11::bytes watch_tensors(const pybind11::list& tensors);
 pybind11::tuple row_keys(const pybind11::buffer& host, const pybind11::bytes& header, bool lead_visible,
                          bool trail_visible, bool ids_before);
 uint32_t crc32_copy(const pybind11::buffer& src, const pybind11::object& dst, uint32_t crc);
+pybind11::list split_keys(const pybind11::buffer& keys);
 void bind_exact_index(pybind11::module& m);
 }  // namespace llmcache
 
@@ -61,6 +62,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("row_keys", &llmcache::row_keys, pybind11::arg("host"), pybind11::arg("header"),
         pybind11::arg("lead_visible"), pybind11::arg("trail_visible"), pybind11::arg("ids_before"),
         "the exact tier's whole-row keys of a batch (llmcache.rows.row_keys)");
+  m.def("split_keys", &llmcache::split_keys, pybind11::arg("keys"),
+        "the 32-byte keys of a uint8 [..., 32] array, flattened, as bytes (llmcache.rows.split_keys)");
   // (The same kernel as the dispatcher's CPU hamming_topk: eager CPU calls take this, a few µs cheaper.)
   m.def("hamming_topk", &llmcache::hamming_topk_cpu, "llmcache::hamming_topk on CPU tensors, outside the dispatcher");
   m.def("crc32_copy", &llmcache::crc32_copy, pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("crc") = 0,

@@ -207,7 +207,11 @@ def _row_keys_reference(header: bytes, host: np.ndarray, padding: tuple[bool, bo
 
 
 def split_keys(keys: np.ndarray) -> list:
-    """The 32-byte keys of a uint8 [..., 32] array, flattened, as bytes."""
+    """The 32-byte keys of a uint8 [..., 32] array, flattened, as bytes (one C loop where the
+    extension is built: a decoder batch has a key per page)."""
+    ext = extension()
+    if ext is not None:
+        return ext.split_keys(np.ascontiguousarray(keys))
     blob = keys.tobytes()
     return [blob[i : i + 32] for i in range(0, len(blob), 32)]
 

@@ -1,6 +1,6 @@
 """The C++ routing of whole rows (`route_rows`, csrc/route_rows.cpp) against its reference
-(`tiers.exact.route.route` with `native=False`): the same batches through two stores of the C++
-index, one routed each way, give the same plans, the same entries, labels and counts, step after
+(`tiers.exact.route.route` on an index without it): the same batches through two stores of the
+C++ index, one routed each way, give the same plans, the same entries, labels and counts, step after
 step, with hits, in-batch repeats, rows that cannot be keyed, padding to cut, a full bank that
 evicts, rows too long for it, and reservations that are released instead of committed."""
 
@@ -49,10 +49,27 @@ def _batch(rng: np.random.Generator, pool: list) -> tuple[encoder.RowKeys, np.nd
     return keyed, (mask if rng.random() < 0.5 else None)
 
 
+class Reference:
+    """The C++ index without its routing ops: what routes on it is the Python reference."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __getattr__(self, name: str):
+        if name in ("route_rows", "longest_runs", "reserve_pages"):
+            raise AttributeError(name)
+        return getattr(self.index, name)
+
+
 def _route(store: Store, keyed, mask, native: bool):
     counts: dict = {}
-    with store.index.pinned():
-        plan = encoder.route(store, keyed, SEQ, torch.device("cpu"), counts, mask=mask, native=native)
+    index = store.index
+    store.index = index if native else Reference(index)
+    try:
+        with index.pinned():
+            plan = encoder.route(store, keyed, SEQ, torch.device("cpu"), counts, mask=mask)
+    finally:
+        store.index = index
     return plan, counts
 
 

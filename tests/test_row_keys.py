@@ -70,3 +70,16 @@ def test_keys_follow_the_contract(backend):
     seed = hashlib.blake2b(b"R" + HEADER, digest_size=32).digest()
     tokens = np.ascontiguousarray(host[[0, 2, 3], 1, :3].T).astype("<i4").tobytes()
     assert keys[1] == hashlib.blake2b(seed + (3).to_bytes(4, "little") + bytes([4]) + tokens, digest_size=32).digest()
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="the C++ host op needs the extension")
+@pytest.mark.parametrize("shape", [(0, 32), (1, 32), (3, 5, 32), (2, 1, 4, 32)])
+def test_split_keys_gives_every_32_byte_key_in_order(shape):
+    keys = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    blob = keys.tobytes()
+    want = [blob[i : i + 32] for i in range(0, len(blob), 32)]
+    assert rows.split_keys(keys) == want
+    if len(shape) == 3:  # (a strided view: what a decoder's routing takes is keys[:, 0])
+        assert rows.split_keys(keys[:, 0]) == [k for i, k in enumerate(want) if i % shape[1] == 0]
+    with pytest.raises(RuntimeError):
+        llmcache.ops._library.extension().split_keys(np.zeros((2, 31), dtype=np.uint8))

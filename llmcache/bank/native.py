@@ -39,7 +39,8 @@ class NativeIndex:
         self.commit, self.discard, self.live = core.commit, core.discard, core.live
         self.walkable, self.field, self.restore = core.walkable, core.field, core.restore
         self.partial_after = core.partial_after
-        self.route_rows = core.route_rows  # (tiers/exact/route.py: a forward of whole rows routed in one call)
+        # (tiers/exact/route.py, prefix.py: a forward's routing in one call, route_rows.cpp, route_pages.cpp)
+        self.route_rows, self.longest_runs, self.reserve_pages = core.route_rows, core.longest_runs, core.reserve_pages
 
     # ---- reading ---------------------------------------------------------------------------
     @property

@@ -26,6 +26,7 @@ bound it (PREFIX_TOLERANCE in `tests/helpers.py`) and `generate` tokens stay ide
 
 from __future__ import annotations
 
+import functools
 from itertools import repeat
 
 import numpy as np
@@ -36,13 +37,13 @@ from . import plan as plans
 from . import suffix
 
 
-def _longest_runs(index, keys: list, count: np.ndarray, page: int) -> tuple[list, list]:
-    """Per row (`keys`: its pages' keys, row after row, as many per row), the entries of its longest
-    run of pages held from its start, and the tokens they cover (`count`: the row's tokens)."""
-    batch = len(count)
-    pages = len(keys) // batch if batch else 0
-    hit = index.find_many(keys).reshape(batch, pages)
-    present = (hit >= 0) & (np.arange(pages)[None, :] < (-(-count // page))[:, None])
+def _longest_runs(index, keys: list, per_row: int, count: np.ndarray) -> tuple[list, list]:
+    """Per row (`keys`: its pages' keys, row after row, `per_row` each), the entries of its longest
+    run of pages held from its start, and the tokens they cover (`count`: the row's tokens). The
+    C++ index's `longest_runs` (csrc/route_pages.cpp) where it has one; this is its reference."""
+    batch, page = len(count), index.page_tokens
+    hit = index.find_many(keys).reshape(batch, per_row)
+    present = (hit >= 0) & (np.arange(per_row)[None, :] < (-(-count // page))[:, None])
     run = np.cumprod(present, axis=1).sum(1)
     return [hit[r, : run[r]].tolist() for r in range(batch)], np.minimum(run * page, count).tolist()
 
@@ -122,7 +123,8 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     flat = rows.split_keys(keys)
     if warm is not None:
         warm(flat, keys.shape[1], keyed_count, headers, host, start, page)
-    found, covered = _longest_runs(index, flat, keyed_count, page)
+    runs = getattr(index, "longest_runs", None) or functools.partial(_longest_runs, index)
+    found, covered = runs(flat, keys.shape[1], keyed_count)
     partial = _partial_pages(index, headers, host, start, keyed_count, page, flat, found, covered) \
         if near is None else [0] * batch
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
@@ -183,54 +185,59 @@ def _near(near, index, rows_: _Rows, prefixes: bool) -> list:
     return chains
 
 
-def _reserve(index, rows_: _Rows, whole: list, page: int, counts: dict, chains) -> tuple[list, tuple]:
-    """Reserve the pages each computing row adds, all in one `reserve_many` (one copy of a page
-    that two rows of this batch share): (entries, writes: int64 arrays (rows, token offsets in
-    the row's span, ntokens), a value per entry). Numpy over the batch's pages: no Python loop
-    over rows or pages."""
-    batch, per_row = rows_.batch, rows_.per_row
-    n_real = np.asarray(rows_.n_real, dtype=np.int64)
-    todo = [r for r in range(batch) if rows_.keyed[r] and not whole[r]]
-    none = (np.zeros(0, dtype=np.int64),) * 3
+def _reserve(index, rows_: _Rows, whole: list, counts: dict, chains) -> tuple[list, tuple]:
+    """Reserve the pages each computing row adds (one copy of a page that two rows of this batch
+    share): (entries, writes: int64 arrays (rows, token offsets in the row's span, ntokens), a
+    value per entry). One call: the C++ index's `reserve_pages` (csrc/route_pages.cpp), or its
+    reference `_reserve_pages`."""
+    todo = [r for r in range(rows_.batch) if rows_.keyed[r] and not whole[r]]
     if not todo:
-        return [], none
+        return [], (np.zeros(0, dtype=np.int64),) * 3
     # (A partial page ends the prefix: the next page replaces it.)
     full = [rows_.found[r][:-1] if rows_.partial[r] else rows_.found[r] for r in todo]
-    first = np.asarray([len(f) for f in full], dtype=np.int64)
+    first = np.fromiter(map(len, full), dtype=np.int64, count=len(todo))
+    opens = np.asarray([f[-1] if f else -1 for f in full], dtype=np.int64)
+    reserve = getattr(index, "reserve_pages", None) or functools.partial(_reserve_pages, index)
+    entries, o_row, o_at, o_n, failed, mine = reserve(rows_.flat, rows_.per_row, todo, first, opens, rows_.n_real,
+                                                      rows_.start, rows_.headers, rows_.host, chains is not None)
+    if failed:
+        counts["too_long"] = counts.get("too_long", 0) + len(failed)
+    if mine is not None:  # every page of the row cached or written: a neighbour for later rows
+        for r, pages in zip(todo, mine):
+            if r not in failed:
+                chains[r] = tuple(rows_.found[r]) + tuple(pages)
+    return entries, (o_row, o_at, o_n)
+
+
+def _reserve_pages(index, flat: list, per_row: int, todo: list, first: np.ndarray, opens: np.ndarray, n_real: list,
+                   start: np.ndarray, headers: list, host: np.ndarray, chains: bool) -> tuple:
+    """The reference of the C++ index's `reserve_pages` (its contract is there): numpy over the
+    batch's pages, one `reserve_many`."""
+    page = index.page_tokens
+    n_real = np.asarray(n_real, dtype=np.int64)
     need = -(-n_real[todo] // page) - first
     row = np.repeat(np.asarray(todo, dtype=np.int64), need)  # per candidate page: its row, its page number
     number = plans.runs(first, need)
     if not len(row):
-        return [], none
+        return [], row, row, row, [], None
     at = number * page
     ntokens = np.minimum(page, n_real[row] - at)
-    where = (row * per_row + number).tolist()
-    keys = [rows_.flat[i] for i in where]
+    keys = [flat[i] for i in (row * per_row + number).tolist()]
     # One reservation per distinct key, at its first place in the batch (its parent page is
     # before it there: a key is chained over the pages before it, so they come with it).
     firsts = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))
     order = np.sort(np.fromiter(firsts.values(), dtype=np.int64, count=len(firsts)))
     place = np.searchsorted(order, np.fromiter(map(firsts.__getitem__, keys), dtype=np.int64, count=len(keys)))
-    opens = np.repeat(np.asarray([f[-1] if f else -1 for f in full], dtype=np.int64), need)
     before = place[np.arange(-1, len(place) - 1)]  # (the place of the page before, in the batch)
-    parents = np.where(number == np.repeat(first, need), opens, -2 - before)[order]
+    parents = np.where(number == np.repeat(first, need), np.repeat(opens, need), -2 - before)[order]
     o_row, o_at, o_n = row[order], at[order], ntokens[order]
-    starts = rows_.start[o_row] + o_at
-    labels = list(zip(map(rows_.headers.__getitem__, o_row.tolist()), repeat(rows_.host), o_row.tolist(),
-                      starts.tolist(), o_n.tolist()))
+    labels = list(zip(map(headers.__getitem__, o_row.tolist()), repeat(host), o_row.tolist(),
+                      (start[o_row] + o_at).tolist(), o_n.tolist()))
     got = np.asarray(index.reserve_many([keys[i] for i in order.tolist()], o_n, parents, labels), dtype=np.int64)
     ok = got >= 0
-    failed = np.unique(row[~ok[place]]) if not ok.all() else ()
-    if len(failed):
-        counts["too_long"] = counts.get("too_long", 0) + len(failed)
-    entries = got[ok].tolist()
-    writes = (o_row[ok], o_at[ok], o_n[ok])
-    if chains is not None:  # every page of the row cached or written: a neighbour for later rows
-        mine = np.split(got[place], np.cumsum(need)[:-1])
-        for r, pages in zip(todo, mine):
-            if r not in failed:
-                chains[r] = tuple(rows_.found[r]) + tuple(pages.tolist())
-    return entries, writes
+    failed = np.unique(row[~ok[place]]).tolist() if not ok.all() else []
+    mine = [p.tolist() for p in np.split(got[place], np.cumsum(need)[:-1])] if chains else None
+    return got[ok].tolist(), o_row[ok], o_at[ok], o_n[ok], failed, mine
 
 
 def _plan(store, rows_: _Rows, seq: int, device, counts: dict, geometry, chains, near):
@@ -248,7 +255,7 @@ def _plan(store, rows_: _Rows, seq: int, device, counts: dict, geometry, chains,
         if any(held):
             counts["padding"] = counts.get("padding", 0) + sum(held)
         whole = [whole[r] and not held[r] for r in range(batch)]
-    entries, writes = _reserve(index, rows_, whole, store.config.page_tokens, counts, chains)
+    entries, writes = _reserve(index, rows_, whole, counts, chains)
     # Hits: bump their reference counts.
     index.touch([e for r in range(batch) if whole[r] or (suffix_mode and partial[r]) for e in rows_.found[r]])
     if suffix_mode:

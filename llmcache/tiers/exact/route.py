@@ -58,7 +58,7 @@ def row_keys(header: bytes, host: np.ndarray, ids_before: bool, counts: dict,
 
 
 def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, near=None, pooling: str = "mean",
-          mask: np.ndarray | None = None, native: bool = True):
+          mask: np.ndarray | None = None):
     """The `plan.Plan` of a forward, `keyed` from `row_keys` (`seq`: T of its hidden states), or
     None (every row computes, none stores). `near`: the verified tier's `Neighbours`, which may
     serve a row that misses (with `Semantic.serve == "pooled"`: its pooled state, by `pooling`).
@@ -67,9 +67,9 @@ def route(store, keyed: RowKeys, seq: int, device: torch.device, counts: dict, n
     computes nothing a caller reads: the uncached call pads these rows to a longer row of the batch).
     Call inside `store.index.pinned()`, under the owner's lock. Where the index is the C++ one,
     no semantic tier takes part and every row keys under the forward's header, the whole routing
-    is one call (`route_rows`, csrc/route_rows.cpp; `native=False`: this reference instead)."""
+    is one call (`route_rows`, csrc/route_rows.cpp; this is its reference)."""
     index, keys = store.index, keyed.keys
-    whole = getattr(index, "route_rows", None) if native and near is None else None
+    whole = getattr(index, "route_rows", None) if near is None else None
     if whole is not None and (keyed.marks is None or not keyed.marks.any()):
         fields, parts, too_long = whole(keys, keyed.start, keyed.count, seq, keyed.header, keyed.host, mask)
         if too_long:

@@ -1,0 +1,97 @@
+"""A decoder forward's page routing on the C++ index (`longest_runs`, `reserve_pages`;
+csrc/route_pages.cpp) against its references in `tiers.exact.prefix` (`_longest_runs`,
+`_reserve_pages`): two C++ indexes with the same history, one routed by the ops and one by the
+references, step after step, return the same runs, entries, writes, failures and chains and end
+in the same state, with shared prefixes across and within batches, prefixes that end in a page to
+replace, banks that evict, rows longer than the bank, and reservations released instead of
+committed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from llmcache.bank.native import NativeIndex
+from llmcache.ops import _library
+from llmcache.tiers.exact import prefix
+
+pytestmark = pytest.mark.skipif(_library.extension() is None, reason="needs the compiled extension")
+
+PAGE, PER_ROW = 4, 6
+
+
+def _page_keys(tokens: list) -> list:
+    """PER_ROW chained keys of a row's pages (the pages past its tokens keyed too, as
+    `rows.chain_keys` does: nothing may read them)."""
+    keys, parent = [], b"root"
+    padded = tokens + [0] * (PER_ROW * PAGE - len(tokens))
+    for j in range(PER_ROW):
+        parent = hashlib.blake2b(parent + bytes(padded[j * PAGE : (j + 1) * PAGE]), digest_size=32).digest()
+        keys.append(parent)
+    return keys
+
+
+def _rows(rng: np.random.Generator, stems: list) -> tuple[list, list]:
+    """A batch: rows that extend one of a few stems (shared prefixes) by a few tokens of a small
+    alphabet (so that rows of one batch repeat pages too)."""
+    tokens = []
+    for _ in range(int(rng.integers(1, 6))):
+        stem = stems[int(rng.integers(len(stems)))]
+        n = int(rng.integers(1, PER_ROW * PAGE + 1))
+        row = (stem + rng.integers(1, 3, size=PER_ROW * PAGE).tolist())[:n]
+        tokens.append(row)
+    return tokens, [k for row in tokens for k in _page_keys(row)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("max_pages", [1 << 20, 12, 5])
+def test_the_cpp_page_routing_does_what_the_reference_does(seed: int, max_pages: int):
+    rng = np.random.default_rng(seed)
+    stems = [rng.integers(1, 9, size=int(rng.integers(0, 3 * PAGE))).tolist() for _ in range(3)]
+    ops, ref = NativeIndex(PAGE, max_pages, None), NativeIndex(PAGE, max_pages, None)
+    host = np.zeros((4, 1, 1), dtype=np.int64)
+    reached = {"found": 0, "shared": 0, "failed": 0}
+    for step in range(80):
+        tokens, flat = _rows(rng, stems)
+        batch = len(tokens)
+        count = np.asarray([len(t) for t in tokens], dtype=np.int64)
+        start = rng.integers(0, 3, size=batch).astype(np.int64)
+        headers = [b"h%d" % (r % 2) for r in range(batch)]
+        with ops.pinned(), ref.pinned():
+            found, covered = ops.longest_runs(flat, PER_ROW, count)
+            assert (found, covered) == prefix._longest_runs(ref, flat, PER_ROW, count), f"step {step}"
+            for index in (ops, ref):
+                index.pin([e for f in found for e in f])
+            reached["found"] += sum(map(len, found))
+            todo = [r for r in range(batch) if covered[r] < count[r] or rng.random() < 0.2]
+            # (now and then the prefix ends in a page that the row's next page replaces)
+            full = [found[r][:-1] if found[r] and rng.random() < 0.3 else found[r] for r in todo]
+            first = np.asarray([len(f) for f in full], dtype=np.int64)
+            opens = np.asarray([f[-1] if f else -1 for f in full], dtype=np.int64)
+            chains = bool(rng.random() < 0.5)
+            args = (flat, PER_ROW, todo, first, opens, count.tolist(), start, headers, host, chains)
+            got = ops.reserve_pages(*args)
+            want = prefix._reserve_pages(ref, *args)
+        entries, _, _, o_n, failed, mine = got
+        assert entries == want[0] and failed == want[4] and mine == want[5], f"step {step}: {got} != {want}"
+        for a, b in zip(got[1:4], want[1:4]):
+            assert np.array_equal(a, b), f"step {step}"
+        reached["shared"] += int(sum(o_n) < sum(count[todo] - first * PAGE)) if todo else 0
+        reached["failed"] += len(failed)
+        for e in entries:  # the same entries: keys, tokens, parents and labels
+            a, b = ops.describe(e), ref.describe(e)
+            assert (a.key, a.ntokens, a.serial, a.parent_serial) == (b.key, b.ntokens, b.serial, b.parent_serial)
+            assert a.label[0] == b.label[0] and a.label[2:] == b.label[2:] and a.label[1] is host
+        commit = rng.random() < 0.85
+        for index in (ops, ref):
+            if commit:
+                index.commit_many(entries)
+            else:
+                for e in entries:
+                    index.release(e)
+        assert (ops.entries, ops.held_pages, ops.evictions) == (ref.entries, ref.held_pages, ref.evictions)
+    assert reached["found"] > 0 and reached["shared"] > 0  # (the walk reached hits and shared pages)
+    if max_pages == 5:
+        assert reached["failed"] > 0  # (and rows longer than the bank)
