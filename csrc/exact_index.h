@@ -290,11 +290,12 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
     return true;
   }
 
- private:
   int64_t checked(int64_t entry) const {
     TORCH_CHECK(entry >= 0 && entry < slots(), "ExactIndex: no entry ", entry);
     return entry;
   }
+
+ private:
   int64_t pages_for(int64_t ntokens) const { return (ntokens + page_tokens_ - 1) / page_tokens_; }
 
   const std::vector<int64_t>& field_ref(const std::string& name) const {
@@ -445,6 +446,24 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
 // The exact tier's routing of a forward of whole rows on this index (route_rows.cpp).
 py::object route_rows(ExactIndexCore& index, const py::handle& keys, const I64& start, const I64& count, int64_t seq,
                       const py::object& header, const py::object& host, const py::object& mask);
+
+// What a block-splice plan serves, computes, copies and writes (plan.build's arguments), and the
+// host arrays made of it (plan_arrays.cpp): `parts` by the names plan.upload takes.
+struct __attribute__((visibility("hidden"))) PlanRows {
+  std::vector<int64_t> served, served_starts, held;  // rows served (ascending), their first positions, their entries
+  std::optional<std::vector<int64_t>> sizes;          // entries per served row (none: one each)
+  std::vector<int64_t> computing, copy_rows, copy_src;  // rows that run (ascending); repeats and their rows
+  std::vector<int64_t> entries, w_rows, w_first, w_n;   // entries written: computing row, first position, ntokens
+};
+struct __attribute__((visibility("hidden"))) PlanParts {
+  py::dict parts;
+  bool served_all = false, store_all = false;
+};
+PlanParts plan_parts(const ExactIndexCore& index, int64_t batch, int64_t seq, int64_t width, const PlanRows& rows);
+py::tuple plan_arrays(const ExactIndexCore& index, int64_t batch, int64_t seq, int64_t width, const I64& served,
+                      const I64& served_starts, const I64& held, const py::object& sizes, const I64& computing,
+                      const I64& copy_rows, const I64& copy_src, const I64& entries, const I64& w_rows,
+                      const I64& w_first, const I64& w_n);
 
 // A decoder forward's page routing on this index (route_pages.cpp).
 py::tuple longest_runs(const ExactIndexCore& index, const py::handle& keys, int64_t per_row, const I64& count);

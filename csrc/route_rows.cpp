@@ -4,7 +4,8 @@
 // and every batch where the index is the Python one): each row's key is looked up; hits are
 // touched and pinned; a missing row computes, or copies an earlier computing row of the batch
 // with its key; each distinct missing key is reserved an entry; and the plan's host arrays (the
-// `parts` `plan.upload` takes) are made here, where numpy took a dozen calls of 1-20 us each.
+// `parts` `plan.upload` takes, plan_arrays.cpp) are made here, where numpy took a dozen calls of
+// 1-20 us each.
 // Returns (plan fields, parts, too_long), or (None, None, too_long) when nothing is served or
 // stored and nothing is cut: the forward runs as it is.
 #include <unordered_map>
@@ -12,28 +13,6 @@
 #include "exact_index.h"
 
 namespace llmcache {
-namespace {
-
-// int64 [sum lengths]: start, start + 1, ..., start + length - 1 per run (plan.runs).
-py::array_t<int64_t> runs(const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths) {
-  int64_t total = 0;
-  for (int64_t n : lengths) total += n;
-  py::array_t<int64_t> out(total);
-  int64_t* o = out.mutable_data();
-  for (size_t i = 0; i < starts.size(); ++i)
-    for (int64_t t = 0; t < lengths[i]; ++t) *o++ = starts[i] + t;
-  return out;
-}
-
-// Where each of `rows` stands among `compute` (ascending; every one of `rows` is in it).
-std::vector<int64_t> place_in(const std::vector<int64_t>& compute, const std::vector<int64_t>& rows) {
-  std::vector<int64_t> out;
-  out.reserve(rows.size());
-  for (int64_t r : rows) out.push_back(std::lower_bound(compute.begin(), compute.end(), r) - compute.begin());
-  return out;
-}
-
-}  // namespace
 
 py::object route_rows(ExactIndexCore& index, const py::handle& keys_, const I64& start_, const I64& count_,
                       int64_t seq, const py::object& header, const py::object& host, const py::object& mask_) {
@@ -116,57 +95,28 @@ py::object route_rows(ExactIndexCore& index, const py::handle& keys_, const I64&
   if (served.empty() && repeat_rows.empty() && entries.empty() && width == seq && zeros.empty())
     return py::make_tuple(py::none(), py::none(), too_long);
 
-  // The plan (plan.build's arrays): served tokens' arena rows and output rows, repeats, and
-  // the computed tokens to write.
-  py::dict parts;
-  if (static_cast<int64_t>(compute.size()) < batch) parts["compute"] = array_of(compute);
-  if (!zeros.empty()) parts["zeros"] = array_of(zeros);
+  // The plan (plan.build's arrays: plan_arrays.cpp).
   int64_t served_tokens = 0, computed_tokens = 0;
-  bool served_all = false;
-  if (!served.empty()) {
-    std::vector<int64_t> lengths, dst_starts;
-    int64_t total = 0;
-    bool whole = static_cast<int64_t>(served.size()) == batch;
-    for (size_t i = 0; i < served.size(); ++i) {
-      lengths.push_back(index.ntokens(held[i]));
-      dst_starts.push_back(served[i] * seq + start[served[i]]);
-      whole = whole && start[served[i]] == 0 && lengths.back() == seq;
-      served_tokens += count[served[i]];
-      total += lengths.back();
-    }
-    py::array_t<int64_t> src(total);
-    int64_t* o = src.mutable_data();
-    for (int64_t e : held) o = index.write_token_rows(e, o);
-    parts["served_src"] = src;
-    served_all = whole;  // (every position of every row served, in order: the states are the output)
-    if (!served_all) parts["served_dst"] = runs(dst_starts, lengths);
-  }
+  for (int64_t r : served) served_tokens += count[r];
   for (int64_t r : compute) computed_tokens += count[r];
-  if (!repeat_rows.empty()) {
-    parts["repeat_rows"] = array_of(repeat_rows);
-    parts["repeat_src"] = array_of(place_in(compute, repeat_of));
-  }
-  bool store_all = false;
+  PlanRows rows;
+  rows.served = served;
+  for (int64_t r : served) rows.served_starts.push_back(start[r]);
+  rows.held = held;
+  rows.computing = compute;
+  rows.copy_rows = repeat_rows;
+  rows.copy_src = repeat_of;
+  rows.entries = entries;
   std::vector<int64_t> store_n;
-  if (!entries.empty()) {
-    int64_t total = 0;
-    for (int64_t r : stored) total += count[r];
-    py::array_t<int64_t> dst(total);
-    int64_t* o = dst.mutable_data();
-    for (int64_t e : entries) o = index.write_token_rows(e, o);
-    parts["store_dst"] = dst;
-    std::vector<int64_t> starts = place_in(compute, stored);
-    store_all = true;  // (every computed token written, in order: the block's output as it is)
-    int64_t end = 0;
-    for (size_t i = 0; i < stored.size(); ++i) {
-      starts[i] = starts[i] * width + start[stored[i]];
-      store_n.push_back(count[stored[i]]);
-      store_all = store_all && starts[i] == end;
-      end = starts[i] + store_n.back();
-    }
-    store_all = store_all && end == static_cast<int64_t>(compute.size()) * width;
-    if (!store_all) parts["store_src"] = runs(starts, store_n);
+  for (int64_t r : stored) {
+    rows.w_rows.push_back(r);
+    rows.w_first.push_back(start[r]);
+    store_n.push_back(count[r]);
   }
+  rows.w_n = store_n;
+  PlanParts plan = plan_parts(index, batch, seq, width, rows);
+  py::dict parts = plan.parts;
+  if (!zeros.empty()) parts["zeros"] = array_of(zeros);
   py::dict fields;
   fields["batch"] = batch;
   fields["seq"] = seq;
@@ -177,8 +127,8 @@ py::object route_rows(ExactIndexCore& index, const py::handle& keys_, const I64&
   fields["served"] = static_cast<int64_t>(served.size());
   fields["repeats"] = static_cast<int64_t>(repeat_rows.size());
   fields["tokens"] = py::make_tuple(served_tokens, computed_tokens);
-  fields["served_all"] = served_all;
-  fields["store_all"] = store_all;
+  fields["served_all"] = plan.served_all;
+  fields["store_all"] = plan.store_all;
   return py::make_tuple(fields, parts, too_long);
 }
 

@@ -95,3 +95,47 @@ def test_the_cpp_page_routing_does_what_the_reference_does(seed: int, max_pages:
     assert reached["found"] > 0 and reached["shared"] > 0  # (the walk reached hits and shared pages)
     if max_pages == 5:
         assert reached["failed"] > 0  # (and rows longer than the bank)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_cpp_plan_arrays_equal_the_reference(seed: int):
+    """`plan_arrays` (csrc/plan_arrays.cpp) against `plan.plan_arrays` on random plans of an index
+    holding entries of 1-9 tokens: served rows of several entries each (a decoder's pages) or one
+    (`sizes` None), served whole or at an offset, computing rows, repeats, and written entries in
+    and out of order."""
+    from llmcache.tiers.exact import plan as plans
+
+    rng = np.random.default_rng(seed)
+    index = NativeIndex(PAGE, 1 << 20, None)
+    held_entries = index.reserve_many([bytes([seed, k]) * 16 for k in range(40)], rng.integers(1, 10, 40), None, None)
+    index.commit_many(held_entries)
+    for _ in range(60):
+        batch, seq = int(rng.integers(1, 7)), int(rng.integers(1, 12))
+        rows = rng.permutation(batch)
+        n_served, n_copies = int(rng.integers(0, batch + 1)), int(rng.integers(0, 3))
+        served, computing = sorted(rows[:n_served].tolist()), sorted(rows[n_served:].tolist())
+        copies = computing[1:][:n_copies]  # (rows that repeat a computing row of the batch)
+        computing = [r for r in computing if r not in copies]
+        copying = [(r, int(rng.choice(computing))) for r in copies]
+        pages = rng.random() < 0.5
+        sizes = rng.integers(1, 4, len(served)).tolist() if pages else None
+        held = rng.choice(held_entries, int(sum(sizes)) if pages else len(served)).tolist()
+        starts = [0 if rng.random() < 0.6 else int(rng.integers(0, 3)) for _ in served]
+        width = seq if rng.random() < 0.7 else max(1, seq - 2)
+        written = [r for r in computing for _ in range(int(rng.integers(0, 3)))]
+        entries = index.reserve_many([bytes([seed, 99, i]) + bytes(29) + bytes([len(written)]) for i in
+                                      range(len(written))], rng.integers(1, 5, len(written)), None, None)
+        w_n = np.asarray([index.describe(e).ntokens for e in entries], dtype=np.int64)
+        w_first = np.asarray([int(rng.integers(0, 3)) for _ in entries], dtype=np.int64)
+        if rng.random() < 0.5:  # (the block's output in order: each computing row's tokens from 0, back to back)
+            w_first = np.zeros(len(entries), dtype=np.int64)
+        args = (batch, seq, width, served, starts, held, sizes, computing, [r for r, _ in copying],
+                [s for _, s in copying], entries, np.asarray(written, dtype=np.int64), w_first, w_n)
+        got, want = index.plan_arrays(*args), plans.plan_arrays(index, *args)
+        assert got[1:] == want[1:]
+        want_parts = {k: v for k, v in want[0].items() if v is not None}
+        assert sorted(got[0]) == sorted(want_parts)
+        for name, value in want_parts.items():
+            assert np.array_equal(np.asarray(got[0][name]), np.asarray(value)), name
+        for e in entries:
+            index.release(e)

@@ -1,12 +1,14 @@
 """The exact tier's plan of one forward for the block splice: which rows run, which are served.
 
-Made on the host once per forward by one builder (`build`) for encoders and decoders alike; its
-index arrays reach the device in one non-blocking upload (`upload`) and the served rows' states
-are read from the arena right away (so a later eviction cannot touch them).
+Made on the host once per forward by one builder (`build`) for encoders and decoders alike (its
+host arrays in one call, `plan_arrays`: the C++ index's, csrc/plan_arrays.cpp, or the numpy
+reference here); its index arrays reach the device in one non-blocking upload (`upload`) and the
+served rows' states are read from the arena right away (so a later eviction cannot touch them).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,35 +118,47 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
     computing row, first position, ntokens); `zeros`: flat output rows the output holds zeros at
     (the padding of an encoder's computing rows, where the caller does not see it); `route`: the `Route` counts."""
     width = seq if width is None else width
-    computing_rows = np.asarray(computing, dtype=np.int64)
     plan = Plan(batch=batch, seq=seq, width=width, m=len(computing), entries=entries,
                 store_n=writes[2].tolist() if entries else [], **route)
-    parts = {"compute": computing_rows if len(computing) < batch else None, "zeros": zeros}
+    arrays = getattr(store.index, "plan_arrays", None) or functools.partial(plan_arrays, store.index)
     served_rows, served_starts, held, sizes = serving
-    if served_rows:
-        parts["served_src"] = store.index.token_rows(held)
-        lengths = store.index.token_counts(held)
+    parts, plan.served_all, plan.store_all = arrays(batch, seq, width, served_rows, served_starts, held, sizes,
+                                                    computing, [r for r, _ in copying], [s for _, s in copying],
+                                                    entries, *writes)
+    if zeros is not None:
+        parts["zeros"] = zeros
+    return finish(store, plan, parts, device)
+
+
+def plan_arrays(index, batch: int, seq: int, width: int, served_rows: list, served_starts: list, held: list, sizes,
+                computing: list, copy_rows: list, copy_src: list, entries: list, w_rows, w_first, w_n) -> tuple:
+    """(parts: the plan's host arrays by name, served_all, store_all): the reference of the C++
+    index's `plan_arrays` (csrc/plan_arrays.cpp), numpy over the batch; `build`'s arguments."""
+    computing_rows = np.asarray(computing, dtype=np.int64)
+    parts, served_all, store_all = {"compute": computing_rows if len(computing) < batch else None}, False, False
+    if len(served_rows):
+        parts["served_src"] = index.token_rows(held)
+        lengths = index.token_counts(held)
         if sizes is not None:
             lengths = np.add.reduceat(lengths, np.cumsum(sizes) - sizes)
         # (Every position of every row served, in order: nothing to place, the states are the output.)
-        plan.served_all = len(served_rows) == batch and not any(served_starts) and (lengths == seq).all()
-        if not plan.served_all:
+        served_all = len(served_rows) == batch and not any(served_starts) and bool((lengths == seq).all())
+        if not served_all:
             parts["served_dst"] = runs(np.asarray(served_rows, dtype=np.int64) * seq + served_starts, lengths)
-    if copying:
-        parts["repeat_rows"] = [r for r, _ in copying]
-        parts["repeat_src"] = np.searchsorted(computing_rows, [src for _, src in copying])
-    if entries:
-        parts["store_dst"] = store.index.token_rows(entries)
+    if len(copy_rows):
+        parts["repeat_rows"] = copy_rows
+        parts["repeat_src"] = np.searchsorted(computing_rows, copy_src)
+    if len(entries):
+        parts["store_dst"] = index.token_rows(entries)
         # (position among the computing rows: they are ascending)
-        rows, first, lengths = writes
-        starts = np.searchsorted(computing_rows, rows) * width + first
+        starts = np.searchsorted(computing_rows, w_rows) * width + w_first
         # (Every token of every computing row written, in order, e.g. a row's pages one after
         # another: the block's output as it is.)
-        ends = np.cumsum(lengths)
-        plan.store_all = bool(ends[-1] == len(computing) * width and starts[0] == 0 and (starts[1:] == ends[:-1]).all())
-        if not plan.store_all:
-            parts["store_src"] = runs(starts, lengths)
-    return finish(store, plan, parts, device)
+        ends = np.cumsum(w_n)
+        store_all = bool(ends[-1] == len(computing) * width and starts[0] == 0 and (starts[1:] == ends[:-1]).all())
+        if not store_all:
+            parts["store_src"] = runs(starts, w_n)
+    return parts, served_all, store_all
 
 
 def finish(store, plan: Plan, parts: dict, device: torch.device) -> Plan:
