@@ -52,6 +52,8 @@ PlanParts plan_parts(const ExactIndexCore& index, int64_t batch, int64_t seq, in
     for (size_t i = 0; i < p.served.size(); ++i) {
       const int64_t take = p.sizes ? (*p.sizes)[i] : 1;
       int64_t n = 0;
+      TORCH_CHECK(take >= 0 && static_cast<int64_t>(e) + take <= static_cast<int64_t>(p.held.size()),
+                  "plan_arrays: sizes must add up to the entries held");
       for (int64_t k = 0; k < take; ++k) n += index.ntokens(index.checked(p.held[e++]));
       lengths.push_back(n);
       dst_starts.push_back(p.served[i] * seq + p.served_starts[i]);

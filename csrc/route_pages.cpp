@@ -49,7 +49,9 @@ py::tuple reserve_pages(ExactIndexCore& index, const py::handle& keys_, int64_t 
   TORCH_CHECK(first.size() == rows && opens.size() == rows, "reserve_pages: one first and opens per row");
   PyObject** key = PySequence_Fast_ITEMS(keys.ptr());
   PyObject** header = PySequence_Fast_ITEMS(headers.ptr());
-  const int64_t n_keys = PySequence_Fast_GET_SIZE(keys.ptr());
+  const int64_t n_keys = PySequence_Fast_GET_SIZE(keys.ptr()), batch = n_real.size();
+  TORCH_CHECK(start.size() == batch && PySequence_Fast_GET_SIZE(headers.ptr()) == batch,
+              "reserve_pages: one n_real, start and header per row of the batch");
   // Candidate pages, row after row; `place`: where each one's key is first reserved.
   std::unordered_map<std::string_view, int64_t> firsts;
   std::vector<int64_t> place, cand_row;
@@ -57,8 +59,9 @@ py::tuple reserve_pages(ExactIndexCore& index, const py::handle& keys_, int64_t 
   std::vector<py::object> o_label;
   std::vector<int64_t> o_row, o_at, o_n, o_parent;
   for (int64_t k = 0; k < rows; ++k) {
-    const int64_t r = todo.data()[k], n = n_real.data()[r];
-    const int64_t end = (n + page - 1) / page;
+    const int64_t r = todo.data()[k];
+    TORCH_CHECK(r >= 0 && r < batch && first.data()[k] >= 0, "reserve_pages: no row ", r, " or a negative first page");
+    const int64_t n = n_real.data()[r], end = (n + page - 1) / page;
     TORCH_CHECK(end <= per_row && r * per_row + end <= n_keys, "reserve_pages: a row has more pages than keys");
     for (int64_t number = first.data()[k]; number < end; ++number) {
       PyObject* page_key = key[r * per_row + number];

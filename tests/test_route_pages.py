@@ -139,3 +139,19 @@ def test_the_cpp_plan_arrays_equal_the_reference(seed: int):
             assert np.array_equal(np.asarray(got[0][name]), np.asarray(value)), name
         for e in entries:
             index.release(e)
+
+
+def test_the_cpp_ops_refuse_arguments_that_name_what_is_not_there():
+    index = NativeIndex(PAGE, 1 << 20, None)
+    entries = index.reserve_many([b"a" * 32, b"b" * 32], [3, 5], None, None)
+    index.commit_many(entries)
+    host = np.zeros((4, 1, 1), dtype=np.int64)
+    flat = _page_keys([1, 2, 3])
+    with pytest.raises(RuntimeError, match="no row"):  # (row 1 of a one-row batch)
+        index.reserve_pages(flat, PER_ROW, [1], [0], [-1], [3], [0], [b"h"], host, False)
+    with pytest.raises(RuntimeError, match="more pages than keys"):
+        index.reserve_pages(flat[:1], PER_ROW, [0], [0], [-1], [3 * PAGE], [0], [b"h"], host, False)
+    with pytest.raises(RuntimeError, match="sizes must add up"):  # (two entries named, one held)
+        index.plan_arrays(1, 8, 8, [0], [0], entries[:1], [2], [], [], [], [], [], [], [])
+    with pytest.raises(RuntimeError, match="no entry"):
+        index.plan_arrays(1, 8, 8, [0], [0], [7], None, [], [], [], [], [], [], [])
