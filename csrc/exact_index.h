@@ -146,11 +146,15 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
 
   // The flat arena rows (page * page_tokens + offset) of the entries' tokens, one after another.
   py::array_t<int64_t> token_rows(const I64& entries) const {
+    return token_rows_of(entries.data(), entries.size());
+  }
+
+  py::array_t<int64_t> token_rows_of(const int64_t* entries, int64_t n) const {
     int64_t total = 0;
-    for (py::ssize_t i = 0; i < entries.size(); ++i) total += ntokens_[checked(entries.data()[i])];
+    for (int64_t i = 0; i < n; ++i) total += ntokens_[checked(entries[i])];
     py::array_t<int64_t> out(total);
     int64_t* o = out.mutable_data();
-    for (py::ssize_t i = 0; i < entries.size(); ++i) o = write_token_rows(entries.data()[i], o);
+    for (int64_t i = 0; i < n; ++i) o = write_token_rows(entries[i], o);
     return out;
   }
 

@@ -29,16 +29,6 @@ std::vector<int64_t> place_in(const std::vector<int64_t>& computing, const std::
   return out;
 }
 
-// The flat arena rows of `entries`' tokens, one entry after another.
-py::array_t<int64_t> token_rows(const ExactIndexCore& index, const std::vector<int64_t>& entries) {
-  int64_t total = 0;
-  for (int64_t e : entries) total += index.ntokens(e);
-  py::array_t<int64_t> out(total);
-  int64_t* o = out.mutable_data();
-  for (int64_t e : entries) o = index.write_token_rows(e, o);
-  return out;
-}
-
 }  // namespace
 
 PlanParts plan_parts(const ExactIndexCore& index, int64_t batch, int64_t seq, int64_t width, const PlanRows& p) {
@@ -60,7 +50,7 @@ PlanParts plan_parts(const ExactIndexCore& index, int64_t batch, int64_t seq, in
       whole = whole && p.served_starts[i] == 0 && n == seq;
     }
     TORCH_CHECK(e == p.held.size(), "plan_arrays: sizes must add up to the entries held");
-    out.parts["served_src"] = token_rows(index, p.held);
+    out.parts["served_src"] = index.token_rows_of(p.held.data(), static_cast<int64_t>(p.held.size()));
     out.served_all = whole;  // (every position of every row served, in order: the states are the output)
     if (!whole) out.parts["served_dst"] = runs(dst_starts, lengths);
   }
@@ -72,8 +62,7 @@ PlanParts plan_parts(const ExactIndexCore& index, int64_t batch, int64_t seq, in
     TORCH_CHECK(p.w_rows.size() == p.entries.size() && p.w_first.size() == p.entries.size() &&
                     p.w_n.size() == p.entries.size(),
                 "plan_arrays: one write per entry");
-    for (int64_t x : p.entries) index.checked(x);
-    out.parts["store_dst"] = token_rows(index, p.entries);
+    out.parts["store_dst"] = index.token_rows_of(p.entries.data(), static_cast<int64_t>(p.entries.size()));
     std::vector<int64_t> starts = place_in(p.computing, p.w_rows);
     bool in_order = true;  // (every computed token written, in order: the block's output as it is)
     int64_t end = 0;

@@ -9,6 +9,7 @@
 // Returns (plan fields, parts, too_long), or (None, None, too_long) when nothing is served or
 // stored and nothing is cut: the forward runs as it is.
 #include <unordered_map>
+#include <utility>
 
 #include "exact_index.h"
 
@@ -100,20 +101,18 @@ py::object route_rows(ExactIndexCore& index, const py::handle& keys_, const I64&
   for (int64_t r : served) served_tokens += count[r];
   for (int64_t r : compute) computed_tokens += count[r];
   PlanRows rows;
-  rows.served = served;
   for (int64_t r : served) rows.served_starts.push_back(start[r]);
-  rows.held = held;
-  rows.computing = compute;
-  rows.copy_rows = repeat_rows;
-  rows.copy_src = repeat_of;
-  rows.entries = entries;
-  std::vector<int64_t> store_n;
   for (int64_t r : stored) {
-    rows.w_rows.push_back(r);
     rows.w_first.push_back(start[r]);
-    store_n.push_back(count[r]);
+    rows.w_n.push_back(count[r]);
   }
-  rows.w_n = store_n;
+  rows.served = std::move(served);
+  rows.held = std::move(held);
+  rows.computing = std::move(compute);
+  rows.copy_rows = std::move(repeat_rows);
+  rows.copy_src = std::move(repeat_of);
+  rows.entries = std::move(entries);
+  rows.w_rows = std::move(stored);
   PlanParts plan = plan_parts(index, batch, seq, width, rows);
   py::dict parts = plan.parts;
   if (!zeros.empty()) parts["zeros"] = array_of(zeros);
@@ -121,11 +120,11 @@ py::object route_rows(ExactIndexCore& index, const py::handle& keys_, const I64&
   fields["batch"] = batch;
   fields["seq"] = seq;
   fields["width"] = width;
-  fields["m"] = static_cast<int64_t>(compute.size());
-  fields["entries"] = py::cast(entries);
-  fields["store_n"] = py::cast(store_n);
-  fields["served"] = static_cast<int64_t>(served.size());
-  fields["repeats"] = static_cast<int64_t>(repeat_rows.size());
+  fields["m"] = static_cast<int64_t>(rows.computing.size());
+  fields["entries"] = py::cast(rows.entries);
+  fields["store_n"] = py::cast(rows.w_n);
+  fields["served"] = static_cast<int64_t>(rows.served.size());
+  fields["repeats"] = static_cast<int64_t>(rows.copy_rows.size());
   fields["tokens"] = py::make_tuple(served_tokens, computed_tokens);
   fields["served_all"] = plan.served_all;
   fields["store_all"] = plan.store_all;

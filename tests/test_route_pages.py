@@ -1,6 +1,6 @@
 """A decoder forward's page routing on the C++ index (`longest_runs`, `reserve_pages`;
-csrc/route_pages.cpp) against its references in `tiers.exact.prefix` (`_longest_runs`,
-`_reserve_pages`): two C++ indexes with the same history, one routed by the ops and one by the
+csrc/route_pages.cpp) against its references in `tiers.exact.prefix` (`longest_runs`,
+`reserve_pages`): two C++ indexes with the same history, one routed by the ops and one by the
 references, step after step, return the same runs, entries, writes, failures and chains and end
 in the same state, with shared prefixes across and within batches, prefixes that end in a page to
 replace, banks that evict, rows longer than the bank, and reservations released instead of
@@ -61,7 +61,7 @@ def test_the_cpp_page_routing_does_what_the_reference_does(seed: int, max_pages:
         headers = [b"h%d" % (r % 2) for r in range(batch)]
         with ops.pinned(), ref.pinned():
             found, covered = ops.longest_runs(flat, PER_ROW, count)
-            assert (found, covered) == prefix._longest_runs(ref, flat, PER_ROW, count), f"step {step}"
+            assert (found, covered) == prefix.longest_runs(ref, flat, PER_ROW, count), f"step {step}"
             for index in (ops, ref):
                 index.pin([e for f in found for e in f])
             reached["found"] += sum(map(len, found))
@@ -73,7 +73,7 @@ def test_the_cpp_page_routing_does_what_the_reference_does(seed: int, max_pages:
             chains = bool(rng.random() < 0.5)
             args = (flat, PER_ROW, todo, first, opens, count.tolist(), start, headers, host, chains)
             got = ops.reserve_pages(*args)
-            want = prefix._reserve_pages(ref, *args)
+            want = prefix.reserve_pages(ref, *args)
         entries, _, _, o_n, failed, mine = got
         assert entries == want[0] and failed == want[4] and mine == want[5], f"step {step}: {got} != {want}"
         for a, b in zip(got[1:4], want[1:4]):

@@ -37,7 +37,7 @@ from . import plan as plans
 from . import suffix
 
 
-def _longest_runs(index, keys: list, per_row: int, count: np.ndarray) -> tuple[list, list]:
+def longest_runs(index, keys: list, per_row: int, count: np.ndarray) -> tuple[list, list]:
     """Per row (`keys`: its pages' keys, row after row, `per_row` each), the entries of its longest
     run of pages held from its start, and the tokens they cover (`count`: the row's tokens). The
     C++ index's `longest_runs` (csrc/route_pages.cpp) where it has one; this is its reference."""
@@ -123,7 +123,7 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     flat = rows.split_keys(keys)
     if warm is not None:
         warm(flat, keys.shape[1], keyed_count, headers, host, start, page)
-    runs = getattr(index, "longest_runs", None) or functools.partial(_longest_runs, index)
+    runs = getattr(index, "longest_runs", None) or functools.partial(longest_runs, index)
     found, covered = runs(flat, keys.shape[1], keyed_count)
     partial = _partial_pages(index, headers, host, start, keyed_count, page, flat, found, covered) \
         if near is None else [0] * batch
@@ -189,7 +189,7 @@ def _reserve(index, rows_: _Rows, whole: list, counts: dict, chains) -> tuple[li
     """Reserve the pages each computing row adds (one copy of a page that two rows of this batch
     share): (entries, writes: int64 arrays (rows, token offsets in the row's span, ntokens), a
     value per entry). One call: the C++ index's `reserve_pages` (csrc/route_pages.cpp), or its
-    reference `_reserve_pages`."""
+    reference, this module's `reserve_pages`."""
     todo = [r for r in range(rows_.batch) if rows_.keyed[r] and not whole[r]]
     if not todo:
         return [], (np.zeros(0, dtype=np.int64),) * 3
@@ -197,7 +197,7 @@ def _reserve(index, rows_: _Rows, whole: list, counts: dict, chains) -> tuple[li
     full = [rows_.found[r][:-1] if rows_.partial[r] else rows_.found[r] for r in todo]
     first = np.fromiter(map(len, full), dtype=np.int64, count=len(todo))
     opens = np.asarray([f[-1] if f else -1 for f in full], dtype=np.int64)
-    reserve = getattr(index, "reserve_pages", None) or functools.partial(_reserve_pages, index)
+    reserve = getattr(index, "reserve_pages", None) or functools.partial(reserve_pages, index)
     entries, o_row, o_at, o_n, failed, mine = reserve(rows_.flat, rows_.per_row, todo, first, opens, rows_.n_real,
                                                       rows_.start, rows_.headers, rows_.host, chains is not None)
     if failed:
@@ -209,7 +209,7 @@ def _reserve(index, rows_: _Rows, whole: list, counts: dict, chains) -> tuple[li
     return entries, (o_row, o_at, o_n)
 
 
-def _reserve_pages(index, flat: list, per_row: int, todo: list, first: np.ndarray, opens: np.ndarray, n_real: list,
+def reserve_pages(index, flat: list, per_row: int, todo: list, first: np.ndarray, opens: np.ndarray, n_real: list,
                    start: np.ndarray, headers: list, host: np.ndarray, chains: bool) -> tuple:
     """The reference of the C++ index's `reserve_pages` (its contract is there): numpy over the
     batch's pages, one `reserve_many`."""
