@@ -8,6 +8,7 @@
 namespace llmcache {
 pybind11::bytes watch_tree(const pybind11::list& filled, const pybind11::list& containers);
 pybind11::bytes watch_tensors(const pybind11::list& tensors);
+pybind11::tuple watch_stamp(const pybind11::tuple& watched, const c10::Device& device);
 pybind11::tuple row_keys(const pybind11::buffer& host, const pybind11::bytes& header, bool lead_visible,
                          bool trail_visible, bool ids_before);
 uint32_t crc32_copy(const pybind11::buffer& src, const pybind11::object& dst, uint32_t crc);
@@ -59,6 +60,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernel", &llmcache::cpu::cpu_kernel_name);
   m.def("watch_tree", &llmcache::watch_tree, "ids of the dicts' values, then the containers' lengths (int64 bytes)");
   m.def("watch_tensors", &llmcache::watch_tensors, "version counter and data pointer per tensor (int64 bytes)");
+  m.def("watch_stamp", &llmcache::watch_stamp, "everything ModelState.check reads, as (int64 bytes, values)");
   m.def("row_keys", &llmcache::row_keys, pybind11::arg("host"), pybind11::arg("header"),
         pybind11::arg("lead_visible"), pybind11::arg("trail_visible"), pybind11::arg("ids_before"),
         "the exact tier's whole-row keys of a batch (llmcache.rows.row_keys)");

@@ -1,7 +1,10 @@
 """What an accelerated model's output depends on besides its input rows, seen once per forward.
 
 A model's output is a function of its weights, its module tree as it is now, behaviour switches and
-ambient state. `ModelState.check()` sorts all of it three ways, in tens of microseconds per forward
+ambient state. `ModelState.check()` sorts all of it three ways. Where the extension is built, one
+C++ call per forward (`csrc/watch.cpp`, `watch_stamp`) reads every value the three read, and while
+none changed the last answer stands: a few microseconds on MiniLM; the Python below runs only when
+something changed, or on every forward while a `register_state` hook is set
 (`python -m bench.costs.bookkeeping` measures it):
 
 - **The watch** (what changes the function for good): a parameter, buffer or plain tensor attribute
@@ -120,6 +123,8 @@ class ModelState:
         self._seen: tuple | None = None
         self._switch_values: tuple | None = None
         self._switches = b""
+        self._stamp: tuple | None = None
+        self._observed: Observed | None = None
         self._walk()
 
     # ---- the module tree ---------------------------------------------------------------
@@ -151,6 +156,8 @@ class ModelState:
                              or type(m).__module__.startswith("transformers.")]
         self.params = [p for m in base_modules for p in m._parameters.values() if p is not None]
         self.tuners = [m for m in modules if _is_tuner_layer(m)]
+        self.watched = (self.filled, self.containers, self.tensors, self.opaque, self.tuners, self.mode_modules,
+                        self.params, self.base)
 
     def _look(self) -> tuple:
         """Everything the watch compares between forwards: the tree (the ids of its dicts' values,
@@ -168,7 +175,21 @@ class ModelState:
 
     # ---- per forward ---------------------------------------------------------------------
     def check(self) -> Observed:
-        """This forward's epoch, state header and reason to run uncached."""
+        """This forward's epoch, state header and reason to run uncached. Where the extension is
+        built, one C++ call (`watch.cpp`'s `watch_stamp`) reads everything below reads; while its
+        stamp equals the last one (and no `register_state` hook is set), the last answer stands."""
+        ext = extension()
+        stamp = ext.watch_stamp(self.watched, self.device) if ext is not None else None
+        if stamp is not None and stamp == self._stamp and not _USER_STATES:
+            return self._observed
+        observed = self._check()
+        # (Stamped again: a walk or a move gives new lists to watch, the device its switches. Not
+        # while a hook keys the header: once it is removed, the next check must leave its value out.)
+        self._stamp = ext.watch_stamp(self.watched, self.device) if ext is not None and not _USER_STATES else None
+        self._observed = observed
+        return observed
+
+    def _check(self) -> Observed:
         seen = self._look()
         if seen != self._seen:
             if self._seen is not None and seen[0] != self._seen[0]:
@@ -218,7 +239,7 @@ def _autocast(kind: str) -> tuple:
 def _precision(kind: str) -> tuple:
     """Global switches that change how a device computes the same model (precision settings
     resolved as torch reads them: "none" defers to the level above, down to "ieee")."""
-    flags = (torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled())
+    flags = (_matmul_precision(), torch.are_deterministic_algorithms_enabled())
     if kind == "cuda":
         m = torch.backends.cuda.matmul
         flags += (_resolved(m, torch.backends.cuda), m.allow_tf32, torch.backends.cudnn.allow_tf32,
@@ -228,8 +249,21 @@ def _precision(kind: str) -> tuple:
                   torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
                   torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
     elif kind == "cpu":
-        flags += (_resolved(getattr(torch.backends.mkldnn, "matmul", None), torch.backends.mkldnn),)
+        mkldnn = torch.backends.mkldnn
+        flags += tuple(_resolved(getattr(mkldnn, op, None), mkldnn) for op in ("matmul", "conv", "rnn"))
+    else:
+        flags += (_resolved(),)
     return flags
+
+
+def _matmul_precision() -> str | None:
+    """The legacy float32 matmul precision, or None where torch refuses to read it: once a
+    backend's `fp32_precision` (the newer API) is set, `get_float32_matmul_precision` raises, and
+    the resolved per-backend values in the header tell the state instead."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
 
 
 def _resolved(*levels) -> str:

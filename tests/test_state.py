@@ -215,6 +215,54 @@ def test_matmul_precision_is_keyed(gen):
     assert pair.call() == 3
 
 
+# torch's newer per-backend API (once one is set, `torch.get_float32_matmul_precision` refuses to
+# answer): each level is set to two values in turn, then back to "none".
+FP32_PRECISION = {"generic": (torch.backends, ("tf32", "bf16")),
+                  "mkldnn": (torch.backends.mkldnn, ("bf16", "tf32")),
+                  "mkldnn_matmul": (torch.backends.mkldnn.matmul, ("bf16", "tf32"))}
+
+
+@pytest.mark.parametrize("level", sorted(FP32_PRECISION))
+def test_fp32_precision_api_is_keyed(level, gen):
+    holder, values = FP32_PRECISION[level]
+    pair = Pair(tiny_model("bert"), rows_of("bert", gen))
+    assert pair.call() == 0 and pair.call() == 3
+    try:
+        for value in values:
+            holder.fp32_precision = value
+            assert pair.call() == 0 and pair.call() == 3
+    finally:
+        holder.fp32_precision = "none"
+    assert pair.call() == 3
+    assert len(pair.states()) == 3
+
+
+def test_deterministic_algorithms_are_keyed(gen):
+    pair = Pair(tiny_model("bert"), rows_of("bert", gen))
+    assert pair.call() == 0 and pair.call() == 3
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(not before)
+        assert pair.call() == 0 and pair.call() == 3
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert pair.call() == 3
+    assert len(pair.states()) == 2
+
+
+def test_training_mode_and_autograd_run_uncached_and_back_serves_again(family, gen):
+    pair = Pair(KIND[family](family), rows_of(family, gen))
+    assert pair.call() == 0 and pair.call() == 3
+    pair.model.train()
+    with torch.inference_mode():
+        output(pair.model, pair.inputs)
+    pair.model.eval()
+    assert pair.call() == 3
+    output(pair.model, pair.inputs)  # autograd records: the weights require grad
+    assert pair.call() == 3
+    assert llmcache.stats(pair.model).not_cached == {"training": 3, "grad": 3}
+
+
 # ---- the module tree ---------------------------------------------------------------------------
 def _swap(model: torch.nn.Module, family: str) -> None:
     torch.manual_seed(5)
@@ -322,6 +370,21 @@ def test_register_state_keys_a_switch_the_cache_cannot_see(gen):
     finally:
         handle.remove()
         Steered.strength = 0.0
+
+
+def test_a_removed_register_state_hook_keys_no_more(gen):
+    first, second = rows_of("bert", gen), rows_of("bert", gen)  # (other ids, the same lengths)
+    pair = Pair(tiny_model("bert"), first)
+    assert pair.call() == 0
+    handle = llmcache.register_state(lambda m: "on")
+    try:
+        pair.inputs = second
+        assert pair.call() == 0 and pair.call() == 3
+    finally:
+        handle.remove()
+    pair.inputs = first  # keyed as before the hook again: its entries are served
+    assert pair.call() == 3
+    assert len(pair.states()) == 2
 
 
 def test_register_state_refuses_what_cannot_be_a_key(gen):

@@ -2,7 +2,9 @@
 
     python -m bench.costs.state [--calls 2000] [--loops 7] [--models minilm,minilm-lora,smollm2] [--out DIR]
 
-Per model: `ModelState.check()` (what every routed forward runs), and its two parts, the watch
+Per model: `ModelState.check()` (what every routed forward runs: where the extension is built,
+one C++ call, `watch_stamp`, and a comparison while nothing changed), the stamp alone, and the
+Python path a check takes when something changed (`_check`), with its two parts, the watch
 (`_look`: identities of every module, parameter and buffer of the tree, each tensor's version
 counter and storage, quantized packed weights, merged LoRA adapters; then one comparison) and the
 state header (`_header`: dtype, autocast, attention implementation, active adapters, precision
@@ -23,6 +25,7 @@ from pathlib import Path
 import llmcache
 from bench.report import header, median, print_table, write_rows
 from llmcache.models import load_minilm, load_smollm2
+from llmcache.ops._library import extension
 
 
 def per_call_us(fn, calls: int, loops: int) -> float:
@@ -61,6 +64,9 @@ def measure(name: str, calls: int, loops: int) -> dict:
         "tensors": len(state.tensors),
         "tuner_layers": len(state.tuners),
         "check_us": per_call_us(state.check, calls, loops),
+        "stamp_us": per_call_us(lambda: extension().watch_stamp(state.watched, state.device), calls, loops)
+        if extension() is not None else None,
+        "changed_check_us": per_call_us(state._check, calls, loops),
         "watch_us": per_call_us(lambda: state._look() == state._seen, calls, loops),
         "header_us": per_call_us(lambda: state._header(state.dtype, state.device), calls, loops),
     }
@@ -78,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [measure(name, args.calls, args.loops) for name in args.models.split(",")]
     print_table([{"model": r["model"], "modules": r["modules"], "tensors": r["tensors"], "LoRA": r["tuner_layers"],
-                  "check µs": r["check_us"], "watch µs": r["watch_us"], "header µs": r["header_us"]} for r in rows],
-                {"check µs": ".1f", "watch µs": ".1f", "header µs": ".1f"})
+                  "check µs": r["check_us"], "stamp µs": r["stamp_us"], "Python check µs": r["changed_check_us"],
+                  "watch µs": r["watch_us"], "header µs": r["header_us"]} for r in rows],
+                {"check µs": ".1f", "stamp µs": ".1f", "Python check µs": ".1f", "watch µs": ".1f", "header µs": ".1f"})
     write_rows(args.out / "state-cpu.json", header(args, "cpu", config=repr(llmcache.CacheConfig())), rows)
     return 0
 
