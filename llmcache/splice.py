@@ -140,18 +140,44 @@ def give_kv(cache, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, dty
     """Hand the model's KV cache a block's K, V [B, heads, T, head dim] in `dtype`. An empty
     DynamicLayer takes them as they are (views of the states read: its update would copy them
     onto its empty tensors, and its next update copies them anyway); other caches update."""
-    from transformers.cache_utils import DynamicLayer
-
+    layer_class, initialized = _dynamic_layer()
     if keys.dtype != dtype or values.dtype != dtype:  # (`to` costs a dispatch even where it changes nothing)
         keys, values = keys.to(dtype), values.to(dtype)
     layers = getattr(cache, "layers", None)
     if layers is not None and not getattr(cache, "offloading", False):
-        if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        if getattr(cache, "layer_class_to_replicate", None) is layer_class:
             while len(layers) <= layer_idx:  # (as its update makes the layers up to layer_idx)
-                layers.append(DynamicLayer())
+                layers.append(layer_class())
         layer = layers[layer_idx] if layer_idx < len(layers) else None
-        if type(layer) is DynamicLayer and (not layer.is_initialized or layer.keys.numel() == 0):
-            layer.lazy_initialization(keys, values)
+        if type(layer) is layer_class and (not layer.is_initialized or layer.keys.numel() == 0):
+            if initialized is None:
+                layer.lazy_initialization(keys, values)
+            else:
+                for name, of in initialized:
+                    setattr(layer, name, of(keys))
             layer.keys, layer.values = keys, values
             return
     cache.update(keys, values, layer_idx)
+
+
+_DYNAMIC_LAYER: tuple | None = None
+_LAZY_FIELDS = {"device": lambda t: t.device, "dtype": lambda t: t.dtype, "is_initialized": lambda t: True}
+
+
+def _dynamic_layer() -> tuple:
+    """(transformers' DynamicLayer, what its `lazy_initialization` sets besides keys and values as
+    [(name, value of the keys)], or None). Learned once, on a probe layer: that method builds
+    two empty tensors (µs each, an allocation per block on a GPU) that `give_kv` replaces at
+    once, so it sets the rest itself; None (call the method) where it sets anything else."""
+    global _DYNAMIC_LAYER
+    if _DYNAMIC_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        layer, probe = DynamicLayer(), torch.zeros(1, 1, 1, 1, dtype=torch.float16)
+        before = dict(vars(layer))
+        layer.lazy_initialization(probe, probe)
+        changed = {k for k, v in vars(layer).items() if k not in before or before[k] is not v} - {"keys", "values"}
+        fields = [(name, _LAZY_FIELDS[name]) for name in sorted(changed) if name in _LAZY_FIELDS]
+        same = len(fields) == len(changed) and all(getattr(layer, name) == of(probe) for name, of in fields)
+        _DYNAMIC_LAYER = (DynamicLayer, fields if same else None)
+    return _DYNAMIC_LAYER

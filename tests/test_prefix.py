@@ -226,6 +226,8 @@ def test_a_prefix_hit_hands_back_a_plain_cache_holding_the_uncached_calls_kv(tok
     assert_outputs(got_logits, want_logits, tolerance=PREFIX_TOLERANCE)
     for mine, theirs in zip(got.layers, want.layers):
         assert type(mine) is DynamicLayer and "update" not in vars(mine)
+        plain = lambda layer: {k: v for k, v in vars(layer).items() if not isinstance(v, torch.Tensor)}
+        assert plain(mine) == plain(theirs)  # (device, is_initialized: what the layer's own first update sets)
         assert mine.keys.shape == theirs.keys.shape == (1, mine.keys.shape[1], len(prompt) + 3, mine.keys.shape[3])
         assert mine.keys.is_contiguous() and mine.values.is_contiguous()
         torch.testing.assert_close(mine.keys, theirs.keys, **PREFIX_TOLERANCE)
