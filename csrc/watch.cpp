@@ -52,6 +52,17 @@ py::object frozen(const py::handle& value) {
   return py::tuple(items);
 }
 
+// A legacy precision getter's answer, or -1 where torch refuses it (once the newer per-backend
+// fp32_precision API is set: as state._legacy).
+template <typename Read>
+void legacy(Read read, std::vector<int64_t>& words) {
+  try {
+    words.push_back(static_cast<int64_t>(read()));
+  } catch (const c10::Error&) {
+    words.push_back(-1);
+  }
+}
+
 // The global switches state._precision and state._autocast read for `device`'s type (the raw
 // values of every level they resolve through).
 void switch_words(const c10::Device& device, std::vector<int64_t>& words) {
@@ -65,21 +76,21 @@ void switch_words(const c10::Device& device, std::vector<int64_t>& words) {
   } catch (const c10::Error&) {  // (a device type without autocast, e.g. meta: as state._autocast)
     words.insert(words.end(), {-1, -1});
   }
-  try {
-    words.push_back(static_cast<int64_t>(ctx.float32MatmulPrecision()));
-  } catch (const c10::Error&) {  // (the newer fp32_precision API set: as state._matmul_precision)
-    words.push_back(-1);
-  }
+  legacy([&] { return static_cast<int64_t>(ctx.float32MatmulPrecision()); }, words);
   words.push_back(ctx.deterministicAlgorithms());
   precision(B::GENERIC, O::ALL);
   if (device.is_cuda()) {
     for (O op : {O::ALL, O::CONV, O::RNN, O::MATMUL}) precision(B::CUDA, op);
-    words.insert(words.end(), {ctx.allowTF32CuBLAS(), ctx.allowTF32CuDNN(),
-                               static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()),
-                               static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()), ctx.userEnabledFlashSDP(),
+    legacy([&] { return ctx.allowTF32CuBLAS(); }, words);
+    legacy([&] { return ctx.allowTF32CuDNN(); }, words);
+    words.insert(words.end(), {static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()),
+                               static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()), ctx.allowFP16AccumulationCuBLAS(),
+                               static_cast<int64_t>(ctx.blasPreferredBackend()), ctx.userEnabledCuDNN(),
+                               ctx.benchmarkCuDNN(), ctx.deterministicCuDNN(), ctx.userEnabledFlashSDP(),
                                ctx.userEnabledMemEfficientSDP(), ctx.userEnabledMathSDP(), ctx.userEnabledCuDNNSDP()});
   } else if (device.is_cpu()) {
     for (O op : {O::ALL, O::CONV, O::RNN, O::MATMUL}) precision(B::MKLDNN, op);
+    words.insert(words.end(), {ctx.userEnabledMkldnn(), ctx.deterministicMkldnn()});
   }
 }
 

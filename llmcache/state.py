@@ -238,30 +238,32 @@ def _autocast(kind: str) -> tuple:
 
 def _precision(kind: str) -> tuple:
     """Global switches that change how a device computes the same model (precision settings
-    resolved as torch reads them: "none" defers to the level above, down to "ieee")."""
-    flags = (_matmul_precision(), torch.are_deterministic_algorithms_enabled())
+    resolved as torch reads them: "none" defers to the level above, down to "ieee"; a legacy
+    getter that torch refuses once the newer per-backend API is set reads None)."""
+    flags = (_legacy(torch.get_float32_matmul_precision), torch.are_deterministic_algorithms_enabled())
     if kind == "cuda":
-        m = torch.backends.cuda.matmul
-        flags += (_resolved(m, torch.backends.cuda), m.allow_tf32, torch.backends.cudnn.allow_tf32,
-                  m.allow_fp16_reduced_precision_reduction,
-                  m.allow_bf16_reduced_precision_reduction, _resolved(getattr(torch.backends.cudnn, "conv", None),
-                                                                       torch.backends.cudnn),
-                  torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
-                  torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+        m, cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cuda, torch.backends.cudnn
+        flags += (_resolved(m, cuda), _legacy(lambda: m.allow_tf32), _legacy(lambda: cudnn.allow_tf32),
+                  m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction,
+                  getattr(m, "allow_fp16_accumulation", None), str(cuda.preferred_blas_library()),
+                  _resolved(getattr(cudnn, "conv", None), cudnn), cudnn.enabled, cudnn.benchmark, cudnn.deterministic,
+                  cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+                  cuda.cudnn_sdp_enabled())
     elif kind == "cpu":
         mkldnn = torch.backends.mkldnn
         flags += tuple(_resolved(getattr(mkldnn, op, None), mkldnn) for op in ("matmul", "conv", "rnn"))
+        flags += (mkldnn.enabled, mkldnn.deterministic)
     else:
         flags += (_resolved(),)
     return flags
 
 
-def _matmul_precision() -> str | None:
-    """The legacy float32 matmul precision, or None where torch refuses to read it: once a
-    backend's `fp32_precision` (the newer API) is set, `get_float32_matmul_precision` raises, and
-    the resolved per-backend values in the header tell the state instead."""
+def _legacy(read: Callable):
+    """What a legacy precision getter answers, or None where torch refuses to read it: once a
+    backend's `fp32_precision` (the newer API) is set, `get_float32_matmul_precision` and
+    `backends.cuda.matmul.allow_tf32` raise, and the resolved per-backend values tell the state."""
     try:
-        return torch.get_float32_matmul_precision()
+        return read()
     except RuntimeError:
         return None
 

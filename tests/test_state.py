@@ -237,6 +237,82 @@ def test_fp32_precision_api_is_keyed(level, gen):
     assert len(pair.states()) == 3
 
 
+@pytest.mark.parametrize("flags", [{"enabled": False}, {"enabled": True, "deterministic": True}], ids=["off", "deterministic"])
+def test_onednn_switches_are_keyed(flags, gen):
+    pair = Pair(tiny_model("bert"), rows_of("bert", gen))
+    assert pair.call() == 0 and pair.call() == 3
+    with torch.backends.mkldnn.flags(**flags):
+        assert pair.call() == 0 and pair.call() == 3
+    assert pair.call() == 3
+    assert len(pair.states()) == 2
+
+
+@contextlib.contextmanager
+def _attribute(holder, name: str, value):
+    before = getattr(holder, name)
+    setattr(holder, name, value)
+    try:
+        yield
+    finally:
+        setattr(holder, name, before)
+
+
+@contextlib.contextmanager
+def _flash_sdp(value: bool):
+    before = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(value)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_flash_sdp(before)
+
+
+_CUDA = torch.backends.cuda
+CUDA_SWITCHES = {  # (each a context that changes one switch a CUDA model's output depends on)
+    "matmul_fp32_precision": lambda: _attribute(_CUDA.matmul, "fp32_precision", "tf32"),
+    "cudnn_conv_fp32_precision": lambda: _attribute(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+    "allow_tf32": lambda: _attribute(_CUDA.matmul, "allow_tf32", True),
+    "fp16_reduction": lambda: _attribute(_CUDA.matmul, "allow_fp16_reduced_precision_reduction", False),
+    "bf16_reduction": lambda: _attribute(_CUDA.matmul, "allow_bf16_reduced_precision_reduction", False),
+    "fp16_accumulation": lambda: _attribute(_CUDA.matmul, "allow_fp16_accumulation", True),
+    "cudnn_enabled": lambda: _attribute(torch.backends.cudnn, "enabled", False),
+    "cudnn_benchmark": lambda: _attribute(torch.backends.cudnn, "benchmark", True),
+    "cudnn_deterministic": lambda: _attribute(torch.backends.cudnn, "deterministic", True),
+    "flash_sdp": lambda: _flash_sdp(False),
+}
+
+
+@pytest.mark.parametrize("switch", sorted(CUDA_SWITCHES))
+def test_a_cuda_models_switches_are_read_under_either_precision_api(switch):
+    """Without a GPU, the header and the stamp of a CUDA model (the switches are the process's):
+    each moves with the switch, and neither raises once the newer fp32_precision API is set
+    (torch's legacy getters do: every CUDA forward raised)."""
+    from llmcache.ops._library import extension
+    from llmcache.state import _precision
+
+    ext = extension()
+    state = llmcache.api.owner_of(llmcache.accelerate(tiny_model("bert"))).state
+    stamp = (lambda: ext.watch_stamp(state.watched, torch.device("cuda"))) if ext is not None else (lambda: None)
+    for newer in (False, True):
+        with _attribute(torch.backends.cuda.matmul, "fp32_precision", "ieee") if newer else contextlib.nullcontext():
+            header, words = _precision("cuda"), stamp()
+            with CUDA_SWITCHES[switch]():
+                assert _precision("cuda") != header
+                assert ext is None or stamp() != words
+            assert _precision("cuda") == header
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("switch", sorted(CUDA_SWITCHES))
+def test_cuda_switches_are_keyed(switch, gen):
+    inputs = {k: v.cuda() for k, v in rows_of("bert", gen).items()}
+    pair = Pair(tiny_model("bert").cuda(), inputs)
+    assert pair.call() == 0 and pair.call() == 3
+    with CUDA_SWITCHES[switch]():
+        assert pair.call() == 0 and pair.call() == 3
+    assert pair.call() == 3
+
+
 def test_deterministic_algorithms_are_keyed(gen):
     pair = Pair(tiny_model("bert"), rows_of("bert", gen))
     assert pair.call() == 0 and pair.call() == 3
