@@ -26,7 +26,7 @@ something changed, or on every forward while a `register_state` hook is set
   inference tensors keep no version counter, so their in-place changes cannot be seen).
 
 What nothing here can see is the user's to tell: writes through `.data` (call `llmcache.reset`),
-a tensor attribute added to a module after `accelerate`, state a module reads from outside the
+a tensor attribute added to a module after `accelerate`, `torch.set_flush_denormal` (no getter), state a module reads from outside the
 model (a global, a file: `register_state` keys on it), and forward hooks. Hooks are not watched on
 purpose: most observe (record an activation, profile) and are added and removed around calls,
 which would drop every entry each time; a hook that changes an output is a switch to key with

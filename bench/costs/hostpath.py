@@ -94,8 +94,10 @@ def stage_times(model, new, rows: int, tokens: int, rounds: int, decoder: bool) 
         for scenario, batch in batches.items():
             with stages.timed(model) as timer:
                 for _ in range(rounds):
-                    model(input_ids=batch())
-            out[scenario] = timer.per_forward(rounds)
+                    ids = batch()
+                    with timer.forward():
+                        model(input_ids=ids)
+            out[scenario] = timer.per_forward()
     return out
 
 

@@ -1,11 +1,13 @@
 """Where the cache's own host time goes: microseconds per forward, stage by stage.
 
     with stages.timed(model) as timer:
-        for _ in range(n): model(**batch)
-    timer.per_forward(n)   # {"watch": us, "keys": us, ...}
+        for _ in range(n):
+            with timer.forward():
+                model(**batch)
+    timer.per_forward()   # {"watch": us, "keys": us, ..., "own": us}: medians over the forwards
 
 It wraps the library's internal functions (bench code may; tests may not) with timers while the
-block is open, and restores them after. Stages (exclusive times, so they add up to `own`):
+block is open, and restores them after. Stages (exclusive times; per forward they add up to `own`):
   watch      the model-state check (`state.ModelState.check`: weights, switches, adapters)
   router     the rest of the router's per-call work: argument binding, the gate, the key header,
              the [4, B, T] batch, the call stack, counters
@@ -20,11 +22,14 @@ block is open, and restores them after. Stages (exclusive times, so they add up 
   suffix     a prefix hit's own work around the model's forward over the suffix (the prefix's
              K/V cache, the outputs at the prefix positions)
 The wrappers cost ~0.3 us a call themselves (about 30 calls a forward on a 16-block decoder).
+Each stage is the median over the forwards timed, and `own` the median of their sums (so the stages
+need not add up to it exactly).
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections import defaultdict
 
@@ -49,6 +54,7 @@ class Timer:
     def __init__(self):
         self.total = defaultdict(float)
         self.depth = defaultdict(int)
+        self.forwards: list[dict] = []  # per forward timed (`forward`): its exclusive µs by stage
 
     def wrap(self, name: str, fn):
         total, depth = self.total, self.depth
@@ -67,25 +73,39 @@ class Timer:
         timed.__wrapped__ = fn
         return timed
 
-    def per_forward(self, forwards: int) -> dict:
-        """Exclusive microseconds per forward of each stage, and `own` (their sum)."""
-        t = {k: 1e6 * v / forwards for k, v in self.total.items()}
-        g = lambda k: t.get(k, 0.0)
-        route_rest = g("route") - g("keys") - g("spans") - g("row_keys") - g("upload") - g("read") - g("read_tokens")
-        out = {"watch": g("watch"), "router": g("begin") - g("watch") - g("host_copy") - g("route"),
-               "host_copy": g("host_copy"), "keys": g("keys") + g("spans") + g("row_keys"), "index": route_rest,
-               "upload": g("upload") + g("read") + g("read_tokens"),
-               "splice": g("splice") - g("blocks") - g("merge") - g("kv") - g("commit"),
-               "merge": g("merge") + g("kv"), "commit": g("commit"),
-               "suffix": g("run") - g("model_in_run") if g("run") else 0.0}
-        out = {k: max(v, 0.0) for k, v in out.items()}
-        out["own"] = sum(out.values())
-        return out
+    @contextlib.contextmanager
+    def forward(self):
+        """Around one forward: its stages are kept apart (`per_forward` takes medians over them)."""
+        before = dict(self.total)
+        yield
+        self.forwards.append(_exclusive({k: v - before.get(k, 0.0) for k, v in self.total.items()}))
+
+    def per_forward(self) -> dict:
+        """Exclusive microseconds per forward of each stage and `own` (their sum), medians over the
+        forwards timed: one cold or interrupted forward does not move them."""
+        return {k: statistics.median(f[k] for f in self.forwards) for k in self.forwards[0]}
+
+
+def _exclusive(seconds: dict) -> dict:
+    """Exclusive µs by stage, and `own`, from one forward's inclusive timers (seconds)."""
+    t = {k: 1e6 * v for k, v in seconds.items()}
+    g = lambda k: t.get(k, 0.0)
+    route_rest = g("route") - g("keys") - g("spans") - g("row_keys") - g("upload") - g("read") - g("read_tokens")
+    out = {"watch": g("watch"), "router": g("begin") - g("watch") - g("host_copy") - g("route"),
+           "host_copy": g("host_copy"), "keys": g("keys") + g("spans") + g("row_keys"), "index": route_rest,
+           "upload": g("upload") + g("read") + g("read_tokens"),
+           "splice": g("splice") - g("blocks") - g("merge") - g("kv") - g("commit"),
+           "merge": g("merge") + g("kv"), "commit": g("commit"),
+           "suffix": g("run") - g("model_in_run") if g("run") else 0.0}
+    out = {k: max(v, 0.0) for k, v in out.items()}
+    out["own"] = sum(out.values())
+    return out
 
 
 @contextlib.contextmanager
 def timed(model):
-    """Inside, the cache's stages are timed (`Timer.per_forward`); `model` an accelerated model."""
+    """Inside, the cache's stages are timed (each forward inside `timer.forward()`, then
+    `Timer.per_forward`); `model` an accelerated model."""
     import llmcache
 
     timer, restore = Timer(), []
