@@ -150,9 +150,9 @@ def run(args) -> int:
                         at = (c * (TURNS - 1) + turn) % len(VARIANTS)
                         for name in VARIANTS[at:] + VARIANTS[:at]:
                             if name == "llmcache":
-                                with stages.timed(cached) as timer:
+                                with stages.timed(cached) as timer, timer.forward():
                                     token, seconds = first_token(name, prompt, kept)
-                                own.append(timer.per_forward(1))
+                                own.append(timer.per_forward())
                             else:
                                 token, seconds = first_token(name, prompt, kept)
                             times[name][turn].append(seconds)
