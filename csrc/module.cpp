@@ -11,6 +11,8 @@ pybind11::bytes watch_tensors(const pybind11::list& tensors);
 pybind11::tuple watch_stamp(const pybind11::tuple& watched, const c10::Device& device);
 pybind11::tuple row_keys(const pybind11::buffer& host, const pybind11::bytes& header, bool lead_visible,
                          bool trail_visible, bool ids_before);
+pybind11::tuple page_keys(const pybind11::buffer& host, const pybind11::bytes& header, bool lead_visible,
+                          bool trail_visible, int64_t page);
 uint32_t crc32_copy(const pybind11::buffer& src, const pybind11::object& dst, uint32_t crc);
 pybind11::list split_keys(const pybind11::buffer& keys);
 void bind_exact_index(pybind11::module& m);
@@ -64,6 +66,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("row_keys", &llmcache::row_keys, pybind11::arg("host"), pybind11::arg("header"),
         pybind11::arg("lead_visible"), pybind11::arg("trail_visible"), pybind11::arg("ids_before"),
         "the exact tier's whole-row keys of a batch (llmcache.rows.row_keys)");
+  m.def("page_keys", &llmcache::page_keys, pybind11::arg("host"), pybind11::arg("header"),
+        pybind11::arg("lead_visible"), pybind11::arg("trail_visible"), pybind11::arg("page"),
+        "a decoder's page keys of a batch (llmcache.rows.page_keys)");
   m.def("split_keys", &llmcache::split_keys, pybind11::arg("keys"),
         "the 32-byte keys of a uint8 [..., 32] array, flattened, as bytes (llmcache.rows.split_keys)");
   // (The same kernel as the dispatcher's CPU hamming_topk: eager CPU calls take this, a few µs cheaper.)

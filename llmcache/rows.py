@@ -206,6 +206,56 @@ def _row_keys_reference(header: bytes, host: np.ndarray, padding: tuple[bool, bo
     return keys, start, count, np.stack([found.lead, found.trail, before])
 
 
+@dataclass(frozen=True)
+class PageKeys:
+    """A decoder batch's page keys (`page_keys`). keys: every row's pages' keys, row after row,
+    `per_row` each (32 bytes; zeros past a row's span or for a row not keyed). start, count: int64
+    [B], the span each row keys (its real tokens and the leading padding the caller sees); keyed,
+    lead, trail: as `Spans`'. headers: each row's marked header (`marked_header` with its lead)."""
+
+    keys: list
+    per_row: int
+    start: np.ndarray
+    count: np.ndarray
+    keyed: np.ndarray
+    lead: np.ndarray
+    trail: np.ndarray
+    headers: list
+
+
+def page_keys(header: bytes, host: np.ndarray, page: int, padding: tuple[bool, bool] = (False, False),
+              counts: dict | None = None, *, backend: str | None = None) -> PageKeys:
+    """The exact tier's page keys of a decoder batch, `host` int64 [4, B, T] (ids, mask, positions,
+    types): each row's span (`spans`; the leading padding the caller sees, `padding`, is keyed
+    with the row and marks its header; trailing padding is not keyed: it is computed after the
+    row) in pages of `page` tokens, chained (`chain_keys`, kind b"P") from its marked header's
+    seed. Rows that cannot be keyed are added to `counts`. One host call where the extension is
+    built (`csrc/cpu/row_keys.cpp`); `_page_keys_reference` is the contract."""
+    ext = extension()
+    if ext is None or resolve_backend(backend, _CPU) == "reference":
+        return _page_keys_reference(header, host, page, padding, counts)
+    keys, per_row, blob, keyed, no_tokens, gaps = ext.page_keys(np.ascontiguousarray(host, dtype=np.int64), header,
+                                                                padding[0], padding[1], page)
+    if counts is not None and (no_tokens or gaps):
+        for reason, n in (("no_tokens", no_tokens), ("mask_gaps", gaps)):
+            if n:
+                counts[reason] = counts.get(reason, 0) + n
+    start, count, lead, trail = np.frombuffer(blob, dtype=np.int64).reshape(4, -1)
+    none = np.zeros_like(lead)
+    return PageKeys(keys, per_row, start, count, np.frombuffer(keyed, dtype=np.bool_), lead, trail,
+                    marked_headers(header, lead, none, none))
+
+
+def _page_keys_reference(header: bytes, host: np.ndarray, page: int, padding: tuple[bool, bool],
+                         counts: dict | None) -> PageKeys:
+    found = spans(host[1], padding, counts)
+    start, count = found.start - found.lead, found.count + found.lead
+    none = np.zeros_like(start)
+    headers = marked_headers(header, found.lead, none, none)
+    keys = chain_keys(b"P", headers, host, start, np.where(found.keyed, count, 0), page)
+    return PageKeys(split_keys(keys), keys.shape[1], start, count, found.keyed, found.lead, found.trail, headers)
+
+
 def split_keys(keys: np.ndarray) -> list:
     """The 32-byte keys of a uint8 [..., 32] array, flattened, as bytes (one C loop where the
     extension is built: a decoder batch has a key per page)."""

@@ -83,3 +83,47 @@ def test_split_keys_gives_every_32_byte_key_in_order(shape):
         assert rows.split_keys(keys[:, 0]) == [k for i, k in enumerate(want) if i % shape[1] == 0]
     with pytest.raises(RuntimeError):
         llmcache.ops._library.extension().split_keys(np.zeros((2, 31), dtype=np.uint8))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="the C++ host op needs the extension")
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("lead,trail", list(itertools.product([False, True], repeat=2)))
+@pytest.mark.parametrize("page", [1, 3, 8])
+def test_the_page_keys_host_op_equals_the_reference(name, lead, trail, page):
+    for high in (1000, 2**40):
+        host = batch(MASKS[name], high)
+        counts_cpp, counts_ref = {}, {}
+        got = rows.page_keys(HEADER, host, page, (lead, trail), counts_cpp)
+        want = rows.page_keys(HEADER, host, page, (lead, trail), counts_ref, backend="reference")
+        assert got.keys == want.keys and got.per_row == want.per_row and got.headers == want.headers
+        for field in ("start", "count", "keyed", "lead", "trail"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        assert counts_cpp == counts_ref
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_page_keys_follow_the_contract(backend):
+    """Row 0 (leading padding seen): its pages start at position 0 under a header marked with that
+    padding, each page's key chained on the one before; row 1 (trailing padding seen): its real
+    tokens only, the padding after them not keyed; row 2 (a gap): no key, counted."""
+    host = batch([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 0, 0]])
+    counts = {}
+    got = rows.page_keys(HEADER, host, 2, (True, True), counts, backend=backend)
+    assert counts == {"mask_gaps": 1} and got.per_row == 3
+    assert got.start.tolist()[:2] == [0, 0] and got.count.tolist() == [5, 3, 2]
+    assert got.lead.tolist() == [2, 0, 0] and got.trail.tolist() == [0, 2, 0] and got.keyed.tolist() == [True, True, False]
+
+    def chain(seed, r, first, n):
+        keys = []
+        for a in range(first, first + n, 2):
+            tokens = np.ascontiguousarray(host[[0, 2, 3], r, a : min(a + 2, first + n)].T).astype("<i4")
+            seed = hashlib.blake2b(seed + len(tokens).to_bytes(4, "little") + bytes([4]) + tokens.tobytes(),
+                                   digest_size=32).digest()
+            keys.append(seed)
+        return keys + [bytes(32)] * (3 - len(keys))
+
+    marked = HEADER + b"M" + (2).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    assert got.headers == [marked, HEADER, HEADER]
+    assert got.keys[:3] == chain(hashlib.blake2b(b"P" + marked, digest_size=32).digest(), 0, 0, 5)
+    assert got.keys[3:6] == chain(hashlib.blake2b(b"P" + HEADER, digest_size=32).digest(), 1, 0, 3)
+    assert got.keys[6:] == [bytes(32)] * 3

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace llmcache {
 namespace cpu {
@@ -139,6 +140,17 @@ void read_rows(const uint8_t* arena, int64_t row_bytes, const int64_t* rows, int
 void row_keys(const int64_t* host, int64_t B, int64_t T, const uint8_t* header, int64_t header_len,
               bool lead_visible, bool trail_visible, bool ids_before, int64_t* start, int64_t* count,
               int64_t* marks, uint8_t* keys, uint8_t* keyed, int64_t* no_tokens, int64_t* gaps);
+// A decoder's page keys of a batch in one pass (llmcache.rows.page_keys states the contract; its
+// Python composition is the reference). Per row: s, n and keyed as row_keys's (counted the same
+// way); lead = s where keyed and `lead_visible` (leading padding is keyed with
+// the row), trail = T - s - n where keyed and `trail_visible` (not keyed: computed after the row);
+// start[r] = s - lead, count[r] = n + lead (rows not keyed too). Keys [B, P, 32] into *keys:
+// chain_hash over pages of `page` tokens of each keyed row's span (none for the others), seeded
+// by BLAKE2b-256("P" || header || marks), marks = "M" lead 0 where lead is non-zero; returns P.
+int64_t page_keys(const int64_t* host, int64_t B, int64_t T, const uint8_t* header, int64_t header_len,
+                  bool lead_visible, bool trail_visible, int64_t page, int64_t* start, int64_t* count,
+                  int64_t* lead, int64_t* trail, uint8_t* keyed, std::vector<uint8_t>* keys, int64_t* no_tokens,
+                  int64_t* gaps);
 
 }  // namespace cpu
 }  // namespace llmcache

@@ -104,32 +104,27 @@ def route(store, header: bytes, host: np.ndarray, seq: int, device: torch.device
     them into the bank first (`remote.Remote.warm_pages`). Call inside `store.index.pinned()`, under
     the owner's lock."""
     index, page = store.index, store.config.page_tokens
-    mask = host[1]
-    spans = rows.spans(mask, padding, counts)
-    batch = mask.shape[0]
-    keyed = spans.keyed.tolist()
     # Padding the caller sees: a row's leading padding is keyed and stored with it (its pages
     # start at position 0, under a header that says how much padding they begin with), its
-    # trailing padding is computed after its cached tokens (`suffix.plan`).
-    leading = (spans.lead > 0).tolist()
-    trailing = spans.trail.tolist()
-    pads = spans.lead
-    start, count = spans.start - pads, spans.count + pads  # (from here on: the span each row keys)
-    # (A row that cannot be keyed has no pages.)
-    none = np.zeros(batch, dtype=np.int64)
-    headers = rows.marked_headers(header, pads, none, none)
-    keyed_count = np.where(spans.keyed, count, 0)
-    keys = rows.chain_keys(b"P", headers, host, start, keyed_count, page)
-    flat = rows.split_keys(keys)
+    # trailing padding is computed after its cached tokens (`suffix.plan`). A row that cannot be
+    # keyed has no pages.
+    keyed_pages = rows.page_keys(header, host, page, padding, counts)
+    batch = len(keyed_pages.start)
+    keyed = keyed_pages.keyed.tolist()
+    leading = (keyed_pages.lead > 0).tolist()
+    trailing = keyed_pages.trail.tolist()
+    pads, headers, flat, per_row = keyed_pages.lead, keyed_pages.headers, keyed_pages.keys, keyed_pages.per_row
+    start, count = keyed_pages.start, keyed_pages.count  # (from here on: the span each row keys)
+    keyed_count = np.where(keyed_pages.keyed, count, 0)
     if warm is not None:
-        warm(flat, keys.shape[1], keyed_count, headers, host, start, page)
+        warm(flat, per_row, keyed_count, headers, host, start, page)
     runs = getattr(index, "longest_runs", None) or functools.partial(longest_runs, index)
-    found, covered = runs(flat, keys.shape[1], keyed_count)
+    found, covered = runs(flat, per_row, keyed_count)
     partial = _partial_pages(index, headers, host, start, keyed_count, page, flat, found, covered) \
         if near is None else [0] * batch
     # The pages found stay put while this routing reserves pages (which may evict) and reads them.
     index.pin(e for f in found for e in f)
-    rows_ = _Rows(headers, host, flat, keys.shape[1], start, count.tolist(), found, covered, keyed, leading, trailing,
+    rows_ = _Rows(headers, host, flat, per_row, start, count.tolist(), found, covered, keyed, leading, trailing,
                   pads, partial)
     chains = None
     prefixes = geometry.final_norm is not None
