@@ -265,11 +265,16 @@ class __attribute__((visibility("hidden"))) ExactIndexCore {
     return true;
   }
 
-  std::vector<bool> commit_many(const I64& entries) {
-    std::vector<bool> out;
-    out.reserve(entries.size());
-    for (py::ssize_t i = 0; i < entries.size(); ++i) out.push_back(commit(entries.data()[i]));
-    return out;
+  // `commit` of each entry: (the entries, -1 where another entry took its key meanwhile; their keys).
+  py::tuple commit_many(const I64& entries) {
+    const py::ssize_t n = entries.size();
+    py::list committed(n), keys(n);
+    for (py::ssize_t i = 0; i < n; ++i) {
+      const int64_t e = checked(entries.data()[i]);
+      keys[i] = keys_[e];  // (before `commit`, which drops an entry whose key was taken)
+      committed[i] = commit(e) ? e : -1;
+    }
+    return py::make_tuple(committed, keys);
   }
 
   void release(int64_t entry) {

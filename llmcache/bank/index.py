@@ -333,15 +333,16 @@ class ExactIndex:
         self.table[key] = entry
         return True
 
-    def commit_many(self, entries: list) -> list[bool]:
-        """`commit` of each entry: in one pass where no key is taken meanwhile."""
+    def commit_many(self, entries: list) -> tuple[list, list]:
+        """`commit` of each entry, in one pass where no key is taken meanwhile: (the entries, -1
+        where another entry took its key meanwhile; their keys)."""
         keys = list(map(self.meta.keys.__getitem__, entries))
         if len(set(keys)) < len(keys) or any(map(self.table.__contains__, keys)):
-            return [self.commit(e) for e in entries]
+            return [e if self.commit(e) else -1 for e in entries], keys
         self.reserved.difference_update(entries)
         self.meta.valid[entries] = True
         self.table.update(zip(keys, entries))
-        return [True] * len(entries)
+        return list(entries), keys
 
     def release(self, entry: int) -> None:
         """Give back a reserved entry that will not be written (its forward failed)."""

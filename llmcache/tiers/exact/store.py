@@ -123,9 +123,7 @@ class Store:
         under the lock."""
         self.arena.grow(self.index.num_pages)
         finite = self.arena.write_tokens(dst, pieces, src)
-        keys = list(map(self.index.key, entries))
-        published = self.index.commit_many(entries)
-        committed = list(entries) if all(published) else [e if ok else -1 for e, ok in zip(entries, published)]
+        committed, keys = self.index.commit_many(entries)
         self.pending.append(((committed, keys, ntokens), finite))
         return committed
 
