@@ -10,7 +10,7 @@ Trailing padding (mask == 0) is not part of it; the positions are, so a row move
 other positions (absolute or rotary embeddings) is another row. Finding two rows with one key is
 a 2^128 search: no collision can be crafted, and none happens by chance.
 
-A decoder row is keyed page by page (`chain_keys` with kind b"P"): each page's key is the digest of the key of
+A decoder row is keyed page by page (`page_keys`: `chain_keys` with kind b"P"): each page's key is the digest of the key of
 the page before it and its own tokens, so a key names the whole prefix up to it, the longest
 cached prefix of a row is its longest run of pages found from its start
 (`llmcache.tiers.exact.prefix`), and the same prefix has the same key in every process.

@@ -294,3 +294,14 @@ def test_peer_suite_runs_transformers_determinism_plain_and_accelerated(tmp_path
         assert run["pass_plain_fail_here"] == []
     assert report["runs"]["accelerated"]["cache"]["hits"] > 0  # the repeats were served
     assert (tmp_path / "out" / "peer.md").read_text().startswith("transformers ")
+
+
+def test_cold_bench_times_each_step_twice_per_forward_and_restores_it():
+    from bench.costs import cold
+    from llmcache import rows
+
+    before = rows.row_keys
+    got = cold.measure("minilm", 2, 8, 2)
+    assert {r["step"] for r in got} == {"batch defaults", "row keys", "arena write"}  # (an encoder: no page keys)
+    assert all(r["calls"] == 2 for r in got)  # (one call of each step per forward; warm-up not recorded)
+    assert rows.row_keys is before

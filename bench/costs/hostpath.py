@@ -232,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                  "prefix/unc": ".3f", "ideal/unc": ".3f", "decode/unc": ".3f"},
                 "lrrrrrrrrrr")
     if args.stages:
-        names = ["watch", "router", "host_copy", "keys", "index", "upload", "splice", "merge", "commit", "suffix"]
+        names = ["watch", "router", "host_copy", "keys", "index", "upload", "read", "splice", "merge", "commit",
+                 "write", "suffix"]
         print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "case": case, "own us": v["own"],
-                      **{n: v[n] for n in names}} for r in rows for case, v in r["stages_us"].items()],
-                    {n: ".0f" for n in ["own us"] + names}, "lll" + "r" * (len(names) + 1))
+                      "host us": v["host"], **{n: v[n] for n in names}} for r in rows for case, v in r["stages_us"].items()],
+                    {n: ".0f" for n in ["own us", "host us"] + names}, "lll" + "r" * (len(names) + 2))
     if args.ops:
         print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "case": case, "kernels": v["kernels"],
                       "views": v["views"], "kernels - uncached": v["kernels"] - r["ops"]["uncached"]["kernels"]}

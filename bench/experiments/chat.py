@@ -218,7 +218,7 @@ def run(args) -> int:
             "states from its bank (the last block's output and every block's K/V per token) into a fresh cache. "
             "ideal: the recipe's call with its cache copied before the clock starts (a bound: no method skips the "
             "copy and keeps its cache). over_ideal: median per-call ratio to the ideal. llmcache_own_us: the cache's "
-            "own time by stage (bench.costs.stages; 'upload' includes reading the history's states from the bank), "
+            "own time by stage (bench.costs.stages; 'read' is reading the history's states from the bank), "
             "medians over the timed calls.")
     write_json(Path(args.out) / "chat-smollm2-cpu.json",
                {"header": header(args), "conversations": args.conversations, "turns": TURNS,
