@@ -83,7 +83,8 @@ py::tuple page_keys(const py::buffer& host, const py::bytes& header, bool lead_v
                            length, lead_visible, trail_visible, page, spans.data(), spans.data() + B,
                            spans.data() + 2 * B, spans.data() + 3 * B, keyed.data(), &keys, &no_tokens, &gaps);
   }
-  return py::make_tuple(key_list(reinterpret_cast<const char*>(keys.data()), B * pages), pages, py::bytes(reinterpret_cast<const char*>(spans.data()), spans.size() * 8),
+  return py::make_tuple(key_list(reinterpret_cast<const char*>(keys.data()), B * pages), pages,
+                        py::bytes(reinterpret_cast<const char*>(spans.data()), spans.size() * 8),
                         py::bytes(reinterpret_cast<const char*>(keyed.data()), keyed.size()), no_tokens, gaps);
 }
 

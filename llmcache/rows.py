@@ -112,12 +112,19 @@ def spans(mask: np.ndarray, padding: tuple[bool, bool] = (False, False), counts:
     end = np.where(count > 0, seq - real[:, ::-1].argmax(1), 0)
     keyed = (count > 0) & ((end - start) == count)
     if counts is not None:
-        for reason, n in (("no_tokens", int((count == 0).sum())), ("mask_gaps", int((~keyed & (count > 0)).sum()))):
-            if n:
-                counts[reason] = counts.get(reason, 0) + n
+        _count_unkeyed(counts, int((count == 0).sum()), int((~keyed & (count > 0)).sum()))
     lead = np.where(keyed & padding[0], start, 0)
     trail = np.where(keyed & padding[1], seq - start - count, 0)
     return Spans(start, count, keyed, lead, trail)
+
+
+def _count_unkeyed(counts: dict | None, no_tokens: int, gaps: int) -> None:
+    """Add the rows that cannot be keyed to `counts` (reason -> rows), when given."""
+    if counts is None:
+        return
+    for reason, n in (("no_tokens", no_tokens), ("mask_gaps", gaps)):
+        if n:
+            counts[reason] = counts.get(reason, 0) + n
 
 
 def padding_mark(pads: tuple[int, int] | None) -> bytes:
@@ -185,10 +192,7 @@ def row_keys(header: bytes, host: np.ndarray, padding: tuple[bool, bool] = (Fals
         return _row_keys_reference(header, host, padding, ids_before, counts)
     keys, blob, no_tokens, gaps = ext.row_keys(np.ascontiguousarray(host, dtype=np.int64), header, padding[0],
                                                padding[1], ids_before)
-    if counts is not None and (no_tokens or gaps):
-        for reason, n in (("no_tokens", no_tokens), ("mask_gaps", gaps)):
-            if n:
-                counts[reason] = counts.get(reason, 0) + n
+    _count_unkeyed(counts, no_tokens, gaps)
     arrays = np.frombuffer(blob, dtype=np.int64).reshape(5, -1)
     return keys, arrays[0], arrays[1], arrays[2:]
 
@@ -236,10 +240,7 @@ def page_keys(header: bytes, host: np.ndarray, page: int, padding: tuple[bool, b
         return _page_keys_reference(header, host, page, padding, counts)
     keys, per_row, blob, keyed, no_tokens, gaps = ext.page_keys(np.ascontiguousarray(host, dtype=np.int64), header,
                                                                 padding[0], padding[1], page)
-    if counts is not None and (no_tokens or gaps):
-        for reason, n in (("no_tokens", no_tokens), ("mask_gaps", gaps)):
-            if n:
-                counts[reason] = counts.get(reason, 0) + n
+    _count_unkeyed(counts, no_tokens, gaps)
     start, count, lead, trail = np.frombuffer(blob, dtype=np.int64).reshape(4, -1)
     none = np.zeros_like(lead)
     return PageKeys(keys, per_row, start, count, np.frombuffer(keyed, dtype=np.bool_), lead, trail,
