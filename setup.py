@@ -58,7 +58,7 @@ def extensions():
     archs = os.environ.get("LLMCACHE_CUDA_ARCHS", "8.0;9.0+PTX")
     sources = ["csrc/module.cpp", "csrc/torch_cpu.cpp", "csrc/watch.cpp", "csrc/host_ops.cpp",
                "csrc/exact_index.cpp", "csrc/route_rows.cpp", "csrc/route_pages.cpp",
-               "csrc/plan_arrays.cpp"] + sorted(glob("csrc/cpu/*.cpp"))
+               "csrc/plan_arrays.cpp", "csrc/suffix_arrays.cpp"] + sorted(glob("csrc/cpu/*.cpp"))
     macros = [
         ("LLMCACHE_TORCH_VERSION", f'"{torch.__version__}"'),
         ("LLMCACHE_CUDA_ARCHS", f'"{archs if with_cuda else ""}"'),

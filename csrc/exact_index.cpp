@@ -1,5 +1,5 @@
 // Python bindings of the exact tier's host index (exact_index.h) and its routing ops (route_rows.cpp,
-// route_pages.cpp, plan_arrays.cpp).
+// route_pages.cpp, plan_arrays.cpp, suffix_arrays.cpp).
 #include "exact_index.h"
 
 namespace llmcache {
@@ -42,6 +42,9 @@ void bind_exact_index(py::module& m) {
       .def("plan_arrays", &plan_arrays, py::arg("batch"), py::arg("seq"), py::arg("width"), py::arg("served"),
            py::arg("served_starts"), py::arg("held"), py::arg("sizes"), py::arg("computing"), py::arg("copy_rows"),
            py::arg("copy_src"), py::arg("entries"), py::arg("w_rows"), py::arg("w_first"), py::arg("w_n"))
+      .def("suffix_arrays", &suffix_arrays, py::arg("seq"), py::arg("host"), py::arg("start"), py::arg("n_real"),
+           py::arg("covered"), py::arg("keyed"), py::arg("trailing"), py::arg("found"), py::arg("sizes"),
+           py::arg("entries"), py::arg("w_rows"), py::arg("w_at"), py::arg("w_n"))
       .def("longest_runs", &longest_runs, py::arg("keys"), py::arg("per_row"), py::arg("count"))
       .def("reserve_pages", &reserve_pages, py::arg("keys"), py::arg("per_row"), py::arg("todo"), py::arg("first"),
            py::arg("opens"), py::arg("n_real"), py::arg("start"), py::arg("headers"), py::arg("host"),

@@ -51,6 +51,16 @@ inline py::array_t<int64_t> array_of(const std::vector<int64_t>& values) {
   if (!values.empty()) std::memcpy(out.mutable_data(), values.data(), values.size() * sizeof(int64_t));
   return out;
 }
+// int64 [sum lengths]: start, start + 1, ..., start + length - 1 per run (plan.runs).
+inline py::array_t<int64_t> runs_array(const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths) {
+  int64_t total = 0;
+  for (int64_t n : lengths) total += n;
+  py::array_t<int64_t> out(total);
+  int64_t* o = out.mutable_data();
+  for (size_t i = 0; i < starts.size(); ++i)
+    for (int64_t t = 0; t < lengths[i]; ++t) *o++ = starts[i] + t;
+  return out;
+}
 }  // namespace index_detail
 using namespace index_detail;
 
@@ -473,6 +483,12 @@ py::tuple plan_arrays(const ExactIndexCore& index, int64_t batch, int64_t seq, i
                       const I64& served_starts, const I64& held, const py::object& sizes, const I64& computing,
                       const I64& copy_rows, const I64& copy_src, const I64& entries, const I64& w_rows,
                       const I64& w_first, const I64& w_n);
+
+// The host arrays of a decoder forward whose rows compute from their cached prefixes on
+// (suffix_arrays.cpp): (parts by the names plan.upload takes, cached [B], Pmax, S, uniform, straddle).
+py::tuple suffix_arrays(const ExactIndexCore& index, int64_t seq, const I64& host, const I64& start, const I64& n_real,
+                        const I64& covered, const I64& keyed, const I64& trailing, const I64& found, const I64& sizes,
+                        const I64& entries, const I64& w_rows, const I64& w_at, const I64& w_n);
 
 // A decoder forward's page routing on this index (route_pages.cpp).
 py::tuple longest_runs(const ExactIndexCore& index, const py::handle& keys, int64_t per_row, const I64& count);

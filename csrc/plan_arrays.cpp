@@ -10,17 +10,6 @@ namespace {
 
 std::vector<int64_t> vec(const I64& a) { return {a.data(), a.data() + a.size()}; }
 
-// int64 [sum lengths]: start, start + 1, ..., start + length - 1 per run (plan.runs).
-py::array_t<int64_t> runs(const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths) {
-  int64_t total = 0;
-  for (int64_t n : lengths) total += n;
-  py::array_t<int64_t> out(total);
-  int64_t* o = out.mutable_data();
-  for (size_t i = 0; i < starts.size(); ++i)
-    for (int64_t t = 0; t < lengths[i]; ++t) *o++ = starts[i] + t;
-  return out;
-}
-
 // Where each of `rows` stands among `computing` (ascending; every one of `rows` is in it).
 std::vector<int64_t> place_in(const std::vector<int64_t>& computing, const std::vector<int64_t>& rows) {
   std::vector<int64_t> out;
@@ -52,7 +41,7 @@ PlanParts plan_parts(const ExactIndexCore& index, int64_t batch, int64_t seq, in
     TORCH_CHECK(e == p.held.size(), "plan_arrays: sizes must add up to the entries held");
     out.parts["served_src"] = index.token_rows_of(p.held.data(), static_cast<int64_t>(p.held.size()));
     out.served_all = whole;  // (every position of every row served, in order: the states are the output)
-    if (!whole) out.parts["served_dst"] = runs(dst_starts, lengths);
+    if (!whole) out.parts["served_dst"] = runs_array(dst_starts, lengths);
   }
   if (!p.copy_rows.empty()) {
     out.parts["repeat_rows"] = array_of(p.copy_rows);
@@ -72,7 +61,7 @@ PlanParts plan_parts(const ExactIndexCore& index, int64_t batch, int64_t seq, in
       end = starts[i] + p.w_n[i];
     }
     out.store_all = in_order && end == static_cast<int64_t>(p.computing.size()) * width;
-    if (!out.store_all) out.parts["store_src"] = runs(starts, p.w_n);
+    if (!out.store_all) out.parts["store_src"] = runs_array(starts, p.w_n);
   }
   return out;
 }

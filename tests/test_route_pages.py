@@ -141,6 +141,70 @@ def test_the_cpp_plan_arrays_equal_the_reference(seed: int):
             index.release(e)
 
 
+
+def _suffix_batch(rng: np.random.Generator, index, held_entries: list) -> tuple:
+    """`suffix_arrays`' arguments for a random batch: rows at an offset or not, with trailing
+    padding or not, keyed or not, with 0-3 entries found covering their tokens or fewer; written
+    entries anywhere in their rows (some before the cached end: pages that replace a partial
+    one); a third of the batches uniform (every row from 0, the same cached and computed lengths)."""
+    batch = int(rng.integers(1, 6))
+    uniform = rng.random() < 0.3
+    sizes = rng.integers(0, 4, batch) if not uniform else np.full(batch, int(rng.integers(1, 4)))
+    found = rng.choice(held_entries, int(sizes.sum())).tolist()
+    ntokens = index.token_counts(np.asarray(found, dtype=np.int64)) if found else np.zeros(0, dtype=np.int64)
+    ends = np.concatenate([[0], np.cumsum(ntokens)])[np.cumsum(sizes)]
+    held = ends - np.concatenate([[0], ends[:-1]])  # (each row's entries' tokens)
+    if uniform:
+        n_real = np.full(batch, int(held.min()) + int(rng.integers(0, 4)))
+        trailing, start = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
+        covered = np.full(batch, int(held.min()))
+        seq = int(n_real[0])
+    else:
+        n_real = rng.integers(1, 12, batch)
+        covered = np.where(rng.random(batch) < 0.7, np.minimum(held, n_real), rng.integers(0, held + 1))
+        trailing = np.where(rng.random(batch) < 0.3, rng.integers(1, 4, batch), 0)
+        start = np.where(rng.random(batch) < 0.5, rng.integers(0, 3, batch), 0)
+        seq = int((start + n_real + trailing).max()) + int(rng.integers(0, 3))
+    keyed = (rng.random(batch) < 0.9).astype(np.int64)
+    host = rng.integers(0, 100, size=(4, batch, seq)).astype(np.int64)
+    w_rows = np.sort(rng.integers(0, batch, int(rng.integers(0, 4))))
+    entries = index.reserve_many([bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in w_rows],
+                                 rng.integers(1, 5, len(w_rows)), None, None)
+    w_n = index.token_counts(np.asarray(entries, dtype=np.int64)) if entries else np.zeros(0, dtype=np.int64)
+    w_at = np.asarray([int(rng.integers(0, n_real[r])) for r in w_rows], dtype=np.int64)
+    args = (seq, host, start, n_real, covered, keyed, trailing, found, sizes, entries,
+            w_rows.astype(np.int64), w_at, w_n)
+    return args, entries
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_cpp_suffix_arrays_equal_the_reference(seed: int):
+    """`suffix_arrays` (csrc/suffix_arrays.cpp) against `suffix.suffix_arrays` on random batches
+    of rows that compute from their cached prefixes on (see `_suffix_batch`)."""
+    from llmcache.tiers.exact import suffix
+
+    rng = np.random.default_rng(seed)
+    index = NativeIndex(PAGE, 1 << 20, None)
+    held_entries = index.reserve_many([bytes([seed, k]) * 16 for k in range(30)], rng.integers(1, PAGE + 1, 30),
+                                      None, None)
+    index.commit_many(held_entries)
+    reached = {"uniform": 0, "straddle": 0, "prefix": 0}
+    for _ in range(80):
+        args, entries = _suffix_batch(rng, index, held_entries)
+        got, want = index.suffix_arrays(*args), suffix.suffix_arrays(index, *args)
+        assert got[2:] == want[2:]
+        assert np.array_equal(got[1], want[1])
+        assert sorted(got[0]) == sorted(want[0])
+        for name, value in want[0].items():
+            assert np.array_equal(np.asarray(got[0][name]).ravel(), np.asarray(value).ravel()), name
+        reached["uniform"] += got[4]
+        reached["straddle"] += got[5]
+        reached["prefix"] += int(got[1].max() > 0)
+        for e in entries:
+            index.release(e)
+    assert min(reached.values()) > 0, reached  # (the walk reached each kind of batch)
+
+
 def test_the_cpp_ops_refuse_arguments_that_name_what_is_not_there():
     index = NativeIndex(PAGE, 1 << 20, None)
     entries = index.reserve_many([b"a" * 32, b"b" * 32], [3, 5], None, None)
@@ -155,3 +219,11 @@ def test_the_cpp_ops_refuse_arguments_that_name_what_is_not_there():
         index.plan_arrays(1, 8, 8, [0], [0], entries[:1], [2], [], [], [], [], [], [], [])
     with pytest.raises(RuntimeError, match="no entry"):
         index.plan_arrays(1, 8, 8, [0], [0], [7], None, [], [], [], [], [], [], [])
+    host = np.zeros((4, 1, 4), dtype=np.int64)
+    with pytest.raises(RuntimeError, match="sizes must add up"):  # (one entry found, none named)
+        index.suffix_arrays(4, host, [0], [3], [3], [1], [0], [], [1], [], [], [], [])
+    with pytest.raises(RuntimeError, match="more tokens than its entries hold"):  # (row 0 covers 8, holds 3)
+        index.suffix_arrays(4, np.zeros((4, 2, 4), dtype=np.int64), [0, 0], [4, 4], [8, 3], [1, 1], [0, 0],
+                            entries[:1] * 2, [1, 1], [], [], [], [])
+    with pytest.raises(RuntimeError, match="outside its T positions"):  # (a span past T)
+        index.suffix_arrays(4, host, [2], [3], [0], [0], [0], [], [0], [], [], [], [])

@@ -56,7 +56,7 @@ class Reference:
         self.index = index
 
     def __getattr__(self, name: str):
-        if name in ("route_rows", "longest_runs", "reserve_pages", "plan_arrays"):
+        if name in ("route_rows", "longest_runs", "reserve_pages", "plan_arrays", "suffix_arrays"):
             raise AttributeError(name)
         return getattr(self.index, name)
 

@@ -39,10 +39,10 @@ class NativeIndex:
         self.commit, self.discard, self.live = core.commit, core.discard, core.live
         self.walkable, self.field, self.restore = core.walkable, core.field, core.restore
         self.partial_after = core.partial_after
-        # (tiers/exact/route.py, prefix.py, plan.py: a forward's routing in a call or two: route_rows.cpp,
-        # route_pages.cpp, plan_arrays.cpp)
+        # (tiers/exact/route.py, prefix.py, plan.py, suffix.py: a forward's routing in a call or two:
+        # route_rows.cpp, route_pages.cpp, plan_arrays.cpp, suffix_arrays.cpp)
         self.route_rows, self.longest_runs, self.reserve_pages = core.route_rows, core.longest_runs, core.reserve_pages
-        self.plan_arrays = core.plan_arrays
+        self.plan_arrays, self.suffix_arrays = core.plan_arrays, core.suffix_arrays
 
     # ---- reading ---------------------------------------------------------------------------
     @property

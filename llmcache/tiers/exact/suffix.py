@@ -16,6 +16,7 @@ and the new pages are written from the same tensors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,56 +52,14 @@ def plan(store, geometry, rows_, whole: list, entries: list, writes: tuple, seq:
     trailing padding), and then its trailing padding positions, which attend to the row's
     tokens but not to themselves (their mask is 0, as in the uncached call). `geometry`: the
     span's `adapters.Geometry`."""
-    batch, n_real, trailing, start = rows_.batch, rows_.n_real, rows_.trailing, rows_.start
-    cached = [min(rows_.covered[r], n_real[r] - (0 if trailing[r] else 1)) if rows_.keyed[r] and rows_.found[r]
-              else 0 for r in range(batch)]
-    real_len = [n_real[r] - cached[r] for r in range(batch)]
-    suffix_len = [real_len[r] + int(trailing[r]) for r in range(batch)]
-    pmax, smax = max(cached), max(max(suffix_len), 1)
+    batch = rows_.batch
+    arrays = getattr(store.index, "suffix_arrays", None) or functools.partial(suffix_arrays, store.index)
+    parts, cached, pmax, smax, uniform, straddle = arrays(
+        seq, rows_.host, rows_.start, rows_.n_real, rows_.covered, rows_.keyed, rows_.trailing,
+        [e for f in rows_.found for e in f], [len(f) for f in rows_.found], entries, *writes)
+    cached = cached.tolist()
     width = pmax + smax
-    s, p, k = (np.asarray(x, dtype=np.int64) for x in (start, cached, suffix_len))
-    uniform = bool(seq == width and not s.any() and (p == pmax).all() and (k == smax).all())
-    # Row r's suffix: its tokens from s + p on, k of them; after them (up to S) its last id again
-    # and positions counting on (masked slots), types 0.
-    col = np.arange(smax)[None, :]
-    at = (s + p)[:, None] + np.minimum(col, np.maximum(k - 1, 0)[:, None])
-    live, some = col < k[:, None], (k > 0)[:, None]
-    by_row = np.arange(batch)[:, None]
-    take = lambda a: a[by_row, at]  # (each row's suffix columns: plain indexing, not np.take_along_axis)
-    last_position = rows_.positions[by_row, (s + p + np.maximum(k - 1, 0))[:, None]]
-    parts = {"ids": np.where(some, take(rows_.ids), 0),
-             "positions": np.where(some, np.where(live, take(rows_.positions), last_position + col - k[:, None] + 1), 0),
-             "types": np.where(live, take(rows_.types), 0)}
-    cols = np.arange(width)[None, :]
-    parts["mask"] = ((cols >= (pmax - p)[:, None]) & (cols < (pmax + np.asarray(real_len))[:, None])).astype(np.int64)
-    rows = np.arange(batch, dtype=np.int64)
-    covered = np.asarray([len(rows_.found[r]) and rows_.covered[r] for r in range(batch)], dtype=np.int64)
-    found = [e for r in range(batch) if p[r] for e in rows_.found[r]]
-    held = store.index.token_rows(found) if found else np.zeros(0, dtype=np.int64)
-    first = np.cumsum(np.where(p > 0, covered, 0)) - np.where(p > 0, covered, 0)
-    parts["prefix_src"] = held[plans.runs(first[p > 0], p[p > 0])] if found else held
-    parts["prefix_slot"] = plans.runs(rows * pmax + pmax - p, p)
-    parts["prefix_dst"] = plans.runs(rows * seq + s, p)
-    parts["suffix_src"] = plans.runs(rows * smax, k)
-    parts["suffix_dst"] = plans.runs(rows * seq + s + p, k)
-    straddle = False
     into_kv = uniform and pmax > 0  # (the prefix read into per-block K/V with room for the suffix)
-    if entries:
-        # A reserved page of row r covers its tokens [at, at + n): computed ones, and where it
-        # replaces a partial page that ended the row's cached prefix, cached ones before them
-        # (`store_src` then indexes those cached tokens first, `store_prefix` their rows among
-        # the prefix states read, then the computed tokens; with `into_kv`, token t of row r is
-        # r * (P + S) + t of the prefix tensors, which hold the computed tokens too by then).
-        w_r, w_at, w_n = writes
-        token, row = plans.runs(w_at, w_n), np.repeat(w_r, w_n)
-        before = token < p[row]
-        straddle = bool(before.any()) and not into_kv
-        computed = row * width + token if into_kv else row * smax + token - p[row]
-        if straddle:
-            parts["store_prefix"] = ((np.cumsum(p) - p)[row] + token)[before]
-            computed = np.where(before, np.cumsum(before) - 1, computed + int(before.sum()))
-        parts["store_src"] = computed
-        parts["store_dst"] = store.index.token_rows(entries)
     dev = plans.upload(parts, device)
     for name in ("ids", "positions", "types"):
         dev[name] = dev[name].view(batch, smax)
@@ -112,9 +71,68 @@ def plan(store, geometry, rows_, whole: list, entries: list, writes: tuple, seq:
         n, features = len(dev["prefix_src"]), store.arena.features
         states = store.arena.read(dev["prefix_src"], store.read_buffer(n * features)[: n * features].view(n, features))
     prefix_rows = sum(1 for r in range(batch) if cached[r] and not whole[r])
-    return SuffixPlan(served=sum(whole), prefix_rows=prefix_rows, tokens=(sum(cached), sum(real_len)), batch=batch,
+    computed = sum(rows_.n_real) - sum(cached)
+    return SuffixPlan(served=sum(whole), prefix_rows=prefix_rows, tokens=(sum(cached), computed), batch=batch,
                       seq=seq, prefix=pmax, suffix=smax, entries=entries, store_n=writes[2].tolist(), dev=dev,
                       uniform=uniform, prefix_states=states, prefix_out=out, prefix_kv=kv, straddle=straddle)
+
+
+def suffix_arrays(index, seq: int, host: np.ndarray, start, n_real, covered, keyed, trailing, found, sizes,
+                  entries, w_rows, w_at, w_n) -> tuple:
+    """(parts: the plan's host arrays by name, cached: int64 [B] prefix tokens per row, Pmax, S,
+    uniform, straddle): the reference of the C++ index's `suffix_arrays` (csrc/suffix_arrays.cpp),
+    numpy over the batch. `host` int64 [4, B, T]; per row its span's start, real tokens, tokens
+    covered by its entries found, whether it is keyed, its trailing padding, and how many of
+    `found` (every row's entries found, row after row) are its; `entries` reserved, written from
+    (w_rows, w_at, w_n): a value per entry, its row, first token in the row's span, ntokens."""
+    s, n, t, sizes = (np.asarray(x, dtype=np.int64) for x in (start, n_real, trailing, sizes))
+    batch = len(n)
+    p = np.where(np.asarray(keyed, dtype=bool) & (sizes > 0), np.minimum(covered, n - (t == 0)), 0)
+    real_len = n - p
+    k = real_len + t
+    pmax, smax = int(p.max()), max(int(k.max()), 1)
+    width = pmax + smax
+    uniform = bool(seq == width and not s.any() and (p == pmax).all() and (k == smax).all())
+    # Row r's suffix: its tokens from s + p on, k of them; after them (up to S) its last id again
+    # and positions counting on (masked slots), types 0.
+    col = np.arange(smax)[None, :]
+    at = (s + p)[:, None] + np.minimum(col, np.maximum(k - 1, 0)[:, None])
+    live, some = col < k[:, None], (k > 0)[:, None]
+    by_row = np.arange(batch)[:, None]
+    take = lambda a: a[by_row, at]  # (each row's suffix columns: plain indexing, not np.take_along_axis)
+    last_position = host[2][by_row, (s + p + np.maximum(k - 1, 0))[:, None]]
+    parts = {"ids": np.where(some, take(host[0]), 0),
+             "positions": np.where(some, np.where(live, take(host[2]), last_position + col - k[:, None] + 1), 0),
+             "types": np.where(live, take(host[3]), 0)}
+    cols = np.arange(width)[None, :]
+    parts["mask"] = ((cols >= (pmax - p)[:, None]) & (cols < (pmax + real_len)[:, None])).astype(np.int64)
+    rows = np.arange(batch, dtype=np.int64)
+    held_n = np.where(p > 0, covered, 0)  # (the tokens of a prefix row's entries, one row after another)
+    mine = np.repeat(p > 0, sizes)
+    held = index.token_rows(np.asarray(found, dtype=np.int64)[mine]) if mine.any() else np.zeros(0, dtype=np.int64)
+    parts["prefix_src"] = held[plans.runs((np.cumsum(held_n) - held_n)[p > 0], p[p > 0])]
+    parts["prefix_slot"] = plans.runs(rows * pmax + pmax - p, p)
+    parts["prefix_dst"] = plans.runs(rows * seq + s, p)
+    parts["suffix_src"] = plans.runs(rows * smax, k)
+    parts["suffix_dst"] = plans.runs(rows * seq + s + p, k)
+    straddle = False
+    into_kv = uniform and pmax > 0
+    if len(entries):
+        # A reserved page of row r covers its tokens [at, at + n): computed ones, and where it
+        # replaces a partial page that ended the row's cached prefix, cached ones before them
+        # (`store_src` then indexes those cached tokens first, `store_prefix` their rows among
+        # the prefix states read, then the computed tokens; with `into_kv`, token t of row r is
+        # r * (P + S) + t of the prefix tensors, which hold the computed tokens too by then).
+        token, row = plans.runs(w_at, w_n), np.repeat(np.asarray(w_rows, dtype=np.int64), w_n)
+        before = token < p[row]
+        straddle = bool(before.any()) and not into_kv
+        computed = row * width + token if into_kv else row * smax + token - p[row]
+        if straddle:
+            parts["store_prefix"] = ((np.cumsum(p) - p)[row] + token)[before]
+            computed = np.where(before, np.cumsum(before) - 1, computed + int(before.sum()))
+        parts["store_src"] = computed
+        parts["store_dst"] = index.token_rows(entries)
+    return parts, p, pmax, smax, uniform, straddle
 
 
 def _prefix_tensors(store, g, batch: int, pmax: int, smax: int, token_rows: torch.Tensor):
