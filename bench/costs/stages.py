@@ -56,7 +56,8 @@ TARGETS = [("begin", ModelCache, "_begin"), ("watch", ModelState, "check"),
            ("keys", rows, "spans"), ("keys", rows, "row_keys"), ("keys", rows, "page_keys"),
            ("upload", plans, "upload"), ("read", PagedArena, "read"),
            ("read_tokens", PagedArena, "read_tokens"),
-           ("merge", BlockSplice, "_merge"), ("kv", BlockSplice, "_kv"), ("commit", BlockSplice, "_insert"),
+           ("merge", BlockSplice, "_merge"), ("kv", BlockSplice, "_kv"), ("kv", BlockSplice, "_give_served"),
+           ("commit", BlockSplice, "_insert"),
            ("write", PagedArena, "write_tokens")]
 
 

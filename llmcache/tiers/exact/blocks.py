@@ -63,7 +63,13 @@ class BlockSplice:
             arity = self.tier.formats.get(position, 1)
             output = hidden_states if arity == 1 else (hidden_states,) + (None,) * (arity - 1)
         out = output[0] if isinstance(output, tuple) else output
-        if self.tier.geometry.decoder:
+        if self.tier.geometry.decoder and plan.served_all:
+            # Every position served, in order: the first block gives the model's cache every
+            # block's stored K|V at once (views); the others, given the same cache, have nothing to do.
+            if real is not None and (position == 0 or real is not plan.served_kv_to):
+                self._give_served(plan, real, out.dtype, call.switches, range(len(self.tier.span)) if position == 0
+                                  else (position,))
+        elif self.tier.geometry.decoder:
             self._kv(position, plan, real, stand_in, out, call.switches)
         if not last:
             return output
@@ -92,10 +98,6 @@ class BlockSplice:
             give_kv(real, keys, values, layer_idx, keys.dtype)
             return
         width = 2 * heads * head_dim
-        if plan.served_all:  # every position served, in order: the stored K|V as they are (views)
-            keys, values = self._served_kv(plan, heads, width, out.dtype)
-            give_kv(real, keys[position], values[position], layer_idx, self.tier.kv_dtype(switches))
-            return
         full = out.new_zeros((plan.batch, plan.seq, width))
         if plan.m:
             flat = torch.cat([per_position(keys), per_position(values)], dim=-1).to(out.dtype)
@@ -108,15 +110,21 @@ class BlockSplice:
             full.view(-1, width).index_copy_(0, plan.served_dst, served.to(out.dtype))
         give_kv(real, *kv_split(full, heads), layer_idx, self.tier.kv_dtype(switches))
 
-    def _served_kv(self, plan: Plan, heads: int, width: int, dtype: torch.dtype):
-        """Every span block's stored K and V of a batch served whole, [blocks, B, heads, T, head
-        dim] each: views of the states read, made once per forward."""
-        if plan.served_kv is None:
-            blocks = len(self.tier.span)
+    @torch.compiler.disable
+    def _give_served(self, plan: Plan, real, dtype: torch.dtype, switches: bytes, positions) -> None:
+        """A batch served whole (`plan.served_all`): give the model's cache `real` the stored K and V
+        of the span blocks at `positions`, [B, heads, T, head dim] each, views of the states read."""
+        if plan.served_kv is None:  # (every block's at once: [blocks, B, heads, T, head dim] each)
+            heads, head_dim, _ = self.tier.layout(0)
+            blocks, width = len(self.tier.span), 2 * heads * head_dim
             flat = plan.served_states[:, plan.served_states.shape[1] - blocks * width :].to(dtype)
             both = flat.view(plan.batch, plan.seq, blocks, 2, heads, -1).permute(3, 2, 0, 4, 1, 5)
-            plan.served_kv = (both[0], both[1])
-        return plan.served_kv
+            plan.served_kv = (both[0].unbind(0), both[1].unbind(0))
+        keys, values = plan.served_kv
+        kv_dtype = self.tier.kv_dtype(switches)
+        for position in positions:
+            give_kv(real, keys[position], values[position], self.tier.layer_idx(position), kv_dtype)
+        plan.served_kv_to = real
 
     def _merge(self, plan: Plan, out: torch.Tensor) -> torch.Tensor:
         """[B, T, D]: computed rows, served rows' stored output (zeros at padding), repeats."""

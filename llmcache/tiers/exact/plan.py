@@ -39,6 +39,7 @@ class Plan(Route):
     store_all: bool = False  # every computed token is stored, in order (0..M*width-1): no store_src
     served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
     served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
+    served_kv_to: object | None = None  # the KV cache the first span block gave every block's K/V
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     cut: dict = field(default_factory=dict)  # id(argument) -> (argument, cut to `width` positions)
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
