@@ -210,19 +210,21 @@ static void test_write_rows() {
   for (int64_t r : {0, 2, 4, 5, 7}) EXPECT(arena[r * F] == -1.0f, "write_rows: row %lld untouched", static_cast<long long>(r));
 }
 
-// read_rows: arena rows (one twice, in any order) read into two pieces with room after T tokens;
-// token m * T + t of each gets its run of the row, the room untouched.
+// read_rows: arena rows (one twice, in any order, and a -1) read into two pieces with room after T
+// tokens; token m * T + t of each gets its run of the row (zeros for -1), the room untouched.
 static void test_read_rows() {
   const int64_t M = 2, T = 3, A = 2, C = 64, D = 5, F = D + A * C, R = 7, Tcap = T + 1;
   std::vector<float> arena(R * F), hidden(M * Tcap * D, -1.0f), kv(M * A * Tcap * C, -1.0f);
   for (size_t i = 0; i < arena.size(); ++i) arena[i] = static_cast<float>(i);
   RowSlot pieces[2] = {{reinterpret_cast<uint8_t*>(hidden.data()), Tcap * D * 4, 0, D * 4, 1, D * 4},
                        {reinterpret_cast<uint8_t*>(kv.data()), A * Tcap * C * 4, Tcap * C * 4, C * 4, A, C * 4}};
-  const int64_t rows[M * T] = {6, 0, 3, 3, 1, 5};
+  const int64_t rows[M * T] = {6, 0, 3, 3, -1, 5};
   read_rows(reinterpret_cast<const uint8_t*>(arena.data()), F * 4, rows, 0, M * T, pieces, 2, T);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t t = 0; t < Tcap; ++t) {
-      const float* row = t < T ? arena.data() + rows[m * T + t] * F : nullptr;
+      const int64_t r = t < T ? rows[m * T + t] : -2;  // (-2: the room after T, untouched: -1.0f)
+      const std::vector<float> zeros(F, 0.0f);
+      const float* row = r >= 0 ? arena.data() + r * F : r == -1 ? zeros.data() : nullptr;
       bool same = true;
       for (int64_t d = 0; d < D; ++d) same &= hidden[(m * Tcap + t) * D + d] == (row ? row[d] : -1.0f);
       for (int64_t a = 0; a < A; ++a)

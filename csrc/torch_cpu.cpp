@@ -152,13 +152,13 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, c
 
 // Whether every one of the n indices lies in [0, bound): one pass on the host (at::aminmax and
 // its two item() reads are dispatcher calls, which cost more than the pass at these sizes).
-static bool within(const int64_t* index, int64_t n, int64_t bound) {
+static bool within(const int64_t* index, int64_t n, int64_t bound, int64_t least = 0) {
   int64_t lo = 0, hi = -1;
   for (int64_t i = 0; i < n; ++i) {
     lo = std::min(lo, index[i]);
     hi = std::max(hi, index[i]);
   }
-  return lo >= 0 && hi < bound;
+  return lo >= least && hi < bound;
 }
 
 // llmcache::write_rows's CPU kernel (schema and contract: llmcache/ops/write_rows.py): arena [R, F]
@@ -221,8 +221,9 @@ at::Tensor write_rows_cpu(const at::Tensor& arena, const at::Tensor& dst, const 
 }
 
 // llmcache::read_rows's CPU kernel (schema and contract: llmcache/ops/read_rows.py): arena [R, F]
-// (rows contiguous), rows int64 [M * T], out [M, Tcap >= T, D] and kv [blocks, 2, M, heads, Tcap,
-// head dim] or None, of the arena's dtype (last dimension contiguous), written in place at t < T.
+// (rows contiguous), rows int64 [M * T] (-1: zeros), out [M, Tcap >= T, D] and kv [blocks, 2, M,
+// heads, Tcap, head dim] or None, of the arena's dtype (last dimension contiguous), written in place
+// at t < T.
 // (Outside the anonymous namespace: module.cpp binds it too.)
 void read_rows_cpu(const at::Tensor& arena, const at::Tensor& rows, const at::Tensor& out,
                    const std::optional<at::Tensor>& kv) {
@@ -255,7 +256,7 @@ void read_rows_cpu(const at::Tensor& arena, const at::Tensor& rows, const at::Te
     width += k.size(0) * 2 * k.size(3) * k.size(5);
   }
   TORCH_CHECK(width == F, "read_rows: out and kv take ", width, " elements a row, the arena holds ", F);
-  TORCH_CHECK(within(rows.data_ptr<int64_t>(), S, R), "read_rows: rows out of the arena's rows");
+  TORCH_CHECK(within(rows.data_ptr<int64_t>(), S, R, -1), "read_rows: rows out of the arena's rows (or -1)");
   const uint8_t* data = static_cast<const uint8_t*>(arena.data_ptr());
   const int64_t* rows_ptr = rows.data_ptr<int64_t>();
   // (~256 KiB of rows a task: small reads stay on the calling thread)

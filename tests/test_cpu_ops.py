@@ -308,6 +308,14 @@ def test_read_rows(backend, dtype, M, T, H, hd, D, gen):
     ops.read_rows(arena, picked, whole, None, backend=backend)
     assert torch.equal(whole.reshape(M * T, -1), arena[picked])
 
+    padded = picked.clone()
+    padded[::3] = -1  # (-1: a position no token is held for, a served batch's padding: zeros)
+    arena[picked[0]] = float("nan")  # (a row -1 stands beside reads zeros, not what a masked read leaves)
+    ops.read_rows(arena, padded, whole, None, backend=backend)
+    want = torch.where((padded >= 0)[:, None], arena[padded.clamp(min=0)], torch.zeros((), dtype=dtype))
+    torch.testing.assert_close(whole.reshape(M * T, -1), want, rtol=0, atol=0, equal_nan=True)
+    assert not whole.reshape(M * T, -1)[0].any()
+
 
 @needs_ext
 def test_read_rows_refuses_what_it_cannot_read(gen):
@@ -315,6 +323,8 @@ def test_read_rows_refuses_what_it_cannot_read(gen):
     out, kv = torch.zeros(2, 3, 2), torch.zeros(1, 2, 2, 1, 3, 2)
     with pytest.raises(RuntimeError, match="rows out of"):
         ops.read_rows(arena, torch.tensor([0, 4]), out, kv, backend="cpp")
+    with pytest.raises(RuntimeError, match="rows out of"):  # (-1 reads zeros; nothing below it reads)
+        ops.read_rows(arena, torch.tensor([0, -2]), out, kv, backend="cpp")
     with pytest.raises(RuntimeError, match="do not split"):
         ops.read_rows(arena, torch.tensor([0, 1, 2]), out, kv, backend="cpp")
     with pytest.raises(RuntimeError, match="out holds 3"):

@@ -34,8 +34,10 @@ def _batch(rng: np.random.Generator, pool: list) -> tuple[encoder.RowKeys, np.nd
     """A batch of rows keyed from a small pool (hits and in-batch repeats), now and then a row
     that cannot be keyed, rows starting anywhere, and sometimes padding the caller does not see."""
     batch = int(rng.integers(1, 7))
-    keys = [None if rng.random() < 0.1 else pool[int(rng.integers(len(pool)))] for _ in range(batch)]
-    count = rng.integers(1, SEQ + 1, size=batch).astype(np.int64)
+    picks = [None if rng.random() < 0.1 else int(rng.integers(len(pool))) for _ in range(batch)]
+    keys = [None if k is None else pool[k] for k in picks]
+    # (a key names its row's tokens, so a row served holds as many tokens as it has: a pool key's count is its own)
+    count = np.asarray([int(rng.integers(1, SEQ + 1)) if k is None else 1 + k % SEQ for k in picks], dtype=np.int64)
     start = np.asarray([int(rng.integers(0, SEQ - n + 1)) for n in count], dtype=np.int64)
     host = rng.integers(0, 50, size=(4, batch, SEQ)).astype(np.int64)
     mask = np.zeros((batch, SEQ), dtype=np.int64)

@@ -6,7 +6,8 @@
 // model's attention reads, with room after it for the tokens the forward computes; where one
 // index_select of whole rows followed by strided views left every block's K/V spread over the
 // rows (48 KB apart for a 30-block model: a TLB miss per token per block in every attention read).
-// Each arena row is read once, front to back; each piece is written front to back.
+// Each arena row is read once, front to back; each piece is written front to back. A row of -1
+// writes zeros (a position no token is held for: a served batch's padding, read in its layout).
 #include <algorithm>
 #include <cstring>
 
@@ -48,8 +49,13 @@ void read_rows(const uint8_t* arena, int64_t row_bytes, const int64_t* rows, int
       const RowSlot& piece = pieces[p];
       uint8_t* base = piece.data + m * piece.stride_m + t0 * piece.stride_t;
       for (int64_t a = 0; a < piece.A; ++a, offset += piece.run)
-        for (int64_t j = 0; j < n; ++j)
-          copy_run(base + a * piece.stride_a + j * piece.stride_t, arena + rows[i0 + j] * row_bytes + offset, piece.run);
+        for (int64_t j = 0; j < n; ++j) {
+          uint8_t* dst = base + a * piece.stride_a + j * piece.stride_t;
+          if (rows[i0 + j] < 0)
+            std::memset(dst, 0, piece.run);
+          else
+            copy_run(dst, arena + rows[i0 + j] * row_bytes + offset, piece.run);
+        }
     }
     i0 += n;
   }

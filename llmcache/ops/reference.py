@@ -238,14 +238,14 @@ def read_rows(arena: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, kv: to
     """Read rows of `arena` [R, F] into `out` and `kv`, in place: the inverse of `write_rows` for a
     stored token's row (the output D, then per block its K then its V, heads x head dim each).
 
-    `rows` int64 [M * T]: token i = m * T + t takes arena row rows[i]: out [M, Tcap, D] at [m, t],
-    then kv [blocks, 2, M, heads, Tcap, head dim] (None: an encoder's rows, the output only) at
-    [b, w, m, :, t] for each block b, K (w = 0) then V (w = 1). T <= Tcap; positions t >= T are
-    not written.
+    `rows` int64 [M * T]: token i = m * T + t takes arena row rows[i] (-1: zeros): out [M, Tcap, D]
+    at [m, t], then kv [blocks, 2, M, heads, Tcap, head dim] (None: an encoder's rows, the output
+    only) at [b, w, m, :, t] for each block b, K (w = 0) then V (w = 1). T <= Tcap; positions
+    t >= T are not written.
     """
     batch, hidden = out.shape[0], out.shape[2]
     seq = rows.shape[0] // batch if batch else 0
-    states = arena.index_select(0, rows)
+    states = arena.index_select(0, rows.clamp(min=0)).masked_fill_((rows < 0)[:, None], 0)
     out[:, :seq].copy_(states[:, :hidden].view(batch, seq, hidden))
     if kv is not None:
         blocks, _, _, heads, _, dim = kv.shape

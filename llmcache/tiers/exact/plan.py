@@ -37,7 +37,7 @@ class Plan(Route):
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     zeros: torch.Tensor | None = None  # int64 [Z]: flat output rows (row * T + t) that hold zeros (computing rows' padding)
     store_all: bool = False  # every computed token is stored, in order (0..M*width-1): no store_src
-    served_all: bool = False  # served_dst is every position of the batch in order (0..B*T-1): nothing computes
+    served_all: bool = False  # served_states hold every position of the batch in order (zeros where no token is held): nothing computes
     served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
     served_kv_to: object | None = None  # the KV cache the first span block gave every block's K/V
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
@@ -74,7 +74,9 @@ class Plan(Route):
 
     def add_served(self, states: torch.Tensor, dst: torch.Tensor) -> None:
         """More served tokens: `states` [S, F] at flat output rows `dst` int64 [S]."""
-        if self.served_states is None:
+        if self.served_all:  # (the served states are in the output's layout already: placed there)
+            self.served_states.index_copy_(0, dst, states)
+        elif self.served_states is None:
             self.served_states, self.served_dst = states, dst
         else:
             self.served_states = torch.cat([self.served_states, states])
@@ -164,13 +166,27 @@ def plan_arrays(index, batch: int, seq: int, width: int, served_rows: list, serv
 
 def finish(store, plan: Plan, parts: dict, device: torch.device) -> Plan:
     """`plan` with its index arrays `parts` (host int64, by field name; `served_src`: the arena rows
-    of the served tokens) on the device, and the served states read."""
+    of the served tokens) on the device, and the served states read. A batch whose every row is
+    served but not every position (padding, rows of other lengths) is read straight into the
+    output's layout, [B * T, F] with zeros where no token is held (`ops.read_rows`, in this
+    thread's read buffer), and is then served whole (`served_all`): one pass, where reading the
+    states and placing them in a zeroed output took three."""
+    if plan.m == 0 and "served_dst" in parts:
+        rows = np.full(plan.batch * plan.seq, -1, dtype=np.int64)
+        rows[parts["served_dst"]] = parts["served_src"]
+        parts = {k: v for k, v in parts.items() if k != "served_dst"} | {"served_src": rows}
+        plan.served_all = True
     on_device = upload(parts, device)
     plan.compute = on_device.get("compute")
     plan.served_dst = on_device.get("served_dst")
     plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
     plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
     plan.zeros = on_device.get("zeros")
-    if "served_src" in on_device:
+    if plan.served_all:  # (every position of every row, in order: read in the output's layout)
+        n = plan.batch * plan.seq * store.arena.features
+        out = store.read_buffer(n)[:n].view(plan.batch, plan.seq, -1)
+        store.arena.read_tokens(on_device["served_src"], out)
+        plan.served_states = out.view(plan.batch * plan.seq, -1)
+    elif "served_src" in on_device:
         plan.served_states = store.arena.read(on_device["served_src"])
     return plan
