@@ -137,7 +137,8 @@ def test_padded_hit_bench_times_a_served_padded_batch(tmp_path):
     from bench.costs import padded_hit
 
     out = tmp_path / "padded.json"
-    assert padded_hit.main(["--rows", "8", "--repeats", "4", "--out", str(out)]) == 0
+    assert padded_hit.main(["--rows", "8", "--repeats", "4", "--stages", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["rows"] == 8 and result["tokens"] > 1
-    assert {"hit_ms", "encode_hit_ms", "uncached_ms", "hit_over_uncached"} <= set(result)
+    assert {"hit_ms", "encode_hit_ms", "uncached_ms", "hit_over_uncached", "stages_us"} <= set(result)
+    assert {"read", "merge", "own"} <= set(result["stages_us"])

@@ -1,6 +1,6 @@
 """A real sentence-transformers batch served whole: MiniLM on 32 STS-B sentences padded to the longest.
 
-    python -m bench.costs.padded_hit [--rows 32] [--repeats 200] [--threads 1] [--data DIR] [--out FILE]
+    python -m bench.costs.padded_hit [--rows 32] [--repeats 200] [--threads 1] [--stages] [--data DIR] [--out FILE]
 
 The twins of `bench.costs.hostpath` run unpadded batches; every batch sentence-transformers makes is
 padded, so a whole-row hit there serves rows of several lengths into one [B, T, D] output. Timed,
@@ -8,6 +8,8 @@ accelerated, after one `encode` stored the rows: the base model's forward on the
 whole-batch hit, median of `--repeats`), `encode` of the same sentences (median of half as many), and
 the forward uncached (`llmcache.bypass`, median of 10). It uses only `accelerate`, `bypass` and
 `encode`, so an older checkout runs it too (PYTHONPATH) for a before/after comparison, run by run.
+`--stages` adds the cache's own microseconds per hit forward by stage (`bench.costs.stages`, medians
+over the repeats: exclusive times inside the forward, steadier on a noisy machine than its total).
 Prints one JSON line; writes it to `--out` too. Skips (exit 0, a message) without sentence-transformers,
 the MiniLM package or STS-B. Nothing asserts.
 """
@@ -35,11 +37,22 @@ def _median_ms(fn, n: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _stages(model, base, inputs: dict, repeats: int) -> dict:
+    from bench.costs import stages
+
+    with stages.timed(model) as timer:
+        for _ in range(repeats):
+            with timer.forward():
+                base(**inputs)
+    return timer.per_forward()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stages", action="store_true")
     p.add_argument("--data", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -64,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         encode = _median_ms(lambda: model.encode(sentences), max(1, args.repeats // 2))
         with llmcache.bypass(model):
             uncached = _median_ms(lambda: base(**inputs), 10)
+        stages = _stages(model, base, inputs, args.repeats) if args.stages else None
     result = {"rows": len(sentences), "tokens": int(inputs["input_ids"].shape[1]), "hit_ms": hit,
               "encode_hit_ms": encode, "uncached_ms": uncached, "hit_over_uncached": hit / uncached}
+    if stages is not None:
+        result["stages_us"] = stages
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:
