@@ -169,11 +169,10 @@ def finish(store, plan: Plan, parts: dict, device: torch.device) -> Plan:
     of the served tokens) on the device, and the served states read. On the CPU a batch whose
     every row is served but not every position (padding, rows of other lengths) is read straight
     into the output's layout, [B * T, F] with zeros where no token is held (`ops.read_rows`'
-    kernel, in this thread's read buffer), and is then served whole (`served_all`): one pass,
-    where reading the states and placing them in a zeroed output took three. (On a GPU those are
-    three kernels either way, and a batch served whole in order one: its states as read.)"""
-    cpu = device.type == "cpu"
-    if cpu and plan.m == 0 and "served_dst" in parts:
+    kernel), and is then served whole (`served_all`): one pass, where reading the states and
+    placing them in a zeroed output took three. (On a GPU those are three kernels either way.)"""
+    padded = device.type == "cpu" and plan.m == 0 and "served_dst" in parts
+    if padded:
         rows = np.full(plan.batch * plan.seq, -1, dtype=np.int64)
         rows[parts["served_dst"]] = parts["served_src"]
         parts = {k: v for k, v in parts.items() if k != "served_dst"} | {"served_src": rows}
@@ -184,10 +183,10 @@ def finish(store, plan: Plan, parts: dict, device: torch.device) -> Plan:
     plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
     plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
     plan.zeros = on_device.get("zeros")
-    if cpu and plan.served_all:  # (every position of every row, in order: read in the output's layout)
-        n = plan.batch * plan.seq * store.arena.features
-        out = store.read_buffer(n)[:n].view(plan.batch, plan.seq, -1)
-        store.arena.read_tokens(on_device["served_src"], out)
+    if padded:
+        arena = store.arena
+        out = torch.empty((plan.batch, plan.seq, arena.features), dtype=arena.dtype, device=arena.device)
+        arena.read_tokens(on_device["served_src"], out)
         plan.served_states = out.view(plan.batch * plan.seq, -1)
     elif "served_src" in on_device:
         plan.served_states = store.arena.read(on_device["served_src"])

@@ -68,11 +68,10 @@ class Store:
         return self.index.held_pages * self.arena.page_bytes
 
     def read_buffer(self, numel: int) -> torch.Tensor:
-        """This thread's flat buffer [>= numel] of the arena's dtype for the states a forward reads
-        from the arena (`suffix`: a decoder's cached prefix, which the caller's KV cache may go on to
-        hold as K/V; `plan.finish`: a batch served whole, which the output and the caller's KV cache
-        may be views of): the kept one once no other tensor holds its storage (the caller dropped
-        them, or a cache's next update replaced them), else a new one, kept from then on. Where a
+        """This thread's flat buffer [>= numel] of the arena's dtype for the states a decoder's
+        forward reads from the arena (`suffix`: its cached prefix, which the caller's KV cache may go
+        on to hold as K/V): the kept one once no other tensor holds its storage (the caller dropped
+        that cache, or its next update replaced them), else a new one, kept from then on. Where a
         fresh large tensor costs page faults (the CPU's), reusing it saves more than the read itself
         costs."""
         buf = getattr(self.local, "buffer", None)
