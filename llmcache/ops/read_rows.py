@@ -33,7 +33,7 @@ def read_rows(arena: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, kv: to
 
     Args:
         arena: [R, F] rows contiguous.
-        rows: int64 [M * T] rows of the arena; -1: zeros (a position no token is held for).
+        rows: int64 [M * T] rows of the arena; -1 (CPU tensors): zeros (a position no token is held for).
         out: [M, Tcap >= T, D] of the arena's dtype, last dimension contiguous.
         kv: [blocks, 2, M, heads, Tcap, head dim] of the arena's dtype, last dimension contiguous,
             or None; D + blocks x 2 x heads x head dim = F.

@@ -238,14 +238,19 @@ def read_rows(arena: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, kv: to
     """Read rows of `arena` [R, F] into `out` and `kv`, in place: the inverse of `write_rows` for a
     stored token's row (the output D, then per block its K then its V, heads x head dim each).
 
-    `rows` int64 [M * T]: token i = m * T + t takes arena row rows[i] (-1: zeros): out [M, Tcap, D]
-    at [m, t], then kv [blocks, 2, M, heads, Tcap, head dim] (None: an encoder's rows, the output
-    only) at [b, w, m, :, t] for each block b, K (w = 0) then V (w = 1). T <= Tcap; positions
-    t >= T are not written.
+    `rows` int64 [M * T]: token i = m * T + t takes arena row rows[i] (-1: zeros, on the CPU): out
+    [M, Tcap, D] at [m, t], then kv [blocks, 2, M, heads, Tcap, head dim] (None: an encoder's rows,
+    the output only) at [b, w, m, :, t] for each block b, K (w = 0) then V (w = 1). T <= Tcap;
+    positions t >= T are not written. (-1 only on the CPU, where finding one costs no device
+    synchronisation: elsewhere this is a GPU's hot path and reads as one index_select, and
+    `plan.finish`, the one caller that passes -1, does so on the CPU only.)
     """
     batch, hidden = out.shape[0], out.shape[2]
     seq = rows.shape[0] // batch if batch else 0
-    states = arena.index_select(0, rows.clamp(min=0)).masked_fill_((rows < 0)[:, None], 0)
+    if rows.device.type == "cpu" and rows.numel() and bool((rows < 0).any()):
+        states = arena.index_select(0, rows.clamp(min=0)).masked_fill_((rows < 0)[:, None], 0)
+    else:
+        states = arena.index_select(0, rows)
     out[:, :seq].copy_(states[:, :hidden].view(batch, seq, hidden))
     if kv is not None:
         blocks, _, _, heads, _, dim = kv.shape
