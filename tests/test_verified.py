@@ -860,3 +860,30 @@ def test_threads_share_the_tier(gen):
             assert torch.equal(g[r], t[r]) or any(torch.equal(g[r], ref) for ref in rows)
     st = llmcache.stats(model)
     assert 0 < st.semantic_hits == st.semantic.served and st.rows == 4 * len(inputs)
+
+
+def test_decoder_batch_computing_a_suffix_serves_no_neighbour(gen):
+    """A batch that computes a suffix (here: a cached row with trailing padding, which computes
+    its padding after its cached tokens) serves no row a neighbour's chain: that row would compute
+    its own last token against the neighbour's K/V, an answer no check judged. The near-duplicate
+    computes as it would uncached."""
+    model = tiny_model("llama")
+    base, short = sentence(gen, 20), sentence(gen, 16)
+    near = base.clone()
+    near[2] = (near[2] + 1) % VOCAB
+    ids = torch.stack([torch.cat([short, torch.zeros(4, dtype=short.dtype)]), near])
+    mask = torch.ones_like(ids)
+    mask[0, 16:] = 0
+    llmcache.accelerate(model, semantic=Semantic(tolerance="next_token", evidence=decoder_prior(), explore=0.01,
+                                                 max_distance=WIDE))
+    with torch.inference_mode():
+        model(input_ids=base[None])
+        model(input_ids=short[None])
+        got = model(input_ids=ids, attention_mask=mask).logits
+        st = llmcache.stats(model)
+        assert st.semantic_hits == 0 and st.last_semantic_rows == ()
+        assert st.exact_hits == 1  # the short row was served (its padding computed), the other computed
+        with llmcache.bypass(model):
+            true = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[1], true[1], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got[0, :16], true[0, :16], atol=1e-4, rtol=1e-4)

@@ -169,8 +169,8 @@ def _near(near, index, rows_: _Rows, prefixes: bool) -> list:
     whole)."""
     batch, found, covered = rows_.batch, rows_.found, rows_.covered
     chains = [None] * batch
-    if prefixes and all(rows_.keyed) and any(0 < covered[r] < rows_.n_real[r] for r in range(batch)):
-        return chains
+    if _suffix_mode(rows_, prefixes):  # (serving a neighbour makes a row whole, not partial, nor padded: the
+        return chains                  # batch's mode stays what it is now)
     for r in range(batch):
         if rows_.keyed[r] and covered[r] < rows_.n_real[r] and not rows_.padded(r):
             chain = near.consider(r, index)
@@ -178,6 +178,18 @@ def _near(near, index, rows_: _Rows, prefixes: bool) -> list:
                 found[r], covered[r] = list(chain), rows_.n_real[r]
                 index.pin(chain)
     return chains
+
+
+def _suffix_mode(rows_: _Rows, prefixes: bool) -> bool:
+    """Whether the batch computes suffixes (`suffix.suffix_forward`): the model has a final norm
+    (`prefixes`), every row is keyed and some row is cached in part, or whole with trailing padding
+    the caller sees (computed after its cached tokens). A row with gaps in its mask, or none at
+    all, computes in the call's own layout: the splice; so does a batch with a row whose leading
+    padding the caller sees: its suffix would attend to that padding, which the uncached row does
+    not."""
+    if not prefixes or not all(rows_.keyed) or any(rows_.leading):
+        return False
+    return any(0 < c < n or (c == n and t) for c, n, t in zip(rows_.covered, rows_.n_real, rows_.trailing))
 
 
 def _reserve(index, rows_: _Rows, whole: list, counts: dict, chains) -> tuple[list, tuple]:
@@ -240,11 +252,7 @@ def _plan(store, rows_: _Rows, seq: int, device, counts: dict, geometry, chains,
     n_real, covered, keyed, trailing = rows_.n_real, rows_.covered, rows_.keyed, rows_.trailing
     whole = [keyed[r] and covered[r] == n_real[r] for r in range(batch)]
     partial = [keyed[r] and 0 < covered[r] < n_real[r] for r in range(batch)]
-    # (A row with gaps in its mask, or none at all, computes in the call's own layout: the splice;
-    # so does a batch with a row whose leading padding the caller sees: its suffix would attend to
-    # that padding, which the uncached row does not.)
-    suffix_mode = (geometry.final_norm is not None and all(keyed) and not any(rows_.leading)
-                   and (any(partial) or any(whole[r] and trailing[r] for r in range(batch))))
+    suffix_mode = _suffix_mode(rows_, geometry.final_norm is not None)
     if not suffix_mode:  # the splice serves a whole row only where it holds what the caller sees of its padding
         held = [whole[r] and trailing[r] > 0 for r in range(batch)]
         if any(held):
