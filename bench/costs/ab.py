@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench.report import median, print_table, write_json
 
-RATIOS = ("miss_over_uncached", "full_miss_over_uncached", "hit_over_uncached", "prefix_hit_over_uncached",
-          "decode_over_uncached")
+RATIOS = ("miss_over_uncached", "full_miss_over_uncached", "hit_over_uncached", "mixed_over_uncached",
+          "prefix_hit_over_uncached", "decode_over_uncached")
 DEFAULT_CONFIGS = ["minilm:32:16", "minilm:256:16", "bert-base:32:128", "llama:1:128", "llama:8:128", "llama:32:128"]
 
 

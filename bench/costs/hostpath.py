@@ -10,7 +10,9 @@ default grid: MiniLM at 1 x 16, 32 x 16 and 256 x 16 tokens, BERT-base at 32 x 1
 1 x 128 and 8 x 128; `--grid full` runs every twin at B in {1, 8, 32, 256} and T in {16, 128,
 512} (Llama to B = 32). Per round and config, back to back: the forward uncached (`llmcache.bypass`),
 a batch of new rows (a miss: every row computes and is stored), the same batch again (a whole-row
-hit), and for the Llama twin a batch whose first 90 % of tokens were cached by an earlier batch (a
+hit), where B > 1 a request as a stream with ~70 % repeats makes it (a mixed batch: the rows just
+stored, the last 30 % of them replaced by new rows) beside its ideal (the new rows alone, uncached:
+what a cache of final outputs computes), and for the Llama twin a batch whose first 90 % of tokens were cached by an earlier batch (a
 prefix hit) beside its ideal (the suffix alone, uncached, against a copy of the prefix's own KV cache:
 transformers' prompt-cache recipe without the copy) and one decode step after a prefill (`past_key_values` of T tokens, one new token:
 uncached and cached, alternating which goes first). Then, as a long-running server's bank is, a
@@ -89,6 +91,8 @@ def stage_times(model, new, rows: int, tokens: int, rounds: int, decoder: bool) 
         model(input_ids=fixed)
         cached = max(1, int(0.9 * tokens))
         batches = {"miss": lambda: new(), "hit": lambda: fixed}
+        if rows > 1:
+            batches["mixed"] = lambda: mixed(fixed, new())
         if decoder:
             batches["prefix_hit"] = lambda: torch.cat([fixed[:, :cached], new()[:, cached:]], dim=1)
         for scenario, batch in batches.items():
@@ -99,6 +103,12 @@ def stage_times(model, new, rows: int, tokens: int, rounds: int, decoder: bool) 
                         model(input_ids=ids)
             out[scenario] = timer.per_forward()
     return out
+
+
+def mixed(stored: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """`stored`'s rows with the last 30 % (at least one) taken from `fresh`: ~70 % repeats."""
+    k = max(1, round(0.3 * stored.shape[0]))
+    return torch.cat([stored[:-k], fresh[-k:]])
 
 
 def op_counts(model, new, tokens: int, decoder: bool) -> dict:
@@ -126,6 +136,8 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
     decoder = name == "llama"
     new = lambda: torch.randint(5, 1000, (rows, tokens), generator=gen).to(device)
     times: dict = {"uncached": [], "hit": [], "miss": []}
+    if rows > 1:
+        times.update({"mixed": [], "mixed_ideal": []})
     if decoder:
         times.update({"prefix_hit": [], "prefix_ideal": [], "decode_uncached": [], "decode": []})
     with torch.inference_mode():
@@ -139,6 +151,12 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
                 times["uncached"].append(clock(model, {"input_ids": ids}, device))
             times["miss"].append(clock(model, {"input_ids": ids}, device))
             times["hit"].append(clock(model, {"input_ids": ids}, device))
+            if rows > 1:
+                batch = mixed(ids, new())
+                times["mixed"].append(clock(model, {"input_ids": batch}, device))
+                with llmcache.bypass(model):
+                    alone = batch[-max(1, round(0.3 * rows)):]
+                    times["mixed_ideal"].append(clock(model, {"input_ids": alone}, device))
             if not decoder:
                 continue
             cached = max(1, int(0.9 * tokens))
@@ -163,6 +181,9 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
     ms = {k: 1e3 * median(v) for k, v in times.items()}
     row = {"model": name, "rows": rows, "tokens": tokens, **{f"{k}_ms": v for k, v in ms.items()},
            "hit_over_uncached": ms["hit"] / ms["uncached"], "miss_over_uncached": ms["miss"] / ms["uncached"]}
+    if rows > 1:
+        row["mixed_over_uncached"] = ms["mixed"] / ms["uncached"]
+        row["mixed_ideal_over_uncached"] = ms["mixed_ideal"] / ms["uncached"]
     if decoder:
         row["prefix_hit_over_uncached"] = ms["prefix_hit"] / ms["uncached"]
         row["prefix_ideal_over_uncached"] = ms["prefix_ideal"] / ms["uncached"]
@@ -224,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{"twin": r["model"], "B x T": f"{r['rows']} x {r['tokens']}", "uncached ms": r["uncached_ms"],
                   "hit ms": r["hit_ms"], "miss ms": r["miss_ms"], "hit/unc": r["hit_over_uncached"],
                   "miss/unc": r["miss_over_uncached"], "full miss/unc": r["full_miss_over_uncached"],
+                  "mixed/unc": fmt(r.get("mixed_over_uncached")), "its ideal/unc": fmt(r.get("mixed_ideal_over_uncached")),
                   "prefix/unc": fmt(r.get("prefix_hit_over_uncached")),
                   "ideal/unc": fmt(r.get("prefix_ideal_over_uncached")),
                   "decode/unc": fmt(r.get("decode_over_uncached"))} for r in rows],
                 {"uncached ms": ".2f", "hit ms": ".2f", "miss ms": ".2f", "hit/unc": ".3f", "miss/unc": ".3f",
-                 "full miss/unc": ".3f",
+                 "full miss/unc": ".3f", "mixed/unc": ".3f", "its ideal/unc": ".3f",
                  "prefix/unc": ".3f", "ideal/unc": ".3f", "decode/unc": ".3f"},
-                "lrrrrrrrrrr")
+                "lrrrrrrrrrrrr")
     if args.stages:
         names = ["watch", "router", "host_copy", "keys", "index", "upload", "read", "splice", "merge", "commit",
                  "write", "suffix"]
