@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ...ops import write_rows
 from ...splice import CacheParam, KVStandIn, give_kv, kv_split, per_position, positions_cut
 from .plan import Plan
 
@@ -73,7 +74,7 @@ class BlockSplice:
             self._kv(position, plan, real, stand_in, out, call.switches)
         if not last:
             return output
-        merged = self._merge(plan, out)
+        merged = self._merge(plan, out, call.switches)
         if plan.zeros is not None:  # (an encoder's computing rows' padding: zeros, as served rows hold there)
             merged = _zeroed(merged, plan.zeros)
         self._insert(plan, out)
@@ -96,6 +97,9 @@ class BlockSplice:
         heads, head_dim, layer_idx = layout
         if plan.compute is None:  # every row computed: the real cache takes the block's own K, V
             give_kv(real, keys, values, layer_idx, keys.dtype)
+            return
+        if plan.placed:  # (given at the last block, once every block's K|V are placed: `_place`)
+            plan.kv_to.append((position, real))
             return
         width = 2 * heads * head_dim
         full = out.new_zeros((plan.batch, plan.seq, width))
@@ -126,24 +130,61 @@ class BlockSplice:
             give_kv(real, keys[position], values[position], self.tier.layer_idx(position), kv_dtype)
         plan.served_kv_to = real
 
-    def _merge(self, plan: Plan, out: torch.Tensor) -> torch.Tensor:
+    def _merge(self, plan: Plan, out: torch.Tensor, switches: bytes) -> torch.Tensor:
         """[B, T, D]: computed rows, served rows' stored output (zeros at padding), repeats."""
         if plan.compute is None and plan.width == plan.seq:
             return out
         hidden = out.shape[-1]
         if plan.served_all:
-            return plan.served_states[:, :hidden].to(out.dtype).reshape(plan.batch, plan.seq, hidden)
+            return plan.served_states[:, :hidden].to(out.dtype).view(plan.batch, plan.seq, hidden)
+        if plan.placed:
+            return self._place(plan, out, switches)
         merged = out.new_zeros((plan.batch, plan.seq, hidden))
+        if plan.served:
+            merged.view(-1, hidden).index_copy_(0, plan.served_dst, plan.served_states[:, :hidden].to(out.dtype))
         computed = merged[:, : plan.width]  # (the computing rows' positions after `width` are padding: zeros)
         if plan.compute is None:
             computed.copy_(out)
         elif plan.m:
             computed.index_copy_(0, plan.compute, out)
-        if plan.served:
-            merged.view(-1, hidden).index_copy_(0, plan.served_dst, plan.served_states[:, :hidden].to(out.dtype))
         if plan.repeat_rows is not None:
             computed.index_copy_(0, plan.repeat_rows, out.index_select(0, plan.repeat_src))
         return merged
+
+    def _place(self, plan: Plan, out: torch.Tensor, switches: bytes) -> torch.Tensor:
+        """A placed plan's [B, T, D] (`plan.finish`: the served states read in the output's layout):
+        the computing rows' tokens and their repeats written into it, the output and every block's
+        K|V in one pass (`ops.write_rows`, as the insert writes the arena), then the model's caches
+        given each block's K and V (views). Where the computed tokens do not fill a row as stored
+        (another dtype, a block without K/V), the output and each block's K|V are placed apart."""
+        states, hidden, (batch, seq, width) = plan.served_states, out.shape[-1], (plan.batch, plan.seq, plan.width)
+        blocks, features = len(self.tier.span), states.shape[1]
+        # (column of each piece: the output at 0, block p's K|V at features - (blocks - p) * its width)
+        pieces = [(0, out.unsqueeze(1))]
+        if self.tier.geometry.decoder:
+            for position, pair in enumerate(plan.kv):
+                if pair is not None:
+                    at = features - (blocks - position) * 2 * pair[0].shape[1] * pair[0].shape[3]
+                    pieces += [(at, pair[0]), (at + pair[0].shape[1] * pair[0].shape[3], pair[1])]
+        steps = torch.arange(width, device=out.device)
+        rows, src = plan.compute, None
+        if plan.repeat_rows is not None:
+            rows = torch.cat([rows, plan.repeat_rows])
+            src = (torch.cat([torch.arange(plan.m, device=out.device), plan.repeat_src])[:, None] * width + steps).view(-1)
+        dst = (rows[:, None] * seq + steps).view(-1)
+        if all(p.dtype == states.dtype for _, p in pieces) and sum(p.shape[1] * p.shape[3] for _, p in pieces) == features:
+            write_rows(states, dst, src, [p for _, p in pieces])
+        else:  # (in the output's dtype, each piece at its columns, as the unplaced merge does)
+            states = states.to(out.dtype)
+            for at, p in pieces:
+                flat = p.transpose(1, 2).reshape(plan.m * width, -1).to(out.dtype)
+                states[:, at : at + flat.shape[1]].index_copy_(0, dst, flat if src is None else flat.index_select(0, src))
+        for position, real in plan.kv_to:
+            heads, head_dim, layer_idx = self.tier.layout(position)
+            at = features - (blocks - position) * 2 * heads * head_dim
+            full = states[:, at : at + 2 * heads * head_dim].view(batch, seq, -1)
+            give_kv(real, *kv_split(full, heads), layer_idx, self.tier.kv_dtype(switches))
+        return states[:, :hidden].to(out.dtype).view(batch, seq, hidden)
 
     @torch.compiler.disable
     def _insert(self, plan: Plan, out: torch.Tensor) -> None:
@@ -167,8 +208,10 @@ class BlockSplice:
 @torch.compiler.disable
 def _zeroed(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`states` [B, T, D] with zeros at flat rows `rows` (row * T + t): in place (a block's own
-    output or the merge's buffer, which nothing else reads), a copy if it is not contiguous."""
-    if states.is_contiguous():
-        states.view(-1, states.shape[-1]).index_fill_(0, rows, 0)
+    output or the merge's buffer, which nothing else reads) where its rows and positions flatten
+    into one dimension (contiguous, or the output columns of placed served states), else a copy."""
+    b, t, d = states.shape
+    if states.stride(0) == t * states.stride(1) and states.stride(2) == 1:
+        states.view(b * t, d).index_fill_(0, rows, 0)
         return states
     return states.reshape(-1, states.shape[-1]).index_fill(0, rows, 0).view(states.shape)

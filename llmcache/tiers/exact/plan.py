@@ -29,20 +29,22 @@ class Plan(Route):
     entries: list = field(default_factory=list)  # reserved entries this forward writes
     store_n: list = field(default_factory=list)  # their token counts
     compute: torch.Tensor | None = None  # int64 [M] rows that run the span; None: all rows, unsliced
-    served_dst: torch.Tensor | None = None  # int64 [S]: flat output rows (row * T + t) of served tokens (None: served_all)
-    served_states: torch.Tensor | None = None  # [S, F] their stored states, read at routing
+    served_dst: torch.Tensor | None = None  # int64 [S]: flat output rows (row * T + t) of served tokens (None: placed)
+    served_states: torch.Tensor | None = None  # [S, F] their stored states, read at routing ([B * T, F]: placed)
     repeat_rows: torch.Tensor | None = None  # int64 [R] rows that copy an earlier computing row
     repeat_src: torch.Tensor | None = None  # int64 [R] that row, among the computing rows
     store_src: torch.Tensor | None = None  # int64 [W] flat rows (row * width + t, computing rows) of tokens to write (None: store_all)
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     zeros: torch.Tensor | None = None  # int64 [Z]: flat output rows (row * T + t) that hold zeros (computing rows' padding)
     store_all: bool = False  # every computed token is stored, in order (0..M*width-1): no store_src
-    served_all: bool = False  # served_states hold every position of the batch in order (zeros where no token is held): nothing computes
+    placed: bool = False  # served_states are in the output's layout, [B * T, F], a tensor of this forward's (zeros where no token is held)
+    served_all: bool = False  # placed, and nothing computes
     served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
     served_kv_to: object | None = None  # the KV cache the first span block gave every block's K/V
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     cut: dict = field(default_factory=dict)  # id(argument) -> (argument, cut to `width` positions)
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
+    kv_to: list = field(default_factory=list)  # placed decoders: (span block, the KV cache it was handed) to give at the last block
     near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward
 
     @property
@@ -74,7 +76,7 @@ class Plan(Route):
 
     def add_served(self, states: torch.Tensor, dst: torch.Tensor) -> None:
         """More served tokens: `states` [S, F] at flat output rows `dst` int64 [S]."""
-        if self.served_all:  # (the served states are in the output's layout already: placed there)
+        if self.placed:  # (the served states are in the output's layout already: placed there)
             self.served_states.index_copy_(0, dst, states)
         elif self.served_states is None:
             self.served_states, self.served_dst = states, dst
@@ -166,24 +168,29 @@ def plan_arrays(index, batch: int, seq: int, width: int, served_rows: list, serv
 
 def finish(store, plan: Plan, parts: dict, device: torch.device) -> Plan:
     """`plan` with its index arrays `parts` (host int64, by field name; `served_src`: the arena rows
-    of the served tokens) on the device, and the served states read. On the CPU a batch whose
-    every row is served but not every position (padding, rows of other lengths) is read straight
-    into the output's layout, [B * T, F] with zeros where no token is held (`ops.read_rows`'
-    kernel), and is then served whole (`served_all`): one pass, where reading the states and
-    placing them in a zeroed output took three. (On a GPU those are three kernels either way.)"""
-    padded = device.type == "cpu" and plan.m == 0 and "served_dst" in parts
-    if padded:
+    of the served tokens) on the device, and the served states read. On the CPU, where some
+    position is not served (padding, rows of other lengths, rows that compute), the served
+    tokens are read straight into the output's layout, [B * T, F] with zeros where no token is
+    held (`ops.read_rows`' kernel; `placed`): the block splice then writes the computing rows
+    into it, where reading the states, zeroing an output and placing them in it, block after
+    block for a decoder's K/V, took three passes (an `index_copy_` of the served rows is the
+    slowest of them: tens of ns a row). A batch served whole is `served_all` too. (On a GPU
+    each is one kernel either way, and `ops.read_rows` takes no -1 there: the served rows are
+    read on their own and placed.)"""
+    placed = device.type == "cpu" and "served_dst" in parts
+    if placed:
         rows = np.full(plan.batch * plan.seq, -1, dtype=np.int64)
         rows[parts["served_dst"]] = parts["served_src"]
         parts = {k: v for k, v in parts.items() if k != "served_dst"} | {"served_src": rows}
-        plan.served_all = True
+        plan.served_all = plan.m == 0
+    plan.placed = placed or plan.served_all
     on_device = upload(parts, device)
     plan.compute = on_device.get("compute")
     plan.served_dst = on_device.get("served_dst")
     plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
     plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
     plan.zeros = on_device.get("zeros")
-    if padded:
+    if placed:
         arena = store.arena
         out = torch.empty((plan.batch, plan.seq, arena.features), dtype=arena.dtype, device=arena.device)
         arena.read_tokens(on_device["served_src"], out)
