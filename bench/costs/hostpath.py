@@ -120,6 +120,8 @@ def op_counts(model, new, tokens: int, decoder: bool) -> dict:
         model(input_ids=fixed)
         cached = max(1, int(0.9 * tokens))
         batches = {"uncached": fixed, "miss": new(), "hit": fixed}
+        if fixed.shape[0] > 1:
+            batches["mixed"] = mixed(fixed, new())
         if decoder:
             batches["prefix_hit"] = torch.cat([fixed[:, :cached], new()[:, cached:]], dim=1)
         for scenario, batch in batches.items():

@@ -114,14 +114,16 @@ def upload(parts: dict, device: torch.device) -> dict:
 
 
 def build(store, batch: int, seq: int, device: torch.device, serving: list, computing: list, copying: list,
-          entries: list, writes: tuple, width: int | None = None, zeros: np.ndarray | None = None, **route) -> Plan:
+          entries: list, writes: tuple, width: int | None = None, zeros: np.ndarray | None = None, kv: bool = False,
+          **route) -> Plan:
     """The plan of a forward of `batch` rows of `seq` positions. `serving`: (rows served, ascending,
     their first positions, the entries holding their tokens (row after row, in order), how many
     entries each row takes (None: one each)); `computing`: the rows that run, ascending, over
     their first `width` positions (default all); `copying`: (row, the computing row it repeats);
     `entries`: reserved entries, written from `writes` (int64 arrays, one value per entry: its
     computing row, first position, ntokens); `zeros`: flat output rows the output holds zeros at
-    (the padding of an encoder's computing rows, where the caller does not see it); `route`: the `Route` counts."""
+    (the padding of an encoder's computing rows, where the caller does not see it); `kv`: the rows
+    hold K/V (a decoder's, `finish`); `route`: the `Route` counts."""
     width = seq if width is None else width
     plan = Plan(batch=batch, seq=seq, width=width, m=len(computing), entries=entries,
                 store_n=writes[2].tolist() if entries else [], **route)
@@ -132,7 +134,7 @@ def build(store, batch: int, seq: int, device: torch.device, serving: list, comp
                                                     entries, *writes)
     if zeros is not None:
         parts["zeros"] = zeros
-    return finish(store, plan, parts, device)
+    return finish(store, plan, parts, device, kv)
 
 
 def plan_arrays(index, batch: int, seq: int, width: int, served_rows: list, served_starts: list, held: list, sizes,
@@ -166,35 +168,41 @@ def plan_arrays(index, batch: int, seq: int, width: int, served_rows: list, serv
     return parts, served_all, store_all
 
 
-def finish(store, plan: Plan, parts: dict, device: torch.device) -> Plan:
+def finish(store, plan: Plan, parts: dict, device: torch.device, kv: bool = False) -> Plan:
     """`plan` with its index arrays `parts` (host int64, by field name; `served_src`: the arena rows
-    of the served tokens) on the device, and the served states read. On the CPU, where some
-    position is not served (padding, rows of other lengths, rows that compute), the served
-    tokens are read straight into the output's layout, [B * T, F] with zeros where no token is
-    held (`ops.read_rows`' kernel; `placed`): the block splice then writes the computing rows
-    into it, where reading the states, zeroing an output and placing them in it, block after
-    block for a decoder's K/V, took three passes (an `index_copy_` of the served rows is the
-    slowest of them: tens of ns a row). A batch served whole is `served_all` too. (On a GPU
-    each is one kernel either way, and `ops.read_rows` takes no -1 there: the served rows are
-    read on their own and placed.)"""
-    placed = device.type == "cpu" and "served_dst" in parts
-    if placed:
+    of the served tokens) on the device, and the served states read. Where some position is not
+    served (padding, rows of other lengths, rows that compute), the served tokens are read into
+    the output's layout, [B * T, F] with zeros where no token is held (`placed`), on the CPU and
+    wherever the rows hold K/V (`kv`): the block splice then writes the computing rows into it at
+    the last block, in one pass, where placing them took a zeroed output and an `index_copy_` per
+    block of a decoder's K/V (on the CPU tens of ns a row; on a GPU four kernels a block). On the
+    CPU the read is one pass (`ops.read_rows` reads row -1 as zeros); elsewhere a zeroed tensor
+    and an `index_copy_` of the rows read, three kernels (an encoder's plain merge takes as many,
+    so it keeps it there). A batch served whole is `served_all` too."""
+    placed = "served_dst" in parts and (device.type == "cpu" or kv)
+    minus_one = placed and device.type == "cpu"
+    if minus_one:
         rows = np.full(plan.batch * plan.seq, -1, dtype=np.int64)
         rows[parts["served_dst"]] = parts["served_src"]
         parts = {k: v for k, v in parts.items() if k != "served_dst"} | {"served_src": rows}
-        plan.served_all = plan.m == 0
-    plan.placed = placed or plan.served_all
     on_device = upload(parts, device)
     plan.compute = on_device.get("compute")
-    plan.served_dst = on_device.get("served_dst")
     plan.repeat_rows, plan.repeat_src = on_device.get("repeat_rows"), on_device.get("repeat_src")
     plan.store_src, plan.store_dst = on_device.get("store_src"), on_device.get("store_dst")
     plan.zeros = on_device.get("zeros")
+    arena = store.arena
     if placed:
-        arena = store.arena
-        out = torch.empty((plan.batch, plan.seq, arena.features), dtype=arena.dtype, device=arena.device)
-        arena.read_tokens(on_device["served_src"], out)
+        if minus_one:
+            out = torch.empty((plan.batch, plan.seq, arena.features), dtype=arena.dtype, device=arena.device)
+            arena.read_tokens(on_device["served_src"], out)
+        else:
+            out = torch.zeros((plan.batch, plan.seq, arena.features), dtype=arena.dtype, device=arena.device)
+            out.view(-1, arena.features).index_copy_(0, on_device["served_dst"], arena.read(on_device["served_src"]))
         plan.served_states = out.view(plan.batch * plan.seq, -1)
-    elif "served_src" in on_device:
-        plan.served_states = store.arena.read(on_device["served_src"])
+        plan.served_all = plan.m == 0
+    else:
+        plan.served_dst = on_device.get("served_dst")
+        if "served_src" in on_device:
+            plan.served_states = arena.read(on_device["served_src"])
+    plan.placed = placed or plan.served_all
     return plan

@@ -293,5 +293,5 @@ def _splice_plan(store, rows_: _Rows, whole, entries, writes, seq, device, near)
                [len(rows_.found[r]) for r in served])
     return plans.build(store, rows_.batch, seq, device, serving, compute, repeats, entries,
                        (writes[0], start[writes[0]] + writes[1], writes[2]), served=len(served),
-                       semantic_rows=tuple(semantic), repeats=len(repeats),
+                       semantic_rows=tuple(semantic), repeats=len(repeats), kv=True,
                        tokens=(sum(real[r] for r in served), sum(real[r] for r in compute)))
