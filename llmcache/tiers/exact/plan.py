@@ -43,6 +43,7 @@ class Plan(Route):
     served_kv_to: object | None = None  # the KV cache the first span block gave every block's K/V
     sliced: dict = field(default_factory=dict)  # id(argument) -> (argument, its computing rows)
     cut: dict = field(default_factory=dict)  # id(argument) -> (argument, cut to `width` positions)
+    last_slice: tuple | None = None  # (args, kwargs) a block was last given, and what `slice` made of them
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
     kv_to: list = field(default_factory=list)  # placed decoders: (span block, the KV cache it was handed) to give at the last block
     near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward
@@ -56,8 +57,17 @@ class Plan(Route):
     @torch.compiler.disable
     def slice(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A block's arguments with every batch-major tensor cut to the computing rows (and masks
-        to `width`), in one call (each call out of a compiled frame costs microseconds)."""
-        return self._cut(args), {k: self._cut(v) for k, v in kwargs.items()}
+        to `width`), in one call (each call out of a compiled frame costs microseconds). The blocks
+        of a forward are mostly given the same objects (the mask, the position embeddings, the
+        cache): where every one is the last block's, the last block's slices (the objects are kept
+        with them, so an identity cannot be another object's)."""
+        last = self.last_slice
+        if (last is not None and len(args) == len(last[0]) and kwargs.keys() == last[1].keys()
+                and all(a is b for a, b in zip(args, last[0])) and all(v is last[1][k] for k, v in kwargs.items())):
+            return last[2], last[3]
+        made = self._cut(args), {k: self._cut(v) for k, v in kwargs.items()}
+        self.last_slice = (args, kwargs, *made)
+        return made
 
     def _cut(self, value):
         if self.compute is not None:
