@@ -25,7 +25,7 @@ block is open, and restores them after. Stages (exclusive times; per forward the
              CPU also the first touch of each 4 KiB of arena memory while the bank grows, which a
              full bank, reusing its pages, no longer pays: `bench.costs.cold`)
   suffix     a prefix hit's own work around the model's forward over the suffix (the prefix's
-             K/V cache, the outputs at the prefix positions)
+             K/V cache, the outputs at the prefix positions; its pages' arena write is "write")
 The wrappers cost ~0.3 us a call themselves (about 30 calls a forward on a 16-block decoder).
 Each stage is the median over the forwards timed, `own` the median of their sums (so the stages
 need not add up to it exactly) and `host` that of their sums without `read` and `write`, the copies
@@ -107,7 +107,8 @@ def _exclusive(seconds: dict) -> dict:
            "read": g("read") + g("read_tokens"),
            "splice": g("splice") - g("blocks") - g("merge") - g("kv") - g("commit"),
            "merge": g("merge") + g("kv"), "commit": g("commit") - g("write"), "write": g("write"),
-           "suffix": g("run") - g("model_in_run") if g("run") else 0.0}
+           # (a suffix forward writes its pages inside the run: "write" has them)
+           "suffix": g("run") - g("model_in_run") - g("write") if g("run") else 0.0}
     out = {k: max(v, 0.0) for k, v in out.items()}
     out["own"] = sum(out.values())
     out["host"] = out["own"] - out["read"] - out["write"]
