@@ -155,5 +155,6 @@ def test_padded_hit_bench_times_a_mixed_request(tmp_path):
     result = padded_hit_run(tmp_path, "--new", "3")
     assert result["rows"] == 8 and result["new"] == 3 and result["repeats"] == 4
     assert result["hits"] >= 4 * 5  # (every forward serves the five stored sentences)
-    assert {"mixed_ms", "mixed_uncached_ms", "new_alone_ms", "mixed_over_new_alone"} <= set(result)
+    assert {"mixed_ms", "mixed_uncached_ms", "new_alone_ms", "mixed_over_new_alone",
+            "embeddings_mixed_ms", "embeddings_new_alone_ms"} <= set(result)
     assert {"index", "merge", "write", "own"} <= set(result["stages_us"])

@@ -13,9 +13,10 @@ the forward uncached (`llmcache.bypass`, median of 10). It uses only `accelerate
 over the repeats: exclusive times inside the forward, steadier on a noisy machine than its total).
 `--new K`: a request as a serving stream makes them instead, `rows - K` stored sentences and K new
 ones (other STS-B sentences each repeat), interleaved repeat by repeat: the forward accelerated (its
-stages with `--stages`), the same batch uncached, and the K new sentences alone uncached (what a
-cache of final outputs keyed by the text computes); medians of `--repeats`, at most as many as the
-unused sentences allow.
+stages with `--stages`), the same batch uncached, the K new sentences alone uncached (what a cache of
+final outputs keyed by the text computes), and the embeddings module on either batch (which the
+accelerated forward runs on every row); medians of `--repeats`, at most as many as the unused
+sentences allow.
 Prints one JSON line; writes it to `--out` too. Skips (exit 0, a message) without sentence-transformers,
 the MiniLM package or STS-B. Nothing asserts.
 """
@@ -67,7 +68,8 @@ def _mixed(model, sentences: list, unused: list, args) -> dict:
         features = model.tokenize(texts)
         return {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in features}
 
-    times: dict[str, list] = {"mixed": [], "mixed_uncached": [], "new_alone": []}
+    times: dict[str, list] = {"mixed": [], "mixed_uncached": [], "new_alone": [], "embeddings_mixed": [],
+                              "embeddings_new_alone": []}
     with torch.inference_mode(), stages.timed(model) as timer:
         model.encode(kept)
         for i in range(repeats):
@@ -81,6 +83,10 @@ def _mixed(model, sentences: list, unused: list, args) -> dict:
                 for name, x in (("mixed_uncached", batch), ("new_alone", alone)):
                     start = time.perf_counter()
                     base(**x)
+                    times[name].append(time.perf_counter() - start)
+                for name, x in (("embeddings_mixed", batch), ("embeddings_new_alone", alone)):
+                    start = time.perf_counter()
+                    base.embeddings(input_ids=x["input_ids"], token_type_ids=x.get("token_type_ids"))
                     times[name].append(time.perf_counter() - start)
     result = {"rows": args.rows, "new": new, "repeats": repeats,
               **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()}}

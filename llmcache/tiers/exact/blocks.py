@@ -170,15 +170,18 @@ class BlockSplice:
         rows, src = plan.compute, None
         if plan.repeat_rows is not None:
             rows = torch.cat([rows, plan.repeat_rows])
-            src = (torch.cat([torch.arange(plan.m, device=out.device), plan.repeat_src])[:, None] * width + steps).view(-1)
+            sources = torch.cat([torch.arange(plan.m, device=out.device), plan.repeat_src])
+            src = (sources[:, None] * width + steps).view(-1)
         dst = (rows[:, None] * seq + steps).view(-1)
-        if all(p.dtype == states.dtype for _, p in pieces) and sum(p.shape[1] * p.shape[3] for _, p in pieces) == features:
+        fills = sum(p.shape[1] * p.shape[3] for _, p in pieces) == features
+        if fills and all(p.dtype == states.dtype for _, p in pieces):
             write_rows(states, dst, src, [p for _, p in pieces])
         else:  # (in the output's dtype, each piece at its columns, as the unplaced merge does)
             states = states.to(out.dtype)
             for at, p in pieces:
                 flat = p.transpose(1, 2).reshape(plan.m * width, -1).to(out.dtype)
-                states[:, at : at + flat.shape[1]].index_copy_(0, dst, flat if src is None else flat.index_select(0, src))
+                flat = flat if src is None else flat.index_select(0, src)
+                states[:, at : at + flat.shape[1]].index_copy_(0, dst, flat)
         for position, real in plan.kv_to:
             heads, head_dim, layer_idx = self.tier.layout(position)
             at = features - (blocks - position) * 2 * heads * head_dim

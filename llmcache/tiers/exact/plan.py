@@ -37,7 +37,7 @@ class Plan(Route):
     store_dst: torch.Tensor | None = None  # int64 [W] their arena rows
     zeros: torch.Tensor | None = None  # int64 [Z]: flat output rows (row * T + t) that hold zeros (computing rows' padding)
     store_all: bool = False  # every computed token is stored, in order (0..M*width-1): no store_src
-    placed: bool = False  # served_states are in the output's layout, [B * T, F], a tensor of this forward's (zeros where no token is held)
+    placed: bool = False  # served_states are in the output's layout, [B * T, F], this forward's own (zeros: no token held)
     served_all: bool = False  # placed, and nothing computes
     served_kv: tuple | None = None  # decoders served whole: every block's stored (K, V), views (`BlockSplice`)
     served_kv_to: object | None = None  # the KV cache the first span block gave every block's K/V
@@ -45,7 +45,7 @@ class Plan(Route):
     cut: dict = field(default_factory=dict)  # id(argument) -> (argument, cut to `width` positions)
     last_slice: tuple | None = None  # (args, kwargs) a block was last given, and what `slice` made of them
     kv: list = field(default_factory=list)  # decoders: per span block, the computed (K, V) [M, heads, T, head dim]
-    kv_to: list = field(default_factory=list)  # placed decoders: (span block, the KV cache it was handed) to give at the last block
+    kv_to: list = field(default_factory=list)  # placed decoders: (span block, its KV cache), given at the last block
     near: object | None = None  # verified.Neighbours: the verified tier's checks and records of this forward
 
     @property
