@@ -182,14 +182,15 @@ def finish(store, plan: Plan, parts: dict, device: torch.device, kv: bool = Fals
     """`plan` with its index arrays `parts` (host int64, by field name; `served_src`: the arena rows
     of the served tokens) on the device, and the served states read. Where some position is not
     served (padding, rows of other lengths, rows that compute), the served tokens are read into
-    the output's layout, [B * T, F] with zeros where no token is held (`placed`), on the CPU and
-    wherever the rows hold K/V (`kv`): the block splice then writes the computing rows into it at
-    the last block, in one pass, where placing them took a zeroed output and an `index_copy_` per
-    block of a decoder's K/V (on the CPU tens of ns a row; on a GPU four kernels a block). On the
-    CPU the read is one pass (`ops.read_rows` reads row -1 as zeros); elsewhere a zeroed tensor
-    and an `index_copy_` of the rows read, three kernels (an encoder's plain merge takes as many,
-    so it keeps it there). A batch served whole is `served_all` too."""
-    placed = "served_dst" in parts and (device.type == "cpu" or kv)
+    the output's layout, [B * T, F] with zeros where no token is held (`placed`), where the rows
+    hold K/V (`kv`), and on the CPU where no row computes: the block splice then writes the
+    computing rows into it at the last block, in one pass, where placing them took a zeroed output
+    and an `index_copy_` per block of a decoder's K/V (on the CPU tens of ns a row; on a GPU four
+    kernels a block). On the CPU the read is one pass (`ops.read_rows` reads row -1 as zeros);
+    elsewhere a zeroed tensor and an `index_copy_` of the rows read. An encoder's rows that compute
+    keep its plain merge (a zeroed output, two `index_copy_`s): placed, its one output costs more
+    (hostpath-stages-placed-cpu.json). A batch served whole is `served_all` too."""
+    placed = "served_dst" in parts and (kv or (device.type == "cpu" and plan.m == 0))
     minus_one = placed and device.type == "cpu"
     if minus_one:
         rows = np.full(plan.batch * plan.seq, -1, dtype=np.int64)
