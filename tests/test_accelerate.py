@@ -85,6 +85,26 @@ def test_a_batch_with_no_row_to_compute_skips_the_embeddings(family, gen):
         assert torch.equal(outside[0], model.embeddings(input_ids=inputs["input_ids"]))
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "modernbert"])
+def test_the_embeddings_run_on_the_rows_that_compute(family, gen):
+    """On the CPU a batch of served and new rows computes the embeddings of the new rows only (a
+    hook inside them sees those rows' ids), and the output is what computing every row's gives."""
+    model = tiny_model(family)
+    cached, fresh = batch(family, [7, 7], gen), batch(family, [7, 7, 7], gen)
+    mixed = {k: torch.cat([cached[k][:1], fresh[k], cached[k][1:]]) for k in cached}
+    inside = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: inside.append(args[0]))
+    with torch.inference_mode():
+        want = output(model, mixed)
+        llmcache.accelerate(model, padding="masked")
+        output(model, cached)
+        del inside[:]
+        got = output(model, mixed)
+    assert len(inside) == 1 and torch.equal(inside[0], fresh["input_ids"])
+    assert llmcache.stats(model).hits == 2
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_only_miss_rows_compute(family, gen):
     model = tiny_model(family)

@@ -1,13 +1,18 @@
-"""An encoder's embeddings on a forward whose every row is served whole: not computed.
+"""An encoder's embeddings of the rows served whole: not computed.
 
-When no row of a batch computes (every row served from the bank: `plan.Plan.m` is 0), the span's
-first block drops its input and the last block returns the stored states, so what the embeddings
-module computes is never read. `Embeddings.forward` (the module's forward while accelerated)
-then returns zeros of the shape, dtype and device the module returned the last time it ran
-under the same model state (`Call.switches`: autocast may change its dtype): the model's own
-code around it (its mask helpers read the dtype and shape) runs as it does, on a tensor no
-output depends on. It computes as usual where that is not known yet, where the module or a
-global hook would see its output, and on every other forward.
+The span's first block keeps only the rows that compute (`plan.Plan.compute`), and the last block
+places the stored states of the others, so what the embeddings module computes for a served row
+is never read. When no row of a batch computes (`plan.Plan.m` is 0), `Embeddings.forward` (the
+module's forward while accelerated) returns zeros of the shape, dtype and device the module
+returned the last time it ran under the same model state (`Call.switches`: autocast may change
+its dtype): the model's own code around it (its mask helpers read the dtype and shape) runs as it
+does, on a tensor no output depends on. On the CPU, where some rows compute and others are served,
+the module runs on the computing rows only (its batch-major arguments sliced, as the blocks' are)
+and their embeddings are placed in zeros of the batch's shape: there the arithmetic of the
+served rows' embeddings is real time (about half a millisecond in a sentence-transformers request
+of 32, bench/results/costs/padded-mixed-cpu.json), while on a GPU the same kernels run whatever
+the rows and the slicing would only add launches. It computes as usual where a shape is not known
+yet, where the module or a global hook would see its output, and on every other forward.
 
 Only where the span starts at the first block and no semantic tier reads the forward (the
 caller, `api._exact_tiers`, decides): blocks before the span would run on the zeros.
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from ...splice import slice_rows
 from .plan import Plan
 
 
@@ -42,11 +48,21 @@ class Embeddings:
     def forward(self, *args, **kwargs):
         call = self.tier.owner.current()
         plan = call.route if call is not None else None
-        if isinstance(plan, Plan) and plan.m == 0 and not _hooked(self.module):
-            made = self.made.get(call.switches)
-            if made is not None:
-                dtype, width, device = made
-                return torch.zeros((plan.batch, plan.seq, width), dtype=dtype, device=device)
+        if isinstance(plan, Plan) and not _hooked(self.module):
+            if plan.m == 0:
+                made = self.made.get(call.switches)
+                if made is not None:
+                    dtype, width, device = made
+                    return torch.zeros((plan.batch, plan.seq, width), dtype=dtype, device=device)
+            elif plan.compute is not None and plan.compute.device.type == "cpu":
+                rows = plan.compute
+                some = self.original(*slice_rows(args, rows, plan.batch, plan.sliced),
+                                     **{k: slice_rows(v, rows, plan.batch, plan.sliced) for k, v in kwargs.items()})
+                if isinstance(some, torch.Tensor) and some.dim() == 3 and some.shape[0] == plan.m:
+                    out = some.new_zeros((plan.batch, *some.shape[1:]))
+                    out.index_copy_(0, rows, some)
+                    self.made[call.switches] = (out.dtype, out.shape[-1], out.device)
+                    return out
         out = self.original(*args, **kwargs)
         if call is not None and isinstance(out, torch.Tensor) and out.dim() == 3:
             self.made[call.switches] = (out.dtype, out.shape[-1], out.device)
