@@ -136,36 +136,35 @@ class BlockSplice:
             return out
         hidden = out.shape[-1]
         if plan.served_all:
-            return plan.served_states[:, :hidden].to(out.dtype).view(plan.batch, plan.seq, hidden)
+            return plan.served_states[:, :hidden].to(out.dtype).reshape(plan.batch, plan.seq, hidden)
         if plan.placed:
             return self._place(plan, out, switches)
         merged = out.new_zeros((plan.batch, plan.seq, hidden))
-        if plan.served:
-            merged.view(-1, hidden).index_copy_(0, plan.served_dst, plan.served_states[:, :hidden].to(out.dtype))
         computed = merged[:, : plan.width]  # (the computing rows' positions after `width` are padding: zeros)
         if plan.compute is None:
             computed.copy_(out)
         elif plan.m:
             computed.index_copy_(0, plan.compute, out)
+        if plan.served:
+            merged.view(-1, hidden).index_copy_(0, plan.served_dst, plan.served_states[:, :hidden].to(out.dtype))
         if plan.repeat_rows is not None:
             computed.index_copy_(0, plan.repeat_rows, out.index_select(0, plan.repeat_src))
         return merged
 
     def _place(self, plan: Plan, out: torch.Tensor, switches: bytes) -> torch.Tensor:
-        """A placed plan's [B, T, D] (`plan.finish`: the served states read in the output's layout):
-        the computing rows' tokens and their repeats written into it, the output and every block's
-        K|V in one pass (`ops.write_rows`, as the insert writes the arena), then the model's caches
-        given each block's K and V (views). Where the computed tokens do not fill a row as stored
-        (another dtype, a block without K/V), the output and each block's K|V are placed apart."""
+        """A placed decoder plan's [B, T, D] (`plan.finish`: the served states read in the output's
+        layout): the computing rows' tokens and their repeats written into it, the output and every
+        block's K|V in one pass (`ops.write_rows`, as the insert writes the arena), then the model's
+        caches given each block's K and V (views). Where the computed tokens do not fill a row as
+        stored (another dtype, a block without K/V), the output and each block's K|V are placed apart."""
         states, hidden, (batch, seq, width) = plan.served_states, out.shape[-1], (plan.batch, plan.seq, plan.width)
         blocks, features = len(self.tier.span), states.shape[1]
         # (column of each piece: the output at 0, block p's K|V at features - (blocks - p) * its width)
         pieces = [(0, out.unsqueeze(1))]
-        if self.tier.geometry.decoder:
-            for position, pair in enumerate(plan.kv):
-                if pair is not None:
-                    at = features - (blocks - position) * 2 * pair[0].shape[1] * pair[0].shape[3]
-                    pieces += [(at, pair[0]), (at + pair[0].shape[1] * pair[0].shape[3], pair[1])]
+        for position, pair in enumerate(plan.kv):
+            if pair is not None:
+                at = features - (blocks - position) * 2 * pair[0].shape[1] * pair[0].shape[3]
+                pieces += [(at, pair[0]), (at + pair[0].shape[1] * pair[0].shape[3], pair[1])]
         steps = torch.arange(width, device=out.device)
         rows, src = plan.compute, None
         if plan.repeat_rows is not None:
@@ -211,10 +210,8 @@ class BlockSplice:
 @torch.compiler.disable
 def _zeroed(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`states` [B, T, D] with zeros at flat rows `rows` (row * T + t): in place (a block's own
-    output or the merge's buffer, which nothing else reads) where its rows and positions flatten
-    into one dimension (contiguous, or the output columns of placed served states), else a copy."""
-    b, t, d = states.shape
-    if states.stride(0) == t * states.stride(1) and states.stride(2) == 1:
-        states.view(b * t, d).index_fill_(0, rows, 0)
+    output or the merge's buffer, which nothing else reads), a copy if it is not contiguous."""
+    if states.is_contiguous():
+        states.view(-1, states.shape[-1]).index_fill_(0, rows, 0)
         return states
     return states.reshape(-1, states.shape[-1]).index_fill(0, rows, 0).view(states.shape)
