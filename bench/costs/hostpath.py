@@ -105,9 +105,14 @@ def stage_times(model, new, rows: int, tokens: int, rounds: int, decoder: bool) 
     return out
 
 
+def new_rows(rows: int) -> int:
+    """How many rows of a mixed batch of `rows` are new: the last 30 %, at least one."""
+    return max(1, round(0.3 * rows))
+
+
 def mixed(stored: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    """`stored`'s rows with the last 30 % (at least one) taken from `fresh`: ~70 % repeats."""
-    k = max(1, round(0.3 * stored.shape[0]))
+    """`stored`'s rows with the last `new_rows` taken from `fresh`: ~70 % repeats."""
+    k = new_rows(stored.shape[0])
     return torch.cat([stored[:-k], fresh[-k:]])
 
 
@@ -157,8 +162,7 @@ def measure(name: str, rows: int, tokens: int, rounds: int, gen: torch.Generator
                 batch = mixed(ids, new())
                 times["mixed"].append(clock(model, {"input_ids": batch}, device))
                 with llmcache.bypass(model):
-                    alone = batch[-max(1, round(0.3 * rows)):]
-                    times["mixed_ideal"].append(clock(model, {"input_ids": alone}, device))
+                    times["mixed_ideal"].append(clock(model, {"input_ids": batch[-new_rows(rows):]}, device))
             if not decoder:
                 continue
             cached = max(1, int(0.9 * tokens))
